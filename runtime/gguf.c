@@ -71,7 +71,7 @@ static int take(cursor *c, uint64_t n, const char *what, const uint8_t **p) {
 }
 
 static int rd_u32(cursor *c, const char *what, uint32_t *v) {
-  const uint8_t *p;
+  const uint8_t *p = NULL;
   int rc = take(c, 4, what, &p);
   if (!rc)
     memcpy(v, p, 4);
@@ -79,7 +79,7 @@ static int rd_u32(cursor *c, const char *what, uint32_t *v) {
 }
 
 static int rd_u64(cursor *c, const char *what, uint64_t *v) {
-  const uint8_t *p;
+  const uint8_t *p = NULL;
   int rc = take(c, 8, what, &p);
   if (!rc)
     memcpy(v, p, 8);
@@ -88,7 +88,7 @@ static int rd_u64(cursor *c, const char *what, uint64_t *v) {
 
 static int rd_str(cursor *c, const char *what, pa_str *s) {
   uint64_t len;
-  const uint8_t *p;
+  const uint8_t *p = NULL;
   int rc = rd_u64(c, what, &len);
   if (rc)
     return rc;
@@ -122,7 +122,7 @@ static int read_kv(pa_gguf *g, cursor *c, pa_gguf_kv *kv) {
   }
   kv->data = g->map + c->pos;
   if (kv->elem != PA_GGUF_STRING) {
-    const uint8_t *p;
+    const uint8_t *p = NULL;
     if (kv->n > (g->size - c->pos) / type_size[kv->elem])
       return pa_error(PA_EFORMAT, "%s: metadata key '%.*s': %llu elements of %s run past the end of the file",
                       g->path, klen, kv->key.ptr, (unsigned long long)kv->n, type_names[kv->elem]);
@@ -192,7 +192,7 @@ static int check_names_unique(pa_gguf *g) {
 
 static int parse(pa_gguf *g) {
   cursor c = {g, 0};
-  const uint8_t *magic;
+  const uint8_t *magic = NULL;
   uint64_t n_tensors, n_kv;
   int rc;
   if ((rc = take(&c, 4, "magic", &magic)))

@@ -36,6 +36,8 @@ typedef struct {
   float rope_theta;
   struct {
     pa_rope_scaling_kind kind;
+    /* Llama-3.1 parameters when the source states them; a GGUF file may carry
+     * only the resulting divisors (a rope_freqs tensor), then these are 0. */
     float factor, low_freq_factor, high_freq_factor;
     int32_t orig_max_seq;
   } rope_scaling;
@@ -63,6 +65,11 @@ typedef struct {
   float *out_norm; /* [dim] */
   float *output;   /* [vocab_size][dim]; the same pointer as tok_embd when tied */
   pa_layer_weights *layers; /* [n_layers] */
+  /* RoPE frequency divisors [head_dim / 2] (frequency i is theta^(-2i/head_dim)
+   * / rope_freq_div[i]), or NULL for plain RoPE. Llama-3.1 scaling is expressed
+   * this way whether it came as config.json parameters or a GGUF rope_freqs
+   * tensor. */
+  float *rope_freq_div;
   float *arena;             /* every tensor above lives here: one allocation */
   size_t n_floats;
 } pa_weights;

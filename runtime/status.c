@@ -36,7 +36,15 @@ int pa_error_prefix(int code, const char *fmt, ...) {
   vsnprintf(prefix, sizeof prefix, fmt, ap);
   va_end(ap);
   memcpy(old, errmsg, sizeof old);
-  snprintf(errmsg, sizeof errmsg, "%s%s", prefix, old[0] ? old : pa_strerror(code));
+  /* truncation of an over-long message is acceptable; it stays NUL-terminated */
+  size_t n = strlen(prefix);
+  memcpy(errmsg, prefix, n + 1);
+  const char *rest = old[0] ? old : pa_strerror(code);
+  size_t m = strlen(rest);
+  if (m > sizeof errmsg - 1 - n)
+    m = sizeof errmsg - 1 - n;
+  memcpy(errmsg + n, rest, m);
+  errmsg[n + m] = '\0';
   return code;
 }
 
