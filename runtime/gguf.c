@@ -557,6 +557,22 @@ int pa_gguf_set_arr_i32(pa_gguf_writer *w, const char *key, const int32_t *v, si
   return arr_head(w, key, PA_GGUF_INT32, n) || buf_put(&w->kv, v, 4 * n) ? PA_ENOMEM : PA_OK;
 }
 
+int pa_gguf_copy_kv(pa_gguf_writer *w, const pa_gguf_kv *kv) {
+  if (put_u64(&w->kv, kv->key.len) || buf_put(&w->kv, kv->key.ptr, (size_t)kv->key.len) || put_u32(&w->kv, kv->type))
+    return PA_ENOMEM;
+  if (kv->type == PA_GGUF_ARRAY && (put_u32(&w->kv, kv->elem) || put_u64(&w->kv, kv->n)))
+    return PA_ENOMEM;
+  if (kv->elem == PA_GGUF_STRING) {
+    for (uint64_t i = 0; i < kv->n; i++)
+      if (put_u64(&w->kv, kv->strs[i].len) || buf_put(&w->kv, kv->strs[i].ptr, (size_t)kv->strs[i].len))
+        return PA_ENOMEM;
+  } else if (buf_put(&w->kv, kv->data, (size_t)(kv->n * type_size[kv->elem]))) {
+    return PA_ENOMEM;
+  }
+  w->n_kv++;
+  return PA_OK;
+}
+
 int pa_gguf_add_tensor(pa_gguf_writer *w, const char *name, uint32_t type, uint32_t n_dims, const uint64_t *ne,
                        const void *data) {
   if (n_dims == 0 || n_dims > PA_GGUF_MAX_DIMS)

@@ -122,6 +122,9 @@ int pa_gguf_set_arr_str(pa_gguf_writer *w, const char *key, const char *const *v
 int pa_gguf_set_arr_f32(pa_gguf_writer *w, const char *key, const float *v, size_t n);
 int pa_gguf_set_arr_i32(pa_gguf_writer *w, const char *key, const int32_t *v, size_t n);
 
+/* Copies an entry read from another file, whatever its type. */
+int pa_gguf_copy_kv(pa_gguf_writer *w, const pa_gguf_kv *kv);
+
 /* Adds a tensor; `data` (pa_dtype_row_bytes of the element count) is copied. */
 int pa_gguf_add_tensor(pa_gguf_writer *w, const char *name, uint32_t type, uint32_t n_dims,
                        const uint64_t *ne, const void *data);

@@ -78,6 +78,7 @@ typedef struct {
 typedef struct {
   const char *name; /* valid while the model is open */
   uint32_t type;    /* pa_dtype */
+  const char *type_name; /* "Q4_1", "BF16", "I64" */
   uint32_t n_dims;
   uint64_t shape[4]; /* outermost first, as in PyTorch: [out, in] for a matrix */
   uint64_t nbytes;
