@@ -466,6 +466,8 @@ typedef struct {
 } buf;
 
 static int buf_put(buf *b, const void *p, size_t n) {
+  if (n == 0) /* p may be NULL then, and memcpy must not see it */
+    return PA_OK;
   if (b->len + n > b->cap) {
     size_t cap = b->cap ? b->cap : 4096;
     while (cap < b->len + n)

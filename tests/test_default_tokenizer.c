@@ -1,0 +1,447 @@
+/* The default model's tokenizer and chat template (SmolLM2-135M-Instruct,
+ * GGUF) against llama.cpp and Hugging Face tokenizers, which agreed on every
+ * id (tests/golden/make_tokenizer_golden.py): the PAS prompts of all 300
+ * IPIP-NEO items in both cases, the ICL prompts of three subjects, and
+ * hand-written strings; token for token, and decode(encode(x)) == x.
+ *
+ * The prompts are rebuilt here from the PAPI files (PALIGN_PAPI_DIR), which
+ * are never committed; the goldens hold ids only. Needs the default model
+ * (PALIGN_MODEL, or scripts/setup.sh's cache); skips (77) without it unless
+ * PALIGN_REQUIRE_MODEL=1. With PALIGN_SMOLLM2_TOKENIZER_JSON naming the
+ * tokenizer.json the golden script rebuilt (--hf-json), the JSON loader is
+ * checked on the same cases. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <cJSON.h>
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "chat.h"
+#include "gguf.h"
+#include "hfdir.h"
+#include "model_path.h"
+#include "status.h"
+#include "tokenizer.h"
+
+#define GOLDEN PALIGN_TEST_DATA "/tokenizer/"
+
+/* PAS.md's prompts, as the paper's reference code writes them. */
+#define ITEM_TEMPLATE                                                                                                  \
+  "Given a statement of you: \"You %s.\"\n"                                                                            \
+  "Please choose from the following options to identify how accurately this statement describes you.\n"                \
+  "Options:\n(A). Very Accurate\n(B). Moderately Accurate\n(C). Neither Accurate Nor Inaccurate\n"                     \
+  "(D). Moderately Inaccurate\n(E). Very Inaccurate\n"
+#define SYSTEM_PROMPT "You are a helpful, honest and concise assistant."
+#define ICL_HEAD      "Here are some of your behaviors and your level of recognition towards them;"
+#define PREFIX        "Option ("
+static const char *const labels[6] = {NULL,
+                                      "Very Inaccurate",
+                                      "Moderately Inaccurate",
+                                      "Neither Accurate Nor Inaccurate",
+                                      "Moderately Accurate",
+                                      "Very Accurate"};
+
+static pa_gguf *gguf;
+static pa_tokenizer *tok;      /* from the GGUF */
+static pa_tokenizer *tok_json; /* from the rebuilt tokenizer.json, if given */
+static pa_chat_template *chat; /* from the GGUF's Jinja template */
+
+static int setup(void **s) {
+  (void)s;
+  const char *model = test_default_model(); /* exits 77 when absent */
+  if (pa_gguf_open(model, &gguf) || pa_tokenizer_from_gguf(gguf, &tok)) {
+    fprintf(stderr, "%s\n", pa_errmsg());
+    return -1;
+  }
+  pa_str jinja;
+  if (pa_gguf_get_str(gguf, "tokenizer.chat_template", &jinja)) {
+    fprintf(stderr, "%s\n", pa_errmsg());
+    return -1;
+  }
+  char *j = strndup(jinja.ptr, jinja.len);
+  int rc = pa_chat_template_from_jinja(j, "llama", &chat);
+  free(j);
+  if (rc) {
+    fprintf(stderr, "%s\n", pa_errmsg());
+    return -1;
+  }
+  const char *json = getenv("PALIGN_SMOLLM2_TOKENIZER_JSON");
+  if (json && *json && pa_tokenizer_from_json(json, NULL, &tok_json)) {
+    fprintf(stderr, "%s\n", pa_errmsg());
+    return -1;
+  }
+  return 0;
+}
+
+static int teardown(void **s) {
+  (void)s;
+  pa_tokenizer_destroy(tok);
+  pa_tokenizer_destroy(tok_json);
+  pa_chat_template_destroy(chat);
+  pa_gguf_close(gguf);
+  return 0;
+}
+
+static void check_ids(const pa_tokenizer *t, const char *text, unsigned flags, const int32_t *want, size_t n_want,
+                      const char *what) {
+  int32_t *ids;
+  size_t n;
+  if (pa_tokenizer_encode(t, text, strlen(text), flags, &ids, &n))
+    fail_msg("%s: %s", what, pa_errmsg());
+  size_t i = 0;
+  while (i < n && i < n_want && ids[i] == want[i])
+    i++;
+  if (i < n || i < n_want)
+    fail_msg("%s: token %zu differs (got %d, want %d; %zu vs %zu tokens) in '%.300s'", what, i, i < n ? ids[i] : -1,
+             i < n_want ? want[i] : -1, n, n_want, text);
+  /* and back: special tokens shown, so the text comes back whole */
+  char *back;
+  size_t len;
+  assert_int_equal(pa_tokenizer_decode(t, ids, n, PA_TOK_DECODE_SPECIAL, &back, &len), PA_OK);
+  if (len != strlen(text) || memcmp(back, text, len))
+    fail_msg("%s: decode(encode(x)) != x for '%.300s'", what, text);
+  free(back);
+  free(ids);
+}
+
+static void test_metadata(void **s) {
+  (void)s;
+  assert_int_equal(pa_tokenizer_model_kind(tok), PA_TOK_BYTE_BPE);
+  assert_non_null(strstr(pa_tokenizer_describe(tok), "smollm"));
+  assert_int_equal(pa_tokenizer_n_vocab(tok), 49152);
+  assert_int_equal(pa_tokenizer_bos(tok), 1);
+  assert_int_equal(pa_tokenizer_eos(tok), 2);
+  assert_int_equal(pa_tokenizer_unk(tok), 0);
+  assert_int_equal(pa_tokenizer_pad(tok), 2);
+  assert_int_equal(pa_tokenizer_eot(tok), 2); /* <|im_end|> */
+  assert_false(pa_tokenizer_add_bos(tok));
+  assert_int_equal(pa_tokenizer_find(tok, "<|im_start|>"), 1);
+  assert_true(pa_tokenizer_is_special(tok, 1));
+  assert_false(pa_tokenizer_is_special(tok, 100));
+  /* the option letters a reader of logits needs */
+  const char *letters[] = {"A", "B", "C", "D", "E"};
+  for (int i = 0; i < 5; i++)
+    assert_int_equal(pa_tokenizer_find(tok, letters[i]), 49 + i);
+  assert_int_equal(pa_chat_template_kind(chat), PA_CHAT_CHATML);
+  assert_string_equal(pa_chat_template_default_system(chat),
+                      "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
+}
+
+/* chat.json's SmolLM2 cases, now with the model's own template. */
+static void test_chat_template(void **s) {
+  (void)s;
+  cJSON *root;
+  assert_int_equal(pa_hfdir_load_json(GOLDEN "chat.json", &root), PA_OK);
+  const cJSON *c;
+  int n = 0;
+  cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases")) {
+    if (strcmp(cJSON_GetObjectItem(c, "template")->valuestring, "smollm2"))
+      continue;
+    const cJSON *sys = cJSON_GetObjectItem(c, "system"), *pre = cJSON_GetObjectItem(c, "prefix");
+    char *out;
+    assert_int_equal(pa_chat_render(chat, cJSON_IsString(sys) ? sys->valuestring : NULL,
+                                    cJSON_GetObjectItem(c, "user")->valuestring,
+                                    cJSON_IsString(pre) ? pre->valuestring : NULL, &out),
+                     PA_OK);
+    assert_string_equal(out, cJSON_GetObjectItem(c, "expected")->valuestring);
+    free(out);
+    n++;
+  }
+  assert_true(n >= 10);
+  cJSON_Delete(root);
+}
+
+static size_t unhex(const char *h, char *out) {
+  size_t n = 0;
+  if (!strcmp(h, "-"))
+    return 0;
+  for (; h[0] && h[1]; h += 2) {
+    unsigned v;
+    sscanf(h, "%2x", &v);
+    out[n++] = (char)v;
+  }
+  return n;
+}
+
+static void check_strings(const pa_tokenizer *t, const char *what) {
+  FILE *f = fopen(GOLDEN "smollm2_strings.txt", "r");
+  assert_non_null(f);
+  char *line = NULL, *save;
+  size_t cap = 0;
+  int n = 0;
+  while (getline(&line, &cap, f) > 0) {
+    if (line[0] == '#')
+      continue;
+    unsigned flags = (unsigned)atoi(strtok_r(line, " \n", &save));
+    const char *hex = strtok_r(NULL, " \n", &save);
+    char *text = malloc(strlen(hex) / 2 + 1);
+    text[unhex(hex, text)] = '\0';
+    size_t k = (size_t)atol(strtok_r(NULL, " \n", &save));
+    int32_t *want = malloc((k + 1) * sizeof *want);
+    for (size_t i = 0; i < k; i++)
+      want[i] = atoi(strtok_r(NULL, " \n", &save));
+    check_ids(t, text, flags, want, k, what);
+    free(want);
+    free(text);
+    n++;
+  }
+  free(line);
+  fclose(f);
+  assert_true(n >= 40);
+}
+
+static void test_strings(void **s) {
+  (void)s;
+  check_strings(tok, "GGUF");
+  if (tok_json)
+    check_strings(tok_json, "tokenizer.json");
+}
+
+/* ---- PAPI ------------------------------------------------------------------ */
+
+static char *items[301];
+static cJSON *subjects, *split;
+
+static char *slurp(const char *path) {
+  FILE *f = fopen(path, "rb");
+  if (!f)
+    return NULL;
+  fseek(f, 0, SEEK_END);
+  long n = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  char *b = malloc((size_t)n + 1);
+  if (fread(b, 1, (size_t)n, f) != (size_t)n) {
+    free(b);
+    b = NULL;
+  } else {
+    b[n] = '\0';
+  }
+  fclose(f);
+  return b;
+}
+
+/* The next CSV field (RFC 4180 quoting) of *p into a malloc'd string;
+ * *end_of_row is set at the end of a line. */
+static char *csv_field(const char **p, bool *end_of_row) {
+  const char *s = *p;
+  size_t cap = 64, n = 0;
+  char *out = malloc(cap);
+  bool quoted = *s == '"';
+  if (quoted)
+    s++;
+  for (;; s++) {
+    if (n + 2 > cap)
+      out = realloc(out, cap *= 2);
+    if (quoted && *s == '"' && s[1] == '"') {
+      out[n++] = '"';
+      s++;
+    } else if (quoted && *s == '"') {
+      quoted = false;
+    } else if (!quoted && (*s == ',' || *s == '\n' || *s == '\r' || *s == '\0')) {
+      break;
+    } else {
+      out[n++] = *s;
+    }
+  }
+  out[n] = '\0';
+  *end_of_row = *s != ',';
+  if (*s == '\r')
+    s++;
+  if (*s)
+    s++;
+  *p = s;
+  return out;
+}
+
+static bool load_papi(void) {
+  const char *dir = test_papi_dir();
+  char path[4200];
+  snprintf(path, sizeof path, "%s/ipip_neo_300_items.csv", dir);
+  char *csv = slurp(path);
+  if (!csv)
+    return false;
+  const char *p = csv;
+  int col_item = -1, col_text = -1, col = 0;
+  bool eor = false;
+  while (!eor) { /* the header names the columns */
+    char *f = csv_field(&p, &eor);
+    if (!strcmp(f, "item"))
+      col_item = col;
+    if (!strcmp(f, "text"))
+      col_text = col;
+    free(f);
+    col++;
+  }
+  assert_true(col_item >= 0 && col_text >= 0);
+  while (*p) {
+    int item = -1;
+    char *text = NULL;
+    col = 0;
+    eor = false;
+    while (!eor) {
+      char *f = csv_field(&p, &eor);
+      if (col == col_item)
+        item = atoi(f);
+      if (col == col_text) {
+        text = f;
+        f = NULL;
+      }
+      free(f);
+      col++;
+    }
+    assert_true(item >= 1 && item <= 300 && text && !items[item]);
+    items[item] = text;
+  }
+  free(csv);
+  for (int i = 1; i <= 300; i++)
+    assert_non_null(items[i]);
+  snprintf(path, sizeof path, "%s/Test-set.json", dir);
+  assert_int_equal(pa_hfdir_load_json(path, &subjects), PA_OK);
+  snprintf(path, sizeof path, "%s/mpi_300_split.json", dir);
+  assert_int_equal(pa_hfdir_load_json(path, &split), PA_OK);
+  return true;
+}
+
+static void free_papi(void) {
+  for (int i = 1; i <= 300; i++) {
+    free(items[i]);
+    items[i] = NULL;
+  }
+  cJSON_Delete(subjects);
+  cJSON_Delete(split);
+}
+
+/* The item question; lowercase as the reference does when answering (the
+ * items are ASCII, so ASCII lowering is Python's lower()). */
+static char *question(int item, bool lower) {
+  char *text = strdup(items[item]);
+  for (char *c = text; lower && *c; c++)
+    *c = (char)tolower((unsigned char)*c);
+  size_t n = strlen(ITEM_TEMPLATE) + strlen(text) + 1;
+  char *q = malloc(n);
+  snprintf(q, n, ITEM_TEMPLATE, text);
+  free(text);
+  return q;
+}
+
+/* The ICL system prompt of subject s (index in Test-set.json). */
+static char *icl_system(int s) {
+  const cJSON *subj = cJSON_GetArrayItem(subjects, s), *idx;
+  size_t cap = 1 << 16, n = 0;
+  char *out = malloc(cap);
+  n += (size_t)snprintf(out, cap, "%s", ICL_HEAD);
+  bool first = true;
+  cJSON_ArrayForEach(idx, cJSON_GetObjectItem(split, "train_index")) {
+    char key[16];
+    snprintf(key, sizeof key, "i%d", idx->valueint);
+    int v = cJSON_GetObjectItem(subj, key)->valueint;
+    assert_true(v >= 0 && v <= 5);
+    if (v == 0) /* missing answers are left out (PAS.md) */
+      continue;
+    n += (size_t)snprintf(out + n, cap - n, "%s%s:%s", first ? "" : ";", items[idx->valueint], labels[v]);
+    first = false;
+    assert_true(n < cap);
+  }
+  return out;
+}
+
+static void check_papi(const pa_tokenizer *t, const char *what, bool timing) {
+  FILE *f = fopen(GOLDEN "smollm2_papi.txt", "r");
+  assert_non_null(f);
+  char *line = NULL, *save;
+  size_t cap = 0, n_prev = 0;
+  int32_t *prev = NULL;
+  int rows = 0, icl = 0;
+  while (getline(&line, &cap, f) > 0) {
+    if (line[0] == '#')
+      continue;
+    const char *kind = strtok_r(line, " \n", &save);
+    int item = atoi(strtok_r(NULL, " \n", &save));
+    bool lower = !strcmp(strtok_r(NULL, " \n", &save), "lower");
+    size_t p = (size_t)atol(strtok_r(NULL, " \n", &save)), sfx = (size_t)atol(strtok_r(NULL, " \n", &save)),
+           m = (size_t)atol(strtok_r(NULL, " \n", &save));
+    assert_true(p + sfx <= n_prev);
+    size_t n = p + m + sfx;
+    int32_t *want = malloc((n + 1) * sizeof *want);
+    for (size_t i = 0; i < p; i++)
+      want[i] = prev[i];
+    for (size_t i = 0; i < m; i++)
+      want[p + i] = atoi(strtok_r(NULL, " \n", &save));
+    for (size_t i = 0; i < sfx; i++)
+      want[p + m + i] = prev[n_prev - sfx + i];
+    char *sys, *user;
+    if (!strcmp(kind, "item")) {
+      sys = strdup(SYSTEM_PROMPT);
+      user = question(item, lower);
+    } else {
+      sys = icl_system(item);
+      user = question(cJSON_GetArrayItem(cJSON_GetObjectItem(split, "test_index"), 0)->valueint, true);
+      icl++;
+    }
+    char *prompt;
+    assert_int_equal(pa_chat_render(chat, sys, user, PREFIX, &prompt), PA_OK);
+    char what_row[96];
+    snprintf(what_row, sizeof what_row, "%s, %s %d %s", what, kind, item, lower ? "lower" : "orig");
+    check_ids(t, prompt, PA_TOK_PARSE_SPECIAL, want, n, what_row);
+    if (timing && icl == 1 && !strcmp(kind, "icl")) {
+      /* the long prompt every question of a subject shares: how fast? */
+      int reps = 200;
+      struct timespec a, b;
+      clock_gettime(CLOCK_MONOTONIC, &a);
+      for (int r = 0; r < reps; r++) {
+        int32_t *ids;
+        size_t k;
+        assert_int_equal(pa_tokenizer_encode(t, prompt, strlen(prompt), PA_TOK_PARSE_SPECIAL, &ids, &k), PA_OK);
+        free(ids);
+      }
+      clock_gettime(CLOCK_MONOTONIC, &b);
+      double secs = (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);
+      fprintf(stderr, "encoding the ICL prompt (%zu bytes, %zu tokens): %.3f ms, %.2f M tokens/s\n", strlen(prompt), n,
+              1e3 * secs / reps, (double)n * reps / secs / 1e6);
+    }
+    free(prompt);
+    free(sys);
+    free(user);
+    free(prev);
+    prev = want;
+    n_prev = n;
+    rows++;
+  }
+  free(prev);
+  free(line);
+  fclose(f);
+  assert_int_equal(rows, 603);
+  assert_int_equal(icl, 3);
+}
+
+static void test_papi_prompts(void **s) {
+  (void)s;
+  if (!load_papi()) {
+    const char *req = getenv("PALIGN_REQUIRE_MODEL");
+    if (req && !strcmp(req, "1"))
+      fail_msg("the PAPI data is missing from %s (set PALIGN_PAPI_DIR)", test_papi_dir());
+    skip();
+  }
+  check_papi(tok, "GGUF", true);
+  if (tok_json)
+    check_papi(tok_json, "tokenizer.json", false);
+  free_papi();
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_metadata),
+      cmocka_unit_test(test_chat_template),
+      cmocka_unit_test(test_strings),
+      cmocka_unit_test(test_papi_prompts),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
