@@ -1,24 +1,21 @@
 #include "gguf.h"
 
+#include "fileio.h"
 #include "quant.h"
 #include "status.h"
 
 #include <assert.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #define GGUF_MAGIC "GGUF"
 
 struct pa_gguf {
   char *path;
-  const uint8_t *map;
-  uint64_t size;
+  pa_mapped file;
+  const uint8_t *map; /* file.data, and */
+  uint64_t size;      /* file.size, for brevity */
   uint32_t version;
   uint64_t alignment;
   uint64_t data_off;
@@ -268,31 +265,9 @@ int pa_gguf_open(const char *path, pa_gguf **out) {
     free(g);
     return pa_error(PA_ENOMEM, "%s: no memory", path);
   }
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    int e = errno;
-    pa_gguf_close(g);
-    return pa_error(e == ENOENT ? PA_ENOTFOUND : PA_EIO, "%s: cannot open: %s", path, strerror(e));
-  }
-  struct stat st;
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    close(fd);
-    pa_gguf_close(g);
-    return pa_error(PA_EIO, "%s: not a regular file", path);
-  }
-  g->size = (uint64_t)st.st_size;
-  int rc = PA_OK;
-  if (g->size < 4 + 4 + 8 + 8) {
-    rc = pa_error(PA_EFORMAT, "%s: truncated: %llu bytes is shorter than a GGUF header", path,
-                  (unsigned long long)g->size);
-  } else {
-    void *m = mmap(NULL, g->size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (m == MAP_FAILED)
-      rc = pa_error(PA_EIO, "%s: cannot map %llu bytes: %s", path, (unsigned long long)g->size, strerror(errno));
-    else
-      g->map = m;
-  }
-  close(fd);
+  int rc = pa_map_file(path, 4 + 4 + 8 + 8, "a GGUF header", &g->file);
+  g->map = g->file.data;
+  g->size = g->file.size;
   if (!rc)
     rc = parse(g);
   if (rc) {
@@ -311,8 +286,7 @@ void pa_gguf_close(pa_gguf *g) {
       free(g->kv[i].strs);
   free(g->kv);
   free(g->tensors);
-  if (g->map)
-    munmap((void *)g->map, g->size);
+  pa_unmap_file(&g->file);
   free(g->path);
   free(g);
 }
@@ -610,30 +584,8 @@ int pa_gguf_writer_write(const pa_gguf_writer *w, const char *path) {
   }
   static const uint8_t zeros[PA_GGUF_DEFAULT_ALIGNMENT];
   size_t pad = (PA_GGUF_DEFAULT_ALIGNMENT - head.len % PA_GGUF_DEFAULT_ALIGNMENT) % PA_GGUF_DEFAULT_ALIGNMENT;
-
-  size_t tlen = strlen(path) + 16;
-  char *tmp = malloc(tlen);
-  if (!tmp) {
-    free(head.p);
-    return pa_error(PA_ENOMEM, "%s: no memory", path);
-  }
-  snprintf(tmp, tlen, "%s.tmp%d", path, (int)getpid());
-  FILE *f = fopen(tmp, "wb");
-  if (!f) {
-    rc = pa_error(PA_EIO, "%s: cannot create: %s", tmp, strerror(errno));
-  } else {
-    bool ok = fwrite(head.p, 1, head.len, f) == head.len && fwrite(zeros, 1, pad, f) == pad &&
-              (w->data.len == 0 || fwrite(w->data.p, 1, w->data.len, f) == w->data.len);
-    ok = (fflush(f) == 0) && ok;
-    ok = (fclose(f) == 0) && ok;
-    if (!ok)
-      rc = pa_error(PA_EIO, "%s: write failed: %s", tmp, strerror(errno));
-    else if (rename(tmp, path) != 0)
-      rc = pa_error(PA_EIO, "%s: cannot rename into place: %s", path, strerror(errno));
-    if (rc)
-      unlink(tmp);
-  }
-  free(tmp);
+  const pa_chunk chunks[] = {{head.p, head.len}, {zeros, pad}, {w->data.p, w->data.len}};
+  rc = pa_write_atomic(path, chunks, 3);
   free(head.p);
   return rc;
 }

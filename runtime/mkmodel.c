@@ -1,5 +1,7 @@
 #include "mkmodel.h"
 
+#include "fileio.h"
+
 #include "bpe_train.h"
 #include "gguf.h"
 #include "quant.h"
@@ -11,7 +13,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -316,30 +317,8 @@ static void *encode(const mk_model *m, const mk_tensor *t, bool gguf, uint32_t *
 /* ---- output files ------------------------------------------------------------------ */
 
 static int write_atomic(const char *path, const char *text) {
-  static atomic_uint counter;
-  size_t tlen = strlen(path) + 40, len = strlen(text);
-  char *tmp = malloc(tlen);
-  if (!tmp)
-    return pa_error(PA_ENOMEM, "%s: no memory", path);
-  snprintf(tmp, tlen, "%s.tmp%d.%u", path, (int)getpid(), atomic_fetch_add(&counter, 1u));
-  int rc = PA_OK;
-  FILE *f = fopen(tmp, "wb");
-  if (!f) {
-    rc = pa_error(PA_EIO, "%s: cannot create: %s", tmp, strerror(errno));
-  } else {
-    bool ok = fwrite(text, 1, len, f) == len;
-    ok = fflush(f) == 0 && ok;
-    ok = fsync(fileno(f)) == 0 && ok;
-    ok = fclose(f) == 0 && ok;
-    if (!ok)
-      rc = pa_error(PA_EIO, "%s: write failed: %s", tmp, strerror(errno));
-    else if (rename(tmp, path) != 0)
-      rc = pa_error(PA_EIO, "%s: cannot rename into place: %s", path, strerror(errno));
-    if (rc)
-      unlink(tmp);
-  }
-  free(tmp);
-  return rc;
+  const pa_chunk chunk = {text, strlen(text)};
+  return pa_write_atomic(path, &chunk, 1);
 }
 
 static int write_json(const char *path, cJSON *j) {

@@ -1,20 +1,16 @@
 #include "safetensors.h"
 
+#include "fileio.h"
+
 #include "quant.h"
 #include "status.h"
 
 #include <cJSON.h>
 
-#include <errno.h>
-#include <fcntl.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 /* JSON numbers are doubles; integers above 2^53 cannot be told apart, so
  * larger shapes or offsets are refused rather than silently rounded. */
@@ -22,8 +18,9 @@
 
 struct pa_safetensors {
   char *path;
-  const uint8_t *map;
-  uint64_t size;
+  pa_mapped file;
+  const uint8_t *map; /* file.data, and */
+  uint64_t size;      /* file.size, for brevity */
   uint64_t data_off, data_size;
   cJSON *header; /* kept: tensor names point into it */
   const cJSON *metadata;
@@ -280,31 +277,9 @@ int pa_safetensors_open(const char *path, pa_safetensors **out) {
     free(st);
     return pa_error(PA_ENOMEM, "%s: no memory", path);
   }
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    int e = errno;
-    pa_safetensors_close(st);
-    return pa_error(e == ENOENT ? PA_ENOTFOUND : PA_EIO, "%s: cannot open: %s", path, strerror(e));
-  }
-  struct stat sb;
-  if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-    close(fd);
-    pa_safetensors_close(st);
-    return pa_error(PA_EIO, "%s: not a regular file", path);
-  }
-  st->size = (uint64_t)sb.st_size;
-  int rc = PA_OK;
-  if (st->size < 8) {
-    rc = pa_error(PA_EFORMAT, "%s: truncated: %llu bytes is shorter than the 8-byte header length", path,
-                  (unsigned long long)st->size);
-  } else {
-    void *m = mmap(NULL, st->size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (m == MAP_FAILED)
-      rc = pa_error(PA_EIO, "%s: cannot map %llu bytes: %s", path, (unsigned long long)st->size, strerror(errno));
-    else
-      st->map = m;
-  }
-  close(fd);
+  int rc = pa_map_file(path, 8, "the 8-byte header length", &st->file);
+  st->map = st->file.data;
+  st->size = st->file.size;
   if (!rc)
     rc = parse(st);
   if (rc) {
@@ -318,8 +293,7 @@ int pa_safetensors_open(const char *path, pa_safetensors **out) {
 void pa_safetensors_close(pa_safetensors *st) {
   if (!st)
     return;
-  if (st->map)
-    munmap((void *)st->map, st->size);
+  pa_unmap_file(&st->file);
   cJSON_Delete(st->header);
   free(st->tensors);
   free(st->by_name);
@@ -507,7 +481,6 @@ static int build_header(const char *path, const pa_st_tensor *t, size_t n, const
 
 int pa_safetensors_write(const char *path, const pa_st_tensor *tensors, size_t n, const pa_st_meta *meta,
                          size_t n_meta) {
-  static atomic_uint tmp_counter;
   uint64_t *nbytes = calloc(n ? n : 1, sizeof *nbytes);
   if (!nbytes)
     return pa_error(PA_ENOMEM, "%s: no memory", path);
@@ -515,40 +488,20 @@ int pa_safetensors_write(const char *path, const pa_st_tensor *tensors, size_t n
   int rc = check_write_input(path, tensors, n, nbytes);
   if (!rc)
     rc = build_header(path, tensors, n, nbytes, meta, n_meta, &h);
-  size_t tlen = strlen(path) + 40;
-  char *tmp = rc ? NULL : malloc(tlen);
-  if (!rc && !tmp)
+  pa_chunk *chunks = rc ? NULL : malloc((n + 2) * sizeof *chunks);
+  if (!rc && !chunks)
     rc = pa_error(PA_ENOMEM, "%s: no memory", path);
-  if (rc) {
-    free(h.p);
-    free(nbytes);
-    return rc;
-  }
-  /* pid and a counter: two writers in one process never share a temp name */
-  snprintf(tmp, tlen, "%s.tmp%d.%u", path, (int)getpid(), atomic_fetch_add(&tmp_counter, 1u));
-  FILE *f = fopen(tmp, "wb");
-  if (!f) {
-    rc = pa_error(PA_EIO, "%s: cannot create: %s", tmp, strerror(errno));
-  } else {
+  if (!rc) {
     uint8_t len8[8];
     for (int i = 0; i < 8; i++)
       len8[i] = (uint8_t)((uint64_t)h.len >> (8 * i));
-    bool ok = fwrite(len8, 1, 8, f) == 8 && fwrite(h.p, 1, h.len, f) == h.len;
-    for (size_t i = 0; ok && i < n; i++)
-      ok = nbytes[i] == 0 || fwrite(tensors[i].data, 1, nbytes[i], f) == nbytes[i];
-    ok = fflush(f) == 0 && ok;
-    /* the rename must not land before the data does, or a crash leaves a
-     * complete-looking file full of zeros */
-    ok = fsync(fileno(f)) == 0 && ok;
-    ok = fclose(f) == 0 && ok;
-    if (!ok)
-      rc = pa_error(PA_EIO, "%s: write failed: %s", tmp, strerror(errno));
-    else if (rename(tmp, path) != 0)
-      rc = pa_error(PA_EIO, "%s: cannot rename into place: %s", path, strerror(errno));
-    if (rc)
-      unlink(tmp);
+    chunks[0] = (pa_chunk){len8, 8};
+    chunks[1] = (pa_chunk){h.p, h.len};
+    for (size_t i = 0; i < n; i++)
+      chunks[i + 2] = (pa_chunk){tensors[i].data, (size_t)nbytes[i]};
+    rc = pa_write_atomic(path, chunks, n + 2);
   }
-  free(tmp);
+  free(chunks);
   free(h.p);
   free(nbytes);
   return rc;

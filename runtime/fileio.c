@@ -1,0 +1,80 @@
+#include "fileio.h"
+
+#include "status.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int pa_map_file(const char *path, uint64_t min_size, const char *what, pa_mapped *out) {
+  out->data = NULL;
+  out->size = 0;
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    int e = errno;
+    return pa_error(e == ENOENT ? PA_ENOTFOUND : PA_EIO, "%s: cannot open: %s", path, strerror(e));
+  }
+  struct stat st;
+  int rc = PA_OK;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    rc = pa_error(PA_EIO, "%s: not a regular file", path);
+  } else if ((uint64_t)st.st_size < min_size) {
+    rc = pa_error(PA_EFORMAT, "%s: truncated: %llu bytes is shorter than %s", path, (unsigned long long)st.st_size,
+                  what);
+  } else if (st.st_size > 0) {
+    void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (m == MAP_FAILED) {
+      rc = pa_error(PA_EIO, "%s: cannot map %llu bytes: %s", path, (unsigned long long)st.st_size, strerror(errno));
+    } else {
+      out->data = m;
+      out->size = (uint64_t)st.st_size;
+    }
+  }
+  close(fd);
+  return rc;
+}
+
+void pa_unmap_file(pa_mapped *m) {
+  if (m->data)
+    munmap((void *)m->data, (size_t)m->size);
+  m->data = NULL;
+  m->size = 0;
+}
+
+int pa_write_atomic(const char *path, const pa_chunk *chunks, size_t n) {
+  static atomic_uint counter;
+  const size_t tlen = strlen(path) + 32;
+  char *tmp = malloc(tlen);
+  if (!tmp)
+    return pa_error(PA_ENOMEM, "%s: no memory", path);
+  snprintf(tmp, tlen, "%s.tmp%d.%u", path, (int)getpid(), atomic_fetch_add(&counter, 1u));
+  int rc = PA_OK;
+  FILE *f = fopen(tmp, "wb");
+  if (!f) {
+    rc = pa_error(PA_EIO, "%s: cannot create: %s", tmp, strerror(errno));
+  } else {
+    bool ok = true;
+    for (size_t i = 0; ok && i < n; i++)
+      ok = chunks[i].len == 0 || fwrite(chunks[i].data, 1, chunks[i].len, f) == chunks[i].len;
+    ok = fflush(f) == 0 && ok;
+    /* the rename must not reach the disk before the data does, or a crash
+     * leaves a complete-looking file full of zeros */
+    ok = fsync(fileno(f)) == 0 && ok;
+    ok = fclose(f) == 0 && ok;
+    if (!ok)
+      rc = pa_error(PA_EIO, "%s: write failed: %s", tmp, strerror(errno));
+    else if (rename(tmp, path) != 0)
+      rc = pa_error(PA_EIO, "%s: cannot rename into place: %s", path, strerror(errno));
+    if (rc)
+      unlink(tmp);
+  }
+  free(tmp);
+  return rc;
+}

@@ -1,0 +1,38 @@
+/* fileio.h: the two ways palign touches files it does not stream.
+ *
+ *  - pa_map_file: a whole regular file mapped read-only (model files: GGUF,
+ *    safetensors), with errors that name the file.
+ *  - pa_write_atomic: a file written under a temporary name beside its final
+ *    path, flushed to disk, then renamed into place, so a reader (or a crash)
+ *    sees either the old file or the complete new one, never a torn one.
+ *
+ * Errors: 0 or a negative PA_E* code with a message (status.h). Both are
+ * thread-safe (temporary names are unique per process and call).
+ */
+#ifndef PALIGN_FILEIO_H
+#define PALIGN_FILEIO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+  const uint8_t *data; /* NULL for an empty file */
+  uint64_t size;
+} pa_mapped;
+
+/* Maps `path`; PA_ENOTFOUND if it does not exist, PA_EIO if it cannot be
+ * opened or is not a regular file, PA_EFORMAT ("truncated") if it is shorter
+ * than min_size bytes, where `what` names what needs them ("a GGUF header"). */
+int pa_map_file(const char *path, uint64_t min_size, const char *what, pa_mapped *out);
+void pa_unmap_file(pa_mapped *m); /* accepts an unmapped (zeroed) one */
+
+/* One piece of the content of a file being written. */
+typedef struct {
+  const void *data;
+  size_t len;
+} pa_chunk;
+
+/* Writes the concatenation of chunks[0..n) to `path` atomically. */
+int pa_write_atomic(const char *path, const pa_chunk *chunks, size_t n);
+
+#endif
