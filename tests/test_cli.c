@@ -11,23 +11,9 @@
 #include <string.h>
 #include <sys/wait.h>
 
-static char tmp[64];
+#include "testutil.h"
+
 static char out[1 << 16];
-
-static int setup(void **s) {
-  (void)s;
-  strcpy(tmp, "/tmp/palign-test-cli-XXXXXX");
-  assert_non_null(mkdtemp(tmp));
-  return 0;
-}
-
-static int teardown(void **s) {
-  (void)s;
-  char cmd[128];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);
-  assert_int_equal(system(cmd), 0);
-  return 0;
-}
 
 /* Runs `palign ARGS` (a shell fragment), stdout and stderr into `out`; returns the exit status. */
 static int palign(const char *fmt, ...) {
@@ -64,54 +50,54 @@ static void test_usage(void **s) {
   assert_int_equal(palign("inspect a b"), 2);
   expect_out("unexpected argument 'b'");
   assert_int_equal(palign("inspect --bogus x"), 2);
-  assert_int_equal(palign("mkmodel %s/m --layers zero", tmp), 2);
-  assert_int_equal(palign("mkmodel %s/m --format onnx", tmp), 2);
+  assert_int_equal(palign("mkmodel %s/m --layers zero", tu_tmp), 2);
+  assert_int_equal(palign("mkmodel %s/m --format onnx", tu_tmp), 2);
   assert_int_equal(palign("tokenize"), 2);
 }
 
 static void test_bad_model_files(void **s) {
   (void)s;
-  assert_int_equal(palign("inspect %s/absent.gguf", tmp), 1);
+  assert_int_equal(palign("inspect %s/absent.gguf", tu_tmp), 1);
   expect_out("absent.gguf");
   char cmd[512];
-  snprintf(cmd, sizeof cmd, "printf 'GGUF\\003\\000\\000\\000' > %s/trunc.gguf", tmp);
+  snprintf(cmd, sizeof cmd, "printf 'GGUF\\003\\000\\000\\000' > %s/trunc.gguf", tu_tmp);
   assert_int_equal(system(cmd), 0);
-  assert_int_equal(palign("inspect %s/trunc.gguf", tmp), 1);
+  assert_int_equal(palign("inspect %s/trunc.gguf", tu_tmp), 1);
   expect_out("trunc.gguf: truncated");
-  snprintf(cmd, sizeof cmd, "head -c 4096 /dev/zero > %s/zeros.gguf", tmp);
+  snprintf(cmd, sizeof cmd, "head -c 4096 /dev/zero > %s/zeros.gguf", tu_tmp);
   assert_int_equal(system(cmd), 0);
-  assert_int_equal(palign("inspect %s/zeros.gguf", tmp), 1);
+  assert_int_equal(palign("inspect %s/zeros.gguf", tu_tmp), 1);
   expect_out("zeros.gguf: not a GGUF file");
-  assert_int_equal(palign("tokenize %s/zeros.gguf hello", tmp), 1);
+  assert_int_equal(palign("tokenize %s/zeros.gguf hello", tu_tmp), 1);
   expect_out("zeros.gguf: not a GGUF file");
 }
 
 static void test_mkmodel_inspect_tokenize(void **s) {
   (void)s;
-  assert_int_equal(palign("mkmodel %s/tiny.gguf --layers 3 --dim 32 --heads 4 --kv-heads 1 --seed 5", tmp), 0);
-  assert_int_equal(palign("inspect %s/tiny.gguf", tmp), 0);
+  assert_int_equal(palign("mkmodel %s/tiny.gguf --layers 3 --dim 32 --heads 4 --kv-heads 1 --seed 5", tu_tmp), 0);
+  assert_int_equal(palign("inspect %s/tiny.gguf", tu_tmp), 0);
   expect_out("layers         3");
   expect_out("heads          4 query, 1 key/value");
   expect_out("blk.2.ffn_down.weight");
-  assert_int_equal(palign("mkmodel %s/tiny-hf --format safetensors --layers 3 --dim 32 --heads 4 --kv-heads 1 --seed 5", tmp), 0);
-  assert_int_equal(palign("inspect %s/tiny-hf --no-tensors", tmp), 0);
+  assert_int_equal(palign("mkmodel %s/tiny-hf --format safetensors --layers 3 --dim 32 --heads 4 --kv-heads 1 --seed 5", tu_tmp), 0);
+  assert_int_equal(palign("inspect %s/tiny-hf --no-tensors", tu_tmp), 0);
   expect_out("format         safetensors");
   /* the same text gives the same ids from both forms */
-  assert_int_equal(palign("tokenize %s/tiny.gguf 'You worry about things..' --chat", tmp), 0);
+  assert_int_equal(palign("tokenize %s/tiny.gguf 'You worry about things..' --chat", tu_tmp), 0);
   char first[sizeof out];
   memcpy(first, out, sizeof out);
-  assert_int_equal(palign("tokenize %s/tiny-hf 'You worry about things..' --chat", tmp), 0);
+  assert_int_equal(palign("tokenize %s/tiny-hf 'You worry about things..' --chat", tu_tmp), 0);
   assert_string_equal(first, out);
   expect_out("<|im_start|>");
   /* mkmodel refuses to overwrite */
-  assert_int_equal(palign("mkmodel %s/tiny.gguf", tmp), 1);
+  assert_int_equal(palign("mkmodel %s/tiny.gguf", tu_tmp), 1);
 }
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test_setup_teardown(test_usage, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_bad_model_files, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_mkmodel_inspect_tokenize, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_usage, tu_setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_bad_model_files, tu_setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_mkmodel_inspect_tokenize, tu_setup, tu_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

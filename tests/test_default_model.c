@@ -15,7 +15,7 @@
 
 #include "gguf.h"
 #include "model.h"
-#include "model_path.h"
+#include "testutil.h"
 #include "quant.h"
 #include "status.h"
 

@@ -27,7 +27,7 @@
 #include "chat.h"
 #include "gguf.h"
 #include "hfdir.h"
-#include "model_path.h"
+#include "testutil.h"
 #include "status.h"
 #include "tokenizer.h"
 
@@ -159,18 +159,6 @@ static void test_chat_template(void **s) {
   cJSON_Delete(root);
 }
 
-static size_t unhex(const char *h, char *out) {
-  size_t n = 0;
-  if (!strcmp(h, "-"))
-    return 0;
-  for (; h[0] && h[1]; h += 2) {
-    unsigned v;
-    sscanf(h, "%2x", &v);
-    out[n++] = (char)v;
-  }
-  return n;
-}
-
 static void check_strings(const pa_tokenizer *t, const char *what) {
   FILE *f = fopen(GOLDEN "smollm2_strings.txt", "r");
   assert_non_null(f);
@@ -183,7 +171,7 @@ static void check_strings(const pa_tokenizer *t, const char *what) {
     unsigned flags = (unsigned)atoi(strtok_r(line, " \n", &save));
     const char *hex = strtok_r(NULL, " \n", &save);
     char *text = malloc(strlen(hex) / 2 + 1);
-    text[unhex(hex, text)] = '\0';
+    text[tu_unhex(hex, text)] = '\0';
     size_t k = (size_t)atol(strtok_r(NULL, " \n", &save));
     int32_t *want = malloc((k + 1) * sizeof *want);
     for (size_t i = 0; i < k; i++)

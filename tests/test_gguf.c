@@ -14,6 +14,7 @@
 #include "gguf.h"
 #include "quant.h"
 #include "status.h"
+#include "testutil.h"
 
 /* ---- a byte builder for hand-made files --------------------------------- */
 
@@ -43,30 +44,16 @@ static void pad_to(bb *b, size_t align) {
     u8(b, 0);
 }
 
-static char tmpdir[64];
-static char path[128];
+static char path[300]; /* the file each test writes and opens */
 
 static int setup(void **s) {
-  (void)s;
-  strcpy(tmpdir, "/tmp/palign-test-gguf-XXXXXX");
-  assert_non_null(mkdtemp(tmpdir));
-  snprintf(path, sizeof path, "%s/model.gguf", tmpdir);
+  if (tu_setup(s))
+    return -1;
+  tu_path(path, sizeof path, "model.gguf");
   return 0;
 }
 
-static int teardown(void **s) {
-  (void)s;
-  unlink(path);
-  rmdir(tmpdir);
-  return 0;
-}
-
-static void save(const bb *b) {
-  FILE *f = fopen(path, "wb");
-  assert_non_null(f);
-  assert_int_equal(fwrite(b->p, 1, b->n, f), b->n);
-  fclose(f);
-}
+static void save(const bb *b) { tu_write(path, b->p, b->n); }
 
 /* header + one tensor "w" of type F32 shape [ne0, ne1] at offset off */
 static void one_tensor_file(bb *b, uint32_t version, uint64_t ne0, uint64_t ne1, uint32_t type, uint64_t off,
@@ -454,26 +441,26 @@ static void test_missing_and_directory(void **s) {
   pa_gguf *g;
   assert_int_equal(pa_gguf_open("/nonexistent/palign/model.gguf", &g), PA_ENOTFOUND);
   assert_non_null(strstr(pa_errmsg(), "/nonexistent/palign/model.gguf"));
-  assert_int_equal(pa_gguf_open(tmpdir, &g), PA_EIO);
+  assert_int_equal(pa_gguf_open(tu_tmp, &g), PA_EIO);
   assert_non_null(strstr(pa_errmsg(), "not a regular file"));
   pa_gguf_close(NULL);
 }
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test_setup_teardown(test_all_metadata_types, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_version2_and_tensor_data, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_custom_alignment, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_writer_round_trip, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_wrong_magic, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_versions, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_every_truncation, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_tensor_past_end, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_absurd_dimensions, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_unknown_type, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_absurd_counts, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_duplicates, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_missing_and_directory, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_all_metadata_types, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_version2_and_tensor_data, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_custom_alignment, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_writer_round_trip, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_wrong_magic, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_versions, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_every_truncation, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_tensor_past_end, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_absurd_dimensions, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_unknown_type, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_absurd_counts, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_duplicates, setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_missing_and_directory, setup, tu_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

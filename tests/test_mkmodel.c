@@ -17,7 +17,6 @@
 #include "safetensors.h"
 #include "status.h"
 
-#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,73 +24,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* The CLI command is compiled in to test its argument handling. */
-#include "../cli/cmd_mkmodel.c"
-
-static char tmp_root[512];
-
-static void rm_rf(const char *path) {
-  struct stat sb;
-  if (lstat(path, &sb) != 0)
-    return;
-  if (S_ISDIR(sb.st_mode)) {
-    DIR *d = opendir(path);
-    struct dirent *e;
-    while (d && (e = readdir(d))) {
-      if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-        continue;
-      char sub[1024];
-      snprintf(sub, sizeof sub, "%s/%s", path, e->d_name);
-      rm_rf(sub);
-    }
-    if (d)
-      closedir(d);
-    rmdir(path);
-  } else {
-    unlink(path);
-  }
-}
-
-static int setup(void **state) {
-  snprintf(tmp_root, sizeof tmp_root, "%s/tests/mk_tmp_XXXXXX", PALIGN_BINARY_DIR);
-  if (!mkdtemp(tmp_root)) {
-    snprintf(tmp_root, sizeof tmp_root, "/tmp/palign_mk_XXXXXX");
-    if (!mkdtemp(tmp_root))
-      return -1;
-  }
-  return 0;
-}
-
-static int teardown(void **state) {
-  rm_rf(tmp_root);
-  return 0;
-}
-
-static const char *tpath(char *buf, size_t n, const char *name) {
-  snprintf(buf, n, "%s/%s", tmp_root, name);
-  return buf;
-}
+#include "commands.h"
+#include "testutil.h"
 
 static bool exists(const char *path) { return access(path, F_OK) == 0; }
 
-static char *slurp(const char *path, size_t *len) {
-  FILE *f = fopen(path, "rb");
-  assert_non_null(f);
-  fseek(f, 0, SEEK_END);
-  long n = ftell(f);
-  fseek(f, 0, SEEK_SET);
-  char *buf = malloc((size_t)n + 1);
-  assert_non_null(buf);
-  assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
-  fclose(f);
-  buf[n] = '\0';
-  *len = (size_t)n;
-  return buf;
-}
-
 static bool same_file(const char *a, const char *b) {
   size_t la, lb;
-  char *pa = slurp(a, &la), *pb = slurp(b, &lb);
+  char *pa = tu_slurp(a, &la), *pb = tu_slurp(b, &lb);
   bool same = la == lb && memcmp(pa, pb, la) == 0;
   free(pa);
   free(pb);
@@ -147,7 +87,7 @@ static void test_validate(void **state) {
   char p[600];
   o = pa_mkmodel_defaults();
   o.n_merges = 5000;
-  assert_int_equal(pa_mkmodel_write_gguf(&o, tpath(p, sizeof p, "toomany.gguf")), PA_EINVAL);
+  assert_int_equal(pa_mkmodel_write_gguf(&o, tu_path(p, sizeof p, "toomany.gguf")), PA_EINVAL);
   expect_msg("allows only");
   assert_false(exists(p));
 }
@@ -228,17 +168,17 @@ static void test_determinism(void **state) {
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   o.dtype = PA_BF16;
   char a[600], b[600];
-  assert_int_equal(pa_mkmodel_write_gguf(&o, tpath(a, sizeof a, "det1.gguf")), 0);
-  assert_int_equal(pa_mkmodel_write_gguf(&o, tpath(b, sizeof b, "det2.gguf")), 0);
+  assert_int_equal(pa_mkmodel_write_gguf(&o, tu_path(a, sizeof a, "det1.gguf")), 0);
+  assert_int_equal(pa_mkmodel_write_gguf(&o, tu_path(b, sizeof b, "det2.gguf")), 0);
   assert_true(same_file(a, b));
   o.seed = 2;
-  assert_int_equal(pa_mkmodel_write_gguf(&o, tpath(b, sizeof b, "det3.gguf")), 0);
+  assert_int_equal(pa_mkmodel_write_gguf(&o, tu_path(b, sizeof b, "det3.gguf")), 0);
   assert_false(same_file(a, b));
 
   o.seed = 1;
   o.n_shards = 2;
-  assert_int_equal(pa_mkmodel_write_hf(&o, tpath(a, sizeof a, "det1")), 0);
-  assert_int_equal(pa_mkmodel_write_hf(&o, tpath(b, sizeof b, "det2")), 0);
+  assert_int_equal(pa_mkmodel_write_hf(&o, tu_path(a, sizeof a, "det1")), 0);
+  assert_int_equal(pa_mkmodel_write_hf(&o, tu_path(b, sizeof b, "det2")), 0);
   static const char *const files[] = {"config.json",
                                       "tokenizer.json",
                                       "tokenizer_config.json",
@@ -273,7 +213,7 @@ static void test_gguf_metadata(void **state) {
   o.ffn_dim = 80;
   o.rope_theta = 100000.0f;
   char p[600];
-  assert_int_equal(pa_mkmodel_write_gguf(&o, tpath(p, sizeof p, "meta.gguf")), 0);
+  assert_int_equal(pa_mkmodel_write_gguf(&o, tu_path(p, sizeof p, "meta.gguf")), 0);
   pa_gguf *g;
   assert_int_equal(pa_gguf_open(p, &g), 0);
   pa_str s;
@@ -378,7 +318,7 @@ static void test_gguf_metadata(void **state) {
 
   /* tied: no output.weight */
   o = pa_mkmodel_defaults();
-  assert_int_equal(pa_mkmodel_write_gguf(&o, tpath(p, sizeof p, "tied.gguf")), 0);
+  assert_int_equal(pa_mkmodel_write_gguf(&o, tu_path(p, sizeof p, "tied.gguf")), 0);
   assert_int_equal(pa_gguf_open(p, &g), 0);
   assert_null(pa_gguf_find_tensor(g, "output.weight"));
   assert_int_equal(pa_gguf_n_tensors(g), 2 + 9 * 2);
@@ -404,8 +344,8 @@ static float *st_f32(const pa_st_tensor *t) {
 static void test_qk_permutation(void **state) {
   pa_mkmodel_opts o = pa_mkmodel_defaults(); /* dim 64, 4 heads of 16, 2 kv heads */
   char gp[600], hp[600];
-  assert_int_equal(pa_mkmodel_write_gguf(&o, tpath(gp, sizeof gp, "perm.gguf")), 0);
-  assert_int_equal(pa_mkmodel_write_hf(&o, tpath(hp, sizeof hp, "perm")), 0);
+  assert_int_equal(pa_mkmodel_write_gguf(&o, tu_path(gp, sizeof gp, "perm.gguf")), 0);
+  assert_int_equal(pa_mkmodel_write_hf(&o, tu_path(hp, sizeof hp, "perm")), 0);
   pa_gguf *g;
   pa_hfdir *h;
   assert_int_equal(pa_gguf_open(gp, &g), 0);
@@ -473,9 +413,9 @@ static const char *gguf_name(const char *hf, char *buf, size_t n) {
 static void check_formats_agree(const pa_mkmodel_opts *o, const char *tag) {
   char gp[600], hp[600], name[64];
   snprintf(name, sizeof name, "agree_%s.gguf", tag);
-  assert_int_equal(pa_mkmodel_write_gguf(o, tpath(gp, sizeof gp, name)), 0);
+  assert_int_equal(pa_mkmodel_write_gguf(o, tu_path(gp, sizeof gp, name)), 0);
   snprintf(name, sizeof name, "agree_%s", tag);
-  assert_int_equal(pa_mkmodel_write_hf(o, tpath(hp, sizeof hp, name)), 0);
+  assert_int_equal(pa_mkmodel_write_hf(o, tu_path(hp, sizeof hp, name)), 0);
   pa_gguf *g;
   pa_hfdir *h;
   assert_int_equal(pa_gguf_open(gp, &g), 0);
@@ -582,9 +522,9 @@ static void test_sharded(void **state) {
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   o.tied = false;
   char one[600], three[600];
-  assert_int_equal(pa_mkmodel_write_hf(&o, tpath(one, sizeof one, "one")), 0);
+  assert_int_equal(pa_mkmodel_write_hf(&o, tu_path(one, sizeof one, "one")), 0);
   o.n_shards = 3;
-  assert_int_equal(pa_mkmodel_write_hf(&o, tpath(three, sizeof three, "three")), 0);
+  assert_int_equal(pa_mkmodel_write_hf(&o, tu_path(three, sizeof three, "three")), 0);
   char p[700];
   snprintf(p, sizeof p, "%s/model.safetensors", one);
   assert_true(exists(p));
@@ -624,18 +564,18 @@ static void test_sharded(void **state) {
 static void test_overwrite(void **state) {
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   char p[600], f[700];
-  tpath(p, sizeof p, "ow.gguf");
+  tu_path(p, sizeof p, "ow.gguf");
   assert_int_equal(pa_mkmodel_write_gguf(&o, p), 0);
   assert_int_equal(pa_mkmodel_write_gguf(&o, p), PA_EINVAL);
   expect_msg("already exists");
   o.force = true;
   assert_int_equal(pa_mkmodel_write_gguf(&o, p), 0);
-  assert_int_equal(pa_mkmodel_write_gguf(&o, tmp_root), PA_EINVAL);
+  assert_int_equal(pa_mkmodel_write_gguf(&o, tu_tmp), PA_EINVAL);
   expect_msg("is a directory");
 
   o = pa_mkmodel_defaults();
   o.n_shards = 3;
-  tpath(p, sizeof p, "owdir");
+  tu_path(p, sizeof p, "owdir");
   assert_int_equal(pa_mkmodel_write_hf(&o, p), 0);
   snprintf(f, sizeof f, "%s/README.md", p);
   FILE *fp = fopen(f, "w");
@@ -659,9 +599,9 @@ static void test_overwrite(void **state) {
   pa_hfdir_close(h);
 
   o.force = false;
-  assert_int_equal(pa_mkmodel_write_hf(&o, tpath(p, sizeof p, "ow.gguf")), PA_EINVAL);
+  assert_int_equal(pa_mkmodel_write_hf(&o, tu_path(p, sizeof p, "ow.gguf")), PA_EINVAL);
   expect_msg("not a directory");
-  assert_int_equal(pa_mkmodel_write_hf(&o, tpath(p, sizeof p, "no/such/parent")), PA_EIO);
+  assert_int_equal(pa_mkmodel_write_hf(&o, tu_path(p, sizeof p, "no/such/parent")), PA_EIO);
   expect_msg("cannot create the directory");
 }
 
@@ -670,8 +610,8 @@ static void test_overwrite(void **state) {
 static void test_tokenizer_files(void **state) {
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   char gp[600], hp[600], p[700];
-  assert_int_equal(pa_mkmodel_write_gguf(&o, tpath(gp, sizeof gp, "tok.gguf")), 0);
-  assert_int_equal(pa_mkmodel_write_hf(&o, tpath(hp, sizeof hp, "tok")), 0);
+  assert_int_equal(pa_mkmodel_write_gguf(&o, tu_path(gp, sizeof gp, "tok.gguf")), 0);
+  assert_int_equal(pa_mkmodel_write_hf(&o, tu_path(hp, sizeof hp, "tok")), 0);
   pa_gguf *g;
   assert_int_equal(pa_gguf_open(gp, &g), 0);
   const pa_gguf_kv *toks, *merges;
@@ -740,8 +680,8 @@ static int run_cli(int n, ...) {
 
 static void test_cli(void **state) {
   char g[600], d[600];
-  tpath(g, sizeof g, "cli.gguf");
-  tpath(d, sizeof d, "cli_dir");
+  tu_path(g, sizeof g, "cli.gguf");
+  tu_path(d, sizeof d, "cli_dir");
   assert_int_equal(run_cli(0), 2);
   assert_int_equal(run_cli(1, "--help"), 0);
   assert_int_equal(run_cli(2, g, "--bogus"), 2);
@@ -758,8 +698,8 @@ static void test_cli(void **state) {
 
   /* --seed is decimal or hex, never octal */
   char s8[600], s10[600];
-  assert_int_equal(run_cli(3, tpath(s8, sizeof s8, "seed_a.gguf"), "--seed", "010"), 0);
-  assert_int_equal(run_cli(2, tpath(s10, sizeof s10, "seed_b.gguf"), "--seed=0xa"), 0);
+  assert_int_equal(run_cli(3, tu_path(s8, sizeof s8, "seed_a.gguf"), "--seed", "010"), 0);
+  assert_int_equal(run_cli(2, tu_path(s10, sizeof s10, "seed_b.gguf"), "--seed=0xa"), 0);
   assert_true(same_file(s8, s10));
   assert_int_equal(run_cli(3, g, "--seed", " 5"), 2);
   assert_int_equal(run_cli(3, g, "--seed", "0x"), 2);
@@ -784,11 +724,11 @@ static void test_cli(void **state) {
 
   /* --format overrides the name */
   char x[600];
-  assert_int_equal(run_cli(3, tpath(x, sizeof x, "named.gguf"), "--format", "safetensors"), 0);
+  assert_int_equal(run_cli(3, tu_path(x, sizeof x, "named.gguf"), "--format", "safetensors"), 0);
   struct stat sb;
   assert_int_equal(stat(x, &sb), 0);
   assert_true(S_ISDIR(sb.st_mode));
-  assert_int_equal(run_cli(3, tpath(x, sizeof x, "plain"), "--format", "gguf"), 0);
+  assert_int_equal(run_cli(3, tu_path(x, sizeof x, "plain"), "--format", "gguf"), 0);
   assert_int_equal(stat(x, &sb), 0);
   assert_true(S_ISREG(sb.st_mode));
 }
@@ -801,5 +741,5 @@ int main(void) {
       cmocka_unit_test(test_sharded),         cmocka_unit_test(test_overwrite),
       cmocka_unit_test(test_tokenizer_files), cmocka_unit_test(test_cli),
   };
-  return cmocka_run_group_tests(tests, setup, teardown);
+  return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

@@ -22,26 +22,8 @@
 #include "model.h"
 #include "quant.h"
 #include "status.h"
+#include "testutil.h"
 #include "tokenizer.h"
-
-static char tmp[64];
-
-static int setup(void **s) {
-  (void)s;
-  strcpy(tmp, "/tmp/palign-test-model-XXXXXX");
-  assert_non_null(mkdtemp(tmp));
-  return 0;
-}
-
-static int teardown(void **s) {
-  (void)s;
-  char cmd[128];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);
-  assert_int_equal(system(cmd), 0);
-  return 0;
-}
-
-static void in_tmp(char *out, size_t cap, const char *name) { snprintf(out, cap, "%s/%s", tmp, name); }
 
 static pa_model *open_ok(const char *path) {
   pa_model *m = NULL;
@@ -64,8 +46,8 @@ static void expect_open_fails(const char *path, const char *names, const char *w
 /* Same options in both formats: identical description, tokens and weights. */
 static void check_formats_agree(pa_mkmodel_opts o) {
   char gguf[256], hf[256];
-  in_tmp(gguf, sizeof gguf, "m.gguf");
-  in_tmp(hf, sizeof hf, "hf");
+  tu_path(gguf, sizeof gguf, "m.gguf");
+  tu_path(hf, sizeof hf, "hf");
   o.force = true;
   if (pa_mkmodel_write_gguf(&o, gguf) || pa_mkmodel_write_hf(&o, hf))
     fail_msg("mkmodel: %s", pa_errmsg());
@@ -131,7 +113,7 @@ static void test_gguf_rows_unpermuted(void **s) {
   (void)s;
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   char gguf[256];
-  in_tmp(gguf, sizeof gguf, "m.gguf");
+  tu_path(gguf, sizeof gguf, "m.gguf");
   assert_int_equal(pa_mkmodel_write_gguf(&o, gguf), PA_OK);
   pa_model *m = open_ok(gguf);
   pa_weights w;
@@ -186,8 +168,8 @@ static void test_broken_gguf_models(void **s) {
   (void)s;
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   char good[256], bad[256];
-  in_tmp(good, sizeof good, "good.gguf");
-  in_tmp(bad, sizeof bad, "bad.gguf");
+  tu_path(good, sizeof good, "good.gguf");
+  tu_path(bad, sizeof bad, "bad.gguf");
   assert_int_equal(pa_mkmodel_write_gguf(&o, good), PA_OK);
   rewrite_gguf(good, bad, NULL, NULL, UINT32_MAX, false);
   pa_model_close(open_ok(bad)); /* the copy itself is fine */
@@ -200,13 +182,6 @@ static void test_broken_gguf_models(void **s) {
   rewrite_gguf(good, bad, "token_embd.weight", NULL, UINT32_MAX, false);
   expect_open_fails(bad, bad, "'token_embd.weight' is missing");
   expect_open_fails("/nonexistent/model.gguf", "/nonexistent/model.gguf", "no such file");
-}
-
-static void write_file(const char *path, const char *text) {
-  FILE *f = fopen(path, "w");
-  assert_non_null(f);
-  fputs(text, f);
-  fclose(f);
 }
 
 /* Replaces `from` with `to` in a text file (first occurrence, which must exist). */
@@ -244,7 +219,7 @@ static void edit_config(const char *path, const char *key, const char *value) {
   if (value)
     cJSON_AddItemToObject(root, key, cJSON_Parse(value));
   char *out = cJSON_Print(root);
-  write_file(path, out);
+  tu_write_text(path, out);
   cJSON_free(out);
   cJSON_Delete(root);
 }
@@ -254,11 +229,11 @@ static void test_broken_hf_models(void **s) {
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   o.force = true;
   char dir[256], file[320];
-  in_tmp(dir, sizeof dir, "hf");
+  tu_path(dir, sizeof dir, "hf");
   snprintf(file, sizeof file, "%s/config.json", dir);
 
   assert_int_equal(pa_mkmodel_write_hf(&o, dir), PA_OK);
-  write_file(file, "{\"model_type\": \"llama\", \"hidden_size\": ");
+  tu_write_text(file, "{\"model_type\": \"llama\", \"hidden_size\": ");
   expect_open_fails(dir, "config.json", "");
 
   assert_int_equal(pa_mkmodel_write_hf(&o, dir), PA_OK);
@@ -309,7 +284,7 @@ static void test_llama3_rope_scaling(void **s) {
   (void)s;
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   char dir[256], file[320];
-  in_tmp(dir, sizeof dir, "hf");
+  tu_path(dir, sizeof dir, "hf");
   snprintf(file, sizeof file, "%s/config.json", dir);
   assert_int_equal(pa_mkmodel_write_hf(&o, dir), PA_OK);
   edit_config(file, "rope_scaling",
@@ -337,12 +312,12 @@ static void test_llama3_rope_scaling(void **s) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test_setup_teardown(test_formats_agree_default, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_formats_agree_variants, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_gguf_rows_unpermuted, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_broken_gguf_models, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_broken_hf_models, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_llama3_rope_scaling, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_formats_agree_default, tu_setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_formats_agree_variants, tu_setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_gguf_rows_unpermuted, tu_setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_broken_gguf_models, tu_setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_broken_hf_models, tu_setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_llama3_rope_scaling, tu_setup, tu_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

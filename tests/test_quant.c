@@ -13,21 +13,12 @@
 
 #include "quant.h"
 #include "status.h"
+#include "testutil.h"
 
 static void *slurp(const char *name, size_t *len) {
   char path[512];
   snprintf(path, sizeof path, "%s/quant/%s", PALIGN_TEST_DATA, name);
-  FILE *f = fopen(path, "rb");
-  if (!f)
-    fail_msg("cannot open golden file %s", path);
-  fseek(f, 0, SEEK_END);
-  *len = (size_t)ftell(f);
-  fseek(f, 0, SEEK_SET);
-  void *p = malloc(*len);
-  assert_non_null(p);
-  assert_int_equal(fread(p, 1, *len, f), *len);
-  fclose(f);
-  return p;
+  return tu_slurp(path, len);
 }
 
 static void check_type(uint32_t type) {

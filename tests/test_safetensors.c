@@ -12,68 +12,14 @@
 #include "quant.h"
 #include "safetensors.h"
 #include "status.h"
+#include "testutil.h"
 
-#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-static char tmp_root[512];
-
-static void rm_rf(const char *path) {
-  struct stat sb;
-  if (lstat(path, &sb) != 0)
-    return;
-  if (S_ISDIR(sb.st_mode)) {
-    DIR *d = opendir(path);
-    struct dirent *e;
-    while (d && (e = readdir(d))) {
-      if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-        continue;
-      char sub[1024];
-      snprintf(sub, sizeof sub, "%s/%s", path, e->d_name);
-      rm_rf(sub);
-    }
-    if (d)
-      closedir(d);
-    rmdir(path);
-  } else {
-    unlink(path);
-  }
-}
-
-static int setup(void **state) {
-  snprintf(tmp_root, sizeof tmp_root, "%s/tests/st_tmp_XXXXXX", PALIGN_BINARY_DIR);
-  if (!mkdtemp(tmp_root)) {
-    snprintf(tmp_root, sizeof tmp_root, "/tmp/palign_st_XXXXXX");
-    if (!mkdtemp(tmp_root))
-      return -1;
-  }
-  return 0;
-}
-
-static int teardown(void **state) {
-  rm_rf(tmp_root);
-  return 0;
-}
-
-/* name under the temporary root, in buf (returned for convenience) */
-static const char *tpath(char *buf, size_t n, const char *name) {
-  snprintf(buf, n, "%s/%s", tmp_root, name);
-  return buf;
-}
-
-static void write_bytes(const char *path, const void *p, size_t n) {
-  FILE *f = fopen(path, "wb");
-  assert_non_null(f);
-  assert_int_equal(fwrite(p, 1, n, f), n);
-  assert_int_equal(fclose(f), 0);
-}
-
-static void write_text(const char *path, const char *s) { write_bytes(path, s, strlen(s)); }
 
 /* A safetensors file from a JSON header and data bytes; hlen is the length
  * field to write (UINT64_MAX: the JSON's real length). */
@@ -88,7 +34,7 @@ static void write_raw(const char *path, uint64_t hlen, const char *json, const v
   memcpy(buf + 8, json, jl);
   if (data_len)
     memcpy(buf + 8 + jl, data, data_len);
-  write_bytes(path, buf, 8 + jl + data_len);
+  tu_write(path, buf, 8 + jl + data_len);
   free(buf);
 }
 
@@ -119,7 +65,7 @@ static void expect_open_fails(const char *path, int code, const char *what) {
 
 static void test_roundtrip(void **state) {
   char p[600];
-  tpath(p, sizeof p, "rt.safetensors");
+  tu_path(p, sizeof p, "rt.safetensors");
   float f32[6] = {1.5f, -2.25f, 0.0f, 3.0f, -0.125f, 1e-3f};
   uint16_t f16[4], bf16[4];
   float src16[4] = {0.5f, -1.0f, 1000.0f, 6.1035156e-05f};
@@ -196,7 +142,7 @@ static void test_roundtrip(void **state) {
 
   /* the same input gives the same bytes */
   char q[600];
-  tpath(q, sizeof q, "rt2.safetensors");
+  tu_path(q, sizeof q, "rt2.safetensors");
   assert_int_equal(pa_safetensors_write(q, in, n, meta, 2), 0);
   pa_safetensors *s1, *s2;
   assert_int_equal(pa_safetensors_open(p, &s1), 0);
@@ -287,7 +233,7 @@ static void test_reference_golden(void **state) {
 
 static void test_writer_refuses(void **state) {
   char p[600];
-  tpath(p, sizeof p, "w.safetensors");
+  tu_path(p, sizeof p, "w.safetensors");
   float v[2] = {1, 2};
   pa_st_tensor dup[] = {
       {.name = "x", .dtype = PA_F32, .n_dims = 1, .shape = {2}, .data = v},
@@ -307,7 +253,7 @@ static void test_writer_refuses(void **state) {
   assert_int_equal(access(p, F_OK), -1);
 
   char bad[600];
-  tpath(bad, sizeof bad, "no/such/dir/x.safetensors");
+  tu_path(bad, sizeof bad, "no/such/dir/x.safetensors");
   pa_st_tensor ok = {.name = "x", .dtype = PA_F32, .n_dims = 1, .shape = {2}, .data = v};
   assert_int_equal(pa_safetensors_write(bad, &ok, 1, NULL, 0), PA_EIO);
   expect_msg(bad, "cannot create");
@@ -325,16 +271,16 @@ static void test_writer_refuses(void **state) {
 
 static void test_truncated(void **state) {
   char p[600];
-  tpath(p, sizeof p, "empty.safetensors");
-  write_bytes(p, "", 0);
+  tu_path(p, sizeof p, "empty.safetensors");
+  tu_write(p, "", 0);
   expect_open_fails(p, PA_EFORMAT, "truncated");
-  tpath(p, sizeof p, "five.safetensors");
-  write_bytes(p, "\x10\0\0\0\0", 5);
+  tu_path(p, sizeof p, "five.safetensors");
+  tu_write(p, "\x10\0\0\0\0", 5);
   expect_open_fails(p, PA_EFORMAT, "truncated");
 
   /* a good file cut short in its data */
   char good[600];
-  tpath(good, sizeof good, "cut.safetensors");
+  tu_path(good, sizeof good, "cut.safetensors");
   float v[16] = {0};
   pa_st_tensor t = {.name = "w", .dtype = PA_F32, .n_dims = 2, .shape = {4, 4}, .data = v};
   assert_int_equal(pa_safetensors_write(good, &t, 1, NULL, 0), 0);
@@ -344,13 +290,13 @@ static void test_truncated(void **state) {
   assert_int_equal(truncate(good, 20), 0);
   expect_open_fails(good, PA_EFORMAT, "truncated");
 
-  expect_open_fails(tpath(p, sizeof p, "does-not-exist.safetensors"), PA_ENOTFOUND, "cannot open");
-  expect_open_fails(tmp_root, PA_EIO, "not a regular file");
+  expect_open_fails(tu_path(p, sizeof p, "does-not-exist.safetensors"), PA_ENOTFOUND, "cannot open");
+  expect_open_fails(tu_tmp, PA_EIO, "not a regular file");
 }
 
 static void test_header_length(void **state) {
   char p[600];
-  tpath(p, sizeof p, "hlen.safetensors");
+  tu_path(p, sizeof p, "hlen.safetensors");
   write_raw(p, 1000, "{}", NULL, 0);
   expect_open_fails(p, PA_EFORMAT, "runs past the end");
   write_raw(p, (uint64_t)1 << 40, "{}", NULL, 0);
@@ -423,14 +369,14 @@ static void test_bad_headers(void **state) {
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     char name[64], p[600];
     snprintf(name, sizeof name, "bad%02zu.safetensors", i);
-    tpath(p, sizeof p, name);
+    tu_path(p, sizeof p, name);
     write_raw(p, UINT64_MAX, cases[i].json, zeros, cases[i].data_len);
     expect_open_fails(p, cases[i].code, cases[i].what);
   }
 
   /* the same shapes, well-formed, open: the cases above fail for their reason */
   char p[600];
-  tpath(p, sizeof p, "ok.safetensors");
+  tu_path(p, sizeof p, "ok.safetensors");
   write_raw(p, UINT64_MAX,
             "{\"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]},"
             " \"b\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [8, 16]},"
@@ -453,7 +399,7 @@ static void make_dir(const char *dir) { assert_int_equal(mkdir(dir, 0777), 0); }
 static void put(const char *dir, const char *name, const char *text) {
   char p[800];
   snprintf(p, sizeof p, "%s/%s", dir, name);
-  write_text(p, text);
+  tu_write_text(p, text);
 }
 
 static float wvals[8] = {1, 2, 3, 4, 5, 6, 7, 8};
@@ -478,7 +424,7 @@ static void make_base(const char *dir) {
 }
 
 static const char *new_dir(char *buf, size_t n, const char *name) {
-  tpath(buf, n, name);
+  tu_path(buf, n, name);
   make_base(buf);
   return buf;
 }
@@ -668,13 +614,13 @@ static void test_hfdir_bad_files(void **state) {
 
   new_dir(d, sizeof d, "badweights");
   snprintf(p, sizeof p, "%s/model.safetensors", d);
-  write_bytes(p, "\x40\0\0\0\0\0\0\0{}", 10);
+  tu_write(p, "\x40\0\0\0\0\0\0\0{}", 10);
   expect_hf_fails(d, PA_EFORMAT, "badweights/model.safetensors", "runs past the end");
 
-  expect_hf_fails(tpath(d, sizeof d, "no-such-dir"), PA_ENOTFOUND, "no-such-dir", "cannot open");
+  expect_hf_fails(tu_path(d, sizeof d, "no-such-dir"), PA_ENOTFOUND, "no-such-dir", "cannot open");
   char f[600];
-  tpath(f, sizeof f, "plainfile");
-  write_text(f, "x");
+  tu_path(f, sizeof f, "plainfile");
+  tu_write_text(f, "x");
   expect_hf_fails(f, PA_EINVAL, "plainfile", "not a directory");
 }
 
@@ -713,17 +659,17 @@ static void test_hfdir_templates(void **state) {
 
 static void test_load_json(void **state) {
   char p[600];
-  tpath(p, sizeof p, "x.json");
-  write_text(p, "{\n  \"a\": [1, 2,\n  ]\n}");
+  tu_path(p, sizeof p, "x.json");
+  tu_write_text(p, "{\n  \"a\": [1, 2,\n  ]\n}");
   cJSON *j = (cJSON *)1;
   assert_int_equal(pa_hfdir_load_json(p, &j), PA_EFORMAT);
   assert_null(j);
   expect_msg(p, "line 3");
-  write_text(p, "  {\"a\": \"\\u00e9\"}\n\n");
+  tu_write_text(p, "  {\"a\": \"\\u00e9\"}\n\n");
   assert_int_equal(pa_hfdir_load_json(p, &j), 0);
   assert_string_equal(cJSON_GetObjectItemCaseSensitive(j, "a")->valuestring, "\xc3\xa9");
   cJSON_Delete(j);
-  assert_int_equal(pa_hfdir_load_json(tpath(p, sizeof p, "none.json"), &j), PA_ENOTFOUND);
+  assert_int_equal(pa_hfdir_load_json(tu_path(p, sizeof p, "none.json"), &j), PA_ENOTFOUND);
   expect_msg(p, "cannot open");
 }
 
@@ -736,5 +682,5 @@ int main(void) {
       cmocka_unit_test(test_hfdir_bad_shards), cmocka_unit_test(test_hfdir_bad_files),
       cmocka_unit_test(test_hfdir_templates),  cmocka_unit_test(test_load_json),
   };
-  return cmocka_run_group_tests(tests, setup, teardown);
+  return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

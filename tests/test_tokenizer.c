@@ -20,43 +20,17 @@
 #include "gguf.h"
 #include "hfdir.h"
 #include "status.h"
+#include "testutil.h"
 #include "tokenizer.h"
 
 #define GOLDEN PALIGN_TEST_DATA "/tokenizer/"
 
-static char tmpdir[64];
-
-static int setup(void **s) {
-  (void)s;
-  strcpy(tmpdir, "/tmp/palign-test-tok-XXXXXX");
-  return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown(void **s) {
-  (void)s;
-  static const char *const names[] = {"t.json", "c.json", "t.gguf"};
-  char p[128];
-  for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-    snprintf(p, sizeof p, "%s/%s", tmpdir, names[i]);
-    unlink(p);
-  }
-  rmdir(tmpdir);
-  return 0;
-}
-
 static const char *tmp(const char *name) {
-  static char p[4][128];
+  static char p[4][300];
   static int k;
   k = (k + 1) % 4;
-  snprintf(p[k], sizeof p[k], "%s/%s", tmpdir, name);
+  tu_path(p[k], sizeof p[k], name);
   return p[k];
-}
-
-static void write_file(const char *path, const char *text) {
-  FILE *f = fopen(path, "wb");
-  assert_non_null(f);
-  assert_int_equal(fwrite(text, 1, strlen(text), f), strlen(text));
-  fclose(f);
 }
 
 /* ---- golden cases ------------------------------------------------------- */
@@ -68,18 +42,6 @@ typedef struct {
   int32_t *ids;
   size_t n;
 } gcase;
-
-static size_t unhex(const char *h, char *out) {
-  size_t n = 0;
-  if (!strcmp(h, "-"))
-    return 0;
-  for (; h[0] && h[1]; h += 2) {
-    unsigned v;
-    sscanf(h, "%2x", &v);
-    out[n++] = (char)v;
-  }
-  return n;
-}
 
 /* FLAGS HEXTEXT N ids... per line (make_tokenizer_golden.py). */
 static size_t load_cases(const char *path, gcase **out) {
@@ -98,7 +60,7 @@ static size_t load_cases(const char *path, gcase **out) {
     c->flags = (unsigned)atoi(tok);
     tok = strtok_r(NULL, " \n", &save);
     c->text = malloc(strlen(tok) / 2 + 1);
-    c->len = unhex(tok, c->text);
+    c->len = tu_unhex(tok, c->text);
     c->text[c->len] = '\0';
     c->n = (size_t)atol(strtok_r(NULL, " \n", &save));
     c->ids = malloc((c->n + 1) * sizeof *c->ids);
@@ -255,7 +217,7 @@ static void test_variants(void **s) {
       cJSON_ReplaceItemInObject(model, kv->string, cJSON_Duplicate(kv, 1));
     }
     char *text = cJSON_PrintUnformatted(tj);
-    write_file(tmp("t.json"), text);
+    tu_write_text(tmp("t.json"), text);
     free(text);
     cJSON_Delete(tj);
     pa_tokenizer *t;
@@ -539,7 +501,7 @@ static void test_bad_json(void **s) {
   (void)s;
   const char *path = tmp("t.json");
   for (size_t i = 0; i < sizeof bad_jsons / sizeof bad_jsons[0]; i++) {
-    write_file(path, bad_jsons[i].json);
+    tu_write_text(path, bad_jsons[i].json);
     pa_tokenizer *t = (pa_tokenizer *)&t; /* must be reset to NULL */
     pa_error_clear();
     int rc = pa_tokenizer_from_json(path, NULL, &t);
@@ -569,7 +531,7 @@ static void test_bad_config(void **s) {
       {"{", "not valid JSON"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-    write_file(path, cases[i].json);
+    tu_write_text(path, cases[i].json);
     pa_tokenizer *t;
     int rc = pa_tokenizer_from_json(GOLDEN "tiny_bl.json", path, &t);
     if (rc != PA_EFORMAT || !strstr(pa_errmsg(), cases[i].msg))
@@ -577,7 +539,7 @@ static void test_bad_config(void **s) {
     assert_null(t);
   }
   /* a null token and a good one are fine */
-  write_file(path, "{\"bos_token\": null, \"eos_token\": \"<|eot_id|>\", \"add_bos_token\": false}");
+  tu_write_text(path, "{\"bos_token\": null, \"eos_token\": \"<|eot_id|>\", \"add_bos_token\": false}");
   pa_tokenizer *t = load_json(GOLDEN "tiny_bl.json", path);
   assert_int_equal(pa_tokenizer_eos(t), pa_tokenizer_find(t, "<|eot_id|>"));
   assert_false(pa_tokenizer_add_bos(t));
@@ -767,5 +729,5 @@ int main(void) {
       cmocka_unit_test(test_bad_json),          cmocka_unit_test(test_bad_config),
       cmocka_unit_test(test_bad_gguf),
   };
-  return cmocka_run_group_tests(tests, setup, teardown);
+  return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

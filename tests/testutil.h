@@ -1,0 +1,137 @@
+/* testutil.h: what palign's cmocka tests share. Include after <cmocka.h>.
+ *
+ *  - a scratch directory per test group (tu_setup / tu_teardown as cmocka
+ *    group or test fixtures; tu_path names a file in it);
+ *  - whole-file reading and writing that fail the test on error;
+ *  - where the default model and the PAPI data are: the model is downloaded by
+ *    scripts/setup.sh, and a test that needs it skips (exit 77) when it is
+ *    absent, unless PALIGN_REQUIRE_MODEL=1 (CI), when its absence fails. */
+#ifndef PALIGN_TESTUTIL_H
+#define PALIGN_TESTUTIL_H
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define PALIGN_DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+static char tu_tmp[256];
+
+static inline void tu_rm_rf(const char *path) {
+  struct stat sb;
+  if (lstat(path, &sb) != 0)
+    return;
+  if (S_ISDIR(sb.st_mode)) {
+    DIR *d = opendir(path);
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+      if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+        continue;
+      char sub[1024];
+      if (snprintf(sub, sizeof sub, "%s/%s", path, e->d_name) < (int)sizeof sub)
+        tu_rm_rf(sub);
+    }
+    if (d)
+      closedir(d);
+    rmdir(path);
+  } else {
+    unlink(path);
+  }
+}
+
+static inline int tu_setup(void **state) {
+  (void)state;
+  snprintf(tu_tmp, sizeof tu_tmp, "/tmp/palign-test-XXXXXX");
+  return mkdtemp(tu_tmp) ? 0 : -1;
+}
+
+static inline int tu_teardown(void **state) {
+  (void)state;
+  tu_rm_rf(tu_tmp);
+  return 0;
+}
+
+/* `name` inside the scratch directory, written to buf and returned. */
+static inline const char *tu_path(char *buf, size_t n, const char *name) {
+  if (snprintf(buf, n, "%s/%s", tu_tmp, name) >= (int)n)
+    fail_msg("path %s/%s is too long", tu_tmp, name);
+  return buf;
+}
+
+/* The whole file, NUL-terminated (malloc'd); *len its size if len != NULL. */
+static inline char *tu_slurp(const char *path, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  if (!f)
+    fail_msg("cannot open %s", path);
+  fseek(f, 0, SEEK_END);
+  long n = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  char *buf = malloc((size_t)n + 1);
+  assert_non_null(buf);
+  assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
+  fclose(f);
+  buf[n] = '\0';
+  if (len)
+    *len = (size_t)n;
+  return buf;
+}
+
+static inline void tu_write(const char *path, const void *p, size_t n) {
+  FILE *f = fopen(path, "wb");
+  if (!f)
+    fail_msg("cannot create %s", path);
+  assert_int_equal(fwrite(p, 1, n, f), n);
+  assert_int_equal(fclose(f), 0);
+}
+
+static inline void tu_write_text(const char *path, const char *text) { tu_write(path, text, strlen(text)); }
+
+/* Decodes hex ("-" is the empty string) into out; returns the byte count. */
+static inline size_t tu_unhex(const char *h, char *out) {
+  size_t n = 0;
+  if (!strcmp(h, "-"))
+    return 0;
+  for (; h[0] && h[1]; h += 2) {
+    unsigned v;
+    if (sscanf(h, "%2x", &v) != 1)
+      fail_msg("bad hex '%s'", h);
+    out[n++] = (char)v;
+  }
+  return n;
+}
+
+static inline const char *test_default_model(void) {
+  static char buf[4096];
+  const char *env = getenv("PALIGN_MODEL"), *cache = getenv("PALIGN_CACHE");
+  if (env && *env)
+    snprintf(buf, sizeof buf, "%s", env);
+  else if (cache && *cache)
+    snprintf(buf, sizeof buf, "%s/%s", cache, PALIGN_DEFAULT_MODEL_FILE);
+  else
+    snprintf(buf, sizeof buf, "%s/.cache/palign/%s", getenv("HOME") ? getenv("HOME") : "", PALIGN_DEFAULT_MODEL_FILE);
+  if (access(buf, R_OK) != 0) {
+    const char *req = getenv("PALIGN_REQUIRE_MODEL");
+    if (req && !strcmp(req, "1")) {
+      fprintf(stderr, "the default model %s is missing (run scripts/setup.sh)\n", buf);
+      exit(1);
+    }
+    fprintf(stderr, "skipping: the default model %s is missing (run scripts/setup.sh)\n", buf);
+    exit(77);
+  }
+  return buf;
+}
+
+static inline const char *test_papi_dir(void) {
+  static char buf[4096];
+  const char *env = getenv("PALIGN_PAPI_DIR");
+  if (env && *env)
+    snprintf(buf, sizeof buf, "%s", env);
+  else
+    snprintf(buf, sizeof buf, "%s/../shared/papi", PALIGN_SOURCE_DIR);
+  return buf;
+}
+
+#endif
