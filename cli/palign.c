@@ -13,6 +13,7 @@ typedef struct {
 static const command commands[] = {
     {"inspect", cmd_inspect, "MODEL                      describe a model file: dimensions, tokenizer, tensors"},
     {"tokenize", cmd_tokenize, "MODEL TEXT [--chat ...]   token ids and pieces of a text or a chat prompt"},
+    {"generate", cmd_generate, "--model M --prompt P [--system S] [--max-tokens N]  greedy chat answer"},
     {"mkmodel", cmd_mkmodel, "OUT [--format gguf|safetensors ...]  write a tiny random model for tests"},
 };
 

@@ -1,6 +1,8 @@
 /* chat.c: recognising a chat template and rendering one exchange with it. */
 #include "chat.h"
 
+#include "tokenizer.h"
+
 #include "status.h"
 
 #include <stdbool.h>
@@ -279,4 +281,14 @@ int pa_chat_render(const pa_chat_template *t, const char *system, const char *us
   }
   *out = s.p;
   return PA_OK;
+}
+
+int pa_chat_tokenize(const pa_chat_template *t, const pa_tokenizer *tok, const char *system, const char *user,
+                     const char *assistant_prefix, int32_t **ids, size_t *n) {
+  char *text = NULL;
+  int rc = pa_chat_render(t, system, user, assistant_prefix, &text);
+  if (!rc)
+    rc = pa_tokenizer_encode(tok, text, strlen(text), PA_TOK_PARSE_SPECIAL, ids, n);
+  free(text);
+  return rc;
 }

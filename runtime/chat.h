@@ -33,6 +33,7 @@
 #define PALIGN_CHAT_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct pa_chat_template pa_chat_template;
 
@@ -72,5 +73,12 @@ const char *pa_chat_template_end_of_turn(const pa_chat_template *t);
  * generation prompt, else the start of the assistant's answer. */
 int pa_chat_render(const pa_chat_template *t, const char *system, const char *user, const char *assistant_prefix,
                    char **out);
+
+struct pa_tokenizer;
+
+/* Renders one exchange (as pa_chat_render) and tokenizes it with special
+ * tokens parsed: the token ids the model sees. *ids is malloc'd. */
+int pa_chat_tokenize(const pa_chat_template *t, const struct pa_tokenizer *tok, const char *system, const char *user,
+                     const char *assistant_prefix, int32_t **ids, size_t *n);
 
 #endif

@@ -1,0 +1,180 @@
+/* The CPU backend: OpenBLAS for every matrix product (attention included),
+ * OpenMP across rows for the rest. This is the reference implementation. */
+#include "backend.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int n_threads = 0; /* 0 until set: all cores */
+
+void pa_backend_set_threads(int n) {
+  if (n <= 0)
+    n = omp_get_num_procs();
+  n_threads = n;
+  omp_set_num_threads(n);
+  openblas_set_num_threads(n);
+}
+
+int pa_backend_threads(void) { return n_threads > 0 ? n_threads : omp_get_num_procs(); }
+
+static void cpu_matmul(int M, int N, int K, const float *x, const float *w, float beta, float *y) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, K, w, K, beta, y, N);
+}
+
+static void cpu_rmsnorm(int M, int D, const float *x, const float *w, float eps, float *y) {
+#pragma omp parallel for schedule(static) if (M > 1)
+  for (int m = 0; m < M; m++) {
+    const float *xm = x + (size_t)m * D;
+    float *ym = y + (size_t)m * D;
+    double ss = 0;
+    for (int i = 0; i < D; i++)
+      ss += (double)xm[i] * xm[i];
+    const float r = 1.0f / sqrtf((float)(ss / D) + eps);
+    for (int i = 0; i < D; i++)
+      ym[i] = w[i] * (xm[i] * r);
+  }
+}
+
+static void cpu_rope(int M, int n_heads, int hd, const int32_t *pos, const float *cos_tab, const float *sin_tab,
+                     float *x) {
+  const int half = hd / 2;
+#pragma omp parallel for schedule(static) if (M > 1)
+  for (int m = 0; m < M; m++) {
+    const float *c = cos_tab + (size_t)pos[m] * half, *s = sin_tab + (size_t)pos[m] * half;
+    for (int h = 0; h < n_heads; h++) {
+      float *v = x + ((size_t)m * n_heads + h) * hd;
+      for (int i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i] + a * s[i];
+      }
+    }
+  }
+}
+
+static void cpu_swiglu(int M, int F, float *gate, const float *up) {
+  const size_t n = (size_t)M * F;
+#pragma omp parallel for schedule(static) if (n > 4096)
+  for (size_t i = 0; i < n; i++) {
+    const float g = gate[i];
+    gate[i] = g / (1.0f + expf(-g)) * up[i];
+  }
+}
+
+static void cpu_embed(int M, int D, const int32_t *ids, const float *table, float *y) {
+  for (int m = 0; m < M; m++)
+    memcpy(y + (size_t)m * D, table + (size_t)ids[m] * D, (size_t)D * sizeof(float));
+}
+
+static void cpu_add(int M, int N, const float *x, float *y) {
+  const size_t n = (size_t)M * N;
+#pragma omp parallel for schedule(static) if (n > 4096)
+  for (size_t i = 0; i < n; i++)
+    y[i] += x[i];
+}
+
+/* Softmax over the first `valid` of a row's entries; the rest become 0
+ * (causally masked keys). */
+static void softmax_prefix(float *row, int valid, int len) {
+  float mx = -INFINITY;
+  for (int i = 0; i < valid; i++)
+    mx = row[i] > mx ? row[i] : mx;
+  float sum = 0;
+  for (int i = 0; i < valid; i++) {
+    row[i] = expf(row[i] - mx);
+    sum += row[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int i = 0; i < valid; i++)
+    row[i] *= inv;
+  for (int i = valid; i < len; i++)
+    row[i] = 0;
+}
+
+/* One (sequence, key/value head) pair: the g query heads sharing that kv
+ * head, for all of the sequence's new tokens, as matrix products:
+ *   S = Q [n*g][hd] . [K_prefix; K_own]^T,  softmax per row (causal),
+ *   Z = S . [V_prefix; V_own]. */
+static void attend_pair(const pa_attn_args *a, const pa_attn_seq *s, int kh, float *scratch) {
+  const int hd = a->head_dim, g = a->n_heads / a->n_kv_heads, H = a->n_heads;
+  const int R = s->n * g, P = a->prefix_len, m = s->past + s->n, L = P + m;
+  const float scale = 1.0f / sqrtf((float)hd);
+  float *Q = scratch, *S = Q + (size_t)R * hd, *Z = S + (size_t)R * L;
+  for (int j = 0; j < s->n; j++)
+    memcpy(Q + (size_t)j * g * hd, a->q + (size_t)(s->row0 + j) * H * hd + (size_t)kh * g * hd,
+           (size_t)g * hd * sizeof(float));
+  const float *ko = s->k_own + (size_t)kh * s->stride * hd, *vo = s->v_own + (size_t)kh * s->stride * hd;
+  if (P > 0) {
+    const float *kp = a->k_prefix + (size_t)kh * a->prefix_stride * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, P, hd, scale, Q, hd, kp, hd, 0.0f, S, L);
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, m, hd, scale, Q, hd, ko, hd, 0.0f, S + P, L);
+  for (int r = 0; r < R; r++)
+    softmax_prefix(S + (size_t)r * L, P + s->past + r / g + 1, L);
+  if (P > 0) {
+    const float *vp = a->v_prefix + (size_t)kh * a->prefix_stride * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, hd, P, 1.0f, S, L, vp, hd, 0.0f, Z, hd);
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, hd, m, 1.0f, S + P, L, vo, hd, P > 0 ? 1.0f : 0.0f, Z,
+              hd);
+  for (int j = 0; j < s->n; j++)
+    memcpy(a->z + (size_t)(s->row0 + j) * H * hd + (size_t)kh * g * hd, Z + (size_t)j * g * hd,
+           (size_t)g * hd * sizeof(float));
+}
+
+static size_t pair_scratch(const pa_attn_args *a, const pa_attn_seq *s) {
+  const size_t R = (size_t)s->n * (a->n_heads / a->n_kv_heads);
+  return R * (2 * (size_t)a->head_dim + (size_t)a->prefix_len + s->past + s->n);
+}
+
+static size_t max_pair_scratch(const pa_attn_args *a) {
+  size_t mx = 0;
+  for (int i = 0; i < a->n_seqs; i++)
+    if (pair_scratch(a, &a->seqs[i]) > mx)
+      mx = pair_scratch(a, &a->seqs[i]);
+  return mx;
+}
+
+static size_t cpu_attention_scratch(const pa_attn_args *a) {
+  return max_pair_scratch(a) * (size_t)pa_backend_threads();
+}
+
+static void cpu_attention(const pa_attn_args *a, float *scratch) {
+  const int pairs = a->n_seqs * a->n_kv_heads;
+  const int threads = pa_backend_threads();
+  const size_t per_thread = max_pair_scratch(a);
+  if (pairs >= 2 * threads && threads > 1) {
+    /* many small problems: one pair per thread at a time, BLAS single-threaded
+     * inside (it then runs in the calling thread) */
+    openblas_set_num_threads(1);
+#pragma omp parallel num_threads(threads)
+    {
+      float *mine = scratch + per_thread * (size_t)omp_get_thread_num();
+#pragma omp for schedule(dynamic)
+      for (int p = 0; p < pairs; p++)
+        attend_pair(a, &a->seqs[p / a->n_kv_heads], p % a->n_kv_heads, mine);
+    }
+    openblas_set_num_threads(threads);
+  } else {
+    /* few large problems: BLAS threads inside each */
+    for (int p = 0; p < pairs; p++)
+      attend_pair(a, &a->seqs[p / a->n_kv_heads], p % a->n_kv_heads, scratch);
+  }
+}
+
+static const pa_backend cpu_backend = {
+    .name = "cpu",
+    .matmul = cpu_matmul,
+    .rmsnorm = cpu_rmsnorm,
+    .rope = cpu_rope,
+    .swiglu = cpu_swiglu,
+    .embed = cpu_embed,
+    .add = cpu_add,
+    .attention_scratch = cpu_attention_scratch,
+    .attention = cpu_attention,
+};
+
+const pa_backend *pa_backend_cpu(void) { return &cpu_backend; }

@@ -1,0 +1,385 @@
+#include "forward.h"
+
+#include "backend.h"
+#include "status.h"
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct pa_kv {
+  int n_layers, n_kv_heads, head_dim;
+  int cap, len;
+  float *k, *v; /* [n_layers][n_kv_heads][cap][head_dim] */
+};
+
+/* Activations for `rows` tokens; grown when a larger batch comes, never shrunk. */
+typedef struct {
+  int rows, seqs;
+  size_t attn;   /* floats of attention scratch */
+  float *x;      /* [rows][dim]: the residual stream */
+  float *xb;     /* [rows][dim]: normalised */
+  float *q, *z;  /* [rows][n_heads * head_dim] */
+  float *k, *v;  /* [rows][n_kv_heads * head_dim] */
+  float *gate, *up; /* [rows][ffn_dim] */
+  float *last;   /* [seqs][dim]: final-normed last rows */
+  float *attn_scratch;
+  int32_t *pos, *ids; /* [rows] */
+  pa_attn_seq *aseq;  /* [seqs] */
+} scratch;
+
+struct pa_lm {
+  const pa_model *model;
+  pa_model_config c;
+  pa_weights w;
+  const pa_backend *be;
+  int max_seq;
+  float *cos_tab, *sin_tab; /* [max_seq][head_dim / 2] */
+  scratch s;
+};
+
+/* RoPE angles as Hugging Face computes them in float32, so long prompts
+ * agree to the last bits that matter: inv_freq = 1 / theta^(2i/d), angle =
+ * position * inv_freq, both rounded to float. */
+static int rope_tables(pa_lm *lm) {
+  const int half = lm->c.head_dim / 2;
+  lm->cos_tab = malloc((size_t)lm->max_seq * half * sizeof(float));
+  lm->sin_tab = malloc((size_t)lm->max_seq * half * sizeof(float));
+  float *inv = malloc((size_t)half * sizeof(float));
+  if (!lm->cos_tab || !lm->sin_tab || !inv) {
+    free(inv);
+    return pa_error(PA_ENOMEM, "no memory for RoPE tables of %d positions", lm->max_seq);
+  }
+  for (int i = 0; i < half; i++) {
+    inv[i] = 1.0f / powf(lm->c.rope_theta, (float)(2 * i) / (float)lm->c.head_dim);
+    if (lm->w.rope_freq_div)
+      inv[i] /= lm->w.rope_freq_div[i];
+  }
+  for (int p = 0; p < lm->max_seq; p++)
+    for (int i = 0; i < half; i++) {
+      const float a = (float)p * inv[i];
+      lm->cos_tab[(size_t)p * half + i] = cosf(a);
+      lm->sin_tab[(size_t)p * half + i] = sinf(a);
+    }
+  free(inv);
+  return PA_OK;
+}
+
+int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out) {
+  *out = NULL;
+  pa_lm *lm = calloc(1, sizeof *lm);
+  if (!lm)
+    return pa_error(PA_ENOMEM, "no memory");
+  lm->model = m;
+  lm->c = *pa_model_config_get(m);
+  lm->be = pa_backend_cpu();
+  pa_backend_set_threads(o ? o->n_threads : 0);
+  lm->max_seq = o && o->max_seq > 0 ? o->max_seq : lm->c.max_seq;
+  int rc = PA_OK;
+  if (lm->max_seq > lm->c.max_seq)
+    rc = pa_error(PA_EINVAL, "%s: %d positions asked for, the model's context is %d", pa_model_path(m), lm->max_seq,
+                  lm->c.max_seq);
+  if (!rc)
+    rc = pa_model_load_weights(m, &lm->w);
+  if (!rc)
+    rc = rope_tables(lm);
+  if (rc) {
+    pa_lm_destroy(lm);
+    return rc;
+  }
+  *out = lm;
+  return PA_OK;
+}
+
+static void scratch_free(scratch *s) {
+  free(s->x);
+  free(s->xb);
+  free(s->q);
+  free(s->z);
+  free(s->k);
+  free(s->v);
+  free(s->gate);
+  free(s->up);
+  free(s->last);
+  free(s->attn_scratch);
+  free(s->pos);
+  free(s->ids);
+  free(s->aseq);
+  memset(s, 0, sizeof *s);
+}
+
+void pa_lm_destroy(pa_lm *lm) {
+  if (!lm)
+    return;
+  scratch_free(&lm->s);
+  pa_weights_free(&lm->w);
+  free(lm->cos_tab);
+  free(lm->sin_tab);
+  free(lm);
+}
+
+const pa_model_config *pa_lm_config(const pa_lm *lm) { return &lm->c; }
+int pa_lm_max_seq(const pa_lm *lm) { return lm->max_seq; }
+
+int pa_kv_create(const pa_lm *lm, int capacity, pa_kv **out) {
+  *out = NULL;
+  if (capacity < 1 || capacity > lm->max_seq)
+    return pa_error(PA_EINVAL, "a KV cache of %d tokens is outside 1..%d", capacity, lm->max_seq);
+  pa_kv *kv = calloc(1, sizeof *kv);
+  if (!kv)
+    return pa_error(PA_ENOMEM, "no memory");
+  kv->n_layers = lm->c.n_layers;
+  kv->n_kv_heads = lm->c.n_kv_heads;
+  kv->head_dim = lm->c.head_dim;
+  kv->cap = capacity;
+  const size_t n = (size_t)kv->n_layers * kv->n_kv_heads * capacity * kv->head_dim;
+  kv->k = malloc(n * sizeof(float));
+  kv->v = malloc(n * sizeof(float));
+  if (!kv->k || !kv->v) {
+    pa_kv_destroy(kv);
+    return pa_error(PA_ENOMEM, "no memory for a KV cache of %d tokens (%zu MB)", capacity, 2 * n * 4 >> 20);
+  }
+  *out = kv;
+  return PA_OK;
+}
+
+void pa_kv_destroy(pa_kv *kv) {
+  if (!kv)
+    return;
+  free(kv->k);
+  free(kv->v);
+  free(kv);
+}
+
+void pa_kv_clear(pa_kv *kv) { kv->len = 0; }
+int pa_kv_len(const pa_kv *kv) { return kv->len; }
+int pa_kv_capacity(const pa_kv *kv) { return kv->cap; }
+
+static int scratch_reserve(pa_lm *lm, int rows, int seqs) {
+  scratch *s = &lm->s;
+  if (rows <= s->rows && seqs <= s->seqs)
+    return PA_OK;
+  const pa_model_config *c = &lm->c;
+  rows = rows > s->rows ? rows : s->rows;
+  seqs = seqs > s->seqs ? seqs : s->seqs;
+  const size_t R = (size_t)rows, qd = (size_t)c->n_heads * c->head_dim, kd = (size_t)c->n_kv_heads * c->head_dim;
+  scratch_free(s);
+  s->x = malloc(R * c->dim * sizeof(float));
+  s->xb = malloc(R * c->dim * sizeof(float));
+  s->q = malloc(R * qd * sizeof(float));
+  s->z = malloc(R * qd * sizeof(float));
+  s->k = malloc(R * kd * sizeof(float));
+  s->v = malloc(R * kd * sizeof(float));
+  s->gate = malloc(R * c->ffn_dim * sizeof(float));
+  s->up = malloc(R * c->ffn_dim * sizeof(float));
+  s->last = malloc((size_t)seqs * c->dim * sizeof(float));
+  s->pos = malloc(R * sizeof(int32_t));
+  s->ids = malloc(R * sizeof(int32_t));
+  s->aseq = malloc((size_t)seqs * sizeof *s->aseq);
+  if (!s->x || !s->xb || !s->q || !s->z || !s->k || !s->v || !s->gate || !s->up || !s->last || !s->pos || !s->ids ||
+      !s->aseq) {
+    scratch_free(s);
+    return pa_error(PA_ENOMEM, "no memory for the activations of %d tokens", rows);
+  }
+  s->rows = rows;
+  s->seqs = seqs;
+  return PA_OK;
+}
+
+static int check_batch(const pa_lm *lm, const pa_batch *b, int *rows) {
+  const int P = b->prefix ? b->prefix->len : 0;
+  *rows = 0;
+  if (b->n_seqs < 1)
+    return pa_error(PA_EINVAL, "a batch needs at least one sequence");
+  for (int i = 0; i < b->n_seqs; i++) {
+    const pa_seq *s = &b->seqs[i];
+    if (s->n_tokens < 1 || !s->kv)
+      return pa_error(PA_EINVAL, "sequence %d of the batch has no tokens or no cache", i);
+    if (s->kv->len + s->n_tokens > s->kv->cap)
+      return pa_error(PA_EINVAL, "sequence %d: %d new tokens do not fit its cache (%d of %d used)", i, s->n_tokens,
+                      s->kv->len, s->kv->cap);
+    if (P + s->kv->len + s->n_tokens > lm->max_seq)
+      return pa_error(PA_EINVAL, "sequence %d reaches position %d, beyond the %d this model was opened for", i,
+                      P + s->kv->len + s->n_tokens, lm->max_seq);
+    for (int j = 0; j < s->n_tokens; j++)
+      if (s->tokens[j] < 0 || s->tokens[j] >= lm->c.vocab_size)
+        return pa_error(PA_EINVAL, "sequence %d: token %d is outside the vocabulary (%d)", i, s->tokens[j],
+                        lm->c.vocab_size);
+    if (*rows > INT32_MAX - s->n_tokens)
+      return pa_error(PA_EINVAL, "batch too large");
+    *rows += s->n_tokens;
+  }
+  return PA_OK;
+}
+
+/* Writes the new tokens' keys and values of layer l into each sequence's cache. */
+static void store_kv(const pa_lm *lm, const pa_batch *b, int l) {
+  const int kvh = lm->c.n_kv_heads, hd = lm->c.head_dim;
+  int row = 0;
+  for (int i = 0; i < b->n_seqs; i++) {
+    pa_kv *kv = b->seqs[i].kv;
+    for (int j = 0; j < b->seqs[i].n_tokens; j++, row++)
+      for (int h = 0; h < kvh; h++) {
+        const size_t dst = (((size_t)l * kvh + h) * kv->cap + kv->len + j) * hd;
+        const size_t src = ((size_t)row * kvh + h) * hd;
+        memcpy(kv->k + dst, lm->s.k + src, (size_t)hd * sizeof(float));
+        memcpy(kv->v + dst, lm->s.v + src, (size_t)hd * sizeof(float));
+      }
+  }
+}
+
+/* z[r][h] += steer[l][h] for every row, skipping all-zero displacements. */
+static void apply_steer(const pa_lm *lm, const float *steer, int l, int rows) {
+  const int H = lm->c.n_heads, hd = lm->c.head_dim;
+  for (int h = 0; h < H; h++) {
+    const float *d = steer + ((size_t)l * H + h) * hd;
+    bool any = false;
+    for (int i = 0; i < hd && !any; i++)
+      any = d[i] != 0.0f;
+    if (!any)
+      continue;
+    for (int r = 0; r < rows; r++) {
+      float *zr = lm->s.z + ((size_t)r * H + h) * hd;
+      for (int i = 0; i < hd; i++)
+        zr[i] += d[i];
+    }
+  }
+}
+
+int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
+  int rows, rc;
+  if ((rc = check_batch(lm, b, &rows)) || (rc = scratch_reserve(lm, rows, b->n_seqs)))
+    return rc;
+  const pa_model_config *c = &lm->c;
+  const pa_backend *be = lm->be;
+  scratch *s = &lm->s;
+  const int D = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, F = c->ffn_dim;
+  const int P = b->prefix ? b->prefix->len : 0;
+
+  /* token ids, positions and each sequence's rows */
+  for (int i = 0, row = 0; i < b->n_seqs; i++) {
+    const pa_seq *q = &b->seqs[i];
+    s->aseq[i] = (pa_attn_seq){.row0 = row, .n = q->n_tokens, .past = q->kv->len, .stride = q->kv->cap};
+    for (int j = 0; j < q->n_tokens; j++, row++) {
+      s->ids[row] = q->tokens[j];
+      s->pos[row] = P + q->kv->len + j;
+    }
+  }
+  pa_attn_args att = {
+      .n_heads = H, .n_kv_heads = KV, .head_dim = hd, .q = s->q, .z = s->z,
+      .prefix_len = P, .prefix_stride = b->prefix ? b->prefix->cap : 0, .seqs = s->aseq, .n_seqs = b->n_seqs,
+  };
+  const size_t need = be->attention_scratch(&att);
+  if (need > s->attn) {
+    free(s->attn_scratch);
+    s->attn_scratch = malloc(need * sizeof(float));
+    s->attn = s->attn_scratch ? need : 0;
+    if (!s->attn_scratch)
+      return pa_error(PA_ENOMEM, "no memory for attention scratch (%zu MB)", need * 4 >> 20);
+  }
+
+  be->embed(rows, D, s->ids, lm->w.tok_embd, s->x);
+  for (int l = 0; l < c->n_layers; l++) {
+    const pa_layer_weights *L = &lm->w.layers[l];
+    be->rmsnorm(rows, D, s->x, L->attn_norm, c->norm_eps, s->xb);
+    be->matmul(rows, H * hd, D, s->xb, L->wq, 0.0f, s->q);
+    be->matmul(rows, KV * hd, D, s->xb, L->wk, 0.0f, s->k);
+    be->matmul(rows, KV * hd, D, s->xb, L->wv, 0.0f, s->v);
+    be->rope(rows, H, hd, s->pos, lm->cos_tab, lm->sin_tab, s->q);
+    be->rope(rows, KV, hd, s->pos, lm->cos_tab, lm->sin_tab, s->k);
+    store_kv(lm, b, l);
+    const size_t layer_off = (size_t)l * KV * hd;
+    for (int i = 0; i < b->n_seqs; i++) {
+      s->aseq[i].k_own = b->seqs[i].kv->k + layer_off * b->seqs[i].kv->cap;
+      s->aseq[i].v_own = b->seqs[i].kv->v + layer_off * b->seqs[i].kv->cap;
+    }
+    if (b->prefix) {
+      att.k_prefix = b->prefix->k + layer_off * b->prefix->cap;
+      att.v_prefix = b->prefix->v + layer_off * b->prefix->cap;
+    }
+    be->attention(&att, s->attn_scratch);
+    if (b->steer)
+      apply_steer(lm, b->steer, l, rows);
+    if (b->heads)
+      for (int i = 0; i < b->n_seqs; i++) {
+        const int last = s->aseq[i].row0 + s->aseq[i].n - 1;
+        memcpy(b->heads + ((size_t)i * c->n_layers + l) * H * hd, s->z + (size_t)last * H * hd,
+               (size_t)H * hd * sizeof(float));
+      }
+    be->matmul(rows, D, H * hd, s->z, L->wo, 1.0f, s->x);
+    be->rmsnorm(rows, D, s->x, L->ffn_norm, c->norm_eps, s->xb);
+    be->matmul(rows, F, D, s->xb, L->w_gate, 0.0f, s->gate);
+    be->matmul(rows, F, D, s->xb, L->w_up, 0.0f, s->up);
+    be->swiglu(rows, F, s->gate, s->up);
+    be->matmul(rows, D, F, s->gate, L->w_down, 1.0f, s->x);
+  }
+  for (int i = 0; i < b->n_seqs; i++)
+    b->seqs[i].kv->len += b->seqs[i].n_tokens;
+  if (b->logits) {
+    for (int i = 0; i < b->n_seqs; i++) {
+      const int last = s->aseq[i].row0 + s->aseq[i].n - 1;
+      be->rmsnorm(1, D, s->x + (size_t)last * D, lm->w.out_norm, c->norm_eps, s->last + (size_t)i * D);
+    }
+    be->matmul(b->n_seqs, c->vocab_size, D, s->last, lm->w.output, 0.0f, b->logits);
+  }
+  return PA_OK;
+}
+
+int pa_argmax(const float *v, int n) {
+  int best = 0;
+  for (int i = 1; i < n; i++)
+    if (v[i] > v[best])
+      best = i;
+  return best;
+}
+
+void pa_softmax_subset(const float *logits, const int32_t *ids, int n, double *p) {
+  double mx = -INFINITY, sum = 0;
+  for (int i = 0; i < n; i++)
+    mx = logits[ids[i]] > mx ? logits[ids[i]] : mx;
+  for (int i = 0; i < n; i++)
+    sum += p[i] = exp(logits[ids[i]] - mx);
+  for (int i = 0; i < n; i++)
+    p[i] /= sum;
+}
+
+int pa_lm_generate(pa_lm *lm, const pa_kv *prefix, pa_kv *kv, const int32_t *prompt, int n_prompt,
+                   const pa_gen_opts *o, int32_t **out, int *n_out) {
+  *out = NULL;
+  *n_out = 0;
+  if (o->max_tokens < 0 || n_prompt < 1)
+    return pa_error(PA_EINVAL, "generation needs a prompt and a non-negative token budget");
+  int32_t *gen = malloc(((size_t)o->max_tokens + 1) * sizeof *gen);
+  float *logits = malloc((size_t)lm->c.vocab_size * sizeof *logits);
+  if (!gen || !logits) {
+    free(gen);
+    free(logits);
+    return pa_error(PA_ENOMEM, "no memory");
+  }
+  pa_kv_clear(kv);
+  pa_seq seq = {.tokens = prompt, .n_tokens = n_prompt, .kv = kv};
+  pa_batch b = {.prefix = prefix, .seqs = &seq, .n_seqs = 1, .steer = o->steer, .logits = logits};
+  int n = 0, rc = PA_OK;
+  while (n < o->max_tokens) {
+    if ((rc = pa_lm_forward(lm, &b)))
+      break;
+    const int32_t next = pa_argmax(logits, lm->c.vocab_size);
+    gen[n++] = next;
+    bool stop = false;
+    for (int i = 0; i < o->n_stop; i++)
+      stop |= next == o->stop[i];
+    if (stop || n == o->max_tokens)
+      break;
+    seq.tokens = &gen[n - 1];
+    seq.n_tokens = 1;
+  }
+  free(logits);
+  if (rc) {
+    free(gen);
+    return rc;
+  }
+  *out = gen;
+  *n_out = n;
+  return PA_OK;
+}
