@@ -1,0 +1,234 @@
+/* The forward pass on tiny random models (mkmodel): a shared prefix, batching
+ * and token-by-token decoding give the logits of plain full sequences;
+ * steering and head capture do exactly what forward.h says. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "forward.h"
+#include "mkmodel.h"
+#include "model.h"
+#include "status.h"
+#include "testutil.h"
+
+static pa_model *model;
+static pa_lm *lm;
+static const pa_model_config *cfg;
+
+static int setup(void **s) {
+  if (tu_setup(s))
+    return -1;
+  char path[300];
+  pa_mkmodel_opts o = pa_mkmodel_defaults();
+  o.n_layers = 3, o.dim = 96, o.n_heads = 6, o.n_kv_heads = 2, o.ffn_dim = 160, o.seed = 42;
+  if (pa_mkmodel_write_gguf(&o, tu_path(path, sizeof path, "m.gguf")) || pa_model_open(path, &model) ||
+      pa_lm_create(model, &(pa_lm_opts){.n_threads = 2, .max_seq = 512}, &lm)) {
+    fprintf(stderr, "%s\n", pa_errmsg());
+    return -1;
+  }
+  cfg = pa_lm_config(lm);
+  return 0;
+}
+
+static int teardown(void **s) {
+  pa_lm_destroy(lm);
+  pa_model_close(model);
+  return tu_teardown(s);
+}
+
+static int32_t *random_tokens(int n, uint64_t seed) {
+  int32_t *t = malloc((size_t)n * sizeof *t);
+  for (int i = 0; i < n; i++) {
+    seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+    t[i] = (int32_t)((seed >> 33) % (uint64_t)cfg->vocab_size);
+  }
+  return t;
+}
+
+static double max_abs_diff(const float *a, const float *b, size_t n) {
+  double d = 0;
+  for (size_t i = 0; i < n; i++)
+    d = fmax(d, fabs((double)a[i] - b[i]));
+  return d;
+}
+
+/* Logits and heads at the last token of one whole sequence, fresh cache. */
+static void run_full(const int32_t *tokens, int n, const float *steer, float *logits, float *heads) {
+  pa_kv *kv;
+  assert_int_equal(pa_kv_create(lm, n, &kv), PA_OK);
+  pa_seq seq = {.tokens = tokens, .n_tokens = n, .kv = kv};
+  pa_batch b = {.seqs = &seq, .n_seqs = 1, .steer = steer, .logits = logits, .heads = heads};
+  if (pa_lm_forward(lm, &b))
+    fail_msg("%s", pa_errmsg());
+  assert_int_equal(pa_kv_len(kv), n);
+  pa_kv_destroy(kv);
+}
+
+static size_t heads_size(void) { return (size_t)cfg->n_layers * cfg->n_heads * cfg->head_dim; }
+
+/* A prefix computed once and 9 continuations batched against it give the
+ * logits and head outputs of the 9 full sequences run one by one. */
+static void test_shared_prefix(void **s) {
+  (void)s;
+  const int P = 150, n_seqs = 9, V = cfg->vocab_size;
+  int32_t *prefix = random_tokens(P, 1);
+  pa_kv *pkv, *kv[9];
+  assert_int_equal(pa_kv_create(lm, P, &pkv), PA_OK);
+  pa_seq pseq = {.tokens = prefix, .n_tokens = P, .kv = pkv};
+  assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &pseq, .n_seqs = 1}), PA_OK);
+
+  pa_seq seqs[9];
+  int32_t *cont[9];
+  for (int i = 0; i < n_seqs; i++) {
+    const int n = 1 + (i * 7) % 23;
+    cont[i] = random_tokens(n, 100 + i);
+    assert_int_equal(pa_kv_create(lm, n, &kv[i]), PA_OK);
+    seqs[i] = (pa_seq){.tokens = cont[i], .n_tokens = n, .kv = kv[i]};
+  }
+  float *logits = malloc((size_t)n_seqs * V * sizeof *logits), *heads = malloc(n_seqs * heads_size() * sizeof *heads);
+  assert_int_equal(pa_lm_forward(lm, &(pa_batch){.prefix = pkv, .seqs = seqs, .n_seqs = n_seqs, .logits = logits,
+                                                 .heads = heads}),
+                   PA_OK);
+  assert_int_equal(pa_kv_len(pkv), P); /* the prefix is read, never written */
+
+  float *want = malloc((size_t)V * sizeof *want), *want_heads = malloc(heads_size() * sizeof *want_heads);
+  for (int i = 0; i < n_seqs; i++) {
+    const int n = seqs[i].n_tokens;
+    int32_t *full = malloc((size_t)(P + n) * sizeof *full);
+    memcpy(full, prefix, (size_t)P * sizeof *full);
+    memcpy(full + P, cont[i], (size_t)n * sizeof *full);
+    run_full(full, P + n, NULL, want, want_heads);
+    const double dl = max_abs_diff(logits + (size_t)i * V, want, (size_t)V);
+    const double dh = max_abs_diff(heads + i * heads_size(), want_heads, heads_size());
+    if (dl > 1e-5 || dh > 1e-5) /* logits here are about 0.2 in size */
+      fail_msg("continuation %d: logits differ by %g, heads by %g", i, dl, dh);
+    assert_int_equal(pa_argmax(logits + (size_t)i * V, V), pa_argmax(want, V));
+    free(full);
+    free(cont[i]);
+    pa_kv_destroy(kv[i]);
+  }
+  free(want), free(want_heads), free(logits), free(heads), free(prefix);
+  pa_kv_destroy(pkv);
+}
+
+/* Feeding a sequence in pieces (a chunk, then one token at a time, as
+ * generation does) gives the logits of running each prefix of it whole. */
+static void test_incremental(void **s) {
+  (void)s;
+  const int n = 24, V = cfg->vocab_size;
+  int32_t *t = random_tokens(n, 7);
+  pa_kv *kv;
+  assert_int_equal(pa_kv_create(lm, n, &kv), PA_OK);
+  float *logits = malloc((size_t)V * sizeof *logits), *want = malloc((size_t)V * sizeof *want);
+  int done = 0;
+  for (int step = 10; done < n; step = 1) {
+    pa_seq seq = {.tokens = t + done, .n_tokens = step, .kv = kv};
+    assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &seq, .n_seqs = 1, .logits = logits}), PA_OK);
+    done += step;
+    run_full(t, done, NULL, want, NULL);
+    const double d = max_abs_diff(logits, want, (size_t)V);
+    if (d > 1e-5)
+      fail_msg("after %d tokens: logits differ by %g", done, d);
+  }
+  /* the cache is full now */
+  pa_seq more = {.tokens = t, .n_tokens = 1, .kv = kv};
+  assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &more, .n_seqs = 1}), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "do not fit its cache"));
+  free(logits), free(want), free(t);
+  pa_kv_destroy(kv);
+}
+
+/* An all-zero displacement is the plain model, bit for bit; a displacement
+ * on one head leaves earlier layers alone and moves that head's output by
+ * exactly the displacement. */
+static void test_steering(void **s) {
+  (void)s;
+  const int n = 30, V = cfg->vocab_size, H = cfg->n_heads, hd = cfg->head_dim;
+  int32_t *t = random_tokens(n, 3);
+  float *l0 = malloc((size_t)V * sizeof(float)), *l1 = malloc((size_t)V * sizeof(float));
+  float *h0 = malloc(heads_size() * sizeof(float)), *h1 = malloc(heads_size() * sizeof(float));
+  float *steer = calloc(heads_size(), sizeof(float));
+  run_full(t, n, NULL, l0, h0);
+  run_full(t, n, steer, l1, h1);
+  assert_memory_equal(l0, l1, (size_t)V * sizeof(float));
+  assert_memory_equal(h0, h1, heads_size() * sizeof(float));
+
+  const int sl = 1, sh = 4;
+  float *d = steer + ((size_t)sl * H + sh) * hd;
+  for (int i = 0; i < hd; i++)
+    d[i] = 0.5f * (float)((i % 5) - 2);
+  run_full(t, n, steer, l1, h1);
+  const size_t layer = (size_t)H * hd;
+  assert_memory_equal(h0, h1, sl * layer * sizeof(float)); /* layer 0 untouched */
+  for (int h = 0; h < H; h++)
+    for (int i = 0; i < hd; i++) {
+      const size_t k = sl * layer + (size_t)h * hd + i;
+      const float expect = h == sh ? h0[k] + d[i] : h0[k]; /* other heads of the layer are unchanged too */
+      if (h1[k] != expect)
+        fail_msg("layer %d head %d dim %d: %g, expected %g", sl, h, i, h1[k], expect);
+    }
+  assert_true(max_abs_diff(l0, l1, (size_t)V) > 1e-3); /* and it does change the answer */
+  free(l0), free(l1), free(h0), free(h1), free(steer), free(t);
+}
+
+static void test_generate_and_errors(void **s) {
+  (void)s;
+  int32_t *t = random_tokens(8, 11);
+  pa_kv *kv;
+  assert_int_equal(pa_kv_create(lm, 20, &kv), PA_OK);
+  int32_t *out;
+  int n_out;
+  const pa_gen_opts go = {.max_tokens = 6};
+  assert_int_equal(pa_lm_generate(lm, NULL, kv, t, 8, &go, &out, &n_out), PA_OK);
+  assert_int_equal(n_out, 6);
+  assert_int_equal(pa_kv_len(kv), 8 + 5); /* the last token is produced, never fed back */
+  /* greedy: each generated token is the argmax after the tokens before it */
+  int32_t all[14];
+  memcpy(all, t, 8 * sizeof *all);
+  memcpy(all + 8, out, 6 * sizeof *all);
+  float *logits = malloc((size_t)cfg->vocab_size * sizeof *logits);
+  for (int i = 0; i < 6; i++) {
+    run_full(all, 8 + i, NULL, logits, NULL);
+    assert_int_equal(out[i], pa_argmax(logits, cfg->vocab_size));
+  }
+  /* a stop token ends generation and is kept */
+  const pa_gen_opts stop = {.max_tokens = 6, .stop = &out[2], .n_stop = 1};
+  int32_t *out2;
+  assert_int_equal(pa_lm_generate(lm, NULL, kv, t, 8, &stop, &out2, &n_out), PA_OK);
+  assert_true(n_out <= 3 && out2[n_out - 1] == out[2]);
+  free(out2);
+
+  int32_t bad = cfg->vocab_size;
+  pa_seq seq = {.tokens = &bad, .n_tokens = 1, .kv = kv};
+  pa_kv_clear(kv);
+  assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &seq, .n_seqs = 1}), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "outside the vocabulary"));
+  pa_kv *big;
+  assert_int_equal(pa_kv_create(lm, 100000, &big), PA_EINVAL);
+  assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &seq, .n_seqs = 0}), PA_EINVAL);
+
+  double p[3];
+  const float lg[4] = {1.0f, 2.0f, 3.0f, 1000.0f};
+  const int32_t ids[3] = {0, 1, 2};
+  pa_softmax_subset(lg, ids, 3, p);
+  assert_float_equal(p[0] + p[1] + p[2], 1.0, 1e-12);
+  assert_float_equal(p[2] / p[1], exp(1.0), 1e-9);
+  free(logits), free(out), free(t);
+  pa_kv_destroy(kv);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_shared_prefix),
+      cmocka_unit_test(test_incremental),
+      cmocka_unit_test(test_steering),
+      cmocka_unit_test(test_generate_and_errors),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}

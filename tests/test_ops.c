@@ -1,0 +1,204 @@
+/* The CPU backend's operations against naive double-precision loops written
+ * straight from the definitions, on shapes that are not multiples of any
+ * block size. Tolerance: 1e-5 relative to the result's scale (fp32 sums of a
+ * few hundred terms, accumulated in a different order). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+
+static uint64_t rng = 88172645463325252ULL;
+static float frand(void) { /* xorshift64, uniform in [-1, 1) */
+  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+  return (float)((double)(rng >> 11) / 9007199254740992.0 * 2 - 1);
+}
+static float *rand_vec(size_t n) {
+  float *v = malloc(n * sizeof *v);
+  for (size_t i = 0; i < n; i++)
+    v[i] = frand();
+  return v;
+}
+
+static void close_enough(const float *got, const double *want, size_t n, double rel, const char *what) {
+  double scale = 0;
+  for (size_t i = 0; i < n; i++)
+    scale = fmax(scale, fabs(want[i]));
+  for (size_t i = 0; i < n; i++)
+    if (!(fabs(got[i] - want[i]) <= rel * (scale > 1 ? scale : 1)))
+      fail_msg("%s[%zu]: got %.8g want %.8g (scale %g)", what, i, got[i], want[i], scale);
+}
+
+static void test_matmul(void **s) {
+  (void)s;
+  const pa_backend *be = pa_backend_cpu();
+  const int M = 7, N = 13, K = 37;
+  float *x = rand_vec((size_t)M * K), *w = rand_vec((size_t)N * K), *y = rand_vec((size_t)M * N);
+  double *want = malloc((size_t)M * N * sizeof *want);
+  for (int m = 0; m < M; m++)
+    for (int n = 0; n < N; n++) {
+      double acc = 0.5 * y[m * N + n];
+      for (int k = 0; k < K; k++)
+        acc += (double)x[m * K + k] * w[n * K + k];
+      want[m * N + n] = acc;
+    }
+  for (size_t i = 0; i < (size_t)M * N; i++)
+    y[i] *= 0.5f; /* beta = 1 accumulates onto what is there */
+  be->matmul(M, N, K, x, w, 1.0f, y);
+  close_enough(y, want, (size_t)M * N, 1e-5, "matmul");
+  free(x), free(w), free(y), free(want);
+}
+
+static void test_rmsnorm_swiglu_add_embed(void **s) {
+  (void)s;
+  const pa_backend *be = pa_backend_cpu();
+  const int M = 5, D = 77;
+  float *x = rand_vec((size_t)M * D), *w = rand_vec(D), *y = malloc((size_t)M * D * sizeof *y);
+  double want[5 * 77];
+  for (int m = 0; m < M; m++) {
+    double ss = 0;
+    for (int i = 0; i < D; i++)
+      ss += (double)x[m * D + i] * x[m * D + i];
+    for (int i = 0; i < D; i++)
+      want[m * D + i] = x[m * D + i] / sqrt(ss / D + 1e-5) * w[i];
+  }
+  be->rmsnorm(M, D, x, w, 1e-5f, y);
+  close_enough(y, want, (size_t)M * D, 1e-6, "rmsnorm");
+
+  float *g = rand_vec((size_t)M * D), *u = rand_vec((size_t)M * D);
+  for (int i = 0; i < M * D; i++)
+    want[i] = (double)g[i] / (1 + exp(-(double)g[i])) * u[i];
+  be->swiglu(M, D, g, u);
+  close_enough(g, want, (size_t)M * D, 1e-6, "swiglu");
+
+  for (int i = 0; i < M * D; i++)
+    want[i] = (double)y[i] + u[i];
+  be->add(M, D, u, y);
+  close_enough(y, want, (size_t)M * D, 1e-7, "add");
+
+  const int32_t ids[3] = {4, 0, 4};
+  float *e = malloc(3 * (size_t)D * sizeof *e);
+  be->embed(3, D, ids, x, e);
+  assert_memory_equal(e, x + 4 * D, D * sizeof(float));
+  assert_memory_equal(e + D, x, D * sizeof(float));
+  free(x), free(w), free(y), free(g), free(u), free(e);
+}
+
+static void test_rope(void **s) {
+  (void)s;
+  const pa_backend *be = pa_backend_cpu();
+  const int M = 3, H = 2, hd = 10, half = 5, maxpos = 50;
+  float *cos_t = malloc((size_t)maxpos * half * sizeof(float)), *sin_t = malloc((size_t)maxpos * half * sizeof(float));
+  for (int p = 0; p < maxpos; p++)
+    for (int i = 0; i < half; i++) {
+      cos_t[p * half + i] = (float)cos(p * pow(100.0, -2.0 * i / hd));
+      sin_t[p * half + i] = (float)sin(p * pow(100.0, -2.0 * i / hd));
+    }
+  const int32_t pos[3] = {0, 7, 49};
+  float *x = rand_vec((size_t)M * H * hd);
+  double want[3 * 2 * 10];
+  for (int m = 0; m < M; m++)
+    for (int h = 0; h < H; h++)
+      for (int i = 0; i < half; i++) {
+        const double a = pos[m] * pow(100.0, -2.0 * i / hd);
+        const float *v = x + (m * H + h) * hd;
+        want[(m * H + h) * hd + i] = v[i] * cos(a) - v[i + half] * sin(a);
+        want[(m * H + h) * hd + i + half] = v[i + half] * cos(a) + v[i] * sin(a);
+      }
+  be->rope(M, H, hd, pos, cos_t, sin_t, x);
+  close_enough(x, want, (size_t)M * H * hd, 1e-6, "rope");
+  free(cos_t), free(sin_t), free(x);
+}
+
+/* Naive causal GQA attention of one sequence over [prefix keys; own keys]. */
+static void naive_attention(const pa_attn_args *a, const pa_attn_seq *s, double *z) {
+  const int H = a->n_heads, hd = a->head_dim, g = H / a->n_kv_heads, P = a->prefix_len;
+  for (int j = 0; j < s->n; j++)
+    for (int h = 0; h < H; h++) {
+      const int kh = h / g, nk = P + s->past + j + 1;
+      const float *q = a->q + ((size_t)(s->row0 + j) * H + h) * hd;
+      double *sc = malloc((size_t)nk * sizeof *sc), mx = -INFINITY, sum = 0;
+      for (int t = 0; t < nk; t++) {
+        const float *k = t < P ? a->k_prefix + ((size_t)kh * a->prefix_stride + t) * hd
+                               : s->k_own + ((size_t)kh * s->stride + t - P) * hd;
+        double d = 0;
+        for (int i = 0; i < hd; i++)
+          d += (double)q[i] * k[i];
+        sc[t] = d / sqrt(hd);
+        mx = fmax(mx, sc[t]);
+      }
+      for (int t = 0; t < nk; t++)
+        sum += sc[t] = exp(sc[t] - mx);
+      double *out = z + ((size_t)(s->row0 + j) * H + h) * hd;
+      for (int i = 0; i < hd; i++)
+        out[i] = 0;
+      for (int t = 0; t < nk; t++) {
+        const float *v = t < P ? a->v_prefix + ((size_t)kh * a->prefix_stride + t) * hd
+                               : s->v_own + ((size_t)kh * s->stride + t - P) * hd;
+        for (int i = 0; i < hd; i++)
+          out[i] += sc[t] / sum * v[i];
+      }
+      free(sc);
+    }
+}
+
+static void check_attention(int H, int KV, int hd, int P, int n_seqs, int threads) {
+  pa_backend_set_threads(threads);
+  const pa_backend *be = pa_backend_cpu();
+  const int stride = 23, pstride = P + 3;
+  pa_attn_seq seqs[8];
+  int rows = 0;
+  float *kown[8], *vown[8];
+  for (int i = 0; i < n_seqs; i++) {
+    const int past = i % 3 * 2, n = 1 + (i * 5) % 9; /* uneven lengths, some with cached tokens */
+    kown[i] = rand_vec((size_t)KV * stride * hd);
+    vown[i] = rand_vec((size_t)KV * stride * hd);
+    seqs[i] = (pa_attn_seq){.row0 = rows, .n = n, .past = past, .k_own = kown[i], .v_own = vown[i], .stride = stride};
+    rows += n;
+  }
+  float *q = rand_vec((size_t)rows * H * hd), *z = malloc((size_t)rows * H * hd * sizeof *z);
+  float *kp = P ? rand_vec((size_t)KV * pstride * hd) : NULL, *vp = P ? rand_vec((size_t)KV * pstride * hd) : NULL;
+  const pa_attn_args a = {.n_heads = H, .n_kv_heads = KV, .head_dim = hd, .q = q, .z = z, .k_prefix = kp,
+                          .v_prefix = vp, .prefix_len = P, .prefix_stride = pstride, .seqs = seqs, .n_seqs = n_seqs};
+  float *scratch = malloc(be->attention_scratch(&a) * sizeof(float));
+  be->attention(&a, scratch);
+  double *want = malloc((size_t)rows * H * hd * sizeof *want);
+  for (int i = 0; i < n_seqs; i++)
+    naive_attention(&a, &seqs[i], want);
+  close_enough(z, want, (size_t)rows * H * hd, 1e-5, "attention");
+  for (int i = 0; i < n_seqs; i++)
+    free(kown[i]), free(vown[i]);
+  free(q), free(z), free(kp), free(vp), free(scratch), free(want);
+  pa_backend_set_threads(0);
+}
+
+static void test_attention_no_prefix(void **s) {
+  (void)s;
+  check_attention(6, 2, 12, 0, 1, 1);
+  check_attention(6, 3, 10, 0, 5, 2);
+}
+
+static void test_attention_prefix(void **s) {
+  (void)s;
+  check_attention(4, 4, 8, 17, 1, 1); /* plain multi-head */
+  check_attention(6, 2, 12, 31, 7, 1);
+  check_attention(6, 2, 12, 31, 7, 2); /* the many-pairs path, threads in parallel */
+  check_attention(9, 3, 16, 5, 8, 2);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_matmul),
+      cmocka_unit_test(test_rmsnorm_swiglu_add_embed),
+      cmocka_unit_test(test_rope),
+      cmocka_unit_test(test_attention_no_prefix),
+      cmocka_unit_test(test_attention_prefix),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
