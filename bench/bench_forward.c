@@ -1,0 +1,258 @@
+/* bench_forward: speed of the CPU forward pass on a real model.
+ *
+ *   bench_forward MODEL PAPI_DIR [--threads N] [--naive K|all]
+ *
+ * Prints `key value` lines:
+ *  - sgemm_gflops: a plain OpenBLAS sgemm of the model's FFN shape (512 x
+ *    ffn x dim), the baseline measured in the same run;
+ *  - prefill: a 512-token prompt in one sequence: tokens/s, GFLOP/s and the
+ *    fraction of the sgemm baseline;
+ *  - decode: 64 tokens one at a time after a 128-token prompt: tokens/s;
+ *  - prefix sharing: a ~1,600-token prefix (the inventory's item texts) and
+ *    180 item-question continuations, batched against the shared prefix,
+ *    against running K of the 181 full sequences one by one (default 12,
+ *    `all` for every one), extrapolated linearly to 180 (each full sequence
+ *    is independent work); the logits of the compared ones must agree to
+ *    1e-4 or the bench exits 1. */
+#include "backend.h"
+#include "chat.h"
+#include "forward.h"
+#include "model.h"
+#include "status.h"
+#include "tokenizer.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void die(const char *what) {
+  fprintf(stderr, "bench_forward: %s: %s\n", what, pa_errmsg());
+  exit(1);
+}
+
+/* FLOPs of the matrix products for `rows` tokens that attend to `keys` keys on average. */
+static double forward_flops(const pa_model_config *c, double rows, double keys) {
+  const double qd = (double)c->n_heads * c->head_dim, kd = (double)c->n_kv_heads * c->head_dim;
+  const double per_token = 2 * (c->dim * qd + 2 * c->dim * kd + qd * c->dim + 3.0 * c->dim * c->ffn_dim) +
+                           4 * keys * qd;
+  return rows * per_token * c->n_layers;
+}
+
+static double sgemm_gflops(const pa_model_config *c) {
+  const int M = 512, N = c->ffn_dim, K = c->dim;
+  float *a = calloc((size_t)M * K, 4), *b = calloc((size_t)N * K, 4), *y = calloc((size_t)M * N, 4);
+  for (size_t i = 0; i < (size_t)M * K; i++)
+    a[i] = (float)(i % 7) * 0.1f;
+  for (size_t i = 0; i < (size_t)N * K; i++)
+    b[i] = (float)(i % 5) * 0.1f;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1, a, K, b, K, 0, y, N); /* warm up */
+  int reps = 0;
+  double t0 = now();
+  while (now() - t0 < 1.0 || reps < 5) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1, a, K, b, K, 0, y, N);
+    reps++;
+  }
+  const double s = (now() - t0) / reps;
+  free(a), free(b), free(y);
+  return 2.0 * M * N * K / s / 1e9;
+}
+
+/* The item texts of ipip_neo_300_items.csv (last field of each line), in order. */
+static int read_items(const char *papi, char ***texts) {
+  char path[4096];
+  snprintf(path, sizeof path, "%s/ipip_neo_300_items.csv", papi);
+  FILE *f = fopen(path, "r");
+  if (!f) {
+    fprintf(stderr, "bench_forward: cannot open %s\n", path);
+    exit(1);
+  }
+  char line[1024];
+  int n = 0;
+  *texts = calloc(400, sizeof **texts);
+  while (fgets(line, sizeof line, f) && n < 400) {
+    if (!strncmp(line, "item,", 5))
+      continue;
+    char *last = strrchr(line, ',');
+    if (!last)
+      continue;
+    last[strcspn(last, "\r\n")] = '\0';
+    (*texts)[n++] = strdup(last + 1);
+  }
+  fclose(f);
+  return n;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 3) {
+    fprintf(stderr, "usage: bench_forward MODEL PAPI_DIR [--threads N] [--naive K|all]\n");
+    return 2;
+  }
+  int threads = 2, naive = 12;
+  for (int i = 3; i + 1 < argc; i += 2) {
+    if (!strcmp(argv[i], "--threads"))
+      threads = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--naive"))
+      naive = strcmp(argv[i + 1], "all") ? atoi(argv[i + 1]) : 180;
+  }
+  pa_model *m;
+  pa_lm *lm;
+  if (pa_model_open(argv[1], &m))
+    die("model");
+  if (pa_lm_create(m, &(pa_lm_opts){.n_threads = threads, .max_seq = 2048}, &lm))
+    die("runtime");
+  const pa_model_config *c = pa_model_config_get(m);
+  const pa_tokenizer *tok = pa_model_tokenizer(m);
+  const int V = c->vocab_size;
+  printf("threads %d\n", threads);
+  const double base = sgemm_gflops(c);
+  printf("sgemm_gflops %.1f\n", base);
+
+  char **items;
+  const int n_items = read_items(argv[2], &items);
+  /* the prefix: item texts until ~1,600 tokens */
+  char *text = calloc(1 << 16, 1);
+  int32_t *prefix = NULL;
+  size_t P = 0;
+  strcpy(text, "Here are some of your behaviors and your level of recognition towards them;");
+  for (int i = 0; i < n_items && P < 1600; i++) {
+    strcat(text, items[i]);
+    strcat(text, ":Moderately Accurate;");
+    free(prefix);
+    if (pa_tokenizer_encode(tok, text, strlen(text), 0, &prefix, &P))
+      die("tokenize");
+  }
+
+  /* prefill and decode */
+  {
+    pa_kv *kv;
+    if (pa_kv_create(lm, 1024, &kv))
+      die("cache");
+    pa_seq s = {.tokens = prefix, .n_tokens = 512, .kv = kv};
+    double t0 = now();
+    if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1}))
+      die("prefill");
+    const double t = now() - t0, fl = forward_flops(c, 512, 256.5);
+    printf("prefill_tokens_per_s %.1f\nprefill_gflops %.1f\nprefill_fraction_of_sgemm %.2f\n", 512 / t,
+           fl / t / 1e9, fl / t / 1e9 / base);
+    pa_kv_clear(kv);
+    s.n_tokens = 128;
+    if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1}))
+      die("decode prompt");
+    float *logits = malloc((size_t)V * sizeof *logits);
+    t0 = now();
+    for (int i = 0; i < 64; i++) {
+      s.tokens = prefix + 128 + i;
+      s.n_tokens = 1;
+      if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1, .logits = logits}))
+        die("decode");
+    }
+    printf("decode_tokens_per_s %.1f\n", 64 / (now() - t0));
+    free(logits);
+    pa_kv_destroy(kv);
+  }
+
+  /* prefix sharing: 180 item questions (the test items' worth) as continuations */
+  const int n_seqs = 180;
+  pa_chat_template *tmpl = NULL;
+  pa_seq *seqs = calloc(n_seqs, sizeof *seqs);
+  int32_t **cont = calloc(n_seqs, sizeof *cont);
+  size_t cont_tokens = 0, max_n = 0;
+  for (int i = 0; i < n_seqs; i++) {
+    char q[1024];
+    snprintf(q, sizeof q,
+             "<|im_start|>user\nGiven a statement of you: \"You %s.\"\nPlease choose from the following options to "
+             "identify how accurately this statement describes you.\nOptions:\n(A). Very Accurate\n(B). Moderately "
+             "Accurate\n(C). Neither Accurate Nor Inaccurate\n(D). Moderately Inaccurate\n(E). Very Inaccurate\n"
+             "<|im_end|>\n<|im_start|>assistant\nOption (",
+             items[(i * 7) % n_items]);
+    size_t n;
+    if (pa_tokenizer_encode(tok, q, strlen(q), PA_TOK_PARSE_SPECIAL, &cont[i], &n))
+      die("tokenize");
+    pa_kv *kv;
+    if (pa_kv_create(lm, (int)n, &kv))
+      die("cache");
+    seqs[i] = (pa_seq){.tokens = cont[i], .n_tokens = (int)n, .kv = kv};
+    cont_tokens += n;
+    max_n = n > max_n ? n : max_n;
+  }
+  pa_kv *pkv;
+  if (pa_kv_create(lm, (int)P, &pkv))
+    die("cache");
+  float *logits = malloc((size_t)n_seqs * V * sizeof *logits);
+  double t0 = now();
+  pa_seq ps = {.tokens = prefix, .n_tokens = (int)P, .kv = pkv};
+  if (pa_lm_forward(lm, &(pa_batch){.seqs = &ps, .n_seqs = 1}))
+    die("prefix");
+  const double t_prefix = now() - t0;
+  if (pa_lm_forward(lm, &(pa_batch){.prefix = pkv, .seqs = seqs, .n_seqs = n_seqs, .logits = logits}))
+    die("continuations");
+  const double t_shared = now() - t0;
+  printf("prefix_tokens %zu\ncontinuations %d\ncontinuation_tokens %zu\n", P, n_seqs, cont_tokens);
+  printf("shared_prefix_s %.2f\nshared_continuations_s %.2f\nshared_total_s %.2f\n", t_prefix, t_shared - t_prefix,
+         t_shared);
+
+  /* the naive way: every full sequence on its own (K of them, spread over the 180) */
+  if (naive > n_seqs)
+    naive = n_seqs;
+  pa_kv *fkv;
+  if (pa_kv_create(lm, (int)(P + max_n), &fkv))
+    die("cache");
+  int32_t *full = malloc((P + max_n) * sizeof *full);
+  memcpy(full, prefix, P * sizeof *full);
+  float *want = malloc((size_t)V * sizeof *want);
+  double worst = 0, t_naive = 0;
+  size_t naive_tokens = 0;
+  for (int k = 0; k < naive; k++) {
+    const int i = k * n_seqs / naive;
+    memcpy(full + P, cont[i], (size_t)seqs[i].n_tokens * sizeof *full);
+    pa_kv_clear(fkv);
+    pa_seq fs = {.tokens = full, .n_tokens = (int)P + seqs[i].n_tokens, .kv = fkv};
+    t0 = now();
+    if (pa_lm_forward(lm, &(pa_batch){.seqs = &fs, .n_seqs = 1, .logits = want}))
+      die("full sequence");
+    t_naive += now() - t0;
+    naive_tokens += (size_t)fs.n_tokens;
+    for (int v = 0; v < V; v++)
+      worst = fmax(worst, fabs((double)want[v] - logits[(size_t)i * V + v]));
+    if (pa_argmax(want, V) != pa_argmax(logits + (size_t)i * V, V))
+      worst = INFINITY;
+  }
+  /* the prefix alone, the 181st sequence, once more */
+  t0 = now();
+  pa_kv_clear(fkv);
+  pa_seq fs = {.tokens = prefix, .n_tokens = (int)P, .kv = fkv};
+  if (pa_lm_forward(lm, &(pa_batch){.seqs = &fs, .n_seqs = 1}))
+    die("prefix");
+  const double t_alone = now() - t0;
+  const double naive_est = t_naive * n_seqs / naive + t_alone;
+  const double naive_tok = (double)naive_tokens * n_seqs / naive + (double)P;
+  printf("naive_sequences_run %d\nnaive_total_s %.2f%s\n", naive, naive_est, naive < n_seqs ? " (extrapolated)" : "");
+  printf("tokens_shared %zu\ntokens_naive %.0f\nwork_ratio %.1f\ntime_ratio %.1f\n", P + cont_tokens, naive_tok,
+         naive_tok / (double)(P + cont_tokens), naive_est / t_shared);
+  printf("max_abs_logit_diff %.3g\n", worst);
+  const int ok = worst <= 1e-4;
+  if (!ok)
+    fprintf(stderr, "bench_forward: shared-prefix logits differ from full sequences by %g (> 1e-4)\n", worst);
+  for (int i = 0; i < n_seqs; i++) {
+    free(cont[i]);
+    pa_kv_destroy(seqs[i].kv);
+  }
+  for (int i = 0; i < n_items; i++)
+    free(items[i]);
+  free(items), free(cont), free(seqs), free(full), free(want), free(logits), free(prefix), free(text);
+  pa_kv_destroy(pkv);
+  pa_kv_destroy(fkv);
+  pa_chat_template_destroy(tmpl);
+  pa_lm_destroy(lm);
+  pa_model_close(m);
+  return ok ? 0 : 1;
+}
