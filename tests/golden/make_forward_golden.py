@@ -19,7 +19,7 @@ Cross-checks, all run every time; the script stops if one fails:
   3. an own float64 numpy Llama written here from the Llama equations, reading the
      GGUF with gguf-py and NOT un-permuting Q/K: it applies RoPE to adjacent
      pairs (2i, 2i+1) of the GGUF rows, as llama.cpp does. It must agree with (2)
-     to ~1e-9 on logits and head outputs, steering included. The same code in
+     within 1e-7 (it does to ~1e-13) on logits and head outputs, steering included. The same code in
      float32 (numpy's OpenBLAS sgemm, another summation order) shows what a second
      fp32 implementation, like palign's, may differ from the golden.
   4. llama.cpp (llama-cpp-python) on an F32 copy of the model written here with
@@ -45,7 +45,9 @@ Writes tests/golden/forward/:
   steer_deltas.f32             the steering displacements, [4][64] float32 LE, in the
                                order of cases.json's steering.pairs
 
-PAPI text is not committed: cases built from PAPI files store token ids only.
+Cases: item1, item2 (PAS item questions), icl_long (PAS ICL prompt, >= 1500 tokens: subject 0's
+is 1483, so the first subject of Test-set.json that reaches 1500), non_ascii, plain (raw text),
+item1_steered. PAPI text is not committed: cases built from PAPI files store token ids only.
 
 Usage (needs: pip install torch transformers accelerate gguf numpy llama-cpp-python
 tokenizers jinja2; the model and PAPI files; no network):
@@ -93,10 +95,11 @@ TOP_K = 5
 
 # ---- cross-check limits (the script stops past them) ----
 LIMIT_NUMPY_VS_HF64 = 1e-7      # two float64 implementations: logits and head outputs, absolute
-LIMIT_FP32_VS_FP64 = 2e-3       # the float32 golden against float64: logits, absolute
-LIMIT_LLAMACPP = 5e-3           # llama.cpp F32 against the golden: logits, absolute, every position
+LIMIT_FP32_VS_FP64 = 1e-3       # the float32 golden against float64: last-position logits, absolute
+LIMIT_LLAMACPP = 2e-3           # llama.cpp F32 against the golden: logits, absolute, every position
 LIMIT_STEER_FORMS = 1e-3        # pre-hook against post-o_proj bias, float32 logits, absolute
-LIMIT_NUMPY32 = 5e-3            # own numpy float32 Llama (OpenBLAS sgemm) against the golden, absolute
+LIMIT_NUMPY32 = 1e-3            # own numpy float32 Llama (OpenBLAS sgemm) against the golden, absolute
+                                # (the logits tolerance README-forward.md proposes for palign)
 
 
 # ------------------------------------------------------------------------------------------
@@ -570,6 +573,7 @@ def main():
             "heads_file": write_f32(f"{name}.heads.f32", h32),
             "top1": top(v, 1)[0], "top5": top(v, TOP_K), "top5_pieces": [piece(i) for i in top(v, TOP_K)],
             "top1_margin": float(srt[0] - srt[1]), "top5_margin": float(srt[4] - srt[5]),
+            "top5_min_gap": float(np.min(srt[:TOP_K] - srt[1:TOP_K + 1])),
             "max_abs_logit": float(np.abs(v).max()), "logit_mean": float(v.mean()), "logit_std": float(v.std()),
             "max_abs_head": float(np.abs(h32).max()), "head_rms": float(np.sqrt(np.mean(h32.astype(np.float64) ** 2))),
             "steering": None,
