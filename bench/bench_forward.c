@@ -1,6 +1,6 @@
 /* bench_forward: speed of the CPU forward pass on a real model.
  *
- *   bench_forward MODEL PAPI_DIR [--threads N] [--naive K|all]
+ *   bench_forward MODEL PAPI_DIR [--quick] [--threads N] [--naive K|all]
  *
  * Prints `key value` lines:
  *  - sgemm_gflops: a plain OpenBLAS sgemm of the model's FFN shape (512 x
@@ -13,7 +13,8 @@
  *    against running K of the 181 full sequences one by one (default 12,
  *    `all` for every one), extrapolated linearly to 180 (each full sequence
  *    is independent work); the logits of the compared ones must agree to
- *    1e-4 or the bench exits 1. */
+ *    1e-4 or the bench exits 1;
+ *  - --quick stops after prefill, decode and the cost of steering. */
 #include "backend.h"
 #include "chat.h"
 #include "forward.h"
@@ -96,12 +97,19 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: bench_forward MODEL PAPI_DIR [--threads N] [--naive K|all]\n");
     return 2;
   }
-  int threads = 2, naive = 12;
-  for (int i = 3; i + 1 < argc; i += 2) {
-    if (!strcmp(argv[i], "--threads"))
-      threads = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--naive"))
-      naive = strcmp(argv[i + 1], "all") ? atoi(argv[i + 1]) : 180;
+  int threads = 2, naive = 12, quick = 0;
+  for (int i = 3; i < argc; i++) {
+    if (!strcmp(argv[i], "--quick")) {
+      quick = 1;
+    } else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
+      threads = atoi(argv[++i]);
+    } else if (!strcmp(argv[i], "--naive") && i + 1 < argc) {
+      i++;
+      naive = strcmp(argv[i], "all") ? atoi(argv[i]) : 180;
+    } else {
+      fprintf(stderr, "bench_forward: unexpected argument '%s'\n", argv[i]);
+      return 2;
+    }
   }
   pa_model *m;
   pa_lm *lm;
@@ -143,6 +151,24 @@ int main(int argc, char **argv) {
     const double t = now() - t0, fl = forward_flops(c, 512, 256.5);
     printf("prefill_tokens_per_s %.1f\nprefill_gflops %.1f\nprefill_fraction_of_sgemm %.2f\n", 512 / t,
            fl / t / 1e9, fl / t / 1e9 / base);
+    /* steering 24 heads (PAS's K) against the same prefill without it */
+    float *steer = calloc((size_t)c->n_layers * c->n_heads * c->head_dim, sizeof *steer);
+    for (int k = 0; k < 24; k++)
+      for (int i = 0; i < c->head_dim; i++)
+        steer[((size_t)(k * 7 % c->n_layers) * c->n_heads + k % c->n_heads) * c->head_dim + i] = 0.01f;
+    double t_off = 0, t_on = 0;
+    for (int r = 0; r < 3; r++) {
+      for (int on = 0; on < 2; on++) {
+        pa_kv_clear(kv);
+        s.n_tokens = 256;
+        t0 = now();
+        if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1, .steer = on ? steer : NULL}))
+          die("steered prefill");
+        *(on ? &t_on : &t_off) += now() - t0;
+      }
+    }
+    printf("steering_24_heads_time_ratio %.3f\n", t_on / t_off);
+    free(steer);
     pa_kv_clear(kv);
     s.n_tokens = 128;
     if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1}))
@@ -158,6 +184,15 @@ int main(int argc, char **argv) {
     printf("decode_tokens_per_s %.1f\n", 64 / (now() - t0));
     free(logits);
     pa_kv_destroy(kv);
+  }
+
+  if (quick) {
+    for (int i = 0; i < n_items; i++)
+      free(items[i]);
+    free(items), free(prefix), free(text);
+    pa_lm_destroy(lm);
+    pa_model_close(m);
+    return 0;
   }
 
   /* prefix sharing: 180 item questions (the test items' worth) as continuations */

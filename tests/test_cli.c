@@ -89,6 +89,15 @@ static void test_mkmodel_inspect_tokenize(void **s) {
   assert_int_equal(palign("tokenize %s/tiny-hf 'You worry about things..' --chat", tu_tmp), 0);
   assert_string_equal(first, out);
   expect_out("<|im_start|>");
+  /* generate: greedy tokens from the tiny random model (gibberish, but it runs end to end) */
+  assert_int_equal(palign("generate --model %s/tiny.gguf --prompt 'Hello' --max-tokens 5 --stats", tu_tmp), 0);
+  expect_out("generated");
+  assert_int_equal(palign("generate --model %s/tiny.gguf", tu_tmp), 2);
+  expect_out("--model and --prompt are required");
+  assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x --max-tokens 0", tu_tmp), 2);
+  assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x --max-tokens 100000", tu_tmp), 1);
+  expect_out("exceed the model's context");
+  assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x --template nope", tu_tmp), 2);
   /* mkmodel refuses to overwrite */
   assert_int_equal(palign("mkmodel %s/tiny.gguf", tu_tmp), 1);
 }
