@@ -14,6 +14,7 @@ static const command commands[] = {
     {"inspect", cmd_inspect, "MODEL                      describe a model file: dimensions, tokenizer, tensors"},
     {"tokenize", cmd_tokenize, "MODEL TEXT [--chat ...]   token ids and pieces of a text or a chat prompt"},
     {"generate", cmd_generate, "--model M --prompt P [--system S] [--max-tokens N]  greedy chat answer"},
+    {"eval", cmd_eval, "--methods LIST [--model M] [--subjects RANGE]  evaluate methods on PAPI subjects"},
     {"mkmodel", cmd_mkmodel, "OUT [--format gguf|safetensors ...]  write a tiny random model for tests"},
 };
 

@@ -1,0 +1,242 @@
+/* Prompts, answer reading and the evaluator on a tiny random model and a
+ * tiny inventory: the shared-prefix evaluator must give the answers of the
+ * full prompts run one by one. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "chat.h"
+#include "eval.h"
+#include "forward.h"
+#include "inventory.h"
+#include "methods.h"
+#include "mkmodel.h"
+#include "model.h"
+#include "prompts.h"
+#include "status.h"
+#include "testutil.h"
+#include "tokenizer.h"
+
+static pa_model *model;
+static pa_lm *lm;
+static pa_inventory *inv;
+static pa_subjects *subjects;
+
+static const char items_csv[] =
+    "item,ipip120_no,trait,facet_code,facet,keyed,text\n"
+    "1,1,N,N1,Anxiety,+,Worry about things.\n"
+    "2,2,E,E1,Friendliness,+,Make friends easily.\n"
+    "3,3,O,O1,Imagination,+,Have a vivid imagination.\n"
+    "4,4,A,A1,Trust,+,Trust others.\n"
+    "5,5,C,C1,Self-Efficacy,+,Complete tasks successfully.\n"
+    "6,6,N,N2,Anger,+,Get angry easily.\n"
+    "7,7,E,E2,Gregariousness,+,Love large parties.\n"
+    "8,8,O,O2,Artistic Interests,+,Believe in the importance of art.\n"
+    "9,9,A,A2,Morality,-,Use others for my own ends.\n"
+    "10,10,C,C2,Orderliness,+,Like order.\n";
+static const char split_json[] = "{\"train_index\": [1, 2, 3, 4, 5], \"test_index\": [6, 7, 8, 9, 10]}";
+static const char subjects_json[] =
+    "[{\"case\": 11, \"i1\": 4, \"i2\": 0, \"i3\": 2, \"i4\": 5, \"i5\": 1, \"i6\": 3, \"i7\": 4, \"i8\": 2, \"i9\": 1, "
+    "\"i10\": 5},"
+    " {\"case\": 12, \"i1\": 1, \"i2\": 2, \"i3\": 3, \"i4\": 4, \"i5\": 5, \"i6\": 5, \"i7\": 0, \"i8\": 3, \"i9\": 2, "
+    "\"i10\": 1}]";
+
+static int setup(void **s) {
+  if (tu_setup(s))
+    return -1;
+  char p[300];
+  tu_write_text(tu_path(p, sizeof p, "ipip_neo_300_items.csv"), items_csv);
+  tu_write_text(tu_path(p, sizeof p, "mpi_300_split.json"), split_json);
+  tu_write_text(tu_path(p, sizeof p, "Test-set.json"), subjects_json);
+  pa_mkmodel_opts o = pa_mkmodel_defaults();
+  o.n_layers = 2, o.seed = 9;
+  if (pa_inventory_load(tu_tmp, &inv) || pa_subjects_load(p, inv, &subjects) ||
+      pa_mkmodel_write_gguf(&o, tu_path(p, sizeof p, "m.gguf")) || pa_model_open(p, &model) ||
+      pa_lm_create(model, &(pa_lm_opts){.n_threads = 2, .max_seq = 1024}, &lm)) {
+    fprintf(stderr, "%s\n", pa_errmsg());
+    return -1;
+  }
+  return 0;
+}
+
+static int teardown(void **s) {
+  pa_lm_destroy(lm);
+  pa_model_close(model);
+  pa_subjects_destroy(subjects);
+  pa_inventory_destroy(inv);
+  return tu_teardown(s);
+}
+
+static void test_prompts(void **s) {
+  (void)s;
+  char *q = pa_prompt_question(pa_inventory_item(inv, 1), true);
+  assert_string_equal(q, "Given a statement of you: \"You worry about things..\"\n"
+                         "Please choose from the following options to identify how accurately this statement "
+                         "describes you.\nOptions:\n(A). Very Accurate\n(B). Moderately Accurate\n"
+                         "(C). Neither Accurate Nor Inaccurate\n(D). Moderately Inaccurate\n(E). Very Inaccurate\n");
+  free(q);
+  q = pa_prompt_question(pa_inventory_item(inv, 2), false);
+  assert_non_null(strstr(q, "\"You Make friends easily..\""));
+  free(q);
+  /* the ICL prompt: train items in split order, the missing answer (item 2) left out */
+  char *icl = pa_prompt_icl(inv, pa_subjects_at(subjects, 0));
+  assert_string_equal(icl, "Here are some of your behaviors and your level of recognition towards them;"
+                           "Worry about things.:Moderately Accurate;Have a vivid imagination.:Moderately Inaccurate;"
+                           "Trust others.:Very Accurate;Complete tasks successfully.:Very Inaccurate");
+  free(icl);
+  assert_null(pa_answer_label(0));
+  assert_string_equal(pa_answer_label(3), "Neither Accurate Nor Inaccurate");
+}
+
+/* The reference's parser, quirks included: the first [a-eA-E][^a-zA-Z] in
+ * the first 12 characters. */
+static void test_parse_generated(void **s) {
+  (void)s;
+  const struct {
+    const char *text;
+    int want;
+  } cases[] = {
+      {" (C). Neither Accurate", 3}, {"A", 0},          {"A)", 5},      {"Abz", 0},   {"bad", 0},
+      {"the answer: B", 1},          {"(e)", 1},        {"xxxxxxxxxxxB.", 0}, {"xxxxxxxxxxB.", 4}, {"", 0},
+      {"éééééééééé D ", 0},          {"ééééééééé D ", 2}, {"D\n", 2},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+    if (pa_parse_generated_answer(cases[i].text, strlen(cases[i].text)) != cases[i].want)
+      fail_msg("'%s': got %d, want %d", cases[i].text,
+               pa_parse_generated_answer(cases[i].text, strlen(cases[i].text)), cases[i].want);
+}
+
+/* The evaluator's answers equal those of each full prompt run on its own. */
+static void test_shared_prefix_answers(void **s) {
+  (void)s;
+  const pa_tokenizer *tok = pa_model_tokenizer(model);
+  const pa_chat_template *tmpl = pa_model_chat(model);
+  pa_evaluator *ev;
+  assert_int_equal(pa_evaluator_create(lm, tok, tmpl, &(pa_eval_opts){.batch = 2}, &ev), PA_OK);
+  int n_test;
+  const int *test = pa_inventory_test(inv, &n_test);
+  pa_pred preds[5];
+  float probs[5 * 5];
+  pa_eval_stats st;
+  char *icl = pa_prompt_icl(inv, pa_subjects_at(subjects, 0));
+  assert_int_equal(pa_evaluator_answer(ev, inv, icl, test, n_test, NULL, preds, probs, &st), PA_OK);
+  assert_true(st.prefix_tokens > 20 && st.question_tokens > 0 && st.naive_tokens > st.prefix_tokens);
+
+  const int V = pa_lm_config(lm)->vocab_size;
+  float *logits = malloc((size_t)V * sizeof *logits);
+  int32_t letters[5];
+  for (int k = 0; k < 5; k++) {
+    char text[16];
+    int32_t *ids;
+    size_t n;
+    snprintf(text, sizeof text, "Option (%c", 'A' + k);
+    assert_int_equal(pa_tokenizer_encode(tok, text, strlen(text), 0, &ids, &n), PA_OK);
+    letters[k] = ids[n - 1];
+    free(ids);
+  }
+  for (int i = 0; i < n_test; i++) {
+    char *q = pa_prompt_question(pa_inventory_item(inv, test[i]), true);
+    int32_t *ids;
+    size_t n;
+    assert_int_equal(pa_chat_tokenize(tmpl, tok, icl, q, "Option (", &ids, &n), PA_OK);
+    pa_kv *kv;
+    assert_int_equal(pa_kv_create(lm, (int)n, &kv), PA_OK);
+    pa_seq seq = {.tokens = ids, .n_tokens = (int)n, .kv = kv};
+    assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &seq, .n_seqs = 1, .logits = logits}), PA_OK);
+    double p[5], expected = 0;
+    pa_softmax_subset(logits, letters, 5, p);
+    int best = 0;
+    for (int k = 0; k < 5; k++) {
+      assert_float_equal(probs[i * 5 + k], p[k], 1e-5);
+      expected += p[k] * (5 - k);
+      best = p[k] > p[best] ? k : best;
+    }
+    assert_int_equal(preds[i].item, test[i]);
+    assert_int_equal(preds[i].answer, 5 - best);
+    assert_float_equal(preds[i].expected, expected, 1e-5);
+    pa_kv_destroy(kv);
+    free(ids);
+    free(q);
+  }
+  /* the same system prompt again reuses the prefix */
+  assert_int_equal(pa_evaluator_answer(ev, inv, icl, test, n_test, NULL, preds, NULL, &st), PA_OK);
+  assert_int_equal(st.prefix_tokens, 0);
+  free(icl), free(logits);
+  pa_evaluator_destroy(ev);
+}
+
+/* Generate mode: each answer is what greedy decoding of that full prompt says. */
+static void test_generate_mode(void **s) {
+  (void)s;
+  const pa_tokenizer *tok = pa_model_tokenizer(model);
+  const pa_chat_template *tmpl = pa_model_chat(model);
+  pa_evaluator *ev;
+  assert_int_equal(pa_evaluator_create(lm, tok, tmpl, &(pa_eval_opts){.mode = PA_READ_GENERATE, .batch = 3}, &ev),
+                   PA_OK);
+  int n_test;
+  const int *test = pa_inventory_test(inv, &n_test);
+  pa_pred preds[5];
+  assert_int_equal(pa_evaluator_answer(ev, inv, PA_DEFAULT_SYSTEM, test, n_test, NULL, preds, NULL, NULL), PA_OK);
+  for (int i = 0; i < n_test; i++) {
+    char *q = pa_prompt_question(pa_inventory_item(inv, test[i]), true);
+    int32_t *ids, *out;
+    size_t n;
+    int n_out;
+    assert_int_equal(pa_chat_tokenize(tmpl, tok, PA_DEFAULT_SYSTEM, q, "Option", &ids, &n), PA_OK);
+    pa_kv *kv;
+    assert_int_equal(pa_kv_create(lm, (int)n + 15, &kv), PA_OK);
+    const int32_t stop[2] = {pa_tokenizer_eos(tok), pa_tokenizer_find(tok, "<|im_end|>")};
+    assert_int_equal(pa_lm_generate(lm, NULL, kv, ids, (int)n, &(pa_gen_opts){.max_tokens = 15, .stop = stop, .n_stop = 2},
+                                    &out, &n_out),
+                     PA_OK);
+    if (n_out > 0 && (out[n_out - 1] == stop[0] || out[n_out - 1] == stop[1]))
+      n_out--;
+    char *text;
+    size_t len;
+    assert_int_equal(pa_tokenizer_decode(tok, out, (size_t)n_out, 0, &text, &len), PA_OK);
+    assert_int_equal(preds[i].answer, pa_parse_generated_answer(text, len));
+    assert_true(isnan(preds[i].expected));
+    free(text), free(out), free(ids), free(q);
+    pa_kv_destroy(kv);
+  }
+  pa_evaluator_destroy(ev);
+}
+
+static void test_methods(void **s) {
+  (void)s;
+  assert_non_null(pa_method_find("icl"));
+  assert_null(pa_method_find("pas_nonexistent"));
+  const pa_method_ctx ctx = {.inv = inv, .ev = NULL};
+  int n_test;
+  const int *test = pa_inventory_test(inv, &n_test);
+  pa_pred preds[5];
+  assert_int_equal(pa_method_find("const3")->run(&ctx, pa_subjects_at(subjects, 0), test, n_test, preds, NULL, NULL),
+                   PA_OK);
+  for (int i = 0; i < n_test; i++)
+    assert_int_equal(preds[i].answer, 3);
+  /* p2 without a description fails for that subject, naming it */
+  pa_evaluator *ev;
+  assert_int_equal(pa_evaluator_create(lm, pa_model_tokenizer(model), pa_model_chat(model), NULL, &ev), PA_OK);
+  const pa_method_ctx mctx = {.inv = inv, .ev = ev};
+  assert_int_equal(pa_method_find("p2")->run(&mctx, pa_subjects_at(subjects, 1), test, n_test, preds, NULL, NULL),
+                   PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "subject 12"));
+  pa_evaluator_destroy(ev);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_prompts),
+      cmocka_unit_test(test_parse_generated),
+      cmocka_unit_test(test_shared_prefix_answers),
+      cmocka_unit_test(test_generate_mode),
+      cmocka_unit_test(test_methods),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -1,0 +1,69 @@
+/* eval.h: asking a model the questionnaire and reading its answers
+ * (PAS.md, "Reading an answer").
+ *
+ * An evaluator answers a list of items under one system prompt. The rendered
+ * prompts of all the items are tokenized whole, and their longest common
+ * token prefix (the system prompt, the chat markup and the start of the
+ * question) is computed once into a shared KV cache; the rest of each prompt
+ * runs against it, batched. Because the split is made on the final token
+ * sequences, the model sees exactly the tokens of each full prompt.
+ *
+ * Answer modes:
+ *  - logits (default): the assistant turn opens with a prefix ("Option ("),
+ *    and the answer is read from the next-token distribution restricted to
+ *    the option letters A..E: the argmax letter and the expected score
+ *    sum_k p_k * score_k (A = 5 ... E = 1).
+ *  - generate (the reference's way): greedy decoding of up to 15 tokens after
+ *    the prefix "Option"; the answer is the first match of [a-eA-E][^a-zA-Z]
+ *    in the first 12 characters of the decoded text; no match = unknown.
+ *
+ * Steering (PAS) applies to the shared prefix and the questions alike.
+ * One evaluator is used by one thread at a time.
+ */
+#ifndef PALIGN_EVAL_H
+#define PALIGN_EVAL_H
+
+#include "chat.h"
+#include "forward.h"
+#include "inventory.h"
+#include "metrics.h"
+#include "tokenizer.h"
+
+#include <stdbool.h>
+
+typedef enum { PA_READ_LOGITS = 0, PA_READ_GENERATE = 1 } pa_read_mode;
+
+typedef struct {
+  pa_read_mode mode;
+  const char *prefix; /* NULL: "Option (" (logits) or "Option" (generate) */
+  bool keep_case;     /* false (default): item text lowercased, as the reference does when answering */
+  int batch;          /* questions per forward batch; 0: 64 */
+  int gen_tokens;     /* generate mode; 0: 15 */
+} pa_eval_opts;
+
+/* What one call cost. */
+typedef struct {
+  long prefix_tokens;       /* computed for the shared prefix (0 when reused) */
+  long question_tokens;     /* continuation tokens, generated ones included */
+  long naive_tokens;        /* what full prompts one by one would have computed */
+  double seconds;
+} pa_eval_stats;
+
+typedef struct pa_evaluator pa_evaluator;
+
+int pa_evaluator_create(pa_lm *lm, const pa_tokenizer *tok, const pa_chat_template *tmpl, const pa_eval_opts *o,
+                        pa_evaluator **out);
+void pa_evaluator_destroy(pa_evaluator *ev); /* accepts NULL */
+
+/* Answers items[0..n) under `system` (NULL: the template's default). Sets
+ * preds[i].item, .answer and .expected (truth is left for the caller);
+ * probs, if not NULL, gets [n][5] option probabilities (A..E; logits mode).
+ * steer: [n_layers][n_heads][head_dim] or NULL. stats may be NULL. */
+int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *system, const int *items, int n,
+                        const float *steer, pa_pred *preds, float *probs, pa_eval_stats *stats);
+
+/* The reference's answer parser: first [a-eA-E][^a-zA-Z] within the first
+ * 12 characters; returns 5 (A) .. 1 (E), or 0 when there is none. */
+int pa_parse_generated_answer(const char *text, size_t len);
+
+#endif
