@@ -28,7 +28,7 @@ static void usage(FILE *f) {
   size_t n;
   const pa_method *const *all = pa_methods(&n);
   fprintf(f, "usage: palign eval --methods LIST [--model M] [--papi DIR] [--subjects RANGE] [--json FILE]\n"
-             "                   [--mode logits|generate] [--prefix P] [--keep-case] [--batch N]\n"
+             "                   [--mode logits|generate] [--prefix P] [--keep-case] [--no-share] [--batch N]\n"
              "                   [--template NAME] [--threads N]\n"
              "\n"
              "  --methods LIST   comma-separated, from:\n");
@@ -43,6 +43,7 @@ static void usage(FILE *f) {
              "                   generate (greedy 15 tokens after \"Option\", the reference's way)\n"
              "  --prefix P       the assistant's answer prefix instead of the mode's default\n"
              "  --keep-case      do not lowercase item texts in questions\n"
+             "  --no-share       run every prompt whole instead of sharing its common prefix (for comparison)\n"
              "  --batch N        questions per forward batch (default 64)\n"
              "  --template NAME  chat template instead of the model's\n"
              "  --threads N      CPU threads (default: all cores)\n");
@@ -128,6 +129,10 @@ int cmd_eval(int argc, char **argv) {
     }
     if (!strcmp(a, "--keep-case")) {
       eo.keep_case = true;
+      continue;
+    }
+    if (!strcmp(a, "--no-share")) {
+      eo.no_share = true;
       continue;
     }
     static const char *const opts[] = {"--model", "--papi",   "--subjects", "--json",    "--methods",

@@ -164,9 +164,19 @@ static void test_shared_prefix_answers(void **s) {
     free(ids);
     free(q);
   }
-  /* the same system prompt again reuses the prefix */
-  assert_int_equal(pa_evaluator_answer(ev, inv, icl, test, n_test, NULL, preds, NULL, &st), PA_OK);
+  /* the same questions again are answered from memory, identically */
+  pa_pred again[5];
+  float probs2[25];
+  assert_int_equal(pa_evaluator_answer(ev, inv, icl, test, n_test, NULL, again, probs2, &st), PA_OK);
+  assert_int_equal(st.prefix_tokens + st.question_tokens, 0);
+  assert_memory_equal(again, preds, sizeof preds);
+  assert_memory_equal(probs2, probs, sizeof probs);
+  /* other items under the same system prompt reuse the prefix only */
+  assert_int_equal(pa_evaluator_answer(ev, inv, icl, test, n_test - 1, NULL, again, NULL, &st), PA_OK);
   assert_int_equal(st.prefix_tokens, 0);
+  assert_true(st.question_tokens > 0);
+  for (int i = 0; i < n_test - 1; i++)
+    assert_int_equal(again[i].answer, preds[i].answer);
   free(icl), free(logits);
   pa_evaluator_destroy(ev);
 }

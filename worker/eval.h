@@ -18,6 +18,9 @@
  *    in the first 12 characters of the decoded text; no match = unknown.
  *
  * Steering (PAS) applies to the shared prefix and the questions alike.
+ * Without steering, asking the same items under the same system prompt as
+ * the previous call returns the previous answers without running the model
+ * (the `none` baseline asks every subject the same questions).
  * One evaluator is used by one thread at a time.
  */
 #ifndef PALIGN_EVAL_H
@@ -39,6 +42,7 @@ typedef struct {
   bool keep_case;     /* false (default): item text lowercased, as the reference does when answering */
   int batch;          /* questions per forward batch; 0: 64 */
   int gen_tokens;     /* generate mode; 0: 15 */
+  bool no_share;      /* run every prompt whole (no shared prefix): the naive way, for comparison */
 } pa_eval_opts;
 
 /* What one call cost. */
