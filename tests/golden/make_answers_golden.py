@@ -10,7 +10,8 @@ own numpy Llama and llama.cpp). Prompts are built by make_tokenizer_golden.py's 
 construction (ITEM_TEMPLATE, SYSTEM_PROMPT, ICL_HEAD, LABELS, PREFIX) under SmolLM2's ChatML
 template rendered by jinja2 from the GGUF's tokenizer.chat_template, and tokenized by
 llama.cpp (vocab only, special tokens parsed, no BOS); Hugging Face tokenizers must give the
-same ids for every prompt (the script stops otherwise).
+same ids for every prompt, and the ids must equal those tokenizer/smollm2_papi.txt pins (all
+`none` prompts; the first test item's `icl` prompt of subjects 0..2); the script stops otherwise.
 
 For each subject (index into Test-set.json) and method:
   none  system = SYSTEM_PROMPT
@@ -38,7 +39,9 @@ No PAPI text is written (prompts are identified by token counts and sha256 only)
 Usage (needs torch, transformers, accelerate, gguf, numpy, llama-cpp-python, tokenizers,
 jinja2; the model and the PAPI files; no network):
   python3 tests/golden/make_answers_golden.py [--subjects 0,1,2,3,4] [--methods none,icl,p2]
-      [--model PATH] [--papi DIR] [--batch 24] [--threads 2]
+      [--model PATH] [--papi DIR] [--batch 24] [--threads 2] [--prompts-only]
+--prompts-only builds and checks the prompts without the model (token ids pinned in
+tokenizer/smollm2_papi.txt, token counts in existing answer files).
 Existing summary rows of other (subject, method) pairs are kept, so subjects can be done in
 several runs.
 """
