@@ -27,7 +27,7 @@ def golden(index, method):
             if line.startswith("#") or not line.strip():
                 continue
             item, answer, expected, probs, _ = line.rstrip("\n").split("\t")
-            rows[int(item)] = (int(answer), [float(p) for p in probs.split()])
+            rows[int(item)] = (int(answer), [float(p) for p in probs.split()], float(expected))
     return rows
 
 
@@ -41,16 +41,18 @@ def main():
             if ref is None:
                 continue
             eq = n = 0
-            worst = 0.0
+            worst = worst_e = 0.0
             for it in res["items"]:
-                answer, probs = ref[it["item"]]
+                answer, probs, expected = ref[it["item"]]
                 n += 1
                 eq += it["answer"] == answer
                 if "p" in it:
                     worst = max(worst, max(abs(a - b) for a, b in zip(it["p"], probs)))
+                    worst_e = max(worst_e, abs(it["expected"] - expected))
             total += n
             same += eq
-            print(f"subject {index} ({subj['id']}) {method:5s}: {eq}/{n} answers equal, max |p diff| {worst:.2g}")
+            print(f"subject {index} ({subj['id']}) {method:5s}: {eq}/{n} answers equal, "
+                  f"max |p diff| {worst:.2g}, max |expected score diff| {worst_e:.2g}")
     if total == 0:
         print("no subject of the run has goldens")
         return 1
