@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the default model and the PAPI data, as far as palign has
 # grown: evaluate the prompt baselines (none, icl, p2) beside the model-free
-# rows on the first SUBJECTS subjects (default 1; about 8 minutes per subject
+# rows on the first SUBJECTS subjects (default 1; about 4 minutes per subject
 # on 2 cores), print the table, and keep every prediction in results/.
 # PAS and the MPI service (`mpirun palign-worker`) take this over as they land.
 #   scripts/run-default.sh [SUBJECTS]      (after scripts/setup.sh)
