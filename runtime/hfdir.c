@@ -1,9 +1,10 @@
 #include "hfdir.h"
 
+#include "jsonfile.h"
+
 #include "status.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,7 +12,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define MAX_JSON_FILE (1024ull * 1024 * 1024)
 
 struct pa_hfdir {
   char *dir;
@@ -42,80 +42,9 @@ static bool is_file(const char *path) {
   return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
 }
 
-/* Reads a whole file into a NUL-terminated buffer. */
-static int slurp(const char *path, uint64_t max, char **out, size_t *len) {
-  *out = NULL;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    int e = errno;
-    return pa_error(e == ENOENT ? PA_ENOTFOUND : PA_EIO, "%s: cannot open: %s", path, strerror(e));
-  }
-  struct stat sb;
-  if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-    close(fd);
-    return pa_error(PA_EIO, "%s: not a regular file", path);
-  }
-  if ((uint64_t)sb.st_size > max) {
-    close(fd);
-    return pa_error(PA_EFORMAT, "%s: %llu bytes is too large for this file (limit %llu)", path,
-                    (unsigned long long)sb.st_size, (unsigned long long)max);
-  }
-  size_t n = (size_t)sb.st_size;
-  char *buf = malloc(n + 1);
-  if (!buf) {
-    close(fd);
-    return pa_error(PA_ENOMEM, "%s: no memory for %zu bytes", path, n);
-  }
-  size_t got = 0;
-  while (got < n) {
-    ssize_t r = read(fd, buf + got, n - got);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r <= 0) {
-      int e = r < 0 ? errno : 0;
-      close(fd);
-      free(buf);
-      return pa_error(PA_EIO, "%s: read failed: %s", path, e ? strerror(e) : "file shrank while reading");
-    }
-    got += (size_t)r;
-  }
-  close(fd);
-  buf[n] = '\0';
-  *out = buf;
-  *len = n;
-  return PA_OK;
-}
-
-int pa_hfdir_load_json(const char *path, cJSON **out) {
-  *out = NULL;
-  char *text;
-  size_t len;
-  int rc = slurp(path, MAX_JSON_FILE, &text, &len);
-  if (rc)
-    return rc;
-  const char *end = NULL;
-  cJSON *j = cJSON_ParseWithLengthOpts(text, len, &end, false);
-  size_t stop = end ? (size_t)(end - text) : 0;
-  if (j) /* only whitespace may follow the value */
-    while (stop < len && (text[stop] == ' ' || text[stop] == '\n' || text[stop] == '\r' || text[stop] == '\t'))
-      stop++;
-  if (!j || stop < len) {
-    int line = 1, col = 1;
-    for (size_t i = 0; i < stop && i < len; i++, col++)
-      if (text[i] == '\n')
-        line++, col = 0;
-    free(text);
-    cJSON_Delete(j);
-    return pa_error(PA_EFORMAT, "%s: not valid JSON (%s at line %d, column %d)", path,
-                    j ? "unexpected text after the value" : "syntax error", line, col);
-  }
-  free(text);
-  *out = j;
-  return PA_OK;
-}
 
 static int load_object(const char *path, cJSON **out) {
-  int rc = pa_hfdir_load_json(path, out);
+  int rc = pa_json_load(path, out);
   if (!rc && !cJSON_IsObject(*out)) {
     cJSON_Delete(*out);
     *out = NULL;
@@ -317,7 +246,7 @@ static int read_chat_template(pa_hfdir *h) {
   int rc = PA_OK;
   if (access(jinja, F_OK) == 0) {
     size_t len;
-    rc = slurp(jinja, 16u << 20, &h->chat_template, &len);
+    rc = pa_read_file(jinja, 16u << 20, &h->chat_template, &len);
     if (!rc && strlen(h->chat_template) != len)
       rc = pa_error(PA_EFORMAT, "%s: contains a NUL byte", jinja);
   }

@@ -63,10 +63,5 @@ const char *pa_hfdir_chat_template(const pa_hfdir *h);
 const char *pa_hfdir_bos_token(const pa_hfdir *h);
 const char *pa_hfdir_eos_token(const pa_hfdir *h);
 
-/* Reads and parses a JSON file (up to 1 GiB). Errors name the file, and for
- * bad JSON the line and column. The caller owns *out (cJSON_Delete).
- * Callable from several threads (cJSON also writes the failure position to a
- * global of its own, which palign never reads). */
-int pa_hfdir_load_json(const char *path, cJSON **out);
 
 #endif

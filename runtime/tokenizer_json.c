@@ -3,6 +3,7 @@
  * each field. What palign does not implement is refused by name, so a model
  * is never tokenized approximately. */
 #include "tokenizer.h"
+#include "jsonfile.h"
 
 #include "hfdir.h"
 #include "status.h"
@@ -394,7 +395,7 @@ static int config_token(ctx *c, const char *cpath, const cJSON *cfg, const char 
 
 static int config(ctx *c, const char *cpath) {
   cJSON *cfg;
-  int rc = pa_hfdir_load_json(cpath, &cfg);
+  int rc = pa_json_load(cpath, &cfg);
   if (rc)
     return rc;
   if (!cJSON_IsObject(cfg))
@@ -486,7 +487,7 @@ static int build(ctx *c, const cJSON *root, const char *config_path) {
 int pa_tokenizer_from_json(const char *tokenizer_json, const char *tokenizer_config_json_or_NULL, pa_tokenizer **out) {
   *out = NULL;
   cJSON *root;
-  int rc = pa_hfdir_load_json(tokenizer_json, &root);
+  int rc = pa_json_load(tokenizer_json, &root);
   if (rc)
     return rc;
   pa_tokenizer_opts o = {.bos = -1, .eos = -1, .unk = -1, .pad = -1, .eot = -1, .unique_texts = true};

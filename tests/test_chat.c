@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "chat.h"
+#include "jsonfile.h"
 #include "hfdir.h"
 #include "status.h"
 
@@ -43,7 +44,7 @@ static const char *str_or_null(const cJSON *o, const char *key) {
 static void test_golden(void **s) {
   (void)s;
   cJSON *root;
-  if (pa_hfdir_load_json(PALIGN_TEST_DATA "/tokenizer/chat.json", &root))
+  if (pa_json_load(PALIGN_TEST_DATA "/tokenizer/chat.json", &root))
     fail_msg("%s", pa_errmsg());
   const cJSON *c;
   int n = 0;

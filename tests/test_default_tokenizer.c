@@ -25,6 +25,7 @@
 #include <time.h>
 
 #include "chat.h"
+#include "jsonfile.h"
 #include "gguf.h"
 #include "hfdir.h"
 #include "testutil.h"
@@ -139,7 +140,7 @@ static void test_metadata(void **s) {
 static void test_chat_template(void **s) {
   (void)s;
   cJSON *root;
-  assert_int_equal(pa_hfdir_load_json(GOLDEN "chat.json", &root), PA_OK);
+  assert_int_equal(pa_json_load(GOLDEN "chat.json", &root), PA_OK);
   const cJSON *c;
   int n = 0;
   cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases")) {
@@ -292,9 +293,9 @@ static bool load_papi(void) {
   for (int i = 1; i <= 300; i++)
     assert_non_null(items[i]);
   snprintf(path, sizeof path, "%s/Test-set.json", dir);
-  assert_int_equal(pa_hfdir_load_json(path, &subjects), PA_OK);
+  assert_int_equal(pa_json_load(path, &subjects), PA_OK);
   snprintf(path, sizeof path, "%s/mpi_300_split.json", dir);
-  assert_int_equal(pa_hfdir_load_json(path, &split), PA_OK);
+  assert_int_equal(pa_json_load(path, &split), PA_OK);
   return true;
 }
 

@@ -10,6 +10,7 @@
 #include <cmocka.h>
 
 #include "bpe_train.h"
+#include "jsonfile.h"
 #include "gguf.h"
 #include "hfdir.h"
 #include "mkmodel.h"
@@ -620,7 +621,7 @@ static void test_tokenizer_files(void **state) {
 
   cJSON *tj;
   snprintf(p, sizeof p, "%s/tokenizer.json", hp);
-  assert_int_equal(pa_hfdir_load_json(p, &tj), 0);
+  assert_int_equal(pa_json_load(p, &tj), 0);
   const cJSON *model = cJSON_GetObjectItemCaseSensitive(tj, "model");
   assert_string_equal(cJSON_GetObjectItemCaseSensitive(model, "type")->valuestring, "BPE");
   assert_true(cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(model, "byte_fallback")));
@@ -650,7 +651,7 @@ static void test_tokenizer_files(void **state) {
   cJSON_Delete(tj);
 
   cJSON *golden;
-  assert_int_equal(pa_hfdir_load_json(PALIGN_TEST_DATA "/safetensors/mkmodel_encodings.json", &golden), 0);
+  assert_int_equal(pa_json_load(PALIGN_TEST_DATA "/safetensors/mkmodel_encodings.json", &golden), 0);
   if ((uint64_t)cJSON_GetObjectItemCaseSensitive(golden, "vocab_size")->valueint != toks->n)
     fail_msg("mkmodel's default vocabulary changed: rerun tests/golden/make_safetensors_golden.py golden");
   i = 0;

@@ -9,6 +9,7 @@
 #include <cmocka.h>
 
 #include "hfdir.h"
+#include "jsonfile.h"
 #include "quant.h"
 #include "safetensors.h"
 #include "status.h"
@@ -662,14 +663,14 @@ static void test_load_json(void **state) {
   tu_path(p, sizeof p, "x.json");
   tu_write_text(p, "{\n  \"a\": [1, 2,\n  ]\n}");
   cJSON *j = (cJSON *)1;
-  assert_int_equal(pa_hfdir_load_json(p, &j), PA_EFORMAT);
+  assert_int_equal(pa_json_load(p, &j), PA_EFORMAT);
   assert_null(j);
   expect_msg(p, "line 3");
   tu_write_text(p, "  {\"a\": \"\\u00e9\"}\n\n");
-  assert_int_equal(pa_hfdir_load_json(p, &j), 0);
+  assert_int_equal(pa_json_load(p, &j), 0);
   assert_string_equal(cJSON_GetObjectItemCaseSensitive(j, "a")->valuestring, "\xc3\xa9");
   cJSON_Delete(j);
-  assert_int_equal(pa_hfdir_load_json(tu_path(p, sizeof p, "none.json"), &j), PA_ENOTFOUND);
+  assert_int_equal(pa_json_load(tu_path(p, sizeof p, "none.json"), &j), PA_ENOTFOUND);
   expect_msg(p, "cannot open");
 }
 

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "gguf.h"
+#include "jsonfile.h"
 #include "hfdir.h"
 #include "status.h"
 #include "testutil.h"
@@ -198,7 +199,7 @@ static void test_tiny_bl_json(void **s) {
 static void test_variants(void **s) {
   (void)s;
   cJSON *root;
-  if (pa_hfdir_load_json(GOLDEN "variants.json", &root))
+  if (pa_json_load(GOLDEN "variants.json", &root))
     fail_msg("%s", pa_errmsg());
   const cJSON *v;
   int n_variants = 0;
@@ -207,7 +208,7 @@ static void test_variants(void **s) {
     char base[256];
     snprintf(base, sizeof base, GOLDEN "%s.json", cJSON_GetObjectItem(v, "base")->valuestring);
     cJSON *tj;
-    assert_int_equal(pa_hfdir_load_json(base, &tj), PA_OK);
+    assert_int_equal(pa_json_load(base, &tj), PA_OK);
     const cJSON *kv;
     cJSON_ArrayForEach(kv, cJSON_GetObjectItem(v, "patch")) {
       cJSON_ReplaceItemInObject(tj, kv->string, cJSON_Duplicate(kv, 1));

@@ -1,5 +1,7 @@
 #include "inventory.h"
 
+#include "jsonfile.h"
+
 #include "fileio.h"
 #include "status.h"
 
@@ -75,46 +77,6 @@ static long answer_key(const char *name) {
   return v;
 }
 
-/* Reads a whole JSON file. Errors name the file and, for syntax errors, the
- * line and column, because these files are edited by hand. */
-static int load_json(const char *path, cJSON **out) {
-  *out = NULL;
-  pa_mapped m;
-  int rc = pa_map_file(path, 0, "", &m);
-  if (rc)
-    return rc;
-  if (m.size == 0)
-    return pa_error(PA_EFORMAT, "%s: empty file", path);
-  /* cJSON wants a NUL-terminated buffer to be safe at the very end of input. */
-  char *text = malloc((size_t)m.size + 1);
-  if (!text) {
-    pa_unmap_file(&m);
-    return pa_error(PA_ENOMEM, "%s: cannot allocate %llu bytes", path, (unsigned long long)m.size);
-  }
-  size_t len = (size_t)m.size;
-  memcpy(text, m.data, len);
-  text[len] = '\0';
-  pa_unmap_file(&m);
-  const char *end = NULL;
-  cJSON *j = cJSON_ParseWithLengthOpts(text, len, &end, false);
-  size_t stop = end ? (size_t)(end - text) : 0;
-  if (j) /* only whitespace may follow the value */
-    while (stop < len && (text[stop] == ' ' || text[stop] == '\n' || text[stop] == '\r' || text[stop] == '\t'))
-      stop++;
-  if (!j || stop < len) {
-    int line = 1, col = 1;
-    for (size_t i = 0; i < stop && i < len; i++, col++)
-      if (text[i] == '\n')
-        line++, col = 0;
-    free(text);
-    cJSON_Delete(j);
-    return pa_error(PA_EFORMAT, "%s: not valid JSON (%s at line %d, column %d)", path,
-                    j ? "unexpected text after the value" : "syntax error", line, col);
-  }
-  free(text);
-  *out = j;
-  return PA_OK;
-}
 
 /* ---- CSV (RFC 4180: quoted fields may hold commas, quotes as "", newlines) -- */
 
@@ -411,7 +373,7 @@ static int load_split_list(const char *path, const cJSON *root, const char *key,
 
 static int load_split(const char *path, pa_inventory *inv) {
   cJSON *j;
-  int rc = load_json(path, &j);
+  int rc = pa_json_load(path, &j);
   if (rc)
     return rc;
   int where[PA_MAX_ITEMS + 1] = {0}, pos[PA_MAX_ITEMS + 1] = {0};
@@ -575,7 +537,7 @@ static int json_subject(const char *path, const cJSON *o, size_t k, const pa_inv
 
 static int load_subjects_json(const char *path, const pa_inventory *inv, pa_subjects *ss) {
   cJSON *j;
-  int rc = load_json(path, &j);
+  int rc = pa_json_load(path, &j);
   if (rc)
     return rc;
   if (!cJSON_IsArray(j))
@@ -758,7 +720,7 @@ int pa_subjects_load(const char *path, const pa_inventory *inv, pa_subjects **ou
 
 int pa_subjects_load_descriptions(pa_subjects *s, const char *path) {
   cJSON *j;
-  int rc = load_json(path, &j);
+  int rc = pa_json_load(path, &j);
   if (rc)
     return rc;
   char **desc = NULL;
