@@ -26,8 +26,9 @@
  *
  * A subject whose probes cannot be fitted (pa_pas_fit status other than
  * PA_PAS_FITTED) is not an error: the call returns 0, the result has the
- * status and the fit's message, n_alphas = 0, no arrays, and every number
- * in it zero (no NaN); chosen[][].index is -1.
+ * status and the fit's message, n_alphas = 0, no alpha rows (alphas, preds,
+ * probs and the metrics arrays NULL; items and in_select are filled), every
+ * number zero (no NaN) and chosen[][].index -1.
  *
  * Errors: 0 or a negative PA_E* code with a message (status.h): PA_EINVAL
  * (bad arguments, an unusable subject, a bank not made for this inventory,
@@ -49,8 +50,8 @@
 
 #include <stdint.h>
 
-#define PA_PAS_MAX_ALPHAS         64
-#define PA_PAS_HOLDOUT_PER_TRAIT  6 /* PAS.md step 7: 6 per trait, 30 in all */
+#define PA_PAS_MAX_ALPHAS        64
+#define PA_PAS_HOLDOUT_PER_TRAIT 6 /* PAS.md step 7: 6 per trait, 30 in all */
 
 /* The default alpha grid (PAS.md step 7). */
 extern const double pa_pas_default_alphas[6]; /* {0, 1, 2, 4, 6, 8} */
@@ -127,5 +128,10 @@ void pa_pas_result_free(pa_pas_result *r);
  * per_trait < 1 or a trait has no more than per_trait test items (nothing
  * would be left to report). Returns the number selected (5 * per_trait). */
 int pa_pas_holdout_select(const pa_inventory *inv, uint64_t run_seed, int per_trait, uint8_t *in_select);
+
+/* The selection rule above: the index of the smallest mae_sums[a] (NaN loses
+ * to every number), ties to the smaller alphas[a], then the earlier index;
+ * 0 when all are NaN. n >= 1. */
+int pa_pas_choose_alpha(const double *alphas, const double *mae_sums, int n);
 
 #endif
