@@ -153,6 +153,11 @@ void pa_kv_destroy(pa_kv *kv) {
 }
 
 void pa_kv_clear(pa_kv *kv) { kv->len = 0; }
+
+void pa_kv_truncate(pa_kv *kv, int len) {
+  if (len >= 0 && len < kv->len)
+    kv->len = len;
+}
 int pa_kv_len(const pa_kv *kv) { return kv->len; }
 int pa_kv_capacity(const pa_kv *kv) { return kv->cap; }
 

@@ -45,6 +45,9 @@ int pa_lm_max_seq(const pa_lm *lm);
 int pa_kv_create(const pa_lm *lm, int capacity, pa_kv **out);
 void pa_kv_destroy(pa_kv *kv); /* accepts NULL */
 void pa_kv_clear(pa_kv *kv);
+/* Forgets all but the first len tokens (no-op if it holds fewer), so that
+ * another continuation can follow them. */
+void pa_kv_truncate(pa_kv *kv, int len);
 int pa_kv_len(const pa_kv *kv);
 int pa_kv_capacity(const pa_kv *kv);
 

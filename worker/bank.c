@@ -477,19 +477,46 @@ int pa_bank_compute(pa_lm *lm, const pa_tokenizer *tok, const pa_chat_template *
     rc = pa_kv_create(lm, (int)(longest - common), &slot[i]);
   long continuation = 0;
   const size_t per_seq = (size_t)c->n_layers * c->n_heads * c->head_dim;
-  for (int start = 0; !rc && start < S; start += batch) {
-    const int B = S - start < batch ? S - start : batch;
+  /* An item's A and E sequences differ only in their last token, so each
+   * question is computed once: question + A, then the cache is cut back by
+   * one token and E follows. */
+  bool pairs = !(o && o->no_share);
+  for (int i = 0; pairs && i < p.n_items; i++)
+    pairs = p.len[2 * i] == p.len[2 * i + 1] &&
+            !memcmp(p.ids[2 * i], p.ids[2 * i + 1], (p.len[2 * i] - 1) * sizeof *p.ids[0]);
+  float *heads = NULL;
+  if (!rc && pairs && !(heads = malloc((size_t)n_slots * per_seq * sizeof *heads)))
+    rc = pa_error(PA_ENOMEM, "no memory");
+  const int step = pairs ? 2 : 1; /* sequences per slot */
+  for (int start = 0; !rc && start < S; start += step * n_slots) {
+    const int B = (S - start + step - 1) / step < n_slots ? (S - start + step - 1) / step : n_slots;
     for (int k = 0; k < B; k++) {
-      const int s = start + k;
+      const int s = start + step * k;
       pa_kv_clear(slot[k]);
       seqs[k] = (pa_seq){.tokens = p.ids[s] + common, .n_tokens = (int)(p.len[s] - common), .kv = slot[k]};
       continuation += (long)(p.len[s] - common);
     }
-    /* pa_batch.heads is [n_seqs][L][H][hd]: the bank's own layout, so the batch writes in place */
-    rc = pa_lm_forward(lm, &(pa_batch){.prefix = pkv, .seqs = seqs, .n_seqs = B, .heads = b->z + start * per_seq});
+    if (!pairs) {
+      /* pa_batch.heads is [n_seqs][L][H][hd]: the bank's own layout, so the batch writes in place */
+      rc = pa_lm_forward(lm, &(pa_batch){.prefix = pkv, .seqs = seqs, .n_seqs = B, .heads = b->z + start * per_seq});
+    } else {
+      rc = pa_lm_forward(lm, &(pa_batch){.prefix = pkv, .seqs = seqs, .n_seqs = B, .heads = heads});
+      for (int k = 0; !rc && k < B; k++) {
+        memcpy(b->z + (size_t)(start + 2 * k) * per_seq, heads + (size_t)k * per_seq, per_seq * sizeof *heads);
+        const int s = start + 2 * k + 1;
+        pa_kv_truncate(slot[k], pa_kv_len(slot[k]) - 1);
+        seqs[k] = (pa_seq){.tokens = p.ids[s] + p.len[s] - 1, .n_tokens = 1, .kv = slot[k]};
+        continuation++;
+      }
+      if (!rc)
+        rc = pa_lm_forward(lm, &(pa_batch){.prefix = pkv, .seqs = seqs, .n_seqs = B, .heads = heads});
+      for (int k = 0; !rc && k < B; k++)
+        memcpy(b->z + (size_t)(start + 2 * k + 1) * per_seq, heads + (size_t)k * per_seq, per_seq * sizeof *heads);
+    }
     if (!rc && o && o->progress)
-      o->progress(o->progress_ctx, start + B, S);
+      o->progress(o->progress_ctx, start + step * B < S ? start + step * B : S, S);
   }
+  free(heads);
   for (int i = 0; slot && i < n_slots; i++)
     pa_kv_destroy(slot[i]);
   free(slot), free(seqs);

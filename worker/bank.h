@@ -55,7 +55,7 @@ typedef struct {
   bool lowercase;     /* lowercase the item text; false (PAS.md: the bank keeps the text as written) */
   const char *system; /* system prompt; NULL: PA_DEFAULT_SYSTEM ("" is an empty system message) */
   const char *prefix; /* assistant turn before the letter; NULL: PA_BANK_DEFAULT_PREFIX */
-  int batch;          /* sequences per forward batch; 0: 32 */
+  int batch;          /* items (question + A, then E) per forward batch; 0: 32 */
   bool no_share;      /* compute every sequence whole (no shared prefix): the naive way, for comparison */
   /* called after each batch with the sequences done so far (of 2 n_items); may be NULL */
   void (*progress)(void *ctx, int done, int total);
