@@ -14,8 +14,9 @@
  * All 2 n_items sequences are tokenized whole; their longest common token
  * prefix (system prompt, chat markup, the start of the question) is computed
  * once into a shared KV cache and the rest of every sequence runs against
- * it in batches (docs/BANK.md). The model therefore sees exactly the tokens
- * of each full prompt.
+ * it in batches, each item's question once for both of its answer letters
+ * (docs/BANK.md). The model therefore sees exactly the tokens of each full
+ * prompt.
  *
  * The cache file (docs/BANK.md has the byte layout): magic "PALIGNBK", a
  * format version, a JSON header with the key and how the bank was made, the
