@@ -7,11 +7,13 @@
 
 #include "chat.h"
 #include "eval.h"
+#include "bank.h"
 #include "forward.h"
 #include "inventory.h"
 #include "methods.h"
 #include "metrics.h"
 #include "model.h"
+#include "pas.h"
 #include "status.h"
 
 #include <cJSON.h>
@@ -23,6 +25,7 @@
 #include <time.h>
 
 #define MAX_METHODS 16
+#define MAX_ROWS 32
 
 static void usage(FILE *f) {
   size_t n;
@@ -46,7 +49,11 @@ static void usage(FILE *f) {
              "  --no-share       run every prompt whole instead of sharing its common prefix (for comparison)\n"
              "  --batch N        questions per forward batch (default 64)\n"
              "  --template NAME  chat template instead of the model's\n"
-             "  --threads N      CPU threads (default: all cores)\n");
+             "  --threads N      CPU threads (default: all cores)\n"
+             "  --seed N         PAS run seed: probe splits and the holdout items (default 1)\n"
+             "  --holdout N      PAS holdout protocol: selection items per trait (default 6)\n"
+             "  --bank FILE      PAS activation bank cache (default $PALIGN_CACHE/bank-MODEL.bin);\n"
+             "                   computed and saved when missing, refused when made for another setup\n");
 }
 
 static double now(void) {
@@ -116,11 +123,45 @@ static cJSON *metrics_json(const pa_subject_metrics *m) {
   return o;
 }
 
+static void bank_progress(void *ctx, int done, int total) {
+  (void)ctx;
+  fprintf(stderr, "\ractivation bank: %d/%d sequences", done, total);
+  if (done == total)
+    fputc('\n', stderr);
+}
+
+/* The PAS activation bank from its cache file, or computed and saved there. */
+static int load_bank(const char *model_path, const char *bank_path, pa_lm *lm, const pa_model *model,
+                     const pa_chat_template *tmpl, const pa_inventory *inv, pa_bank **out) {
+  char fp[65], path[4096];
+  int rc = pa_model_fingerprint(model_path, fp);
+  if (rc)
+    return rc;
+  if (!bank_path) {
+    const char *cache = getenv("PALIGN_CACHE"), *home = getenv("HOME");
+    if (cache && *cache)
+      snprintf(path, sizeof path, "%s/bank-%.16s.bin", cache, fp);
+    else
+      snprintf(path, sizeof path, "%s/.cache/palign/bank-%.16s.bin", home ? home : ".", fp);
+    bank_path = path;
+  }
+  const pa_bank_opts bo = {.progress = bank_progress};
+  pa_bank_key key;
+  rc = pa_bank_key_make(fp, pa_model_config_get(model), pa_model_tokenizer(model), tmpl, inv, &bo, &key);
+  bool loaded = false;
+  if (!rc)
+    rc = pa_bank_load_or_compute(bank_path, &key, lm, pa_model_tokenizer(model), tmpl, inv, &bo, out, &loaded);
+  if (!rc)
+    fprintf(stderr, "activation bank %s %s\n", loaded ? "read from" : "computed and saved to", bank_path);
+  return rc;
+}
+
 int cmd_eval(int argc, char **argv) {
   const char *model_path = NULL, *papi = getenv("PALIGN_PAPI_DIR"), *json_path = NULL, *range = "5";
   const char *methods_arg = NULL, *template_name = NULL;
   pa_eval_opts eo = {0};
-  int threads = 0;
+  int threads = 0, seed = 1, holdout = 0;
+  const char *bank_path = NULL;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -135,8 +176,9 @@ int cmd_eval(int argc, char **argv) {
       eo.no_share = true;
       continue;
     }
-    static const char *const opts[] = {"--model", "--papi",   "--subjects", "--json",    "--methods",
-                                       "--mode",  "--prefix", "--batch",    "--template", "--threads"};
+    static const char *const opts[] = {"--model", "--papi",   "--subjects", "--json",     "--methods", "--mode",
+                                       "--prefix", "--batch", "--template", "--threads", "--seed",    "--bank",
+                                       "--holdout"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof opts / sizeof opts[0]); j++)
       if (!strcmp(a, opts[j]))
@@ -163,7 +205,10 @@ int cmd_eval(int argc, char **argv) {
     case 6: eo.prefix = v; break;
     case 7: if (parse_int(a, v, 1, 4096, &eo.batch)) return 2; break;
     case 8: template_name = v; break;
-    default: if (parse_int(a, v, 1, 1024, &threads)) return 2; break;
+    case 9: if (parse_int(a, v, 1, 1024, &threads)) return 2; break;
+    case 10: if (parse_int(a, v, 0, INT32_MAX, &seed)) return 2; break;
+    case 11: bank_path = v; break;
+    default: if (parse_int(a, v, 1, 1000, &holdout)) return 2; break;
     }
   }
   if (!methods_arg) {
@@ -174,7 +219,7 @@ int cmd_eval(int argc, char **argv) {
   /* the methods asked for, then the model-free rows if not asked */
   const pa_method *methods[MAX_METHODS];
   int n_methods = 0;
-  bool need_model = false;
+  bool need_model = false, need_bank = false;
   char *list = strdup(methods_arg);
   for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
     const pa_method *m = pa_method_find(tok);
@@ -189,6 +234,7 @@ int cmd_eval(int argc, char **argv) {
     if (!dup && n_methods < MAX_METHODS - 2)
       methods[n_methods++] = m;
     need_model |= m->needs_model;
+    need_bank |= m->needs_bank;
   }
   free(list);
   for (int j = 0; j < 2; j++) {
@@ -215,6 +261,7 @@ int cmd_eval(int argc, char **argv) {
   pa_lm *lm = NULL;
   pa_chat_template *named = NULL;
   pa_evaluator *ev = NULL;
+  pa_bank *bank = NULL;
   char path[4096 + 64];
   int rc = pa_inventory_load(papi, &inv);
   if (!rc) {
@@ -241,12 +288,21 @@ int cmd_eval(int argc, char **argv) {
     if (!rc && !tmpl)
       rc = pa_error(PA_ENOTFOUND, "%s: no chat template palign knows; choose one with --template", model_path);
     if (!rc)
-      rc = pa_lm_create(model, &(pa_lm_opts){.n_threads = threads, .max_seq = 4096}, &lm);
+      /* the longest prompts (an ICL system prompt and a question) stay well under 4,096 tokens */
+      rc = pa_lm_create(model,
+                        &(pa_lm_opts){.n_threads = threads,
+                                      .max_seq = pa_model_config_get(model)->max_seq < 4096
+                                                     ? pa_model_config_get(model)->max_seq
+                                                     : 4096},
+                        &lm);
     if (!rc)
       rc = pa_evaluator_create(lm, pa_model_tokenizer(model), tmpl, &eo, &ev);
+    if (!rc && need_bank)
+      rc = load_bank(model_path, bank_path, lm, model, tmpl, inv, &bank);
   }
   if (rc) {
     fprintf(stderr, "palign eval: %s\n", pa_errmsg());
+    pa_bank_destroy(bank);
     pa_evaluator_destroy(ev);
     pa_lm_destroy(lm);
     pa_chat_template_destroy(named);
@@ -259,14 +315,27 @@ int cmd_eval(int argc, char **argv) {
   int n_test;
   const int *test = pa_inventory_test(inv, &n_test);
   const size_t n_subj = last - first + 1;
-  pa_subject_metrics *sm = calloc(n_subj * (size_t)n_methods, sizeof *sm);
-  int *n_done = calloc((size_t)n_methods, sizeof *n_done);
-  pa_pred *preds = malloc((size_t)n_test * sizeof *preds);
-  float *probs = malloc((size_t)n_test * 5 * sizeof *probs);
-  double *seconds = calloc((size_t)n_methods, sizeof *seconds);
-  long *tokens = calloc((size_t)n_methods, sizeof *tokens), *naive = calloc((size_t)n_methods, sizeof *naive);
+  /* rows of the table, in order of appearance: a method may report several */
+  char row_name[MAX_ROWS][48];
+  int n_rows = 0;
+  pa_subject_metrics *sm = calloc(n_subj * MAX_ROWS, sizeof *sm);
+  int n_done[MAX_ROWS] = {0};
+  double seconds[MAX_METHODS] = {0};
+  long tokens[MAX_METHODS] = {0}, naive[MAX_METHODS] = {0};
+  int runs[MAX_METHODS] = {0};
+  pa_method_out mo = {0};
+  for (int r = 0; r < PA_METHOD_MAX_ROWS; r++) {
+    mo.preds[r] = malloc((size_t)n_test * sizeof *mo.preds[r]);
+    mo.probs[r] = malloc((size_t)n_test * 5 * sizeof *mo.probs[r]);
+  }
+  pa_pas_result pas_result = {0};
   cJSON *root = cJSON_CreateObject(), *jsub = cJSON_AddArrayToObject(root, "subjects");
-  const pa_method_ctx ctx = {.inv = inv, .ev = ev};
+  pa_method_ctx ctx = {.inv = inv, .ev = ev, .pas = {.run_seed = (uint64_t)seed, .holdout_per_trait = holdout}, .pas_result = &pas_result};
+  pa_pas_bank bank_view;
+  if (bank) {
+    bank_view = pa_bank_view(bank);
+    ctx.bank = &bank_view;
+  }
   const double t_start = now();
   size_t skipped = 0, failed = 0;
   double last_report = 0;
@@ -281,42 +350,71 @@ int cmd_eval(int argc, char **argv) {
     cJSON_AddStringToObject(js, "id", s->id);
     cJSON *jm = cJSON_AddObjectToObject(js, "methods");
     for (int j = 0; j < n_methods; j++) {
-      pa_eval_stats st = {0};
-      int mrc = methods[j]->run(&ctx, s, test, n_test, preds, probs, &st);
+      int mrc = methods[j]->run(&ctx, s, test, n_test, &mo);
       if (mrc) {
         fprintf(stderr, "palign eval: subject %s, method %s failed: %s\n", s->id, methods[j]->name, pa_errmsg());
         failed++;
         continue;
       }
-      for (int i = 0; i < n_test; i++)
-        preds[i].truth = s->answers[preds[i].item];
-      pa_metrics_subject(inv, preds, n_test, &sm[(size_t)n_done[j]++ * n_methods + j]);
-      seconds[j] += st.seconds;
-      tokens[j] += st.prefix_tokens + st.question_tokens;
-      naive[j] += st.naive_tokens;
-      cJSON *o = metrics_json(&sm[(size_t)(n_done[j] - 1) * n_methods + j]);
-      cJSON_AddNumberToObject(o, "seconds", st.seconds);
-      cJSON_AddNumberToObject(o, "tokens", (double)(st.prefix_tokens + st.question_tokens));
-      cJSON_AddNumberToObject(o, "naive_tokens", (double)st.naive_tokens);
-      cJSON *items = cJSON_AddArrayToObject(o, "items");
-      for (int i = 0; i < n_test; i++) {
-        cJSON *it = cJSON_CreateObject();
-        cJSON_AddNumberToObject(it, "item", preds[i].item);
-        cJSON_AddNumberToObject(it, "truth", preds[i].truth);
-        cJSON_AddNumberToObject(it, "answer", preds[i].answer);
-        if (!isnan(preds[i].expected)) {
-          cJSON_AddNumberToObject(it, "expected", preds[i].expected);
-          if (methods[j]->needs_model && eo.mode == PA_READ_LOGITS)
-            cJSON_AddItemToObject(it, "p", cJSON_CreateFloatArray(probs + (size_t)i * 5, 5));
+      const pa_eval_stats *st = &mo.stats;
+      seconds[j] += st->seconds;
+      tokens[j] += st->prefix_tokens + st->question_tokens;
+      naive[j] += st->naive_tokens;
+      runs[j]++;
+      for (int r = 0; r < mo.n_rows; r++) {
+        int row = 0;
+        while (row < n_rows && strcmp(row_name[row], mo.name[r]) != 0)
+          row++;
+        if (row == n_rows) {
+          if (n_rows == MAX_ROWS)
+            continue;
+          snprintf(row_name[n_rows++], sizeof row_name[0], "%s", mo.name[r]);
         }
-        cJSON_AddItemToArray(items, it);
+        pa_pred *preds = mo.preds[r];
+        for (int i = 0; i < mo.n[r]; i++)
+          preds[i].truth = s->answers[preds[i].item];
+        pa_subject_metrics *m = &sm[(size_t)n_done[row]++ * MAX_ROWS + row];
+        pa_metrics_subject(inv, preds, mo.n[r], m);
+        cJSON *o = metrics_json(m);
+        cJSON_AddNumberToObject(o, "seconds", st->seconds);
+        cJSON_AddNumberToObject(o, "tokens", (double)(st->prefix_tokens + st->question_tokens));
+        cJSON_AddNumberToObject(o, "naive_tokens", (double)st->naive_tokens);
+        cJSON *items = cJSON_AddArrayToObject(o, "items");
+        for (int i = 0; i < mo.n[r]; i++) {
+          cJSON *it = cJSON_CreateObject();
+          cJSON_AddNumberToObject(it, "item", preds[i].item);
+          cJSON_AddNumberToObject(it, "truth", preds[i].truth);
+          cJSON_AddNumberToObject(it, "answer", preds[i].answer);
+          if (!isnan(preds[i].expected))
+            cJSON_AddNumberToObject(it, "expected", preds[i].expected);
+          if (!isnan(mo.probs[r][(size_t)i * 5]))
+            cJSON_AddItemToObject(it, "p", cJSON_CreateFloatArray(mo.probs[r] + (size_t)i * 5, 5));
+          cJSON_AddItemToArray(items, it);
+        }
+        cJSON_AddItemToObject(jm, mo.name[r], o);
+        if (methods[j]->needs_model)
+          fprintf(stderr, "  subject %s  %-22s sum MAE %.2f  %5.1f s  %ld tokens (%.1fx fewer than full prompts)\n",
+                  s->id, mo.name[r], m->mae_sum, st->seconds, st->prefix_tokens + st->question_tokens,
+                  st->prefix_tokens + st->question_tokens > 0
+                      ? (double)st->naive_tokens / (double)(st->prefix_tokens + st->question_tokens)
+                      : 0.0);
       }
-      cJSON_AddItemToObject(jm, methods[j]->name, o);
-      if (methods[j]->needs_model)
-        fprintf(stderr, "  subject %s  %-10s sum MAE %.2f  %5.1f s  %ld tokens (%.1fx fewer than full prompts)\n",
-                s->id, methods[j]->name, sm[(size_t)(n_done[j] - 1) * n_methods + j].mae_sum, st.seconds,
-                st.prefix_tokens + st.question_tokens,
-                (double)st.naive_tokens / (double)(st.prefix_tokens + st.question_tokens));
+      if (methods[j]->needs_bank && pas_result.status == PA_PAS_FITTED && !strcmp(pas_result.subject_id, s->id)) {
+        cJSON *pj = cJSON_AddObjectToObject(jm, methods[j]->name);
+        const pa_pas_variant v = strcmp(methods[j]->name, "pas") ? PA_PAS_VAR_ONLY : PA_PAS_VAR_PAS;
+        for (int p = 0; p < PA_PAS_N_PROTOCOLS; p++)
+          cJSON_AddNumberToObject(pj, p ? "alpha_holdout" : "alpha_reference", pas_result.chosen[v][p].alpha);
+        cJSON_AddNumberToObject(pj, "fit_seconds", pas_result.fit_seconds);
+        cJSON *heads = cJSON_AddArrayToObject(pj, "heads");
+        for (int h = 0; h < pas_result.fit.n_selected; h++) {
+          cJSON *jh = cJSON_CreateObject();
+          cJSON_AddNumberToObject(jh, "layer", pas_result.fit.heads[h].layer);
+          cJSON_AddNumberToObject(jh, "head", pas_result.fit.heads[h].head);
+          cJSON_AddNumberToObject(jh, "score", pas_result.fit.heads[h].score);
+          cJSON_AddNumberToObject(jh, "sigma", pas_result.fit.heads[h].sigma);
+          cJSON_AddItemToArray(heads, jh);
+        }
+      }
     }
     cJSON_AddItemToArray(jsub, js);
     const double el = now() - t_start, rate = (double)(k + 1) / el;
@@ -328,22 +426,24 @@ int cmd_eval(int argc, char **argv) {
   }
 
   /* the table */
-  pa_method_summary *sums = calloc((size_t)n_methods, sizeof *sums);
-  const char *names[MAX_METHODS];
+  pa_method_summary sums[MAX_ROWS];
+  const char *names[MAX_ROWS];
   pa_subject_metrics *col = malloc(n_subj * sizeof *col);
-  for (int j = 0; j < n_methods; j++) {
-    for (int k = 0; k < n_done[j]; k++)
-      col[k] = sm[(size_t)k * n_methods + j];
-    pa_metrics_summarise(col, n_done[j], &sums[j]);
-    names[j] = methods[j]->name;
+  for (int r = 0; r < n_rows; r++) {
+    for (int k = 0; k < n_done[r]; k++)
+      col[k] = sm[(size_t)k * MAX_ROWS + r];
+    pa_metrics_summarise(col, n_done[r], &sums[r]);
+    names[r] = row_name[r];
   }
-  printf("\nMean absolute error on the %d test items per subject (lower is better; %zu subjects, %s mode)\n", n_test,
+  printf("\nMean absolute error on the subjects' test items (lower is better; %zu subjects, %s mode)\n",
          n_subj - skipped, eo.mode == PA_READ_LOGITS ? "logits" : "generate");
-  pa_metrics_print_table(stdout, names, sums, n_methods);
+  pa_metrics_print_table(stdout, names, sums, n_rows);
   for (int j = 0; j < n_methods; j++)
-    if (methods[j]->needs_model && n_done[j] > 0)
-      printf("%-10s %.1f s per subject, %.0f tokens per subject (full prompts one by one: %.0f)\n", names[j],
-             seconds[j] / n_done[j], (double)tokens[j] / n_done[j], (double)naive[j] / n_done[j]);
+    if (methods[j]->needs_bank && runs[j] > 0 && tokens[j] == 0)
+      printf("%-10s computed together with the other PAS variant (one fit, both prompts)\n", methods[j]->name);
+    else if (methods[j]->needs_model && runs[j] > 0)
+      printf("%-10s %.1f s per subject, %.0f tokens per subject (full prompts one by one: %.0f)\n",
+             methods[j]->name, seconds[j] / runs[j], (double)tokens[j] / runs[j], (double)naive[j] / runs[j]);
   if (skipped || failed)
     printf("%zu subjects skipped as unusable, %zu method runs failed (see the messages above)\n", skipped, failed);
 
@@ -354,18 +454,19 @@ int cmd_eval(int argc, char **argv) {
     cJSON_AddStringToObject(settings, "mode", eo.mode == PA_READ_LOGITS ? "logits" : "generate");
     cJSON_AddBoolToObject(settings, "lowercase_items", !eo.keep_case);
     cJSON_AddStringToObject(settings, "subjects", range);
+    cJSON_AddNumberToObject(settings, "seed", seed);
     cJSON *summary = cJSON_AddObjectToObject(root, "summary");
-    for (int j = 0; j < n_methods; j++) {
-      cJSON *o = cJSON_AddObjectToObject(summary, names[j]);
-      cJSON_AddNumberToObject(o, "subjects", sums[j].n_subjects);
-      cJSON_AddNumberToObject(o, "mae_sum", sums[j].sum);
-      cJSON_AddNumberToObject(o, "mae_sum_ci95", sums[j].sum_ci);
+    for (int r = 0; r < n_rows; r++) {
+      cJSON *o = cJSON_AddObjectToObject(summary, names[r]);
+      cJSON_AddNumberToObject(o, "subjects", sums[r].n_subjects);
+      cJSON_AddNumberToObject(o, "mae_sum", sums[r].sum);
+      cJSON_AddNumberToObject(o, "mae_sum_ci95", sums[r].sum_ci);
       cJSON *mae = cJSON_AddObjectToObject(o, "mae");
       for (int t = 0; t < PA_N_TRAITS; t++) {
         char key[2] = {pa_trait_letter(t), 0};
-        cJSON_AddNumberToObject(mae, key, sums[j].mae[t]);
+        cJSON_AddNumberToObject(mae, key, sums[r].mae[t]);
       }
-      cJSON_AddNumberToObject(o, "unknown", (double)sums[j].n_unknown);
+      cJSON_AddNumberToObject(o, "unknown", (double)sums[r].n_unknown);
     }
     char *text = cJSON_Print(root);
     FILE *f = text ? fopen(json_path, "w") : NULL;
@@ -376,7 +477,11 @@ int cmd_eval(int argc, char **argv) {
     cJSON_free(text);
   }
   cJSON_Delete(root);
-  free(sums), free(col), free(sm), free(n_done), free(preds), free(probs), free(seconds), free(tokens), free(naive);
+  free(col), free(sm);
+  for (int r = 0; r < PA_METHOD_MAX_ROWS; r++)
+    free(mo.preds[r]), free(mo.probs[r]);
+  pa_pas_result_free(&pas_result);
+  pa_bank_destroy(bank);
   pa_evaluator_destroy(ev);
   pa_lm_destroy(lm);
   pa_chat_template_destroy(named);

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include "testutil.h"
@@ -102,11 +103,75 @@ static void test_mkmodel_inspect_tokenize(void **s) {
   assert_int_equal(palign("mkmodel %s/tiny.gguf", tu_tmp), 1);
 }
 
+/* A tiny PAPI folder: 20 items (4 per trait: 2 train, 2 test), 3 subjects. */
+static void write_tiny_papi(const char *dir) {
+  char path[600], buf[16384];
+  const char traits[] = "OCEAN";
+  size_t n = (size_t)snprintf(buf, sizeof buf, "item,ipip120_no,trait,facet_code,facet,keyed,text\n");
+  for (int i = 1; i <= 20; i++)
+    n += (size_t)snprintf(buf + n, sizeof buf - n, "%d,%d,%c,%c1,Facet,%c,Like thing number %d.\n", i, i,
+                          traits[(i - 1) % 5], traits[(i - 1) % 5], i % 3 ? '+' : '-', i);
+  snprintf(path, sizeof path, "%s/ipip_neo_300_items.csv", dir);
+  tu_write_text(path, buf);
+  snprintf(path, sizeof path, "%s/mpi_300_split.json", dir);
+  tu_write_text(path, "{\"train_index\": [1,2,3,4,5,6,7,8,9,10], \"test_index\": [11,12,13,14,15,16,17,18,19,20]}");
+  n = (size_t)snprintf(buf, sizeof buf, "[");
+  for (int s = 0; s < 3; s++) {
+    n += (size_t)snprintf(buf + n, sizeof buf - n, "%s{\"case\": %d", s ? "," : "", 100 + s);
+    for (int i = 1; i <= 20; i++)
+      n += (size_t)snprintf(buf + n, sizeof buf - n, ", \"i%d\": %d", i, 1 + (i * 7 + s * 3) % 5);
+    n += (size_t)snprintf(buf + n, sizeof buf - n, "}");
+  }
+  snprintf(buf + n, sizeof buf - n, "]");
+  snprintf(path, sizeof path, "%s/Test-set.json", dir);
+  tu_write_text(path, buf);
+  snprintf(path, sizeof path, "%s/personality_prompt.json", dir);
+  tu_write_text(path, "[{\"output\": [\"You like order.\"]}, {\"output\": [\"You are calm.\"]}, "
+                      "{\"output\": [\"You love parties.\"]}]");
+}
+
+/* palign eval end to end: every method, PAS with both protocols, the bank cached and reused. */
+static void test_eval_all_methods(void **s) {
+  (void)s;
+  char papi[300], json[300];
+  tu_path(papi, sizeof papi, "papi");
+  assert_int_equal(mkdir(papi, 0755), 0);
+  write_tiny_papi(papi);
+  tu_path(json, sizeof json, "eval.json");
+  assert_int_equal(palign("mkmodel %s/tiny.gguf --layers 2 --seed 3", tu_tmp), 0);
+  assert_int_equal(palign("eval --model %s/tiny.gguf --papi %s --methods none,icl,p2,pas,pas_only --subjects all "
+                          "--holdout 1 --bank %s/bank.bin --json %s",
+                          tu_tmp, papi, tu_tmp, json),
+                   0);
+  expect_out("activation bank computed and saved to");
+  const char *rows[] = {"none ", "icl ", "p2 ", "pas (reference)", "pas (holdout)", "pas_only (reference)",
+                        "pas_only (holdout)", "const3", "trait_mean"};
+  for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
+    expect_out(rows[i]);
+  size_t len;
+  char *text = tu_slurp(json, &len);
+  assert_non_null(strstr(text, "\"alpha_holdout\""));
+  assert_non_null(strstr(text, "\"pas (holdout)\""));
+  free(text);
+  /* a second run reads the bank back */
+  assert_int_equal(palign("eval --model %s/tiny.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank %s/bank.bin",
+                          tu_tmp, papi, tu_tmp),
+                   0);
+  expect_out("activation bank read from");
+  /* a bank made for another model is refused, not used */
+  assert_int_equal(palign("mkmodel %s/other.gguf --layers 2 --seed 4", tu_tmp), 0);
+  assert_int_equal(palign("eval --model %s/other.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank %s/bank.bin",
+                          tu_tmp, papi, tu_tmp),
+                   1);
+  expect_out("bank.bin");
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup_teardown(test_usage, tu_setup, tu_teardown),
       cmocka_unit_test_setup_teardown(test_bad_model_files, tu_setup, tu_teardown),
       cmocka_unit_test_setup_teardown(test_mkmodel_inspect_tokenize, tu_setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_eval_all_methods, tu_setup, tu_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -73,8 +73,10 @@ static void check_method(const char *method) {
   pa_pred preds[PA_MAX_ITEMS];
   float probs[PA_MAX_ITEMS * 5];
   const pa_method_ctx ctx = {.inv = inv, .ev = ev};
-  if (pa_method_find(method)->run(&ctx, pa_subjects_at(subjects, 0), test, n_test, preds, probs, NULL))
+  pa_method_out out = {.preds = {preds}, .probs = {probs}};
+  if (pa_method_find(method)->run(&ctx, pa_subjects_at(subjects, 0), test, n_test, &out))
     fail_msg("%s: %s", method, pa_errmsg());
+  assert_int_equal(out.n[0], n_test);
 
   char path[512];
   snprintf(path, sizeof path, "%s/answers/subject0_%s.tsv", PALIGN_TEST_DATA, method);

@@ -226,16 +226,18 @@ static void test_methods(void **s) {
   int n_test;
   const int *test = pa_inventory_test(inv, &n_test);
   pa_pred preds[5];
-  assert_int_equal(pa_method_find("const3")->run(&ctx, pa_subjects_at(subjects, 0), test, n_test, preds, NULL, NULL),
-                   PA_OK);
+  pa_method_out out = {.preds = {preds}};
+  assert_int_equal(pa_method_find("const3")->run(&ctx, pa_subjects_at(subjects, 0), test, n_test, &out), PA_OK);
+  assert_int_equal(out.n_rows, 1);
+  assert_string_equal(out.name[0], "const3");
+  assert_int_equal(out.n[0], n_test);
   for (int i = 0; i < n_test; i++)
     assert_int_equal(preds[i].answer, 3);
   /* p2 without a description fails for that subject, naming it */
   pa_evaluator *ev;
   assert_int_equal(pa_evaluator_create(lm, pa_model_tokenizer(model), pa_model_chat(model), NULL, &ev), PA_OK);
   const pa_method_ctx mctx = {.inv = inv, .ev = ev};
-  assert_int_equal(pa_method_find("p2")->run(&mctx, pa_subjects_at(subjects, 1), test, n_test, preds, NULL, NULL),
-                   PA_EINVAL);
+  assert_int_equal(pa_method_find("p2")->run(&mctx, pa_subjects_at(subjects, 1), test, n_test, &out), PA_EINVAL);
   assert_non_null(strstr(pa_errmsg(), "subject 12"));
   pa_evaluator_destroy(ev);
 }

@@ -4,63 +4,123 @@
 #include "status.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int ask(const pa_method_ctx *ctx, const char *system, const int *items, int n, pa_pred *preds, float *probs,
-               pa_eval_stats *stats) {
-  return pa_evaluator_answer(ctx->ev, ctx->inv, system, items, n, NULL, preds, probs, stats);
+/* One row over all items, named after the method. */
+static void one_row(pa_method_out *out, const char *name, int n) {
+  out->n_rows = 1;
+  snprintf(out->name[0], sizeof out->name[0], "%s", name);
+  out->n[0] = n;
 }
 
-static int run_none(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_pred *preds,
-                    float *probs, pa_eval_stats *stats) {
+static int ask(const pa_method_ctx *ctx, const char *name, const char *system, const int *items, int n,
+               pa_method_out *out) {
+  one_row(out, name, n);
+  return pa_evaluator_answer(ctx->ev, ctx->inv, system, items, n, NULL, out->preds[0], out->probs[0], &out->stats);
+}
+
+static int run_none(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_method_out *out) {
   (void)s;
-  return ask(ctx, PA_DEFAULT_SYSTEM, items, n, preds, probs, stats);
+  return ask(ctx, "none", PA_DEFAULT_SYSTEM, items, n, out);
 }
 
-static int run_icl(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_pred *preds,
-                   float *probs, pa_eval_stats *stats) {
+static int run_icl(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_method_out *out) {
   char *system = pa_prompt_icl(ctx->inv, s);
   if (!system)
     return PA_ENOMEM;
-  int rc = ask(ctx, system, items, n, preds, probs, stats);
+  int rc = ask(ctx, "icl", system, items, n, out);
   free(system);
   return rc;
 }
 
-static int run_p2(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_pred *preds,
-                  float *probs, pa_eval_stats *stats) {
+static int run_p2(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_method_out *out) {
   if (!s->description)
     return pa_error(PA_EINVAL, "subject %s has no P2 description (personality_prompt.json)", s->id);
-  return ask(ctx, s->description, items, n, preds, probs, stats);
+  return ask(ctx, "p2", s->description, items, n, out);
 }
 
-static int run_const3(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_pred *preds,
-                      float *probs, pa_eval_stats *stats) {
-  (void)ctx, (void)probs;
-  pa_predict_const3(s, items, n, preds);
-  if (stats)
-    *stats = (pa_eval_stats){0};
+static void no_probs(pa_method_out *out, int n) {
+  if (out->probs[0])
+    for (int i = 0; i < n * 5; i++)
+      out->probs[0][i] = NAN;
+  out->stats = (pa_eval_stats){0};
+}
+
+static int run_const3(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_method_out *out) {
+  (void)ctx;
+  one_row(out, "const3", n);
+  pa_predict_const3(s, items, n, out->preds[0]);
+  no_probs(out, n);
   return PA_OK;
 }
 
-static int run_trait_mean(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_pred *preds,
-                          float *probs, pa_eval_stats *stats) {
-  (void)probs;
-  pa_predict_trait_mean(ctx->inv, s, items, n, preds);
-  if (stats)
-    *stats = (pa_eval_stats){0};
+static int run_trait_mean(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n,
+                          pa_method_out *out) {
+  one_row(out, "trait_mean", n);
+  pa_predict_trait_mean(ctx->inv, s, items, n, out->preds[0]);
+  no_probs(out, n);
   return PA_OK;
 }
 
-static const pa_method none = {"none", "the model under the default system prompt", true, run_none};
-static const pa_method icl = {"icl", "the model under the subject's in-context (train answers) prompt", true, run_icl};
-static const pa_method p2 = {"p2", "the model under the subject's written personality description", true, run_p2};
-static const pa_method const3 = {"const3", "always answers 3 (no model)", false, run_const3};
+/* PAS for one variant: fits (or reuses the fit of the other variant for the
+ * same subject), then reports the chosen alpha's answers per protocol. */
+static int run_pas_variant(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n,
+                           pa_pas_variant v, const char *name, pa_method_out *out) {
+  pa_pas_result *r = ctx->pas_result;
+  out->stats = (pa_eval_stats){0};
+  if (strcmp(r->subject_id, s->id) != 0 || r->n_items != n || memcmp(r->items, items, (size_t)n * sizeof *items)) {
+    int rc = pa_pas_run_subject(ctx->ev, ctx->inv, ctx->bank, s, &ctx->pas, r);
+    if (rc)
+      return rc;
+    out->stats = r->eval;
+  }
+  if (r->status != PA_PAS_FITTED)
+    return pa_error(PA_EINVAL, "subject %s: PAS cannot be fitted: %s", s->id, r->message);
+  out->n_rows = PA_PAS_N_PROTOCOLS;
+  for (int p = 0; p < PA_PAS_N_PROTOCOLS; p++) {
+    const int a = r->chosen[v][p].index;
+    const pa_pred *preds = r->preds + ((size_t)v * r->n_alphas + a) * r->n_items;
+    const float *probs = r->probs + ((size_t)v * r->n_alphas + a) * r->n_items * 5;
+    snprintf(out->name[p], sizeof out->name[p], "%s (%s)", name, pa_pas_protocol_name(p));
+    int k = 0;
+    for (int i = 0; i < r->n_items; i++) {
+      /* the holdout protocol reports on the items it did not choose alpha with */
+      if (p == PA_PAS_PROTO_HOLDOUT && r->in_select[i])
+        continue;
+      out->preds[p][k] = preds[i];
+      if (out->probs[p])
+        memcpy(out->probs[p] + (size_t)k * 5, probs + (size_t)i * 5, 5 * sizeof *probs);
+      k++;
+    }
+    out->n[p] = k;
+  }
+  return PA_OK;
+}
+
+static int run_pas(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_method_out *out) {
+  return run_pas_variant(ctx, s, items, n, PA_PAS_VAR_PAS, "pas", out);
+}
+
+static int run_pas_only(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_method_out *out) {
+  return run_pas_variant(ctx, s, items, n, PA_PAS_VAR_ONLY, "pas_only", out);
+}
+
+static const pa_method none = {"none", "the model under the default system prompt", true, false, run_none};
+static const pa_method icl = {"icl", "the model under the subject's in-context (train answers) prompt", true, false,
+                              run_icl};
+static const pa_method p2 = {"p2", "the model under the subject's written personality description", true, false,
+                             run_p2};
+static const pa_method pas = {"pas", "ICL prompt + PAS head steering, alpha chosen per protocol", true, true,
+                              run_pas};
+static const pa_method pas_only = {"pas_only", "default prompt + PAS head steering (ablation)", true, true,
+                                   run_pas_only};
+static const pa_method const3 = {"const3", "always answers 3 (no model)", false, false, run_const3};
 static const pa_method trait_mean = {"trait_mean", "the subject's rounded mean train answer per trait (no model)",
-                                     false, run_trait_mean};
+                                     false, false, run_trait_mean};
 
-static const pa_method *const all[] = {&none, &icl, &p2, &const3, &trait_mean};
+static const pa_method *const all[] = {&none, &icl, &p2, &pas, &pas_only, &const3, &trait_mean};
 
 const pa_method *const *pa_methods(size_t *n) {
   *n = sizeof all / sizeof all[0];

@@ -1,9 +1,11 @@
 /* methods.h: the things palign evaluates for a subject, by name.
  *
- * A method turns a subject and a list of items into predicted answers. The
- * prompt baselines (none, icl, p2) ask the model under a different system
- * prompt; the model-free rows (const3, trait_mean) need no model. Fitted
- * methods (PAS, DPO) register here the same way.
+ * A method turns a subject and a list of items into predicted answers,
+ * reported as one or more rows: the prompt baselines (none, icl, p2) and the
+ * model-free rows (const3, trait_mean) report one row over all items; PAS
+ * reports one row per alpha-selection protocol (`pas (reference)` over all
+ * items, `pas (holdout)` over the items the holdout protocol reports on).
+ * DPO registers here the same way.
  */
 #ifndef PALIGN_METHODS_H
 #define PALIGN_METHODS_H
@@ -11,25 +13,41 @@
 #include "eval.h"
 #include "inventory.h"
 #include "metrics.h"
+#include "pas.h"
 
 #include <stdbool.h>
 #include <stddef.h>
 
+#define PA_METHOD_MAX_ROWS 2
+
 typedef struct {
   const pa_inventory *inv;
-  pa_evaluator *ev; /* NULL when no model is loaded */
+  pa_evaluator *ev;          /* NULL when no model is loaded */
+  const pa_pas_bank *bank;   /* the activation bank, when a PAS method runs */
+  pa_pas_run_opts pas;       /* PAS settings (seed, grid, ...) */
+  pa_pas_result *pas_result; /* the last subject's PAS result: pas and pas_only share one fit */
 } pa_method_ctx;
+
+/* What a method reports for one subject. The caller provides preds[r] and
+ * probs[r] with room for every item; row r fills n[r] of them. */
+typedef struct {
+  int n_rows;
+  char name[PA_METHOD_MAX_ROWS][48];
+  int n[PA_METHOD_MAX_ROWS];
+  pa_pred *preds[PA_METHOD_MAX_ROWS];
+  float *probs[PA_METHOD_MAX_ROWS]; /* [n][5] option probabilities, or NaN where there are none */
+  pa_eval_stats stats;
+} pa_method_out;
 
 typedef struct {
   const char *name;
   const char *summary;
   bool needs_model;
-  /* Predictions for items[0..n) (preds[i].item, .answer, .expected; truth is
-   * the caller's); probs: [n][5] or NULL; stats may be NULL. A subject the
-   * method cannot handle (p2 without a description) is PA_EINVAL with a
-   * message naming the subject. */
-  int (*run)(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_pred *preds, float *probs,
-             pa_eval_stats *stats);
+  bool needs_bank;
+  /* Fills out's rows for items[0..n) (preds' item, answer, expected; truth
+   * is the caller's). A subject the method cannot handle (p2 without a
+   * description) is PA_EINVAL with a message naming the subject. */
+  int (*run)(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_method_out *out);
 } pa_method;
 
 /* NULL if there is no such method. */
