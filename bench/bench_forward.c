@@ -18,7 +18,9 @@
 #include "backend.h"
 #include "chat.h"
 #include "forward.h"
+#include "inventory.h"
 #include "model.h"
+#include "prompts.h"
 #include "status.h"
 #include "tokenizer.h"
 
@@ -67,31 +69,6 @@ static double sgemm_gflops(const pa_model_config *c) {
   return 2.0 * M * N * K / s / 1e9;
 }
 
-/* The item texts of ipip_neo_300_items.csv (last field of each line), in order. */
-static int read_items(const char *papi, char ***texts) {
-  char path[4096];
-  snprintf(path, sizeof path, "%s/ipip_neo_300_items.csv", papi);
-  FILE *f = fopen(path, "r");
-  if (!f) {
-    fprintf(stderr, "bench_forward: cannot open %s\n", path);
-    exit(1);
-  }
-  char line[1024];
-  int n = 0;
-  *texts = calloc(400, sizeof **texts);
-  while (fgets(line, sizeof line, f) && n < 400) {
-    if (!strncmp(line, "item,", 5))
-      continue;
-    char *last = strrchr(line, ',');
-    if (!last)
-      continue;
-    last[strcspn(last, "\r\n")] = '\0';
-    (*texts)[n++] = strdup(last + 1);
-  }
-  fclose(f);
-  return n;
-}
-
 int main(int argc, char **argv) {
   if (argc < 3) {
     fprintf(stderr, "usage: bench_forward MODEL PAPI_DIR [--threads N] [--naive K|all]\n");
@@ -124,15 +101,17 @@ int main(int argc, char **argv) {
   const double base = sgemm_gflops(c);
   printf("sgemm_gflops %.1f\n", base);
 
-  char **items;
-  const int n_items = read_items(argv[2], &items);
+  pa_inventory *inv;
+  if (pa_inventory_load(argv[2], &inv))
+    die("inventory");
+  const int n_items = pa_inventory_n_items(inv);
   /* the prefix: item texts until ~1,600 tokens */
   char *text = calloc(1 << 16, 1);
   int32_t *prefix = NULL;
   size_t P = 0;
   strcpy(text, "Here are some of your behaviors and your level of recognition towards them;");
   for (int i = 0; i < n_items && P < 1600; i++) {
-    strcat(text, items[i]);
+    strcat(text, pa_inventory_item(inv, i + 1)->text);
     strcat(text, ":Moderately Accurate;");
     free(prefix);
     if (pa_tokenizer_encode(tok, text, strlen(text), 0, &prefix, &P))
@@ -187,9 +166,8 @@ int main(int argc, char **argv) {
   }
 
   if (quick) {
-    for (int i = 0; i < n_items; i++)
-      free(items[i]);
-    free(items), free(prefix), free(text);
+    pa_inventory_destroy(inv);
+    free(prefix), free(text);
     pa_lm_destroy(lm);
     pa_model_close(m);
     return 0;
@@ -202,13 +180,11 @@ int main(int argc, char **argv) {
   int32_t **cont = calloc(n_seqs, sizeof *cont);
   size_t cont_tokens = 0, max_n = 0;
   for (int i = 0; i < n_seqs; i++) {
-    char q[1024];
-    snprintf(q, sizeof q,
-             "<|im_start|>user\nGiven a statement of you: \"You %s.\"\nPlease choose from the following options to "
-             "identify how accurately this statement describes you.\nOptions:\n(A). Very Accurate\n(B). Moderately "
-             "Accurate\n(C). Neither Accurate Nor Inaccurate\n(D). Moderately Inaccurate\n(E). Very Inaccurate\n"
-             "<|im_end|>\n<|im_start|>assistant\nOption (",
-             items[(i * 7) % n_items]);
+    /* a user turn in the default model's ChatML after the prefix, asking PAS.md's item question */
+    char *question = pa_prompt_question(pa_inventory_item(inv, (i * 7) % n_items + 1), true);
+    char q[2048];
+    snprintf(q, sizeof q, "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\nOption (", question);
+    free(question);
     size_t n;
     if (pa_tokenizer_encode(tok, q, strlen(q), PA_TOK_PARSE_SPECIAL, &cont[i], &n))
       die("tokenize");
@@ -281,9 +257,8 @@ int main(int argc, char **argv) {
     free(cont[i]);
     pa_kv_destroy(seqs[i].kv);
   }
-  for (int i = 0; i < n_items; i++)
-    free(items[i]);
-  free(items), free(cont), free(seqs), free(full), free(want), free(logits), free(prefix), free(text);
+  pa_inventory_destroy(inv);
+  free(cont), free(seqs), free(full), free(want), free(logits), free(prefix), free(text);
   pa_kv_destroy(pkv);
   pa_kv_destroy(fkv);
   pa_chat_template_destroy(tmpl);
