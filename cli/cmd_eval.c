@@ -8,6 +8,7 @@
 #include "chat.h"
 #include "eval.h"
 #include "bank.h"
+#include "fileio.h"
 #include "forward.h"
 #include "inventory.h"
 #include "methods.h"
@@ -25,7 +26,7 @@
 #include <time.h>
 
 #define MAX_METHODS 16
-#define MAX_ROWS 32
+#define MAX_ROWS    32
 
 static void usage(FILE *f) {
   size_t n;
@@ -75,32 +76,6 @@ static int parse_int(const char *flag, const char *v, int lo, int hi, int *out) 
 }
 
 /* RANGE -> [*first, *last] (0-based, inclusive) within n subjects. */
-static int parse_range(const char *r, size_t n, size_t *first, size_t *last) {
-  if (!strcmp(r, "all")) {
-    *first = 0, *last = n - 1;
-    return 0;
-  }
-  char *end;
-  errno = 0;
-  unsigned long a = strtoul(r, &end, 10);
-  if (errno || end == r)
-    return -1;
-  if (*end == '\0') {
-    if (a == 0)
-      return -1;
-    *first = 0, *last = (a > n ? n : a) - 1;
-    return 0;
-  }
-  if (*end != '-')
-    return -1;
-  const char *r2 = end + 1;
-  unsigned long b = strtoul(r2, &end, 10);
-  if (errno || end == r2 || *end || b < a || a >= n)
-    return -1;
-  *first = a, *last = b >= n ? n - 1 : b;
-  return 0;
-}
-
 static cJSON *metrics_json(const pa_subject_metrics *m) {
   cJSON *o = cJSON_CreateObject();
   cJSON *mae = cJSON_AddObjectToObject(o, "mae");
@@ -128,6 +103,24 @@ static void bank_progress(void *ctx, int done, int total) {
   fprintf(stderr, "\ractivation bank: %d/%d sequences", done, total);
   if (done == total)
     fputc('\n', stderr);
+}
+
+/* The reference code answers every item of every alpha with its whole prompt
+ * and then generates this many tokens (PAS.md). */
+#define REFERENCE_GEN_TOKENS 15
+
+static long reference_way_tokens(const pa_eval_stats *e) {
+  return e->naive_tokens + (long)REFERENCE_GEN_TOKENS * e->prompts;
+}
+
+/* Writes root to path (replacing it atomically); 0 or PA_EIO, with a message. */
+static int write_json(const cJSON *root, const char *path) {
+  char *text = cJSON_Print(root);
+  int rc = text ? pa_write_atomic(path, &(pa_chunk){text, strlen(text)}, 1) : PA_ENOMEM;
+  cJSON_free(text);
+  if (rc)
+    fprintf(stderr, "palign eval: cannot write %s: %s\n", path, pa_errmsg());
+  return rc ? PA_EIO : PA_OK;
 }
 
 /* The PAS activation bank from its cache file, or computed and saved there. */
@@ -176,9 +169,9 @@ int cmd_eval(int argc, char **argv) {
       eo.no_share = true;
       continue;
     }
-    static const char *const opts[] = {"--model", "--papi",   "--subjects", "--json",     "--methods", "--mode",
-                                       "--prefix", "--batch", "--template", "--threads", "--seed",    "--bank",
-                                       "--holdout"};
+    static const char *const opts[] = {"--model", "--papi",   "--subjects", "--json",     "--methods",
+                                       "--mode",  "--prefix", "--batch",    "--template", "--threads",
+                                       "--seed",  "--bank",   "--holdout"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof opts / sizeof opts[0]); j++)
       if (!strcmp(a, opts[j]))
@@ -203,12 +196,24 @@ int cmd_eval(int argc, char **argv) {
       eo.mode = strcmp(v, "logits") ? PA_READ_GENERATE : PA_READ_LOGITS;
       break;
     case 6: eo.prefix = v; break;
-    case 7: if (parse_int(a, v, 1, 4096, &eo.batch)) return 2; break;
+    case 7:
+      if (parse_int(a, v, 1, 4096, &eo.batch))
+        return 2;
+      break;
     case 8: template_name = v; break;
-    case 9: if (parse_int(a, v, 1, 1024, &threads)) return 2; break;
-    case 10: if (parse_int(a, v, 0, INT32_MAX, &seed)) return 2; break;
+    case 9:
+      if (parse_int(a, v, 1, 1024, &threads))
+        return 2;
+      break;
+    case 10:
+      if (parse_int(a, v, 0, INT32_MAX, &seed))
+        return 2;
+      break;
     case 11: bank_path = v; break;
-    default: if (parse_int(a, v, 1, 1000, &holdout)) return 2; break;
+    default:
+      if (parse_int(a, v, 1, 1000, &holdout))
+        return 2;
+      break;
     }
   }
   if (!methods_arg) {
@@ -220,30 +225,14 @@ int cmd_eval(int argc, char **argv) {
   const pa_method *methods[MAX_METHODS];
   int n_methods = 0;
   bool need_model = false, need_bank = false;
-  char *list = strdup(methods_arg);
-  for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-    const pa_method *m = pa_method_find(tok);
-    if (!m) {
-      fprintf(stderr, "palign eval: unknown method '%s' (see --help)\n", tok);
-      free(list);
-      return 2;
-    }
-    bool dup = false;
-    for (int j = 0; j < n_methods; j++)
-      dup |= methods[j] == m;
-    if (!dup && n_methods < MAX_METHODS - 2)
-      methods[n_methods++] = m;
-    need_model |= m->needs_model;
-    need_bank |= m->needs_bank;
+  n_methods = pa_methods_parse(methods_arg, methods, MAX_METHODS);
+  if (n_methods < 0) {
+    fprintf(stderr, "palign eval: %s (see --help)\n", pa_errmsg());
+    return 2;
   }
-  free(list);
-  for (int j = 0; j < 2; j++) {
-    const pa_method *m = pa_method_find(j ? "trait_mean" : "const3");
-    bool have = false;
-    for (int k = 0; k < n_methods; k++)
-      have |= methods[k] == m;
-    if (!have)
-      methods[n_methods++] = m;
+  for (int j = 0; j < n_methods; j++) {
+    need_model |= methods[j]->needs_model;
+    need_bank |= methods[j]->needs_bank;
   }
   if (need_model && !model_path) {
     fprintf(stderr, "palign eval: the methods asked for need --model\n");
@@ -273,7 +262,7 @@ int cmd_eval(int argc, char **argv) {
     rc = pa_subjects_load_descriptions(subjects, path);
   }
   size_t first = 0, last = 0;
-  if (!rc && parse_range(range, pa_subjects_count(subjects), &first, &last)) {
+  if (!rc && pa_subjects_range(range, pa_subjects_count(subjects), &first, &last)) {
     fprintf(stderr, "palign eval: --subjects '%s' is not all, N or A-B within the %zu subjects\n", range,
             pa_subjects_count(subjects));
     pa_subjects_destroy(subjects);
@@ -330,12 +319,22 @@ int cmd_eval(int argc, char **argv) {
   }
   pa_pas_result pas_result = {0};
   cJSON *root = cJSON_CreateObject(), *jsub = cJSON_AddArrayToObject(root, "subjects");
-  pa_method_ctx ctx = {.inv = inv, .ev = ev, .pas = {.run_seed = (uint64_t)seed, .holdout_per_trait = holdout}, .pas_result = &pas_result};
+  pa_method_ctx ctx = {.inv = inv,
+                       .ev = ev,
+                       .pas = {.run_seed = (uint64_t)seed,
+                               .holdout_per_trait = holdout,
+                               .variants = pa_methods_pas_variants(methods, n_methods)},
+                       .pas_result = &pas_result};
   pa_pas_bank bank_view;
   if (bank) {
     bank_view = pa_bank_view(bank);
     ctx.bank = &bank_view;
   }
+  struct {
+    int n;
+    double fit_s, grid_s;
+    long tokens, naive, ref;
+  } pas_cost = {0};
   const double t_start = now();
   size_t skipped = 0, failed = 0;
   double last_report = 0;
@@ -405,6 +404,11 @@ int cmd_eval(int argc, char **argv) {
         for (int p = 0; p < PA_PAS_N_PROTOCOLS; p++)
           cJSON_AddNumberToObject(pj, p ? "alpha_holdout" : "alpha_reference", pas_result.chosen[v][p].alpha);
         cJSON_AddNumberToObject(pj, "fit_seconds", pas_result.fit_seconds);
+        cJSON_AddNumberToObject(pj, "alpha_grid_seconds", pas_result.eval_seconds);
+        cJSON_AddNumberToObject(pj, "alpha_grid_tokens",
+                                (double)(pas_result.eval.prefix_tokens + pas_result.eval.question_tokens));
+        cJSON_AddNumberToObject(pj, "full_prompt_tokens", (double)pas_result.eval.naive_tokens);
+        cJSON_AddNumberToObject(pj, "reference_way_tokens", (double)reference_way_tokens(&pas_result.eval));
         cJSON *heads = cJSON_AddArrayToObject(pj, "heads");
         for (int h = 0; h < pas_result.fit.n_selected; h++) {
           cJSON *jh = cJSON_CreateObject();
@@ -417,10 +421,27 @@ int cmd_eval(int argc, char **argv) {
       }
     }
     cJSON_AddItemToArray(jsub, js);
+    if (need_bank && pas_result.status == PA_PAS_FITTED && !strcmp(pas_result.subject_id, s->id)) {
+      const pa_eval_stats *e = &pas_result.eval;
+      const long t = e->prefix_tokens + e->question_tokens, ref = reference_way_tokens(e);
+      fprintf(stderr,
+              "  subject %s  PAS: probes %.2f s, alpha grid %.1f s, %ld tokens (full prompts %ld, the reference's "
+              "way %ld: %.1fx)\n",
+              s->id, pas_result.fit_seconds, pas_result.eval_seconds, t, e->naive_tokens, ref,
+              t > 0 ? (double)ref / (double)t : 0.0);
+      pas_cost.n++;
+      pas_cost.fit_s += pas_result.fit_seconds;
+      pas_cost.grid_s += pas_result.eval_seconds;
+      pas_cost.tokens += t;
+      pas_cost.naive += e->naive_tokens;
+      pas_cost.ref += ref;
+    }
+    if (json_path)
+      write_json(root, json_path); /* what is done so far survives an interrupted run */
     const double el = now() - t_start, rate = (double)(k + 1) / el;
     if (need_model || k + 1 == n_subj || el - last_report >= 2) {
-      fprintf(stderr, "[%zu/%zu] subjects done, %.2f subjects/min, %.0f s elapsed, about %.0f s left\n", k + 1,
-              n_subj, rate * 60, el, (double)(n_subj - k - 1) / rate);
+      fprintf(stderr, "[%zu/%zu] subjects done, %.2f subjects/min, %.0f s elapsed, about %.0f s left\n", k + 1, n_subj,
+              rate * 60, el, (double)(n_subj - k - 1) / rate);
       last_report = el;
     }
   }
@@ -442,8 +463,23 @@ int cmd_eval(int argc, char **argv) {
     if (methods[j]->needs_bank && runs[j] > 0 && tokens[j] == 0)
       printf("%-10s computed together with the other PAS variant (one fit, both prompts)\n", methods[j]->name);
     else if (methods[j]->needs_model && runs[j] > 0)
-      printf("%-10s %.1f s per subject, %.0f tokens per subject (full prompts one by one: %.0f)\n",
-             methods[j]->name, seconds[j] / runs[j], (double)tokens[j] / runs[j], (double)naive[j] / runs[j]);
+      printf("%-10s %.1f s per subject, %.0f tokens per subject (full prompts one by one: %.0f)\n", methods[j]->name,
+             seconds[j] / runs[j], (double)tokens[j] / runs[j], (double)naive[j] / runs[j]);
+  if (pas_cost.n > 0) {
+    const pa_bank_stats *bs = pa_bank_stats_get(bank);
+    const long bank_tokens = bs->prefix_tokens + bs->continuation_tokens;
+    int n_usable = 0;
+    for (size_t i = 0; i < pa_subjects_count(subjects); i++)
+      n_usable += pa_subjects_at(subjects, i)->usable;
+    printf("PAS per fitted subject (%d): bank %.1f s and %ld tokens once per model (%.2f s per subject over the %d "
+           "usable subjects), probes %.2f s, alpha grid %.1f s\n",
+           pas_cost.n, bs->seconds, bank_tokens, bs->seconds / (n_usable > 0 ? n_usable : 1), n_usable,
+           pas_cost.fit_s / pas_cost.n, pas_cost.grid_s / pas_cost.n);
+    printf("PAS tokens per fitted subject: %.0f computed; %.0f as full prompts one by one; %.0f the reference's way "
+           "(every alpha x every item, full prompt + %d generated tokens): %.1fx more\n",
+           (double)pas_cost.tokens / pas_cost.n, (double)pas_cost.naive / pas_cost.n, (double)pas_cost.ref / pas_cost.n,
+           REFERENCE_GEN_TOKENS, pas_cost.tokens > 0 ? (double)pas_cost.ref / (double)pas_cost.tokens : 0.0);
+  }
   if (skipped || failed)
     printf("%zu subjects skipped as unusable, %zu method runs failed (see the messages above)\n", skipped, failed);
 
@@ -468,13 +504,8 @@ int cmd_eval(int argc, char **argv) {
       }
       cJSON_AddNumberToObject(o, "unknown", (double)sums[r].n_unknown);
     }
-    char *text = cJSON_Print(root);
-    FILE *f = text ? fopen(json_path, "w") : NULL;
-    if (!f || fputs(text, f) < 0 || fclose(f) != 0) {
-      fprintf(stderr, "palign eval: cannot write %s\n", json_path);
+    if (write_json(root, json_path))
       rc = PA_EIO;
-    }
-    cJSON_free(text);
   }
   cJSON_Delete(root);
   free(col), free(sm);

@@ -17,6 +17,7 @@ const char *pa_strerror(int code) {
   case PA_EUNSUPPORTED: return "unsupported";
   case PA_ENOTFOUND: return "not found";
   case PA_EINVAL: return "invalid argument";
+  case PA_ECANCELED: return "canceled";
   default: return "unknown error";
   }
 }

@@ -17,6 +17,7 @@ enum {
   PA_EUNSUPPORTED = -4, /* well-formed, but something palign does not handle */
   PA_ENOTFOUND = -5,    /* a named key, tensor or file is absent */
   PA_EINVAL = -6,       /* a caller or user passed a bad argument */
+  PA_ECANCELED = -7,    /* stopped on request (a signal) before finishing */
 };
 
 /* A short constant description of a code ("malformed file"). */

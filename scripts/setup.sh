@@ -19,7 +19,7 @@ MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
 PACKAGES=(cmake pkg-config gcc make libopenmpi-dev openmpi-bin protobuf-c-compiler libprotobuf-c-dev
-          libcmocka-dev libopenblas-dev libcjson-dev libpcre2-dev libssl-dev python3 python3-pip)
+          libcmocka-dev libopenblas-dev libcjson-dev libpcre2-dev libssl-dev zlib1g-dev python3 python3-pip)
 
 do_packages=1 do_model=1 do_build=1 sanitize=0
 for arg in "$@"; do

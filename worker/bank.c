@@ -42,6 +42,7 @@ struct pa_bank {
   char *system, *prefix;
   bool lowercase;
   pa_bank_stats stats;
+  int slice_first, slice_n; /* the sequences this process computed (all, unless sliced) */
 };
 
 static double now(void) {
@@ -413,6 +414,7 @@ static int bank_new(int n_items, int L, int H, int hd, const char *system, const
   if (!b)
     return pa_error(PA_ENOMEM, "no memory");
   b->n_items = n_items, b->n_layers = L, b->n_heads = H, b->head_dim = hd;
+  b->slice_first = 0, b->slice_n = 2 * n_items;
   const size_t n = (size_t)2 * n_items * L * H * hd;
   b->z = malloc(n * sizeof *b->z);
   b->items = malloc((size_t)n_items * sizeof *b->items);
@@ -488,7 +490,18 @@ int pa_bank_compute(pa_lm *lm, const pa_tokenizer *tok, const pa_chat_template *
   if (!rc && pairs && !(heads = malloc((size_t)n_slots * per_seq * sizeof *heads)))
     rc = pa_error(PA_ENOMEM, "no memory");
   const int step = pairs ? 2 : 1; /* sequences per slot */
-  for (int start = 0; !rc && start < S; start += step * n_slots) {
+  const int per_batch = step * n_slots, n_batches = (S + per_batch - 1) / per_batch;
+  const int n_slices = o && o->n_slices > 1 ? o->n_slices : 1, slice = n_slices > 1 ? o->slice : 0;
+  if (!rc && (slice < 0 || slice >= n_slices))
+    rc = pa_error(PA_EINVAL, "activation bank: slice %d of %d", slice, n_slices);
+  const int first_seq = (int)((long)n_batches * slice / n_slices) * per_batch;
+  int end_seq = (int)((long)n_batches * (slice + 1) / n_slices) * per_batch;
+  end_seq = end_seq < S ? end_seq : S;
+  if (b) {
+    b->slice_first = first_seq;
+    b->slice_n = end_seq > first_seq ? end_seq - first_seq : 0;
+  }
+  for (int start = first_seq; !rc && start < end_seq; start += per_batch) {
     const int B = (S - start + step - 1) / step < n_slots ? (S - start + step - 1) / step : n_slots;
     for (int k = 0; k < B; k++) {
       const int s = start + step * k;
@@ -514,7 +527,10 @@ int pa_bank_compute(pa_lm *lm, const pa_tokenizer *tok, const pa_chat_template *
         memcpy(b->z + (size_t)(start + 2 * k + 1) * per_seq, heads + (size_t)k * per_seq, per_seq * sizeof *heads);
     }
     if (!rc && o && o->progress)
-      o->progress(o->progress_ctx, start + step * B < S ? start + step * B : S, S);
+      o->progress(o->progress_ctx,
+                  start + step * B - first_seq < end_seq - first_seq ? start + step * B - first_seq
+                                                                     : end_seq - first_seq,
+                  end_seq - first_seq);
   }
   free(heads);
   for (int i = 0; slot && i < n_slots; i++)
@@ -555,6 +571,15 @@ const int *pa_bank_items(const pa_bank *b, int *n) {
 }
 
 const pa_bank_stats *pa_bank_stats_get(const pa_bank *b) { return &b->stats; }
+
+void pa_bank_slice(const pa_bank *b, int *first, int *n) {
+  *first = b->slice_first;
+  *n = b->slice_n;
+}
+
+float *pa_bank_data_mut(pa_bank *b) { return b->z; }
+
+void pa_bank_set_stats(pa_bank *b, const pa_bank_stats *st) { b->stats = *st; }
 
 /* ---- the key ---------------------------------------------------------------- */
 

@@ -58,6 +58,13 @@ typedef struct {
   const char *prefix; /* assistant turn before the letter; NULL: PA_BANK_DEFAULT_PREFIX */
   int batch;          /* items (question + A, then E) per forward batch; 0: 32 */
   bool no_share;      /* compute every sequence whole (no shared prefix): the naive way, for comparison */
+  /* Computing the bank in parts on several ranks: this call fills only its
+   * slice (0 <= slice < n_slices) of the batches (whole batches, contiguous,
+   * so every sequence is computed in the same batch as by a single call and
+   * the values are bit-identical); pa_bank_slice says which sequences. The
+   * parts are then gathered into every rank's bank (the MPI module) and
+   * pa_bank_set_stats records the whole cost. n_slices 0 or 1: everything. */
+  int slice, n_slices;
   /* called after each batch with the sequences done so far (of 2 n_items); may be NULL */
   void (*progress)(void *ctx, int done, int total);
   void *progress_ctx;
@@ -89,6 +96,13 @@ pa_pas_bank pa_bank_view(const pa_bank *b);
 const float *pa_bank_data(const pa_bank *b);        /* [2 n_items][L][H][hd] */
 const int *pa_bank_items(const pa_bank *b, int *n); /* item numbers in bank order */
 const pa_bank_stats *pa_bank_stats_get(const pa_bank *b);
+/* The sequences [*first, *first + *n) that a sliced pa_bank_compute filled
+ * (all of them for an unsliced one); a sequence's values are
+ * pa_bank_data(b) + seq * L * H * hd, 2 sequences (letters A, E) per item. */
+void pa_bank_slice(const pa_bank *b, int *first, int *n);
+/* The bank's data, writable: where gathered slices go. */
+float *pa_bank_data_mut(pa_bank *b);
+void pa_bank_set_stats(pa_bank *b, const pa_bank_stats *st);
 
 /* ---- the key and the cache file ---------------------------------------- */
 

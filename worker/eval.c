@@ -29,6 +29,7 @@ struct pa_evaluator {
   char *memo_system;
   int *memo_items;
   int memo_n;
+  long memo_naive; /* the remembered call's naive_tokens */
   pa_pred *memo_preds;
   float *memo_probs;
   /* one cache per batch slot */
@@ -118,6 +119,13 @@ void pa_evaluator_destroy(pa_evaluator *ev) {
   free(ev);
 }
 
+/* Every forward pass of the evaluator, behind the caller's poll. */
+static int forward(pa_evaluator *ev, const pa_batch *b) {
+  if (ev->o.poll && ev->o.poll(ev->o.poll_ctx))
+    return pa_error(PA_ECANCELED, "stopped on request");
+  return pa_lm_forward(ev->lm, b);
+}
+
 static bool memo_hit(const pa_evaluator *ev, const char *system, const int *items, int n) {
   return ev->memo_preds && n == ev->memo_n && !strcmp(system ? system : "", ev->memo_system) &&
          !memcmp(items, ev->memo_items, (size_t)n * sizeof *items);
@@ -125,7 +133,7 @@ static bool memo_hit(const pa_evaluator *ev, const char *system, const int *item
 
 /* Remembers an unsteered call's answers; on failure simply remembers nothing. */
 static void memo_store(pa_evaluator *ev, const char *system, const int *items, int n, const pa_pred *preds,
-                       const float *probs) {
+                       const float *probs, long naive) {
   free(ev->memo_system), free(ev->memo_items), free(ev->memo_preds), free(ev->memo_probs);
   ev->memo_system = strdup(system ? system : "");
   ev->memo_items = malloc((size_t)n * sizeof *items);
@@ -144,6 +152,7 @@ static void memo_store(pa_evaluator *ev, const char *system, const int *items, i
     for (int i = 0; i < n * N_OPTIONS; i++)
       ev->memo_probs[i] = NAN;
   ev->memo_n = n;
+  ev->memo_naive = naive;
 }
 
 static int reserve_slots(pa_evaluator *ev, int n, int cap) {
@@ -186,7 +195,7 @@ static int shared_prefix(pa_evaluator *ev, const int32_t *ids, int n, const floa
   ev->pn = 0; /* invalid until computed */
   pa_kv_clear(ev->pkv);
   pa_seq seq = {.tokens = ids, .n_tokens = n, .kv = ev->pkv};
-  int rc = pa_lm_forward(ev->lm, &(pa_batch){.seqs = &seq, .n_seqs = 1, .steer = steer});
+  int rc = forward(ev, &(pa_batch){.seqs = &seq, .n_seqs = 1, .steer = steer});
   if (rc)
     return rc;
   ev->pn = n;
@@ -221,7 +230,7 @@ static int answer_logits(pa_evaluator *ev, pa_batch *b, const int *order, pa_pre
   if (!logits)
     return pa_error(PA_ENOMEM, "no memory for logits");
   b->logits = logits;
-  int rc = pa_lm_forward(ev->lm, b);
+  int rc = forward(ev, b);
   for (int s = 0; !rc && s < b->n_seqs; s++) {
     double p[N_OPTIONS];
     pa_softmax_subset(logits + (size_t)s * V, ev->letters, N_OPTIONS, p);
@@ -254,7 +263,7 @@ static int answer_generate(pa_evaluator *ev, pa_batch *b, const int *order, pa_p
     live[s] = s;
   b->logits = logits;
   for (int t = 0; !rc && t < G && n_live > 0; t++) {
-    if ((rc = pa_lm_forward(ev->lm, b)))
+    if ((rc = forward(ev, b)))
       break;
     int kept = 0;
     for (int i = 0; i < n_live; i++) {
@@ -298,7 +307,7 @@ int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *s
     if (probs)
       memcpy(probs, ev->memo_probs, (size_t)n * N_OPTIONS * sizeof *probs);
     if (stats)
-      *stats = (pa_eval_stats){.seconds = now() - t0};
+      *stats = (pa_eval_stats){.naive_tokens = ev->memo_naive, .prompts = n, .seconds = now() - t0};
     return PA_OK;
   }
   int32_t **ids = calloc((size_t)n, sizeof *ids);
@@ -358,7 +367,8 @@ int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *s
     free(ids[i]);
   free(ids), free(len), free(order), free(seqs);
   if (!rc && !steer && n > 0)
-    memo_store(ev, system, items, n, preds, probs);
+    memo_store(ev, system, items, n, preds, probs, st.naive_tokens);
+  st.prompts = n;
   st.seconds = now() - t0;
   if (stats)
     *stats = st;

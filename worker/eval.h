@@ -43,6 +43,10 @@ typedef struct {
   int batch;          /* questions per forward batch; 0: 64 */
   int gen_tokens;     /* generate mode; 0: 15 */
   bool no_share;      /* run every prompt whole (no shared prefix): the naive way, for comparison */
+  /* Called before every forward pass (from the calling thread); a non-zero
+   * return stops the call with PA_ECANCELED. For heartbeats and signals. */
+  int (*poll)(void *ctx);
+  void *poll_ctx;
 } pa_eval_opts;
 
 /* What one call cost. */
@@ -50,6 +54,7 @@ typedef struct {
   long prefix_tokens;       /* computed for the shared prefix (0 when reused) */
   long question_tokens;     /* continuation tokens, generated ones included */
   long naive_tokens;        /* what full prompts one by one would have computed */
+  long prompts;             /* questions answered (remembered answers included) */
   double seconds;
 } pa_eval_stats;
 

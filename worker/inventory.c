@@ -9,6 +9,7 @@
 
 #include <math.h>
 #include <stdarg.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,7 +77,6 @@ static long answer_key(const char *name) {
     return -1;
   return v;
 }
-
 
 /* ---- CSV (RFC 4180: quoted fields may hold commas, quotes as "", newlines) -- */
 
@@ -786,4 +786,32 @@ const pa_subject *pa_subjects_find(const pa_subjects *s, const char *id) {
       lo = mid + 1;
   }
   return NULL;
+}
+
+int pa_subjects_range(const char *r, size_t n, size_t *first, size_t *last) {
+  if (n == 0)
+    return -1;
+  if (!strcmp(r, "all")) {
+    *first = 0, *last = n - 1;
+    return 0;
+  }
+  char *end;
+  errno = 0;
+  unsigned long a = strtoul(r, &end, 10);
+  if (errno || end == r)
+    return -1;
+  if (*end == '\0') {
+    if (a == 0)
+      return -1;
+    *first = 0, *last = (a > n ? n : a) - 1;
+    return 0;
+  }
+  if (*end != '-')
+    return -1;
+  const char *r2 = end + 1;
+  unsigned long b = strtoul(r2, &end, 10);
+  if (errno || end == r2 || *end || b < a || a >= n)
+    return -1;
+  *first = a, *last = b >= n ? n - 1 : b;
+  return 0;
 }

@@ -76,4 +76,9 @@ size_t pa_subjects_count(const pa_subjects *s);
 const pa_subject *pa_subjects_at(const pa_subjects *s, size_t i);
 const pa_subject *pa_subjects_find(const pa_subjects *s, const char *id); /* NULL if absent */
 
+/* A selection of n subjects by position: "all", "N" (the first N; more than
+ * n means all) or "A-B" (positions A..B inclusive, B clipped to n - 1).
+ * 0 with [*first, *last], or -1 if r is none of these or selects nothing. */
+int pa_subjects_range(const char *r, size_t n, size_t *first, size_t *last);
+
 #endif

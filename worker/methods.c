@@ -56,8 +56,7 @@ static int run_const3(const pa_method_ctx *ctx, const pa_subject *s, const int *
   return PA_OK;
 }
 
-static int run_trait_mean(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n,
-                          pa_method_out *out) {
+static int run_trait_mean(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_method_out *out) {
   one_row(out, "trait_mean", n);
   pa_predict_trait_mean(ctx->inv, s, items, n, out->preds[0]);
   no_probs(out, n);
@@ -66,8 +65,8 @@ static int run_trait_mean(const pa_method_ctx *ctx, const pa_subject *s, const i
 
 /* PAS for one variant: fits (or reuses the fit of the other variant for the
  * same subject), then reports the chosen alpha's answers per protocol. */
-static int run_pas_variant(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n,
-                           pa_pas_variant v, const char *name, pa_method_out *out) {
+static int run_pas_variant(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_pas_variant v,
+                           const char *name, pa_method_out *out) {
   pa_pas_result *r = ctx->pas_result;
   out->stats = (pa_eval_stats){0};
   if (strcmp(r->subject_id, s->id) != 0 || r->n_items != n || memcmp(r->items, items, (size_t)n * sizeof *items)) {
@@ -76,6 +75,9 @@ static int run_pas_variant(const pa_method_ctx *ctx, const pa_subject *s, const 
       return rc;
     out->stats = r->eval;
   }
+  if (r->status == PA_PAS_FITTED && r->chosen[v][0].index < 0)
+    return pa_error(PA_EINVAL, "subject %s: PAS was run without the %s variant (pa_pas_run_opts.variants)", s->id,
+                    name);
   if (r->status != PA_PAS_FITTED)
     return pa_error(PA_EINVAL, "subject %s: PAS cannot be fitted: %s", s->id, r->message);
   out->n_rows = PA_PAS_N_PROTOCOLS;
@@ -112,8 +114,7 @@ static const pa_method icl = {"icl", "the model under the subject's in-context (
                               run_icl};
 static const pa_method p2 = {"p2", "the model under the subject's written personality description", true, false,
                              run_p2};
-static const pa_method pas = {"pas", "ICL prompt + PAS head steering, alpha chosen per protocol", true, true,
-                              run_pas};
+static const pa_method pas = {"pas", "ICL prompt + PAS head steering, alpha chosen per protocol", true, true, run_pas};
 static const pa_method pas_only = {"pas_only", "default prompt + PAS head steering (ablation)", true, true,
                                    run_pas_only};
 static const pa_method const3 = {"const3", "always answers 3 (no model)", false, false, run_const3};
@@ -132,4 +133,44 @@ const pa_method *pa_method_find(const char *name) {
     if (!strcmp(all[i]->name, name))
       return all[i];
   return NULL;
+}
+
+unsigned pa_methods_pas_variants(const pa_method *const *methods, int n) {
+  unsigned v = 0;
+  for (int i = 0; i < n; i++)
+    v |= methods[i] == &pas ? 1u << PA_PAS_VAR_PAS : methods[i] == &pas_only ? 1u << PA_PAS_VAR_ONLY : 0;
+  return v;
+}
+
+int pa_methods_parse(const char *list, const pa_method **out, int cap) {
+  int n = 0;
+  const char *p = list ? list : "";
+  while (*p) {
+    size_t len = strcspn(p, ",");
+    char name[48];
+    snprintf(name, sizeof name, "%.*s", (int)(len < sizeof name ? len : sizeof name - 1), p);
+    const pa_method *m = pa_method_find(name);
+    if (!m)
+      return pa_error(PA_EINVAL, "unknown method '%s' (one of none, icl, p2, pas, pas_only, const3, trait_mean)", name);
+    bool dup = false;
+    for (int j = 0; j < n; j++)
+      dup |= out[j] == m;
+    if (!dup && n == cap)
+      return pa_error(PA_EINVAL, "too many methods in '%s'", list);
+    if (!dup)
+      out[n++] = m;
+    p += len + (p[len] == ',');
+  }
+  if (n == 0)
+    return pa_error(PA_EINVAL, "no method named in '%s'", list ? list : "");
+  for (int k = 0; k < 2; k++) {
+    bool have = false;
+    for (int j = 0; j < n; j++)
+      have |= out[j] == (k ? &trait_mean : &const3);
+    if (!have && n == cap)
+      return pa_error(PA_EINVAL, "too many methods in '%s'", list);
+    if (!have)
+      out[n++] = k ? &trait_mean : &const3;
+  }
+  return n;
 }

@@ -52,6 +52,14 @@ typedef struct {
 
 /* NULL if there is no such method. */
 const pa_method *pa_method_find(const char *name);
+/* The methods a comma-separated list names, each once, in the list's order,
+ * followed by the model-free rows (const3, trait_mean) when not named; at
+ * most cap. Returns their number, or PA_EINVAL naming an unknown method (or
+ * a list that is empty or longer than cap). */
+int pa_methods_parse(const char *list, const pa_method **out, int cap);
+
+/* The PAS variants (pa_pas_run_opts.variants bits) that methods[0..n) ask for. */
+unsigned pa_methods_pas_variants(const pa_method *const *methods, int n);
 /* Every method, in a fixed order. */
 const pa_method *const *pa_methods(size_t *n);
 

@@ -118,6 +118,7 @@ static void stats_add(pa_eval_stats *sum, const pa_eval_stats *st) {
   sum->prefix_tokens += st->prefix_tokens;
   sum->question_tokens += st->question_tokens;
   sum->naive_tokens += st->naive_tokens;
+  sum->prompts += st->prompts;
   sum->seconds += st->seconds;
 }
 
@@ -145,6 +146,7 @@ int pa_pas_run_subject(pa_evaluator *ev, const pa_inventory *inv, const pa_pas_b
         return pa_error(PA_EINVAL, "PAS: alpha %g is in the grid twice", alphas[a]);
   }
   const int per_trait = o->holdout_per_trait ? o->holdout_per_trait : PA_PAS_HOLDOUT_PER_TRAIT;
+  const unsigned variants = o->variants ? o->variants : (1u << PA_PAS_N_VARIANTS) - 1;
 
   int rc = PA_OK;
   int *bank_items = NULL;
@@ -247,6 +249,8 @@ int pa_pas_run_subject(pa_evaluator *ev, const pa_inventory *inv, const pa_pas_b
       steer = delta;
     }
     for (int v = 0; v < PA_PAS_N_VARIANTS; v++) {
+      if (!(variants & (1u << v)))
+        continue;
       const size_t row = (size_t)v * n_alphas + a;
       pa_pred *pr = out->preds + row * n_test;
       pa_eval_stats st = {0};
@@ -269,7 +273,9 @@ int pa_pas_run_subject(pa_evaluator *ev, const pa_inventory *inv, const pa_pas_b
   /* selection (step 7) */
   for (int v = 0; v < PA_PAS_N_VARIANTS; v++) {
     const size_t base = (size_t)v * n_alphas;
-    for (int p = 0; p < PA_PAS_N_PROTOCOLS; p++) {
+    for (int p = 0; p < PA_PAS_N_PROTOCOLS && !(variants & (1u << v)); p++)
+      out->chosen[v][p].index = -1;
+    for (int p = 0; p < PA_PAS_N_PROTOCOLS && (variants & (1u << v)); p++) {
       const pa_subject_metrics *sel = p == PA_PAS_PROTO_REFERENCE ? out->m_all + base : out->m_select + base;
       const pa_subject_metrics *rep = p == PA_PAS_PROTO_REFERENCE ? out->m_all + base : out->m_report + base;
       int k = choose(alphas, sel, n_alphas);

@@ -72,6 +72,9 @@ typedef struct {
   const double *alphas;  /* the grid (finite, distinct); NULL: pa_pas_default_alphas */
   int n_alphas;          /* with alphas; 1..PA_PAS_MAX_ALPHAS */
   int holdout_per_trait; /* selection items per trait; 0: PA_PAS_HOLDOUT_PER_TRAIT */
+  /* which variants to evaluate, bits 1 << pa_pas_variant; 0: both. A variant
+   * left out keeps zeroed rows (answers 0) and chosen index -1. */
+  unsigned variants;
 } pa_pas_run_opts;
 
 /* One protocol's outcome for one variant. */

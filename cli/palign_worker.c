@@ -1,0 +1,135 @@
+/* palign-worker: the fitting service (coordinator/service.h).
+ *
+ *   mpirun -np N palign-worker [--model M] [--papi DIR] [--store S] [--methods LIST] ...
+ *
+ * Rank 0 coordinates and every other rank fits; with -np 1 (or without
+ * mpirun) one process does both. Exit status: 0 when every subject asked for
+ * is stored, 3 when stopped by SIGTERM/SIGINT (rerun to resume), 2 for bad
+ * flags, 1 for other errors. */
+#include "comm.h"
+#include "service.h"
+#include "status.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+static void usage(FILE *f) {
+  fprintf(f, "usage: mpirun -np N palign-worker [options]\n"
+             "Fits and evaluates every subject asked for and stores the results (resumable).\n"
+             "  --model M          GGUF file or Hugging Face directory (default $PALIGN_MODEL, else\n"
+             "                     $PALIGN_CACHE or ~/.cache/palign, file " DEFAULT_MODEL_FILE ")\n"
+             "  --papi DIR         PAPI data (default $PALIGN_PAPI_DIR, else ../shared/papi)\n"
+             "  --store S          the store directory (default results/store)\n"
+             "  --methods LIST     comma-separated: none, icl, p2, pas, pas_only (default icl,pas);\n"
+             "                     const3 and trait_mean are always added\n"
+             "  --subjects R       all, N (the first N) or A-B (positions) (default all)\n"
+             "  --subjects-file F  subjects as JSON or CSV instead of PAPI/Test-set.json\n"
+             "  --seed N           run seed: probe splits and the holdout set (default 1)\n"
+             "  --threads N        CPU threads per worker (default: all)\n"
+             "  --mode logits|generate  how answers are read (default logits)\n"
+             "  --holdout N        PAS holdout protocol: selection items per trait (default 6)\n"
+             "  --chunk N          subjects per hand-out (default: from the counts)\n"
+             "  --progress S       seconds between progress lines (default 10)\n"
+             "  --heartbeat S      seconds between a busy worker's heartbeats (default 5)\n"
+             "  --silent S         report a worker silent for this long (default 120)\n");
+}
+
+static int parse_num(const char *flag, const char *v, double lo, double hi, double *out) {
+  char *end;
+  errno = 0;
+  double x = strtod(v, &end);
+  if (errno || end == v || *end || !(x >= lo && x <= hi)) {
+    fprintf(stderr, "palign-worker: %s wants a number in [%g, %g], not '%s'\n", flag, lo, hi, v);
+    return -1;
+  }
+  *out = x;
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  pa_comm *comm = NULL;
+  if (pa_comm_init(&argc, &argv, &comm)) {
+    fprintf(stderr, "palign-worker: %s\n", pa_errmsg());
+    return 1;
+  }
+  const bool talk = pa_comm_rank(comm) == 0; /* usage errors are printed once */
+  char model_buf[4096], papi_buf[] = "../shared/papi";
+  pa_service_opts o = {.model = getenv("PALIGN_MODEL"),
+                       .papi = getenv("PALIGN_PAPI_DIR"),
+                       .store = "results/store",
+                       .methods = "icl,pas",
+                       .subjects = "all",
+                       .seed = 1};
+  int bad = 0;
+  for (int i = 1; i < argc && !bad; i++) {
+    const char *a = argv[i];
+    if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+      if (talk)
+        usage(stdout);
+      pa_comm_finalize(comm);
+      return 0;
+    }
+    static const char *const flags[] = {"--model",         "--papi",     "--store",     "--methods", "--subjects",
+                                        "--subjects-file", "--seed",     "--threads",   "--mode",    "--holdout",
+                                        "--chunk",         "--progress", "--heartbeat", "--silent"};
+    int k = -1;
+    for (int j = 0; j < (int)(sizeof flags / sizeof *flags); j++)
+      if (!strcmp(a, flags[j]))
+        k = j;
+    if (k < 0 || i + 1 >= argc) {
+      if (talk)
+        fprintf(stderr,
+                k < 0 ? "palign-worker: unexpected argument '%s' (see --help)\n" : "palign-worker: %s needs a value\n",
+                a);
+      bad = 1;
+      break;
+    }
+    const char *v = argv[++i];
+    double x = 0;
+    switch (k) {
+    case 0: o.model = v; break;
+    case 1: o.papi = v; break;
+    case 2: o.store = v; break;
+    case 3: o.methods = v; break;
+    case 4: o.subjects = v; break;
+    case 5: o.subjects_file = v; break;
+    case 6: bad = parse_num(a, v, 0, 4294967295.0, &x), o.seed = (uint64_t)x; break;
+    case 7: bad = parse_num(a, v, 1, 1024, &x), o.threads = (int)x; break;
+    case 8:
+      if (strcmp(v, "logits") && strcmp(v, "generate")) {
+        if (talk)
+          fprintf(stderr, "palign-worker: --mode is logits or generate, not '%s'\n", v);
+        bad = 1;
+      }
+      o.eval.mode = strcmp(v, "logits") ? PA_READ_GENERATE : PA_READ_LOGITS;
+      break;
+    case 9: bad = parse_num(a, v, 1, 1000, &x), o.holdout_per_trait = (int)x; break;
+    case 10: bad = parse_num(a, v, 1, 64, &x), o.chunk = (int)x; break;
+    case 11: bad = parse_num(a, v, 0.1, 86400, &o.progress_every); break;
+    case 12: bad = parse_num(a, v, 0.1, 86400, &o.heartbeat_every); break;
+    default: bad = parse_num(a, v, 1, 864000, &o.silent_after); break;
+    }
+  }
+  if (bad) {
+    pa_comm_finalize(comm);
+    return 2;
+  }
+  if (!o.model || !*o.model) {
+    const char *cache = getenv("PALIGN_CACHE"), *home = getenv("HOME");
+    if (cache && *cache)
+      snprintf(model_buf, sizeof model_buf, "%s/%s", cache, DEFAULT_MODEL_FILE);
+    else
+      snprintf(model_buf, sizeof model_buf, "%s/.cache/palign/%s", home ? home : ".", DEFAULT_MODEL_FILE);
+    o.model = model_buf;
+  }
+  if (!o.papi || !*o.papi)
+    o.papi = papi_buf;
+
+  int rc = pa_service_run(comm, &o);
+  pa_comm_finalize(comm);
+  return rc == PA_OK ? 0 : rc == PA_ECANCELED ? 3 : 1;
+}

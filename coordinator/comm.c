@@ -1,0 +1,221 @@
+#include "comm.h"
+
+#include "status.h"
+
+#include <mpi.h>
+#include <stdlib.h>
+#include <time.h>
+
+enum { TAG_WORK = 1, TAG_REPORT = 2 };
+
+struct pa_comm {
+  int rank, size;
+  MPI_Comm workers; /* ranks 1..size-1 (or the one rank); MPI_COMM_NULL on rank 0 of a multi-rank job */
+};
+
+/* Every MPI call goes through this: the call, the place and MPI's message. */
+static int mpi_error(int err, const char *call, int line) {
+  char msg[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(err, msg, &len);
+  return pa_error(PA_EIO, "MPI: %s failed at comm.c:%d: %s", call, line, msg);
+}
+#define MPI_CHECK(call)                                                                                                \
+  do {                                                                                                                 \
+    int err_ = (call);                                                                                                 \
+    if (err_ != MPI_SUCCESS)                                                                                           \
+      return mpi_error(err_, #call, __LINE__);                                                                         \
+  } while (0)
+
+int pa_comm_init(int *argc, char ***argv, pa_comm **out) {
+  *out = NULL;
+  int provided = 0;
+  MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
+  MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+  pa_comm *c = calloc(1, sizeof *c);
+  if (!c)
+    return pa_error(PA_ENOMEM, "no memory");
+  MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &c->rank));
+  MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &c->size));
+  const int is_worker = c->size == 1 || c->rank > 0;
+  MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, is_worker ? 1 : MPI_UNDEFINED, c->rank, &c->workers));
+  if (c->workers != MPI_COMM_NULL)
+    MPI_CHECK(MPI_Comm_set_errhandler(c->workers, MPI_ERRORS_RETURN));
+  *out = c;
+  return PA_OK;
+}
+
+void pa_comm_finalize(pa_comm *c) {
+  if (!c)
+    return;
+  if (c->workers != MPI_COMM_NULL)
+    MPI_Comm_free(&c->workers);
+  free(c);
+  MPI_Finalize();
+}
+
+void pa_comm_abort(pa_comm *c, int code) {
+  (void)c;
+  MPI_Abort(MPI_COMM_WORLD, code);
+}
+
+int pa_comm_rank(const pa_comm *c) { return c->rank; }
+int pa_comm_size(const pa_comm *c) { return c->size; }
+int pa_comm_workers(const pa_comm *c) { return c->size > 1 ? c->size - 1 : 1; }
+int pa_comm_worker_index(const pa_comm *c) { return c->size == 1 ? 0 : c->rank - 1; }
+
+int pa_comm_bcast(pa_comm *c, void *buf, size_t n) {
+  (void)c;
+  if (n > (size_t)INT32_MAX)
+    return pa_error(PA_EINVAL, "MPI: a broadcast of %zu bytes", n);
+  MPI_CHECK(MPI_Bcast(buf, (int)n, MPI_BYTE, 0, MPI_COMM_WORLD));
+  return PA_OK;
+}
+
+int pa_comm_bcast_status(pa_comm *c, int *status) {
+  (void)c;
+  MPI_CHECK(MPI_Bcast(status, 1, MPI_INT, 0, MPI_COMM_WORLD));
+  return PA_OK;
+}
+
+int pa_comm_all_ok(pa_comm *c, int ok, int *all) {
+  (void)c;
+  int mine = ok != 0;
+  MPI_CHECK(MPI_Allreduce(&mine, all, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD));
+  return PA_OK;
+}
+
+int pa_comm_workers_allgather(pa_comm *c, float *buf, size_t per, int first, int n) {
+  if (c->workers == MPI_COMM_NULL)
+    return pa_error(PA_EINVAL, "MPI: the coordinator is not in the worker group");
+  int nw = 0;
+  MPI_CHECK(MPI_Comm_size(c->workers, &nw));
+  if (nw == 1)
+    return PA_OK;
+  int mine[2] = {first, n}, *all = malloc((size_t)nw * 2 * sizeof *all);
+  int *counts = malloc((size_t)nw * sizeof *counts), *displs = malloc((size_t)nw * sizeof *displs);
+  int rc = all && counts && displs ? PA_OK : pa_error(PA_ENOMEM, "no memory");
+  if (!rc) {
+    int err = MPI_Allgather(mine, 2, MPI_INT, all, 2, MPI_INT, c->workers);
+    rc = err == MPI_SUCCESS ? PA_OK : mpi_error(err, "MPI_Allgather", __LINE__);
+  }
+  for (int k = 0; !rc && k < nw; k++) {
+    const size_t cnt = (size_t)all[2 * k + 1] * per, off = (size_t)all[2 * k] * per;
+    if (cnt > (size_t)INT32_MAX || off > (size_t)INT32_MAX)
+      rc = pa_error(PA_EINVAL, "MPI: a slice of %zu floats at %zu is too large for one message", cnt, off);
+    counts[k] = (int)cnt, displs[k] = (int)off;
+  }
+  if (!rc) {
+    int err = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, counts, displs, MPI_FLOAT, c->workers);
+    rc = err == MPI_SUCCESS ? PA_OK : mpi_error(err, "MPI_Allgatherv", __LINE__);
+  }
+  free(all), free(counts), free(displs);
+  return rc;
+}
+
+int pa_comm_workers_barrier(pa_comm *c) {
+  if (c->workers != MPI_COMM_NULL)
+    MPI_CHECK(MPI_Barrier(c->workers));
+  return PA_OK;
+}
+
+/* A packed protobuf message to rank `to` with `tag`. */
+static int send_packed(size_t n, uint8_t *buf, int to, int tag) {
+  int err = MPI_Send(buf, (int)n, MPI_BYTE, to, tag, MPI_COMM_WORLD);
+  free(buf);
+  return err == MPI_SUCCESS ? PA_OK : mpi_error(err, "MPI_Send", __LINE__);
+}
+
+/* Receives the message `st` announces into a fresh buffer. */
+static int recv_probed(MPI_Status *st, uint8_t **buf, int *n) {
+  MPI_CHECK(MPI_Get_count(st, MPI_BYTE, n));
+  *buf = malloc((size_t)*n + 1);
+  if (!*buf)
+    return pa_error(PA_ENOMEM, "no memory");
+  int err = MPI_Recv(*buf, *n, MPI_BYTE, st->MPI_SOURCE, st->MPI_TAG, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+  if (err != MPI_SUCCESS) {
+    free(*buf);
+    return mpi_error(err, "MPI_Recv", __LINE__);
+  }
+  return PA_OK;
+}
+
+int pa_comm_send_work(pa_comm *c, int to, const Palign__Work *w) {
+  (void)c;
+  size_t n = palign__work__get_packed_size(w);
+  uint8_t *buf = malloc(n + 1);
+  if (!buf)
+    return pa_error(PA_ENOMEM, "no memory");
+  palign__work__pack(w, buf);
+  return send_packed(n, buf, to, TAG_WORK);
+}
+
+int pa_comm_recv_work(pa_comm *c, Palign__Work **out) {
+  (void)c;
+  *out = NULL;
+  MPI_Status st;
+  MPI_CHECK(MPI_Probe(0, TAG_WORK, MPI_COMM_WORLD, &st));
+  uint8_t *buf;
+  int n;
+  int rc = recv_probed(&st, &buf, &n);
+  if (rc)
+    return rc;
+  *out = palign__work__unpack(NULL, (size_t)n, buf);
+  free(buf);
+  return *out ? PA_OK : pa_error(PA_EFORMAT, "MPI: a Work message from rank 0 does not unpack");
+}
+
+int pa_comm_send_report(pa_comm *c, const Palign__Report *r) {
+  (void)c;
+  size_t n = palign__report__get_packed_size(r);
+  uint8_t *buf = malloc(n + 1);
+  if (!buf)
+    return pa_error(PA_ENOMEM, "no memory");
+  palign__report__pack(r, buf);
+  return send_packed(n, buf, 0, TAG_REPORT);
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int pa_comm_recv_report(pa_comm *c, double timeout, Palign__Report **out) {
+  (void)c;
+  *out = NULL;
+  const double t_end = now_s() + timeout;
+  MPI_Status st;
+  int flag = 0;
+  /* polled rather than a blocking probe, so that the coordinator can notice
+   * signals and silent workers while it waits */
+  for (;;) {
+    MPI_CHECK(MPI_Iprobe(MPI_ANY_SOURCE, TAG_REPORT, MPI_COMM_WORLD, &flag, &st));
+    if (flag || now_s() >= t_end)
+      break;
+    nanosleep(&(struct timespec){.tv_nsec = 2000000}, NULL);
+  }
+  if (!flag)
+    return PA_OK;
+  uint8_t *buf;
+  int n;
+  int rc = recv_probed(&st, &buf, &n);
+  if (rc)
+    return rc;
+  *out = palign__report__unpack(NULL, (size_t)n, buf);
+  free(buf);
+  return *out ? PA_OK : pa_error(PA_EFORMAT, "MPI: a Report message from rank %d does not unpack", st.MPI_SOURCE);
+}
+
+const char *pa_comm_library(void) {
+  static char version[MPI_MAX_LIBRARY_VERSION_STRING];
+  int len = 0;
+  if (!version[0] && MPI_Get_library_version(version, &len) == MPI_SUCCESS) {
+    for (int i = 0; i < len; i++)
+      if (version[i] == '\n' || version[i] == ',') {
+        version[i] = '\0';
+        break;
+      }
+  }
+  return version;
+}

@@ -1,0 +1,789 @@
+#include "service.h"
+
+#include "bank.h"
+#include "chat.h"
+#include "forward.h"
+#include "inventory.h"
+#include "methods.h"
+#include "model.h"
+#include "pas.h"
+#include "record.h"
+#include "status.h"
+#include "store.h"
+
+#include <math.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef PALIGN_VERSION
+#define PALIGN_VERSION "unknown"
+#endif
+#ifndef PALIGN_GIT_REVISION
+#define PALIGN_GIT_REVISION "unknown"
+#endif
+#ifndef PALIGN_BUILD
+#define PALIGN_BUILD "unknown"
+#endif
+
+#define MAX_METHODS 16
+
+volatile int pa_service_stop_signal = 0;
+
+static void on_signal(int sig) { pa_service_stop_signal = sig; }
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+typedef struct {
+  const pa_service_opts *o;
+  pa_comm *comm;
+  FILE *log;
+  int rank, size;
+  pa_inventory *inv;
+  pa_subjects *subjects;
+  size_t first, last;
+  const pa_method *methods[MAX_METHODS];
+  int n_methods;
+  bool need_model, need_bank;
+  char model_fp[65];
+  int run; /* this run's number (1, 2, ...): names the shards */
+
+  /* a worker's */
+  pa_model *model;
+  pa_lm *lm;
+  pa_evaluator *ev;
+  pa_bank *bank;
+  pa_pas_bank bank_view;
+  pa_pas_result pas;
+  pa_method_ctx ctx;
+  pa_method_out mo;
+  pa_shard_writer *shard;
+  const int *test;
+  int n_test;
+  double last_beat, last_line;
+  char current[64];
+} service;
+
+/* ---- both sides ----------------------------------------------------------------- */
+
+static int load_data(service *sv) {
+  const pa_service_opts *o = sv->o;
+  char path[4096 + 64];
+  int rc = pa_inventory_load(o->papi, &sv->inv);
+  if (!rc) {
+    if (o->subjects_file)
+      snprintf(path, sizeof path, "%s", o->subjects_file);
+    else
+      snprintf(path, sizeof path, "%s/Test-set.json", o->papi);
+    rc = pa_subjects_load(path, sv->inv, &sv->subjects);
+  }
+  if (!rc && !o->subjects_file) {
+    snprintf(path, sizeof path, "%s/personality_prompt.json", o->papi);
+    rc = pa_subjects_load_descriptions(sv->subjects, path);
+  }
+  if (!rc &&
+      pa_subjects_range(o->subjects ? o->subjects : "all", pa_subjects_count(sv->subjects), &sv->first, &sv->last))
+    rc = pa_error(PA_EINVAL, "--subjects '%s' is not all, N or A-B within the %zu subjects", o->subjects,
+                  pa_subjects_count(sv->subjects));
+  if (!rc) {
+    sv->n_methods = pa_methods_parse(o->methods, sv->methods, MAX_METHODS);
+    rc = sv->n_methods < 0 ? sv->n_methods : PA_OK;
+  }
+  for (int j = 0; !rc && j < sv->n_methods; j++) {
+    sv->need_model |= sv->methods[j]->needs_model;
+    sv->need_bank |= sv->methods[j]->needs_bank;
+  }
+  if (!rc)
+    sv->test = pa_inventory_test(sv->inv, &sv->n_test);
+  return rc;
+}
+
+/* The settings a store is made with (strings borrowed from sv and bufs). */
+static void settings_of(const service *sv, Palign__Settings *st, char inv_fp[65], char **names) {
+  palign__settings__init(st);
+  st->model_fingerprint = (char *)sv->model_fp;
+  pa_bank_inventory_fingerprint(sv->inv, inv_fp);
+  st->inventory_fingerprint = inv_fp;
+  for (int j = 0; j < sv->n_methods; j++)
+    names[j] = (char *)sv->methods[j]->name;
+  st->n_methods = (size_t)sv->n_methods;
+  st->methods = names;
+  st->mode = sv->o->eval.mode == PA_READ_GENERATE ? "generate" : "logits";
+  st->run_seed = sv->o->seed;
+  st->lowercase_items = !sv->o->eval.keep_case;
+  st->holdout_per_trait = sv->o->holdout_per_trait ? sv->o->holdout_per_trait : PA_PAS_HOLDOUT_PER_TRAIT;
+  st->n_alphas = sizeof pa_pas_default_alphas / sizeof *pa_pas_default_alphas;
+  st->alphas = (double *)pa_pas_default_alphas;
+  st->top_k = PA_PAS_TOP_K;
+  st->subjects_file = (char *)(sv->o->subjects_file ? sv->o->subjects_file : "Test-set.json");
+}
+
+/* ---- the coordinator's store work -------------------------------------------- */
+
+typedef struct {
+  char **ids;
+  size_t n, cap;
+} id_list;
+
+static int collect_id(void *ctx, const pa_record_info *info, const Palign__SubjectResult *r) {
+  id_list *l = ctx;
+  if (info->status != PA_RECORD_OK)
+    return 0;
+  if (l->n == l->cap) {
+    size_t cap = l->cap ? 2 * l->cap : 256;
+    char **ids = realloc(l->ids, cap * sizeof *ids);
+    if (!ids)
+      return pa_error(PA_ENOMEM, "no memory");
+    l->ids = ids, l->cap = cap;
+  }
+  if (!(l->ids[l->n] = strdup(r->subject_id)))
+    return pa_error(PA_ENOMEM, "no memory");
+  l->n++;
+  return 0;
+}
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* The positions in [first, last] of subjects without a valid record. */
+static int subjects_to_do(service *sv, size_t **todo, size_t *n_todo, size_t *n_stored) {
+  id_list done = {0};
+  size_t counts[6] = {0};
+  int rc = pa_store_read(sv->o->store, collect_id, &done, counts);
+  if (rc == PA_ENOTFOUND)
+    rc = PA_OK;
+  if (!rc && counts[PA_RECORD_OK] < done.n)
+    rc = PA_EINVAL;
+  size_t damaged = 0;
+  for (int k = 1; k < 6; k++)
+    damaged += counts[k];
+  if (!rc && damaged)
+    fprintf(sv->log,
+            "palign-worker: %s: %zu damaged records skipped (palign query %s verify names them); their "
+            "subjects are done again\n",
+            sv->o->store, damaged, sv->o->store);
+  qsort(done.ids, done.n, sizeof *done.ids, cmp_str);
+  *todo = malloc((sv->last - sv->first + 1) * sizeof **todo);
+  if (!rc && !*todo)
+    rc = pa_error(PA_ENOMEM, "no memory");
+  *n_todo = 0, *n_stored = 0;
+  for (size_t i = sv->first; !rc && i <= sv->last; i++) {
+    const char *id = pa_subjects_at(sv->subjects, i)->id;
+    if (done.n && bsearch(&id, done.ids, done.n, sizeof *done.ids, cmp_str))
+      (*n_stored)++;
+    else
+      (*todo)[(*n_todo)++] = i;
+  }
+  for (size_t i = 0; i < done.n; i++)
+    free(done.ids[i]);
+  free(done.ids);
+  return rc;
+}
+
+/* The manifest of this run: the old one's runs and shards, then ours.
+ * Strings are borrowed from `old`, sv and the buffers here. */
+typedef struct {
+  Palign__Manifest *old; /* as read, or NULL for a new store */
+  Palign__Manifest m;
+  Palign__Settings settings;
+  Palign__RunRecord run;
+  Palign__RunRecord **runs;
+  char **shards;
+  char (*shard_names)[64];
+  char inv_fp[65], host[256];
+  char *method_names[MAX_METHODS];
+} run_manifest;
+
+static void run_manifest_free(run_manifest *rm) {
+  if (rm->old)
+    palign__manifest__free_unpacked(rm->old, NULL);
+  free(rm->runs), free(rm->shards), free(rm->shard_names);
+  memset(rm, 0, sizeof *rm);
+}
+
+/* Checks the store's settings, adds this run and its shards to the manifest. */
+static int begin_run(service *sv, run_manifest *rm) {
+  const pa_service_opts *o = sv->o;
+  memset(rm, 0, sizeof *rm);
+  settings_of(sv, &rm->settings, rm->inv_fp, rm->method_names);
+  int rc = pa_manifest_read(o->store, &rm->old);
+  if (rc == PA_ENOTFOUND) {
+    pa_error_clear();
+    rc = PA_OK;
+  }
+  if (!rc && rm->old && rm->old->settings)
+    rc = pa_settings_check(o->store, rm->old->settings, &rm->settings);
+  if (rc)
+    return rc;
+  const size_t n_old_runs = rm->old ? rm->old->n_runs : 0, n_old_shards = rm->old ? rm->old->n_shards : 0;
+  const int workers = pa_comm_workers(sv->comm);
+  rm->runs = calloc(n_old_runs + 1, sizeof *rm->runs);
+  rm->shards = calloc(n_old_shards + (size_t)workers, sizeof *rm->shards);
+  rm->shard_names = calloc((size_t)workers, sizeof *rm->shard_names);
+  if (!rm->runs || !rm->shards || !rm->shard_names)
+    return pa_error(PA_ENOMEM, "no memory");
+  Palign__Manifest *m = &rm->m;
+  palign__manifest__init(m);
+  m->format = PA_STORE_FORMAT;
+  m->settings = &rm->settings;
+  for (size_t i = 0; i < n_old_runs; i++)
+    rm->runs[i] = rm->old->runs[i];
+  for (size_t i = 0; i < n_old_shards; i++)
+    rm->shards[i] = rm->old->shards[i];
+  sv->run = (int)n_old_runs + 1;
+
+  Palign__RunRecord *run = &rm->run;
+  palign__run_record__init(run);
+  gethostname(rm->host, sizeof rm->host - 1);
+  run->started_unix = (int64_t)time(NULL);
+  run->ranks = sv->size;
+  run->git_revision = PALIGN_GIT_REVISION;
+  run->version = PALIGN_VERSION;
+  run->build = PALIGN_BUILD;
+  run->host = rm->host;
+  run->model_path = (char *)o->model;
+  run->papi_dir = (char *)o->papi;
+  rm->runs[n_old_runs] = run;
+  m->n_runs = n_old_runs + 1, m->runs = rm->runs;
+
+  m->n_shards = n_old_shards;
+  for (int w = 0; w < workers; w++) {
+    pa_shard_name(sv->run, sv->size == 1 ? 0 : w + 1, rm->shard_names[w]);
+    bool listed = false; /* a shard name is listed once, even if a run number repeats */
+    for (size_t i = 0; i < m->n_shards; i++)
+      listed |= !strcmp(rm->shards[i], rm->shard_names[w]);
+    if (!listed)
+      rm->shards[m->n_shards++] = rm->shard_names[w];
+  }
+  m->shards = rm->shards;
+  m->subjects_total = (int64_t)pa_subjects_count(sv->subjects);
+  return pa_manifest_write(o->store, m);
+}
+
+static int end_run(service *sv, run_manifest *rm, long done, long failed, bool interrupted) {
+  rm->run.finished_unix = (int64_t)time(NULL);
+  rm->run.subjects_done = done;
+  rm->run.subjects_failed = failed;
+  rm->run.interrupted = interrupted;
+  return pa_manifest_write(sv->o->store, &rm->m);
+}
+
+/* ---- a worker ------------------------------------------------------------------- */
+
+/* The evaluator's poll: stops on a signal, and keeps the coordinator told
+ * that this worker is alive during long subjects. */
+static int worker_poll(void *ctx) {
+  service *sv = ctx;
+  if (pa_service_stop_signal)
+    return 1;
+  const double beat = sv->o->heartbeat_every > 0 ? sv->o->heartbeat_every : 5;
+  if (sv->size > 1 && now_s() - sv->last_beat >= beat) {
+    Palign__Report r = PALIGN__REPORT__INIT;
+    r.rank = sv->rank;
+    r.current = sv->current;
+    pa_comm_send_report(sv->comm, &r);
+    sv->last_beat = now_s();
+  }
+  return 0;
+}
+
+static void bank_progress(void *ctx, int done, int total) {
+  service *sv = ctx;
+  worker_poll(sv);
+  if (pa_comm_worker_index(sv->comm) == 0 && (done == total || now_s() - sv->last_line >= 10)) {
+    fprintf(sv->log, "activation bank: %d/%d sequences of this worker's slice\n", done, total);
+    sv->last_line = now_s();
+  }
+}
+
+static int open_model(service *sv) {
+  const pa_service_opts *o = sv->o;
+  int rc = pa_model_open(o->model, &sv->model);
+  const pa_chat_template *tmpl = rc ? NULL : pa_model_chat(sv->model);
+  if (!rc && !tmpl)
+    rc = pa_error(PA_ENOTFOUND, "%s: no chat template palign knows", o->model);
+  if (!rc) {
+    const int max_seq = pa_model_config_get(sv->model)->max_seq;
+    /* the longest prompts (an ICL system prompt and a question) stay well under 4,096 tokens */
+    rc = pa_lm_create(sv->model, &(pa_lm_opts){.n_threads = o->threads, .max_seq = max_seq < 4096 ? max_seq : 4096},
+                      &sv->lm);
+  }
+  pa_eval_opts eo = o->eval;
+  eo.poll = worker_poll, eo.poll_ctx = sv;
+  if (!rc)
+    rc = pa_evaluator_create(sv->lm, pa_model_tokenizer(sv->model), tmpl, &eo, &sv->ev);
+  return rc;
+}
+
+/* The bank from the store's cache, or computed in slices by the workers,
+ * gathered, and saved by the first worker. Collective over the whole job. */
+static int get_bank(service *sv) {
+  const bool worker = pa_comm_worker_index(sv->comm) >= 0;
+  char path[4096 + 64];
+  snprintf(path, sizeof path, "%s/bank-%.16s.bin", sv->o->store, sv->model_fp);
+  pa_bank_key key;
+  pa_bank_opts bo = {.progress = bank_progress, .progress_ctx = sv};
+  int rc = PA_OK, loaded = 1, all_loaded = 0;
+  if (worker) {
+    rc = pa_bank_key_make(sv->model_fp, pa_model_config_get(sv->model), pa_model_tokenizer(sv->model),
+                          pa_model_chat(sv->model), sv->inv, &bo, &key);
+    if (!rc)
+      rc = pa_bank_load(path, &key, &sv->bank);
+    loaded = rc == PA_OK;
+    if (rc == PA_ENOTFOUND) {
+      pa_error_clear();
+      rc = PA_OK;
+    }
+  }
+  int ok = 0, err;
+  if ((err = pa_comm_all_ok(sv->comm, rc == PA_OK, &ok)))
+    return err;
+  if (!ok)
+    return rc ? rc : pa_error(PA_EINVAL, "another rank could not read the activation bank");
+  if ((err = pa_comm_all_ok(sv->comm, loaded, &all_loaded)))
+    return err;
+  if (all_loaded) {
+    if (worker && pa_comm_worker_index(sv->comm) == 0)
+      fprintf(sv->log, "activation bank read from %s\n", path);
+  } else {
+    if (worker) {
+      pa_bank_destroy(sv->bank);
+      sv->bank = NULL;
+      bo.slice = pa_comm_worker_index(sv->comm);
+      bo.n_slices = pa_comm_workers(sv->comm);
+      const double t0 = now_s();
+      rc = pa_bank_compute(sv->lm, pa_model_tokenizer(sv->model), pa_model_chat(sv->model), sv->inv, &bo, &sv->bank);
+      int first = 0, n = 0;
+      if (!rc) {
+        pa_bank_slice(sv->bank, &first, &n);
+        const pa_pas_bank v = pa_bank_view(sv->bank);
+        rc = pa_comm_workers_allgather(sv->comm, pa_bank_data_mut(sv->bank),
+                                       (size_t)v.n_layers * v.n_heads * v.head_dim, first, n);
+      }
+      if (!rc) {
+        pa_bank_stats st = *pa_bank_stats_get(sv->bank);
+        st.seconds = now_s() - t0; /* the gathered bank's wall time */
+        pa_bank_set_stats(sv->bank, &st);
+        if (pa_comm_worker_index(sv->comm) == 0) {
+          rc = pa_bank_save(sv->bank, path, &key);
+          if (!rc)
+            fprintf(sv->log, "activation bank computed by %d worker(s) in %.1f s and saved to %s\n",
+                    pa_comm_workers(sv->comm), st.seconds, path);
+        }
+      }
+    }
+    if ((err = pa_comm_all_ok(sv->comm, rc == PA_OK, &ok)))
+      return err;
+    if (!ok)
+      return rc ? rc : pa_error(PA_EINVAL, "another rank could not compute its part of the activation bank");
+  }
+  if (worker) {
+    sv->bank_view = pa_bank_view(sv->bank);
+    sv->ctx.bank = &sv->bank_view;
+  }
+  return PA_OK;
+}
+
+static int setup_worker(service *sv) {
+  int rc = sv->need_model ? open_model(sv) : PA_OK;
+  sv->ctx = (pa_method_ctx){.inv = sv->inv,
+                            .ev = sv->ev,
+                            .pas = {.run_seed = sv->o->seed,
+                                    .holdout_per_trait = sv->o->holdout_per_trait,
+                                    .n_threads = sv->o->threads,
+                                    .variants = pa_methods_pas_variants(sv->methods, sv->n_methods)},
+                            .pas_result = &sv->pas};
+  for (int r = 0; !rc && r < PA_METHOD_MAX_ROWS; r++) {
+    sv->mo.preds[r] = malloc((size_t)sv->n_test * sizeof *sv->mo.preds[r]);
+    sv->mo.probs[r] = malloc((size_t)sv->n_test * 5 * sizeof *sv->mo.probs[r]);
+    if (!sv->mo.preds[r] || !sv->mo.probs[r])
+      rc = pa_error(PA_ENOMEM, "no memory");
+  }
+  if (!rc)
+    rc = pa_shard_open(sv->o->store, sv->run, sv->size == 1 ? 0 : sv->rank, &sv->shard);
+  return rc;
+}
+
+static void teardown_worker(service *sv) {
+  pa_shard_close(sv->shard);
+  for (int r = 0; r < PA_METHOD_MAX_ROWS; r++)
+    free(sv->mo.preds[r]), free(sv->mo.probs[r]);
+  pa_pas_result_free(&sv->pas);
+  pa_bank_destroy(sv->bank);
+  pa_evaluator_destroy(sv->ev);
+  pa_lm_destroy(sv->lm);
+  pa_model_close(sv->model);
+}
+
+enum { SUBJECT_DONE, SUBJECT_FAILED, SUBJECT_ABANDONED };
+
+static void method_done(void *ctx, const pa_subject *s, const char *method, const pa_method_out *mo, int failed) {
+  service *sv = ctx;
+  if (failed)
+    fprintf(sv->log, "palign-worker: rank %d: subject %s, method %s failed: %s\n", sv->rank, s->id, method,
+            pa_errmsg());
+}
+
+/* One subject, start to stored record. Negative: an error that stops this worker. */
+static int do_subject(service *sv, size_t index) {
+  const pa_subject *s = pa_subjects_at(sv->subjects, index);
+  snprintf(sv->current, sizeof sv->current, "%s", s->id);
+  pa_record *rec = NULL;
+  int rc = pa_record_create(s, (int64_t)index, sv->o->seed, sv->model_fp, &rec);
+  if (rc)
+    return rc;
+  Palign__SubjectResult *msg = pa_record_message(rec);
+  msg->rank = sv->rank;
+  int outcome = SUBJECT_DONE;
+  if (!s->usable) {
+    msg->failed = true;
+    msg->error = (char *)s->reason;
+    outcome = SUBJECT_FAILED;
+  } else {
+    int n_failed =
+        pa_subject_run(&sv->ctx, sv->methods, sv->n_methods, s, sv->test, sv->n_test, &sv->mo, rec, method_done, sv);
+    if (n_failed == PA_ECANCELED) {
+      pa_record_destroy(rec);
+      sv->current[0] = '\0';
+      return SUBJECT_ABANDONED;
+    }
+    if (n_failed < 0) {
+      pa_record_destroy(rec);
+      return n_failed;
+    }
+    outcome = n_failed ? SUBJECT_FAILED : SUBJECT_DONE;
+  }
+  rc = pa_shard_append(sv->shard, msg);
+  pa_record_destroy(rec);
+  sv->current[0] = '\0';
+  return rc ? rc : outcome;
+}
+
+/* A worker rank's loop: chunks from rank 0 until told to stop. */
+static int worker_loop(service *sv) {
+  int rc = PA_OK;
+  for (;;) {
+    Palign__Work *w = NULL;
+    if ((rc = pa_comm_recv_work(sv->comm, &w)))
+      return rc;
+    const bool stop = w->stop;
+    for (size_t i = 0; !stop && i < w->n_subject_index && !rc; i++) {
+      Palign__Report r = PALIGN__REPORT__INIT;
+      r.rank = sv->rank;
+      char *id = (char *)pa_subjects_at(sv->subjects, (size_t)w->subject_index[i])->id;
+      int out = pa_service_stop_signal ? SUBJECT_ABANDONED : do_subject(sv, (size_t)w->subject_index[i]);
+      if (out < 0) {
+        r.error = (char *)pa_errmsg();
+        rc = out;
+      } else if (out == SUBJECT_ABANDONED) {
+        r.stopping = true;
+        rc = PA_ECANCELED;
+      } else {
+        r.n_done = r.n_failed = 0;
+        if (out == SUBJECT_DONE)
+          r.done = &id, r.n_done = 1;
+        else
+          r.failed = &id, r.n_failed = 1;
+        r.idle = i + 1 == w->n_subject_index;
+      }
+      pa_comm_send_report(sv->comm, &r);
+      sv->last_beat = now_s();
+    }
+    palign__work__free_unpacked(w, NULL);
+    if (stop || rc)
+      return rc;
+  }
+}
+
+/* ---- the coordinator ------------------------------------------------------------ */
+
+typedef struct {
+  double last_seen;
+  bool warned, stopped, idle;
+  char current[64];
+  size_t *chunk; /* assigned, not yet reported */
+  size_t n_chunk;
+} worker_state;
+
+typedef struct {
+  size_t total, done, failed, stored_before;
+  double t0, last_line;
+} progress;
+
+static void print_progress(service *sv, progress *p, const worker_state *ws, int n_workers, bool force) {
+  const double t = now_s(), every = sv->o->progress_every > 0 ? sv->o->progress_every : 10;
+  if (!force && t - p->last_line < every)
+    return;
+  p->last_line = t;
+  const size_t finished = p->done + p->failed, left = p->total - finished;
+  const double rate = finished > 0 ? (double)finished / (t - p->t0) : 0;
+  char eta[64] = "time left unknown";
+  if (rate > 0)
+    snprintf(eta, sizeof eta, "about %.0f min left", (double)left / rate / 60);
+  fprintf(sv->log, "[%.0f s] %zu/%zu subjects done, %zu failed, %zu left; %.1f subjects/h; %s", t - p->t0, p->done,
+          p->total, p->failed, left, rate * 3600, eta);
+  for (int w = 0; ws && w < n_workers; w++)
+    if (!ws[w].stopped)
+      fprintf(sv->log, "; rank %d: %s, %.0f s ago", w + 1, ws[w].current[0] ? ws[w].current : "idle",
+              t - ws[w].last_seen);
+  fputc('\n', sv->log);
+  fflush(sv->log);
+}
+
+/* One rank: the coordinator does the work itself. */
+static int serve_alone(service *sv, const size_t *todo, size_t n_todo, progress *p) {
+  for (size_t k = 0; k < n_todo; k++) {
+    if (pa_service_stop_signal)
+      return PA_ECANCELED;
+    fprintf(sv->log, "subject %s (%zu/%zu)\n", pa_subjects_at(sv->subjects, todo[k])->id, k + 1, n_todo);
+    int out = do_subject(sv, todo[k]);
+    if (out < 0)
+      return out;
+    if (out == SUBJECT_ABANDONED)
+      return PA_ECANCELED;
+    *(out == SUBJECT_DONE ? &p->done : &p->failed) += 1;
+    print_progress(sv, p, NULL, 0, true);
+  }
+  return PA_OK;
+}
+
+static int chunk_size(const service *sv, size_t left, int workers) {
+  if (sv->o->chunk > 0)
+    return sv->o->chunk;
+  size_t c = left / ((size_t)workers * 4); /* about four hand-outs per worker keeps the tail short */
+  return c < 1 ? 1 : c > 16 ? 16 : (int)c;
+}
+
+/* Sends worker w its next chunk from the queue, or stop; with nothing
+ * queued and not stopping, w waits idle (a stopped worker's chunk may come
+ * back to the queue). */
+static int hand_out(service *sv, worker_state *ws, int w, size_t *queue, size_t *n_queue, bool stopping) {
+  Palign__Work work = PALIGN__WORK__INIT;
+  int64_t idx[64];
+  ws[w].n_chunk = 0;
+  ws[w].idle = false;
+  if (!stopping && *n_queue == 0) {
+    ws[w].idle = true;
+    ws[w].current[0] = '\0';
+    return PA_OK;
+  }
+  if (stopping) {
+    work.stop = true;
+    ws[w].stopped = true;
+  } else {
+    int c = chunk_size(sv, *n_queue, pa_comm_workers(sv->comm));
+    c = c > 64 ? 64 : c;
+    for (int i = 0; i<c && * n_queue> 0; i++) {
+      size_t s = queue[--*n_queue];
+      idx[i] = (int64_t)s;
+      ws[w].chunk[ws[w].n_chunk++] = s;
+    }
+    work.n_subject_index = ws[w].n_chunk;
+    work.subject_index = idx;
+    snprintf(ws[w].current, sizeof ws[w].current, "%s", pa_subjects_at(sv->subjects, ws[w].chunk[0])->id);
+  }
+  return pa_comm_send_work(sv->comm, w + 1, &work);
+}
+
+/* Removes the subject with id from w's chunk. */
+static void chunk_remove(service *sv, worker_state *ws, const char *id) {
+  for (size_t i = 0; i < ws->n_chunk; i++)
+    if (!strcmp(pa_subjects_at(sv->subjects, ws->chunk[i])->id, id)) {
+      ws->chunk[i] = ws->chunk[--ws->n_chunk];
+      return;
+    }
+}
+
+static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *p) {
+  const int nw = pa_comm_workers(sv->comm);
+  /* the queue is popped from its end: reverse so subjects go out in file order */
+  size_t *queue = malloc((n_todo + 1) * sizeof *queue), n_queue = n_todo;
+  worker_state *ws = calloc((size_t)nw, sizeof *ws);
+  int rc = queue && ws ? PA_OK : pa_error(PA_ENOMEM, "no memory");
+  for (size_t i = 0; !rc && i < n_todo; i++)
+    queue[i] = todo[n_todo - 1 - i];
+  for (int w = 0; !rc && w < nw; w++) {
+    if (!(ws[w].chunk = malloc(64 * sizeof *ws[w].chunk)))
+      rc = pa_error(PA_ENOMEM, "no memory");
+    ws[w].last_seen = now_s();
+  }
+  for (int w = 0; !rc && w < nw; w++)
+    rc = hand_out(sv, ws, w, queue, &n_queue, pa_service_stop_signal != 0);
+  int active = 0, fatal = PA_OK;
+  for (int w = 0; !rc && w < nw; w++)
+    active += !ws[w].stopped;
+  const double silent = sv->o->silent_after > 0 ? sv->o->silent_after : 120;
+  while (!rc && active > 0) {
+    Palign__Report *r = NULL;
+    if ((rc = pa_comm_recv_report(sv->comm, 0.5, &r)))
+      break;
+    const double t = now_s();
+    if (r) {
+      const int w = r->rank - 1;
+      if (w < 0 || w >= nw || ws[w].stopped) {
+        palign__report__free_unpacked(r, NULL);
+        continue;
+      }
+      ws[w].last_seen = t;
+      if (ws[w].warned)
+        fprintf(sv->log, "palign-worker: rank %d answers again\n", r->rank);
+      ws[w].warned = false;
+      for (size_t i = 0; i < r->n_done; i++, p->done++)
+        chunk_remove(sv, &ws[w], r->done[i]);
+      for (size_t i = 0; i < r->n_failed; i++, p->failed++) {
+        chunk_remove(sv, &ws[w], r->failed[i]);
+        fprintf(sv->log, "palign-worker: subject %s failed on rank %d (stored as failed)\n", r->failed[i], r->rank);
+      }
+      if (r->current && r->current[0])
+        snprintf(ws[w].current, sizeof ws[w].current, "%s", r->current);
+      else if (ws[w].n_chunk)
+        snprintf(ws[w].current, sizeof ws[w].current, "%s", pa_subjects_at(sv->subjects, ws[w].chunk[0])->id);
+      if (r->n_done + r->n_failed > 0)
+        print_progress(sv, p, ws, nw, true);
+      if ((r->error && r->error[0]) || r->stopping) {
+        if (r->error && r->error[0]) {
+          fprintf(sv->log, "palign-worker: rank %d stopped: %s\n", r->rank, r->error);
+          fatal = PA_EIO;
+        }
+        /* whatever it had not finished goes to the others */
+        for (size_t i = 0; i < ws[w].n_chunk; i++)
+          queue[n_queue++] = ws[w].chunk[i];
+        ws[w].n_chunk = 0;
+        ws[w].stopped = true;
+        active--;
+      } else if (r->idle) {
+        ws[w].current[0] = '\0';
+        rc = hand_out(sv, ws, w, queue, &n_queue, pa_service_stop_signal != 0 || fatal);
+        active -= ws[w].stopped;
+      }
+      palign__report__free_unpacked(r, NULL);
+    }
+    /* idle workers take what came back to the queue; when nobody is busy
+     * any more (or on a signal) they are told to stop */
+    bool busy = false;
+    for (int w = 0; w < nw; w++)
+      busy |= !ws[w].stopped && !ws[w].idle;
+    for (int w = 0; !rc && w < nw; w++)
+      if (ws[w].idle && (n_queue > 0 || !busy || pa_service_stop_signal || fatal)) {
+        rc = hand_out(sv, ws, w, queue, &n_queue, (!busy && n_queue == 0) || pa_service_stop_signal || fatal);
+        active -= ws[w].stopped;
+      }
+    for (int w = 0; w < nw; w++)
+      if (!ws[w].stopped && !ws[w].idle && !ws[w].warned && t - ws[w].last_seen > silent) {
+        fprintf(sv->log, "palign-worker: rank %d has not answered for %.0f s (on subject %s)\n", w + 1,
+                t - ws[w].last_seen, ws[w].current[0] ? ws[w].current : "none");
+        ws[w].warned = true;
+      }
+    print_progress(sv, p, ws, nw, false);
+  }
+  for (int w = 0; ws && w < nw; w++)
+    free(ws[w].chunk);
+  free(ws), free(queue);
+  if (rc)
+    return rc;
+  if (fatal)
+    return pa_error(fatal, "a worker stopped with an error (see above)");
+  return pa_service_stop_signal ? PA_ECANCELED : PA_OK;
+}
+
+/* ---- the whole run ----------------------------------------------------------------- */
+
+int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
+  service sv_ = {.o = o, .comm = comm, .log = o->log ? o->log : stderr}, *sv = &sv_;
+  sv->rank = pa_comm_rank(comm), sv->size = pa_comm_size(comm);
+  struct sigaction sa = {.sa_handler = on_signal};
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGINT, &sa, NULL);
+
+  /* rank 0 decides whether the run can start; everyone hears the verdict */
+  int rc = load_data(sv);
+  run_manifest rm = {0};
+  size_t *todo = NULL, n_todo = 0, n_stored = 0;
+  if (sv->rank == 0) {
+    if (!rc && sv->need_model)
+      rc = pa_model_fingerprint(o->model, sv->model_fp);
+    else if (!rc)
+      snprintf(sv->model_fp, sizeof sv->model_fp, "none");
+    if (!rc)
+      rc = begin_run(sv, &rm);
+    if (!rc)
+      rc = subjects_to_do(sv, &todo, &n_todo, &n_stored);
+    if (rc)
+      fprintf(sv->log, "palign-worker: %s\n", pa_errmsg());
+  }
+  int verdict = rc, err;
+  int32_t hdr[2] = {verdict, sv->run};
+  if ((err = pa_comm_bcast(comm, hdr, sizeof hdr)) || (err = pa_comm_bcast(comm, sv->model_fp, sizeof sv->model_fp)))
+    rc = err;
+  verdict = hdr[0], sv->run = hdr[1];
+  if (!rc && verdict)
+    rc = verdict;
+  if (rc) {
+    free(todo);
+    run_manifest_free(&rm);
+    pa_subjects_destroy(sv->subjects);
+    pa_inventory_destroy(sv->inv);
+    return rc;
+  }
+  if (sv->rank == 0)
+    fprintf(sv->log,
+            "palign-worker: run %d on %s: %zu subjects asked for, %zu already stored, %zu to do; %d worker(s); "
+            "methods %s\n",
+            sv->run, o->store, sv->last - sv->first + 1, n_stored, n_todo, pa_comm_workers(comm), o->methods);
+
+  /* the workers get ready; the job stops together if any cannot */
+  const bool worker = pa_comm_worker_index(comm) >= 0;
+  if (worker)
+    rc = setup_worker(sv);
+  if (rc)
+    fprintf(sv->log, "palign-worker: rank %d: %s\n", sv->rank, pa_errmsg());
+  int ok = 0;
+  if ((err = pa_comm_all_ok(comm, rc == PA_OK, &ok)))
+    rc = err;
+  else if (!ok && !rc)
+    rc = pa_error(PA_EINVAL, "a worker could not start (see its message)");
+  if (!rc && sv->need_bank)
+    rc = get_bank(sv);
+  if (rc && sv->rank == 0)
+    fprintf(sv->log, "palign-worker: %s\n", pa_errmsg());
+
+  progress p = {.total = n_todo, .t0 = now_s(), .stored_before = n_stored};
+  if (!rc) {
+    if (sv->size == 1)
+      rc = serve_alone(sv, todo, n_todo, &p);
+    else if (sv->rank == 0)
+      rc = coordinate(sv, todo, n_todo, &p);
+    else
+      rc = worker_loop(sv);
+  }
+  if (worker)
+    teardown_worker(sv);
+  if (sv->rank == 0) {
+    const bool interrupted = rc == PA_ECANCELED;
+    if (rc && !interrupted)
+      fprintf(sv->log, "palign-worker: %s\n", pa_errmsg());
+    print_progress(sv, &p, NULL, 0, true);
+    if (interrupted)
+      fprintf(sv->log, "palign-worker: stopped by signal %d; a rerun with the same store resumes\n",
+              pa_service_stop_signal);
+    int mrc = end_run(sv, &rm, (long)p.done, (long)p.failed, interrupted);
+    if (mrc)
+      fprintf(sv->log, "palign-worker: %s\n", pa_errmsg());
+    if (!rc)
+      rc = mrc;
+  } else if (rc && rc != PA_ECANCELED) {
+    fprintf(sv->log, "palign-worker: rank %d: %s\n", sv->rank, pa_errmsg());
+  }
+  free(todo);
+  run_manifest_free(&rm);
+  pa_subjects_destroy(sv->subjects);
+  pa_inventory_destroy(sv->inv);
+  return rc;
+}

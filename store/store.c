@@ -1,0 +1,637 @@
+#include "store.h"
+
+#include "fileio.h"
+#include "jsonfile.h"
+#include "status.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+static const uint8_t MAGIC[4] = {'P', 'A', 'R', '1'};
+#define MAX_MANIFEST (256ull << 20)
+
+static void put_u32(uint8_t *p, uint32_t v) {
+  for (int i = 0; i < 4; i++)
+    p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint32_t get_u32(const uint8_t *p) {
+  return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* zlib's crc32 takes a uInt length: feed it in pieces it can hold. */
+static uint32_t crc_of(const uint8_t *p, size_t n) {
+  uLong c = crc32(0L, Z_NULL, 0);
+  while (n > 0) {
+    const uInt step = n > (1u << 30) ? (1u << 30) : (uInt)n;
+    c = crc32(c, p, step);
+    p += step, n -= step;
+  }
+  return (uint32_t)c;
+}
+
+/* "a/b", malloc'd; NULL (with the message set) when out of memory. */
+static char *join(const char *a, const char *b) {
+  const size_t n = strlen(a) + strlen(b) + 2;
+  char *p = malloc(n);
+  if (!p) {
+    pa_error(PA_ENOMEM, "%s/%s: no memory for the path", a, b);
+    return NULL;
+  }
+  snprintf(p, n, "%s/%s", a, b);
+  return p;
+}
+
+static int ensure_dir(const char *dir) {
+  if (mkdir(dir, 0777) == 0 || errno == EEXIST) {
+    struct stat sb;
+    if (stat(dir, &sb) != 0)
+      return pa_error(PA_EIO, "%s: cannot check the directory: %s", dir, strerror(errno));
+    if (!S_ISDIR(sb.st_mode))
+      return pa_error(PA_EINVAL, "%s: exists and is not a directory", dir);
+    return PA_OK;
+  }
+  return pa_error(PA_EIO, "%s: cannot create the directory: %s", dir, strerror(errno));
+}
+
+/* STORE and STORE/shards. */
+static int ensure_store(const char *store) {
+  int rc = ensure_dir(store);
+  if (rc)
+    return rc;
+  char *shards = join(store, "shards");
+  if (!shards)
+    return PA_ENOMEM;
+  rc = ensure_dir(shards);
+  free(shards);
+  return rc;
+}
+
+/* ---- the manifest --------------------------------------------------------- */
+
+int pa_manifest_read(const char *store, Palign__Manifest **out) {
+  *out = NULL;
+  char *path = join(store, "manifest.pb");
+  if (!path)
+    return PA_ENOMEM;
+  char *buf = NULL;
+  size_t n = 0;
+  int rc = pa_read_file(path, MAX_MANIFEST, &buf, &n);
+  Palign__Manifest *m = NULL;
+  if (!rc && !(m = palign__manifest__unpack(NULL, n, (const uint8_t *)buf)))
+    rc = pa_error(PA_EFORMAT, "%s: not a palign manifest (protobuf does not unpack)", path);
+  else if (!rc && m->format == 0)
+    rc = pa_error(PA_EFORMAT, "%s: not a palign manifest (no format version)", path);
+  else if (!rc && m->format > PA_STORE_FORMAT)
+    rc = pa_error(PA_EUNSUPPORTED, "%s: store format %" PRIu32 " is newer than this palign reads (%d)", path, m->format,
+                  PA_STORE_FORMAT);
+  else if (!rc && m->format != PA_STORE_FORMAT)
+    rc = pa_error(PA_EFORMAT, "%s: unknown store format %" PRIu32 " (this palign reads %d)", path, m->format,
+                  PA_STORE_FORMAT);
+  if (rc && m)
+    palign__manifest__free_unpacked(m, NULL);
+  else if (!rc)
+    *out = m;
+  free(buf);
+  free(path);
+  return rc;
+}
+
+int pa_manifest_write(const char *store, const Palign__Manifest *m) {
+  int rc = ensure_store(store);
+  if (rc)
+    return rc;
+  char *path = join(store, "manifest.pb");
+  if (!path)
+    return PA_ENOMEM;
+  const size_t n = palign__manifest__get_packed_size(m);
+  uint8_t *buf = malloc(n ? n : 1);
+  if (!buf)
+    rc = pa_error(PA_ENOMEM, "%s: no memory for %zu bytes", path, n);
+  else if (palign__manifest__pack(m, buf) != n)
+    rc = pa_error(PA_EINVAL, "%s: protobuf-c packed another size than it announced (%zu bytes)", path, n);
+  else
+    rc = pa_write_atomic(path, &(pa_chunk){buf, n}, 1);
+  free(buf);
+  free(path);
+  return rc;
+}
+
+/* ---- comparing settings --------------------------------------------------- */
+
+typedef struct {
+  char s[1024];
+  size_t n;
+} text;
+
+static void add(text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void add(text *t, const char *fmt, ...) {
+  if (t->n >= sizeof t->s - 1)
+    return;
+  va_list ap;
+  va_start(ap, fmt);
+  const int k = vsnprintf(t->s + t->n, sizeof t->s - t->n, fmt, ap);
+  va_end(ap);
+  if (k > 0)
+    t->n = t->n + (size_t)k < sizeof t->s ? t->n + (size_t)k : sizeof t->s - 1;
+}
+
+/* The message of pa_settings_check: "name 'have' here, 'want' asked", one
+ * clause per field that differs. */
+typedef struct {
+  text t;
+  size_t head; /* where the clauses start */
+} diffs;
+
+static void field(diffs *d, const char *name) { add(&d->t, "%s%s ", d->t.n > d->head ? "; " : " ", name); }
+
+/* Fingerprints are 64 hex digits: 16 tell two apart, unless they do not. */
+static void diff_string(diffs *d, const char *name, const char *have, const char *want, bool abbreviate) {
+  if (strcmp(have, want) == 0)
+    return;
+  const int keep = abbreviate && strncmp(have, want, 16) != 0 ? 16 : 1 << 20;
+  field(d, name);
+  add(&d->t, "'%.*s%s' here, '%.*s%s' asked", keep, have, (int)strlen(have) > keep ? ".." : "", keep, want,
+      (int)strlen(want) > keep ? ".." : "");
+}
+
+static void diff_int(diffs *d, const char *name, long long have, long long want) {
+  if (have == want)
+    return;
+  field(d, name);
+  add(&d->t, "%lld here, %lld asked", have, want);
+}
+
+static void add_strings(text *t, char *const *v, size_t n) {
+  if (n == 0)
+    add(t, "none");
+  for (size_t i = 0; i < n; i++)
+    add(t, "%s%s", i ? "," : "", v[i]);
+}
+
+static void diff_strings(diffs *d, const char *name, char *const *have, size_t nh, char *const *want, size_t nw) {
+  bool same = nh == nw;
+  for (size_t i = 0; same && i < nh; i++)
+    same = strcmp(have[i], want[i]) == 0;
+  if (same)
+    return;
+  field(d, name);
+  add(&d->t, "'");
+  add_strings(&d->t, have, nh);
+  add(&d->t, "' here, '");
+  add_strings(&d->t, want, nw);
+  add(&d->t, "' asked");
+}
+
+static void add_doubles(text *t, const double *v, size_t n, bool exact) {
+  if (n == 0)
+    add(t, "none");
+  for (size_t i = 0; i < n; i++)
+    add(t, exact ? "%s%.17g" : "%s%g", i ? "," : "", v[i]);
+}
+
+static void diff_doubles(diffs *d, const char *name, const double *have, size_t nh, const double *want, size_t nw) {
+  bool same = nh == nw;
+  for (size_t i = 0; same && i < nh; i++)
+    same = have[i] == want[i];
+  if (same)
+    return;
+  text a = {.n = 0}, b = {.n = 0}; /* %g may print two different grids alike: then every digit */
+  add_doubles(&a, have, nh, false);
+  add_doubles(&b, want, nw, false);
+  const bool exact = strcmp(a.s, b.s) == 0;
+  field(d, name);
+  add(&d->t, "'");
+  add_doubles(&d->t, have, nh, exact);
+  add(&d->t, "' here, '");
+  add_doubles(&d->t, want, nw, exact);
+  add(&d->t, "' asked");
+}
+
+int pa_settings_check(const char *store, const Palign__Settings *have, const Palign__Settings *want) {
+  static const Palign__Settings none = PALIGN__SETTINGS__INIT;
+  const Palign__Settings *h = have ? have : &none, *w = want ? want : &none;
+  diffs d = {.t.n = 0};
+  add(&d.t, "%s: this store was made with other settings:", store);
+  d.head = d.t.n;
+  diff_string(&d, "model_fingerprint", h->model_fingerprint, w->model_fingerprint, true);
+  diff_string(&d, "inventory_fingerprint", h->inventory_fingerprint, w->inventory_fingerprint, true);
+  diff_strings(&d, "methods", h->methods, h->n_methods, w->methods, w->n_methods);
+  diff_string(&d, "mode", h->mode, w->mode, false);
+  if (h->run_seed != w->run_seed) { /* a u64 */
+    field(&d, "run_seed");
+    add(&d.t, "%" PRIu64 " here, %" PRIu64 " asked", h->run_seed, w->run_seed);
+  }
+  if (h->lowercase_items != w->lowercase_items) {
+    field(&d, "lowercase_items");
+    add(&d.t, "%s here, %s asked", h->lowercase_items ? "true" : "false", w->lowercase_items ? "true" : "false");
+  }
+  diff_int(&d, "holdout_per_trait", h->holdout_per_trait, w->holdout_per_trait);
+  diff_doubles(&d, "alphas", h->alphas, h->n_alphas, w->alphas, w->n_alphas);
+  diff_int(&d, "top_k", h->top_k, w->top_k);
+  diff_string(&d, "subjects_file", h->subjects_file, w->subjects_file, false);
+  return d.t.n == d.head ? PA_OK : pa_error(PA_EINVAL, "%s", d.t.s);
+}
+
+/* ---- writing ---------------------------------------------------------------- */
+
+const char *pa_shard_name(int run, int rank, char buf[64]) {
+  snprintf(buf, 64, "run%d-rank%d.pal", run, rank);
+  return buf;
+}
+
+struct pa_shard_writer {
+  int fd;
+  char *path;
+  uint8_t *buf; /* the last record framed, reused */
+  size_t cap;
+};
+
+size_t pa_record_frame(const uint8_t *payload, uint32_t len, uint8_t *buf) {
+  const uint32_t crc = crc_of(payload, len); /* before the head, which may overwrite an overlapping payload */
+  if (len)
+    memmove(buf + PA_STORE_RECORD_HEAD, payload, len);
+  memcpy(buf, MAGIC, 4);
+  put_u32(buf + 4, len);
+  put_u32(buf + 8, crc);
+  return PA_STORE_RECORD_HEAD + (size_t)len;
+}
+
+/* fsyncs a directory so that a file just created in it survives a crash. */
+static int sync_dir(const char *dir) {
+  int fd = open(dir, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return pa_error(PA_EIO, "%s: cannot open the directory: %s", dir, strerror(errno));
+  int rc = PA_OK;
+  if (fsync(fd) != 0 && errno != EINVAL) /* some file systems cannot sync a directory */
+    rc = pa_error(PA_EIO, "%s: cannot sync the directory: %s", dir, strerror(errno));
+  close(fd);
+  return rc;
+}
+
+int pa_shard_open(const char *store, int run, int rank, pa_shard_writer **out) {
+  *out = NULL;
+  int rc = ensure_store(store);
+  if (rc)
+    return rc;
+  char name[64];
+  char *dir = join(store, "shards");
+  char *path = dir ? join(dir, pa_shard_name(run, rank, name)) : NULL;
+  pa_shard_writer *w = path ? calloc(1, sizeof *w) : NULL;
+  if (!w) {
+    rc = path ? pa_error(PA_ENOMEM, "%s: no memory", path) : PA_ENOMEM;
+  } else {
+    w->path = path;
+    w->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0666);
+    if (w->fd < 0)
+      rc = pa_error(PA_EIO, "%s: cannot open for appending: %s", path, strerror(errno));
+    else
+      rc = sync_dir(dir);
+  }
+  free(dir);
+  if (rc) {
+    if (w && w->fd >= 0)
+      close(w->fd);
+    free(w);
+    free(path);
+    return rc;
+  }
+  *out = w;
+  return PA_OK;
+}
+
+int pa_shard_append(pa_shard_writer *w, const Palign__SubjectResult *r) {
+  const size_t n = palign__subject_result__get_packed_size(r);
+  if (n > PA_STORE_MAX_RECORD)
+    return pa_error(PA_EINVAL, "%s: the record of subject '%s' is %zu bytes, over the limit of %u", w->path,
+                    r->subject_id ? r->subject_id : "", n, PA_STORE_MAX_RECORD);
+  const size_t total = PA_STORE_RECORD_HEAD + n;
+  if (total > w->cap) {
+    uint8_t *grown = realloc(w->buf, total);
+    if (!grown)
+      return pa_error(PA_ENOMEM, "%s: no memory for a record of %zu bytes", w->path, total);
+    w->buf = grown, w->cap = total;
+  }
+  uint8_t *payload = w->buf + PA_STORE_RECORD_HEAD;
+  if (palign__subject_result__pack(r, payload) != n)
+    return pa_error(PA_EINVAL, "%s: protobuf-c packed another size than it announced (%zu bytes)", w->path, n);
+  memcpy(w->buf, MAGIC, 4);
+  put_u32(w->buf + 4, (uint32_t)n);
+  put_u32(w->buf + 8, crc_of(payload, n));
+  /* one write for the whole record: a short one happens only on a full disk
+   * or a signal, and leaves a torn record that readers skip */
+  for (size_t done = 0; done < total;) {
+    const ssize_t k = write(w->fd, w->buf + done, total - done);
+    if (k < 0 && errno == EINTR)
+      continue;
+    if (k <= 0)
+      return pa_error(PA_EIO, "%s: write failed after %zu of %zu bytes: %s", w->path, done, total,
+                      k < 0 ? strerror(errno) : "nothing written");
+    done += (size_t)k;
+  }
+  while (fsync(w->fd) != 0)
+    if (errno != EINTR)
+      return pa_error(PA_EIO, "%s: fsync failed: %s", w->path, strerror(errno));
+  return PA_OK;
+}
+
+int pa_shard_close(pa_shard_writer *w) {
+  if (!w)
+    return PA_OK;
+  int rc = PA_OK;
+  if (close(w->fd) != 0)
+    rc = pa_error(PA_EIO, "%s: close failed: %s", w->path, strerror(errno));
+  free(w->buf);
+  free(w->path);
+  free(w);
+  return rc;
+}
+
+/* ---- reading ---------------------------------------------------------------- */
+
+const char *pa_record_status_str(pa_record_status s) {
+  switch (s) {
+  case PA_RECORD_OK: return "ok";
+  case PA_RECORD_TORN: return "torn";
+  case PA_RECORD_CHECKSUM: return "checksum";
+  case PA_RECORD_FRAME: return "frame";
+  case PA_RECORD_PROTOBUF: return "protobuf";
+  case PA_RECORD_DUPLICATE: return "duplicate";
+  }
+  return "unknown";
+}
+
+/* The subject ids seen so far: open addressing, at most half full. */
+typedef struct {
+  char **keys;
+  uint64_t *hashes;
+  size_t cap, n;
+} idset;
+
+static uint64_t hash_str(const char *s) {
+  uint64_t h = 1469598103934665603ull; /* FNV-1a */
+  for (; *s; s++)
+    h = (h ^ (uint8_t)*s) * 1099511628211ull;
+  return h;
+}
+
+static void idset_free(idset *s) {
+  for (size_t i = 0; i < s->cap; i++)
+    free(s->keys[i]);
+  free(s->keys);
+  free(s->hashes);
+  memset(s, 0, sizeof *s);
+}
+
+static int idset_grow(idset *s) {
+  const size_t cap = s->cap ? 2 * s->cap : 1024;
+  char **keys = calloc(cap, sizeof *keys);
+  uint64_t *hashes = malloc(cap * sizeof *hashes);
+  if (!keys || !hashes) {
+    free(keys), free(hashes);
+    return pa_error(PA_ENOMEM, "no memory for %zu subject ids", s->n);
+  }
+  for (size_t i = 0; i < s->cap; i++) {
+    if (!s->keys[i])
+      continue;
+    size_t j = s->hashes[i] & (cap - 1);
+    while (keys[j])
+      j = (j + 1) & (cap - 1);
+    keys[j] = s->keys[i], hashes[j] = s->hashes[i];
+  }
+  free(s->keys), free(s->hashes);
+  s->keys = keys, s->hashes = hashes, s->cap = cap;
+  return PA_OK;
+}
+
+/* 1 if id was added, 0 if it was there, or a negative code. */
+static int idset_add(idset *s, const char *id) {
+  if (2 * (s->n + 1) > s->cap) {
+    int rc = idset_grow(s);
+    if (rc)
+      return rc;
+  }
+  const uint64_t h = hash_str(id);
+  size_t j = h & (s->cap - 1);
+  for (; s->keys[j]; j = (j + 1) & (s->cap - 1))
+    if (s->hashes[j] == h && strcmp(s->keys[j], id) == 0)
+      return 0;
+  if (!(s->keys[j] = strdup(id)))
+    return pa_error(PA_ENOMEM, "no memory for subject ids");
+  s->hashes[j] = h;
+  s->n++;
+  return 1;
+}
+
+/* Whether a whole record with a matching checksum starts at o; its payload
+ * length in *len. */
+static bool frame_at(const uint8_t *d, uint64_t n, uint64_t o, uint32_t *len) {
+  if (n - o < PA_STORE_RECORD_HEAD || memcmp(d + o, MAGIC, 4) != 0)
+    return false;
+  const uint32_t l = get_u32(d + o + 4);
+  if (l > PA_STORE_MAX_RECORD || l > n - o - PA_STORE_RECORD_HEAD)
+    return false;
+  if (crc_of(d + o + PA_STORE_RECORD_HEAD, l) != get_u32(d + o + 8))
+    return false;
+  *len = l;
+  return true;
+}
+
+/* The first offset >= o where a whole record starts, or n. */
+static uint64_t next_frame(const uint8_t *d, uint64_t n, uint64_t o) {
+  uint32_t len;
+  while (o < n) {
+    const uint8_t *p = memchr(d + o, MAGIC[0], (size_t)(n - o));
+    if (!p)
+      return n;
+    o = (uint64_t)(p - d);
+    if (frame_at(d, n, o, &len))
+      return o;
+    o++;
+  }
+  return n;
+}
+
+/* Whether the bytes from o to the end are the start of a record a writer
+ * did not finish: a (partial) magic and, where present, a plausible length
+ * running past the end. */
+static bool torn_at(const uint8_t *d, uint64_t n, uint64_t o) {
+  const uint64_t rest = n - o;
+  if (memcmp(d + o, MAGIC, rest < 4 ? (size_t)rest : 4) != 0)
+    return false;
+  if (rest < 8)
+    return true;
+  const uint32_t l = get_u32(d + o + 4);
+  return l <= PA_STORE_MAX_RECORD && (uint64_t)l + PA_STORE_RECORD_HEAD > rest;
+}
+
+typedef struct {
+  pa_store_visit visit;
+  void *ctx;
+  size_t *counts;
+  idset seen;
+} reader;
+
+static int emit(reader *rd, pa_record_info *info, const Palign__SubjectResult *r) {
+  if (rd->counts)
+    rd->counts[info->status]++;
+  return rd->visit ? rd->visit(rd->ctx, info, r) : 0;
+}
+
+static int emit_stretch(reader *rd, const char *shard, uint64_t o, uint64_t len, pa_record_status st) {
+  pa_record_info info = {.shard = shard, .offset = o, .length = len, .status = st};
+  return emit(rd, &info, NULL);
+}
+
+/* A record whose checksum holds, at o. */
+static int read_record(reader *rd, const char *path, const char *shard, const uint8_t *d, uint64_t o, uint32_t len) {
+  pa_record_info info = {.shard = shard, .offset = o, .length = PA_STORE_RECORD_HEAD + (uint64_t)len};
+  Palign__SubjectResult *r = palign__subject_result__unpack(NULL, len, d + o + PA_STORE_RECORD_HEAD);
+  if (!r) {
+    info.status = PA_RECORD_PROTOBUF;
+    return emit(rd, &info, NULL);
+  }
+  const char *id = r->subject_id ? r->subject_id : "";
+  snprintf(info.subject_id, sizeof info.subject_id, "%s", id);
+  int rc = idset_add(&rd->seen, id);
+  if (rc < 0) {
+    palign__subject_result__free_unpacked(r, NULL);
+    return pa_error_prefix(rc, "%s: ", path);
+  }
+  info.status = rc == 1 ? PA_RECORD_OK : PA_RECORD_DUPLICATE;
+  rc = emit(rd, &info, info.status == PA_RECORD_OK ? r : NULL);
+  palign__subject_result__free_unpacked(r, NULL);
+  return rc;
+}
+
+/* Walks one shard's bytes. Damage costs a forward search for the next whole
+ * record; intact records cost their checksum only. */
+static int read_shard(reader *rd, const char *path, const char *shard, const uint8_t *d, uint64_t n) {
+  uint64_t o = 0;
+  int rc = PA_OK;
+  while (!rc && o < n) {
+    uint32_t len;
+    if (frame_at(d, n, o, &len)) {
+      rc = read_record(rd, path, shard, d, o, len);
+      o += PA_STORE_RECORD_HEAD + (uint64_t)len;
+      continue;
+    }
+    /* Damage: skip to the next whole record. A head with a plausible length
+     * but a wrong checksum is reported as one record, though its length may
+     * be the damaged part: resuming at the next whole record rather than at
+     * its end keeps a wrong length from hiding records behind it. */
+    const uint64_t v = next_frame(d, n, o + 1);
+    pa_record_status st = PA_RECORD_FRAME;
+    uint64_t end = o; /* of the damaged record, if it has a plausible length */
+    if (n - o >= PA_STORE_RECORD_HEAD && memcmp(d + o, MAGIC, 4) == 0) {
+      const uint32_t l = get_u32(d + o + 4);
+      if (l <= PA_STORE_MAX_RECORD && l <= n - o - PA_STORE_RECORD_HEAD)
+        st = PA_RECORD_CHECKSUM, end = o + PA_STORE_RECORD_HEAD + l;
+    }
+    uint64_t stop = v;
+    if (v == n) { /* nothing whole follows: the shard may end in a record a killed writer left unfinished */
+      uint64_t t = end;
+      while (t < n && !torn_at(d, n, t))
+        t++;
+      stop = t;
+    }
+    if (stop > o && (rc = emit_stretch(rd, shard, o, stop - o, st)))
+      break;
+    if (stop < v) {
+      rc = emit_stretch(rd, shard, stop, n - stop, PA_RECORD_TORN);
+      break;
+    }
+    o = v;
+  }
+  return rc;
+}
+
+static bool is_shard_name(const char *s) {
+  const size_t n = strlen(s);
+  return n > 4 && strcmp(s + n - 4, ".pal") == 0;
+}
+
+static int cmp_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* The *.pal names under dir, sorted; none if dir does not exist. */
+static int shard_names(const char *dir, char ***names, size_t *n) {
+  *names = NULL;
+  *n = 0;
+  DIR *d = opendir(dir);
+  if (!d)
+    return errno == ENOENT ? PA_OK : pa_error(PA_EIO, "%s: cannot list the directory: %s", dir, strerror(errno));
+  size_t cap = 0;
+  int rc = PA_OK;
+  errno = 0;
+  for (struct dirent *e; !rc && (e = readdir(d)); errno = 0) {
+    if (!is_shard_name(e->d_name))
+      continue;
+    if (*n == cap) {
+      cap = cap ? 2 * cap : 16;
+      char **grown = realloc(*names, cap * sizeof *grown);
+      if (!grown) {
+        rc = pa_error(PA_ENOMEM, "%s: no memory for the shard names", dir);
+        break;
+      }
+      *names = grown;
+    }
+    if (!((*names)[*n] = strdup(e->d_name)))
+      rc = pa_error(PA_ENOMEM, "%s: no memory for the shard names", dir);
+    else
+      ++*n;
+  }
+  if (!rc && errno)
+    rc = pa_error(PA_EIO, "%s: cannot list the directory: %s", dir, strerror(errno));
+  closedir(d);
+  if (!rc && *n > 1)
+    qsort(*names, *n, sizeof **names, cmp_names);
+  return rc;
+}
+
+int pa_store_read(const char *store, pa_store_visit visit, void *ctx, size_t counts[6]) {
+  if (counts)
+    memset(counts, 0, 6 * sizeof *counts);
+  struct stat sb;
+  if (stat(store, &sb) != 0)
+    return pa_error(errno == ENOENT ? PA_ENOTFOUND : PA_EIO, "%s: no store here: %s", store, strerror(errno));
+  if (!S_ISDIR(sb.st_mode))
+    return pa_error(PA_ENOTFOUND, "%s: no store here (not a directory)", store);
+  char *dir = join(store, "shards");
+  if (!dir)
+    return PA_ENOMEM;
+  char **names = NULL;
+  size_t n = 0;
+  int rc = shard_names(dir, &names, &n);
+  reader rd = {.visit = visit, .ctx = ctx, .counts = counts};
+  for (size_t i = 0; !rc && i < n; i++) {
+    char *path = join(dir, names[i]);
+    if (!path) {
+      rc = PA_ENOMEM;
+      break;
+    }
+    pa_mapped m = {0};
+    rc = pa_map_file(path, 0, "nothing", &m);
+    if (rc == PA_ENOTFOUND) /* removed while we read: an I/O problem, not a missing store */
+      rc = PA_EIO;
+    if (!rc)
+      rc = read_shard(&rd, path, names[i], m.data, m.size);
+    pa_unmap_file(&m);
+    free(path);
+  }
+  idset_free(&rd.seen);
+  for (size_t i = 0; i < n; i++)
+    free(names[i]);
+  free(names);
+  free(dir);
+  return rc;
+}
