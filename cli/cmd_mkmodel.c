@@ -32,6 +32,7 @@ static void mkmodel_usage(FILE *f) {
           "  --dtype f32|f16|bf16  storage type (default f32)\n"
           "  --shards N      safetensors files (default 1)\n"
           "  --untied        a separate output projection (default: tied to the embedding)\n"
+          "  --ctx N         context length recorded in the metadata (default 2048)\n"
           "  --force         overwrite an existing file or write into a non-empty directory\n",
           d.n_layers, d.dim, d.n_heads, d.n_kv_heads, d.ffn_dim, d.n_merges, d.seed);
 }
@@ -96,8 +97,8 @@ int cmd_mkmodel(int argc, char **argv) {
       continue;
     }
     /* every other option takes a value, as --opt V or --opt=V */
-    static const char *const with_value[] = {"--layers", "--dim",    "--heads", "--kv-heads", "--ffn",
-                                             "--merges", "--shards", "--seed",  "--dtype",    "--format"};
+    static const char *const with_value[] = {"--layers", "--dim",  "--heads", "--kv-heads", "--ffn", "--merges",
+                                             "--shards", "--seed", "--dtype", "--format",   "--ctx"};
     char name[32];
     const char *val;
     const char *eq = strchr(a, '=');
@@ -124,7 +125,7 @@ int cmd_mkmodel(int argc, char **argv) {
         {"--layers", &o.n_layers, 1, 1024},   {"--dim", &o.dim, 2, 65536},
         {"--heads", &o.n_heads, 1, 65536},    {"--kv-heads", &o.n_kv_heads, 1, 65536},
         {"--ffn", &o.ffn_dim, 1, 1 << 20},    {"--merges", &o.n_merges, 0, 100000},
-        {"--shards", &o.n_shards, 1, 100000},
+        {"--shards", &o.n_shards, 1, 100000}, {"--ctx", &o.max_seq, 1, 1 << 24},
     };
     bool done = false;
     for (size_t k = 0; k < sizeof ints / sizeof ints[0] && !done; k++) {

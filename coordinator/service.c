@@ -513,6 +513,8 @@ typedef struct {
 
 typedef struct {
   size_t total, done, failed, stored_before;
+  long reports; /* messages the coordinator handled */
+  double busy;  /* seconds spent handling them (bookkeeping, handing out, printing), waiting excluded */
   double t0, last_line;
 } progress;
 
@@ -623,7 +625,8 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
     Palign__Report *r = NULL;
     if ((rc = pa_comm_recv_report(sv->comm, 0.5, &r)))
       break;
-    const double t = now_s();
+    const double t = now_s(); /* waiting is not work: the handling is timed from here */
+    const bool r_seen = r != NULL;
     if (r) {
       const int w = r->rank - 1;
       if (w < 0 || w >= nw || ws[w].stopped) {
@@ -681,6 +684,10 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
         ws[w].warned = true;
       }
     print_progress(sv, p, ws, nw, false);
+    if (r_seen) {
+      p->reports++;
+      p->busy += now_s() - t;
+    }
   }
   for (int w = 0; ws && w < nw; w++)
     free(ws[w].chunk);
@@ -770,6 +777,10 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
     if (rc && !interrupted)
       fprintf(sv->log, "palign-worker: %s\n", pa_errmsg());
     print_progress(sv, &p, NULL, 0, true);
+    if (p.reports > 0)
+      fprintf(sv->log, "coordinator: %ld messages handled, %.1f us each, %.1f us per subject finished\n", p.reports,
+              1e6 * p.busy / (double)p.reports,
+              p.done + p.failed > 0 ? 1e6 * p.busy / (double)(p.done + p.failed) : 0.0);
     if (interrupted)
       fprintf(sv->log, "palign-worker: stopped by signal %d; a rerun with the same store resumes\n",
               pa_service_stop_signal);
