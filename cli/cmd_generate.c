@@ -1,16 +1,25 @@
 /* palign generate --model M [--system S] --prompt P [--max-tokens N]
  *                 [--template NAME] [--threads N]
+ *                 [--store S --subject ID [--variant V] [--protocol P] [--alpha A] [--papi DIR]]
  * Greedy chat generation: the prompt as the user's message in the model's
- * chat format, the assistant's answer decoded until its end of turn. */
+ * chat format, the assistant's answer decoded until its end of turn. With a
+ * store and a subject, the subject's stored PAS intervention (heads,
+ * directions, sigmas, the chosen alpha) steers every token. */
 #include "commands.h"
 
+#include "bank.h"
 #include "chat.h"
 #include "forward.h"
+#include "inventory.h"
 #include "model.h"
+#include "prompts.h"
+#include "query.h"
+#include "record.h"
 #include "status.h"
 #include "tokenizer.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,7 +35,17 @@ static void usage(FILE *f) {
              "  --max-tokens N   tokens to generate at most (default 256)\n"
              "  --template NAME  chatml, llama3, llama3.1, llama2 or mistral instead of the model's\n"
              "  --threads N      CPU threads (default: all cores)\n"
-             "  --stats          print token counts and speed on stderr\n");
+             "  --stats          print token counts and speed on stderr\n"
+             "\n"
+             "With a subject's PAS intervention from a store (palign-worker's):\n"
+             "  --store S        the store\n"
+             "  --subject ID     the subject (PAPI case id)\n"
+             "  --variant V      pas_only (default prompt + steering; the default when stored) or pas\n"
+             "                   (the subject's ICL prompt as the system message + steering)\n"
+             "  --protocol P     whose alpha: holdout (default) or reference\n"
+             "  --alpha A        this alpha instead of the chosen one\n"
+             "  --papi DIR       PAPI data, for the pas variant's prompt (default $PALIGN_PAPI_DIR, else\n"
+             "                   ../shared/papi)\n");
 }
 
 static int parse_int(const char *flag, const char *v, int lo, int hi, int *out) {
@@ -47,8 +66,72 @@ static double now(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* The steering displacement of a subject's stored PAS intervention (and,
+ * for the pas variant, its ICL system prompt). */
+static int load_intervention(const pa_model *m, const char *model_path, const char *store, const char *subject,
+                             const char *variant, const char *protocol, double alpha, const char *papi, float **steer,
+                             char **icl) {
+  Palign__SubjectResult *r = NULL;
+  int rc = pa_query_subject(store, subject, &r);
+  if (rc)
+    return rc;
+  const Palign__PasResult *p = r->pas;
+  char fp[65];
+  if (!p)
+    rc = pa_error(PA_ENOTFOUND, "%s: subject %s has no PAS result (the run's methods had neither pas nor pas_only)",
+                  store, subject);
+  if (!rc && !(rc = pa_model_fingerprint(model_path, fp)) && strcmp(fp, r->model_fingerprint))
+    rc = pa_error(PA_EINVAL, "%s: subject %s was fitted on model %.16s, %s is %.16s", store, subject,
+                  r->model_fingerprint, model_path, fp);
+  /* the variant: as asked, else pas_only when it was fitted, else pas */
+  double chosen = 0;
+  if (!rc && !variant) {
+    variant = pa_pas_chosen_alpha(p, "pas_only", protocol, &chosen) == PA_OK ? "pas_only" : "pas";
+    pa_error_clear();
+  }
+  if (!rc && isnan(alpha) && (rc = pa_pas_chosen_alpha(p, variant, protocol, &chosen)))
+    pa_error_prefix(rc, "%s: subject %s: ", store, subject);
+  if (!rc && isnan(alpha))
+    alpha = chosen;
+  const pa_model_config *c = pa_model_config_get(m);
+  const size_t n = (size_t)c->n_layers * c->n_heads * c->head_dim;
+  if (!rc && !(*steer = malloc(n * sizeof **steer)))
+    rc = pa_error(PA_ENOMEM, "no memory");
+  if (!rc)
+    rc = pa_pas_steering_from_proto(p, subject, alpha, c->n_layers, c->n_heads, c->head_dim, *steer);
+  if (!rc && !strcmp(variant, "pas")) {
+    /* the subject's ICL prompt, rebuilt from the PAPI data */
+    pa_inventory *inv = NULL;
+    pa_subjects *subs = NULL;
+    char path[4096 + 32];
+    rc = pa_inventory_load(papi && *papi ? papi : "../shared/papi", &inv);
+    if (!rc) {
+      snprintf(path, sizeof path, "%s/Test-set.json", papi && *papi ? papi : "../shared/papi");
+      rc = pa_subjects_load(path, inv, &subs);
+    }
+    const pa_subject *s = rc ? NULL : pa_subjects_find(subs, subject);
+    if (!rc && !s)
+      rc = pa_error(PA_ENOTFOUND, "%s: no subject %s", path, subject);
+    if (!rc && !(*icl = pa_prompt_icl(inv, s)))
+      rc = pa_error(PA_ENOMEM, "no memory");
+    pa_subjects_destroy(subs);
+    pa_inventory_destroy(inv);
+  }
+  if (!rc)
+    fprintf(stderr, "palign generate: subject %s, PAS %s, %s alpha %g, %zu heads%s\n", subject, variant, protocol,
+            alpha, p->n_heads, alpha == 0 ? " (alpha 0: the intervention changes nothing)" : "");
+  palign__subject_result__free_unpacked(r, NULL);
+  if (rc) {
+    free(*steer), free(*icl);
+    *steer = NULL, *icl = NULL;
+  }
+  return rc;
+}
+
 int cmd_generate(int argc, char **argv) {
   const char *model_path = NULL, *prompt = NULL, *system = NULL, *template_name = NULL;
+  const char *store = NULL, *subject = NULL, *variant = NULL, *protocol = "holdout", *papi = getenv("PALIGN_PAPI_DIR");
+  double alpha = NAN;
   int max_tokens = 256, threads = 0, stats = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
@@ -60,9 +143,10 @@ int cmd_generate(int argc, char **argv) {
       stats = 1;
       continue;
     }
-    const char *opts[] = {"--model", "--prompt", "--system", "--template", "--max-tokens", "--threads"};
+    const char *opts[] = {"--model", "--prompt",  "--system",  "--template", "--max-tokens", "--threads",
+                          "--store", "--subject", "--variant", "--protocol", "--alpha",      "--papi"};
     int k = -1;
-    for (int j = 0; j < 6; j++)
+    for (int j = 0; j < (int)(sizeof opts / sizeof *opts); j++)
       if (!strcmp(a, opts[j]))
         k = j;
     if (k < 0) {
@@ -80,13 +164,45 @@ int cmd_generate(int argc, char **argv) {
     case 1: prompt = v; break;
     case 2: system = v; break;
     case 3: template_name = v; break;
-    case 4: if (parse_int(a, v, 1, 1 << 20, &max_tokens)) return 2; break;
-    default: if (parse_int(a, v, 1, 1024, &threads)) return 2; break;
+    case 4:
+      if (parse_int(a, v, 1, 1 << 20, &max_tokens))
+        return 2;
+      break;
+    case 5:
+      if (parse_int(a, v, 1, 1024, &threads))
+        return 2;
+      break;
+    case 6: store = v; break;
+    case 7: subject = v; break;
+    case 8: variant = v; break;
+    case 9: protocol = v; break;
+    case 10: {
+      char *end;
+      alpha = strtod(v, &end);
+      if (end == v || *end || !isfinite(alpha)) {
+        fprintf(stderr, "palign generate: --alpha must be a finite number, not '%s'\n", v);
+        return 2;
+      }
+      break;
+    }
+    default: papi = v; break;
     }
   }
   if (!model_path || !prompt) {
     fprintf(stderr, "palign generate: --model and --prompt are required\n");
     usage(stderr);
+    return 2;
+  }
+  if (!store != !subject) {
+    fprintf(stderr, "palign generate: --store and --subject go together\n");
+    return 2;
+  }
+  if (variant && strcmp(variant, "pas") && strcmp(variant, "pas_only")) {
+    fprintf(stderr, "palign generate: --variant is pas or pas_only, not '%s'\n", variant);
+    return 2;
+  }
+  if (strcmp(protocol, "holdout") && strcmp(protocol, "reference")) {
+    fprintf(stderr, "palign generate: --protocol is holdout or reference, not '%s'\n", protocol);
     return 2;
   }
   pa_chat_template *named = NULL;
@@ -108,6 +224,12 @@ int cmd_generate(int argc, char **argv) {
     rc = pa_error(PA_ENOTFOUND, "%s: the model has no chat template palign knows; choose one with --template",
                   model_path);
   const pa_tokenizer *tok = rc ? NULL : pa_model_tokenizer(m);
+  float *steer = NULL;
+  char *icl = NULL;
+  if (!rc && store)
+    rc = load_intervention(m, model_path, store, subject, variant, protocol, alpha, papi, &steer, &icl);
+  if (!rc && icl && !system)
+    system = icl;
   if (!rc)
     rc = pa_chat_tokenize(tmpl, tok, system, prompt, NULL, &ids, &n_ids);
   if (!rc) {
@@ -132,7 +254,7 @@ int cmd_generate(int argc, char **argv) {
     if (pa_tokenizer_eot(tok) >= 0)
       stop[n_stop++] = pa_tokenizer_eot(tok);
     t_load = now() - t0;
-    const pa_gen_opts go = {.max_tokens = max_tokens, .stop = stop, .n_stop = n_stop};
+    const pa_gen_opts go = {.max_tokens = max_tokens, .stop = stop, .n_stop = n_stop, .steer = steer};
     rc = pa_lm_generate(lm, NULL, kv, ids, (int)n_ids, &go, &out, &n_out);
     t_gen = now() - t0 - t_load;
     if (!rc) {
@@ -156,6 +278,7 @@ int cmd_generate(int argc, char **argv) {
             n_out, t_load, t_gen, t_gen > 0 ? n_out / t_gen : 0.0);
   free(out);
   free(ids);
+  free(steer), free(icl);
   pa_kv_destroy(kv);
   pa_lm_destroy(lm);
   pa_model_close(m);
