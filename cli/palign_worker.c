@@ -6,11 +6,15 @@
  * mpirun) one process does both. Exit status: 0 when every subject asked for
  * is stored, 3 when stopped by SIGTERM/SIGINT (rerun to resume), 2 for bad
  * flags, 1 for other errors. */
+#include "commands.h"
 #include "comm.h"
+#include "pas.h"
 #include "service.h"
 #include "status.h"
 
 #include <errno.h>
+#include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +36,7 @@ static void usage(FILE *f) {
              "  --threads N        CPU threads per worker (default: all)\n"
              "  --mode logits|generate  how answers are read (default logits)\n"
              "  --holdout N        PAS holdout protocol: selection items per trait (default 6)\n"
+             "  --alphas LIST      PAS alpha grid, comma-separated (default 0,1,2,4,6,8)\n"
              "  --chunk N          subjects per hand-out (default: from the counts)\n"
              "  --progress S       seconds between progress lines (default 10)\n"
              "  --heartbeat S      seconds between a busy worker's heartbeats (default 5)\n"
@@ -50,6 +55,29 @@ static int parse_num(const char *flag, const char *v, double lo, double hi, doub
   return 0;
 }
 
+/* "0,2,4": finite, distinct, at most PA_PAS_MAX_ALPHAS. */
+static int parse_alphas(const char *v, double *alphas, int *n) {
+  *n = 0;
+  for (const char *p = v; *p;) {
+    char *end;
+    errno = 0;
+    double x = strtod(p, &end);
+    bool dup = false;
+    for (int i = 0; i < *n; i++)
+      dup |= alphas[i] == x;
+    if (errno || end == p || (*end && *end != ',') || !isfinite(x) || dup || *n == PA_PAS_MAX_ALPHAS) {
+      fprintf(stderr, "palign-worker: --alphas wants up to %d distinct numbers separated by commas, not '%s'\n",
+              PA_PAS_MAX_ALPHAS, v);
+      return -1;
+    }
+    alphas[(*n)++] = x;
+    p = *end ? end + 1 : end;
+  }
+  if (*n == 0)
+    fprintf(stderr, "palign-worker: --alphas is empty\n");
+  return *n ? 0 : -1;
+}
+
 int main(int argc, char **argv) {
   pa_comm *comm = NULL;
   if (pa_comm_init(&argc, &argv, &comm)) {
@@ -64,6 +92,7 @@ int main(int argc, char **argv) {
                        .methods = "icl,pas",
                        .subjects = "all",
                        .seed = 1};
+  double alphas[PA_PAS_MAX_ALPHAS];
   int bad = 0;
   for (int i = 1; i < argc && !bad; i++) {
     const char *a = argv[i];
@@ -75,7 +104,7 @@ int main(int argc, char **argv) {
     }
     static const char *const flags[] = {"--model",         "--papi",     "--store",     "--methods", "--subjects",
                                         "--subjects-file", "--seed",     "--threads",   "--mode",    "--holdout",
-                                        "--chunk",         "--progress", "--heartbeat", "--silent"};
+                                        "--chunk",         "--progress", "--heartbeat", "--silent",  "--alphas"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof flags / sizeof *flags); j++)
       if (!strcmp(a, flags[j]))
@@ -111,7 +140,8 @@ int main(int argc, char **argv) {
     case 10: bad = parse_num(a, v, 1, 64, &x), o.chunk = (int)x; break;
     case 11: bad = parse_num(a, v, 0.1, 86400, &o.progress_every); break;
     case 12: bad = parse_num(a, v, 0.1, 86400, &o.heartbeat_every); break;
-    default: bad = parse_num(a, v, 1, 864000, &o.silent_after); break;
+    case 13: bad = parse_num(a, v, 1, 864000, &o.silent_after); break;
+    default: bad = parse_alphas(v, alphas, &o.n_alphas), o.alphas = alphas; break;
     }
   }
   if (bad) {
@@ -130,6 +160,12 @@ int main(int argc, char **argv) {
     o.papi = papi_buf;
 
   int rc = pa_service_run(comm, &o);
+  if (rc == PA_OK && talk) {
+    /* the run ends with what is in the store now */
+    char *args[] = {"query", (char *)o.store, "summary", NULL};
+    fputc('\n', stdout);
+    cmd_query(3, args);
+  }
   pa_comm_finalize(comm);
   return rc == PA_OK ? 0 : rc == PA_ECANCELED ? 3 : 1;
 }

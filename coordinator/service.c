@@ -119,8 +119,8 @@ static void settings_of(const service *sv, Palign__Settings *st, char inv_fp[65]
   st->run_seed = sv->o->seed;
   st->lowercase_items = !sv->o->eval.keep_case;
   st->holdout_per_trait = sv->o->holdout_per_trait ? sv->o->holdout_per_trait : PA_PAS_HOLDOUT_PER_TRAIT;
-  st->n_alphas = sizeof pa_pas_default_alphas / sizeof *pa_pas_default_alphas;
-  st->alphas = (double *)pa_pas_default_alphas;
+  st->n_alphas = sv->o->alphas ? (size_t)sv->o->n_alphas : sizeof pa_pas_default_alphas / sizeof *pa_pas_default_alphas;
+  st->alphas = (double *)(sv->o->alphas ? sv->o->alphas : pa_pas_default_alphas);
   st->top_k = PA_PAS_TOP_K;
   st->subjects_file = (char *)(sv->o->subjects_file ? sv->o->subjects_file : "Test-set.json");
 }
@@ -397,6 +397,8 @@ static int setup_worker(service *sv) {
                             .pas = {.run_seed = sv->o->seed,
                                     .holdout_per_trait = sv->o->holdout_per_trait,
                                     .n_threads = sv->o->threads,
+                                    .alphas = sv->o->alphas,
+                                    .n_alphas = sv->o->n_alphas,
                                     .variants = pa_methods_pas_variants(sv->methods, sv->n_methods)},
                             .pas_result = &sv->pas};
   for (int r = 0; !rc && r < PA_METHOD_MAX_ROWS; r++) {

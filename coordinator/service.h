@@ -37,9 +37,11 @@ typedef struct {
   const char *subjects;      /* "all", "N" or "A-B" (inventory.h pa_subjects_range) */
   const char *subjects_file; /* NULL: PAPI/Test-set.json */
   uint64_t seed;
-  int threads;            /* per worker; 0: OpenMP's default */
-  pa_eval_opts eval;      /* mode, batch, ... (poll is the service's) */
-  int holdout_per_trait;  /* 0: PAS.md's 6 */
+  int threads;           /* per worker; 0: OpenMP's default */
+  pa_eval_opts eval;     /* mode, batch, ... (poll is the service's) */
+  int holdout_per_trait; /* 0: PAS.md's 6 */
+  const double *alphas;  /* the PAS alpha grid; NULL: PAS.md's {0, 1, 2, 4, 6, 8} */
+  int n_alphas;
   int chunk;              /* subjects per hand-out; 0: chosen from the number of subjects and workers */
   double progress_every;  /* seconds between progress lines; 0: 10 */
   double heartbeat_every; /* seconds between a busy worker's heartbeats; 0: 5 */
