@@ -53,6 +53,7 @@ static void usage(FILE *f) {
              "  --threads N      CPU threads (default: all cores)\n"
              "  --seed N         PAS run seed: probe splits and the holdout items (default 1)\n"
              "  --holdout N      PAS holdout protocol: selection items per trait (default 6)\n"
+             "  --alphas LIST    PAS alpha grid, comma-separated (default 0,1,2,4,6,8)\n"
              "  --bank FILE      PAS activation bank cache (default $PALIGN_CACHE/bank-MODEL.bin);\n"
              "                   computed and saved when missing, refused when made for another setup\n");
 }
@@ -153,7 +154,8 @@ int cmd_eval(int argc, char **argv) {
   const char *model_path = NULL, *papi = getenv("PALIGN_PAPI_DIR"), *json_path = NULL, *range = "5";
   const char *methods_arg = NULL, *template_name = NULL;
   pa_eval_opts eo = {0};
-  int threads = 0, seed = 1, holdout = 0;
+  int threads = 0, seed = 1, holdout = 0, n_alphas = 0;
+  double alphas[PA_PAS_MAX_ALPHAS];
   const char *bank_path = NULL;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
@@ -171,7 +173,7 @@ int cmd_eval(int argc, char **argv) {
     }
     static const char *const opts[] = {"--model", "--papi",   "--subjects", "--json",     "--methods",
                                        "--mode",  "--prefix", "--batch",    "--template", "--threads",
-                                       "--seed",  "--bank",   "--holdout"};
+                                       "--seed",  "--bank",   "--holdout",  "--alphas"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof opts / sizeof opts[0]); j++)
       if (!strcmp(a, opts[j]))
@@ -210,9 +212,15 @@ int cmd_eval(int argc, char **argv) {
         return 2;
       break;
     case 11: bank_path = v; break;
-    default:
+    case 12:
       if (parse_int(a, v, 1, 1000, &holdout))
         return 2;
+      break;
+    default:
+      if ((n_alphas = pa_pas_parse_alphas(v, alphas)) < 0) {
+        fprintf(stderr, "palign eval: --alphas: %s\n", pa_errmsg());
+        return 2;
+      }
       break;
     }
   }
@@ -323,6 +331,8 @@ int cmd_eval(int argc, char **argv) {
                        .ev = ev,
                        .pas = {.run_seed = (uint64_t)seed,
                                .holdout_per_trait = holdout,
+                               .alphas = n_alphas ? alphas : NULL,
+                               .n_alphas = n_alphas,
                                .variants = pa_methods_pas_variants(methods, n_methods)},
                        .pas_result = &pas_result};
   pa_pas_bank bank_view;

@@ -55,29 +55,6 @@ static int parse_num(const char *flag, const char *v, double lo, double hi, doub
   return 0;
 }
 
-/* "0,2,4": finite, distinct, at most PA_PAS_MAX_ALPHAS. */
-static int parse_alphas(const char *v, double *alphas, int *n) {
-  *n = 0;
-  for (const char *p = v; *p;) {
-    char *end;
-    errno = 0;
-    double x = strtod(p, &end);
-    bool dup = false;
-    for (int i = 0; i < *n; i++)
-      dup |= alphas[i] == x;
-    if (errno || end == p || (*end && *end != ',') || !isfinite(x) || dup || *n == PA_PAS_MAX_ALPHAS) {
-      fprintf(stderr, "palign-worker: --alphas wants up to %d distinct numbers separated by commas, not '%s'\n",
-              PA_PAS_MAX_ALPHAS, v);
-      return -1;
-    }
-    alphas[(*n)++] = x;
-    p = *end ? end + 1 : end;
-  }
-  if (*n == 0)
-    fprintf(stderr, "palign-worker: --alphas is empty\n");
-  return *n ? 0 : -1;
-}
-
 int main(int argc, char **argv) {
   pa_comm *comm = NULL;
   if (pa_comm_init(&argc, &argv, &comm)) {
@@ -141,7 +118,12 @@ int main(int argc, char **argv) {
     case 11: bad = parse_num(a, v, 0.1, 86400, &o.progress_every); break;
     case 12: bad = parse_num(a, v, 0.1, 86400, &o.heartbeat_every); break;
     case 13: bad = parse_num(a, v, 1, 864000, &o.silent_after); break;
-    default: bad = parse_alphas(v, alphas, &o.n_alphas), o.alphas = alphas; break;
+    default:
+      o.n_alphas = pa_pas_parse_alphas(v, alphas);
+      o.alphas = alphas;
+      if ((bad = o.n_alphas < 0) && talk)
+        fprintf(stderr, "palign-worker: --alphas: %s\n", pa_errmsg());
+      break;
     }
   }
   if (bad) {

@@ -4,7 +4,9 @@
 #include "prompts.h"
 #include "status.h"
 
+#include <errno.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -294,4 +296,22 @@ fail:
   free(bank_items), free(answers), free(delta), free(buf), free(icl);
   pa_pas_result_free(out);
   return rc;
+}
+
+int pa_pas_parse_alphas(const char *text, double *alphas) {
+  int n = 0;
+  for (const char *p = text; *p;) {
+    char *end;
+    errno = 0;
+    const double x = strtod(p, &end);
+    bool dup = false;
+    for (int i = 0; i < n; i++)
+      dup |= alphas[i] == x;
+    if (errno || end == p || (*end && *end != ',') || !isfinite(x) || dup || n == PA_PAS_MAX_ALPHAS)
+      return pa_error(PA_EINVAL, "alphas '%s': expected up to %d distinct numbers separated by commas", text,
+                      PA_PAS_MAX_ALPHAS);
+    alphas[n++] = x;
+    p = *end ? end + 1 : end;
+  }
+  return n ? n : pa_error(PA_EINVAL, "alphas '%s': no number", text);
 }

@@ -119,6 +119,11 @@ typedef struct {
 int pa_pas_run_subject(pa_evaluator *ev, const pa_inventory *inv, const pa_pas_bank *bank, const pa_subject *s,
                        const pa_pas_run_opts *o, pa_pas_result *out);
 
+/* A grid written as "0,2,4" (finite, distinct, 1..PA_PAS_MAX_ALPHAS numbers)
+ * into alphas[PA_PAS_MAX_ALPHAS]; returns the count or PA_EINVAL with a
+ * message quoting the text. */
+int pa_pas_parse_alphas(const char *text, double *alphas);
+
 /* Frees what a result holds and zeroes it; accepts NULL and a zeroed result. */
 void pa_pas_result_free(pa_pas_result *r);
 
