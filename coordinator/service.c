@@ -168,7 +168,8 @@ static int subjects_to_do(service *sv, size_t **todo, size_t *n_todo, size_t *n_
             "palign-worker: %s: %zu damaged records skipped (palign query %s verify names them); their "
             "subjects are done again\n",
             sv->o->store, damaged, sv->o->store);
-  qsort(done.ids, done.n, sizeof *done.ids, cmp_str);
+  if (done.n > 1)
+    qsort(done.ids, done.n, sizeof *done.ids, cmp_str);
   *todo = malloc((sv->last - sv->first + 1) * sizeof **todo);
   if (!rc && !*todo)
     rc = pa_error(PA_ENOMEM, "no memory");

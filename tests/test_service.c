@@ -1,0 +1,1060 @@
+/* palign-worker end to end, as a user runs it: the built binaries under
+ * mpirun on a tiny random model and the PAPI data.
+ *
+ *  - the records do not depend on the rank count, and they are what
+ *    `palign eval` prints;
+ *  - a job that loses a worker (SIGKILL) or is stopped (SIGTERM) resumes: a
+ *    rerun stores every subject exactly once;
+ *  - damaged records (a flipped byte, a truncated tail) are reported by
+ *    `palign query`, skipped, and their subjects done again;
+ *  - a store refuses a run with other settings and is left untouched;
+ *  - bad flags fail with a message.
+ *
+ * Every child runs with PALIGN_TEST_OWNER=<this test's pid> in its
+ * environment (mpirun hands it to the ranks): that is how a rank is found in
+ * /proc and how leftovers are killed, never by name alone, since other jobs
+ * on the machine may run palign-worker too. Every wait has a timeout. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <cJSON.h>
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <float.h>
+#include <math.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "status.h"
+#include "store.h"
+#include "testutil.h"
+
+#define WORKER   PALIGN_BINARY_DIR "/palign-worker"
+#define PALIGN   PALIGN_BINARY_DIR "/palign"
+#define CMD_WAIT 300.0 /* seconds any one command may take on a busy 2-core machine */
+
+static char model[512], icl_model[512], papi[4096];
+static char owner_env[64];
+
+/* ---- processes ------------------------------------------------------------------- */
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void sleep_s(double s) {
+  struct timespec ts = {.tv_sec = (time_t)s, .tv_nsec = (long)((s - (double)(time_t)s) * 1e9)};
+  nanosleep(&ts, NULL);
+}
+
+static pid_t children[16]; /* started and not yet reaped */
+
+static void track(pid_t pid, bool add) {
+  for (int i = 0; i < 16; i++)
+    if (add ? children[i] == 0 : children[i] == pid) {
+      children[i] = add ? pid : 0;
+      return;
+    }
+}
+
+/* Starts argv[0] with stdout and stderr to log (replaced). */
+static pid_t spawn(const char *log, char *const argv[]) {
+  fflush(NULL);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0)
+      _exit(126);
+    dup2(fd, 1), dup2(fd, 2);
+    close(fd);
+    setenv("PALIGN_TEST_OWNER", strchr(owner_env, '=') + 1, 1);
+    execv(argv[0], argv);
+    fprintf(stderr, "cannot run %s\n", argv[0]);
+    _exit(127);
+  }
+  track(pid, true);
+  return pid;
+}
+
+/* The exit status of pid (128 + the signal if killed), or -1 when it runs past
+ * timeout seconds (then it is still running). */
+static int wait_for(pid_t pid, double timeout) {
+  const double t_end = now_s() + timeout;
+  for (;;) {
+    int st;
+    pid_t r = waitpid(pid, &st, WNOHANG);
+    if (r == pid) {
+      track(pid, false);
+      return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    }
+    assert_true(r == 0);
+    if (now_s() > t_end)
+      return -1;
+    sleep_s(0.02);
+  }
+}
+
+/* Processes other than this one whose environment holds owner_env (a rank
+ * whose mpirun is gone, too); with rank >= 0 only that MPI rank's. */
+static int find_ours(int rank, pid_t *out, int max) {
+  char want_rank[64];
+  snprintf(want_rank, sizeof want_rank, "OMPI_COMM_WORLD_RANK=%d", rank);
+  int n = 0;
+  DIR *d = opendir("/proc");
+  assert_non_null(d);
+  for (struct dirent *e; (e = readdir(d)) && n < max;) {
+    if (!isdigit((unsigned char)e->d_name[0]))
+      continue;
+    const pid_t pid = (pid_t)atol(e->d_name);
+    if (pid == getpid())
+      continue;
+    char path[64], buf[1 << 15];
+    snprintf(path, sizeof path, "/proc/%d/environ", (int)pid);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+      continue;
+    const size_t len = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[len] = '\0';
+    bool mine = false, ranked = rank < 0;
+    for (size_t i = 0; i < len; i += strlen(buf + i) + 1) {
+      mine |= !strcmp(buf + i, owner_env);
+      ranked |= !strcmp(buf + i, want_rank);
+    }
+    if (mine && ranked)
+      out[n++] = pid;
+  }
+  closedir(d);
+  return n;
+}
+
+/* Whether pid is a palign-worker (not mpirun, not a shell). */
+static bool is_worker(pid_t pid) {
+  char path[64], comm[64] = "";
+  snprintf(path, sizeof path, "/proc/%d/comm", (int)pid);
+  FILE *f = fopen(path, "r");
+  if (!f)
+    return false;
+  if (!fgets(comm, sizeof comm, f))
+    comm[0] = '\0';
+  fclose(f);
+  return !strcmp(comm, "palign-worker\n");
+}
+
+/* Kills whatever this test started that still runs: the children, then any
+ * process with our mark (ranks outlive mpirun when it is killed). */
+static void kill_leftovers(void) {
+  for (int i = 0; i < 16; i++)
+    if (children[i] > 0) {
+      kill(children[i], SIGKILL);
+      waitpid(children[i], NULL, 0);
+      children[i] = 0;
+    }
+  pid_t p[64];
+  const int n = find_ours(-1, p, 64);
+  for (int i = 0; i < n; i++)
+    kill(p[i], SIGKILL);
+}
+
+static int teardown_test(void **state) {
+  (void)state;
+  kill_leftovers();
+  return 0;
+}
+
+/* Runs argv to its end with output to log; fails the test if it hangs. */
+static int run_argv(const char *log, char *const argv[]) {
+  const pid_t pid = spawn(log, argv);
+  const int rc = wait_for(pid, CMD_WAIT);
+  if (rc < 0) {
+    kill_leftovers();
+    fail_msg("%s did not finish within %.0f s (log %s)", argv[0], CMD_WAIT, log);
+  }
+  return rc;
+}
+
+#define MAX_ARGS 48
+
+typedef struct {
+  char *v[MAX_ARGS + 1];
+  int n;
+} args;
+
+static void add_arg(args *a, const char *s) {
+  assert_true(a->n < MAX_ARGS);
+  a->v[a->n++] = (char *)s;
+  a->v[a->n] = NULL;
+}
+
+static void add_args(args *a, va_list ap) {
+  for (const char *s; (s = va_arg(ap, const char *));)
+    add_arg(a, s);
+}
+
+/* The command line of palign-worker on np ranks under mpirun (np 0: no
+ * mpirun) with model m (NULL: the tiny model) and store, then the NULL-ended
+ * rest. */
+static void worker_argv(args *a, int np, const char *m, const char *store, va_list ap) {
+  static char np_buf[16];
+  a->n = 0;
+  if (np > 0) {
+    snprintf(np_buf, sizeof np_buf, "%d", np);
+    add_arg(a, "/usr/bin/mpirun");
+    add_arg(a, "-np");
+    add_arg(a, np_buf);
+  }
+  add_arg(a, WORKER);
+  add_arg(a, "--model"), add_arg(a, m ? m : model);
+  add_arg(a, "--papi"), add_arg(a, papi);
+  add_arg(a, "--store"), add_arg(a, store);
+  add_arg(a, "--threads"), add_arg(a, "1");
+  add_args(a, ap);
+}
+
+static int worker(const char *log, int np, const char *m, const char *store, ...) {
+  args a;
+  va_list ap;
+  va_start(ap, store);
+  worker_argv(&a, np, m, store, ap);
+  va_end(ap);
+  return run_argv(log, a.v);
+}
+
+static pid_t worker_start(const char *log, int np, const char *store, ...) {
+  args a;
+  va_list ap;
+  va_start(ap, store);
+  worker_argv(&a, np, NULL, store, ap);
+  va_end(ap);
+  return spawn(log, a.v);
+}
+
+/* `palign ARGS...` (NULL-ended), output to log. */
+static int palign(const char *log, ...) {
+  args a = {.n = 0};
+  add_arg(&a, PALIGN);
+  va_list ap;
+  va_start(ap, log);
+  add_args(&a, ap);
+  va_end(ap);
+  return run_argv(log, a.v);
+}
+
+static void expect_in(const char *file, const char *what) {
+  char *text = tu_slurp(file, NULL);
+  if (!strstr(text, what))
+    fail_msg("%s should contain '%s':\n%s", file, what, text);
+  free(text);
+}
+
+static const char *scratch(char buf[512], const char *name) { return tu_path(buf, 512, name); }
+
+/* ---- the store as records ------------------------------------------------------------ */
+
+typedef struct {
+  char id[64];
+  char shard[64];
+  uint64_t offset, length;
+  uint8_t *norm; /* the record packed without what legitimately varies */
+  size_t n_norm;
+} rec;
+
+typedef struct {
+  rec r[64];
+  size_t n;
+  size_t counts[6];
+} recs;
+
+/* The record with what a rerun or another rank count may change cleared:
+ * where and when it ran (rank, host, seconds, finished_unix, PAS
+ * fit_seconds) and every Cost (tokens differ when a worker reuses a cached
+ * prefix). Everything else must be reproduced bit for bit. */
+static uint8_t *pack_normalised(const Palign__SubjectResult *r, size_t *n) {
+  const size_t len = palign__subject_result__get_packed_size(r);
+  uint8_t *buf = malloc(len ? len : 1);
+  assert_non_null(buf);
+  assert_int_equal(palign__subject_result__pack(r, buf), len);
+  Palign__SubjectResult *c = palign__subject_result__unpack(NULL, len, buf);
+  assert_non_null(c);
+  free(buf);
+  /* cleared in the copy, put back before it is freed */
+  const int32_t rank = c->rank;
+  char *host = c->host;
+  const double seconds = c->seconds;
+  const int64_t fin = c->finished_unix;
+  c->rank = 0, c->host = (char *)protobuf_c_empty_string, c->seconds = 0, c->finished_unix = 0;
+  Palign__Cost *costs[32];
+  assert_true(c->n_methods <= 32);
+  for (size_t j = 0; j < c->n_methods; j++)
+    costs[j] = c->methods[j]->cost, c->methods[j]->cost = NULL;
+  Palign__Cost *grid = NULL;
+  double fit = 0;
+  if (c->pas) {
+    grid = c->pas->grid_cost, c->pas->grid_cost = NULL;
+    fit = c->pas->fit_seconds, c->pas->fit_seconds = 0;
+  }
+  *n = palign__subject_result__get_packed_size(c);
+  buf = malloc(*n ? *n : 1);
+  assert_non_null(buf);
+  assert_int_equal(palign__subject_result__pack(c, buf), *n);
+  c->rank = rank, c->host = host, c->seconds = seconds, c->finished_unix = fin;
+  for (size_t j = 0; j < c->n_methods; j++)
+    c->methods[j]->cost = costs[j];
+  if (c->pas)
+    c->pas->grid_cost = grid, c->pas->fit_seconds = fit;
+  palign__subject_result__free_unpacked(c, NULL);
+  return buf;
+}
+
+static int collect(void *ctx, const pa_record_info *info, const Palign__SubjectResult *r) {
+  recs *rs = ctx;
+  if (info->status != PA_RECORD_OK)
+    return 0;
+  assert_true(rs->n < sizeof rs->r / sizeof *rs->r);
+  rec *x = &rs->r[rs->n++];
+  snprintf(x->id, sizeof x->id, "%s", r->subject_id);
+  snprintf(x->shard, sizeof x->shard, "%s", info->shard);
+  x->offset = info->offset, x->length = info->length;
+  x->norm = pack_normalised(r, &x->n_norm);
+  return 0;
+}
+
+static void recs_free(recs *rs) {
+  for (size_t i = 0; i < rs->n; i++)
+    free(rs->r[i].norm);
+  rs->n = 0;
+}
+
+static void read_store(const char *store, recs *rs) {
+  memset(rs, 0, sizeof *rs);
+  if (pa_store_read(store, collect, rs, rs->counts))
+    fail_msg("reading %s: %s", store, pa_errmsg());
+}
+
+static size_t damaged(const recs *rs) {
+  size_t n = 0;
+  for (int k = 1; k < 6; k++)
+    n += rs->counts[k];
+  return n;
+}
+
+static const rec *find_rec(const recs *rs, const char *id) {
+  for (size_t i = 0; i < rs->n; i++)
+    if (!strcmp(rs->r[i].id, id))
+      return &rs->r[i];
+  return NULL;
+}
+
+static Palign__SubjectResult *unpack_rec(const rec *x) {
+  Palign__SubjectResult *r = palign__subject_result__unpack(NULL, x->n_norm, x->norm);
+  assert_non_null(r);
+  return r;
+}
+
+/* The ids of the first n subjects of PAPI/Test-set.json, in file order. */
+static void first_ids(size_t n, char ids[][64]) {
+  char path[4200];
+  snprintf(path, sizeof path, "%s/Test-set.json", papi);
+  char *text = tu_slurp(path, NULL);
+  cJSON *j = cJSON_Parse(text);
+  free(text);
+  assert_non_null(j);
+  assert_true((size_t)cJSON_GetArraySize(j) >= n);
+  for (size_t i = 0; i < n; i++) {
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(j, (int)i), "case");
+    assert_non_null(c);
+    if (cJSON_IsString(c))
+      snprintf(ids[i], 64, "%s", c->valuestring);
+    else
+      snprintf(ids[i], 64, "%.0f", c->valuedouble);
+  }
+  cJSON_Delete(j);
+}
+
+/* The store holds exactly the first n subjects, each in one valid record,
+ * and no damage beyond `allowed` damaged stretches. */
+static void expect_complete(const recs *rs, size_t n, size_t allowed, const char *store) {
+  char ids[64][64];
+  assert_true(n <= 64);
+  first_ids(n, ids);
+  if (rs->counts[PA_RECORD_DUPLICATE])
+    fail_msg("%s: %zu duplicate records", store, rs->counts[PA_RECORD_DUPLICATE]);
+  if (damaged(rs) > allowed)
+    fail_msg("%s: %zu damaged records, %zu expected", store, damaged(rs), allowed);
+  if (rs->n != n)
+    fail_msg("%s: %zu valid records, %zu subjects asked for", store, rs->n, n);
+  for (size_t i = 0; i < n; i++) {
+    size_t k = 0;
+    for (size_t j = 0; j < rs->n; j++)
+      k += !strcmp(rs->r[j].id, ids[i]);
+    if (k != 1)
+      fail_msg("%s: subject %s has %zu valid records, not 1", store, ids[i], k);
+  }
+}
+
+/* Every record of a subject made with the same settings, in whatever run,
+ * rank count or test, must be the same: the first seen is kept per tag. */
+static struct {
+  char tag[32], id[64];
+  uint8_t *norm;
+  size_t n;
+} seen[128];
+static size_t n_seen;
+
+static void expect_same_as_before(const char *tag, const recs *rs, const char *store) {
+  for (size_t i = 0; i < rs->n; i++) {
+    const rec *x = &rs->r[i];
+    size_t k = 0;
+    while (k < n_seen && (strcmp(seen[k].tag, tag) || strcmp(seen[k].id, x->id)))
+      k++;
+    if (k == n_seen) {
+      assert_true(n_seen < sizeof seen / sizeof *seen);
+      snprintf(seen[k].tag, sizeof seen[k].tag, "%s", tag);
+      snprintf(seen[k].id, sizeof seen[k].id, "%s", x->id);
+      seen[k].norm = malloc(x->n_norm);
+      assert_non_null(seen[k].norm);
+      memcpy(seen[k].norm, x->norm, x->n_norm);
+      seen[k].n = x->n_norm;
+      n_seen++;
+    } else if (seen[k].n != x->n_norm || memcmp(seen[k].norm, x->norm, x->n_norm)) {
+      fail_msg("%s: subject %s (%s, %s offset %llu) differs from its record in an earlier run with the same settings",
+               store, x->id, tag, x->shard, (unsigned long long)x->offset);
+    }
+  }
+}
+
+/* ---- comparing records ----------------------------------------------------------------- */
+
+#define SAME(what, cond)                                                                                               \
+  do {                                                                                                                 \
+    if (!(cond))                                                                                                       \
+      fail_msg("subject %s: %s differs (%s)", id, what, #cond);                                                        \
+  } while (0)
+
+static bool same_bytes(const void *a, size_t na, const void *b, size_t nb) {
+  return na == nb && (na == 0 || memcmp(a, b, na) == 0);
+}
+
+static void same_preds(const char *id, const char *what, const Palign__Predictions *a, const Palign__Predictions *b) {
+  SAME(what, (a == NULL) == (b == NULL));
+  if (!a)
+    return;
+  SAME(what, same_bytes(a->items, a->n_items * sizeof *a->items, b->items, b->n_items * sizeof *b->items));
+  SAME(what, same_bytes(a->truth.data, a->truth.len, b->truth.data, b->truth.len));
+  SAME(what, same_bytes(a->answer.data, a->answer.len, b->answer.data, b->answer.len));
+  SAME(what, same_bytes(a->expected, a->n_expected * sizeof(float), b->expected, b->n_expected * sizeof(float)));
+  SAME(what, same_bytes(a->probs, a->n_probs * sizeof(float), b->probs, b->n_probs * sizeof(float)));
+}
+
+/* Field by field where a difference is worth naming, then every byte. */
+static void same_record(const rec *xa, const rec *xb) {
+  Palign__SubjectResult *a = unpack_rec(xa), *b = unpack_rec(xb);
+  const char *id = xa->id;
+  char what[160];
+  SAME("subject_index", a->subject_index == b->subject_index);
+  SAME("run_seed", a->run_seed == b->run_seed);
+  SAME("model_fingerprint", !strcmp(a->model_fingerprint, b->model_fingerprint));
+  SAME("failed", a->failed == b->failed);
+  SAME("the number of methods", a->n_methods == b->n_methods);
+  for (size_t j = 0; j < a->n_methods; j++) {
+    const Palign__MethodResult *ma = a->methods[j], *mb = b->methods[j];
+    snprintf(what, sizeof what, "method #%zu (%s)", j, ma->method);
+    SAME(what, !strcmp(ma->method, mb->method) && ma->failed == mb->failed && ma->n_rows == mb->n_rows);
+    for (size_t k = 0; k < ma->n_rows; k++) {
+      snprintf(what, sizeof what, "row '%s' of %s", ma->rows[k]->name, ma->method);
+      SAME(what, !strcmp(ma->rows[k]->name, mb->rows[k]->name));
+      same_preds(id, what, ma->rows[k]->predictions, mb->rows[k]->predictions);
+    }
+  }
+  SAME("PAS presence", (a->pas == NULL) == (b->pas == NULL));
+  if (a->pas) {
+    const Palign__PasResult *pa = a->pas, *pb = b->pas;
+    SAME("PAS status", !strcmp(pa->status, pb->status));
+    SAME("PAS head count", pa->n_heads == pb->n_heads);
+    for (size_t h = 0; h < pa->n_heads; h++) {
+      const Palign__PasHead *ha = pa->heads[h], *hb = pb->heads[h];
+      snprintf(what, sizeof what, "PAS head #%zu", h);
+      SAME(what, ha->layer == hb->layer && ha->head == hb->head);
+      SAME(what, ha->score == hb->score && ha->train_acc == hb->train_acc && ha->val_acc == hb->val_acc);
+      SAME(what, ha->sigma == hb->sigma);
+      SAME(what, same_bytes(ha->direction, ha->n_direction * sizeof(float), hb->direction,
+                            hb->n_direction * sizeof(float)));
+    }
+    SAME("PAS alphas", same_bytes(pa->alphas, pa->n_alphas * sizeof(double), pb->alphas, pb->n_alphas * sizeof(double)));
+    SAME("PAS chosen count", pa->n_chosen == pb->n_chosen);
+    for (size_t c = 0; c < pa->n_chosen; c++) {
+      snprintf(what, sizeof what, "PAS choice %s/%s", pa->chosen[c]->variant, pa->chosen[c]->protocol);
+      SAME(what, !strcmp(pa->chosen[c]->variant, pb->chosen[c]->variant) &&
+                     !strcmp(pa->chosen[c]->protocol, pb->chosen[c]->protocol));
+      SAME(what, pa->chosen[c]->index == pb->chosen[c]->index && pa->chosen[c]->alpha == pb->chosen[c]->alpha);
+    }
+    SAME("PAS grid size", pa->n_grid == pb->n_grid);
+    for (size_t g = 0; g < pa->n_grid; g++) {
+      snprintf(what, sizeof what, "PAS grid #%zu", g);
+      same_preds(id, what, pa->grid[g], pb->grid[g]);
+    }
+  }
+  palign__subject_result__free_unpacked(a, NULL);
+  palign__subject_result__free_unpacked(b, NULL);
+  SAME("the rest of the record (metrics, PAS split, errors, ...)", same_bytes(xa->norm, xa->n_norm, xb->norm, xb->n_norm));
+}
+
+static void same_stores(const recs *a, const recs *b) {
+  assert_int_equal(a->n, b->n);
+  for (size_t i = 0; i < a->n; i++) {
+    const rec *y = find_rec(b, a->r[i].id);
+    if (!y)
+      fail_msg("subject %s is in one store only", a->r[i].id);
+    same_record(&a->r[i], y);
+  }
+}
+
+/* Whether a double printed by cJSON reads back as x. cJSON 1.7.15 prints 15
+ * significant digits and falls back to 17 only when the 15 read back further
+ * than DBL_EPSILON (relative) from the value: a double may come back an ulp
+ * or so off, never more. */
+static bool json_double_is(const cJSON *j, double x) {
+  if (!cJSON_IsNumber(j))
+    return false;
+  const double a = fabs(j->valuedouble), b = fabs(x);
+  return fabs(j->valuedouble - x) <= 2 * DBL_EPSILON * (a > b ? a : b);
+}
+
+/* `palign eval --json`'s answers are the stored ones, for every row. expected
+ * and p are floats printed as doubles: a double within an ulp of a float
+ * converts back to exactly that float (float neighbours are 2^29 double ulps
+ * apart), so those compare exactly after the (float) cast. Scores, sigmas and
+ * alphas are doubles: json_double_is. */
+static void same_as_eval(const recs *rs, const char *json_path, size_t n_subjects) {
+  char *text = tu_slurp(json_path, NULL);
+  cJSON *root = cJSON_Parse(text);
+  free(text);
+  assert_non_null(root);
+  const cJSON *subjects = cJSON_GetObjectItemCaseSensitive(root, "subjects");
+  assert_int_equal(cJSON_GetArraySize(subjects), n_subjects);
+  const cJSON *js;
+  cJSON_ArrayForEach(js, subjects) {
+    const char *id = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(js, "id"));
+    assert_non_null(id);
+    const rec *x = find_rec(rs, id);
+    if (!x)
+      fail_msg("eval's subject %s is not in the store", id);
+    Palign__SubjectResult *r = unpack_rec(x);
+    size_t stored_rows = 0, json_rows = 0;
+    for (size_t j = 0; j < r->n_methods; j++)
+      stored_rows += r->methods[j]->n_rows;
+    const cJSON *jm;
+    cJSON_ArrayForEach(jm, cJSON_GetObjectItemCaseSensitive(js, "methods")) {
+      const cJSON *items = cJSON_GetObjectItemCaseSensitive(jm, "items");
+      if (!items) { /* a PAS variant's fit: its chosen alphas and heads */
+        assert_non_null(r->pas);
+        for (int p = 0; p < 2; p++) {
+          const cJSON *ja = cJSON_GetObjectItemCaseSensitive(jm, p ? "alpha_holdout" : "alpha_reference");
+          assert_non_null(ja);
+          const Palign__PasChoice *c = NULL;
+          for (size_t k = 0; k < r->pas->n_chosen; k++)
+            if (!strcmp(r->pas->chosen[k]->variant, jm->string) &&
+                !strcmp(r->pas->chosen[k]->protocol, p ? "holdout" : "reference"))
+              c = r->pas->chosen[k];
+          if (!c || !json_double_is(ja, c->alpha))
+            fail_msg("subject %s: %s %s alpha %g in eval, %g stored", id, jm->string, ja->string, ja->valuedouble,
+                     c ? c->alpha : NAN);
+        }
+        const cJSON *heads = cJSON_GetObjectItemCaseSensitive(jm, "heads");
+        assert_int_equal(cJSON_GetArraySize(heads), r->pas->n_heads);
+        for (size_t h = 0; h < r->pas->n_heads; h++) {
+          const cJSON *jh = cJSON_GetArrayItem(heads, (int)h);
+          const Palign__PasHead *ph = r->pas->heads[h];
+          const cJSON *sigma = cJSON_GetObjectItemCaseSensitive(jh, "sigma");
+          if (cJSON_GetObjectItemCaseSensitive(jh, "layer")->valuedouble != ph->layer ||
+              cJSON_GetObjectItemCaseSensitive(jh, "head")->valuedouble != ph->head ||
+              !json_double_is(cJSON_GetObjectItemCaseSensitive(jh, "score"), ph->score) ||
+              !json_double_is(sigma, ph->sigma))
+            fail_msg("subject %s: %s head #%zu differs between eval and the store (sigma %.17g there, %.17g stored)",
+                     id, jm->string, h, sigma ? sigma->valuedouble : NAN, ph->sigma);
+        }
+        continue;
+      }
+      json_rows++;
+      const Palign__MethodRow *row = NULL;
+      for (size_t j = 0; j < r->n_methods && !row; j++)
+        for (size_t k = 0; k < r->methods[j]->n_rows && !row; k++)
+          if (!strcmp(r->methods[j]->rows[k]->name, jm->string))
+            row = r->methods[j]->rows[k];
+      if (!row || !row->predictions)
+        fail_msg("subject %s: eval's row '%s' is not stored", id, jm->string);
+      const Palign__Predictions *pr = row->predictions;
+      if ((size_t)cJSON_GetArraySize(items) != pr->n_items)
+        fail_msg("subject %s, row %s: %d items in eval, %zu stored", id, jm->string, cJSON_GetArraySize(items),
+                 pr->n_items);
+      assert_int_equal(pr->truth.len, pr->n_items);
+      assert_int_equal(pr->answer.len, pr->n_items);
+      for (size_t i = 0; i < pr->n_items; i++) {
+        const cJSON *it = cJSON_GetArrayItem(items, (int)i);
+        const cJSON *e = cJSON_GetObjectItemCaseSensitive(it, "expected"), *p = cJSON_GetObjectItemCaseSensitive(it, "p");
+        const float stored_e = i < pr->n_expected ? pr->expected[i] : NAN;
+        bool ok = cJSON_GetObjectItemCaseSensitive(it, "item")->valuedouble == pr->items[i] &&
+                  cJSON_GetObjectItemCaseSensitive(it, "truth")->valuedouble == pr->truth.data[i] &&
+                  cJSON_GetObjectItemCaseSensitive(it, "answer")->valuedouble == pr->answer.data[i];
+        ok &= e ? (float)e->valuedouble == stored_e : isnan(stored_e);
+        if (p) {
+          ok &= cJSON_GetArraySize(p) == 5 && pr->n_probs >= 5 * (i + 1);
+          for (int k = 0; ok && k < 5; k++)
+            ok &= (float)cJSON_GetArrayItem(p, k)->valuedouble == pr->probs[5 * i + (size_t)k];
+        } else {
+          ok &= pr->n_probs == 0 || isnan(pr->probs[5 * i]);
+        }
+        if (!ok)
+          fail_msg("subject %s, row %s, item #%zu (%d): eval and the store differ", id, jm->string, i, pr->items[i]);
+      }
+    }
+    if (json_rows != stored_rows)
+      fail_msg("subject %s: %zu rows in eval, %zu stored", id, json_rows, stored_rows);
+    palign__subject_result__free_unpacked(r, NULL);
+  }
+  cJSON_Delete(root);
+}
+
+/* ---- the runs ----------------------------------------------------------------------- */
+
+/* Waits (at most timeout s) until the store holds at least n valid records. */
+static void wait_records(const char *store, size_t n, pid_t job, double timeout) {
+  const double t_end = now_s() + timeout;
+  for (;;) {
+    size_t counts[6] = {0};
+    if (pa_store_read(store, NULL, NULL, counts) == PA_OK && counts[PA_RECORD_OK] >= n)
+      return;
+    pa_error_clear();
+    int st;
+    if (waitpid(job, &st, WNOHANG) == job) {
+      track(job, false);
+      fail_msg("the job on %s ended (status %d) before %zu records were stored", store, st, n);
+    }
+    if (now_s() > t_end) {
+      kill_leftovers();
+      fail_msg("no %zu records in %s after %.0f s", n, store, timeout);
+    }
+    sleep_s(0.05);
+  }
+}
+
+/* mpirun's end after something killed or stopped its job; no rank may stay. */
+static int wait_job_end(pid_t job, const char *log) {
+  int rc = wait_for(job, 60);
+  if (rc < 0) {
+    kill_leftovers();
+    fail_msg("mpirun did not end within 60 s of losing its job (log %s)", log);
+  }
+  pid_t left[8];
+  for (double t_end = now_s() + 10; find_ours(-1, left, 8) > 0;) {
+    if (now_s() > t_end) {
+      kill_leftovers();
+      fail_msg("ranks outlived their mpirun (log %s)", log);
+    }
+    sleep_s(0.05);
+  }
+  return rc;
+}
+
+static Palign__Manifest *read_manifest(const char *store) {
+  Palign__Manifest *m = NULL;
+  if (pa_manifest_read(store, &m))
+    fail_msg("%s", pa_errmsg());
+  return m;
+}
+
+/* `palign query STORE verify` passes; a torn tail that a killed worker left
+ * counts as a problem there (exit 1) but is never a lost or doubled subject:
+ * with torn records, every problem line must be one. */
+static void expect_verified(const char *store, const recs *rs, const char *log) {
+  const int rc = palign(log, "query", store, "verify", NULL);
+  char *text = tu_slurp(log, NULL);
+  fprintf(stderr, "    palign query verify (exit %d): %s", rc, text);
+  if (damaged(rs) == 0) {
+    if (rc != 0)
+      fail_msg("verify of %s exits %d:\n%s", store, rc, text);
+  } else {
+    assert_int_equal(damaged(rs), rs->counts[PA_RECORD_TORN]);
+    assert_int_equal(rc, 1);
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
+      if (strstr(line, " offset ") && !strstr(line, ": torn"))
+        fail_msg("verify of %s: a problem other than a torn tail: %s", store, line);
+  }
+  free(text);
+}
+
+/* A 4-subject store made once (one process, no mpirun) and copied for
+ * the tests that damage or refuse. */
+static char base_store[512];
+
+static void copy_base_store(const char *to) {
+  if (!base_store[0]) {
+    char log[512];
+    scratch(base_store, "base");
+    assert_int_equal(worker(scratch(log, "base.log"), 0, NULL, base_store, "--subjects", "4", "--methods",
+                            "none,pas_only", NULL),
+                     0);
+    recs rs;
+    read_store(base_store, &rs);
+    expect_complete(&rs, 4, 0, base_store);
+    expect_same_as_before("none,pas_only", &rs, base_store);
+    recs_free(&rs);
+  }
+  char cmd[1200];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s' && cp -r '%s' '%s'", to, base_store, to);
+  assert_int_equal(system(cmd), 0);
+}
+
+/* ---- the tests --------------------------------------------------------------------------- */
+
+/* 1. The same records from 1 and 3 ranks, and the answers `palign eval` gives. */
+static void test_rank_count_and_eval(void **state) {
+  (void)state;
+  char s1[512], s3[512], log[512], json[512], bank[512];
+  scratch(s1, "np1"), scratch(s3, "np3");
+  assert_int_equal(worker(scratch(log, "np1.log"), 1, NULL, s1, "--subjects", "6", "--methods", "none,pas_only", NULL),
+                   0);
+  assert_int_equal(worker(scratch(log, "np3.log"), 3, NULL, s3, "--subjects", "6", "--methods", "none,pas_only", NULL),
+                   0);
+  expect_in(log, "2 worker(s)");
+  recs a, b;
+  read_store(s1, &a);
+  read_store(s3, &b);
+  expect_complete(&a, 6, 0, s1);
+  expect_complete(&b, 6, 0, s3);
+  same_stores(&a, &b);
+  /* the 3-rank store really was written by two workers */
+  bool rank[3] = {false};
+  for (size_t i = 0; i < b.n; i++)
+    rank[strstr(b.r[i].shard, "rank1") ? 1 : strstr(b.r[i].shard, "rank2") ? 2 : 0] = true;
+  assert_true(rank[1] && rank[2] && !rank[0]);
+  expect_same_as_before("none,pas_only", &a, s1);
+
+  assert_int_equal(palign(scratch(log, "eval.log"), "eval", "--model", model, "--papi", papi, "--subjects", "6",
+                          "--methods", "none,pas_only", "--threads", "1", "--bank", scratch(bank, "eval-bank.bin"),
+                          "--json", scratch(json, "eval.json"), NULL),
+                   0);
+  same_as_eval(&a, json, 6);
+  recs_free(&a), recs_free(&b);
+
+  /* ICL and PAS with its prompt, on a smaller model: the ICL system prompt
+   * is long, and the default tiny model would spend 20 s a subject on it */
+  scratch(s1, "icl-np1"), scratch(s3, "icl-np2");
+  assert_int_equal(worker(scratch(log, "icl-np1.log"), 1, icl_model, s1, "--subjects", "2", "--methods", "icl,pas",
+                          NULL),
+                   0);
+  assert_int_equal(worker(scratch(log, "icl-np2.log"), 2, icl_model, s3, "--subjects", "2", "--methods", "icl,pas",
+                          NULL),
+                   0);
+  read_store(s1, &a);
+  read_store(s3, &b);
+  expect_complete(&a, 2, 0, s1);
+  expect_complete(&b, 2, 0, s3);
+  same_stores(&a, &b);
+  assert_int_equal(palign(scratch(log, "icl-eval.log"), "eval", "--model", icl_model, "--papi", papi, "--subjects",
+                          "2", "--methods", "icl,pas", "--threads", "1", "--bank", scratch(bank, "icl-bank.bin"),
+                          "--json", scratch(json, "icl-eval.json"), NULL),
+                   0);
+  same_as_eval(&a, json, 2);
+  recs_free(&a), recs_free(&b);
+}
+
+/* 2. A worker killed with SIGKILL: mpirun ends the job; a rerun finishes it. */
+static void test_resume_after_kill(void **state) {
+  (void)state;
+  char store[512], log[512], vlog[512];
+  scratch(store, "killed");
+  scratch(log, "killed.log");
+  const pid_t job =
+      worker_start(log, 3, store, "--subjects", "8", "--chunk", "1", "--methods", "none,pas_only", NULL);
+  wait_records(store, 1, job, CMD_WAIT);
+  pid_t victim[4];
+  const int n = find_ours(1, victim, 4);
+  if (n != 1 || !is_worker(victim[0]))
+    fail_msg("found %d processes of rank 1 (log %s)", n, log);
+  assert_int_equal(kill(victim[0], SIGKILL), 0);
+  const int rc = wait_job_end(job, log);
+  fprintf(stderr, "    mpirun after SIGKILL of rank 1 (pid %d): exit %d\n", (int)victim[0], rc);
+  assert_int_not_equal(rc, 0);
+
+  recs rs;
+  read_store(store, &rs);
+  fprintf(stderr, "    stored before the rerun: %zu valid, %zu torn, %zu other damage\n", rs.n,
+          rs.counts[PA_RECORD_TORN], damaged(&rs) - rs.counts[PA_RECORD_TORN]);
+  assert_true(rs.n >= 1 && rs.n < 8);
+  const size_t before = rs.n;
+  recs_free(&rs);
+
+  char rlog[512];
+  assert_int_equal(worker(scratch(rlog, "killed-rerun.log"), 3, NULL, store, "--subjects", "8", "--chunk", "1",
+                          "--methods", "none,pas_only", NULL),
+                   0);
+  char said[128];
+  snprintf(said, sizeof said, "%zu already stored, %zu to do", before, 8 - before);
+  expect_in(rlog, said);
+  read_store(store, &rs);
+  expect_complete(&rs, 8, rs.counts[PA_RECORD_TORN], store);
+  expect_same_as_before("none,pas_only", &rs, store);
+  expect_verified(store, &rs, scratch(vlog, "killed-verify.log"));
+  recs_free(&rs);
+}
+
+/* 3. SIGTERM: to mpirun (Open MPI forwards it, then kills the ranks 1 s
+ * later), then to every rank (as a batch system's scancel does); a rerun
+ * completes the store. */
+static void test_sigterm(void **state) {
+  (void)state;
+  char store[512], log[512], vlog[512];
+  scratch(store, "termed");
+
+  /* to mpirun */
+  pid_t job = worker_start(scratch(log, "termed-1.log"), 3, store, "--subjects", "8", "--chunk", "1", "--methods",
+                           "none,pas_only", NULL);
+  wait_records(store, 1, job, CMD_WAIT);
+  assert_int_equal(kill(job, SIGTERM), 0);
+  int rc = wait_job_end(job, log);
+  Palign__Manifest *m = read_manifest(store);
+  assert_int_equal(m->n_runs, 1);
+  const Palign__RunRecord *run = m->runs[0];
+  fprintf(stderr, "    SIGTERM to mpirun: exit %d; the run is %s (finished_unix %lld, %lld done)\n", rc,
+          run->interrupted ? "marked interrupted" : "not marked (the ranks were killed before rank 0 wrote it)",
+          (long long)run->finished_unix, (long long)run->subjects_done);
+  assert_int_not_equal(rc, 0);
+  /* either rank 0 recorded the stop, or it never got to write the end of
+   * the run; never a run that looks complete */
+  if (run->interrupted) {
+    assert_true(run->finished_unix > 0);
+    expect_in(log, "stopped by signal 15");
+  } else {
+    assert_int_equal(run->finished_unix, 0);
+  }
+  palign__manifest__free_unpacked(m, NULL);
+  recs rs;
+  read_store(store, &rs);
+  const size_t after_first = rs.n;
+  assert_true(rs.n >= 1 && rs.n < 8);
+  recs_free(&rs);
+
+  /* to every rank: each stops at its next forward pass and exits 3 */
+  job = worker_start(scratch(log, "termed-2.log"), 3, store, "--subjects", "8", "--chunk", "1", "--methods",
+                     "none,pas_only", NULL);
+  wait_records(store, after_first + 1, job, CMD_WAIT);
+  pid_t ranks[8];
+  const int n = find_ours(-1, ranks, 8);
+  int n_workers = 0;
+  for (int i = 0; i < n; i++)
+    if (is_worker(ranks[i]))
+      n_workers++, kill(ranks[i], SIGTERM);
+  assert_int_equal(n_workers, 3);
+  rc = wait_job_end(job, log);
+  m = read_manifest(store);
+  assert_int_equal(m->n_runs, 2);
+  run = m->runs[1];
+  fprintf(stderr, "    SIGTERM to the ranks: exit %d; the run is %s, %lld done\n", rc,
+          run->interrupted ? "marked interrupted" : "NOT marked interrupted", (long long)run->subjects_done);
+  assert_int_equal(rc, 3);
+  assert_true(run->interrupted);
+  assert_true(run->finished_unix > 0);
+  expect_in(log, "stopped by signal 15; a rerun with the same store resumes");
+  palign__manifest__free_unpacked(m, NULL);
+
+  read_store(store, &rs);
+  const size_t before = rs.n;
+  recs_free(&rs);
+  assert_true(before < 8);
+  assert_int_equal(worker(scratch(log, "termed-3.log"), 3, NULL, store, "--subjects", "8", "--chunk", "1", "--methods",
+                          "none,pas_only", NULL),
+                   0);
+  char said[128];
+  snprintf(said, sizeof said, "%zu already stored, %zu to do", before, 8 - before);
+  expect_in(log, said);
+  m = read_manifest(store);
+  assert_int_equal(m->n_runs, 3);
+  assert_false(m->runs[2]->interrupted);
+  assert_int_equal(m->runs[2]->subjects_done, 8 - before);
+  palign__manifest__free_unpacked(m, NULL);
+  read_store(store, &rs);
+  expect_complete(&rs, 8, rs.counts[PA_RECORD_TORN], store);
+  expect_same_as_before("none,pas_only", &rs, store);
+  expect_verified(store, &rs, scratch(vlog, "termed-verify.log"));
+  recs_free(&rs);
+}
+
+/* Damages `store`'s run1-rank0.pal (flip: one payload byte of its second
+ * record; else its last record cut by 5 bytes), then checks what query says,
+ * reruns and checks that only the damaged subject was done again. */
+static void damage_and_repair(const char *name, bool flip) {
+  char store[512], log[512], path[700];
+  scratch(store, name);
+  copy_base_store(store);
+  recs rs;
+  read_store(store, &rs);
+  assert_int_equal(rs.n, 4);
+  const rec *victim = flip ? &rs.r[1] : &rs.r[3];
+  assert_string_equal(victim->shard, "run1-rank0.pal");
+  char id[64], where[128];
+  snprintf(id, sizeof id, "%s", victim->id);
+  snprintf(where, sizeof where, "run1-rank0.pal offset %llu: %s", (unsigned long long)victim->offset,
+           flip ? "checksum" : "torn");
+  snprintf(path, sizeof path, "%s/shards/run1-rank0.pal", store);
+  size_t len;
+  char *bytes = tu_slurp(path, &len);
+  assert_int_equal(len, rs.r[3].offset + rs.r[3].length);
+  if (flip) {
+    bytes[victim->offset + PA_STORE_RECORD_HEAD + (victim->length - PA_STORE_RECORD_HEAD) / 2] ^= 0x5a;
+    tu_write(path, bytes, len);
+  } else {
+    assert_int_equal(truncate(path, (off_t)(len - 5)), 0);
+  }
+  free(bytes);
+  recs_free(&rs);
+
+  snprintf(log, sizeof log, "%s/%s-verify.log", tu_tmp, name);
+  assert_int_equal(palign(log, "query", store, "verify", NULL), 1);
+  expect_in(log, where);
+  snprintf(log, sizeof log, "%s/%s-summary.log", tu_tmp, name);
+  assert_int_equal(palign(log, "query", store, "summary", NULL), 0);
+  expect_in(log, "skipping damaged record: run1-rank0.pal offset");
+  expect_in(log, where);
+  expect_in(log, "subjects  3 stored");
+
+  snprintf(log, sizeof log, "%s/%s-rerun.log", tu_tmp, name);
+  assert_int_equal(worker(log, 0, NULL, store, "--subjects", "4", "--methods", "none,pas_only", NULL), 0);
+  expect_in(log, "3 already stored, 1 to do");
+  read_store(store, &rs);
+  expect_complete(&rs, 4, 1, store);
+  assert_int_equal(rs.counts[flip ? PA_RECORD_CHECKSUM : PA_RECORD_TORN], 1);
+  size_t in_new = 0;
+  for (size_t i = 0; i < rs.n; i++)
+    if (!strcmp(rs.r[i].shard, "run2-rank0.pal")) {
+      in_new++;
+      assert_string_equal(rs.r[i].id, id);
+    }
+  assert_int_equal(in_new, 1);
+  /* the recomputed record is the one that was damaged, bit for bit */
+  expect_same_as_before("none,pas_only", &rs, store);
+  recs_free(&rs);
+}
+
+/* 4. A flipped byte in the middle of a shard and a truncated tail. */
+static void test_damaged_shard(void **state) {
+  (void)state;
+  damage_and_repair("flipped", true);
+  damage_and_repair("truncated", false);
+}
+
+/* Every file of a store, in name order, as one blob: "name\0size\0bytes". */
+static char *snapshot(const char *store, size_t *n) {
+  char cmd[1200], out[512];
+  snprintf(cmd, sizeof cmd, "cd '%s' && find . -type f | LC_ALL=C sort | while read f; do echo \"$f\"; cat \"$f\"; done > '%s'",
+           store, scratch(out, "snapshot.bin"));
+  assert_int_equal(system(cmd), 0);
+  return tu_slurp(out, n);
+}
+
+/* 5. A run with another seed or other methods is refused; nothing changes. */
+static void test_settings_mismatch(void **state) {
+  (void)state;
+  char store[512], log[512];
+  scratch(store, "mismatch");
+  copy_base_store(store);
+  size_t n0, n1;
+  char *before = snapshot(store, &n0);
+  assert_int_equal(worker(scratch(log, "mismatch-seed.log"), 0, NULL, store, "--subjects", "4", "--methods",
+                          "none,pas_only", "--seed", "2", NULL),
+                   1);
+  expect_in(log, "this store was made with other settings");
+  expect_in(log, "run_seed 1 here, 2 asked");
+  assert_int_equal(worker(scratch(log, "mismatch-methods.log"), 2, NULL, store, "--subjects", "4", "--methods", "none",
+                          NULL),
+                   1);
+  expect_in(log, "methods 'none,pas_only,const3,trait_mean' here, 'none,const3,trait_mean' asked");
+  char *after = snapshot(store, &n1);
+  assert_int_equal(n0, n1);
+  assert_memory_equal(before, after, n0);
+  free(before), free(after);
+}
+
+/* 6. Bad flags. */
+static void test_bad_flags(void **state) {
+  (void)state;
+  char store[512], log[512];
+  scratch(store, "flags");
+  args a = {.n = 0};
+  add_arg(&a, WORKER);
+  add_arg(&a, "--bogus");
+  assert_int_equal(run_argv(scratch(log, "bogus.log"), a.v), 2);
+  expect_in(log, "unexpected argument '--bogus'");
+  a.n = 0;
+  add_arg(&a, WORKER);
+  add_arg(&a, "--threads");
+  assert_int_equal(run_argv(log, a.v), 2);
+  expect_in(log, "--threads needs a value");
+  /* a value out of range is found once the data is read: exit 1, nothing made */
+  assert_int_equal(worker(scratch(log, "zero.log"), 0, NULL, store, "--subjects", "0", "--methods", "none", NULL), 1);
+  expect_in(log, "--subjects '0' is not all, N or A-B");
+  assert_int_equal(worker(scratch(log, "zero-np2.log"), 2, NULL, store, "--subjects", "0", "--methods", "none", NULL),
+                   1);
+  expect_in(log, "--subjects '0' is not all, N or A-B");
+  struct stat sb;
+  assert_int_not_equal(stat(store, &sb), 0);
+}
+
+/* ---- the group ----------------------------------------------------------------------- */
+
+static int setup_group(void **state) {
+  if (tu_setup(state))
+    return -1;
+  snprintf(owner_env, sizeof owner_env, "PALIGN_TEST_OWNER=%d", (int)getpid());
+  snprintf(papi, sizeof papi, "%s", test_papi_dir());
+  tu_path(model, sizeof model, "tiny.gguf");
+  tu_path(icl_model, sizeof icl_model, "tiny-icl.gguf");
+  char log[512];
+  if (palign(scratch(log, "mkmodel.log"), "mkmodel", model, "--ctx", "4096", "--force", NULL) ||
+      palign(log, "mkmodel", icl_model, "--ctx", "4096", "--layers", "1", "--merges", "800", "--force", NULL))
+    return -1;
+  return 0;
+}
+
+static int teardown_group(void **state) {
+  kill_leftovers();
+  for (size_t i = 0; i < n_seen; i++)
+    free(seen[i].norm);
+  return tu_teardown(state);
+}
+
+int main(void) {
+  char path[4200];
+  snprintf(path, sizeof path, "%s/Test-set.json", test_papi_dir());
+  if (access(path, R_OK) != 0) {
+    fprintf(stderr, "skipping: no PAPI data at %s\n", test_papi_dir());
+    return 77;
+  }
+  setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+  setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+  setenv("OMPI_MCA_rmaps_base_oversubscribe", "1", 1);
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test_teardown(test_rank_count_and_eval, teardown_test),
+      cmocka_unit_test_teardown(test_resume_after_kill, teardown_test),
+      cmocka_unit_test_teardown(test_sigterm, teardown_test),
+      cmocka_unit_test_teardown(test_damaged_shard, teardown_test),
+      cmocka_unit_test_teardown(test_settings_mismatch, teardown_test),
+      cmocka_unit_test_teardown(test_bad_flags, teardown_test),
+  };
+  return cmocka_run_group_tests(tests, setup_group, teardown_group);
+}
