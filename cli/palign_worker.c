@@ -5,7 +5,8 @@
  * Rank 0 coordinates and every other rank fits; with -np 1 (or without
  * mpirun) one process does both. Exit status: 0 when every subject asked for
  * is stored, 3 when stopped by SIGTERM/SIGINT (rerun to resume), 2 for bad
- * flags, 1 for other errors. */
+ * flags (unknown, missing or malformed values), 1 for other errors (a
+ * --subjects range outside the subjects file, a store with other settings). */
 #include "commands.h"
 #include "comm.h"
 #include "pas.h"

@@ -273,7 +273,17 @@ void pa_query_summary_free(pa_query_summary *s) {
 
 /* ---- JSON ------------------------------------------------------------------- */
 
-static cJSON *num_or_null(double x) { return isnan(x) || isinf(x) ? cJSON_CreateNull() : cJSON_CreateNumber(x); }
+static const char *fmt_num(double x, char buf[40]);
+
+/* A number that reads back as the same double (cJSON prints 15 digits when
+ * they come within DBL_EPSILON, which can be an ulp off), or null for NaN
+ * and infinities. */
+static cJSON *num_or_null(double x) {
+  if (isnan(x) || isinf(x))
+    return cJSON_CreateNull();
+  char buf[40];
+  return cJSON_CreateRaw(fmt_num(x, buf));
+}
 
 static void add_num(cJSON *o, const char *key, double x) { cJSON_AddItemToObject(o, key, num_or_null(x)); }
 

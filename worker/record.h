@@ -1,10 +1,11 @@
 /* record.h: a subject's results as the Palign__SubjectResult message that
  * the store keeps (proto/palign.proto), and back.
  *
- * pa_subject_run runs a list of methods on one subject and builds its record;
- * `palign eval` and `palign-worker` both go through it, so what is stored is
- * exactly what eval prints. A method that fails is recorded as failed (with
- * its message) and the others still run.
+ * pa_subject_run runs a list of methods on one subject and builds its record
+ * (`palign-worker`); it calls each method's run exactly as `palign eval` does
+ * (methods.h), and tests/test_service.c checks that the stored predictions
+ * equal eval's. A method that fails is recorded as failed (with its message)
+ * and the others still run.
  *
  * The record owns every piece of its message (one arena); the message stays
  * valid until pa_record_destroy.
