@@ -3,8 +3,9 @@
 # hour with rank 0 alone (-np 1) and with 1, 2 and 3 workers (-np 2, 3, 4),
 # each run into a fresh store, on a small random model and synthetic subjects
 # (scripts/synth-subjects.py), --threads 1 per worker. Two workloads:
-#   icl   every subject gets its own ~3k-token ICL prompt: real model work per
-#         subject (about 0.6 s of CPU a subject with the default model here)
+#   icl   every subject gets its own ICL prompt: real model work per subject
+#         (about 22k tokens: the shared prefix and 180 questions; about 0.6 s
+#         of CPU a subject with the default model here)
 #   none  the same questions for everyone: the evaluator remembers the previous
 #         call's answers, so only each worker's first subject runs the model
 #         and the rest cost only the service's own work (hand-out, record,
@@ -12,11 +13,12 @@
 #
 #   bench/service.sh [BUILD_DIR]    (default $BUILD_DIR, else build/)
 #
-# Environment: N_ICL (default 60), N_NONE (default 120) subjects; WORKLOADS
-# (default "icl none"); REPS (default 1; even reps run the rank counts in
-# reverse order); NPS (default "1 2 3 4"); PALIGN_PAPI_DIR; MODEL_ARGS (palign
-# mkmodel options, default a 1-layer, dim-32 model); BANK=0 skips the
-# activation-bank timing; KEEP=1 keeps the scratch folder (logs, stores).
+# Environment: N_ICL (default 60), N_NONE (default 1000) subjects; WORKLOADS
+# (default "icl none"); REPS (icl, default 1) and REPS_NONE (default 3): runs
+# per rank count, even reps in reverse rank order; NPS (default "1 2 3 4");
+# PALIGN_PAPI_DIR; MODEL_ARGS (palign mkmodel options, default a 1-layer,
+# dim-32 model); BANK=0 skips the activation-bank timing; KEEP=1 keeps the
+# scratch folder (logs, stores). About 5 minutes on a busy 2-core box.
 #
 # Columns: wall = mpirun start to exit, measured here; service = the time the
 # service reports for the subjects (last progress line: finished / rate; its
@@ -25,7 +27,7 @@
 # `mpirun -np N palign-worker --help`; cpu = user+sys of mpirun and all ranks;
 # got = cpu / wall, the cores the run actually used; bg = cores used by other
 # processes meanwhile (/proc/stat busy time less ours); per worker = subjects
-# each worker stored (from the records' rank). Ratios are against the
+# each worker stored (from its shard's size). Ratios are against the
 # 1-worker (-np 2) rate of the same workload measured in this same run.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -55,12 +57,13 @@ TCK=$(getconf CLK_TCK)
 CORES=$(nproc)
 # busy jiffies of the whole machine (user nice system irq softirq steal)
 busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
-n_of() { if [ "$1" = icl ]; then echo "${N_ICL:-60}"; else echo "${N_NONE:-120}"; fi; }
+n_of() { if [ "$1" = icl ]; then echo "${N_ICL:-60}"; else echo "${N_NONE:-1000}"; fi; }
 
 echo "# $(date -u +%FT%TZ) $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null) $(uname -m) $CORES cores, build $BUILD"
+# shellcheck disable=SC2086 # MODEL_ARGS is a list of options
 "$PALIGN" mkmodel "$W/model.gguf" --ctx 4096 $MODEL_ARGS >/dev/null
 NMAX=0
-for wl in $WORKLOADS; do [ "$(n_of "$wl")" -gt $NMAX ] && NMAX=$(n_of "$wl"); done
+for wl in $WORKLOADS; do [ "$(n_of "$wl")" -gt "$NMAX" ] && NMAX=$(n_of "$wl"); done
 python3 "$ROOT/scripts/synth-subjects.py" --papi "$PAPI" --n "$NMAX" --seed 1 --out "$W/subjects.csv" 2>/dev/null
 echo "# model: palign mkmodel --ctx 4096 $MODEL_ARGS; synthetic subjects (seed 1), the first N of them"
 echo "# --threads 1 per worker; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -76,17 +79,13 @@ for np in $NPS; do
   LAUNCH[$np]=$(echo "$(date +%s.%N) $t0" | awk '{ printf "%.2f", $1 - $2 }')
 done
 
-# subjects stored per rank, "3/3/4" (workers in rank order; rank 0 when alone)
+# subjects stored per worker, "31/29" in rank order: from the shard files'
+# sizes (one shard per rank; a workload's records are all the same size)
 per_rank() {
-  python3 - "$PALIGN" "$1" "$2" <<'EOF'
-import collections, json, subprocess, sys
-palign, store, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-c = collections.Counter()
-for k in range(1, n + 1):
-    out = subprocess.run([palign, "query", store, "subject", f"synth-{k:06d}", "--json"], capture_output=True, text=True)
-    c[json.loads(out.stdout).get("rank", 0) if out.returncode == 0 else "missing"] += 1
-print("/".join(str(c[r]) for r in sorted(k for k in c if k != "missing")) + (f"+{c['missing']}?" if c["missing"] else ""))
-EOF
+  local f sizes=""
+  for f in "$1"/shards/*.pal; do sizes="$sizes $(stat -c %s "$f")"; done
+  echo "$sizes" | awk -v n="$2" '{ t = 0; for (i = 1; i <= NF; i++) t += $i
+    for (i = 1; i <= NF; i++) printf "%s%d", (i > 1 ? "/" : ""), int($i * n / t + 0.5); print "" }'
 }
 
 # one run: prints "wl np n wall service startup rate coord_us cpu bg perrank"
@@ -122,9 +121,11 @@ run_one() {
 results=$W/results
 : >"$results"
 for wl in $WORKLOADS; do
-  for ((rep = 1; rep <= REPS; rep++)); do
+  reps=$REPS
+  [ "$wl" = none ] && reps=${REPS_NONE:-3}
+  for ((rep = 1; rep <= reps; rep++)); do
     order=$NPS
-    [ $((rep % 2)) = 0 ] && order=$(echo $NPS | tr ' ' '\n' | tac | tr '\n' ' ')
+    [ $((rep % 2)) = 0 ] && order=$(echo "$NPS" | tr -s ' ' '\n' | tac | tr '\n' ' ')
     for np in $order; do
       line=$(run_one "$wl" "$np" "$wl-r$rep-np$np")
       echo "$rep $line" >>"$results"
@@ -140,20 +141,20 @@ awk -v over=$over -v cores="$CORES" -v launch="$(for np in $NPS; do printf '%s=%
     k = $2 SUBSEP $3; S[k] += $6; D[k] += $4; WL[k] += $5; C[k] += $10; R[k]++
     if (!($2 in seen)) { seen[$2] = 1; order[++nw] = $2 } }
   END {
-    printf "\n%-5s %-4s %-5s %-9s %-5s %7s %8s %8s %8s %8s %6s %8s %6s %6s %5s %5s  %s\n", "load", "rep", "ranks", "workers",
-      "subj", "wall s", "svc s", "start s", "subj/h", "x 1wkr", "coord", "cpu s", "cpu/sj", "got", "bg", "", "per worker"
-    printf "%-5s %-4s %-5s %-9s %-5s %7s %8s %8s %8s %8s %6s %8s %6s %6s %5s %5s  %s\n", "", "", "", "", "", "", "", "", "(svc)", "",
-      "us/sj", "", "s", "cores", "cores", "", ""
+    printf "\n%-5s %-4s %-5s %-9s %-5s %7s %8s %8s %8s %8s %6s %8s %6s %6s %5s  %s\n", "work", "rep", "ranks", "workers",
+      "subj", "wall s", "svc s", "start s", "subj/h", "x 1wkr", "coord", "cpu s", "cpu/sj", "got", "bg", "per worker"
+    printf "%-5s %-4s %-5s %-9s %-5s %7s %8s %8s %8s %8s %6s %8s %6s %6s %5s  %s\n", "", "", "", "", "", "", "", "", "(svc)", "",
+      "us/sj", "", "s", "cores", "cores", ""
     for (i = 1; i <= NR; i++) {
       w = np[i] == 1 ? "0 (alone)" : np[i] - 1
       b = base[wl[i], rep[i]]
-      printf "%-5s %-4s %-5s %-9s %-5s %7.2f %8.2f %8.2f %8.0f %8s %6s %8.1f %6.3f %6.2f %5.2f %5s  %s\n", wl[i], rep[i], np[i], w, n[i],
+      printf "%-5s %-4s %-5s %-9s %-5s %7.2f %8.2f %8.2f %8.0f %8s %6s %8.1f %6.3f %6.2f %5.2f  %s\n", wl[i], rep[i], np[i], w, n[i],
         wall[i], svc[i], st[i], rate[i], (b > 0 ? sprintf("%.2f", rate[i] / b) : "-"), cus[i], cpu[i], cpu[i] / n[i],
-        cpu[i] / wall[i], bg[i], "", pr[i]
+        cpu[i] / wall[i], bg[i], pr[i]
     }
     printf "\nsummary (subjects / summed time over reps; x 1wkr: against -np 2 of the same workload in this run;\n"
     printf "launch: a bare mpirun -np N palign-worker --help)\n"
-    printf "%-5s %-5s %-9s %10s %7s %11s %7s %9s %8s %9s\n", "load", "ranks", "workers", "subj/h svc", "x 1wkr", "subj/h wall",
+    printf "%-5s %-5s %-9s %10s %7s %11s %7s %9s %8s %9s\n", "work", "ranks", "workers", "subj/h svc", "x 1wkr", "subj/h wall",
       "x 1wkr", "start s", "launch s", "cpu/sj s"
     for (o = 1; o <= nw; o++) for (p = 1; p <= 64; p++) {
       k = order[o] SUBSEP p
@@ -180,7 +181,7 @@ if [ "${BANK:-1}" = 1 ]; then
       --subjects-file "$W/subjects.csv" --subjects 1 --methods pas --threads 1 >"$log" 2>&1 &
     BGPID=$!
     for ((i = 0; i < 1200; i++)); do
-      grep -q "activation bank computed" "$log" && break
+      grep -qs "activation bank computed" "$log" && break
       kill -0 "$BGPID" 2>/dev/null || break
       sleep 0.1
     done

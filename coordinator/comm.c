@@ -154,7 +154,13 @@ int pa_comm_recv_work(pa_comm *c, Palign__Work **out) {
   (void)c;
   *out = NULL;
   MPI_Status st;
-  MPI_CHECK(MPI_Probe(0, TAG_WORK, MPI_COMM_WORLD, &st));
+  /* polled with a nap rather than a blocking probe: Open MPI's blocking
+   * probe spins, and an idle worker would hold a core the others need */
+  for (int flag = 0; !flag;) {
+    MPI_CHECK(MPI_Iprobe(0, TAG_WORK, MPI_COMM_WORLD, &flag, &st));
+    if (!flag)
+      nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+  }
   uint8_t *buf;
   int n;
   int rc = recv_probed(&st, &buf, &n);

@@ -52,7 +52,8 @@ int pa_comm_workers_barrier(pa_comm *c);
 
 /* Rank 0 to worker rank `to`. */
 int pa_comm_send_work(pa_comm *c, int to, const Palign__Work *w);
-/* A worker, blocking: the next Work from rank 0 (free with palign__work__free_unpacked). */
+/* A worker, waiting (napping 1 ms between looks): the next Work from rank 0
+ * (free with palign__work__free_unpacked). */
 int pa_comm_recv_work(pa_comm *c, Palign__Work **out);
 /* A worker to rank 0; does not wait for rank 0 to receive it. */
 int pa_comm_send_report(pa_comm *c, const Palign__Report *r);

@@ -41,7 +41,10 @@ static double now_s(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-typedef struct {
+typedef struct progress progress;
+typedef struct worker_state worker_state;
+
+typedef struct service {
   const pa_service_opts *o;
   pa_comm *comm;
   FILE *log;
@@ -69,7 +72,10 @@ typedef struct {
   int n_test;
   double last_beat, last_line;
   char current[64];
+  progress *alone; /* one rank: the progress the poll prints during long subjects */
 } service;
+
+static void print_progress(service *sv, progress *p, const worker_state *ws, int n_workers, bool force);
 
 /* ---- both sides ----------------------------------------------------------------- */
 
@@ -291,6 +297,8 @@ static int worker_poll(void *ctx) {
     pa_comm_send_report(sv->comm, &r);
     sv->last_beat = now_s();
   }
+  if (sv->alone)
+    print_progress(sv, sv->alone, NULL, 0, false);
   return 0;
 }
 
@@ -506,7 +514,7 @@ static int worker_loop(service *sv) {
 
 /* ---- the coordinator ------------------------------------------------------------ */
 
-typedef struct {
+typedef struct worker_state {
   double last_seen;
   bool warned, stopped, idle;
   char current[64];
@@ -514,7 +522,7 @@ typedef struct {
   size_t n_chunk;
 } worker_state;
 
-typedef struct {
+typedef struct progress {
   size_t total, done, failed, stored_before;
   long reports; /* messages the coordinator handled */
   double busy;  /* seconds spent handling them (bookkeeping, handing out, printing), waiting excluded */
@@ -529,10 +537,15 @@ static void print_progress(service *sv, progress *p, const worker_state *ws, int
   const size_t finished = p->done + p->failed, left = p->total - finished;
   const double rate = finished > 0 ? (double)finished / (t - p->t0) : 0;
   char eta[64] = "time left unknown";
-  if (rate > 0)
-    snprintf(eta, sizeof eta, "about %.0f min left", (double)left / rate / 60);
+  const double secs = rate > 0 ? (double)left / rate : 0;
+  if (rate > 0 && secs < 120)
+    snprintf(eta, sizeof eta, "about %.0f s left", secs);
+  else if (rate > 0)
+    snprintf(eta, sizeof eta, "about %.0f min left", secs / 60);
   fprintf(sv->log, "[%.0f s] %zu/%zu subjects done, %zu failed, %zu left; %.1f subjects/h; %s", t - p->t0, p->done,
           p->total, p->failed, left, rate * 3600, eta);
+  if (!ws && sv->current[0])
+    fprintf(sv->log, "; on subject %s", sv->current);
   for (int w = 0; ws && w < n_workers; w++)
     if (!ws[w].stopped)
       fprintf(sv->log, "; rank %d: %s, %.0f s ago", w + 1, ws[w].current[0] ? ws[w].current : "idle",
@@ -543,17 +556,17 @@ static void print_progress(service *sv, progress *p, const worker_state *ws, int
 
 /* One rank: the coordinator does the work itself. */
 static int serve_alone(service *sv, const size_t *todo, size_t n_todo, progress *p) {
+  sv->alone = p;
   for (size_t k = 0; k < n_todo; k++) {
     if (pa_service_stop_signal)
       return PA_ECANCELED;
-    fprintf(sv->log, "subject %s (%zu/%zu)\n", pa_subjects_at(sv->subjects, todo[k])->id, k + 1, n_todo);
     int out = do_subject(sv, todo[k]);
     if (out < 0)
       return out;
     if (out == SUBJECT_ABANDONED)
       return PA_ECANCELED;
     *(out == SUBJECT_DONE ? &p->done : &p->failed) += 1;
-    print_progress(sv, p, NULL, 0, true);
+    print_progress(sv, p, NULL, 0, false);
   }
   return PA_OK;
 }
@@ -600,7 +613,9 @@ static int hand_out(service *sv, worker_state *ws, int w, size_t *queue, size_t 
 static void chunk_remove(service *sv, worker_state *ws, const char *id) {
   for (size_t i = 0; i < ws->n_chunk; i++)
     if (!strcmp(pa_subjects_at(sv->subjects, ws->chunk[i])->id, id)) {
-      ws->chunk[i] = ws->chunk[--ws->n_chunk];
+      /* in order: chunk[0] is what the worker does next */
+      memmove(ws->chunk + i, ws->chunk + i + 1, (ws->n_chunk - i - 1) * sizeof *ws->chunk);
+      ws->n_chunk--;
       return;
     }
 }
@@ -650,8 +665,6 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
         snprintf(ws[w].current, sizeof ws[w].current, "%s", r->current);
       else if (ws[w].n_chunk)
         snprintf(ws[w].current, sizeof ws[w].current, "%s", pa_subjects_at(sv->subjects, ws[w].chunk[0])->id);
-      if (r->n_done + r->n_failed > 0)
-        print_progress(sv, p, ws, nw, true);
       if ((r->error && r->error[0]) || r->stopping) {
         if (r->error && r->error[0]) {
           fprintf(sv->log, "palign-worker: rank %d stopped: %s\n", r->rank, r->error);
