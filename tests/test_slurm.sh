@@ -10,7 +10,10 @@
 #      command submitted again does only the subjects left: 12 stored, once each;
 #   3. the time-limit path: SIGTERM to the batch script only (what
 #      --signal=B:TERM@120 sends; here by scancel --signal=TERM --batch) stops
-#      palign-worker cleanly, the job requeues itself, resumes and completes.
+#      palign-worker cleanly, the job requeues itself, resumes and completes;
+#   4. the same with a real 1-minute time limit and Slurm's own signal 50 s
+#      before it: the run stops cleanly, requeues and resumes with the stored
+#      subjects counted (then it is cancelled).
 # BUILD_DIR (default $PALIGN_BUILD, else build/) must hold palign and
 # palign-worker. PAPI data: $PALIGN_PAPI_DIR, else ../shared/papi. Stops only
 # the daemons it started, by PID; removes its scratch directory (kept with
@@ -138,8 +141,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-# bf_interval: a requeued job starts within 5 s of its begin time, not 30 s
-SchedulerParameters=batch_sched_delay=0,bf_interval=5
+# sched_interval, bf_interval: a requeued job starts about 5 s after its begin time, not up to 60 s
+SchedulerParameters=batch_sched_delay=0,sched_interval=5,bf_interval=5
 ReturnToService=2
 # TmpFS holds pmix's spmix_appdir_UID_JOB.STEP: kept apart from other private Slurms, as are the job ids
 TmpFS=$S/tmp
@@ -188,17 +191,24 @@ say "Slurm is up (node idle)"
 # ---- helpers ----------------------------------------------------------------------
 job_field() { scontrol show job -o "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n 1; }
 
+# a JobState a job does not leave (others: PENDING, RUNNING, COMPLETING,
+# SIGNALING while Slurm's --signal goes out, REQUEUED, ...)
+final_state() {
+  case $1 in
+    COMPLETED | FAILED | CANCELLED | TIMEOUT | NODE_FAIL | OUT_OF_MEMORY | PREEMPTED | BOOT_FAIL | DEADLINE) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
 # wait_job JOB TIMEOUT: until the job has ended; prints its JobState
 wait_job() {
   local t_end=$(($(date +%s) + $2)) st
   while :; do
     st=$(job_field "$1" JobState)
-    case $st in
-      COMPLETED | FAILED | CANCELLED | TIMEOUT | NODE_FAIL | OUT_OF_MEMORY | PREEMPTED | BOOT_FAIL | DEADLINE)
-        echo "$st"
-        return 0
-        ;;
-    esac
+    if final_state "$st"; then
+      echo "$st"
+      return 0
+    fi
     [ "$(date +%s)" -lt "$t_end" ] || fail "job $1 still '$st' after $2 s"
     sleep 0.5
   done
@@ -218,7 +228,7 @@ wait_records() {
     n=$(records "$1")
     st=$(job_field "$2" JobState)
     [ "$n" -ge 1 ] && [ "$st" = RUNNING ] && break
-    case $st in PENDING | CONFIGURING | RUNNING) ;; *) fail "job $2 is $st before it stored anything" ;; esac
+    if final_state "$st"; then fail "job $2 ended $st before it stored anything"; fi
     [ "$(date +%s)" -lt "$t_end" ] || fail "job $2: no record in $1 after $3 s"
     sleep 0.25
   done
@@ -330,6 +340,43 @@ grep -q "12 subjects asked for, $k already stored, $((12 - k)) to do" "$LOG" || 
 check_store "$st3" 12
 [ "$("$PALIGN" query "$st3" summary | sed -n 's/^runs *\([0-9]*\).*/\1/p')" = 2 ] || fail "store3 does not list 2 runs"
 say "3: passed in $(($(date +%s) - t)) s: stopped with $k stored, requeued, resumed, 12 stored once each"
+
+# ---- 4: a real time limit: Slurm's own --signal ------------------------------------
+# 100 subjects, far more than a 1-minute run does: Slurm's signal (50 s before
+# the limit, checked every 30 s or so: 8 to 40 s into the run) stops the first
+# run. Once the second run has stored something, the job is cancelled.
+t=$(date +%s)
+st4=$S/work/store4
+submit "$st4" 100 --time 1 --signal-before 50
+j=$J
+LOG=$st4/logs/palign-$j.out
+say "4: job $j, 100 subjects, --time 1 (minute) --signal-before 50: Slurm signals the run"
+t_end=$(($(date +%s) + 150))
+until [ "$(job_field "$j" Restarts)" = 1 ]; do
+  state=$(job_field "$j" JobState)
+  if final_state "$state"; then fail "job $j ended $state (exit $(job_field "$j" ExitCode)) instead of requeueing"; fi
+  [ "$(date +%s)" -lt "$t_end" ] || fail "job $j not requeued 150 s after it was submitted"
+  sleep 0.25
+done
+k=$(records "$st4")
+say "4: job $j requeued after $(($(date +%s) - t)) s with $k subjects stored"
+grep -q 'got SIGTERM' "$LOG" || fail "job $j's batch script did not report Slurm's signal"
+grep -q 'palign-worker: stopped by signal 15' "$LOG" || fail "job $j's first run did not stop on SIGTERM"
+grep -q 'requeueing job' "$LOG" || fail "job $j's log does not say it requeued"
+if grep -q 'DUE TO TIME LIMIT' "$LOG"; then fail "job $j reached its time limit: the signal came too late"; fi
+out=$("$PALIGN" query "$st4" verify 2>&1) || fail "after the first run, palign query verify: $out"
+last_run "$st4" | grep -q 'interrupted by a signal' || fail "the first run is not recorded as interrupted"
+t_end=$(($(date +%s) + 120))
+until [ "$(records "$st4")" -gt "$k" ]; do
+  [ "$(date +%s)" -lt "$t_end" ] || fail "job $j's second run stored nothing in 120 s"
+  sleep 0.25
+done
+scancel "$j"
+wait_job "$j" $((KILL_WAIT + 30)) >/dev/null
+grep -q "100 subjects asked for, $k already stored, $((100 - k)) to do" "$LOG" ||
+  fail "job $j's second run does not say '100 subjects asked for, $k already stored, $((100 - k)) to do'"
+check_store "$st4" "$(records "$st4")"
+say "4: passed in $(($(date +%s) - t)) s: stopped by Slurm's signal, requeued, resumed with $k already stored"
 
 LOG=
 say "all Slurm checks passed in $(($(date +%s) - T0)) s"
