@@ -712,7 +712,8 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
     return rc;
   if (fatal)
     return pa_error(fatal, "a worker stopped with an error (see above)");
-  return pa_service_stop_signal ? PA_ECANCELED : PA_OK;
+  /* a signal after the last subject was stored interrupts nothing */
+  return pa_service_stop_signal && p->done + p->failed < p->total ? PA_ECANCELED : PA_OK;
 }
 
 /* ---- the whole run ----------------------------------------------------------------- */

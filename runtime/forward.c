@@ -17,13 +17,13 @@ struct pa_kv {
 /* Activations for `rows` tokens; grown when a larger batch comes, never shrunk. */
 typedef struct {
   int rows, seqs;
-  size_t attn;   /* floats of attention scratch */
-  float *x;      /* [rows][dim]: the residual stream */
-  float *xb;     /* [rows][dim]: normalised */
-  float *q, *z;  /* [rows][n_heads * head_dim] */
-  float *k, *v;  /* [rows][n_kv_heads * head_dim] */
+  size_t attn;      /* floats of attention scratch */
+  float *x;         /* [rows][dim]: the residual stream */
+  float *xb;        /* [rows][dim]: normalised */
+  float *q, *z;     /* [rows][n_heads * head_dim] */
+  float *k, *v;     /* [rows][n_kv_heads * head_dim] */
   float *gate, *up; /* [rows][ffn_dim] */
-  float *last;   /* [seqs][dim]: final-normed last rows */
+  float *last;      /* [seqs][dim]: final-normed last rows */
   float *attn_scratch;
   int32_t *pos, *ids; /* [rows] */
   pa_attn_seq *aseq;  /* [seqs] */
@@ -272,8 +272,15 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
     }
   }
   pa_attn_args att = {
-      .n_heads = H, .n_kv_heads = KV, .head_dim = hd, .q = s->q, .z = s->z,
-      .prefix_len = P, .prefix_stride = b->prefix ? b->prefix->cap : 0, .seqs = s->aseq, .n_seqs = b->n_seqs,
+      .n_heads = H,
+      .n_kv_heads = KV,
+      .head_dim = hd,
+      .q = s->q,
+      .z = s->z,
+      .prefix_len = P,
+      .prefix_stride = b->prefix ? b->prefix->cap : 0,
+      .seqs = s->aseq,
+      .n_seqs = b->n_seqs,
   };
   const size_t need = be->attention_scratch(&att);
   if (need > s->attn) {
@@ -286,6 +293,8 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
 
   be->embed(rows, D, s->ids, lm->w.tok_embd, s->x);
   for (int l = 0; l < c->n_layers; l++) {
+    if (l > 0 && b->poll && b->poll(b->poll_ctx))
+      return pa_error(PA_ECANCELED, "stopped on request");
     const pa_layer_weights *L = &lm->w.layers[l];
     be->rmsnorm(rows, D, s->x, L->attn_norm, c->norm_eps, s->xb);
     be->matmul(rows, H * hd, D, s->xb, L->wq, 0.0f, s->q);
@@ -349,8 +358,8 @@ void pa_softmax_subset(const float *logits, const int32_t *ids, int n, double *p
     p[i] /= sum;
 }
 
-int pa_lm_generate(pa_lm *lm, const pa_kv *prefix, pa_kv *kv, const int32_t *prompt, int n_prompt,
-                   const pa_gen_opts *o, int32_t **out, int *n_out) {
+int pa_lm_generate(pa_lm *lm, const pa_kv *prefix, pa_kv *kv, const int32_t *prompt, int n_prompt, const pa_gen_opts *o,
+                   int32_t **out, int *n_out) {
   *out = NULL;
   *n_out = 0;
   if (o->max_tokens < 0 || n_prompt < 1)

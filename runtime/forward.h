@@ -64,24 +64,30 @@ typedef struct {
   const float *steer; /* [n_layers][n_heads][head_dim] displacement, or NULL */
   float *logits;      /* out: [n_seqs][vocab_size] at each sequence's last new token, or NULL */
   float *heads;       /* out: [n_seqs][n_layers][n_heads][head_dim] at the last new token, or NULL */
+  /* Called before every layer after the first, or NULL. A non-zero return
+   * stops the pass with PA_ECANCELED; the caches' contents are then
+   * undefined (clear them before using them again). For signals and
+   * heartbeats during long passes. */
+  int (*poll)(void *ctx);
+  void *poll_ctx;
 } pa_batch;
 
 /* Runs the batch. Caches grow by their sequence's new tokens. */
 int pa_lm_forward(pa_lm *lm, const pa_batch *b);
 
 typedef struct {
-  int max_tokens;        /* tokens to generate at most */
-  const int32_t *stop;   /* generation ends after any of these (included in the output) */
+  int max_tokens;      /* tokens to generate at most */
+  const int32_t *stop; /* generation ends after any of these (included in the output) */
   int n_stop;
-  const float *steer;    /* as in pa_batch, or NULL */
+  const float *steer; /* as in pa_batch, or NULL */
 } pa_gen_opts;
 
 /* Greedy decoding: runs `prompt` after `prefix` (may be NULL) in `kv`
  * (cleared first; capacity for prompt and output), then appends the argmax
  * token until a stop token or max_tokens. *out (malloc'd) holds the
  * generated tokens. */
-int pa_lm_generate(pa_lm *lm, const pa_kv *prefix, pa_kv *kv, const int32_t *prompt, int n_prompt,
-                   const pa_gen_opts *o, int32_t **out, int *n_out);
+int pa_lm_generate(pa_lm *lm, const pa_kv *prefix, pa_kv *kv, const int32_t *prompt, int n_prompt, const pa_gen_opts *o,
+                   int32_t **out, int *n_out);
 
 /* Index of the largest of n values (the first on ties). */
 int pa_argmax(const float *v, int n);

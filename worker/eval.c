@@ -123,7 +123,9 @@ void pa_evaluator_destroy(pa_evaluator *ev) {
 static int forward(pa_evaluator *ev, const pa_batch *b) {
   if (ev->o.poll && ev->o.poll(ev->o.poll_ctx))
     return pa_error(PA_ECANCELED, "stopped on request");
-  return pa_lm_forward(ev->lm, b);
+  pa_batch polled = *b; /* and between its layers */
+  polled.poll = ev->o.poll, polled.poll_ctx = ev->o.poll_ctx;
+  return pa_lm_forward(ev->lm, &polled);
 }
 
 static bool memo_hit(const pa_evaluator *ev, const char *system, const int *items, int n) {

@@ -43,8 +43,9 @@ typedef struct {
   int batch;          /* questions per forward batch; 0: 64 */
   int gen_tokens;     /* generate mode; 0: 15 */
   bool no_share;      /* run every prompt whole (no shared prefix): the naive way, for comparison */
-  /* Called before every forward pass (from the calling thread); a non-zero
-   * return stops the call with PA_ECANCELED. For heartbeats and signals. */
+  /* Called before every forward pass and between its layers (from the
+   * calling thread); a non-zero return stops the call with PA_ECANCELED.
+   * For heartbeats and signals. */
   int (*poll)(void *ctx);
   void *poll_ctx;
 } pa_eval_opts;
