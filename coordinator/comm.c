@@ -140,6 +140,42 @@ static int recv_probed(MPI_Status *st, uint8_t **buf, int *n) {
   return PA_OK;
 }
 
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Waits up to timeout seconds (forever if negative) for a message from
+ * source with tag, napping nap_ms between looks: Open MPI's blocking probe
+ * spins, and a waiting rank would hold a core the others need (the
+ * coordinator also wants to notice signals and silent workers while it
+ * waits). *found says whether one came. */
+static int probe_napping(int source, int tag, double timeout, long nap_ms, MPI_Status *st, int *found) {
+  const double t_end = now_s() + timeout;
+  for (*found = 0;;) {
+    MPI_CHECK(MPI_Iprobe(source, tag, MPI_COMM_WORLD, found, st));
+    if (*found || (timeout >= 0 && now_s() >= t_end))
+      return PA_OK;
+    nanosleep(&(struct timespec){.tv_nsec = nap_ms * 1000000}, NULL);
+  }
+}
+
+/* The message `st` announces, unpacked by unpack; PA_EFORMAT if it does not. */
+static int recv_unpacked(MPI_Status *st, void *(*unpack)(size_t, const uint8_t *), void **out, const char *what) {
+  uint8_t *buf = NULL;
+  int n = 0;
+  int rc = recv_probed(st, &buf, &n);
+  if (rc)
+    return rc;
+  *out = unpack((size_t)n, buf);
+  free(buf);
+  return *out ? PA_OK : pa_error(PA_EFORMAT, "MPI: a %s message from rank %d does not unpack", what, st->MPI_SOURCE);
+}
+
+static void *unpack_work(size_t n, const uint8_t *b) { return palign__work__unpack(NULL, n, b); }
+static void *unpack_report(size_t n, const uint8_t *b) { return palign__report__unpack(NULL, n, b); }
+
 int pa_comm_send_work(pa_comm *c, int to, const Palign__Work *w) {
   (void)c;
   size_t n = palign__work__get_packed_size(w);
@@ -154,21 +190,8 @@ int pa_comm_recv_work(pa_comm *c, Palign__Work **out) {
   (void)c;
   *out = NULL;
   MPI_Status st;
-  /* polled with a nap rather than a blocking probe: Open MPI's blocking
-   * probe spins, and an idle worker would hold a core the others need */
-  for (int flag = 0; !flag;) {
-    MPI_CHECK(MPI_Iprobe(0, TAG_WORK, MPI_COMM_WORLD, &flag, &st));
-    if (!flag)
-      nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
-  }
-  uint8_t *buf;
-  int n;
-  int rc = recv_probed(&st, &buf, &n);
-  if (rc)
-    return rc;
-  *out = palign__work__unpack(NULL, (size_t)n, buf);
-  free(buf);
-  return *out ? PA_OK : pa_error(PA_EFORMAT, "MPI: a Work message from rank 0 does not unpack");
+  int found, rc = probe_napping(0, TAG_WORK, -1, 1, &st, &found);
+  return rc ? rc : recv_unpacked(&st, unpack_work, (void **)out, "Work");
 }
 
 int pa_comm_send_report(pa_comm *c, const Palign__Report *r) {
@@ -181,36 +204,12 @@ int pa_comm_send_report(pa_comm *c, const Palign__Report *r) {
   return send_packed(n, buf, 0, TAG_REPORT);
 }
 
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 int pa_comm_recv_report(pa_comm *c, double timeout, Palign__Report **out) {
   (void)c;
   *out = NULL;
-  const double t_end = now_s() + timeout;
   MPI_Status st;
-  int flag = 0;
-  /* polled rather than a blocking probe, so that the coordinator can notice
-   * signals and silent workers while it waits */
-  for (;;) {
-    MPI_CHECK(MPI_Iprobe(MPI_ANY_SOURCE, TAG_REPORT, MPI_COMM_WORLD, &flag, &st));
-    if (flag || now_s() >= t_end)
-      break;
-    nanosleep(&(struct timespec){.tv_nsec = 2000000}, NULL);
-  }
-  if (!flag)
-    return PA_OK;
-  uint8_t *buf;
-  int n;
-  int rc = recv_probed(&st, &buf, &n);
-  if (rc)
-    return rc;
-  *out = palign__report__unpack(NULL, (size_t)n, buf);
-  free(buf);
-  return *out ? PA_OK : pa_error(PA_EFORMAT, "MPI: a Report message from rank %d does not unpack", st.MPI_SOURCE);
+  int found, rc = probe_napping(MPI_ANY_SOURCE, TAG_REPORT, timeout, 2, &st, &found);
+  return rc || !found ? rc : recv_unpacked(&st, unpack_report, (void **)out, "Report");
 }
 
 const char *pa_comm_library(void) {
