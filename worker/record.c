@@ -258,7 +258,7 @@ int pa_record_set_pas(pa_record *r, const pa_pas_result *pas) {
   const int n = pas->n_items, A = pas->n_alphas;
   p->items = ARENA_ARRAY(r, int32_t, n);
   uint8_t *sel = ARENA_ARRAY(r, uint8_t, n);
-  if (p->items && sel) {
+  if (p->items && sel && n > 0) {
     memcpy(p->items, pas->items, (size_t)n * sizeof *p->items);
     memcpy(sel, pas->in_select, (size_t)n);
     p->n_items = (size_t)n;
