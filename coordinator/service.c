@@ -164,8 +164,6 @@ static int subjects_to_do(service *sv, size_t **todo, size_t *n_todo, size_t *n_
   int rc = pa_store_read(sv->o->store, collect_id, &done, counts);
   if (rc == PA_ENOTFOUND)
     rc = PA_OK;
-  if (!rc && counts[PA_RECORD_OK] < done.n)
-    rc = PA_EINVAL;
   size_t damaged = 0;
   for (int k = 1; k < 6; k++)
     damaged += counts[k];
