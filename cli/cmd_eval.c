@@ -151,7 +151,7 @@ static int load_bank(const char *model_path, const char *bank_path, pa_lm *lm, c
 }
 
 int cmd_eval(int argc, char **argv) {
-  const char *model_path = NULL, *papi = getenv("PALIGN_PAPI_DIR"), *json_path = NULL, *range = "5";
+  const char *model_path = NULL, *papi = NULL, *json_path = NULL, *range = "5";
   const char *methods_arg = NULL, *template_name = NULL;
   pa_eval_opts eo = {0};
   int threads = 0, seed = 1, holdout = 0, n_alphas = 0;
@@ -246,11 +246,6 @@ int cmd_eval(int argc, char **argv) {
     fprintf(stderr, "palign eval: the methods asked for need --model\n");
     return 2;
   }
-  char papi_buf[4096];
-  if (!papi || !*papi) {
-    snprintf(papi_buf, sizeof papi_buf, "../shared/papi");
-    papi = papi_buf;
-  }
 
   pa_inventory *inv = NULL;
   pa_subjects *subjects = NULL;
@@ -259,16 +254,7 @@ int cmd_eval(int argc, char **argv) {
   pa_chat_template *named = NULL;
   pa_evaluator *ev = NULL;
   pa_bank *bank = NULL;
-  char path[4096 + 64];
-  int rc = pa_inventory_load(papi, &inv);
-  if (!rc) {
-    snprintf(path, sizeof path, "%s/Test-set.json", papi);
-    rc = pa_subjects_load(path, inv, &subjects);
-  }
-  if (!rc) {
-    snprintf(path, sizeof path, "%s/personality_prompt.json", papi);
-    rc = pa_subjects_load_descriptions(subjects, path);
-  }
+  int rc = pa_papi_load(papi, NULL, &inv, &subjects);
   size_t first = 0, last = 0;
   if (!rc && pa_subjects_range(range, pa_subjects_count(subjects), &first, &last)) {
     fprintf(stderr, "palign eval: --subjects '%s' is not all, N or A-B within the %zu subjects\n", range,
@@ -496,7 +482,7 @@ int cmd_eval(int argc, char **argv) {
   if (json_path) {
     cJSON *settings = cJSON_AddObjectToObject(root, "settings");
     cJSON_AddStringToObject(settings, "model", model_path ? model_path : "");
-    cJSON_AddStringToObject(settings, "papi", papi);
+    cJSON_AddStringToObject(settings, "papi", pa_papi_dir(papi));
     cJSON_AddStringToObject(settings, "mode", eo.mode == PA_READ_LOGITS ? "logits" : "generate");
     cJSON_AddBoolToObject(settings, "lowercase_items", !eo.keep_case);
     cJSON_AddStringToObject(settings, "subjects", range);

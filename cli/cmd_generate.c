@@ -103,15 +103,10 @@ static int load_intervention(const pa_model *m, const char *model_path, const ch
     /* the subject's ICL prompt, rebuilt from the PAPI data */
     pa_inventory *inv = NULL;
     pa_subjects *subs = NULL;
-    char path[4096 + 32];
-    rc = pa_inventory_load(papi && *papi ? papi : "../shared/papi", &inv);
-    if (!rc) {
-      snprintf(path, sizeof path, "%s/Test-set.json", papi && *papi ? papi : "../shared/papi");
-      rc = pa_subjects_load(path, inv, &subs);
-    }
+    rc = pa_papi_load(papi, NULL, &inv, &subs);
     const pa_subject *s = rc ? NULL : pa_subjects_find(subs, subject);
     if (!rc && !s)
-      rc = pa_error(PA_ENOTFOUND, "%s: no subject %s", path, subject);
+      rc = pa_error(PA_ENOTFOUND, "%s/Test-set.json: no subject %s", pa_papi_dir(papi), subject);
     if (!rc && !(*icl = pa_prompt_icl(inv, s)))
       rc = pa_error(PA_ENOMEM, "no memory");
     pa_subjects_destroy(subs);
@@ -130,7 +125,7 @@ static int load_intervention(const pa_model *m, const char *model_path, const ch
 
 int cmd_generate(int argc, char **argv) {
   const char *model_path = NULL, *prompt = NULL, *system = NULL, *template_name = NULL;
-  const char *store = NULL, *subject = NULL, *variant = NULL, *protocol = "holdout", *papi = getenv("PALIGN_PAPI_DIR");
+  const char *store = NULL, *subject = NULL, *variant = NULL, *protocol = "holdout", *papi = NULL;
   double alpha = NAN;
   int max_tokens = 256, threads = 0, stats = 0;
   for (int i = 1; i < argc; i++) {

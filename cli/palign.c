@@ -1,4 +1,5 @@
 /* palign: the user CLI. Dispatches to one subcommand per file (cmd_*.c). */
+#include "build_info.h"
 #include "commands.h"
 
 #include <stdio.h>
@@ -36,7 +37,7 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (!strcmp(argv[1], "--version")) {
-    printf("palign %s\n", PALIGN_VERSION);
+    printf("palign %s (revision %s; %s)\n", pa_version, pa_git_revision, pa_build);
     return 0;
   }
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)

@@ -9,6 +9,7 @@
  * --subjects range outside the subjects file, a store with other settings). */
 #include "commands.h"
 #include "comm.h"
+#include "inventory.h"
 #include "pas.h"
 #include "service.h"
 #include "status.h"
@@ -63,9 +64,8 @@ int main(int argc, char **argv) {
     return 1;
   }
   const bool talk = pa_comm_rank(comm) == 0; /* usage errors are printed once */
-  char model_buf[4096], papi_buf[] = "../shared/papi";
+  char model_buf[4096];
   pa_service_opts o = {.model = getenv("PALIGN_MODEL"),
-                       .papi = getenv("PALIGN_PAPI_DIR"),
                        .store = "results/store",
                        .methods = "icl,pas",
                        .subjects = "all",
@@ -139,8 +139,7 @@ int main(int argc, char **argv) {
       snprintf(model_buf, sizeof model_buf, "%s/.cache/palign/%s", home ? home : ".", DEFAULT_MODEL_FILE);
     o.model = model_buf;
   }
-  if (!o.papi || !*o.papi)
-    o.papi = papi_buf;
+  o.papi = pa_papi_dir(o.papi);
 
   int rc = pa_service_run(comm, &o);
   if (rc == PA_OK && talk) {

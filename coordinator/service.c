@@ -1,6 +1,7 @@
 #include "service.h"
 
 #include "bank.h"
+#include "build_info.h"
 #include "chat.h"
 #include "forward.h"
 #include "inventory.h"
@@ -18,16 +19,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-
-#ifndef PALIGN_VERSION
-#define PALIGN_VERSION "unknown"
-#endif
-#ifndef PALIGN_GIT_REVISION
-#define PALIGN_GIT_REVISION "unknown"
-#endif
-#ifndef PALIGN_BUILD
-#define PALIGN_BUILD "unknown"
-#endif
 
 #define MAX_METHODS 16
 
@@ -81,19 +72,7 @@ static void print_progress(service *sv, progress *p, const worker_state *ws, int
 
 static int load_data(service *sv) {
   const pa_service_opts *o = sv->o;
-  char path[4096 + 64];
-  int rc = pa_inventory_load(o->papi, &sv->inv);
-  if (!rc) {
-    if (o->subjects_file)
-      snprintf(path, sizeof path, "%s", o->subjects_file);
-    else
-      snprintf(path, sizeof path, "%s/Test-set.json", o->papi);
-    rc = pa_subjects_load(path, sv->inv, &sv->subjects);
-  }
-  if (!rc && !o->subjects_file) {
-    snprintf(path, sizeof path, "%s/personality_prompt.json", o->papi);
-    rc = pa_subjects_load_descriptions(sv->subjects, path);
-  }
+  int rc = pa_papi_load(o->papi, o->subjects_file, &sv->inv, &sv->subjects);
   if (!rc &&
       pa_subjects_range(o->subjects ? o->subjects : "all", pa_subjects_count(sv->subjects), &sv->first, &sv->last))
     rc = pa_error(PA_EINVAL, "--subjects '%s' is not all, N or A-B within the %zu subjects", o->subjects,
@@ -248,9 +227,9 @@ static int begin_run(service *sv, run_manifest *rm) {
   gethostname(rm->host, sizeof rm->host - 1);
   run->started_unix = (int64_t)time(NULL);
   run->ranks = sv->size;
-  run->git_revision = PALIGN_GIT_REVISION;
-  run->version = PALIGN_VERSION;
-  run->build = PALIGN_BUILD;
+  run->git_revision = (char *)pa_git_revision; /* protobuf-c's strings are not const; packing only reads */
+  run->version = (char *)pa_version;
+  run->build = (char *)pa_build;
   run->host = rm->host;
   run->model_path = (char *)o->model;
   run->papi_dir = (char *)o->papi;

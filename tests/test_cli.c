@@ -17,21 +17,7 @@
 static char out[1 << 16];
 
 /* Runs `palign ARGS` (a shell fragment), stdout and stderr into `out`; returns the exit status. */
-static int palign(const char *fmt, ...) {
-  char args[2048], cmd[4096];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(args, sizeof args, fmt, ap);
-  va_end(ap);
-  snprintf(cmd, sizeof cmd, "%s/palign %s 2>&1", PALIGN_BINARY_DIR, args);
-  FILE *p = popen(cmd, "r");
-  assert_non_null(p);
-  size_t n = fread(out, 1, sizeof out - 1, p);
-  out[n] = '\0';
-  int st = pclose(p);
-  assert_true(WIFEXITED(st));
-  return WEXITSTATUS(st);
-}
+#define palign(...) tu_run(out, sizeof out, NULL, 0, PALIGN_BINARY_DIR "/palign " __VA_ARGS__)
 
 static void expect_out(const char *what) {
   if (!strstr(out, what))

@@ -36,16 +36,7 @@ static pa_evaluator *ev;
 static int setup(void **s) {
   (void)s;
   const char *papi = test_papi_dir();
-  char path[4200];
-  int rc = pa_inventory_load(papi, &inv);
-  if (!rc) {
-    snprintf(path, sizeof path, "%s/Test-set.json", papi);
-    rc = pa_subjects_load(path, inv, &subjects);
-  }
-  if (!rc) {
-    snprintf(path, sizeof path, "%s/personality_prompt.json", papi);
-    rc = pa_subjects_load_descriptions(subjects, path);
-  }
+  int rc = pa_papi_load(papi, NULL, &inv, &subjects);
   if (!rc)
     rc = pa_model_open(test_default_model(), &model);
   if (!rc)

@@ -593,11 +593,73 @@ static void test_descriptions(void **state) {
   pa_inventory_destroy(inv);
 }
 
+/* pa_papi_load: a whole PAPI-like directory (inventory, Test-set.json, the
+ * descriptions), another subjects file in its place, $PALIGN_PAPI_DIR as the
+ * default, and nothing half-loaded on error. */
+static void test_papi_load(void **state) {
+  (void)state;
+  char dir[256], path[512];
+  papi_like(dir, sizeof dir, "papi", good_items, good_split);
+  write_in(dir, "Test-set.json", three_with(ok_answers, ""));
+  write_in(dir, "personality_prompt.json", "[{\"output\": [\"one\"]}, {\"output\": [\"two\"]}, {\"output\": []}]");
+  pa_inventory *inv = NULL;
+  pa_subjects *s = NULL;
+  assert_int_equal(pa_papi_load(dir, NULL, &inv, &s), PA_OK);
+  assert_int_equal(pa_inventory_n_items(inv), 10);
+  assert_int_equal(pa_subjects_count(s), 3);
+  assert_string_equal(pa_subjects_at(s, 1)->description, "two");
+  pa_subjects_destroy(s);
+  pa_inventory_destroy(inv);
+
+  /* the default directory: $PALIGN_PAPI_DIR, else ../shared/papi */
+  const char *saved = getenv("PALIGN_PAPI_DIR");
+  char *keep = saved ? strdup(saved) : NULL;
+  setenv("PALIGN_PAPI_DIR", dir, 1);
+  assert_string_equal(pa_papi_dir(NULL), dir);
+  assert_string_equal(pa_papi_dir(""), dir);
+  assert_string_equal(pa_papi_dir("/x"), "/x");
+  assert_int_equal(pa_papi_load(NULL, NULL, &inv, &s), PA_OK);
+  assert_int_equal(pa_subjects_count(s), 3);
+  pa_subjects_destroy(s);
+  pa_inventory_destroy(inv);
+  unsetenv("PALIGN_PAPI_DIR");
+  assert_string_equal(pa_papi_dir(NULL), "../shared/papi");
+  if (keep)
+    setenv("PALIGN_PAPI_DIR", keep, 1);
+  free(keep);
+
+  /* another subjects file: its subjects, no descriptions read */
+  subjects_file(path, sizeof path, "other.json", "[{\"case\": 7, \"i1\": 1}]");
+  assert_int_equal(pa_papi_load(dir, path, &inv, &s), PA_OK);
+  assert_int_equal(pa_subjects_count(s), 1);
+  assert_string_equal(pa_subjects_at(s, 0)->id, "7");
+  assert_null(pa_subjects_at(s, 0)->description);
+  pa_subjects_destroy(s);
+  pa_inventory_destroy(inv);
+
+  /* descriptions that do not match: an error naming the file, nothing loaded */
+  write_in(dir, "personality_prompt.json", "[{\"output\": [\"one\"]}]");
+  inv = (pa_inventory *)0x1;
+  s = (pa_subjects *)0x1;
+  pa_error_clear();
+  assert_int_equal(pa_papi_load(dir, NULL, &inv, &s), PA_EFORMAT);
+  assert_null(inv);
+  assert_null(s);
+  expect_msg("personality_prompt.json", "1 descriptions for 3 subjects");
+  /* a missing Test-set.json */
+  snprintf(path, sizeof path, "%s/Test-set.json", dir);
+  unlink(path);
+  assert_true(pa_papi_load(dir, NULL, &inv, &s) < 0);
+  assert_null(inv);
+  assert_null(s);
+  expect_msg(path, NULL);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_traits),       cmocka_unit_test(test_items_good),    cmocka_unit_test(test_items_bad),
       cmocka_unit_test(test_split_bad),    cmocka_unit_test(test_subjects_json), cmocka_unit_test(test_subjects_csv),
-      cmocka_unit_test(test_descriptions), cmocka_unit_test(test_real_data),
+      cmocka_unit_test(test_descriptions), cmocka_unit_test(test_papi_load),  cmocka_unit_test(test_real_data),
   };
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

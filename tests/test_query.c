@@ -259,28 +259,7 @@ static const char *store_path(const char *name) {
 static char out[1 << 17], err[1 << 16];
 
 /* Runs `palign ARGS`: stdout into `out`, stderr into `err`; returns the exit status. */
-static int palign(const char *fmt, ...) {
-  char args[2048], cmd[4096], errpath[300];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(args, sizeof args, fmt, ap);
-  va_end(ap);
-  tu_path(errpath, sizeof errpath, "stderr.txt");
-  snprintf(cmd, sizeof cmd, "%s/palign %s 2>%s", PALIGN_BINARY_DIR, args, errpath);
-  FILE *p = popen(cmd, "r");
-  assert_non_null(p);
-  size_t n = fread(out, 1, sizeof out - 1, p);
-  out[n] = '\0';
-  int st = pclose(p);
-  char *e = tu_slurp(errpath, &n);
-  snprintf(err, sizeof err, "%s", e);
-  free(e);
-  assert_true(WIFEXITED(st));
-  /* under the sanitizer build a report may come with the exit status a data error has */
-  if (strstr(err, "Sanitizer") || strstr(err, "runtime error:"))
-    fail_msg("palign %s:\n%s", args, err);
-  return WEXITSTATUS(st);
-}
+#define palign(...) tu_run(out, sizeof out, err, sizeof err, PALIGN_BINARY_DIR "/palign " __VA_ARGS__)
 
 static void expect_in(const char *text, const char *what, const char *where) {
   if (!strstr(text, what))

@@ -3,6 +3,7 @@
  *  - a scratch directory per test group (tu_setup / tu_teardown as cmocka
  *    group or test fixtures; tu_path names a file in it);
  *  - whole-file reading and writing that fail the test on error;
+ *  - running a command (a built binary) and keeping what it printed;
  *  - where the default model and the PAPI data are: the model is downloaded by
  *    scripts/setup.sh, and a test that needs it skips (exit 77) when it is
  *    absent, unless PALIGN_REQUIRE_MODEL=1 (CI), when its absence fails. */
@@ -10,10 +11,12 @@
 #define PALIGN_TESTUTIL_H
 
 #include <dirent.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define PALIGN_DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,6 +104,44 @@ static inline size_t tu_unhex(const char *h, char *out) {
     out[n++] = (char)v;
   }
   return n;
+}
+
+/* Runs the shell command made from fmt: its stdout into out (size n_out),
+ * its stderr into err (size n_err) or, when err is NULL, into out as well.
+ * Fails the test when the command dies of a signal or a sanitizer reports
+ * (under the sanitizer build a report may come with an exit status a data
+ * error also has); returns the exit status. */
+static inline int tu_run(char *out, size_t n_out, char *err, size_t n_err, const char *fmt, ...) {
+  char cmd[8192], errpath[300];
+  va_list ap;
+  va_start(ap, fmt);
+  int len = vsnprintf(cmd, sizeof cmd - 400, fmt, ap);
+  va_end(ap);
+  if (len < 0 || len >= (int)sizeof cmd - 400)
+    fail_msg("command too long: %.200s...", cmd);
+  if (snprintf(errpath, sizeof errpath, "%s/tu_run.stderr", tu_tmp) >= (int)sizeof errpath)
+    fail_msg("scratch path too long");
+  snprintf(cmd + len, sizeof cmd - (size_t)len, err ? " 2>'%s'" : " 2>&1", errpath);
+  FILE *p = popen(cmd, "r");
+  if (!p)
+    fail_msg("cannot run %s", cmd);
+  size_t n = fread(out, 1, n_out - 1, p);
+  out[n] = '\0';
+  while (fgetc(p) != EOF) /* the rest, so that the command is not killed by SIGPIPE */
+    ;
+  int st = pclose(p);
+  const char *report = out;
+  if (err) {
+    char *e = tu_slurp(errpath, NULL);
+    snprintf(err, n_err, "%s", e);
+    free(e);
+    report = err;
+  }
+  if (!WIFEXITED(st))
+    fail_msg("%s: ended by a signal\n%s", cmd, report);
+  if (strstr(report, "Sanitizer") || strstr(report, "runtime error:"))
+    fail_msg("%s:\n%s", cmd, report);
+  return WEXITSTATUS(st);
 }
 
 static inline const char *test_default_model(void) {

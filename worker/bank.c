@@ -1,5 +1,6 @@
 #include "bank.h"
 
+#include "build_info.h"
 #include "fileio.h"
 #include "prompts.h"
 #include "status.h"
@@ -17,12 +18,6 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#ifndef PALIGN_VERSION
-#define PALIGN_VERSION "unknown"
-#endif
-#ifndef PALIGN_GIT_REVISION
-#define PALIGN_GIT_REVISION "unknown"
-#endif
 
 static const char MAGIC[8] = {'P', 'A', 'L', 'I', 'G', 'N', 'B', 'K'};
 enum {
@@ -749,8 +744,8 @@ static cJSON *header_json(const pa_bank *b, const pa_bank_key *key, size_t data_
   if (gmtime_r(&t, &tm))
     strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", &tm);
   cJSON_AddStringToObject(made, "date", date);
-  cJSON_AddStringToObject(made, "palign_version", PALIGN_VERSION);
-  cJSON_AddStringToObject(made, "git_revision", PALIGN_GIT_REVISION);
+  cJSON_AddStringToObject(made, "palign_version", pa_version);
+  cJSON_AddStringToObject(made, "git_revision", pa_git_revision);
 #if defined(__clang__)
   cJSON_AddStringToObject(made, "compiler", "clang " __clang_version__);
 #elif defined(__GNUC__)

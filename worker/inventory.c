@@ -718,6 +718,39 @@ int pa_subjects_load(const char *path, const pa_inventory *inv, pa_subjects **ou
   return PA_OK;
 }
 
+const char *pa_papi_dir(const char *dir) {
+  if (dir && *dir)
+    return dir;
+  const char *env = getenv("PALIGN_PAPI_DIR");
+  return env && *env ? env : "../shared/papi";
+}
+
+int pa_papi_load(const char *dir, const char *subjects_file, pa_inventory **inv, pa_subjects **subjects) {
+  *inv = NULL;
+  *subjects = NULL;
+  dir = pa_papi_dir(dir);
+  char path[4096 + 32];
+  int rc = pa_inventory_load(dir, inv);
+  if (!rc) {
+    if (subjects_file)
+      snprintf(path, sizeof path, "%s", subjects_file);
+    else
+      snprintf(path, sizeof path, "%s/Test-set.json", dir);
+    rc = pa_subjects_load(path, *inv, subjects);
+  }
+  if (!rc && !subjects_file) {
+    snprintf(path, sizeof path, "%s/personality_prompt.json", dir);
+    rc = pa_subjects_load_descriptions(*subjects, path);
+  }
+  if (rc) {
+    pa_subjects_destroy(*subjects);
+    pa_inventory_destroy(*inv);
+    *subjects = NULL;
+    *inv = NULL;
+  }
+  return rc;
+}
+
 int pa_subjects_load_descriptions(pa_subjects *s, const char *path) {
   cJSON *j;
   int rc = pa_json_load(path, &j);

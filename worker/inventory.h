@@ -72,6 +72,14 @@ int pa_subjects_load(const char *path, const pa_inventory *inv, pa_subjects **ou
 int pa_subjects_load_descriptions(pa_subjects *s, const char *path);
 void pa_subjects_destroy(pa_subjects *s); /* accepts NULL */
 
+/* The PAPI directory to use: dir when given (not NULL or ""), else
+ * $PALIGN_PAPI_DIR when set, else "../shared/papi". */
+const char *pa_papi_dir(const char *dir);
+/* The inventory of pa_papi_dir(dir), and the subjects of subjects_file or,
+ * when it is NULL, of its Test-set.json with their P2 descriptions
+ * (personality_prompt.json). On error both are NULL. */
+int pa_papi_load(const char *dir, const char *subjects_file, pa_inventory **inv, pa_subjects **subjects);
+
 size_t pa_subjects_count(const pa_subjects *s);
 const pa_subject *pa_subjects_at(const pa_subjects *s, size_t i);
 const pa_subject *pa_subjects_find(const pa_subjects *s, const char *id); /* NULL if absent */
