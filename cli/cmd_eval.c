@@ -99,11 +99,12 @@ static cJSON *metrics_json(const pa_subject_metrics *m) {
   return o;
 }
 
-static void bank_progress(void *ctx, int done, int total) {
+static int bank_progress(void *ctx, int done, int total) {
   (void)ctx;
   fprintf(stderr, "\ractivation bank: %d/%d sequences", done, total);
   if (done == total)
     fputc('\n', stderr);
+  return 0;
 }
 
 /* The reference code answers every item of every alpha with its whole prompt

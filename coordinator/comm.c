@@ -3,6 +3,7 @@
 #include "status.h"
 
 #include <mpi.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -94,11 +95,13 @@ int pa_comm_workers_allgather(pa_comm *c, float *buf, size_t per, int first, int
     return PA_OK;
   int mine[2] = {first, n}, *all = malloc((size_t)nw * 2 * sizeof *all);
   int *counts = malloc((size_t)nw * sizeof *counts), *displs = malloc((size_t)nw * sizeof *displs);
-  int rc = all && counts && displs ? PA_OK : pa_error(PA_ENOMEM, "no memory");
-  if (!rc) {
-    int err = MPI_Allgather(mine, 2, MPI_INT, all, 2, MPI_INT, c->workers);
-    rc = err == MPI_SUCCESS ? PA_OK : mpi_error(err, "MPI_Allgather", __LINE__);
+  if (!all || !counts || !displs) {
+    /* the other workers are already in the collective: returning would leave them waiting for ever */
+    fprintf(stderr, "palign-worker: MPI: no memory for the activation bank's exchange; stopping the job\n");
+    MPI_Abort(MPI_COMM_WORLD, 1);
   }
+  int err = MPI_Allgather(mine, 2, MPI_INT, all, 2, MPI_INT, c->workers);
+  int rc = err == MPI_SUCCESS ? PA_OK : mpi_error(err, "MPI_Allgather", __LINE__);
   for (int k = 0; !rc && k < nw; k++) {
     const size_t cnt = (size_t)all[2 * k + 1] * per, off = (size_t)all[2 * k] * per;
     if (cnt > (size_t)INT32_MAX || off > (size_t)INT32_MAX)
@@ -106,7 +109,7 @@ int pa_comm_workers_allgather(pa_comm *c, float *buf, size_t per, int first, int
     counts[k] = (int)cnt, displs[k] = (int)off;
   }
   if (!rc) {
-    int err = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, counts, displs, MPI_FLOAT, c->workers);
+    err = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, counts, displs, MPI_FLOAT, c->workers);
     rc = err == MPI_SUCCESS ? PA_OK : mpi_error(err, "MPI_Allgatherv", __LINE__);
   }
   free(all), free(counts), free(displs);

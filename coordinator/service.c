@@ -22,7 +22,7 @@
 
 #define MAX_METHODS 16
 
-volatile int pa_service_stop_signal = 0;
+volatile sig_atomic_t pa_service_stop_signal = 0;
 
 static void on_signal(int sig) { pa_service_stop_signal = sig; }
 
@@ -64,9 +64,24 @@ typedef struct service {
   double last_beat, last_line;
   char current[64];
   progress *alone; /* one rank: the progress the poll prints during long subjects */
+  char said[1024];  /* the last error printed (say_error) */
 } service;
 
 static void print_progress(service *sv, progress *p, const worker_state *ws, int n_workers, bool force);
+
+/* This rank's error, once, where it happened: "palign-worker: MESSAGE" on
+ * rank 0 (and in a one-rank job), "palign-worker: rank K: MESSAGE" on a
+ * worker. */
+static void say_error(service *sv) {
+  const char *m = pa_errmsg();
+  if (!strcmp(m, sv->said))
+    return;
+  snprintf(sv->said, sizeof sv->said, "%s", m);
+  if (sv->rank == 0)
+    fprintf(sv->log, "palign-worker: %s\n", m);
+  else
+    fprintf(sv->log, "palign-worker: rank %d: %s\n", sv->rank, m);
+}
 
 /* ---- both sides ----------------------------------------------------------------- */
 
@@ -191,8 +206,11 @@ static void run_manifest_free(run_manifest *rm) {
   memset(rm, 0, sizeof *rm);
 }
 
-/* Checks the store's settings, adds this run and its shards to the manifest. */
-static int begin_run(service *sv, run_manifest *rm) {
+/* Checks the store's settings and numbers this run; prepares the manifest
+ * with this run and its shards (rm->m), which pa_service_run writes once
+ * every worker has created its shard, so that a run that cannot start
+ * leaves the store as it was. */
+static int plan_run(service *sv, run_manifest *rm) {
   const pa_service_opts *o = sv->o;
   memset(rm, 0, sizeof *rm);
   settings_of(sv, &rm->settings, rm->inv_fp, rm->method_names);
@@ -203,6 +221,8 @@ static int begin_run(service *sv, run_manifest *rm) {
   }
   if (!rc && rm->old && rm->old->settings)
     rc = pa_settings_check(o->store, rm->old->settings, &rm->settings);
+  if (!rc)
+    rc = pa_store_next_run(o->store, rm->old, &sv->run);
   if (rc)
     return rc;
   const size_t n_old_runs = rm->old ? rm->old->n_runs : 0, n_old_shards = rm->old ? rm->old->n_shards : 0;
@@ -220,7 +240,6 @@ static int begin_run(service *sv, run_manifest *rm) {
     rm->runs[i] = rm->old->runs[i];
   for (size_t i = 0; i < n_old_shards; i++)
     rm->shards[i] = rm->old->shards[i];
-  sv->run = (int)n_old_runs + 1;
 
   Palign__RunRecord *run = &rm->run;
   palign__run_record__init(run);
@@ -239,15 +258,11 @@ static int begin_run(service *sv, run_manifest *rm) {
   m->n_shards = n_old_shards;
   for (int w = 0; w < workers; w++) {
     pa_shard_name(sv->run, sv->size == 1 ? 0 : w + 1, rm->shard_names[w]);
-    bool listed = false; /* a shard name is listed once, even if a run number repeats */
-    for (size_t i = 0; i < m->n_shards; i++)
-      listed |= !strcmp(rm->shards[i], rm->shard_names[w]);
-    if (!listed)
-      rm->shards[m->n_shards++] = rm->shard_names[w];
+    rm->shards[m->n_shards++] = rm->shard_names[w]; /* a new name: pa_store_next_run */
   }
   m->shards = rm->shards;
   m->subjects_total = (int64_t)pa_subjects_count(sv->subjects);
-  return pa_manifest_write(o->store, m);
+  return PA_OK;
 }
 
 static int end_run(service *sv, run_manifest *rm, long done, long failed, bool interrupted) {
@@ -279,13 +294,32 @@ static int worker_poll(void *ctx) {
   return 0;
 }
 
-static void bank_progress(void *ctx, int done, int total) {
+/* The bank's progress: heartbeats, a line every 10 s; a signal stops it. */
+static int bank_progress(void *ctx, int done, int total) {
   service *sv = ctx;
-  worker_poll(sv);
+  const int stop = worker_poll(sv);
   if (pa_comm_worker_index(sv->comm) == 0 && (done == total || now_s() - sv->last_line >= 10)) {
     fprintf(sv->log, "activation bank: %d/%d sequences of this worker's slice\n", done, total);
     sv->last_line = now_s();
   }
+  return stop;
+}
+
+/* Every rank together: whether all got rc == PA_OK. When another did not,
+ * an error saying so (a signal, if one came: the run is interrupted, not
+ * failed). */
+static int all_ok(service *sv, int rc, const char *what) {
+  int ok = 0, err = pa_comm_all_ok(sv->comm, rc == PA_OK, &ok);
+  if (err)
+    return err;
+  if (ok || rc)
+    return rc;
+  if (pa_service_stop_signal)
+    return pa_error(PA_ECANCELED, "stopped by a signal");
+  rc = pa_error(PA_EINVAL, "another rank %s (see its message)", what);
+  if (sv->rank == 0)
+    say_error(sv);
+  return rc;
 }
 
 static int open_model(service *sv) {
@@ -327,31 +361,33 @@ static int get_bank(service *sv) {
       rc = PA_OK;
     }
   }
-  int ok = 0, err;
-  if ((err = pa_comm_all_ok(sv->comm, rc == PA_OK, &ok)))
-    return err;
-  if (!ok)
-    return rc ? rc : pa_error(PA_EINVAL, "another rank could not read the activation bank");
+  int err;
+  if ((rc = all_ok(sv, rc, "could not read the activation bank")))
+    return rc;
   if ((err = pa_comm_all_ok(sv->comm, loaded, &all_loaded)))
     return err;
   if (all_loaded) {
     if (worker && pa_comm_worker_index(sv->comm) == 0)
       fprintf(sv->log, "activation bank read from %s\n", path);
   } else {
+    const double t0 = now_s();
     if (worker) {
       pa_bank_destroy(sv->bank);
       sv->bank = NULL;
       bo.slice = pa_comm_worker_index(sv->comm);
       bo.n_slices = pa_comm_workers(sv->comm);
-      const double t0 = now_s();
       rc = pa_bank_compute(sv->lm, pa_model_tokenizer(sv->model), pa_model_chat(sv->model), sv->inv, &bo, &sv->bank);
+    }
+    /* gathered only when every slice was computed: a worker that failed (or
+     * was stopped) must not leave the others waiting in the gather */
+    if ((rc = all_ok(sv, rc, "could not compute its part of the activation bank")))
+      return rc;
+    if (worker) {
       int first = 0, n = 0;
-      if (!rc) {
-        pa_bank_slice(sv->bank, &first, &n);
-        const pa_pas_bank v = pa_bank_view(sv->bank);
-        rc = pa_comm_workers_allgather(sv->comm, pa_bank_data_mut(sv->bank),
-                                       (size_t)v.n_layers * v.n_heads * v.head_dim, first, n);
-      }
+      pa_bank_slice(sv->bank, &first, &n);
+      const pa_pas_bank v = pa_bank_view(sv->bank);
+      rc = pa_comm_workers_allgather(sv->comm, pa_bank_data_mut(sv->bank),
+                                     (size_t)v.n_layers * v.n_heads * v.head_dim, first, n);
       if (!rc) {
         pa_bank_stats st = *pa_bank_stats_get(sv->bank);
         st.seconds = now_s() - t0; /* the gathered bank's wall time */
@@ -364,10 +400,8 @@ static int get_bank(service *sv) {
         }
       }
     }
-    if ((err = pa_comm_all_ok(sv->comm, rc == PA_OK, &ok)))
-      return err;
-    if (!ok)
-      return rc ? rc : pa_error(PA_EINVAL, "another rank could not compute its part of the activation bank");
+    if ((rc = all_ok(sv, rc, "could not gather or save the activation bank")))
+      return rc;
   }
   if (worker) {
     sv->bank_view = pa_bank_view(sv->bank);
@@ -484,6 +518,8 @@ static int worker_loop(service *sv) {
       sv->last_beat = now_s();
     }
     palign__work__free_unpacked(w, NULL);
+    if (stop && !rc && pa_service_stop_signal)
+      return PA_ECANCELED; /* told to stop because of the signal: exits as interrupted */
     if (stop || rc)
       return rc;
   }
@@ -655,19 +691,20 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
         active--;
       } else if (r->idle) {
         ws[w].current[0] = '\0';
-        rc = hand_out(sv, ws, w, queue, &n_queue, pa_service_stop_signal != 0 || fatal);
+        rc = hand_out(sv, ws, w, queue, &n_queue, pa_service_stop_signal != 0);
         active -= ws[w].stopped;
       }
       palign__report__free_unpacked(r, NULL);
     }
-    /* idle workers take what came back to the queue; when nobody is busy
-     * any more (or on a signal) they are told to stop */
+    /* idle workers take what came back to the queue (a stopped worker's
+     * unfinished subjects); when nobody is busy any more (or on a signal)
+     * they are told to stop */
     bool busy = false;
     for (int w = 0; w < nw; w++)
       busy |= !ws[w].stopped && !ws[w].idle;
     for (int w = 0; !rc && w < nw; w++)
-      if (ws[w].idle && (n_queue > 0 || !busy || pa_service_stop_signal || fatal)) {
-        rc = hand_out(sv, ws, w, queue, &n_queue, (!busy && n_queue == 0) || pa_service_stop_signal || fatal);
+      if (ws[w].idle && (n_queue > 0 || !busy || pa_service_stop_signal)) {
+        rc = hand_out(sv, ws, w, queue, &n_queue, (!busy && n_queue == 0) || pa_service_stop_signal);
         active -= ws[w].stopped;
       }
     for (int w = 0; w < nw; w++)
@@ -680,6 +717,16 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
     if (r_seen) {
       p->reports++;
       p->busy += now_s() - t;
+    }
+  }
+  if (rc) { /* rank 0 cannot go on: the workers must not wait for work for ever */
+    for (int w = 0; w < nw; w++) {
+      Palign__Work stop = PALIGN__WORK__INIT;
+      stop.stop = true;
+      if (!ws || (!ws[w].stopped && pa_comm_send_work(sv->comm, w + 1, &stop))) {
+        say_error(sv);
+        pa_comm_abort(sv->comm, 1);
+      }
     }
   }
   for (int w = 0; ws && w < nw; w++)
@@ -703,57 +750,61 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGINT, &sa, NULL);
 
-  /* rank 0 decides whether the run can start; everyone hears the verdict */
+  /* Every rank reads the data; rank 0 takes the store's lock, checks its
+   * settings, numbers the run and finds what is left to do. */
   int rc = load_data(sv);
   run_manifest rm = {0};
+  pa_store_guard *guard = NULL;
   size_t *todo = NULL, n_todo = 0, n_stored = 0;
   if (sv->rank == 0) {
+    if (!rc)
+      rc = pa_store_lock(o->store, &guard);
     if (!rc && sv->need_model)
       rc = pa_model_fingerprint(o->model, sv->model_fp);
     else if (!rc)
       snprintf(sv->model_fp, sizeof sv->model_fp, "none");
     if (!rc)
-      rc = begin_run(sv, &rm);
+      rc = plan_run(sv, &rm);
     if (!rc)
       rc = subjects_to_do(sv, &todo, &n_todo, &n_stored);
-    if (rc)
-      fprintf(sv->log, "palign-worker: %s\n", pa_errmsg());
   }
-  int verdict = rc, err;
-  int32_t hdr[2] = {verdict, sv->run};
+  if (rc)
+    say_error(sv);
+  int32_t hdr[2] = {rc, sv->run};
+  int err;
   if ((err = pa_comm_bcast(comm, hdr, sizeof hdr)) || (err = pa_comm_bcast(comm, sv->model_fp, sizeof sv->model_fp)))
     rc = err;
-  verdict = hdr[0], sv->run = hdr[1];
-  if (!rc && verdict)
-    rc = verdict;
-  if (rc) {
-    free(todo);
-    run_manifest_free(&rm);
-    pa_subjects_destroy(sv->subjects);
-    pa_inventory_destroy(sv->inv);
-    return rc;
-  }
-  if (sv->rank == 0)
+  sv->run = hdr[1];
+  /* all go on, or all stop: rank 0's verdict and every rank's own loading */
+  rc = all_ok(sv, rc ? rc : hdr[0] ? PA_EINVAL : PA_OK, "could not load the data");
+  if (!rc && sv->rank == 0)
     fprintf(sv->log,
             "palign-worker: run %d on %s: %zu subjects asked for, %zu already stored, %zu to do; %d worker(s); "
             "methods %s\n",
             sv->run, o->store, sv->last - sv->first + 1, n_stored, n_todo, pa_comm_workers(comm), o->methods);
 
-  /* the workers get ready; the job stops together if any cannot */
+  /* The workers get ready (model, evaluator, a new shard each); only then
+   * does the manifest list the run, so a run that cannot start leaves the
+   * store as it was. */
   const bool worker = pa_comm_worker_index(comm) >= 0;
-  if (worker)
-    rc = setup_worker(sv);
-  if (rc)
-    fprintf(sv->log, "palign-worker: rank %d: %s\n", sv->rank, pa_errmsg());
-  int ok = 0;
-  if ((err = pa_comm_all_ok(comm, rc == PA_OK, &ok)))
-    rc = err;
-  else if (!ok && !rc)
-    rc = pa_error(PA_EINVAL, "a worker could not start (see its message)");
-  if (!rc && sv->need_bank)
-    rc = get_bank(sv);
-  if (rc && sv->rank == 0)
-    fprintf(sv->log, "palign-worker: %s\n", pa_errmsg());
+  bool started = false;
+  if (!rc) {
+    if (worker && (rc = setup_worker(sv)))
+      say_error(sv);
+    rc = all_ok(sv, rc, "could not start");
+    int wrc = PA_OK;
+    if (!rc && sv->rank == 0 && (wrc = pa_manifest_write(o->store, &rm.m)))
+      say_error(sv);
+    if (!rc)
+      rc = all_ok(sv, wrc, "could not write the manifest");
+    started = rc == PA_OK;
+    if (!started && worker) {
+      pa_shard_discard(sv->shard);
+      sv->shard = NULL;
+    }
+  }
+  if (!rc && sv->need_bank && (rc = get_bank(sv)) && rc != PA_ECANCELED)
+    say_error(sv);
 
   progress p = {.total = n_todo, .t0 = now_s(), .stored_before = n_stored};
   if (!rc) {
@@ -763,13 +814,13 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
       rc = coordinate(sv, todo, n_todo, &p);
     else
       rc = worker_loop(sv);
+    if (rc && rc != PA_ECANCELED)
+      say_error(sv);
   }
   if (worker)
     teardown_worker(sv);
-  if (sv->rank == 0) {
+  if (sv->rank == 0 && started) {
     const bool interrupted = rc == PA_ECANCELED;
-    if (rc && !interrupted)
-      fprintf(sv->log, "palign-worker: %s\n", pa_errmsg());
     print_progress(sv, &p, NULL, 0, true);
     if (p.reports > 0)
       fprintf(sv->log, "coordinator: %ld messages handled, %.1f us each, %.1f us per subject finished\n", p.reports,
@@ -777,15 +828,17 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
               p.done + p.failed > 0 ? 1e6 * p.busy / (double)(p.done + p.failed) : 0.0);
     if (interrupted)
       fprintf(sv->log, "palign-worker: stopped by signal %d; a rerun with the same store resumes\n",
-              pa_service_stop_signal);
+              (int)pa_service_stop_signal);
     int mrc = end_run(sv, &rm, (long)p.done, (long)p.failed, interrupted);
     if (mrc)
-      fprintf(sv->log, "palign-worker: %s\n", pa_errmsg());
+      say_error(sv);
     if (!rc)
       rc = mrc;
-  } else if (rc && rc != PA_ECANCELED) {
-    fprintf(sv->log, "palign-worker: rank %d: %s\n", sv->rank, pa_errmsg());
   }
+  if (sv->rank == 0 && !started && rc == PA_ECANCELED)
+    fprintf(sv->log, "palign-worker: stopped by signal %d before the run started; the store is as it was\n",
+            (int)pa_service_stop_signal);
+  pa_store_unlock(guard);
   free(todo);
   run_manifest_free(&rm);
   pa_subjects_destroy(sv->subjects);

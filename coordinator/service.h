@@ -2,8 +2,9 @@
  *
  * Every rank calls pa_service_run with the same options. Rank 0 reads the
  * store's manifest and records, refuses a store made with other settings,
- * starts a run (a RunRecord and one new shard per worker in the manifest),
- * and hands the subjects that have no valid record to the workers in
+ * holds the store's lock for the run (a second job on one store is
+ * refused), starts a run (a RunRecord and one new shard per worker in the
+ * manifest, written once every worker is ready), and hands the subjects that have no valid record to the workers in
  * chunks, on demand; it prints progress (subjects done, failed and left,
  * subjects per hour, time left, each worker's last heartbeat and a warning
  * for a worker silent for longer than silent_after) and, at the end, records
@@ -26,6 +27,7 @@
 #include "comm.h"
 #include "eval.h"
 
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -52,6 +54,6 @@ typedef struct {
 int pa_service_run(pa_comm *comm, const pa_service_opts *o);
 
 /* Set by the SIGTERM/SIGINT handler pa_service_run installs. */
-extern volatile int pa_service_stop_signal;
+extern volatile sig_atomic_t pa_service_stop_signal;
 
 #endif

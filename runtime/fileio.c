@@ -75,6 +75,28 @@ int pa_write_atomic(const char *path, const pa_chunk *chunks, size_t n) {
     if (rc)
       unlink(tmp);
   }
+  if (!rc) { /* the rename itself is durable once the directory is */
+    const char *slash = strrchr(path, '/');
+    if (!slash) {
+      rc = pa_sync_dir(".");
+    } else if (slash == path) {
+      rc = pa_sync_dir("/");
+    } else {
+      snprintf(tmp, tlen, "%.*s", (int)(slash - path), path);
+      rc = pa_sync_dir(tmp);
+    }
+  }
   free(tmp);
+  return rc;
+}
+
+int pa_sync_dir(const char *dir) {
+  int fd = open(dir, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return pa_error(PA_EIO, "%s: cannot open the directory: %s", dir, strerror(errno));
+  int rc = PA_OK;
+  if (fsync(fd) != 0 && errno != EINVAL) /* some file systems cannot sync a directory */
+    rc = pa_error(PA_EIO, "%s: cannot sync the directory: %s", dir, strerror(errno));
+  close(fd);
   return rc;
 }

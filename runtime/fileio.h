@@ -4,7 +4,9 @@
  *    safetensors), with errors that name the file.
  *  - pa_write_atomic: a file written under a temporary name beside its final
  *    path, flushed to disk, then renamed into place, so a reader (or a crash)
- *    sees either the old file or the complete new one, never a torn one.
+ *    sees either the old file or the complete new one, never a torn one; the
+ *    directory is synced after the rename, so the new file is the one that
+ *    survives a crash (pa_sync_dir).
  *
  * Errors: 0 or a negative PA_E* code with a message (status.h). Both are
  * thread-safe (temporary names are unique per process and call).
@@ -34,5 +36,9 @@ typedef struct {
 
 /* Writes the concatenation of chunks[0..n) to `path` atomically. */
 int pa_write_atomic(const char *path, const pa_chunk *chunks, size_t n);
+
+/* fsyncs a directory, so that names just created, renamed or removed in it
+ * survive a crash (file systems that cannot sync a directory are let be). */
+int pa_sync_dir(const char *dir);
 
 #endif

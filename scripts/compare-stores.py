@@ -2,7 +2,8 @@
 """Checks that two stores (and, optionally, `palign eval --json` files) hold
 the same results for the same subjects: every method's rows (names, items,
 true and predicted answers, expected scores, option probabilities) and every
-PAS fit (heads, directions, sigmas, grid, chosen alphas), exactly. What may
+PAS fit (heads, directions, sigmas, grid, chosen alphas), exactly; against
+an eval file, every answer and each PAS variant's chosen alphas and heads. What may
 legitimately differ is ignored: the rank and host that did a subject, wall
 times and token counts (a worker that already holds a prefix in its cache
 computes fewer tokens).
@@ -64,6 +65,23 @@ def first_difference(a, b, path=""):
     return None if a == b else f"{path}: {a!r} vs {b!r}"
 
 
+def pas_difference(pas, variant, em):
+    """Where the store's PAS fit differs from what `palign eval --json` printed
+    for one variant (its chosen alphas and selected heads), or None."""
+    if not pas:
+        return "no PAS fit stored"
+    chosen = {(c["variant"], c["protocol"]): c["alpha"] for c in pas.get("chosen", [])}
+    for protocol in ("reference", "holdout"):
+        want, got = em[f"alpha_{protocol}"], chosen.get((variant, protocol))
+        if got is None or abs(want - got) > 1e-12:
+            return f"alpha ({protocol}) {want} in eval, {got} stored"
+    heads = [(h["layer"], h["head"]) for h in pas.get("heads", [])]
+    eheads = [(h["layer"], h["head"]) for h in em.get("heads", [])]
+    if heads != eheads:
+        return f"heads {eheads} in eval, {heads} stored"
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a")
@@ -99,6 +117,14 @@ def main():
                 continue
             rows = {r["name"]: r["predictions"] for m in ra["methods"] for r in m.get("rows", [])}
             for name, em in s["methods"].items():
+                if isinstance(em, dict) and "alpha_reference" in em:
+                    # a PAS variant's fit: the chosen alphas and the heads, in order
+                    compared += 1
+                    d = pas_difference(ra.get("pas"), name, em)
+                    if d:
+                        diffs += 1
+                        print(f"eval {path}, subject {s['id']}, {name}: {d}")
+                    continue
                 if not isinstance(em, dict) or "items" not in em or name not in rows:
                     continue
                 p = rows[name]
@@ -112,7 +138,7 @@ def main():
                         diffs += 1
                         if diffs <= 5:
                             print(f"eval {path}, subject {s['id']}, {name}, item {it['item']}: differs")
-        print(f"{o.a} vs {path}: {compared} answers compared, {diffs} differ "
+        print(f"{o.a} vs {path}: {compared} answers and PAS fits compared, {diffs} differ "
               f"(expected scores and probabilities within 1e-6: the eval JSON prints floats in decimal)")
         bad += diffs > 0 or compared == 0
     sys.exit(1 if bad else 0)

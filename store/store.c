@@ -255,6 +255,7 @@ struct pa_shard_writer {
   char *path;
   uint8_t *buf; /* the last record framed, reused */
   size_t cap;
+  bool written; /* any byte appended */
 };
 
 size_t pa_record_frame(const uint8_t *payload, uint32_t len, uint8_t *buf) {
@@ -267,15 +268,80 @@ size_t pa_record_frame(const uint8_t *payload, uint32_t len, uint8_t *buf) {
   return PA_STORE_RECORD_HEAD + (size_t)len;
 }
 
-/* fsyncs a directory so that a file just created in it survives a crash. */
-static int sync_dir(const char *dir) {
-  int fd = open(dir, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return pa_error(PA_EIO, "%s: cannot open the directory: %s", dir, strerror(errno));
-  int rc = PA_OK;
-  if (fsync(fd) != 0 && errno != EINVAL) /* some file systems cannot sync a directory */
-    rc = pa_error(PA_EIO, "%s: cannot sync the directory: %s", dir, strerror(errno));
-  close(fd);
+/* ---- a run's hold on the store ------------------------------------------- */
+
+struct pa_store_guard {
+  int fd;
+};
+
+int pa_store_lock(const char *store, pa_store_guard **out) {
+  *out = NULL;
+  int rc = ensure_store(store);
+  char *path = rc ? NULL : join(store, "lock");
+  if (rc || !path)
+    return rc ? rc : PA_ENOMEM;
+  int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd < 0) {
+    rc = pa_error(PA_EIO, "%s: cannot open: %s", path, strerror(errno));
+    free(path);
+    return rc;
+  }
+  struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+  if (fcntl(fd, F_SETLK, &fl) != 0) {
+    const int e = errno;
+    struct flock who = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    if (e == EACCES || e == EAGAIN) {
+      if (fcntl(fd, F_GETLK, &who) == 0 && who.l_type != F_UNLCK)
+        rc = pa_error(PA_EINVAL, "%s: another job (process %ld) is writing to this store; wait for it or use another store",
+                      store, (long)who.l_pid);
+      else
+        rc = pa_error(PA_EINVAL, "%s: another job is writing to this store; wait for it or use another store", store);
+    } else {
+      rc = pa_error(PA_EIO, "%s: cannot lock: %s", path, strerror(e));
+    }
+    close(fd);
+    free(path);
+    return rc;
+  }
+  free(path);
+  pa_store_guard *l = malloc(sizeof *l);
+  if (!l) {
+    close(fd);
+    return pa_error(PA_ENOMEM, "%s: no memory", store);
+  }
+  l->fd = fd;
+  *out = l;
+  return PA_OK;
+}
+
+void pa_store_unlock(pa_store_guard *l) {
+  if (!l)
+    return;
+  close(l->fd); /* closing drops the lock */
+  free(l);
+}
+
+static int shard_names(const char *dir, char ***names, size_t *n);
+
+int pa_store_next_run(const char *store, const Palign__Manifest *m, int *run) {
+  long last = m ? (long)m->n_runs : 0;
+  char *dir = join(store, "shards");
+  if (!dir)
+    return PA_ENOMEM;
+  char **names = NULL;
+  size_t n = 0;
+  int rc = shard_names(dir, &names, &n);
+  for (size_t i = 0; i < n; i++) {
+    long r;
+    if (sscanf(names[i], "run%ld-", &r) == 1 && r > last)
+      last = r;
+    free(names[i]);
+  }
+  free(names);
+  free(dir);
+  if (!rc && last >= INT32_MAX)
+    rc = pa_error(PA_EFORMAT, "%s: run numbers are used up (%ld)", store, last);
+  *run = rc ? 0 : (int)last + 1;
   return rc;
 }
 
@@ -292,11 +358,14 @@ int pa_shard_open(const char *store, int run, int rank, pa_shard_writer **out) {
     rc = path ? pa_error(PA_ENOMEM, "%s: no memory", path) : PA_ENOMEM;
   } else {
     w->path = path;
-    w->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0666);
-    if (w->fd < 0)
-      rc = pa_error(PA_EIO, "%s: cannot open for appending: %s", path, strerror(errno));
+    /* a new file, never one another run left: a run appends only after its own records */
+    w->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (w->fd < 0 && errno == EEXIST)
+      rc = pa_error(PA_EIO, "%s: exists already (is another job writing to this store?)", path);
+    else if (w->fd < 0)
+      rc = pa_error(PA_EIO, "%s: cannot create: %s", path, strerror(errno));
     else
-      rc = sync_dir(dir);
+      rc = pa_sync_dir(dir);
   }
   free(dir);
   if (rc) {
@@ -330,6 +399,7 @@ int pa_shard_append(pa_shard_writer *w, const Palign__SubjectResult *r) {
   put_u32(w->buf + 8, crc_of(payload, n));
   /* one write for the whole record: a short one happens only on a full disk
    * or a signal, and leaves a torn record that readers skip */
+  w->written = true;
   for (size_t done = 0; done < total;) {
     const ssize_t k = write(w->fd, w->buf + done, total - done);
     if (k < 0 && errno == EINTR)
@@ -355,6 +425,24 @@ int pa_shard_close(pa_shard_writer *w) {
   free(w->path);
   free(w);
   return rc;
+}
+
+int pa_shard_discard(pa_shard_writer *w) {
+  if (!w)
+    return PA_OK;
+  int rc = PA_OK;
+  if (!w->written) {
+    if (unlink(w->path) != 0)
+      rc = pa_error(PA_EIO, "%s: cannot remove: %s", w->path, strerror(errno));
+    char *slash = strrchr(w->path, '/');
+    if (!rc && slash) {
+      *slash = '\0';
+      rc = pa_sync_dir(w->path);
+      *slash = '/';
+    }
+  }
+  const int crc = pa_shard_close(w);
+  return rc ? rc : crc;
 }
 
 /* ---- reading ---------------------------------------------------------------- */
@@ -447,14 +535,25 @@ static bool frame_at(const uint8_t *d, uint64_t n, uint64_t o, uint32_t *len) {
   return true;
 }
 
-/* The first offset >= o where a whole record starts, or n. */
-static uint64_t next_frame(const uint8_t *d, uint64_t n, uint64_t o) {
+/* The first offset >= o where a whole record starts, or n. Each candidate
+ * costs a checksum of its claimed length, taken from *budget: a shard
+ * crafted with a plausible head every few bytes would otherwise cost time
+ * quadratic in its size. With the budget spent, the rest counts as damaged. */
+static uint64_t next_frame(const uint8_t *d, uint64_t n, uint64_t o, uint64_t *budget) {
   uint32_t len;
   while (o < n) {
     const uint8_t *p = memchr(d + o, MAGIC[0], (size_t)(n - o));
     if (!p)
       return n;
     o = (uint64_t)(p - d);
+    if (n - o >= PA_STORE_RECORD_HEAD && memcmp(d + o, MAGIC, 4) == 0) {
+      const uint64_t cost = get_u32(d + o + 4); /* frame_at checksums only plausible lengths */
+      if (cost <= PA_STORE_MAX_RECORD && cost <= n - o - PA_STORE_RECORD_HEAD) {
+        if (cost > *budget)
+          return n;
+        *budget -= cost;
+      }
+    }
     if (frame_at(d, n, o, &len))
       return o;
     o++;
@@ -502,6 +601,11 @@ static int read_record(reader *rd, const char *path, const char *shard, const ui
     return emit(rd, &info, NULL);
   }
   const char *id = r->subject_id ? r->subject_id : "";
+  if (!*id) { /* every record names its subject: an empty message is not one */
+    palign__subject_result__free_unpacked(r, NULL);
+    info.status = PA_RECORD_PROTOBUF;
+    return emit(rd, &info, NULL);
+  }
   snprintf(info.subject_id, sizeof info.subject_id, "%s", id);
   int rc = idset_add(&rd->seen, id);
   if (rc < 0) {
@@ -517,7 +621,7 @@ static int read_record(reader *rd, const char *path, const char *shard, const ui
 /* Walks one shard's bytes. Damage costs a forward search for the next whole
  * record; intact records cost their checksum only. */
 static int read_shard(reader *rd, const char *path, const char *shard, const uint8_t *d, uint64_t n) {
-  uint64_t o = 0;
+  uint64_t o = 0, budget = 8 * n + (1u << 20); /* checksummed bytes the search for records may cost */
   int rc = PA_OK;
   while (!rc && o < n) {
     uint32_t len;
@@ -530,7 +634,7 @@ static int read_shard(reader *rd, const char *path, const char *shard, const uin
      * but a wrong checksum is reported as one record, though its length may
      * be the damaged part: resuming at the next whole record rather than at
      * its end keeps a wrong length from hiding records behind it. */
-    const uint64_t v = next_frame(d, n, o + 1);
+    const uint64_t v = next_frame(d, n, o + 1, &budget);
     pa_record_status st = PA_RECORD_FRAME;
     uint64_t end = o; /* of the damaged record, if it has a plausible length */
     if (n - o >= PA_STORE_RECORD_HEAD && memcmp(d + o, MAGIC, 4) == 0) {

@@ -58,6 +58,22 @@ int pa_manifest_write(const char *store, const Palign__Manifest *m);
  * fingerprint, inventory fingerprint, methods, mode, seed, ...). */
 int pa_settings_check(const char *store, const Palign__Settings *have, const Palign__Settings *want);
 
+/* ---- a run's hold on the store ------------------------------------------- */
+
+typedef struct pa_store_guard pa_store_guard;
+
+/* Takes STORE/lock (created, with STORE, if missing) for a run that writes:
+ * an fcntl write lock, which the system drops when the process ends however
+ * it ends. A store another process holds is refused with PA_EINVAL naming
+ * the store and the holder's pid. */
+int pa_store_lock(const char *store, pa_store_guard **out);
+void pa_store_unlock(pa_store_guard *l); /* accepts NULL */
+
+/* The number the next run gets: one more than the runs the manifest m
+ * (NULL: none) records and than any run<R> among STORE/shards' files, so
+ * that a run never meets a shard name already used. */
+int pa_store_next_run(const char *store, const Palign__Manifest *m, int *run);
+
 /* ---- writing ---------------------------------------------------------------- */
 
 /* "run<R>-rank<K>.pal" into buf; returns buf. */
@@ -65,8 +81,8 @@ const char *pa_shard_name(int run, int rank, char buf[64]);
 
 typedef struct pa_shard_writer pa_shard_writer;
 
-/* Opens STORE/shards/<pa_shard_name(run, rank)> for appending (created if
- * missing). */
+/* Creates STORE/shards/<pa_shard_name(run, rank)> for appending; a file of
+ * that name already there is an error (runs never share a shard). */
 int pa_shard_open(const char *store, int run, int rank, pa_shard_writer **out);
 
 /* Packs r, writes one record and fsyncs it. On error (disk full) the shard
@@ -79,6 +95,9 @@ int pa_shard_append(pa_shard_writer *w, const Palign__SubjectResult *r);
 size_t pa_record_frame(const uint8_t *payload, uint32_t len, uint8_t *buf);
 
 int pa_shard_close(pa_shard_writer *w); /* accepts NULL; reports a failed close */
+/* Closes w (accepts NULL) and removes its file when nothing was ever
+ * appended to it: a run that never started leaves no shard behind. */
+int pa_shard_discard(pa_shard_writer *w);
 
 /* ---- reading ---------------------------------------------------------------- */
 

@@ -135,12 +135,31 @@ static double check_against_single(const pa_bank *b, const pa_bank_opts *o) {
 
 typedef struct {
   int calls, last_done, last_total;
+  int stop_after; /* > 0: ask to stop after that many calls */
 } progress_log;
 
-static void on_progress(void *ctx, int done, int total) {
+static int on_progress(void *ctx, int done, int total) {
   progress_log *p = ctx;
   assert_true(done > p->last_done && done <= total);
   p->calls++, p->last_done = done, p->last_total = total;
+  return p->stop_after > 0 && p->calls >= p->stop_after;
+}
+
+/* A progress callback that returns non-zero stops the computation: no bank,
+ * PA_ECANCELED, and no more batches computed after the one that asked. */
+static void test_cancel(void **s) {
+  (void)s;
+  progress_log log = {.stop_after = 1};
+  pa_bank *b = (pa_bank *)0x1;
+  pa_error_clear();
+  assert_int_equal(pa_bank_compute(lm, tok(), tmpl(), inv, &(pa_bank_opts){.batch = 3, .progress = on_progress,
+                                                                          .progress_ctx = &log},
+                                   &b),
+                   PA_ECANCELED);
+  assert_null(b);
+  assert_int_equal(log.calls, 1);
+  if (!strstr(pa_errmsg(), "stopped after 6 of 14 sequences"))
+    fail_msg("message: %s", pa_errmsg());
 }
 
 static void test_layout_and_values(void **s) {
@@ -625,7 +644,7 @@ int main(void) {
       cmocka_unit_test(test_layout_and_values), cmocka_unit_test(test_no_share),     cmocka_unit_test(test_options),
       cmocka_unit_test(test_refusals),          cmocka_unit_test(test_fingerprints), cmocka_unit_test(test_key),
       cmocka_unit_test(test_round_trip),        cmocka_unit_test(test_mismatch),     cmocka_unit_test(test_damaged),
-      cmocka_unit_test(test_load_or_compute),   cmocka_unit_test(test_fit_on_view),
+      cmocka_unit_test(test_load_or_compute),   cmocka_unit_test(test_fit_on_view),  cmocka_unit_test(test_cancel),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -62,10 +62,11 @@ static const cJSON *get(const cJSON *o, const char *k) {
   return v;
 }
 
-static void on_progress(void *ctx, int done, int total) {
+static int on_progress(void *ctx, int done, int total) {
   (void)ctx;
   if (done % 64 == 0 || done == total)
     fprintf(stderr, "  bank: %d/%d sequences\n", done, total);
+  return 0;
 }
 
 static int setup(void **s) {

@@ -970,7 +970,8 @@ static char *snapshot(const char *store, size_t *n) {
   return tu_slurp(out, n);
 }
 
-/* 5. A run with another seed or other methods is refused; nothing changes. */
+/* 5. A run with another seed or other methods, or on a store another job
+ * holds, is refused; nothing changes. */
 static void test_settings_mismatch(void **state) {
   (void)state;
   char store[512], log[512];
@@ -986,6 +987,16 @@ static void test_settings_mismatch(void **state) {
   assert_int_equal(
       worker(scratch(log, "mismatch-methods.log"), 2, NULL, store, "--subjects", "4", "--methods", "none", NULL), 1);
   expect_in(log, "methods 'none,pas_only,const3,trait_mean' here, 'none,const3,trait_mean' asked");
+  /* a store another job holds (this process, here) is refused, naming it */
+  pa_store_guard *guard = NULL;
+  assert_int_equal(pa_store_lock(store, &guard), PA_OK);
+  assert_int_equal(
+      worker(scratch(log, "mismatch-busy.log"), 3, NULL, store, "--subjects", "4", "--methods", "none,pas_only", NULL),
+      1);
+  char busy[64];
+  snprintf(busy, sizeof busy, "another job (process %ld) is writing to this store", (long)getpid());
+  expect_in(log, busy);
+  pa_store_unlock(guard);
   char *after = snapshot(store, &n1);
   assert_int_equal(n0, n1);
   assert_memory_equal(before, after, n0);

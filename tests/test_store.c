@@ -13,6 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "status.h"
 #include "store.h"
@@ -246,11 +248,10 @@ static void test_names_and_frame(void **state) {
 static void test_round_trip(void **state) {
   char store[300];
   store_path(store, sizeof store, "roundtrip");
-  /* written out of name order, one shard in two sessions */
+  /* written out of name order */
   append(store, 2, 0, (int[]){5, 6}, 2);
   append(store, 1, 1, (int[]){3, 4}, 2);
-  append(store, 1, 0, (int[]){0, 1}, 2);
-  append(store, 1, 0, (int[]){2}, 1);
+  append(store, 1, 0, (int[]){0, 1, 2}, 3);
   char path[600];
   snprintf(path, sizeof path, "%s/shards/notes.txt", store);
   tu_write_text(path, "not a shard");
@@ -724,6 +725,153 @@ static void test_many(void **state) {
     assert_int_equal(counts[s], 0);
 }
 
+/* Runs are numbered past every run the manifest records and every shard
+ * file present; a shard name is never opened twice; a shard nothing was
+ * written to can be discarded. */
+static void test_run_numbers(void **state) {
+  char store[300], path[600];
+  store_path(store, sizeof store, "runs");
+  int run = 0;
+  assert_int_equal(pa_store_next_run(store, NULL, &run), PA_OK); /* no store yet */
+  assert_int_equal(run, 1);
+  append(store, 3, 1, (int[]){0}, 1);
+  assert_int_equal(pa_store_next_run(store, NULL, &run), PA_OK);
+  assert_int_equal(run, 4);
+  Palign__Manifest m = PALIGN__MANIFEST__INIT;
+  m.n_runs = 5;
+  assert_int_equal(pa_store_next_run(store, &m, &run), PA_OK);
+  assert_int_equal(run, 6);
+  m.n_runs = 2;
+  assert_int_equal(pa_store_next_run(store, &m, &run), PA_OK);
+  assert_int_equal(run, 4);
+
+  /* the same shard again: refused, its records untouched */
+  pa_shard_writer *w = NULL;
+  pa_error_clear();
+  assert_int_equal(pa_shard_open(store, 3, 1, &w), PA_EIO);
+  assert_null(w);
+  if (!strstr(pa_errmsg(), "run3-rank1.pal: exists already"))
+    fail_msg("message: %s", pa_errmsg());
+  visit_log lg = {0};
+  read_all(store, &lg, NULL);
+  assert_int_equal(lg.n, 1);
+  expect_ok(&lg, 0, 0);
+  log_free(&lg);
+
+  /* discarding: an untouched shard goes, one with a record stays */
+  assert_int_equal(pa_shard_open(store, 7, 0, &w), PA_OK);
+  assert_int_equal(access(shard_path(path, sizeof path, store, 7, 0), F_OK), 0);
+  assert_int_equal(pa_shard_discard(w), PA_OK);
+  assert_int_equal(access(path, F_OK), -1);
+  assert_int_equal(pa_shard_open(store, 8, 0, &w), PA_OK);
+  assert_int_equal(pa_shard_append(w, &subjects[1].r), PA_OK);
+  assert_int_equal(pa_shard_discard(w), PA_OK);
+  read_all(store, &lg, NULL);
+  assert_int_equal(lg.n, 2);
+  expect_ok(&lg, 1, 1);
+  log_free(&lg);
+  assert_int_equal(pa_shard_discard(NULL), PA_OK);
+}
+
+/* One job at a time: a store another process holds is refused, naming it;
+ * once that process is gone the store can be taken. */
+static void test_lock(void **state) {
+  char store[300];
+  store_path(store, sizeof store, "locked");
+  int to_child[2], to_parent[2];
+  assert_int_equal(pipe(to_child), 0);
+  assert_int_equal(pipe(to_parent), 0);
+  const pid_t child = fork();
+  assert_true(child >= 0);
+  if (child == 0) {
+    pa_store_guard *g = NULL;
+    char c = pa_store_lock(store, &g) == PA_OK ? 'y' : 'n';
+    if (write(to_parent[1], &c, 1) != 1 || read(to_child[0], &c, 1) != 1)
+      _exit(2);
+    _exit(0); /* the lock goes with the process */
+  }
+  char c = 0;
+  assert_int_equal(read(to_parent[0], &c, 1), 1);
+  assert_int_equal(c, 'y');
+  pa_store_guard *g = (pa_store_guard *)0x1;
+  pa_error_clear();
+  assert_int_equal(pa_store_lock(store, &g), PA_EINVAL);
+  assert_null(g);
+  char want[64];
+  snprintf(want, sizeof want, "another job (process %ld)", (long)child);
+  if (!strstr(pa_errmsg(), store) || !strstr(pa_errmsg(), want))
+    fail_msg("message '%s' should name %s and '%s'", pa_errmsg(), store, want);
+  assert_int_equal(write(to_child[1], "x", 1), 1);
+  int st = 0;
+  assert_int_equal(waitpid(child, &st, 0), child);
+  assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  assert_int_equal(pa_store_lock(store, &g), PA_OK);
+  assert_non_null(g);
+  pa_store_unlock(g);
+  pa_store_unlock(NULL);
+  close(to_child[0]), close(to_child[1]), close(to_parent[0]), close(to_parent[1]);
+}
+
+/* A frame whose checksum holds around an empty message, or one without a
+ * subject id, is not a record. */
+static void test_empty_message(void **state) {
+  char store[300], *bytes;
+  uint64_t off[1], len[1];
+  size_t size;
+  one_shard("anon", 1, store, sizeof store, off, len, &bytes, &size);
+  Palign__SubjectResult anon = subjects[0].r;
+  anon.subject_id = "";
+  size_t n_anon;
+  uint8_t *packed = pack(&anon, &n_anon);
+  uint8_t *g = malloc(size + 2 * PA_STORE_RECORD_HEAD + n_anon);
+  assert_non_null(g);
+  memcpy(g, bytes, size);
+  size_t n = size + pa_record_frame(NULL, 0, g + size);
+  n += pa_record_frame(packed, (uint32_t)n_anon, g + n);
+  rewrite(store, g, n);
+  visit_log lg = {0};
+  size_t counts[6];
+  read_all(store, &lg, counts);
+  assert_int_equal(lg.n, 3);
+  expect_ok(&lg, 0, 0);
+  expect_damage(&lg, 1, PA_RECORD_PROTOBUF, size, PA_STORE_RECORD_HEAD);
+  expect_damage(&lg, 2, PA_RECORD_PROTOBUF, size + PA_STORE_RECORD_HEAD, PA_STORE_RECORD_HEAD + n_anon);
+  assert_int_equal(counts[PA_RECORD_PROTOBUF], 2);
+  log_free(&lg);
+  free(packed), free(g), free(bytes);
+}
+
+/* A shard crafted with a plausible record head every 12 bytes (each claiming
+ * 60,000 bytes with a wrong checksum): the search for the next record stops
+ * once it has checksummed 8x the shard's size, so reading it costs about
+ * 10 MB of checksums instead of 10 GB, and it all reads as damage. */
+static void test_hostile_heads(void **state) {
+  char store[300], path[600];
+  store_path(store, sizeof store, "hostile");
+  append(store, 1, 0, (int[]){0}, 1);
+  const size_t n = 1u << 20;
+  uint8_t *g = malloc(n);
+  assert_non_null(g);
+  for (size_t o = 0; o + PA_STORE_RECORD_HEAD <= n; o += PA_STORE_RECORD_HEAD) {
+    memcpy(g + o, "PAR1", 4);
+    memcpy(g + o + 4, (uint8_t[]){0x60, 0xea, 0, 0}, 4); /* 60,000 */
+    memset(g + o + 8, 0, 4);
+  }
+  tu_write(shard_path(path, sizeof path, store, 1, 0), g, n);
+  visit_log lg = {0};
+  size_t counts[6];
+  read_all(store, &lg, counts);
+  assert_int_equal(counts[PA_RECORD_OK], 0);
+  uint64_t covered = 0;
+  for (int i = 0; i < lg.n; i++) {
+    assert_int_equal(lg.v[i].info.offset, covered); /* the stretches cover the shard, in order */
+    covered += lg.v[i].info.length;
+  }
+  assert_int_equal(covered, n);
+  log_free(&lg);
+  free(g);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_names_and_frame), cmocka_unit_test(test_round_trip),
@@ -733,6 +881,8 @@ int main(void) {
       cmocka_unit_test(test_not_protobuf),    cmocka_unit_test(test_duplicate),
       cmocka_unit_test(test_too_large),       cmocka_unit_test(test_empty_and_missing),
       cmocka_unit_test(test_visit_stops),     cmocka_unit_test(test_many),
+      cmocka_unit_test(test_run_numbers),     cmocka_unit_test(test_lock),
+      cmocka_unit_test(test_empty_message),   cmocka_unit_test(test_hostile_heads),
   };
   return cmocka_run_group_tests(tests, setup, tu_teardown);
 }

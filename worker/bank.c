@@ -521,11 +521,12 @@ int pa_bank_compute(pa_lm *lm, const pa_tokenizer *tok, const pa_chat_template *
       for (int k = 0; !rc && k < B; k++)
         memcpy(b->z + (size_t)(start + 2 * k + 1) * per_seq, heads + (size_t)k * per_seq, per_seq * sizeof *heads);
     }
-    if (!rc && o && o->progress)
-      o->progress(o->progress_ctx,
-                  start + step * B - first_seq < end_seq - first_seq ? start + step * B - first_seq
-                                                                     : end_seq - first_seq,
-                  end_seq - first_seq);
+    if (!rc && o && o->progress) {
+      const int done = start + step * B - first_seq, total = end_seq - first_seq;
+      if (o->progress(o->progress_ctx, done < total ? done : total, total))
+        rc = pa_error(PA_ECANCELED, "activation bank: stopped after %d of %d sequences", done < total ? done : total,
+                      total);
+    }
   }
   free(heads);
   for (int i = 0; slot && i < n_slots; i++)

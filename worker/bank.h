@@ -65,8 +65,10 @@ typedef struct {
    * parts are then gathered into every rank's bank (the MPI module) and
    * pa_bank_set_stats records the whole cost. n_slices 0 or 1: everything. */
   int slice, n_slices;
-  /* called after each batch with the sequences done so far (of 2 n_items); may be NULL */
-  void (*progress)(void *ctx, int done, int total);
+  /* called after each batch with the sequences done so far (of this
+   * slice's); may be NULL. Returning non-zero stops the computation:
+   * pa_bank_compute then fails with PA_ECANCELED (a signal, a deadline). */
+  int (*progress)(void *ctx, int done, int total);
   void *progress_ctx;
 } pa_bank_opts;
 

@@ -318,8 +318,8 @@ int pa_subject_run(const pa_method_ctx *ctx, const pa_method *const *methods, in
     mo->n_rows = 0;
     mo->stats = (pa_eval_stats){0};
     int mrc = methods[j]->run(ctx, s, items, n_items, mo);
-    if (mrc == PA_ENOMEM || mrc == PA_ECANCELED)
-      return mrc;
+    if (mrc == PA_ENOMEM || mrc == PA_ECANCELED || mrc == PA_EIO)
+      return mrc; /* the machine's trouble, not the subject's: stop rather than store a failure */
     pas_ran |= methods[j]->needs_bank;
     if (mrc) {
       failed++;

@@ -48,8 +48,10 @@ int pa_record_set_pas(pa_record *r, const pa_pas_result *pas);
  * adds each to r, with the PAS result when a PAS method ran. mo is scratch
  * with preds/probs room for n_items per row (methods.h). progress, if not
  * NULL, is called after each method. Returns the number of methods that
- * failed (each recorded with its message), or a negative PA_E* code when the
- * record itself could not be built (out of memory). */
+ * failed on this subject (each recorded with its message), or a negative
+ * PA_E* code when the record could not be built or the trouble is not the
+ * subject's: out of memory, an I/O error (PA_EIO) or a stop request
+ * (PA_ECANCELED, from the evaluator's poll). */
 int pa_subject_run(const pa_method_ctx *ctx, const pa_method *const *methods, int n, const pa_subject *s,
                    const int *items, int n_items, pa_method_out *mo, pa_record *r,
                    void (*progress)(void *pctx, const pa_subject *s, const char *method, const pa_method_out *mo,
