@@ -777,11 +777,6 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
   sv->run = hdr[1];
   /* all go on, or all stop: rank 0's verdict and every rank's own loading */
   rc = all_ok(sv, rc ? rc : hdr[0] ? PA_EINVAL : PA_OK, "could not load the data");
-  if (!rc && sv->rank == 0)
-    fprintf(sv->log,
-            "palign-worker: run %d on %s: %zu subjects asked for, %zu already stored, %zu to do; %d worker(s); "
-            "methods %s\n",
-            sv->run, o->store, sv->last - sv->first + 1, n_stored, n_todo, pa_comm_workers(comm), o->methods);
 
   /* The workers get ready (model, evaluator, a new shard each); only then
    * does the manifest list the run, so a run that cannot start leaves the
@@ -798,6 +793,11 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
     if (!rc)
       rc = all_ok(sv, wrc, "could not write the manifest");
     started = rc == PA_OK;
+    if (started && sv->rank == 0)
+      fprintf(sv->log,
+              "palign-worker: run %d on %s: %zu subjects asked for, %zu already stored, %zu to do; %d worker(s); "
+              "methods %s\n",
+              sv->run, o->store, sv->last - sv->first + 1, n_stored, n_todo, pa_comm_workers(comm), o->methods);
     if (!started && worker) {
       pa_shard_discard(sv->shard);
       sv->shard = NULL;

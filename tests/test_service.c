@@ -1003,6 +1003,48 @@ static void test_settings_mismatch(void **state) {
   free(before), free(after);
 }
 
+/* 6. Workers that cannot start while rank 0 can (an MPMD job whose workers
+ * get a model or a PAPI directory that is not there): the job ends at once
+ * with exit 1, each failing rank names its problem, rank 0 says why it
+ * stopped, and the store is exactly as it was (no run in the manifest, no
+ * shard left). */
+static void test_workers_cannot_start(void **state) {
+  (void)state;
+  char store[512], log[512];
+  scratch(store, "nostart");
+  copy_base_store(store);
+  size_t n0, n1;
+  char *before = snapshot(store, &n0);
+  static const char *const bad[][2] = {{"--model", "/nonexistent/model.gguf"}, {"--papi", "/nonexistent/papi"}};
+  for (int k = 0; k < 2; k++) {
+    const bool bad_model = k == 0;
+    args a = {.n = 0};
+    add_arg(&a, "/usr/bin/mpirun");
+    for (int side = 0; side < 2; side++) { /* rank 0 as asked, then two workers with the bad flag */
+      if (side)
+        add_arg(&a, ":");
+      add_arg(&a, "-np"), add_arg(&a, side ? "2" : "1");
+      add_arg(&a, WORKER);
+      add_arg(&a, "--model"), add_arg(&a, side && bad_model ? bad[0][1] : model);
+      add_arg(&a, "--papi"), add_arg(&a, side && !bad_model ? bad[1][1] : papi);
+      add_arg(&a, "--store"), add_arg(&a, store);
+      add_arg(&a, "--threads"), add_arg(&a, "1");
+      add_arg(&a, "--subjects"), add_arg(&a, "4");
+      add_arg(&a, "--methods"), add_arg(&a, "none,pas_only");
+    }
+    assert_int_equal(run_argv(scratch(log, bad_model ? "nostart-model.log" : "nostart-papi.log"), a.v), 1);
+    expect_in(log, "palign-worker: rank 1: ");
+    expect_in(log, "palign-worker: rank 2: ");
+    expect_in(log, bad[k][1]);
+    expect_in(log, bad_model ? "another rank could not start" : "another rank could not load the data");
+    char *after = snapshot(store, &n1);
+    assert_int_equal(n0, n1);
+    assert_memory_equal(before, after, n0);
+    free(after);
+  }
+  free(before);
+}
+
 /* The stored metrics of the row `name` of r: mae[5] (A, C, E, N, O) and mae_sum. */
 static void stored_metrics(const Palign__SubjectResult *r, const char *name, double mae[6]) {
   for (size_t j = 0; j < r->n_methods; j++)
@@ -1166,6 +1208,7 @@ int main(void) {
       cmocka_unit_test_teardown(test_sigterm, teardown_test),
       cmocka_unit_test_teardown(test_damaged_shard, teardown_test),
       cmocka_unit_test_teardown(test_settings_mismatch, teardown_test),
+      cmocka_unit_test_teardown(test_workers_cannot_start, teardown_test),
       cmocka_unit_test_teardown(test_bad_flags, teardown_test),
       cmocka_unit_test_teardown(test_export_round_trips, teardown_test),
   };
