@@ -3,6 +3,7 @@
  *             [--template NAME] [--threads N]
  * Evaluates methods on the subjects' test items and prints the per-method,
  * per-trait table beside the model-free rows. */
+#include "cli_util.h"
 #include "commands.h"
 
 #include "chat.h"
@@ -64,18 +65,6 @@ static double now(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int parse_int(const char *flag, const char *v, int lo, int hi, int *out) {
-  char *end;
-  errno = 0;
-  long x = strtol(v, &end, 10);
-  if (errno || end == v || *end || x < lo || x > hi) {
-    fprintf(stderr, "palign eval: %s must be an integer in %d..%d, not '%s'\n", flag, lo, hi, v);
-    return -1;
-  }
-  *out = (int)x;
-  return 0;
-}
-
 /* RANGE -> [*first, *last] (0-based, inclusive) within n subjects. */
 static cJSON *metrics_json(const pa_subject_metrics *m) {
   cJSON *o = cJSON_CreateObject();
@@ -133,12 +122,9 @@ static int load_bank(const char *model_path, const char *bank_path, pa_lm *lm, c
   if (rc)
     return rc;
   if (!bank_path) {
-    const char *cache = getenv("PALIGN_CACHE"), *home = getenv("HOME");
-    if (cache && *cache)
-      snprintf(path, sizeof path, "%s/bank-%.16s.bin", cache, fp);
-    else
-      snprintf(path, sizeof path, "%s/.cache/palign/bank-%.16s.bin", home ? home : ".", fp);
-    bank_path = path;
+    char file[64];
+    snprintf(file, sizeof file, "bank-%.16s.bin", fp);
+    bank_path = pa_cache_file(file, path, sizeof path);
   }
   const pa_bank_opts bo = {.progress = bank_progress};
   pa_bank_key key;
@@ -155,7 +141,8 @@ int cmd_eval(int argc, char **argv) {
   const char *model_path = NULL, *papi = NULL, *json_path = NULL, *range = "5";
   const char *methods_arg = NULL, *template_name = NULL;
   pa_eval_opts eo = {0};
-  int threads = 0, seed = 1, holdout = 0, n_alphas = 0;
+  int threads = 0, holdout = 0, n_alphas = 0;
+  uint64_t seed = 1;
   double alphas[PA_PAS_MAX_ALPHAS];
   const char *bank_path = NULL;
   for (int i = 1; i < argc; i++) {
@@ -185,6 +172,7 @@ int cmd_eval(int argc, char **argv) {
       return 2;
     }
     const char *v = argv[++i];
+    long long n = 0;
     switch (k) {
     case 0: model_path = v; break;
     case 1: papi = v; break;
@@ -200,22 +188,26 @@ int cmd_eval(int argc, char **argv) {
       break;
     case 6: eo.prefix = v; break;
     case 7:
-      if (parse_int(a, v, 1, 4096, &eo.batch))
+      if (pa_arg_int(stderr, "palign eval", a, v, 1, 4096, &n))
         return 2;
+      eo.batch = (int)n;
       break;
     case 8: template_name = v; break;
     case 9:
-      if (parse_int(a, v, 1, 1024, &threads))
+      if (pa_arg_int(stderr, "palign eval", a, v, 1, 1024, &n))
         return 2;
+      threads = (int)n;
       break;
     case 10:
-      if (parse_int(a, v, 0, INT32_MAX, &seed))
+      if (pa_arg_int(stderr, "palign eval", a, v, 0, 4294967295LL, &n))
         return 2;
+      seed = (uint64_t)n;
       break;
     case 11: bank_path = v; break;
     case 12:
-      if (parse_int(a, v, 1, 1000, &holdout))
+      if (pa_arg_int(stderr, "palign eval", a, v, 1, 1000, &n))
         return 2;
+      holdout = (int)n;
       break;
     default:
       if ((n_alphas = pa_pas_parse_alphas(v, alphas)) < 0) {

@@ -5,6 +5,7 @@
  * chat format, the assistant's answer decoded until its end of turn. With a
  * store and a subject, the subject's stored PAS intervention (heads,
  * directions, sigmas, the chosen alpha) steers every token. */
+#include "cli_util.h"
 #include "commands.h"
 
 #include "bank.h"
@@ -46,18 +47,6 @@ static void usage(FILE *f) {
              "  --alpha A        this alpha instead of the chosen one\n"
              "  --papi DIR       PAPI data, for the pas variant's prompt (default $PALIGN_PAPI_DIR, else\n"
              "                   ../shared/papi)\n");
-}
-
-static int parse_int(const char *flag, const char *v, int lo, int hi, int *out) {
-  char *end;
-  errno = 0;
-  long x = strtol(v, &end, 10);
-  if (errno || end == v || *end || x < lo || x > hi) {
-    fprintf(stderr, "palign generate: %s must be an integer in %d..%d, not '%s'\n", flag, lo, hi, v);
-    return 2;
-  }
-  *out = (int)x;
-  return 0;
 }
 
 static double now(void) {
@@ -154,32 +143,30 @@ int cmd_generate(int argc, char **argv) {
       return 2;
     }
     const char *v = argv[++i];
+    long long n = 0;
     switch (k) {
     case 0: model_path = v; break;
     case 1: prompt = v; break;
     case 2: system = v; break;
     case 3: template_name = v; break;
     case 4:
-      if (parse_int(a, v, 1, 1 << 20, &max_tokens))
+      if (pa_arg_int(stderr, "palign generate", a, v, 1, 1 << 20, &n))
         return 2;
+      max_tokens = (int)n;
       break;
     case 5:
-      if (parse_int(a, v, 1, 1024, &threads))
+      if (pa_arg_int(stderr, "palign generate", a, v, 1, 1024, &n))
         return 2;
+      threads = (int)n;
       break;
     case 6: store = v; break;
     case 7: subject = v; break;
     case 8: variant = v; break;
     case 9: protocol = v; break;
-    case 10: {
-      char *end;
-      alpha = strtod(v, &end);
-      if (end == v || *end || !isfinite(alpha)) {
-        fprintf(stderr, "palign generate: --alpha must be a finite number, not '%s'\n", v);
+    case 10:
+      if (pa_arg_num(stderr, "palign generate", a, v, -1e6, 1e6, &alpha))
         return 2;
-      }
       break;
-    }
     default: papi = v; break;
     }
   }

@@ -7,6 +7,7 @@
  * is stored, 3 when stopped by SIGTERM/SIGINT (rerun to resume), 2 for bad
  * flags (unknown, missing or malformed values), 1 for other errors (a
  * --subjects range outside the subjects file, a store with other settings). */
+#include "cli_util.h"
 #include "commands.h"
 #include "comm.h"
 #include "inventory.h"
@@ -43,18 +44,6 @@ static void usage(FILE *f) {
              "  --progress S       seconds between progress lines (default 10)\n"
              "  --heartbeat S      seconds between a busy worker's heartbeats (default 5)\n"
              "  --silent S         report a worker silent for this long (default 120)\n");
-}
-
-static int parse_num(const char *flag, const char *v, double lo, double hi, double *out) {
-  char *end;
-  errno = 0;
-  double x = strtod(v, &end);
-  if (errno || end == v || *end || !(x >= lo && x <= hi)) {
-    fprintf(stderr, "palign-worker: %s wants a number in [%g, %g], not '%s'\n", flag, lo, hi, v);
-    return -1;
-  }
-  *out = x;
-  return 0;
 }
 
 int main(int argc, char **argv) {
@@ -96,7 +85,8 @@ int main(int argc, char **argv) {
       break;
     }
     const char *v = argv[++i];
-    double x = 0;
+    FILE *err = talk ? stderr : NULL;
+    long long n = 0;
     switch (k) {
     case 0: o.model = v; break;
     case 1: o.papi = v; break;
@@ -104,8 +94,8 @@ int main(int argc, char **argv) {
     case 3: o.methods = v; break;
     case 4: o.subjects = v; break;
     case 5: o.subjects_file = v; break;
-    case 6: bad = parse_num(a, v, 0, 4294967295.0, &x), o.seed = (uint64_t)x; break;
-    case 7: bad = parse_num(a, v, 1, 1024, &x), o.threads = (int)x; break;
+    case 6: bad = pa_arg_int(err, "palign-worker", a, v, 0, 4294967295LL, &n), o.seed = (uint64_t)n; break;
+    case 7: bad = pa_arg_int(err, "palign-worker", a, v, 1, 1024, &n), o.threads = (int)n; break;
     case 8:
       if (strcmp(v, "logits") && strcmp(v, "generate")) {
         if (talk)
@@ -114,11 +104,11 @@ int main(int argc, char **argv) {
       }
       o.eval.mode = strcmp(v, "logits") ? PA_READ_GENERATE : PA_READ_LOGITS;
       break;
-    case 9: bad = parse_num(a, v, 1, 1000, &x), o.holdout_per_trait = (int)x; break;
-    case 10: bad = parse_num(a, v, 1, 64, &x), o.chunk = (int)x; break;
-    case 11: bad = parse_num(a, v, 0.1, 86400, &o.progress_every); break;
-    case 12: bad = parse_num(a, v, 0.1, 86400, &o.heartbeat_every); break;
-    case 13: bad = parse_num(a, v, 1, 864000, &o.silent_after); break;
+    case 9: bad = pa_arg_int(err, "palign-worker", a, v, 1, 1000, &n), o.holdout_per_trait = (int)n; break;
+    case 10: bad = pa_arg_int(err, "palign-worker", a, v, 1, 64, &n), o.chunk = (int)n; break;
+    case 11: bad = pa_arg_num(err, "palign-worker", a, v, 0.1, 86400, &o.progress_every); break;
+    case 12: bad = pa_arg_num(err, "palign-worker", a, v, 0.1, 86400, &o.heartbeat_every); break;
+    case 13: bad = pa_arg_num(err, "palign-worker", a, v, 1, 864000, &o.silent_after); break;
     default:
       o.n_alphas = pa_pas_parse_alphas(v, alphas);
       o.alphas = alphas;
@@ -131,14 +121,8 @@ int main(int argc, char **argv) {
     pa_comm_finalize(comm);
     return 2;
   }
-  if (!o.model || !*o.model) {
-    const char *cache = getenv("PALIGN_CACHE"), *home = getenv("HOME");
-    if (cache && *cache)
-      snprintf(model_buf, sizeof model_buf, "%s/%s", cache, DEFAULT_MODEL_FILE);
-    else
-      snprintf(model_buf, sizeof model_buf, "%s/.cache/palign/%s", home ? home : ".", DEFAULT_MODEL_FILE);
-    o.model = model_buf;
-  }
+  if (!o.model || !*o.model)
+    o.model = pa_cache_file(DEFAULT_MODEL_FILE, model_buf, sizeof model_buf);
   o.papi = pa_papi_dir(o.papi);
 
   int rc = pa_service_run(comm, &o);

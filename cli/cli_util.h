@@ -1,0 +1,21 @@
+/* cli_util.h: what palign's command lines share: reading flag values with
+ * messages that name the program, the flag and the value, and where the
+ * cache of downloaded and computed files is. */
+#ifndef PALIGN_CLI_UTIL_H
+#define PALIGN_CLI_UTIL_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+/* v as a whole number in [lo, hi] into *out: 0, or -1 after printing
+ * "PROG: FLAG must be an integer in LO..HI, not 'V'" to err (NULL: silent,
+ * for MPI ranks that leave the talking to rank 0). */
+int pa_arg_int(FILE *err, const char *prog, const char *flag, const char *v, long long lo, long long hi,
+               long long *out);
+/* v as a number in [lo, hi] into *out (finite); 0 or -1 as pa_arg_int. */
+int pa_arg_num(FILE *err, const char *prog, const char *flag, const char *v, double lo, double hi, double *out);
+
+/* $PALIGN_CACHE/file, or ~/.cache/palign/file, into buf (size n); returns buf. */
+const char *pa_cache_file(const char *file, char *buf, size_t n);
+
+#endif
