@@ -750,19 +750,20 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGINT, &sa, NULL);
 
-  /* Every rank reads the data; rank 0 takes the store's lock, checks its
-   * settings, numbers the run and finds what is left to do. */
+  /* Every rank reads the data; rank 0 fingerprints the model, takes the
+   * store's lock, checks its settings, numbers the run and finds what is
+   * left to do. */
   int rc = load_data(sv);
   run_manifest rm = {0};
   pa_store_guard *guard = NULL;
   size_t *todo = NULL, n_todo = 0, n_stored = 0;
   if (sv->rank == 0) {
-    if (!rc)
-      rc = pa_store_lock(o->store, &guard);
     if (!rc && sv->need_model)
       rc = pa_model_fingerprint(o->model, sv->model_fp);
     else if (!rc)
       snprintf(sv->model_fp, sizeof sv->model_fp, "none");
+    if (!rc)
+      rc = pa_store_lock(o->store, &guard);
     if (!rc)
       rc = plan_run(sv, &rm);
     if (!rc)
