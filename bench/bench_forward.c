@@ -4,7 +4,9 @@
  *
  * Prints `key value` lines:
  *  - sgemm_gflops: a plain OpenBLAS sgemm of the model's FFN shape (512 x
- *    ffn x dim), the baseline measured in the same run;
+ *    ffn x dim) with OpenBLAS's own threading on the same thread count, the
+ *    baseline measured in the same run (palign itself runs OpenBLAS
+ *    single-threaded in pieces of a fixed shape: kernels/cpu/cpu_ops.c);
  *  - prefill: a 512-token prompt in one sequence: tokens/s, GFLOP/s and the
  *    fraction of the sgemm baseline;
  *  - decode: 64 tokens one at a time after a 128-token prompt: tokens/s;
@@ -50,8 +52,9 @@ static double forward_flops(const pa_model_config *c, double rows, double keys) 
   return rows * per_token * c->n_layers;
 }
 
-static double sgemm_gflops(const pa_model_config *c) {
+static double sgemm_gflops(const pa_model_config *c, int threads) {
   const int M = 512, N = c->ffn_dim, K = c->dim;
+  openblas_set_num_threads(threads);
   float *a = calloc((size_t)M * K, 4), *b = calloc((size_t)N * K, 4), *y = calloc((size_t)M * N, 4);
   for (size_t i = 0; i < (size_t)M * K; i++)
     a[i] = (float)(i % 7) * 0.1f;
@@ -66,6 +69,7 @@ static double sgemm_gflops(const pa_model_config *c) {
   }
   const double s = (now() - t0) / reps;
   free(a), free(b), free(y);
+  openblas_set_num_threads(1); /* as palign's backend has it */
   return 2.0 * M * N * K / s / 1e9;
 }
 
@@ -98,7 +102,7 @@ int main(int argc, char **argv) {
   const pa_tokenizer *tok = pa_model_tokenizer(m);
   const int V = c->vocab_size;
   printf("threads %d\n", threads);
-  const double base = sgemm_gflops(c);
+  const double base = sgemm_gflops(c, threads);
   printf("sgemm_gflops %.1f\n", base);
 
   pa_inventory *inv;

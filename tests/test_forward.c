@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "forward.h"
 #include "mkmodel.h"
 #include "model.h"
@@ -115,6 +116,50 @@ static void test_shared_prefix(void **s) {
   }
   free(want), free(want_heads), free(logits), free(heads), free(prefix);
   pa_kv_destroy(pkv);
+}
+
+/* The same batch (a shared prefix, then 9 continuations) gives the same
+ * logits and head outputs, bit for bit, on 1, 2 and 3 threads: the backend
+ * splits its work into pieces whose shape does not depend on the thread
+ * count (kernels/cpu/cpu_ops.c). */
+static void test_threads_do_not_change_results(void **s) {
+  (void)s;
+  const int P = 150, n_seqs = 9, V = cfg->vocab_size;
+  int32_t *prefix = random_tokens(P, 3), *cont[9];
+  for (int i = 0; i < n_seqs; i++)
+    cont[i] = random_tokens(1 + (i * 5) % 17, 200 + i);
+  const size_t nl = (size_t)n_seqs * V, nh = n_seqs * heads_size();
+  float *logits[3], *heads[3];
+  for (int t = 0; t < 3; t++) {
+    pa_backend_set_threads(t + 1);
+    logits[t] = malloc(nl * sizeof *logits[t]);
+    heads[t] = malloc(nh * sizeof *heads[t]);
+    pa_kv *pkv, *kv[9];
+    assert_int_equal(pa_kv_create(lm, P, &pkv), PA_OK);
+    pa_seq pseq = {.tokens = prefix, .n_tokens = P, .kv = pkv}, seqs[9];
+    assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &pseq, .n_seqs = 1}), PA_OK);
+    for (int i = 0; i < n_seqs; i++) {
+      assert_int_equal(pa_kv_create(lm, 17, &kv[i]), PA_OK);
+      seqs[i] = (pa_seq){.tokens = cont[i], .n_tokens = 1 + (i * 5) % 17, .kv = kv[i]};
+    }
+    assert_int_equal(pa_lm_forward(lm, &(pa_batch){.prefix = pkv, .seqs = seqs, .n_seqs = n_seqs,
+                                                   .logits = logits[t], .heads = heads[t]}),
+                     PA_OK);
+    for (int i = 0; i < n_seqs; i++)
+      pa_kv_destroy(kv[i]);
+    pa_kv_destroy(pkv);
+  }
+  pa_backend_set_threads(2);
+  for (int t = 1; t < 3; t++) {
+    if (memcmp(logits[0], logits[t], nl * sizeof *logits[0]) || memcmp(heads[0], heads[t], nh * sizeof *heads[0]))
+      fail_msg("%d threads: logits differ from 1 thread's by up to %g, heads by %g", t + 1,
+               max_abs_diff(logits[0], logits[t], nl), max_abs_diff(heads[0], heads[t], nh));
+  }
+  for (int t = 0; t < 3; t++)
+    free(logits[t]), free(heads[t]);
+  for (int i = 0; i < n_seqs; i++)
+    free(cont[i]);
+  free(prefix);
 }
 
 /* Feeding a sequence in pieces (a chunk, then one token at a time, as
@@ -229,6 +274,7 @@ int main(void) {
       cmocka_unit_test(test_incremental),
       cmocka_unit_test(test_steering),
       cmocka_unit_test(test_generate_and_errors),
+      cmocka_unit_test(test_threads_do_not_change_results),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

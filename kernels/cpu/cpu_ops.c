@@ -1,5 +1,14 @@
 /* The CPU backend: OpenBLAS for every matrix product (attention included),
- * OpenMP across rows for the rest. This is the reference implementation. */
+ * OpenMP across rows for the rest. This is the reference implementation.
+ *
+ * Results do not depend on the number of threads. OpenBLAS's own threading
+ * splits a product by the thread count, and its edge kernels sum in another
+ * order than its main one (1 against 2 threads: up to 58% of the elements of
+ * a product differ in the last bits). So OpenBLAS runs single-threaded and
+ * palign splits the work itself into pieces whose shape does not depend on
+ * the thread count: products into blocks of MATMUL_ROWS x MATMUL_BLOCK outputs,
+ * attention into (sequence, kv head, ATTN_ROWS query rows) pieces; which
+ * thread computes a piece cannot change its value. */
 #include "backend.h"
 
 #include <cblas.h>
@@ -9,6 +18,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define MATMUL_BLOCK 256 /* output columns per piece of a product */
+#define MATMUL_ROWS  256 /* and rows */
+#define ATTN_ROWS    96  /* query rows (tokens x grouped heads) per piece of attention */
+
 static int n_threads = 0; /* 0 until set: all cores */
 
 void pa_backend_set_threads(int n) {
@@ -16,13 +29,21 @@ void pa_backend_set_threads(int n) {
     n = omp_get_num_procs();
   n_threads = n;
   omp_set_num_threads(n);
-  openblas_set_num_threads(n);
+  openblas_set_num_threads(1); /* the threads are palign's (above) */
 }
 
 int pa_backend_threads(void) { return n_threads > 0 ? n_threads : omp_get_num_procs(); }
 
 static void cpu_matmul(int M, int N, int K, const float *x, const float *w, float beta, float *y) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, K, w, K, beta, y, N);
+  const int col_blocks = (N + MATMUL_BLOCK - 1) / MATMUL_BLOCK, row_blocks = (M + MATMUL_ROWS - 1) / MATMUL_ROWS;
+  const int blocks = col_blocks * row_blocks;
+#pragma omp parallel for schedule(dynamic) if (blocks > 1)
+  for (int b = 0; b < blocks; b++) {
+    const int m0 = b / col_blocks * MATMUL_ROWS, n0 = b % col_blocks * MATMUL_BLOCK;
+    const int m = M - m0 < MATMUL_ROWS ? M - m0 : MATMUL_ROWS, n = N - n0 < MATMUL_BLOCK ? N - n0 : MATMUL_BLOCK;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, K, 1.0f, x + (size_t)m0 * K, K, w + (size_t)n0 * K, K,
+                beta, y + (size_t)m0 * N + n0, N);
+  }
 }
 
 static void cpu_rmsnorm(int M, int D, const float *x, const float *w, float eps, float *y) {
@@ -124,74 +145,76 @@ static void softmax_prefix(float *row, int valid, int len) {
     row[i] = 0;
 }
 
-/* One (sequence, key/value head) pair: the g query heads sharing that kv
- * head, for all of the sequence's new tokens, as matrix products:
- *   S = Q [n*g][hd] . [K_prefix; K_own]^T,  softmax per row (causal),
- *   Z = S . [V_prefix; V_own]. */
-static void attend_pair(const pa_attn_args *a, const pa_attn_seq *s, int kh, float *scratch) {
+/* Query rows [r0, r1) of one (sequence, key/value head) pair, where row
+ * r = j * g + i is head i of the g query heads sharing that kv head at the
+ * sequence's new token j; as matrix products:
+ *   S = Q . [K_prefix; K_own]^T,  softmax per row (causal),  Z = S . [V_prefix; V_own]. */
+static void attend_rows(const pa_attn_args *a, const pa_attn_seq *s, int kh, int r0, int r1, float *scratch) {
   const int hd = a->head_dim, g = a->n_heads / a->n_kv_heads, H = a->n_heads;
-  const int R = s->n * g, P = a->prefix_len, m = s->past + s->n, L = P + m;
+  const int R = r1 - r0, P = a->prefix_len, m = s->past + s->n, L = P + m;
   const float scale = 1.0f / sqrtf((float)hd);
   float *Q = scratch, *S = Q + (size_t)R * hd, *Z = S + (size_t)R * L;
-  for (int j = 0; j < s->n; j++)
-    memcpy(Q + (size_t)j * g * hd, a->q + (size_t)(s->row0 + j) * H * hd + (size_t)kh * g * hd,
-           (size_t)g * hd * sizeof(float));
+  for (int r = r0; r < r1; r++)
+    memcpy(Q + (size_t)(r - r0) * hd, a->q + ((size_t)(s->row0 + r / g) * H + (size_t)kh * g + r % g) * hd,
+           (size_t)hd * sizeof(float));
   const float *ko = s->k_own + (size_t)kh * s->stride * hd, *vo = s->v_own + (size_t)kh * s->stride * hd;
   if (P > 0) {
     const float *kp = a->k_prefix + (size_t)kh * a->prefix_stride * hd;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, P, hd, scale, Q, hd, kp, hd, 0.0f, S, L);
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, m, hd, scale, Q, hd, ko, hd, 0.0f, S + P, L);
-  for (int r = 0; r < R; r++)
-    softmax_prefix(S + (size_t)r * L, P + s->past + r / g + 1, L);
+  for (int r = r0; r < r1; r++)
+    softmax_prefix(S + (size_t)(r - r0) * L, P + s->past + r / g + 1, L);
   if (P > 0) {
     const float *vp = a->v_prefix + (size_t)kh * a->prefix_stride * hd;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, hd, P, 1.0f, S, L, vp, hd, 0.0f, Z, hd);
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, hd, m, 1.0f, S + P, L, vo, hd, P > 0 ? 1.0f : 0.0f, Z,
               hd);
-  for (int j = 0; j < s->n; j++)
-    memcpy(a->z + (size_t)(s->row0 + j) * H * hd + (size_t)kh * g * hd, Z + (size_t)j * g * hd,
-           (size_t)g * hd * sizeof(float));
+  for (int r = r0; r < r1; r++)
+    memcpy(a->z + ((size_t)(s->row0 + r / g) * H + (size_t)kh * g + r % g) * hd, Z + (size_t)(r - r0) * hd,
+           (size_t)hd * sizeof(float));
 }
 
-static size_t pair_scratch(const pa_attn_args *a, const pa_attn_seq *s) {
-  const size_t R = (size_t)s->n * (a->n_heads / a->n_kv_heads);
-  return R * (2 * (size_t)a->head_dim + (size_t)a->prefix_len + s->past + s->n);
+/* Query rows of sequence s per kv head, and the pieces they make. */
+static int seq_rows(const pa_attn_args *a, const pa_attn_seq *s) { return s->n * (a->n_heads / a->n_kv_heads); }
+static int seq_pieces(const pa_attn_args *a, const pa_attn_seq *s) {
+  return a->n_kv_heads * ((seq_rows(a, s) + ATTN_ROWS - 1) / ATTN_ROWS);
 }
 
-static size_t max_pair_scratch(const pa_attn_args *a) {
+static size_t max_piece_scratch(const pa_attn_args *a) {
   size_t mx = 0;
-  for (int i = 0; i < a->n_seqs; i++)
-    if (pair_scratch(a, &a->seqs[i]) > mx)
-      mx = pair_scratch(a, &a->seqs[i]);
+  for (int i = 0; i < a->n_seqs; i++) {
+    const pa_attn_seq *s = &a->seqs[i];
+    const size_t R = (size_t)(seq_rows(a, s) < ATTN_ROWS ? seq_rows(a, s) : ATTN_ROWS);
+    const size_t need = R * (2 * (size_t)a->head_dim + (size_t)a->prefix_len + s->past + s->n);
+    mx = need > mx ? need : mx;
+  }
   return mx;
 }
 
 static size_t cpu_attention_scratch(const pa_attn_args *a) {
-  return max_pair_scratch(a) * (size_t)pa_backend_threads();
+  return max_piece_scratch(a) * (size_t)pa_backend_threads();
 }
 
 static void cpu_attention(const pa_attn_args *a, float *scratch) {
-  const int pairs = a->n_seqs * a->n_kv_heads;
-  const int threads = pa_backend_threads();
-  const size_t per_thread = max_pair_scratch(a);
-  if (pairs >= 2 * threads && threads > 1) {
-    /* many small problems: one pair per thread at a time, BLAS single-threaded
-     * inside (it then runs in the calling thread) */
-    openblas_set_num_threads(1);
-#pragma omp parallel num_threads(threads)
-    {
-      float *mine = scratch + per_thread * (size_t)omp_get_thread_num();
+  int pieces = 0;
+  for (int i = 0; i < a->n_seqs; i++)
+    pieces += seq_pieces(a, &a->seqs[i]);
+  const size_t per_thread = max_piece_scratch(a);
+#pragma omp parallel if (pieces > 1)
+  {
+    float *mine = scratch + per_thread * (size_t)omp_get_thread_num();
+    int seq = 0, first = 0; /* this thread's walk: the pieces before sequence seq */
 #pragma omp for schedule(dynamic)
-      for (int p = 0; p < pairs; p++)
-        attend_pair(a, &a->seqs[p / a->n_kv_heads], p % a->n_kv_heads, mine);
+    for (int p = 0; p < pieces; p++) {
+      while (p >= first + seq_pieces(a, &a->seqs[seq]))
+        first += seq_pieces(a, &a->seqs[seq++]);
+      const pa_attn_seq *s = &a->seqs[seq];
+      const int per_head = (seq_rows(a, s) + ATTN_ROWS - 1) / ATTN_ROWS, k = p - first;
+      const int r0 = (k % per_head) * ATTN_ROWS, r1 = r0 + ATTN_ROWS < seq_rows(a, s) ? r0 + ATTN_ROWS : seq_rows(a, s);
+      attend_rows(a, s, k / per_head, r0, r1, mine);
     }
-    openblas_set_num_threads(threads);
-  } else {
-    /* few large problems: BLAS threads inside each */
-    for (int p = 0; p < pairs; p++)
-      attend_pair(a, &a->seqs[p / a->n_kv_heads], p % a->n_kv_heads, scratch);
   }
 }
 
@@ -207,4 +230,8 @@ static const pa_backend cpu_backend = {
     .attention = cpu_attention,
 };
 
-const pa_backend *pa_backend_cpu(void) { return &cpu_backend; }
+const pa_backend *pa_backend_cpu(void) {
+  if (!n_threads) /* OpenBLAS single-threaded from the first use on */
+    pa_backend_set_threads(0);
+  return &cpu_backend;
+}
