@@ -37,7 +37,7 @@ int pa_backend_threads(void) { return n_threads > 0 ? n_threads : omp_get_num_pr
 static void cpu_matmul(int M, int N, int K, const float *x, const float *w, float beta, float *y) {
   const int col_blocks = (N + MATMUL_BLOCK - 1) / MATMUL_BLOCK, row_blocks = (M + MATMUL_ROWS - 1) / MATMUL_ROWS;
   const int blocks = col_blocks * row_blocks;
-#pragma omp parallel for schedule(dynamic) if (blocks > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(pa_backend_threads()) if (blocks > 1)
   for (int b = 0; b < blocks; b++) {
     const int m0 = b / col_blocks * MATMUL_ROWS, n0 = b % col_blocks * MATMUL_BLOCK;
     const int m = M - m0 < MATMUL_ROWS ? M - m0 : MATMUL_ROWS, n = N - n0 < MATMUL_BLOCK ? N - n0 : MATMUL_BLOCK;
@@ -202,7 +202,7 @@ static void cpu_attention(const pa_attn_args *a, float *scratch) {
   for (int i = 0; i < a->n_seqs; i++)
     pieces += seq_pieces(a, &a->seqs[i]);
   const size_t per_thread = max_piece_scratch(a);
-#pragma omp parallel if (pieces > 1)
+#pragma omp parallel num_threads(pa_backend_threads()) if (pieces > 1) /* the scratch holds that many */
   {
     float *mine = scratch + per_thread * (size_t)omp_get_thread_num();
     int seq = 0, first = 0; /* this thread's walk: the pieces before sequence seq */
