@@ -67,6 +67,8 @@ int cmd_inspect(int argc, char **argv) {
   printf("hidden         %d\n", c->dim);
   printf("heads          %d query, %d key/value (%d queries per key/value head), head dim %d\n", c->n_heads,
          c->n_kv_heads, c->n_heads / c->n_kv_heads, c->head_dim);
+  if (c->qkv_bias)
+    printf("biases         on the Q, K and V projections\n");
   printf("ffn            %d (SwiGLU)\n", c->ffn_dim);
   printf("vocabulary     %d\n", c->vocab_size);
   printf("context        %d\n", c->max_seq);

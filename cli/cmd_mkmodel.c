@@ -8,6 +8,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -18,10 +19,11 @@ static void mkmodel_usage(FILE *f) {
   pa_mkmodel_opts d = pa_mkmodel_defaults();
   fprintf(f,
           "usage: palign mkmodel OUT [options]\n"
-          "Writes a tiny Llama model with random weights and a small trained BPE tokenizer.\n"
+          "Writes a tiny Llama-family model with random weights and a small trained BPE tokenizer.\n"
           "OUT is a .gguf file (--format gguf) or a Hugging Face directory (--format safetensors);\n"
           "without --format, an OUT ending in .gguf means gguf.\n"
           "  --format gguf|safetensors\n"
+          "  --arch llama|qwen2  llama (SmolLM2's shape, default) or qwen2 (Q/K/V biases, Qwen's tokenizer rules)\n"
           "  --layers N      transformer blocks (default %d)\n"
           "  --dim D         hidden size (default %d)\n"
           "  --heads H       query heads; D/H must be even (default %d)\n"
@@ -33,8 +35,11 @@ static void mkmodel_usage(FILE *f) {
           "  --shards N      safetensors files (default 1)\n"
           "  --untied        a separate output projection (default: tied to the embedding)\n"
           "  --ctx N         context length recorded in the metadata (default 2048)\n"
+          "  --rope-theta F  RoPE base (default %g)\n"
+          "  --norm-eps F    RMSNorm epsilon (default %g)\n"
           "  --force         overwrite an existing file or write into a non-empty directory\n",
-          d.n_layers, d.dim, d.n_heads, d.n_kv_heads, d.ffn_dim, d.n_merges, d.seed);
+          d.n_layers, d.dim, d.n_heads, d.n_kv_heads, d.ffn_dim, d.n_merges, d.seed, (double)d.rope_theta,
+          (double)d.norm_eps);
 }
 
 __attribute__((format(printf, 1, 2))) static int usage_error(const char *fmt, ...) {
@@ -97,8 +102,9 @@ int cmd_mkmodel(int argc, char **argv) {
       continue;
     }
     /* every other option takes a value, as --opt V or --opt=V */
-    static const char *const with_value[] = {"--layers", "--dim",  "--heads", "--kv-heads", "--ffn", "--merges",
-                                             "--shards", "--seed", "--dtype", "--format",   "--ctx"};
+    static const char *const with_value[] = {"--layers", "--dim",    "--heads",      "--kv-heads", "--ffn",
+                                             "--merges", "--shards", "--seed",       "--dtype",    "--format",
+                                             "--ctx",    "--arch",   "--rope-theta", "--norm-eps"};
     char name[32];
     const char *val;
     const char *eq = strchr(a, '=');
@@ -149,6 +155,20 @@ int cmd_mkmodel(int argc, char **argv) {
         o.dtype = PA_BF16;
       else
         return usage_error("--dtype '%s': expected f32, f16 or bf16", val);
+    } else if (strcmp(name, "--rope-theta") == 0 || strcmp(name, "--norm-eps") == 0) {
+      char *end;
+      errno = 0;
+      const float v = strtof(val, &end);
+      if (errno || end == val || *end || !(v > 0) || !isfinite(v))
+        return usage_error("%s '%s' is not a positive number", name, val);
+      *(strcmp(name, "--norm-eps") == 0 ? &o.norm_eps : &o.rope_theta) = v;
+    } else if (strcmp(name, "--arch") == 0) {
+      if (strcmp(val, "llama") == 0)
+        o.arch = PA_MK_LLAMA;
+      else if (strcmp(val, "qwen2") == 0)
+        o.arch = PA_MK_QWEN2;
+      else
+        return usage_error("--arch '%s': expected llama or qwen2", val);
     } else if (strcmp(name, "--format") == 0) {
       if (strcmp(val, "gguf") != 0 && strcmp(val, "safetensors") != 0)
         return usage_error("--format '%s': expected gguf or safetensors", val);
@@ -176,7 +196,8 @@ int cmd_mkmodel(int argc, char **argv) {
     fprintf(stderr, "palign: %s\n", pa_errmsg());
     return 1;
   }
-  printf("wrote %s (%s, %d layers, dim %d, %s)\n", out, gguf ? "gguf" : "safetensors", o.n_layers, o.dim,
+  printf("wrote %s (%s, %s, %d layers, dim %d, %s)\n", out, gguf ? "gguf" : "safetensors", pa_mkmodel_arch_name(o.arch),
+         o.n_layers, o.dim,
          o.dtype == PA_F32   ? "f32"
          : o.dtype == PA_F16 ? "f16"
                              : "bf16");

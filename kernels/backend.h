@@ -59,6 +59,8 @@ typedef struct pa_backend {
   void (*embed)(int M, int D, const int32_t *ids, const float *table, float *y);
   /* y[M][N] += x[M][N] (residual) */
   void (*add)(int M, int N, const float *x, float *y);
+  /* y[m][n] += b[n] for M rows of N (a projection's bias) */
+  void (*add_bias)(int M, int N, const float *b, float *y);
   /* Grouped-query causal softmax attention with scale 1/sqrt(head_dim).
    * scratch holds attention_scratch(a) floats (the caller owns it, so the
    * operation cannot fail). */

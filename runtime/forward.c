@@ -300,6 +300,11 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
     be->matmul(rows, H * hd, D, s->xb, L->wq, 0.0f, s->q);
     be->matmul(rows, KV * hd, D, s->xb, L->wk, 0.0f, s->k);
     be->matmul(rows, KV * hd, D, s->xb, L->wv, 0.0f, s->v);
+    if (c->qkv_bias) {
+      be->add_bias(rows, H * hd, L->bq, s->q);
+      be->add_bias(rows, KV * hd, L->bk, s->k);
+      be->add_bias(rows, KV * hd, L->bv, s->v);
+    }
     be->rope(rows, H, hd, s->pos, lm->cos_tab, lm->sin_tab, s->q);
     be->rope(rows, KV, hd, s->pos, lm->cos_tab, lm->sin_tab, s->k);
     store_kv(lm, b, l);

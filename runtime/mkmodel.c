@@ -89,6 +89,25 @@ const char pa_mkmodel_chat_template[] =
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% endif %}";
 
+/* Qwen2.5's rules for the system turn (its own, or Qwen's default when the
+ * conversation brings none), in a template written for palign's tests. */
+const char pa_mkmodel_qwen2_chat_template[] =
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' or not loop.first %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+/* Qwen2's pre-tokenizer regex, as its tokenizer.json writes it. */
+static const char qwen2_regex[] = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
+                                  "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+const char *pa_mkmodel_arch_name(pa_mkmodel_arch a) { return a == PA_MK_QWEN2 ? "qwen2" : "llama"; }
+
 enum { TOK_EOT = 0, TOK_BOS = 1, TOK_EOS = 2, N_SPECIAL = 3 };
 static const char *const specials[N_SPECIAL] = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
 
@@ -131,8 +150,11 @@ int pa_mkmodel_validate(const pa_mkmodel_opts *o) {
     return pa_error(PA_EINVAL, "mkmodel: ffn = %d, expected 1 to %d", o->ffn_dim, 1 << 20);
   if (o->n_merges < 0 || o->n_merges > 100000)
     return pa_error(PA_EINVAL, "mkmodel: merges = %d, expected 0 to 100000", o->n_merges);
-  /* a shard per tensor at most: embeddings, 9 per layer, the final norm */
-  int64_t n_tensors = 2 + 9 * (int64_t)o->n_layers + (o->tied ? 0 : 1);
+  if (o->arch != PA_MK_LLAMA && o->arch != PA_MK_QWEN2)
+    return pa_error(PA_EINVAL, "mkmodel: architecture %d is neither llama nor qwen2", (int)o->arch);
+  /* a shard per tensor at most: embeddings, 9 per layer (12 with biases), the final norm */
+  const int64_t per_layer_tensors = o->arch == PA_MK_QWEN2 ? 12 : 9;
+  int64_t n_tensors = 2 + per_layer_tensors * (int64_t)o->n_layers + (o->tied ? 0 : 1);
   if (o->n_shards < 1 || o->n_shards > n_tensors)
     return pa_error(PA_EINVAL, "mkmodel: shards = %d, expected 1 to %lld (the number of tensors)", o->n_shards,
                     (long long)n_tensors);
@@ -145,8 +167,8 @@ int pa_mkmodel_validate(const pa_mkmodel_opts *o) {
   if (!(o->norm_eps > 0) || !isfinite(o->norm_eps))
     return pa_error(PA_EINVAL, "mkmodel: norm_eps = %g must be positive", (double)o->norm_eps);
   uint64_t hd = (uint64_t)(o->dim / o->n_heads), d = (uint64_t)o->dim;
-  uint64_t per_layer =
-      2 * d + d * hd * (2 * (uint64_t)o->n_heads + 2 * (uint64_t)o->n_kv_heads) + 3 * d * (uint64_t)o->ffn_dim;
+  uint64_t per_layer = 2 * d + d * hd * (2 * (uint64_t)o->n_heads + 2 * (uint64_t)o->n_kv_heads) +
+                       3 * d * (uint64_t)o->ffn_dim + hd * ((uint64_t)o->n_heads + 2 * (uint64_t)o->n_kv_heads);
   uint64_t vocab_max = N_SPECIAL + 256 + (uint64_t)o->n_merges;
   uint64_t params = per_layer * (uint64_t)o->n_layers + d * vocab_max * (o->tied ? 1 : 2) + d;
   if (params > MAX_PARAMS)
@@ -161,7 +183,8 @@ typedef struct {
   char hf[96], gguf[64];
   uint32_t n_dims;
   uint64_t shape[2]; /* Hugging Face order: [out, in] */
-  int32_t qk_heads;  /* >0: rows are n heads of Q or K, permuted for GGUF */
+  int32_t qk_heads;  /* >0: rows are n heads of Q or K, permuted for a llama GGUF */
+  bool bias;         /* a projection's bias (not a norm weight) */
   float *val;        /* already rounded to the storage dtype */
 } mk_tensor;
 
@@ -203,7 +226,9 @@ static void fill(const mk_model *m, mk_tensor *t) {
   uint64_t n = t->shape[0] * (t->n_dims == 2 ? t->shape[1] : 1);
   for (uint64_t i = 0; i < n; i++) {
     double v;
-    if (t->n_dims == 1) {
+    if (t->bias) {
+      v = uniform(&s) - 0.5;
+    } else if (t->n_dims == 1) {
       v = 0.9 + 0.2 * uniform(&s);
     } else {
       /* four uniforms sum to mean 2, variance 1/3: scale to sd 0.02 */
@@ -221,7 +246,8 @@ static void mk_free(mk_model *m) {
   pa_bpe_vocab_destroy(m->bpe);
 }
 
-static int add(mk_model *m, const char *hf, const char *gguf, uint64_t rows, uint64_t cols, int32_t qk_heads) {
+static int add(mk_model *m, const char *hf, const char *gguf, uint64_t rows, uint64_t cols, int32_t qk_heads,
+               bool bias) {
   mk_tensor *t = &m->t[m->n];
   snprintf(t->hf, sizeof t->hf, "%s", hf);
   snprintf(t->gguf, sizeof t->gguf, "%s", gguf);
@@ -229,6 +255,7 @@ static int add(mk_model *m, const char *hf, const char *gguf, uint64_t rows, uin
   t->shape[0] = rows;
   t->shape[1] = cols ? cols : 1;
   t->qk_heads = qk_heads;
+  t->bias = bias;
   if (!(t->val = malloc(rows * t->shape[1] * sizeof *t->val)))
     return pa_error(PA_ENOMEM, "mkmodel: no memory for %s", hf);
   m->n++;
@@ -248,10 +275,10 @@ static int mk_build(const pa_mkmodel_opts *o, mk_model *m) {
   m->head_dim = o->dim / o->n_heads;
   const uint64_t d = (uint64_t)o->dim, v = (uint64_t)m->vocab, f = (uint64_t)o->ffn_dim;
   const uint64_t q = (uint64_t)o->n_heads * (uint64_t)m->head_dim, kv = (uint64_t)o->n_kv_heads * (uint64_t)m->head_dim;
-  m->t = calloc(3 + 9 * (size_t)o->n_layers, sizeof *m->t);
+  m->t = calloc(3 + 12 * (size_t)o->n_layers, sizeof *m->t);
   if (!m->t)
     return pa_error(PA_ENOMEM, "mkmodel: no memory");
-  if ((rc = add(m, "model.embed_tokens.weight", "token_embd.weight", v, d, 0)))
+  if ((rc = add(m, "model.embed_tokens.weight", "token_embd.weight", v, d, 0, false)))
     return rc;
   for (int32_t l = 0; l < o->n_layers; l++) {
     static const struct {
@@ -270,19 +297,33 @@ static int mk_build(const pa_mkmodel_opts *o, mk_model *m) {
       snprintf(hf, sizeof hf, "model.layers.%d.%s.weight", l, per_layer[k].hf);
       snprintf(gg, sizeof gg, "blk.%d.%s.weight", l, per_layer[k].gguf);
       int32_t heads = per_layer[k].qk == 1 ? o->n_heads : per_layer[k].qk == 2 ? o->n_kv_heads : 0;
-      if ((rc = add(m, hf, gg, size[per_layer[k].rows], size[per_layer[k].cols], heads)))
+      if ((rc = add(m, hf, gg, size[per_layer[k].rows], size[per_layer[k].cols], heads, false)))
         return rc;
     }
+    if (o->arch == PA_MK_QWEN2) {
+      static const struct {
+        const char *hf, *gguf;
+        bool q;
+      } biases[] = {{"q_proj", "attn_q", true}, {"k_proj", "attn_k", false}, {"v_proj", "attn_v", false}};
+      for (size_t k = 0; k < sizeof biases / sizeof biases[0]; k++) {
+        char hf[96], gg[64];
+        snprintf(hf, sizeof hf, "model.layers.%d.self_attn.%s.bias", l, biases[k].hf);
+        snprintf(gg, sizeof gg, "blk.%d.%s.bias", l, biases[k].gguf);
+        if ((rc = add(m, hf, gg, biases[k].q ? q : kv, 0, 0, true)))
+          return rc;
+      }
+    }
   }
-  if ((rc = add(m, "model.norm.weight", "output_norm.weight", d, 0, 0)))
+  if ((rc = add(m, "model.norm.weight", "output_norm.weight", d, 0, 0, false)))
     return rc;
-  if (!o->tied && (rc = add(m, "lm_head.weight", "output.weight", v, d, 0)))
+  if (!o->tied && (rc = add(m, "lm_head.weight", "output.weight", v, d, 0, false)))
     return rc;
   return PA_OK;
 }
 
 /* The tensor's values in the storage dtype (1-D tensors stay fp32 in GGUF,
- * as llama.cpp writes them). GGUF Q/K rows are permuted. Caller frees. */
+ * as llama.cpp writes them). A llama GGUF's Q/K rows are permuted. Caller
+ * frees. */
 static void *encode(const mk_model *m, const mk_tensor *t, bool gguf, uint32_t *dtype, uint64_t *nbytes) {
   uint64_t rows = t->shape[0], cols = t->shape[1], n = rows * cols;
   *dtype = gguf && t->n_dims == 1 ? PA_F32 : m->o.dtype;
@@ -296,7 +337,7 @@ static void *encode(const mk_model *m, const mk_tensor *t, bool gguf, uint32_t *
     /* llama.cpp's RoPE rotates adjacent pairs (2b, 2b+1); HF's rotates
      * (b, b + hd/2). Row a*hd/2 + b of each head moves to row 2b + a. */
     uint64_t dst = r;
-    if (gguf && t->qk_heads > 0) {
+    if (gguf && t->qk_heads > 0 && m->o.arch == PA_MK_LLAMA) {
       uint64_t h = r / hd, a = (r % hd) / half, b = r % half;
       dst = h * hd + 2 * b + a;
     }
@@ -396,30 +437,35 @@ int pa_mkmodel_write_gguf(const pa_mkmodel_opts *o, const char *path) {
   for (size_t i = 0; i < n_merges; i++)
     merges[i] = pa_bpe_vocab_merge(m.bpe, i);
   uint32_t file_type = o->dtype == PA_F32 ? 0 : o->dtype == PA_F16 ? 1 : 32; /* llama_ftype */
-  bool bad = pa_gguf_set_str(w, "general.architecture", "llama") ||
-             pa_gguf_set_str(w, "general.name", "palign-mkmodel") ||
-             pa_gguf_set_u32(w, "general.file_type", file_type) ||
-             pa_gguf_set_u32(w, "llama.block_count", (uint32_t)o->n_layers) ||
-             pa_gguf_set_u32(w, "llama.context_length", (uint32_t)o->max_seq) ||
-             pa_gguf_set_u32(w, "llama.embedding_length", (uint32_t)o->dim) ||
-             pa_gguf_set_u32(w, "llama.feed_forward_length", (uint32_t)o->ffn_dim) ||
-             pa_gguf_set_u32(w, "llama.attention.head_count", (uint32_t)o->n_heads) ||
-             pa_gguf_set_u32(w, "llama.attention.head_count_kv", (uint32_t)o->n_kv_heads) ||
-             pa_gguf_set_f32(w, "llama.rope.freq_base", o->rope_theta) ||
-             pa_gguf_set_f32(w, "llama.attention.layer_norm_rms_epsilon", o->norm_eps) ||
-             pa_gguf_set_u32(w, "llama.rope.dimension_count", (uint32_t)m.head_dim) ||
-             pa_gguf_set_u32(w, "llama.vocab_size", (uint32_t)m.vocab) ||
-             pa_gguf_set_str(w, "tokenizer.ggml.model", "gpt2") || pa_gguf_set_str(w, "tokenizer.ggml.pre", "smollm") ||
-             pa_gguf_set_arr_str(w, "tokenizer.ggml.tokens", toks, (size_t)m.vocab) ||
-             pa_gguf_set_arr_i32(w, "tokenizer.ggml.token_type", types, (size_t)m.vocab) ||
-             pa_gguf_set_arr_str(w, "tokenizer.ggml.merges", merges, n_merges) ||
-             pa_gguf_set_u32(w, "tokenizer.ggml.bos_token_id", TOK_BOS) ||
-             pa_gguf_set_u32(w, "tokenizer.ggml.eos_token_id", TOK_EOS) ||
-             pa_gguf_set_u32(w, "tokenizer.ggml.unknown_token_id", TOK_EOT) ||
-             pa_gguf_set_u32(w, "tokenizer.ggml.padding_token_id", TOK_EOS) ||
-             pa_gguf_set_bool(w, "tokenizer.ggml.add_bos_token", false) ||
-             pa_gguf_set_bool(w, "tokenizer.ggml.add_eos_token", false) ||
-             pa_gguf_set_str(w, "tokenizer.chat_template", pa_mkmodel_chat_template);
+  const bool qwen2 = o->arch == PA_MK_QWEN2;
+  const char *arch = pa_mkmodel_arch_name(o->arch);
+  char key[10][64];
+  static const char *const arch_keys[10] = {"block_count",          "context_length",
+                                            "embedding_length",     "feed_forward_length",
+                                            "attention.head_count", "attention.head_count_kv",
+                                            "rope.freq_base",       "attention.layer_norm_rms_epsilon",
+                                            "rope.dimension_count", "vocab_size"};
+  for (int k = 0; k < 10; k++)
+    snprintf(key[k], sizeof key[k], "%s.%s", arch, arch_keys[k]);
+  bool bad =
+      pa_gguf_set_str(w, "general.architecture", arch) || pa_gguf_set_str(w, "general.name", "palign-mkmodel") ||
+      pa_gguf_set_u32(w, "general.file_type", file_type) || pa_gguf_set_u32(w, key[0], (uint32_t)o->n_layers) ||
+      pa_gguf_set_u32(w, key[1], (uint32_t)o->max_seq) || pa_gguf_set_u32(w, key[2], (uint32_t)o->dim) ||
+      pa_gguf_set_u32(w, key[3], (uint32_t)o->ffn_dim) || pa_gguf_set_u32(w, key[4], (uint32_t)o->n_heads) ||
+      pa_gguf_set_u32(w, key[5], (uint32_t)o->n_kv_heads) || pa_gguf_set_f32(w, key[6], o->rope_theta) ||
+      pa_gguf_set_f32(w, key[7], o->norm_eps) || pa_gguf_set_u32(w, key[8], (uint32_t)m.head_dim) ||
+      pa_gguf_set_u32(w, key[9], (uint32_t)m.vocab) || pa_gguf_set_str(w, "tokenizer.ggml.model", "gpt2") ||
+      pa_gguf_set_str(w, "tokenizer.ggml.pre", qwen2 ? "qwen2" : "smollm") ||
+      pa_gguf_set_arr_str(w, "tokenizer.ggml.tokens", toks, (size_t)m.vocab) ||
+      pa_gguf_set_arr_i32(w, "tokenizer.ggml.token_type", types, (size_t)m.vocab) ||
+      pa_gguf_set_arr_str(w, "tokenizer.ggml.merges", merges, n_merges) ||
+      pa_gguf_set_u32(w, "tokenizer.ggml.bos_token_id", qwen2 ? TOK_EOT : TOK_BOS) ||
+      pa_gguf_set_u32(w, "tokenizer.ggml.eos_token_id", TOK_EOS) ||
+      (!qwen2 && pa_gguf_set_u32(w, "tokenizer.ggml.unknown_token_id", TOK_EOT)) ||
+      pa_gguf_set_u32(w, "tokenizer.ggml.padding_token_id", qwen2 ? TOK_EOT : TOK_EOS) ||
+      pa_gguf_set_bool(w, "tokenizer.ggml.add_bos_token", false) ||
+      pa_gguf_set_bool(w, "tokenizer.ggml.add_eos_token", false) ||
+      pa_gguf_set_str(w, "tokenizer.chat_template", qwen2 ? pa_mkmodel_qwen2_chat_template : pa_mkmodel_chat_template);
   if (bad) {
     rc = pa_error(PA_ENOMEM, "%s: no memory for the metadata", path);
     goto done;
@@ -496,34 +542,47 @@ static int prepare_dir(const pa_mkmodel_opts *o, const char *dir) {
   return rc;
 }
 
+/* config.json in the shape Llama's (SmolLM2's) or Qwen2's has. */
 static cJSON *config_json(const mk_model *m) {
   const pa_mkmodel_opts *o = &m->o;
+  const bool qwen2 = o->arch == PA_MK_QWEN2;
   cJSON *c = cJSON_CreateObject();
   cJSON *arch = cJSON_AddArrayToObject(c, "architectures");
-  cJSON_AddItemToArray(arch, cJSON_CreateString("LlamaForCausalLM"));
-  cJSON_AddBoolToObject(c, "attention_bias", false);
+  cJSON_AddItemToArray(arch, cJSON_CreateString(qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"));
+  if (!qwen2)
+    cJSON_AddBoolToObject(c, "attention_bias", false);
   cJSON_AddNumberToObject(c, "attention_dropout", 0.0);
-  cJSON_AddNumberToObject(c, "bos_token_id", TOK_BOS);
+  cJSON_AddNumberToObject(c, "bos_token_id", qwen2 ? TOK_EOT : TOK_BOS);
   cJSON_AddNumberToObject(c, "eos_token_id", TOK_EOS);
-  cJSON_AddNumberToObject(c, "head_dim", m->head_dim);
+  if (!qwen2)
+    cJSON_AddNumberToObject(c, "head_dim", m->head_dim);
   cJSON_AddStringToObject(c, "hidden_act", "silu");
   cJSON_AddNumberToObject(c, "hidden_size", o->dim);
   cJSON_AddNumberToObject(c, "initializer_range", 0.02);
   cJSON_AddNumberToObject(c, "intermediate_size", o->ffn_dim);
   cJSON_AddNumberToObject(c, "max_position_embeddings", o->max_seq);
-  cJSON_AddBoolToObject(c, "mlp_bias", false);
-  cJSON_AddStringToObject(c, "model_type", "llama");
+  if (qwen2)
+    cJSON_AddNumberToObject(c, "max_window_layers", o->n_layers);
+  else
+    cJSON_AddBoolToObject(c, "mlp_bias", false);
+  cJSON_AddStringToObject(c, "model_type", pa_mkmodel_arch_name(o->arch));
   cJSON_AddNumberToObject(c, "num_attention_heads", o->n_heads);
   cJSON_AddNumberToObject(c, "num_hidden_layers", o->n_layers);
   cJSON_AddNumberToObject(c, "num_key_value_heads", o->n_kv_heads);
-  cJSON_AddNumberToObject(c, "pad_token_id", TOK_EOS);
-  cJSON_AddNumberToObject(c, "pretraining_tp", 1);
+  if (!qwen2) {
+    cJSON_AddNumberToObject(c, "pad_token_id", TOK_EOS);
+    cJSON_AddNumberToObject(c, "pretraining_tp", 1);
+  }
   cJSON_AddNumberToObject(c, "rms_norm_eps", short_decimal(o->norm_eps));
   cJSON_AddNullToObject(c, "rope_scaling");
   cJSON_AddNumberToObject(c, "rope_theta", short_decimal(o->rope_theta));
+  if (qwen2)
+    cJSON_AddNumberToObject(c, "sliding_window", o->max_seq);
   cJSON_AddBoolToObject(c, "tie_word_embeddings", o->tied);
   cJSON_AddStringToObject(c, "torch_dtype", dtype_torch(o->dtype));
   cJSON_AddBoolToObject(c, "use_cache", true);
+  if (qwen2)
+    cJSON_AddBoolToObject(c, "use_sliding_window", false);
   cJSON_AddNumberToObject(c, "vocab_size", m->vocab);
   return c;
 }
@@ -541,17 +600,19 @@ static cJSON *special_token(int32_t id, bool with_id) {
   return t;
 }
 
-static cJSON *byte_level(bool add_prefix_space, bool trim_offsets) {
+static cJSON *byte_level(bool add_prefix_space, bool trim_offsets, bool use_regex) {
   cJSON *b = cJSON_CreateObject();
   cJSON_AddStringToObject(b, "type", "ByteLevel");
   cJSON_AddBoolToObject(b, "add_prefix_space", add_prefix_space);
   cJSON_AddBoolToObject(b, "trim_offsets", trim_offsets);
-  cJSON_AddBoolToObject(b, "use_regex", true);
+  cJSON_AddBoolToObject(b, "use_regex", use_regex);
   return b;
 }
 
-/* tokenizer.json in the shape SmolLM2's has, for the `tokenizers` library. */
+/* tokenizer.json in the shape SmolLM2's (llama) or Qwen2's has, for the
+ * `tokenizers` library. */
 static cJSON *tokenizer_json(const mk_model *m) {
+  const bool qwen2 = m->o.arch == PA_MK_QWEN2;
   cJSON *j = cJSON_CreateObject();
   cJSON_AddStringToObject(j, "version", "1.0");
   cJSON_AddNullToObject(j, "truncation");
@@ -559,17 +620,30 @@ static cJSON *tokenizer_json(const mk_model *m) {
   cJSON *added = cJSON_AddArrayToObject(j, "added_tokens");
   for (int32_t i = 0; i < N_SPECIAL; i++)
     cJSON_AddItemToArray(added, special_token(i, true));
-  cJSON_AddNullToObject(j, "normalizer");
+  if (qwen2)
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(j, "normalizer"), "type", "NFC");
+  else
+    cJSON_AddNullToObject(j, "normalizer");
   cJSON *pre = cJSON_AddObjectToObject(j, "pre_tokenizer");
   cJSON_AddStringToObject(pre, "type", "Sequence");
   cJSON *seq = cJSON_AddArrayToObject(pre, "pretokenizers");
-  cJSON *digits = cJSON_CreateObject();
-  cJSON_AddStringToObject(digits, "type", "Digits");
-  cJSON_AddBoolToObject(digits, "individual_digits", true);
-  cJSON_AddItemToArray(seq, digits);
-  cJSON_AddItemToArray(seq, byte_level(false, true));
-  cJSON_AddItemToObject(j, "post_processor", byte_level(true, false));
-  cJSON_AddItemToObject(j, "decoder", byte_level(true, true));
+  if (qwen2) {
+    cJSON *split = cJSON_CreateObject();
+    cJSON_AddStringToObject(split, "type", "Split");
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(split, "pattern"), "Regex", qwen2_regex);
+    cJSON_AddStringToObject(split, "behavior", "Isolated");
+    cJSON_AddBoolToObject(split, "invert", false);
+    cJSON_AddItemToArray(seq, split);
+    cJSON_AddItemToArray(seq, byte_level(false, false, false));
+  } else {
+    cJSON *digits = cJSON_CreateObject();
+    cJSON_AddStringToObject(digits, "type", "Digits");
+    cJSON_AddBoolToObject(digits, "individual_digits", true);
+    cJSON_AddItemToArray(seq, digits);
+    cJSON_AddItemToArray(seq, byte_level(false, true, true));
+  }
+  cJSON_AddItemToObject(j, "post_processor", byte_level(!qwen2, false, !qwen2));
+  cJSON_AddItemToObject(j, "decoder", byte_level(!qwen2, !qwen2, !qwen2));
   cJSON *model = cJSON_AddObjectToObject(j, "model");
   cJSON_AddStringToObject(model, "type", "BPE");
   cJSON_AddNullToObject(model, "dropout");
@@ -599,14 +673,20 @@ static cJSON *tokenizer_config_json(const mk_model *m) {
   cJSON *extra = cJSON_AddArrayToObject(c, "additional_special_tokens");
   cJSON_AddItemToArray(extra, cJSON_CreateString(specials[TOK_BOS]));
   cJSON_AddItemToArray(extra, cJSON_CreateString(specials[TOK_EOS]));
-  cJSON_AddStringToObject(c, "bos_token", specials[TOK_BOS]);
-  cJSON_AddStringToObject(c, "chat_template", pa_mkmodel_chat_template);
+  const bool qwen2 = m->o.arch == PA_MK_QWEN2;
+  /* Qwen2's own file says null for bos; <|endoftext|> is the bos its
+   * config.json and GGUF files name, so both formats describe one tokenizer */
+  cJSON_AddStringToObject(c, "bos_token", specials[qwen2 ? TOK_EOT : TOK_BOS]);
+  cJSON_AddStringToObject(c, "chat_template", qwen2 ? pa_mkmodel_qwen2_chat_template : pa_mkmodel_chat_template);
   cJSON_AddBoolToObject(c, "clean_up_tokenization_spaces", false);
   cJSON_AddStringToObject(c, "eos_token", specials[TOK_EOS]);
   cJSON_AddNumberToObject(c, "model_max_length", m->o.max_seq);
-  cJSON_AddStringToObject(c, "pad_token", specials[TOK_EOS]);
-  cJSON_AddStringToObject(c, "tokenizer_class", "GPT2Tokenizer");
-  cJSON_AddStringToObject(c, "unk_token", specials[TOK_EOT]);
+  cJSON_AddStringToObject(c, "pad_token", specials[qwen2 ? TOK_EOT : TOK_EOS]);
+  cJSON_AddStringToObject(c, "tokenizer_class", qwen2 ? "Qwen2Tokenizer" : "GPT2Tokenizer");
+  if (qwen2)
+    cJSON_AddNullToObject(c, "unk_token");
+  else
+    cJSON_AddStringToObject(c, "unk_token", specials[TOK_EOT]);
   cJSON_AddNumberToObject(c, "vocab_size", m->vocab);
   return c;
 }

@@ -12,15 +12,24 @@
  * fp32) equals the bf16 one in the safetensors.
  *
  * The tokenizer is byte-level BPE with merges learned (bpe_train.h) from an
- * English text built in: ids 0..2 are <|endoftext|>, <|im_start|> (bos) and
- * <|im_end|> (eos), as in SmolLM2; then the 256 byte tokens; then the merge
- * results. The chat template is SmolLM2's ChatML.
+ * English text built in: ids 0..2 are <|endoftext|>, <|im_start|> and
+ * <|im_end|> (eos); then the 256 byte tokens; then the merge results.
+ *
+ * Two architectures:
+ *  - llama (SmolLM2's shape): bos <|im_start|>, SmolLM2's pre-tokenizer
+ *    (digits split, then GPT-2's regex) and its ChatML template.
+ *  - qwen2 (Qwen2.5's shape): Llama plus biases on Q, K and V (values in
+ *    [-0.5, 0.5), large enough that a forward pass ignoring them is far
+ *    off), bos <|endoftext|>, Qwen2's pre-tokenizer (its Split regex, then
+ *    byte-level without a regex; NFC in tokenizer.json) and a ChatML template
+ *    with Qwen's default system turn.
  *
  * GGUF follows llama.cpp's convert_hf_to_gguf.py: llama.cpp tensor names,
- * shapes listed fastest dimension first, and the rows of attn_q and attn_k
- * permuted from Hugging Face's rotate-half order to the interleaved order
- * llama.cpp's RoPE expects (per head of hd rows, HF row a*hd/2 + b becomes
- * row 2*b + a). model.h's loader undoes that permutation.
+ * shapes listed fastest dimension first, and for llama the rows of attn_q
+ * and attn_k permuted from Hugging Face's rotate-half order to the
+ * interleaved order llama.cpp's RoPE expects (per head of hd rows, HF row
+ * a*hd/2 + b becomes row 2*b + a); qwen2 rows stay in Hugging Face's order.
+ * model.h's loader undoes that permutation.
  *
  * Output is written atomically file by file; same options give byte-identical
  * files. Errors: 0 or a negative PA_E* code with a message (status.h);
@@ -33,7 +42,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+typedef enum { PA_MK_LLAMA = 0, PA_MK_QWEN2 = 1 } pa_mkmodel_arch;
+
 typedef struct {
+  pa_mkmodel_arch arch;
   int32_t n_layers;
   int32_t dim; /* hidden size; head_dim = dim / n_heads, must be even */
   int32_t n_heads;
@@ -49,7 +61,7 @@ typedef struct {
   float rope_theta, norm_eps;
 } pa_mkmodel_opts;
 
-/* 2 layers, dim 64, 4 heads, 2 kv heads, ffn 128, 300 merges, 1 shard,
+/* llama, 2 layers, dim 64, 4 heads, 2 kv heads, ffn 128, 300 merges, 1 shard,
  * max_seq 2048, seed 1, f32, tied, theta 10000, eps 1e-5. */
 pa_mkmodel_opts pa_mkmodel_defaults(void);
 
@@ -67,7 +79,12 @@ int pa_mkmodel_write_gguf(const pa_mkmodel_opts *o, const char *path);
  * also removes weights files a previous run may have left there. */
 int pa_mkmodel_write_hf(const pa_mkmodel_opts *o, const char *dir);
 
-/* SmolLM2's ChatML template (Jinja), as both formats record it. */
+/* The chat templates (Jinja) both formats record: SmolLM2's ChatML (llama),
+ * and a ChatML one with Qwen2.5's default system turn (qwen2). */
 extern const char pa_mkmodel_chat_template[];
+extern const char pa_mkmodel_qwen2_chat_template[];
+
+/* "llama" or "qwen2". */
+const char *pa_mkmodel_arch_name(pa_mkmodel_arch a);
 
 #endif

@@ -40,9 +40,9 @@ typedef struct {
 /* ---- description ------------------------------------------------------- */
 
 int pa_model_config_validate(const pa_model_config *c, const char *src) {
-#define RANGE(field, lo, hi)                                                                            \
-  if (c->field < (lo) || c->field > (hi))                                                              \
-    return pa_error(PA_EFORMAT, "%s: %s = %lld is outside %lld..%lld", src, #field, (long long)c->field, \
+#define RANGE(field, lo, hi)                                                                                           \
+  if (c->field < (lo) || c->field > (hi))                                                                              \
+    return pa_error(PA_EFORMAT, "%s: %s = %lld is outside %lld..%lld", src, #field, (long long)c->field,               \
                     (long long)(lo), (long long)(hi));
   RANGE(n_layers, 1, 1024);
   RANGE(dim, 1, 1 << 16);
@@ -65,12 +65,21 @@ int pa_model_config_validate(const pa_model_config *c, const char *src) {
   if (c->rope_scaling.kind == PA_ROPE_SCALING_LLAMA3 && c->rope_scaling.factor != 0) {
     if (!(c->rope_scaling.factor >= 1) || !(c->rope_scaling.low_freq_factor > 0) ||
         !(c->rope_scaling.high_freq_factor > c->rope_scaling.low_freq_factor) || c->rope_scaling.orig_max_seq < 1)
-      return pa_error(PA_EFORMAT, "%s: inconsistent llama3 rope_scaling (factor %g, low %g, high %g, original context %d)",
-                      src, (double)c->rope_scaling.factor, (double)c->rope_scaling.low_freq_factor,
+      return pa_error(PA_EFORMAT,
+                      "%s: inconsistent llama3 rope_scaling (factor %g, low %g, high %g, original context %d)", src,
+                      (double)c->rope_scaling.factor, (double)c->rope_scaling.low_freq_factor,
                       (double)c->rope_scaling.high_freq_factor, c->rope_scaling.orig_max_seq);
   }
   return PA_OK;
 }
+
+static bool arch_known(const char *arch) {
+  return !strcmp(arch, "llama") || !strcmp(arch, "mistral") || !strcmp(arch, "qwen2");
+}
+
+/* llama.cpp's converter interleaves the Q/K rows of the architectures its
+ * adjacent-pair RoPE runs (llama, mistral); qwen2 keeps rotate-half order. */
+static bool gguf_qk_interleaved(const char *arch) { return strcmp(arch, "qwen2") != 0; }
 
 static int gguf_int(const pa_gguf *g, const char *arch, const char *key, bool required, int64_t dflt, int32_t *out) {
   char full[128];
@@ -109,9 +118,11 @@ static int config_from_gguf(const pa_gguf *g, pa_model_config *c) {
   if (rc)
     return rc;
   copy_str(c->arch, sizeof c->arch, s);
-  if (strcmp(c->arch, "llama") != 0 && strcmp(c->arch, "mistral") != 0)
-    return pa_error(PA_EUNSUPPORTED, "%s: architecture '%s' is not a Llama-family model palign supports (llama, mistral)",
-                    path, c->arch);
+  if (!arch_known(c->arch))
+    return pa_error(PA_EUNSUPPORTED,
+                    "%s: architecture '%s' is not a Llama-family model palign supports (llama, mistral, qwen2)", path,
+                    c->arch);
+  c->qkv_bias = !strcmp(c->arch, "qwen2");
   if (!pa_gguf_get_str(g, "general.name", &s))
     copy_str(c->name, sizeof c->name, s);
   const char *a = c->arch;
@@ -196,9 +207,24 @@ static int config_from_hf(const pa_hfdir *h, pa_model_config *c) {
   if (!cJSON_IsString(mt))
     return pa_error(PA_EFORMAT, "%s: config.json has no 'model_type' string", path);
   snprintf(c->arch, sizeof c->arch, "%s", mt->valuestring);
-  if (strcmp(c->arch, "llama") != 0 && strcmp(c->arch, "mistral") != 0)
-    return pa_error(PA_EUNSUPPORTED, "%s: model_type '%s' is not a Llama-family model palign supports (llama, mistral)",
-                    path, c->arch);
+  if (!arch_known(c->arch))
+    return pa_error(
+        PA_EUNSUPPORTED,
+        "%s: config.json model_type '%s' is not a Llama-family model palign supports (llama, mistral, qwen2)", path,
+        c->arch);
+  /* Qwen2 always has Q/K/V biases; Llama's optional biases (attention_bias
+   * adds one to W_o as well, mlp_bias to the MLP) and Qwen2's sliding-window
+   * attention are not implemented: refused rather than silently ignored. */
+  c->qkv_bias = !strcmp(c->arch, "qwen2");
+  static const char *const unsupported_flags[] = {"attention_bias", "mlp_bias", "use_sliding_window"};
+  for (size_t i = 0; i < sizeof unsupported_flags / sizeof unsupported_flags[0]; i++) {
+    const cJSON *f = cJSON_GetObjectItemCaseSensitive(cfg, unsupported_flags[i]);
+    if (f && !cJSON_IsBool(f) && !cJSON_IsNull(f))
+      return pa_error(PA_EFORMAT, "%s: config.json '%s' must be true or false", path, unsupported_flags[i]);
+    if (cJSON_IsTrue(f))
+      return pa_error(PA_EUNSUPPORTED, "%s: config.json sets '%s', which palign does not support", path,
+                      unsupported_flags[i]);
+  }
   const cJSON *nm = cJSON_GetObjectItemCaseSensitive(cfg, "_name_or_path");
   if (cJSON_IsString(nm))
     snprintf(c->name, sizeof c->name, "%s", nm->valuestring);
@@ -275,37 +301,45 @@ static int find_src(const pa_model *m, const char *gguf_name, const char *hf_nam
   return PA_OK;
 }
 
-/* Every weight the model needs, in arena order. */
+/* Every weight the model may need, in arena order. */
 typedef struct {
   const char *gguf, *hf; /* names; "%d" is the layer */
   int rows, cols;        /* expected shape; cols 0 for a vector */
   int permute_heads;     /* GGUF interleaved RoPE rows -> rotate-half, with this many heads */
   size_t offset;         /* into the layer's struct */
+  bool qkv_bias;         /* present only in models with Q/K/V biases */
 } weight_spec;
 
-enum { N_LAYER_WEIGHTS = 9 };
+enum { N_LAYER_WEIGHTS = 12 };
+
+static bool spec_used(const pa_model_config *c, const weight_spec *s) { return !s->qkv_bias || c->qkv_bias; }
 
 static void layer_specs(const pa_model_config *c, weight_spec s[N_LAYER_WEIGHTS]) {
   const int q = c->n_heads * c->head_dim, kv = c->n_kv_heads * c->head_dim;
   const weight_spec specs[N_LAYER_WEIGHTS] = {
       {"blk.%d.attn_norm.weight", "model.layers.%d.input_layernorm.weight", c->dim, 0, 0,
-       offsetof(pa_layer_weights, attn_norm)},
+       offsetof(pa_layer_weights, attn_norm), false},
       {"blk.%d.attn_q.weight", "model.layers.%d.self_attn.q_proj.weight", q, c->dim, c->n_heads,
-       offsetof(pa_layer_weights, wq)},
+       offsetof(pa_layer_weights, wq), false},
       {"blk.%d.attn_k.weight", "model.layers.%d.self_attn.k_proj.weight", kv, c->dim, c->n_kv_heads,
-       offsetof(pa_layer_weights, wk)},
-      {"blk.%d.attn_v.weight", "model.layers.%d.self_attn.v_proj.weight", kv, c->dim, 0,
-       offsetof(pa_layer_weights, wv)},
+       offsetof(pa_layer_weights, wk), false},
+      {"blk.%d.attn_v.weight", "model.layers.%d.self_attn.v_proj.weight", kv, c->dim, 0, offsetof(pa_layer_weights, wv),
+       false},
       {"blk.%d.attn_output.weight", "model.layers.%d.self_attn.o_proj.weight", c->dim, q, 0,
-       offsetof(pa_layer_weights, wo)},
+       offsetof(pa_layer_weights, wo), false},
       {"blk.%d.ffn_norm.weight", "model.layers.%d.post_attention_layernorm.weight", c->dim, 0, 0,
-       offsetof(pa_layer_weights, ffn_norm)},
+       offsetof(pa_layer_weights, ffn_norm), false},
       {"blk.%d.ffn_gate.weight", "model.layers.%d.mlp.gate_proj.weight", c->ffn_dim, c->dim, 0,
-       offsetof(pa_layer_weights, w_gate)},
+       offsetof(pa_layer_weights, w_gate), false},
       {"blk.%d.ffn_up.weight", "model.layers.%d.mlp.up_proj.weight", c->ffn_dim, c->dim, 0,
-       offsetof(pa_layer_weights, w_up)},
+       offsetof(pa_layer_weights, w_up), false},
       {"blk.%d.ffn_down.weight", "model.layers.%d.mlp.down_proj.weight", c->dim, c->ffn_dim, 0,
-       offsetof(pa_layer_weights, w_down)},
+       offsetof(pa_layer_weights, w_down), false},
+      {"blk.%d.attn_q.bias", "model.layers.%d.self_attn.q_proj.bias", q, 0, c->n_heads, offsetof(pa_layer_weights, bq),
+       true},
+      {"blk.%d.attn_k.bias", "model.layers.%d.self_attn.k_proj.bias", kv, 0, c->n_kv_heads,
+       offsetof(pa_layer_weights, bk), true},
+      {"blk.%d.attn_v.bias", "model.layers.%d.self_attn.v_proj.bias", kv, 0, 0, offsetof(pa_layer_weights, bv), true},
   };
   memcpy(s, specs, sizeof specs);
 }
@@ -340,18 +374,19 @@ static int read_weight(const pa_model *m, const src_tensor *t, int rows, int col
     return pa_error(PA_EUNSUPPORTED, "%s: tensor '%s' has type %s, which palign cannot dequantise", m->path, t->name,
                     t->type_name);
   const uint64_t n = (uint64_t)rows * (uint64_t)(cols ? cols : 1);
-  const bool permute = m->gguf && permute_heads;
+  const bool permute = m->gguf && permute_heads && gguf_qk_interleaved(m->cfg.arch);
   if ((rc = pa_dequantize(t->type, t->data, permute ? scratch : dst, n)))
     return pa_error_prefix(rc, "%s: tensor '%s': ", m->path, t->name);
   if (!permute)
     return PA_OK;
   /* GGUF row 2b+a of a head holds Hugging Face row a*(hd/2)+b (llama.cpp's convert permutation) */
   const int hd = rows / permute_heads, half = hd / 2;
+  const size_t width = (size_t)(cols ? cols : 1); /* a bias permutes like its matrix's rows */
   for (int h = 0; h < permute_heads; h++)
     for (int a = 0; a < 2; a++)
       for (int b = 0; b < half; b++)
-        memcpy(dst + ((size_t)h * hd + a * half + b) * cols, scratch + ((size_t)h * hd + 2 * b + a) * cols,
-               (size_t)cols * sizeof(float));
+        memcpy(dst + ((size_t)h * hd + a * half + b) * width, scratch + ((size_t)h * hd + 2 * b + a) * width,
+               width * sizeof(float));
   return PA_OK;
 }
 
@@ -381,6 +416,8 @@ int pa_model_load_weights(const pa_model *m, pa_weights *w) {
   layer_specs(c, specs);
   size_t per_layer = 0, largest = (size_t)c->vocab_size * c->dim;
   for (int i = 0; i < N_LAYER_WEIGHTS; i++) {
+    if (!spec_used(c, &specs[i]))
+      continue;
     per_layer += spec_floats(&specs[i]);
     if (spec_floats(&specs[i]) > largest)
       largest = spec_floats(&specs[i]);
@@ -399,12 +436,12 @@ int pa_model_load_weights(const pa_model *m, pa_weights *w) {
   float *p = w->arena;
   src_tensor t;
   int rc;
-#define TAKE(dst, gname, hname, rows, cols)                                                   \
-  do {                                                                                        \
-    if ((rc = find_src(m, gname, hname, &t)) || (rc = read_weight(m, &t, rows, cols, 0, p, scratch))) \
-      goto fail;                                                                              \
-    dst = p;                                                                                  \
-    p += (size_t)(rows) * (size_t)((cols) ? (cols) : 1);                                      \
+#define TAKE(dst, gname, hname, rows, cols)                                                                            \
+  do {                                                                                                                 \
+    if ((rc = find_src(m, gname, hname, &t)) || (rc = read_weight(m, &t, rows, cols, 0, p, scratch)))                  \
+      goto fail;                                                                                                       \
+    dst = p;                                                                                                           \
+    p += (size_t)(rows) * (size_t)((cols) ? (cols) : 1);                                                               \
   } while (0)
   TAKE(w->tok_embd, "token_embd.weight", "model.embed_tokens.weight", c->vocab_size, c->dim);
   TAKE(w->out_norm, "output_norm.weight", "model.norm.weight", c->dim, 0);
@@ -415,6 +452,8 @@ int pa_model_load_weights(const pa_model *m, pa_weights *w) {
 #undef TAKE
   for (int l = 0; l < c->n_layers; l++) {
     for (int i = 0; i < N_LAYER_WEIGHTS; i++) {
+      if (!spec_used(c, &specs[i]))
+        continue;
       char gname[96], hname[96];
       snprintf(gname, sizeof gname, specs[i].gguf, l);
       snprintf(hname, sizeof hname, specs[i].hf, l);
@@ -489,14 +528,16 @@ static int check_tensors(const pa_model *m) {
   layer_specs(c, specs);
   for (int l = 0; l < c->n_layers; l++)
     for (int i = 0; i < N_LAYER_WEIGHTS; i++) {
+      if (!spec_used(c, &specs[i]))
+        continue;
       char gname[96], hname[96];
       snprintf(gname, sizeof gname, specs[i].gguf, l);
       snprintf(hname, sizeof hname, specs[i].hf, l);
       if ((rc = find_src(m, gname, hname, &t)) || (rc = check_shape(m, &t, specs[i].rows, specs[i].cols)))
         return rc;
       if (!pa_dtype_can_dequantize(t.type))
-        return pa_error(PA_EUNSUPPORTED, "%s: tensor '%s' has type %s, which palign cannot dequantise", m->path,
-                        t.name, t.type_name);
+        return pa_error(PA_EUNSUPPORTED, "%s: tensor '%s' has type %s, which palign cannot dequantise", m->path, t.name,
+                        t.type_name);
     }
   if (m->gguf && c->rope_scaling.kind == PA_ROPE_SCALING_LLAMA3 &&
       ((rc = find_src(m, "rope_freqs.weight", NULL, &t)) || (rc = check_shape(m, &t, c->head_dim / 2, 0))))

@@ -5,10 +5,16 @@
  * *.safetensors, tokenizer.json, tokenizer_config.json). After pa_model_open()
  * nothing downstream asks which it was.
  *
+ * Architectures: "llama" (Llama 2/3, SmolLM2), "mistral", and "qwen2"
+ * (Qwen2/Qwen2.5: Llama plus biases on the Q, K and V projections).
+ *
  * Weight layout (the Hugging Face orientation): every matrix is row-major
- * [out][in], fp32. Q and K rows are in Hugging Face's rotate-half order (the
- * two halves of each head's dimensions are the two RoPE components); GGUF
- * files store them interleaved, and the loader undoes that permutation.
+ * [out][in], fp32. Q and K rows (and the Q/K biases) are in Hugging Face's
+ * rotate-half order (the two halves of each head's dimensions are the two
+ * RoPE components). GGUF files of llama and mistral store them interleaved
+ * (llama.cpp's convert permutes them for its adjacent-pair RoPE) and the
+ * loader undoes that permutation; qwen2 GGUF files keep Hugging Face's order
+ * (llama.cpp runs them with its rotate-half "NEOX" RoPE).
  */
 #ifndef PALIGN_MODEL_H
 #define PALIGN_MODEL_H
@@ -23,7 +29,7 @@ typedef enum {
 } pa_rope_scaling_kind;
 
 typedef struct {
-  char arch[32];  /* "llama" (Llama 2/3, SmolLM2) or "mistral" */
+  char arch[32];  /* "llama" (Llama 2/3, SmolLM2), "mistral" or "qwen2" */
   char name[128]; /* free text from the file, may be empty */
   int32_t n_layers;
   int32_t dim;        /* hidden size */
@@ -43,6 +49,7 @@ typedef struct {
   } rope_scaling;
   float norm_eps; /* RMSNorm epsilon */
   bool tied_embeddings; /* the output projection is the token embedding */
+  bool qkv_bias;        /* the Q, K and V projections add a bias (qwen2) */
 } pa_model_config;
 
 /* Checks ranges and consistency (heads divide, head_dim even, ...);
@@ -55,6 +62,7 @@ typedef struct {
   float *wk;            /* [n_kv_heads * head_dim][dim] */
   float *wv;            /* [n_kv_heads * head_dim][dim] */
   float *wo;            /* [dim][n_heads * head_dim] */
+  float *bq, *bk, *bv;  /* [n_heads * head_dim], [n_kv_heads * head_dim] x 2, or all NULL (no qkv_bias) */
   float *ffn_norm;      /* [dim] */
   float *w_gate, *w_up; /* [ffn_dim][dim] */
   float *w_down;        /* [dim][ffn_dim] */

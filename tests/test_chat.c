@@ -1,6 +1,6 @@
 /* Chat templates: every format's rendering against the real Jinja templates
  * rendered by jinja2 (tests/golden/tokenizer/chat.json, made by
- * make_tokenizer_golden.py), recognition of templates by their markers, and
+ * make_tokenizer_golden.py, and chat_qwen2.json, make_qwen2_golden.py), recognition of templates by their markers, and
  * bad arguments. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -62,6 +62,36 @@ static void test_golden(void **s) {
     n++;
   }
   assert_true(n >= 40);
+  cJSON_Delete(root);
+}
+
+/* Qwen2.5's real template (from the Qwen2.5-Coder GGUF, kept in the golden)
+ * is recognised as ChatML with Qwen's default system turn and renders what
+ * jinja2 rendered (make_qwen2_golden.py real). */
+static void test_qwen2_golden(void **s) {
+  (void)s;
+  cJSON *root;
+  if (pa_json_load(PALIGN_TEST_DATA "/tokenizer/chat_qwen2.json", &root))
+    fail_msg("%s", pa_errmsg());
+  pa_chat_template *t;
+  if (pa_chat_template_from_jinja(str_or_null(root, "template"), "qwen2", &t))
+    fail_msg("%s", pa_errmsg());
+  assert_int_equal(pa_chat_template_kind(t), PA_CHAT_CHATML);
+  assert_string_equal(pa_chat_template_default_system(t),
+                      "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.");
+  const cJSON *c;
+  int n = 0;
+  cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases")) {
+    char *out;
+    assert_int_equal(
+        pa_chat_render(t, str_or_null(c, "system"), str_or_null(c, "user"), str_or_null(c, "prefix"), &out), PA_OK);
+    if (strcmp(out, str_or_null(c, "expected")))
+      fail_msg("qwen2 case %d:\n got  [%s]\n want [%s]", n, out, str_or_null(c, "expected"));
+    free(out);
+    n++;
+  }
+  assert_true(n >= 9);
+  pa_chat_template_destroy(t);
   cJSON_Delete(root);
 }
 
@@ -148,10 +178,8 @@ static void test_llama31(void **s) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_golden),
-      cmocka_unit_test(test_recognition),
-      cmocka_unit_test(test_names_and_errors),
-      cmocka_unit_test(test_llama31),
+      cmocka_unit_test(test_golden),           cmocka_unit_test(test_qwen2_golden), cmocka_unit_test(test_recognition),
+      cmocka_unit_test(test_names_and_errors), cmocka_unit_test(test_llama31),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

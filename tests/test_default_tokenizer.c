@@ -1,15 +1,19 @@
-/* The default model's tokenizer and chat template (SmolLM2-135M-Instruct,
- * GGUF) against llama.cpp and Hugging Face tokenizers, which agreed on every
- * id (tests/golden/make_tokenizer_golden.py): the PAS prompts of all 300
+/* A real model's tokenizer and chat template against llama.cpp and Hugging
+ * Face tokenizers, which agreed on every id: the PAS prompts of all 300
  * IPIP-NEO items in both cases, the ICL prompts of three subjects, and
  * hand-written strings; token for token, and decode(encode(x)) == x.
+ *   test_default_tokenizer [smollm2]  the default model (SmolLM2-135M-Instruct,
+ *                                     GGUF; tests/golden/make_tokenizer_golden.py)
+ *   test_default_tokenizer qwen2      Qwen2.5-Coder-0.5B-Instruct (GGUF;
+ *                                     make_qwen2_golden.py real, where
+ *                                     transformers' own GGUF tokenizer agreed too)
  *
  * The prompts are rebuilt here from the PAPI files (PALIGN_PAPI_DIR), which
- * are never committed; the goldens hold ids only. Needs the default model
- * (PALIGN_MODEL, or scripts/setup.sh's cache); skips (77) without it unless
- * PALIGN_REQUIRE_MODEL=1. With PALIGN_SMOLLM2_TOKENIZER_JSON naming the
- * tokenizer.json the golden script rebuilt (--hf-json), the JSON loader is
- * checked on the same cases. */
+ * are never committed; the goldens hold ids only. Needs the model (see
+ * testutil.h); skips (77) without it unless PALIGN_REQUIRE_MODEL=1 /
+ * PALIGN_REQUIRE_QWEN2=1. With PALIGN_SMOLLM2_TOKENIZER_JSON (or
+ * PALIGN_QWEN2_TOKENIZER_JSON) naming a tokenizer.json the golden script
+ * wrote, the JSON loader is checked on the same cases. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -50,6 +54,28 @@ static const char *const labels[6] = {NULL,
                                       "Moderately Accurate",
                                       "Very Accurate"};
 
+typedef struct {
+  const char *name;
+  const char *(*model)(void);
+  const char *papi, *strings; /* golden files */
+  const char *json_env;       /* a tokenizer.json to check as well */
+} model_kind;
+
+static const model_kind kinds[] = {
+    {"smollm2", test_default_model, "smollm2_papi.txt", "smollm2_strings.txt", "PALIGN_SMOLLM2_TOKENIZER_JSON"},
+    {"qwen2", test_qwen2_model, "qwen2_papi.txt", "qwen2_strings.txt", "PALIGN_QWEN2_TOKENIZER_JSON"},
+};
+static const model_kind *kind = &kinds[0];
+
+static FILE *open_golden(const char *name) {
+  char path[512];
+  snprintf(path, sizeof path, "%s%s", GOLDEN, name);
+  FILE *f = fopen(path, "r");
+  if (!f)
+    fail_msg("cannot open %s", path);
+  return f;
+}
+
 static pa_gguf *gguf;
 static pa_tokenizer *tok;      /* from the GGUF */
 static pa_tokenizer *tok_json; /* from the rebuilt tokenizer.json, if given */
@@ -57,7 +83,7 @@ static pa_chat_template *chat; /* from the GGUF's Jinja template */
 
 static int setup(void **s) {
   (void)s;
-  const char *model = test_default_model(); /* exits 77 when absent */
+  const char *model = kind->model(); /* exits 77 when absent */
   if (pa_gguf_open(model, &gguf) || pa_tokenizer_from_gguf(gguf, &tok)) {
     fprintf(stderr, "%s\n", pa_errmsg());
     return -1;
@@ -74,7 +100,7 @@ static int setup(void **s) {
     fprintf(stderr, "%s\n", pa_errmsg());
     return -1;
   }
-  const char *json = getenv("PALIGN_SMOLLM2_TOKENIZER_JSON");
+  const char *json = getenv(kind->json_env);
   if (json && *json && pa_tokenizer_from_json(json, NULL, &tok_json)) {
     fprintf(stderr, "%s\n", pa_errmsg());
     return -1;
@@ -116,35 +142,59 @@ static void check_ids(const pa_tokenizer *t, const char *text, unsigned flags, c
 static void test_metadata(void **s) {
   (void)s;
   assert_int_equal(pa_tokenizer_model_kind(tok), PA_TOK_BYTE_BPE);
-  assert_non_null(strstr(pa_tokenizer_describe(tok), "smollm"));
-  assert_int_equal(pa_tokenizer_n_vocab(tok), 49152);
-  assert_int_equal(pa_tokenizer_bos(tok), 1);
-  assert_int_equal(pa_tokenizer_eos(tok), 2);
-  assert_int_equal(pa_tokenizer_unk(tok), 0);
-  assert_int_equal(pa_tokenizer_pad(tok), 2);
-  assert_int_equal(pa_tokenizer_eot(tok), 2); /* <|im_end|> */
+  assert_non_null(strstr(pa_tokenizer_describe(tok), kind->name[0] == 's' ? "smollm" : "qwen2"));
   assert_false(pa_tokenizer_add_bos(tok));
-  assert_int_equal(pa_tokenizer_find(tok, "<|im_start|>"), 1);
-  assert_true(pa_tokenizer_is_special(tok, 1));
-  assert_false(pa_tokenizer_is_special(tok, 100));
-  /* the option letters a reader of logits needs */
-  const char *letters[] = {"A", "B", "C", "D", "E"};
-  for (int i = 0; i < 5; i++)
-    assert_int_equal(pa_tokenizer_find(tok, letters[i]), 49 + i);
   assert_int_equal(pa_chat_template_kind(chat), PA_CHAT_CHATML);
-  assert_string_equal(pa_chat_template_default_system(chat),
-                      "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
+  const char *letters[] = {"A", "B", "C", "D", "E"};
+  if (kind == &kinds[0]) {
+    assert_int_equal(pa_tokenizer_n_vocab(tok), 49152);
+    assert_int_equal(pa_tokenizer_bos(tok), 1);
+    assert_int_equal(pa_tokenizer_eos(tok), 2);
+    assert_int_equal(pa_tokenizer_unk(tok), 0);
+    assert_int_equal(pa_tokenizer_pad(tok), 2);
+    assert_int_equal(pa_tokenizer_eot(tok), 2); /* <|im_end|> */
+    assert_int_equal(pa_tokenizer_find(tok, "<|im_start|>"), 1);
+    assert_true(pa_tokenizer_is_special(tok, 1));
+    assert_false(pa_tokenizer_is_special(tok, 100));
+    /* the option letters a reader of logits needs */
+    for (int i = 0; i < 5; i++)
+      assert_int_equal(pa_tokenizer_find(tok, letters[i]), 49 + i);
+    assert_string_equal(pa_chat_template_default_system(chat),
+                        "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
+  } else {
+    assert_int_equal(pa_tokenizer_n_vocab(tok), 151936);
+    assert_int_equal(pa_tokenizer_bos(tok), 151643); /* <|endoftext|> */
+    assert_int_equal(pa_tokenizer_eos(tok), 151645); /* <|im_end|> */
+    assert_int_equal(pa_tokenizer_pad(tok), 151643);
+    assert_int_equal(pa_tokenizer_eot(tok), 151645);
+    assert_int_equal(pa_tokenizer_find(tok, "<|im_start|>"), 151644);
+    assert_true(pa_tokenizer_is_special(tok, 151644));
+    assert_false(pa_tokenizer_is_special(tok, 100));
+    for (int i = 0; i < 5; i++)
+      assert_int_equal(pa_tokenizer_find(tok, letters[i]), 32 + i);
+    assert_string_equal(pa_chat_template_default_system(chat),
+                        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.");
+  }
 }
 
-/* chat.json's SmolLM2 cases, now with the model's own template. */
+/* The model's own template renders what jinja2 rendered: chat.json's SmolLM2
+ * cases, or chat_qwen2.json's (made from this model's template). */
 static void test_chat_template(void **s) {
   (void)s;
   cJSON *root;
-  assert_int_equal(pa_json_load(GOLDEN "chat.json", &root), PA_OK);
+  const bool qwen2 = kind == &kinds[1];
+  assert_int_equal(pa_json_load(qwen2 ? GOLDEN "chat_qwen2.json" : GOLDEN "chat.json", &root), PA_OK);
+  if (qwen2) {
+    pa_str jinja;
+    assert_int_equal(pa_gguf_get_str(gguf, "tokenizer.chat_template", &jinja), PA_OK);
+    const char *want = cJSON_GetObjectItem(root, "template")->valuestring;
+    assert_true(strlen(want) == jinja.len && !memcmp(want, jinja.ptr, jinja.len));
+  }
   const cJSON *c;
   int n = 0;
   cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases")) {
-    if (strcmp(cJSON_GetObjectItem(c, "template")->valuestring, "smollm2"))
+    const cJSON *t = cJSON_GetObjectItem(c, "template");
+    if (!qwen2 && strcmp(t->valuestring, "smollm2"))
       continue;
     const cJSON *sys = cJSON_GetObjectItem(c, "system"), *pre = cJSON_GetObjectItem(c, "prefix");
     char *out;
@@ -156,13 +206,12 @@ static void test_chat_template(void **s) {
     free(out);
     n++;
   }
-  assert_true(n >= 10);
+  assert_true(n >= 9);
   cJSON_Delete(root);
 }
 
 static void check_strings(const pa_tokenizer *t, const char *what) {
-  FILE *f = fopen(GOLDEN "smollm2_strings.txt", "r");
-  assert_non_null(f);
+  FILE *f = open_golden(kind->strings);
   char *line = NULL, *save;
   size_t cap = 0;
   int n = 0;
@@ -343,8 +392,7 @@ static char *icl_system(int s) {
 }
 
 static void check_papi(const pa_tokenizer *t, const char *what, bool timing) {
-  FILE *f = fopen(GOLDEN "smollm2_papi.txt", "r");
-  assert_non_null(f);
+  FILE *f = open_golden(kind->papi);
   char *line = NULL, *save;
   size_t cap = 0, n_prev = 0;
   int32_t *prev = NULL;
@@ -352,7 +400,7 @@ static void check_papi(const pa_tokenizer *t, const char *what, bool timing) {
   while (getline(&line, &cap, f) > 0) {
     if (line[0] == '#')
       continue;
-    const char *kind = strtok_r(line, " \n", &save);
+    const char *row_kind = strtok_r(line, " \n", &save);
     int item = atoi(strtok_r(NULL, " \n", &save));
     bool lower = !strcmp(strtok_r(NULL, " \n", &save), "lower");
     size_t p = (size_t)atol(strtok_r(NULL, " \n", &save)), sfx = (size_t)atol(strtok_r(NULL, " \n", &save)),
@@ -367,7 +415,7 @@ static void check_papi(const pa_tokenizer *t, const char *what, bool timing) {
     for (size_t i = 0; i < sfx; i++)
       want[p + m + i] = prev[n_prev - sfx + i];
     char *sys, *user;
-    if (!strcmp(kind, "item")) {
+    if (!strcmp(row_kind, "item")) {
       sys = strdup(SYSTEM_PROMPT);
       user = question(item, lower);
     } else {
@@ -378,9 +426,9 @@ static void check_papi(const pa_tokenizer *t, const char *what, bool timing) {
     char *prompt;
     assert_int_equal(pa_chat_render(chat, sys, user, PREFIX, &prompt), PA_OK);
     char what_row[96];
-    snprintf(what_row, sizeof what_row, "%s, %s %d %s", what, kind, item, lower ? "lower" : "orig");
+    snprintf(what_row, sizeof what_row, "%s, %s %d %s", what, row_kind, item, lower ? "lower" : "orig");
     check_ids(t, prompt, PA_TOK_PARSE_SPECIAL, want, n, what_row);
-    if (timing && icl == 1 && !strcmp(kind, "icl")) {
+    if (timing && icl == 1 && !strcmp(row_kind, "icl")) {
       /* the long prompt every question of a subject shares: how fast? */
       int reps = 200;
       struct timespec a, b;
@@ -425,7 +473,14 @@ static void test_papi_prompts(void **s) {
   free_papi();
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+  for (size_t i = 0; argc > 1 && i < sizeof kinds / sizeof kinds[0]; i++)
+    if (!strcmp(argv[1], kinds[i].name))
+      kind = &kinds[i];
+  if (argc > 1 && strcmp(argv[1], kind->name)) {
+    fprintf(stderr, "usage: %s [smollm2|qwen2]\n", argv[0]);
+    return 2;
+  }
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_metadata),
       cmocka_unit_test(test_chat_template),

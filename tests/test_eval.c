@@ -28,24 +28,24 @@ static pa_lm *lm;
 static pa_inventory *inv;
 static pa_subjects *subjects;
 
-static const char items_csv[] =
-    "item,ipip120_no,trait,facet_code,facet,keyed,text\n"
-    "1,1,N,N1,Anxiety,+,Worry about things.\n"
-    "2,2,E,E1,Friendliness,+,Make friends easily.\n"
-    "3,3,O,O1,Imagination,+,Have a vivid imagination.\n"
-    "4,4,A,A1,Trust,+,Trust others.\n"
-    "5,5,C,C1,Self-Efficacy,+,Complete tasks successfully.\n"
-    "6,6,N,N2,Anger,+,Get angry easily.\n"
-    "7,7,E,E2,Gregariousness,+,Love large parties.\n"
-    "8,8,O,O2,Artistic Interests,+,Believe in the importance of art.\n"
-    "9,9,A,A2,Morality,-,Use others for my own ends.\n"
-    "10,10,C,C2,Orderliness,+,Like order.\n";
+static const char items_csv[] = "item,ipip120_no,trait,facet_code,facet,keyed,text\n"
+                                "1,1,N,N1,Anxiety,+,Worry about things.\n"
+                                "2,2,E,E1,Friendliness,+,Make friends easily.\n"
+                                "3,3,O,O1,Imagination,+,Have a vivid imagination.\n"
+                                "4,4,A,A1,Trust,+,Trust others.\n"
+                                "5,5,C,C1,Self-Efficacy,+,Complete tasks successfully.\n"
+                                "6,6,N,N2,Anger,+,Get angry easily.\n"
+                                "7,7,E,E2,Gregariousness,+,Love large parties.\n"
+                                "8,8,O,O2,Artistic Interests,+,Believe in the importance of art.\n"
+                                "9,9,A,A2,Morality,-,Use others for my own ends.\n"
+                                "10,10,C,C2,Orderliness,+,Like order.\n";
 static const char split_json[] = "{\"train_index\": [1, 2, 3, 4, 5], \"test_index\": [6, 7, 8, 9, 10]}";
-static const char subjects_json[] =
-    "[{\"case\": 11, \"i1\": 4, \"i2\": 0, \"i3\": 2, \"i4\": 5, \"i5\": 1, \"i6\": 3, \"i7\": 4, \"i8\": 2, \"i9\": 1, "
-    "\"i10\": 5},"
-    " {\"case\": 12, \"i1\": 1, \"i2\": 2, \"i3\": 3, \"i4\": 4, \"i5\": 5, \"i6\": 5, \"i7\": 0, \"i8\": 3, \"i9\": 2, "
-    "\"i10\": 1}]";
+static const char subjects_json[] = "[{\"case\": 11, \"i1\": 4, \"i2\": 0, \"i3\": 2, \"i4\": 5, \"i5\": 1, \"i6\": 3, "
+                                    "\"i7\": 4, \"i8\": 2, \"i9\": 1, "
+                                    "\"i10\": 5},"
+                                    " {\"case\": 12, \"i1\": 1, \"i2\": 2, \"i3\": 3, \"i4\": 4, \"i5\": 5, \"i6\": 5, "
+                                    "\"i7\": 0, \"i8\": 3, \"i9\": 2, "
+                                    "\"i10\": 1}]";
 
 static int setup(void **s) {
   if (tu_setup(s))
@@ -102,14 +102,24 @@ static void test_parse_generated(void **s) {
     const char *text;
     int want;
   } cases[] = {
-      {" (C). Neither Accurate", 3}, {"A", 0},          {"A)", 5},      {"Abz", 0},   {"bad", 0},
-      {"the answer: B", 1},          {"(e)", 1},        {"xxxxxxxxxxxB.", 0}, {"xxxxxxxxxxB.", 4}, {"", 0},
-      {"éééééééééé D ", 0},          {"ééééééééé D ", 2}, {"D\n", 2},
+      {" (C). Neither Accurate", 3},
+      {"A", 0},
+      {"A)", 5},
+      {"Abz", 0},
+      {"bad", 0},
+      {"the answer: B", 1},
+      {"(e)", 1},
+      {"xxxxxxxxxxxB.", 0},
+      {"xxxxxxxxxxB.", 4},
+      {"", 0},
+      {"éééééééééé D ", 0},
+      {"ééééééééé D ", 2},
+      {"D\n", 2},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
     if (pa_parse_generated_answer(cases[i].text, strlen(cases[i].text)) != cases[i].want)
-      fail_msg("'%s': got %d, want %d", cases[i].text,
-               pa_parse_generated_answer(cases[i].text, strlen(cases[i].text)), cases[i].want);
+      fail_msg("'%s': got %d, want %d", cases[i].text, pa_parse_generated_answer(cases[i].text, strlen(cases[i].text)),
+               cases[i].want);
 }
 
 /* The evaluator's answers equal those of each full prompt run on its own. */
@@ -177,6 +187,22 @@ static void test_shared_prefix_answers(void **s) {
   assert_true(st.question_tokens > 0);
   for (int i = 0; i < n_test - 1; i++)
     assert_int_equal(again[i].answer, preds[i].answer);
+  /* the first call is still remembered after another one (and a steered
+   * call, which is never remembered), ... */
+  const pa_model_config *cfg = pa_lm_config(lm);
+  float *steer = calloc((size_t)cfg->n_layers * cfg->n_heads * cfg->head_dim, sizeof *steer);
+  steer[3] = 0.5f;
+  assert_int_equal(pa_evaluator_answer(ev, inv, icl, test, 2, steer, again, NULL, &st), PA_OK);
+  assert_int_equal(pa_evaluator_answer(ev, inv, icl, test, n_test, NULL, again, probs2, &st), PA_OK);
+  assert_int_equal(st.prefix_tokens + st.question_tokens, 0);
+  assert_memory_equal(probs2, probs, sizeof probs);
+  /* ... until four other unsteered calls have come since */
+  for (int k = 1; k <= 4; k++)
+    assert_int_equal(pa_evaluator_answer(ev, inv, icl, test + k, 1, NULL, again, NULL, &st), PA_OK);
+  assert_int_equal(pa_evaluator_answer(ev, inv, icl, test, n_test, NULL, again, probs2, &st), PA_OK);
+  assert_true(st.question_tokens > 0);
+  assert_memory_equal(probs2, probs, sizeof probs);
+  free(steer);
   free(icl), free(logits);
   pa_evaluator_destroy(ev);
 }
@@ -202,8 +228,8 @@ static void test_generate_mode(void **s) {
     pa_kv *kv;
     assert_int_equal(pa_kv_create(lm, (int)n + 15, &kv), PA_OK);
     const int32_t stop[2] = {pa_tokenizer_eos(tok), pa_tokenizer_find(tok, "<|im_end|>")};
-    assert_int_equal(pa_lm_generate(lm, NULL, kv, ids, (int)n, &(pa_gen_opts){.max_tokens = 15, .stop = stop, .n_stop = 2},
-                                    &out, &n_out),
+    assert_int_equal(pa_lm_generate(lm, NULL, kv, ids, (int)n,
+                                    &(pa_gen_opts){.max_tokens = 15, .stop = stop, .n_stop = 2}, &out, &n_out),
                      PA_OK);
     if (n_out > 0 && (out[n_out - 1] == stop[0] || out[n_out - 1] == stop[1]))
       n_out--;

@@ -55,7 +55,7 @@ static void test_matmul(void **s) {
   free(x), free(w), free(y), free(want);
 }
 
-static void test_rmsnorm_swiglu_add_embed(void **s) {
+static void test_rmsnorm_swiglu_add_bias_embed(void **s) {
   (void)s;
   const pa_backend *be = pa_backend_cpu();
   const int M = 5, D = 77;
@@ -83,6 +83,13 @@ static void test_rmsnorm_swiglu_add_embed(void **s) {
     want[i] = (double)y[i] + u[i];
   be->add(M, D, u, y);
   close_enough(y, want, (size_t)M * D, 1e-7, "add");
+
+  float *bias = rand_vec(D);
+  for (int i = 0; i < M * D; i++)
+    want[i] = (double)y[i] + bias[i % D];
+  be->add_bias(M, D, bias, y);
+  close_enough(y, want, (size_t)M * D, 1e-7, "add_bias");
+  free(bias);
 
   const int32_t ids[3] = {4, 0, 4};
   float *e = malloc(3 * (size_t)D * sizeof *e);
@@ -197,7 +204,7 @@ static void test_attention_prefix(void **s) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_matmul),
-      cmocka_unit_test(test_rmsnorm_swiglu_add_embed),
+      cmocka_unit_test(test_rmsnorm_swiglu_add_bias_embed),
       cmocka_unit_test(test_rope),
       cmocka_unit_test(test_attention_no_prefix),
       cmocka_unit_test(test_attention_prefix),

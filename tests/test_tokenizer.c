@@ -467,8 +467,8 @@ static const bad_json bad_jsons[] = {
      "model.unk_token '<unk>' is not in the vocabulary"},
     {"{\"model\":{\"type\":\"BPE\"," V3 ",\"merges\":[],\"byte_fallback\":1}}", PA_EFORMAT,
      "model.byte_fallback should be true or false"},
-    {"{\"normalizer\":{\"type\":\"NFC\"},\"model\":{\"type\":\"BPE\"," V3 ",\"merges\":[]}}", PA_EUNSUPPORTED,
-     "normalizer 'NFC'"},
+    {"{\"normalizer\":{\"type\":\"NFKC\"},\"model\":{\"type\":\"BPE\"," V3 ",\"merges\":[]}}", PA_EUNSUPPORTED,
+     "normalizer 'NFKC'"},
     {"{\"normalizer\":{\"type\":\"Replace\",\"pattern\":{\"Regex\":\"x\"},\"content\":\"y\"},\"model\":{\"type\":"
      "\"BPE\"," V3 ",\"merges\":[]}}",
      PA_EUNSUPPORTED, "regex pattern"},

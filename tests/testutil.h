@@ -4,9 +4,10 @@
  *    group or test fixtures; tu_path names a file in it);
  *  - whole-file reading and writing that fail the test on error;
  *  - running a command (a built binary) and keeping what it printed;
- *  - where the default model and the PAPI data are: the model is downloaded by
- *    scripts/setup.sh, and a test that needs it skips (exit 77) when it is
- *    absent, unless PALIGN_REQUIRE_MODEL=1 (CI), when its absence fails. */
+ *  - where the models and the PAPI data are: the models are downloaded by
+ *    scripts/setup.sh, and a test that needs one skips (exit 77) when it is
+ *    absent, unless PALIGN_REQUIRE_MODEL=1 (PALIGN_REQUIRE_QWEN2=1 for the
+ *    qwen2 model; CI sets both), when its absence fails. */
 #ifndef PALIGN_TESTUTIL_H
 #define PALIGN_TESTUTIL_H
 
@@ -20,6 +21,7 @@
 #include <unistd.h>
 
 #define PALIGN_DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
+#define PALIGN_QWEN2_MODEL_FILE   "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 static char tu_tmp[256];
 
@@ -144,25 +146,41 @@ static inline int tu_run(char *out, size_t n_out, char *err, size_t n_err, const
   return WEXITSTATUS(st);
 }
 
-static inline const char *test_default_model(void) {
+/* A model in the cache: $env_path if set, else $PALIGN_CACHE/file (default
+ * ~/.cache/palign/file). Exits 77 (skip) when absent, or 1 when the variable
+ * require is "1" (CI). */
+static inline const char *tu_cached_model(const char *file, const char *env_path, const char *require,
+                                          const char *setup_hint) {
   static char buf[4096];
-  const char *env = getenv("PALIGN_MODEL"), *cache = getenv("PALIGN_CACHE");
+  const char *env = getenv(env_path), *cache = getenv("PALIGN_CACHE");
   if (env && *env)
     snprintf(buf, sizeof buf, "%s", env);
   else if (cache && *cache)
-    snprintf(buf, sizeof buf, "%s/%s", cache, PALIGN_DEFAULT_MODEL_FILE);
+    snprintf(buf, sizeof buf, "%s/%s", cache, file);
   else
-    snprintf(buf, sizeof buf, "%s/.cache/palign/%s", getenv("HOME") ? getenv("HOME") : "", PALIGN_DEFAULT_MODEL_FILE);
+    snprintf(buf, sizeof buf, "%s/.cache/palign/%s", getenv("HOME") ? getenv("HOME") : "", file);
   if (access(buf, R_OK) != 0) {
-    const char *req = getenv("PALIGN_REQUIRE_MODEL");
+    const char *req = getenv(require);
     if (req && !strcmp(req, "1")) {
-      fprintf(stderr, "the default model %s is missing (run scripts/setup.sh)\n", buf);
+      fprintf(stderr, "the model %s is missing (run %s)\n", buf, setup_hint);
       exit(1);
     }
-    fprintf(stderr, "skipping: the default model %s is missing (run scripts/setup.sh)\n", buf);
+    fprintf(stderr, "skipping: the model %s is missing (run %s)\n", buf, setup_hint);
     exit(77);
   }
   return buf;
+}
+
+static inline const char *test_default_model(void) {
+  return tu_cached_model(PALIGN_DEFAULT_MODEL_FILE, "PALIGN_MODEL", "PALIGN_REQUIRE_MODEL", "scripts/setup.sh");
+}
+
+/* Qwen2.5-Coder-0.5B-Instruct, the qwen2 model scripts/setup.sh --model
+ * qwen2.5-0.5b fetches (PALIGN_QWEN2_MODEL overrides; PALIGN_REQUIRE_QWEN2=1
+ * makes its absence fail). */
+static inline const char *test_qwen2_model(void) {
+  return tu_cached_model(PALIGN_QWEN2_MODEL_FILE, "PALIGN_QWEN2_MODEL", "PALIGN_REQUIRE_QWEN2",
+                         "scripts/setup.sh --model qwen2.5-0.5b");
 }
 
 static inline const char *test_papi_dir(void) {

@@ -10,6 +10,17 @@
 
 #define N_OPTIONS 5
 
+enum { MEMO_SLOTS = 4 };
+
+typedef struct {
+  char *system; /* NULL: the slot is empty */
+  int *items;
+  int n;
+  long naive; /* the remembered call's naive_tokens */
+  pa_pred *preds;
+  float *probs; /* NaN when the call did not ask for them */
+} memo;
+
 struct pa_evaluator {
   pa_lm *lm;
   const pa_tokenizer *tok;
@@ -24,19 +35,21 @@ struct pa_evaluator {
   int32_t *pids;
   int pn;
   bool p_steered;
-  /* the answers of the last unsteered call, returned again for the same
-   * system prompt and items (the `none` baseline asks every subject the same) */
-  char *memo_system;
-  int *memo_items;
-  int memo_n;
-  long memo_naive; /* the remembered call's naive_tokens */
-  pa_pred *memo_preds;
-  float *memo_probs;
+  /* the answers of the last MEMO_SLOTS unsteered calls, returned again for
+   * the same system prompt and items: `none` asks every subject the same,
+   * and PAS's alpha 0 asks what `icl` and `none` asked just before */
+  memo memos[MEMO_SLOTS];
+  unsigned memo_next; /* the slot the next call overwrites (oldest first) */
   /* one cache per batch slot */
   pa_kv **slot;
   int slot_cap; /* tokens each slot holds */
   int n_slots;
 };
+
+static void memo_clear(memo *m) {
+  free(m->system), free(m->items), free(m->preds), free(m->probs);
+  memset(m, 0, sizeof *m);
+}
 
 static double now(void) {
   struct timespec ts;
@@ -115,7 +128,8 @@ void pa_evaluator_destroy(pa_evaluator *ev) {
   free_slots(ev);
   pa_kv_destroy(ev->pkv);
   free(ev->pids);
-  free(ev->memo_system), free(ev->memo_items), free(ev->memo_preds), free(ev->memo_probs);
+  for (int i = 0; i < MEMO_SLOTS; i++)
+    memo_clear(&ev->memos[i]);
   free(ev);
 }
 
@@ -128,33 +142,39 @@ static int forward(pa_evaluator *ev, const pa_batch *b) {
   return pa_lm_forward(ev->lm, &polled);
 }
 
-static bool memo_hit(const pa_evaluator *ev, const char *system, const int *items, int n) {
-  return ev->memo_preds && n == ev->memo_n && !strcmp(system ? system : "", ev->memo_system) &&
-         !memcmp(items, ev->memo_items, (size_t)n * sizeof *items);
+static const memo *memo_find(const pa_evaluator *ev, const char *system, const int *items, int n) {
+  for (int i = 0; i < MEMO_SLOTS; i++) {
+    const memo *m = &ev->memos[i];
+    if (m->system && n == m->n && !strcmp(system ? system : "", m->system) &&
+        !memcmp(items, m->items, (size_t)n * sizeof *items))
+      return m;
+  }
+  return NULL;
 }
 
-/* Remembers an unsteered call's answers; on failure simply remembers nothing. */
+/* Remembers an unsteered call's answers in the oldest slot; on failure
+ * simply remembers nothing. */
 static void memo_store(pa_evaluator *ev, const char *system, const int *items, int n, const pa_pred *preds,
                        const float *probs, long naive) {
-  free(ev->memo_system), free(ev->memo_items), free(ev->memo_preds), free(ev->memo_probs);
-  ev->memo_system = strdup(system ? system : "");
-  ev->memo_items = malloc((size_t)n * sizeof *items);
-  ev->memo_preds = malloc((size_t)n * sizeof *preds);
-  ev->memo_probs = malloc((size_t)n * N_OPTIONS * sizeof *probs);
-  if (!ev->memo_system || !ev->memo_items || !ev->memo_preds || !ev->memo_probs) {
-    free(ev->memo_system), free(ev->memo_items), free(ev->memo_preds), free(ev->memo_probs);
-    ev->memo_system = NULL, ev->memo_items = NULL, ev->memo_preds = NULL, ev->memo_probs = NULL;
+  memo *m = &ev->memos[ev->memo_next++ % MEMO_SLOTS];
+  memo_clear(m);
+  m->system = strdup(system ? system : "");
+  m->items = malloc((size_t)n * sizeof *items);
+  m->preds = malloc((size_t)n * sizeof *preds);
+  m->probs = malloc((size_t)n * N_OPTIONS * sizeof *probs);
+  if (!m->system || !m->items || !m->preds || !m->probs) {
+    memo_clear(m);
     return;
   }
-  memcpy(ev->memo_items, items, (size_t)n * sizeof *items);
-  memcpy(ev->memo_preds, preds, (size_t)n * sizeof *preds);
+  memcpy(m->items, items, (size_t)n * sizeof *items);
+  memcpy(m->preds, preds, (size_t)n * sizeof *preds);
   if (probs)
-    memcpy(ev->memo_probs, probs, (size_t)n * N_OPTIONS * sizeof *probs);
+    memcpy(m->probs, probs, (size_t)n * N_OPTIONS * sizeof *probs);
   else
     for (int i = 0; i < n * N_OPTIONS; i++)
-      ev->memo_probs[i] = NAN;
-  ev->memo_n = n;
-  ev->memo_naive = naive;
+      m->probs[i] = NAN;
+  m->n = n;
+  m->naive = naive;
 }
 
 static int reserve_slots(pa_evaluator *ev, int n, int cap) {
@@ -304,12 +324,13 @@ int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *s
                         const float *steer, pa_pred *preds, float *probs, pa_eval_stats *stats) {
   const double t0 = now();
   pa_eval_stats st = {0};
-  if (!steer && memo_hit(ev, system, items, n) && (!probs || !isnan(ev->memo_probs[0]))) {
-    memcpy(preds, ev->memo_preds, (size_t)n * sizeof *preds);
+  const memo *m = steer ? NULL : memo_find(ev, system, items, n);
+  if (m && (!probs || !isnan(m->probs[0]))) {
+    memcpy(preds, m->preds, (size_t)n * sizeof *preds);
     if (probs)
-      memcpy(probs, ev->memo_probs, (size_t)n * N_OPTIONS * sizeof *probs);
+      memcpy(probs, m->probs, (size_t)n * N_OPTIONS * sizeof *probs);
     if (stats)
-      *stats = (pa_eval_stats){.naive_tokens = ev->memo_naive, .prompts = n, .seconds = now() - t0};
+      *stats = (pa_eval_stats){.naive_tokens = m->naive, .prompts = n, .seconds = now() - t0};
     return PA_OK;
   }
   int32_t **ids = calloc((size_t)n, sizeof *ids);

@@ -19,8 +19,9 @@
  *
  * Steering (PAS) applies to the shared prefix and the questions alike.
  * Without steering, asking the same items under the same system prompt as
- * the previous call returns the previous answers without running the model
- * (the `none` baseline asks every subject the same questions).
+ * one of the last four unsteered calls returns those answers without running
+ * the model (the `none` baseline asks every subject the same questions, and
+ * PAS's alpha 0 asks what `icl` and `none` asked just before).
  * One evaluator is used by one thread at a time.
  */
 #ifndef PALIGN_EVAL_H

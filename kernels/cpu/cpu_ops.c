@@ -125,6 +125,15 @@ static void cpu_add(int M, int N, const float *x, float *y) {
     y[i] += x[i];
 }
 
+static void cpu_add_bias(int M, int N, const float *b, float *y) {
+#pragma omp parallel for schedule(static) if ((size_t)M * N > 4096)
+  for (int m = 0; m < M; m++) {
+    float *ym = y + (size_t)m * N;
+    for (int n = 0; n < N; n++)
+      ym[n] += b[n];
+  }
+}
+
 /* Softmax over the first `valid` of a row's entries; the rest become 0
  * (causally masked keys). */
 static void softmax_prefix(float *row, int valid, int len) {
@@ -226,6 +235,7 @@ static const pa_backend cpu_backend = {
     .swiglu = cpu_swiglu,
     .embed = cpu_embed,
     .add = cpu_add,
+    .add_bias = cpu_add_bias,
     .attention_scratch = cpu_attention_scratch,
     .attention = cpu_attention,
 };

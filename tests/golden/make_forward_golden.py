@@ -211,7 +211,7 @@ def _rmsnorm64(self, x):
 
 
 def _rope64(self, x, position_ids):
-    hd = self.config.head_dim
+    hd = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
     inv = 1.0 / (self.config.rope_parameters["rope_theta"] **
                  (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     freqs = position_ids[..., None].to(torch.float64) * inv
@@ -238,23 +238,23 @@ def _eager64(module, query, key, value, attention_mask, scaling, dropout=0.0, **
 
 
 def lift_fp32_islands(m):
-    """transformers' Llama casts to float32 inside RMSNorm, the RoPE angles and the eager
-    softmax whatever the model's dtype; for a true float64 reference those three run in float64."""
+    """transformers' Llama (and Qwen2) casts to float32 inside RMSNorm, the RoPE angles and the
+    eager softmax whatever the model's dtype; for a true float64 reference those three run in float64."""
     for mod in m.modules():
-        if type(mod).__name__ == "LlamaRMSNorm":
+        if type(mod).__name__ in ("LlamaRMSNorm", "Qwen2RMSNorm"):
             mod.forward = types.MethodType(_rmsnorm64, mod)
     m.model.rotary_emb.forward = types.MethodType(_rope64, m.model.rotary_emb)
     AttentionInterface.register("palign_eager_fp64", _eager64)
     m.set_attn_implementation("palign_eager_fp64")
 
 
-def hf_forward(m, ids, deltas=None, steer_form="pre"):
+def hf_forward(m, ids, deltas=None, steer_form="pre", pairs=STEER_PAIRS):
     """-> (logits [T, V] float64 numpy, heads [L, H, hd] at the last position)."""
     cfg = m.config
-    hd, dt = cfg.head_dim, m.dtype
+    hd, dt = cfg.hidden_size // cfg.num_attention_heads, m.dtype
     steer = {}
     if deltas is not None:
-        for (l, h), d in zip(STEER_PAIRS, deltas):
+        for (l, h), d in zip(pairs, deltas):
             steer.setdefault(l, []).append((h, torch.from_numpy(d).to(dt)))
     heads = [None] * cfg.num_hidden_layers
     handles = []
