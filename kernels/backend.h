@@ -1,7 +1,8 @@
 /* backend.h: the operation set of the transformer, behind one interface.
  *
  * Every backend (cpu/ now: C with OpenBLAS and OpenMP; cuda/ later) provides
- * the same operations on fp32 tensors in its own memory. Shapes are in the
+ * the same operations on fp32 tensors in its own memory: the forward pass's,
+ * and the backward passes training a low-rank adapter needs (runtime/train.h). Shapes are in the
  * comments as [rows][cols], row-major; weights are [out][in] (PyTorch's
  * orientation). The CPU backend is the reference every other one is tested
  * against.
@@ -28,20 +29,39 @@ typedef struct {
   int past;           /* own keys cached before this call */
   const float *k_own; /* [n_kv_heads][stride][head_dim] */
   const float *v_own;
-  int stride;         /* positions per kv head in k_own/v_own (the cache capacity) */
+  int stride; /* positions per kv head in k_own/v_own (the cache capacity) */
 } pa_attn_seq;
 
 typedef struct {
   int n_heads, n_kv_heads, head_dim;
-  const float *q;       /* [rows][n_heads * head_dim], RoPE applied */
-  float *z;             /* [rows][n_heads * head_dim]: per-head outputs, before W_o */
+  const float *q;        /* [rows][n_heads * head_dim], RoPE applied */
+  float *z;              /* [rows][n_heads * head_dim]: per-head outputs, before W_o */
   const float *k_prefix; /* [n_kv_heads][prefix_stride][head_dim], or NULL */
   const float *v_prefix;
-  int prefix_len;       /* keys every sequence sees first (0 if none) */
+  int prefix_len; /* keys every sequence sees first (0 if none) */
   int prefix_stride;
   const pa_attn_seq *seqs;
   int n_seqs;
 } pa_attn_args;
+
+/* Attention over a training batch, whose rows are a shared prefix and then
+ * sequences, all in one set of activations (row-major [rows][heads * hd]):
+ * rows [0, prefix_len) are the prefix, attending causally among themselves;
+ * sequence i is rows [seq_row0[i], seq_row0[i] + seq_len[i]), laid after the
+ * prefix and each other, and attends to every prefix row and then causally
+ * to its own. So one forward and one backward call cover the prefix, which
+ * is computed once for the batch, and every sequence. */
+typedef struct {
+  int n_heads, n_kv_heads, head_dim;
+  int prefix_len; /* 0 for none */
+  int n_seqs;
+  const int *seq_row0; /* [n_seqs] */
+  const int *seq_len;  /* [n_seqs], each >= 1 */
+  const float *q;      /* [rows][n_heads * head_dim], RoPE applied */
+  const float *k, *v;  /* [rows][n_kv_heads * head_dim] */
+  float *z;            /* [rows][n_heads * head_dim]: per-head outputs, before W_o */
+  float *lse;          /* [rows][n_heads]: each softmax's log-sum-exp of the scaled scores (for backward) */
+} pa_attn_train_args;
 
 typedef struct pa_backend {
   const char *name;
@@ -66,6 +86,30 @@ typedef struct pa_backend {
    * operation cannot fail). */
   size_t (*attention_scratch)(const pa_attn_args *a);
   void (*attention)(const pa_attn_args *a, float *scratch);
+  /* x[n] *= a */
+  void (*scale)(size_t n, float a, float *x);
+
+  /* ---- training (backward passes; weights are frozen, so only the
+   * gradients of activations and of low-rank adapters are needed) ---- */
+  /* y[M][N] = beta * y + x[M][K] . w[K][N] (w untransposed: dx = dy . W) */
+  void (*matmul_nn)(int M, int N, int K, const float *x, const float *w, float beta, float *y);
+  /* g[N][K] += a[M][N]^T . b[M][K] (a weight's gradient: dW += dy^T . x) */
+  void (*matmul_tn_acc)(int M, int N, int K, const float *a, const float *b, float *g);
+  /* dx[m] += the gradient of rmsnorm (as above, weight w fixed) at x for dy */
+  void (*rmsnorm_backward)(int M, int D, const float *x, const float *w, float eps, const float *dy, float *dx);
+  /* RoPE's transpose in place (the rotation by minus the angle): the gradient
+   * of rope's input from that of its output */
+  void (*rope_backward)(int M, int n_heads, int head_dim, const int32_t *pos, const float *cos_tab,
+                        const float *sin_tab, float *dx);
+  /* from swiglu's inputs gate, up [M][F] and the gradient dh of its output:
+   * dgate = dh * up * silu'(gate), dup = dh * silu(gate) */
+  void (*swiglu_backward)(int M, int F, const float *gate, const float *up, const float *dh, float *dgate, float *dup);
+  /* pa_attn_train_args' attention, forward (z and lse) and backward (dq, dk,
+   * dv written whole from dz), each with scratch of the size given. */
+  size_t (*attention_train_scratch)(const pa_attn_train_args *a);
+  void (*attention_train)(const pa_attn_train_args *a, float *scratch);
+  void (*attention_backward)(const pa_attn_train_args *a, const float *dz, float *dq, float *dk, float *dv,
+                             float *scratch);
 } pa_backend;
 
 const pa_backend *pa_backend_cpu(void);

@@ -1,43 +1,13 @@
 #include "forward.h"
 
 #include "backend.h"
+#include "lm_internal.h"
 #include "status.h"
 
 #include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-
-struct pa_kv {
-  int n_layers, n_kv_heads, head_dim;
-  int cap, len;
-  float *k, *v; /* [n_layers][n_kv_heads][cap][head_dim] */
-};
-
-/* Activations for `rows` tokens; grown when a larger batch comes, never shrunk. */
-typedef struct {
-  int rows, seqs;
-  size_t attn;      /* floats of attention scratch */
-  float *x;         /* [rows][dim]: the residual stream */
-  float *xb;        /* [rows][dim]: normalised */
-  float *q, *z;     /* [rows][n_heads * head_dim] */
-  float *k, *v;     /* [rows][n_kv_heads * head_dim] */
-  float *gate, *up; /* [rows][ffn_dim] */
-  float *last;      /* [seqs][dim]: final-normed last rows */
-  float *attn_scratch;
-  int32_t *pos, *ids; /* [rows] */
-  pa_attn_seq *aseq;  /* [seqs] */
-} scratch;
-
-struct pa_lm {
-  const pa_model *model;
-  pa_model_config c;
-  pa_weights w;
-  const pa_backend *be;
-  int max_seq;
-  float *cos_tab, *sin_tab; /* [max_seq][head_dim / 2] */
-  scratch s;
-};
 
 /* RoPE angles as Hugging Face computes them in float32, so long prompts
  * agree to the last bits that matter: inv_freq = 1 / theta^(2i/d), angle =
@@ -92,7 +62,7 @@ int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out) {
   return PA_OK;
 }
 
-static void scratch_free(scratch *s) {
+static void scratch_free(lm_scratch *s) {
   free(s->x);
   free(s->xb);
   free(s->q);
@@ -106,6 +76,7 @@ static void scratch_free(scratch *s) {
   free(s->pos);
   free(s->ids);
   free(s->aseq);
+  free(s->lu);
   memset(s, 0, sizeof *s);
 }
 
@@ -120,6 +91,7 @@ void pa_lm_destroy(pa_lm *lm) {
 }
 
 const pa_model_config *pa_lm_config(const pa_lm *lm) { return &lm->c; }
+double pa_lm_flops(const pa_lm *lm) { return lm->flops; }
 int pa_lm_max_seq(const pa_lm *lm) { return lm->max_seq; }
 
 int pa_kv_create(const pa_lm *lm, int capacity, pa_kv **out) {
@@ -162,7 +134,7 @@ int pa_kv_len(const pa_kv *kv) { return kv->len; }
 int pa_kv_capacity(const pa_kv *kv) { return kv->cap; }
 
 static int scratch_reserve(pa_lm *lm, int rows, int seqs) {
-  scratch *s = &lm->s;
+  lm_scratch *s = &lm->s;
   if (rows <= s->rows && seqs <= s->seqs)
     return PA_OK;
   const pa_model_config *c = &lm->c;
@@ -192,11 +164,27 @@ static int scratch_reserve(pa_lm *lm, int rows, int seqs) {
   return PA_OK;
 }
 
+/* An adapter made for this model's shape (lora.h). */
+static int check_lora(const pa_lm *lm, const pa_lora *l) {
+  const pa_model_config *c = &lm->c;
+  const int q = c->n_heads * c->head_dim, kv = c->n_kv_heads * c->head_dim;
+  if (l->n_layers != c->n_layers || l->in[PA_LORA_Q] != c->dim || l->out[PA_LORA_Q] != q || l->out[PA_LORA_K] != kv ||
+      l->out[PA_LORA_V] != kv || l->in[PA_LORA_O] != q || l->out[PA_LORA_O] != c->dim)
+    return pa_error(PA_EINVAL, "a LoRA adapter of %d layers, input %d, does not fit this model (%d layers, dim %d)",
+                    l->n_layers, l->in[PA_LORA_Q], c->n_layers, c->dim);
+  return PA_OK;
+}
+
 static int check_batch(const pa_lm *lm, const pa_batch *b, int *rows) {
   const int P = b->prefix ? b->prefix->len : 0;
   *rows = 0;
   if (b->n_seqs < 1)
     return pa_error(PA_EINVAL, "a batch needs at least one sequence");
+  if (b->lora) {
+    int rc = check_lora(lm, b->lora);
+    if (rc)
+      return rc;
+  }
   for (int i = 0; i < b->n_seqs; i++) {
     const pa_seq *s = &b->seqs[i];
     if (s->n_tokens < 1 || !s->kv)
@@ -252,13 +240,45 @@ static void apply_steer(const pa_lm *lm, const float *steer, int l, int rows) {
   }
 }
 
+/* y[rows][out] += scale * (x A^T) B^T for target t of layer l. */
+static void lora_apply(pa_lm *lm, const pa_lora *lora, int l, pa_lora_target t, int rows, const float *x, float *y) {
+  const pa_backend *be = lm->be;
+  const int r = lora->rank, in = lora->in[t], out = lora->out[t];
+  be->matmul(rows, r, in, x, pa_lora_a(lora, l, t), 0.0f, lm->s.lu);
+  be->scale((size_t)rows * r, lora->scale, lm->s.lu);
+  be->matmul(rows, out, r, lm->s.lu, pa_lora_b(lora, l, t), 1.0f, y);
+  lm->flops += pa_matmul_flops(rows, r, in) + pa_matmul_flops(rows, out, r);
+}
+
+/* FLOPs of one layer's products and attention for this batch. */
+static double layer_flops(const pa_lm *lm, const pa_batch *b, int rows) {
+  const pa_model_config *c = &lm->c;
+  const int qd = c->n_heads * c->head_dim, kd = c->n_kv_heads * c->head_dim;
+  double f = pa_matmul_flops(rows, qd, c->dim) * 2 + pa_matmul_flops(rows, kd, c->dim) * 2 +
+             pa_matmul_flops(rows, c->ffn_dim, c->dim) * 3;
+  const int P = b->prefix ? b->prefix->len : 0;
+  for (int i = 0; i < b->n_seqs; i++) { /* scores and the weighted sum: 4 hd flops per (query, key) pair */
+    const double n = b->seqs[i].n_tokens, before = P + b->seqs[i].kv->len;
+    f += 4.0 * c->n_heads * c->head_dim * (n * before + n * (n + 1) / 2);
+  }
+  return f;
+}
+
 int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
   int rows, rc;
   if ((rc = check_batch(lm, b, &rows)) || (rc = scratch_reserve(lm, rows, b->n_seqs)))
     return rc;
+  if (b->lora && (size_t)rows * b->lora->rank > lm->s.lu_cap) {
+    float *lu = realloc(lm->s.lu, (size_t)rows * b->lora->rank * sizeof *lu);
+    if (!lu)
+      return pa_error(PA_ENOMEM, "no memory for the LoRA activations of %d tokens", rows);
+    lm->s.lu = lu;
+    lm->s.lu_cap = (size_t)rows * b->lora->rank;
+  }
+  lm->flops += layer_flops(lm, b, rows) * lm->c.n_layers;
   const pa_model_config *c = &lm->c;
   const pa_backend *be = lm->be;
-  scratch *s = &lm->s;
+  lm_scratch *s = &lm->s;
   const int D = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, F = c->ffn_dim;
   const int P = b->prefix ? b->prefix->len : 0;
 
@@ -305,6 +325,11 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       be->add_bias(rows, KV * hd, L->bk, s->k);
       be->add_bias(rows, KV * hd, L->bv, s->v);
     }
+    if (b->lora) {
+      lora_apply(lm, b->lora, l, PA_LORA_Q, rows, s->xb, s->q);
+      lora_apply(lm, b->lora, l, PA_LORA_K, rows, s->xb, s->k);
+      lora_apply(lm, b->lora, l, PA_LORA_V, rows, s->xb, s->v);
+    }
     be->rope(rows, H, hd, s->pos, lm->cos_tab, lm->sin_tab, s->q);
     be->rope(rows, KV, hd, s->pos, lm->cos_tab, lm->sin_tab, s->k);
     store_kv(lm, b, l);
@@ -327,6 +352,8 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
                (size_t)H * hd * sizeof(float));
       }
     be->matmul(rows, D, H * hd, s->z, L->wo, 1.0f, s->x);
+    if (b->lora)
+      lora_apply(lm, b->lora, l, PA_LORA_O, rows, s->z, s->x);
     be->rmsnorm(rows, D, s->x, L->ffn_norm, c->norm_eps, s->xb);
     be->matmul(rows, F, D, s->xb, L->w_gate, 0.0f, s->gate);
     be->matmul(rows, F, D, s->xb, L->w_up, 0.0f, s->up);
@@ -341,6 +368,7 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       be->rmsnorm(1, D, s->x + (size_t)last * D, lm->w.out_norm, c->norm_eps, s->last + (size_t)i * D);
     }
     be->matmul(b->n_seqs, c->vocab_size, D, s->last, lm->w.output, 0.0f, b->logits);
+    lm->flops += pa_matmul_flops(b->n_seqs, c->vocab_size, D);
   }
   return PA_OK;
 }
@@ -378,7 +406,7 @@ int pa_lm_generate(pa_lm *lm, const pa_kv *prefix, pa_kv *kv, const int32_t *pro
   }
   pa_kv_clear(kv);
   pa_seq seq = {.tokens = prompt, .n_tokens = n_prompt, .kv = kv};
-  pa_batch b = {.prefix = prefix, .seqs = &seq, .n_seqs = 1, .steer = o->steer, .logits = logits};
+  pa_batch b = {.prefix = prefix, .seqs = &seq, .n_seqs = 1, .steer = o->steer, .lora = o->lora, .logits = logits};
   int n = 0, rc = PA_OK;
   while (n < o->max_tokens) {
     if ((rc = pa_lm_forward(lm, &b)))

@@ -13,7 +13,8 @@
  * the output projection W_o (the slice h of W_o's input). Steering adds a
  * displacement delta[l][h] to z[l][h] at every position of every sequence
  * in the batch; heads whose displacement is all zero cost nothing, and a
- * batch without steering runs exactly the plain model.
+ * batch without steering runs exactly the plain model. A LoRA adapter
+ * (lora.h) adds its low-rank update to the attention projections.
  *
  * Ownership: pa_lm owns the fp32 weights and scratch, caches are separate
  * objects (create as many as needed). Thread safety: one forward at a time
@@ -23,6 +24,7 @@
 #ifndef PALIGN_FORWARD_H
 #define PALIGN_FORWARD_H
 
+#include "lora.h"
 #include "model.h"
 
 #include <stdint.h>
@@ -39,6 +41,9 @@ typedef struct {
 int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out);
 void pa_lm_destroy(pa_lm *lm); /* accepts NULL */
 const pa_model_config *pa_lm_config(const pa_lm *lm);
+/* Floating-point operations of every pass this pa_lm has run (products and
+ * attention, counted as 2 per multiply-add; elementwise work left out). */
+double pa_lm_flops(const pa_lm *lm);
 int pa_lm_max_seq(const pa_lm *lm);
 
 /* A KV cache for up to `capacity` tokens of one sequence. */
@@ -61,9 +66,10 @@ typedef struct {
   const pa_kv *prefix; /* shared keys/values every sequence attends to first, or NULL */
   pa_seq *seqs;
   int n_seqs;
-  const float *steer; /* [n_layers][n_heads][head_dim] displacement, or NULL */
-  float *logits;      /* out: [n_seqs][vocab_size] at each sequence's last new token, or NULL */
-  float *heads;       /* out: [n_seqs][n_layers][n_heads][head_dim] at the last new token, or NULL */
+  const float *steer;  /* [n_layers][n_heads][head_dim] displacement, or NULL */
+  const pa_lora *lora; /* a low-rank adapter on W_q, W_k, W_v, W_o (lora.h), or NULL */
+  float *logits;       /* out: [n_seqs][vocab_size] at each sequence's last new token, or NULL */
+  float *heads;        /* out: [n_seqs][n_layers][n_heads][head_dim] at the last new token, or NULL */
   /* Called before every layer after the first, or NULL. A non-zero return
    * stops the pass with PA_ECANCELED; the caches' contents are then
    * undefined (clear them before using them again). For signals and
@@ -79,7 +85,8 @@ typedef struct {
   int max_tokens;      /* tokens to generate at most */
   const int32_t *stop; /* generation ends after any of these (included in the output) */
   int n_stop;
-  const float *steer; /* as in pa_batch, or NULL */
+  const float *steer;  /* as in pa_batch, or NULL */
+  const pa_lora *lora; /* as in pa_batch, or NULL */
 } pa_gen_opts;
 
 /* Greedy decoding: runs `prompt` after `prefix` (may be NULL) in `kv`

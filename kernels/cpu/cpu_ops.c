@@ -10,6 +10,7 @@
  * attention into (sequence, kv head, ATTN_ROWS query rows) pieces; which
  * thread computes a piece cannot change its value. */
 #include "backend.h"
+#include "cpu_internal.h"
 
 #include <cblas.h>
 #include <float.h>
@@ -17,10 +18,6 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define MATMUL_BLOCK 256 /* output columns per piece of a product */
-#define MATMUL_ROWS  256 /* and rows */
-#define ATTN_ROWS    96  /* query rows (tokens x grouped heads) per piece of attention */
 
 static int n_threads = 0; /* 0 until set: all cores */
 
@@ -75,33 +72,6 @@ static void cpu_rope(int M, int n_heads, int hd, const int32_t *pos, const float
       }
     }
   }
-}
-
-/* exp(x) for softmax and SiLU, written so the compiler vectorises the loops
- * that call it (libm's expf is a scalar call): Cody-Waite reduction by ln 2
- * and Cephes' degree-6 minimax polynomial, within 2 ulp of expf on
- * [-87, 88]; inputs outside are clamped (softmax feeds x <= 0, and
- * exp(-87) is already negligible beside the row's maximum of 1). */
-static inline float exp_approx(float x) {
-  x = fminf(fmaxf(x, -87.0f), 88.0f);
-  const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-  union {
-    float f;
-    int32_t i;
-  } t = {.f = x * 1.44269504088896341f + shifter}, scale;
-  const float n = t.f - shifter;
-  const int32_t k = t.i - 0x4B400000;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  scale.i = (k + 127) << 23;
-  return p * scale.f;
 }
 
 static void cpu_swiglu(int M, int F, float *gate, const float *up) {
@@ -178,8 +148,7 @@ static void attend_rows(const pa_attn_args *a, const pa_attn_seq *s, int kh, int
     const float *vp = a->v_prefix + (size_t)kh * a->prefix_stride * hd;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, hd, P, 1.0f, S, L, vp, hd, 0.0f, Z, hd);
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, hd, m, 1.0f, S + P, L, vo, hd, P > 0 ? 1.0f : 0.0f, Z,
-              hd);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, hd, m, 1.0f, S + P, L, vo, hd, P > 0 ? 1.0f : 0.0f, Z, hd);
   for (int r = r0; r < r1; r++)
     memcpy(a->z + ((size_t)(s->row0 + r / g) * H + (size_t)kh * g + r % g) * hd, Z + (size_t)(r - r0) * hd,
            (size_t)hd * sizeof(float));
@@ -238,6 +207,15 @@ static const pa_backend cpu_backend = {
     .add_bias = cpu_add_bias,
     .attention_scratch = cpu_attention_scratch,
     .attention = cpu_attention,
+    .scale = pa_cpu_scale,
+    .matmul_nn = pa_cpu_matmul_nn,
+    .matmul_tn_acc = pa_cpu_matmul_tn_acc,
+    .rmsnorm_backward = pa_cpu_rmsnorm_backward,
+    .rope_backward = pa_cpu_rope_backward,
+    .swiglu_backward = pa_cpu_swiglu_backward,
+    .attention_train_scratch = pa_cpu_attention_train_scratch,
+    .attention_train = pa_cpu_attention_train,
+    .attention_backward = pa_cpu_attention_backward,
 };
 
 const pa_backend *pa_backend_cpu(void) {

@@ -1,0 +1,80 @@
+/* train.h: the transformer's forward pass with every activation kept, and
+ * its backward pass into a low-rank adapter (lora.h), over the backend's
+ * operations. The base model's weights stay frozen: the backward pass
+ * computes the gradients of the activations and of the adapter's A and B
+ * only (which is what LoRA training needs).
+ *
+ * The unit is a training batch: one shared prefix (the tokens every sequence
+ * starts with, computed once per batch, and receiving the gradient of every
+ * sequence through attention) and sequences after it. The loss is the
+ * caller's: the forward pass returns, at each sequence's last token, the
+ * logits of a few tokens the caller names (for DPO with one-token answers,
+ * the chosen and the rejected letter), and the backward pass takes the
+ * gradient of the loss with respect to exactly those logits. Positions: the
+ * prefix is at 0..P-1, token j of a sequence at P + j.
+ *
+ * Memory is planned once (pa_trainer_create, from the largest batch a caller
+ * will run): every per-layer activation, the backward pass's buffers and the
+ * attention scratch are allocated then, never during a step.
+ *
+ * Determinism: the same inputs give the same bits, whatever the number of
+ * threads (the CPU backend's products and attention are cut into pieces of a
+ * fixed shape). A forward pass without an adapter gives exactly the bits of
+ * one with an adapter whose B matrices are zero.
+ *
+ * Thread safety: one call at a time per trainer; the trainer uses the pa_lm's
+ * weights and RoPE tables (read only), not its scratch, so a pa_lm may serve
+ * forward passes and a trainer alternately. Errors: 0 or a negative PA_E*
+ * code with a message (status.h).
+ */
+#ifndef PALIGN_TRAIN_H
+#define PALIGN_TRAIN_H
+
+#include "forward.h"
+#include "lora.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct pa_trainer pa_trainer;
+
+/* The largest batch the trainer will run. */
+typedef struct {
+  int max_prefix;  /* prefix tokens */
+  int max_seqs;    /* sequences */
+  int max_seq_len; /* tokens of one sequence (after the prefix) */
+  int max_rows;    /* prefix + all sequences' tokens; 0: max_prefix + max_seqs * max_seq_len */
+  int max_out;     /* logits asked for at each sequence's last token */
+  int rank;        /* of the adapters it will train (for its buffers) */
+} pa_train_plan;
+
+typedef struct {
+  const int32_t *prefix; /* may be NULL with n_prefix 0 */
+  int n_prefix;
+  const int32_t *const *tokens; /* [n_seqs] sequences, each at least one token */
+  const int *n_tokens;
+  int n_seqs;
+  const int32_t *out; /* [n_seqs][n_out]: the tokens whose logits are wanted at each sequence's last token */
+  int n_out;
+} pa_train_batch;
+
+int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out);
+void pa_trainer_destroy(pa_trainer *t); /* accepts NULL */
+
+/* Bytes the trainer holds (activations, buffers, scratch). */
+size_t pa_trainer_bytes(const pa_trainer *t);
+/* FLOPs of every forward and backward pass so far (products and attention,
+ * 2 per multiply-add). */
+double pa_trainer_flops(const pa_trainer *t);
+
+/* Runs the batch with the adapter (NULL: the base model) and keeps what the
+ * backward pass needs. logits: [n_seqs][n_out]. The batch must stay valid
+ * until the backward pass. */
+int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch *b, float *logits);
+
+/* Back from dlogits [n_seqs][n_out] (dloss / dlogits of the last forward
+ * pass, which must have had an adapter): adds the gradient of every A and B
+ * to grad (same shape as that adapter). */
+int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad);
+
+#endif
