@@ -34,7 +34,8 @@ struct pa_evaluator {
   pa_kv *pkv;
   int32_t *pids;
   int pn;
-  bool p_steered;
+  bool p_steered;      /* computed with steering or an adapter: never reused */
+  const pa_lora *lora; /* pa_evaluator_set_lora */
   /* the answers of the last MEMO_SLOTS unsteered calls, returned again for
    * the same system prompt and items: `none` asks every subject the same,
    * and PAS's alpha 0 asks what `icl` and `none` asked just before */
@@ -200,7 +201,8 @@ static int reserve_slots(pa_evaluator *ev, int n, int cap) {
 /* Computes (or reuses) the shared prefix cache for ids[0..n). */
 static int shared_prefix(pa_evaluator *ev, const int32_t *ids, int n, const float *steer, long *computed) {
   *computed = 0;
-  if (ev->pkv && !steer && !ev->p_steered && n == ev->pn && !memcmp(ids, ev->pids, (size_t)n * sizeof *ids))
+  if (ev->pkv && !steer && !ev->lora && !ev->p_steered && n == ev->pn &&
+      !memcmp(ids, ev->pids, (size_t)n * sizeof *ids))
     return PA_OK;
   if (!ev->pkv || pa_kv_capacity(ev->pkv) < n) {
     pa_kv_destroy(ev->pkv);
@@ -217,11 +219,11 @@ static int shared_prefix(pa_evaluator *ev, const int32_t *ids, int n, const floa
   ev->pn = 0; /* invalid until computed */
   pa_kv_clear(ev->pkv);
   pa_seq seq = {.tokens = ids, .n_tokens = n, .kv = ev->pkv};
-  int rc = forward(ev, &(pa_batch){.seqs = &seq, .n_seqs = 1, .steer = steer});
+  int rc = forward(ev, &(pa_batch){.seqs = &seq, .n_seqs = 1, .steer = steer, .lora = ev->lora});
   if (rc)
     return rc;
   ev->pn = n;
-  ev->p_steered = steer != NULL;
+  ev->p_steered = steer != NULL || ev->lora != NULL;
   *computed = n;
   return PA_OK;
 }
@@ -320,11 +322,33 @@ static int answer_generate(pa_evaluator *ev, pa_batch *b, const int *order, pa_p
   return rc;
 }
 
+static int prompt_ids(const pa_evaluator *ev, const pa_item *item, const char *system, int32_t **ids, size_t *n) {
+  char *q = pa_prompt_question(item, !ev->o.keep_case);
+  int rc = q ? pa_chat_tokenize(ev->tmpl, ev->tok, system, q, ev->prefix, ids, n) : pa_error(PA_ENOMEM, "no memory");
+  free(q);
+  return rc;
+}
+
+int pa_evaluator_prompt(const pa_evaluator *ev, const pa_inventory *inv, const char *system, int number, int32_t **ids,
+                        size_t *n) {
+  const pa_item *item = pa_inventory_item(inv, number);
+  if (!item)
+    return pa_error(PA_EINVAL, "item %d is not in the inventory", number);
+  return prompt_ids(ev, item, system, ids, n);
+}
+
+pa_lm *pa_evaluator_lm(const pa_evaluator *ev) { return ev->lm; }
+const pa_eval_opts *pa_evaluator_opts(const pa_evaluator *ev) { return &ev->o; }
+const int32_t *pa_evaluator_letters(const pa_evaluator *ev) {
+  return ev->o.mode == PA_READ_LOGITS ? ev->letters : NULL;
+}
+void pa_evaluator_set_lora(pa_evaluator *ev, const pa_lora *lora) { ev->lora = lora; }
+
 int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *system, const int *items, int n,
                         const float *steer, pa_pred *preds, float *probs, pa_eval_stats *stats) {
   const double t0 = now();
   pa_eval_stats st = {0};
-  const memo *m = steer ? NULL : memo_find(ev, system, items, n);
+  const memo *m = steer || ev->lora ? NULL : memo_find(ev, system, items, n);
   if (m && (!probs || !isnan(m->probs[0]))) {
     memcpy(preds, m->preds, (size_t)n * sizeof *preds);
     if (probs)
@@ -344,9 +368,7 @@ int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *s
       rc = pa_error(PA_EINVAL, "item %d is not in the inventory", items[i]);
       break;
     }
-    char *q = pa_prompt_question(item, !ev->o.keep_case);
-    rc = q ? pa_chat_tokenize(ev->tmpl, ev->tok, system, q, ev->prefix, &ids[i], &len[i]) : PA_ENOMEM;
-    free(q);
+    rc = prompt_ids(ev, item, system, &ids[i], &len[i]);
     preds[i] = (pa_pred){.item = items[i], .expected = NAN};
   }
   /* the longest common token prefix, leaving every prompt at least one token */
@@ -382,14 +404,14 @@ int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *s
       order[s] = i;
       st.question_tokens += (long)(len[i] - common);
     }
-    pa_batch b = {.prefix = common > 0 ? ev->pkv : NULL, .seqs = seqs, .n_seqs = B, .steer = steer};
+    pa_batch b = {.prefix = common > 0 ? ev->pkv : NULL, .seqs = seqs, .n_seqs = B, .steer = steer, .lora = ev->lora};
     rc = ev->o.mode == PA_READ_LOGITS ? answer_logits(ev, &b, order, preds, probs)
                                       : answer_generate(ev, &b, order, preds, &st.question_tokens);
   }
   for (int i = 0; ids && i < n; i++)
     free(ids[i]);
   free(ids), free(len), free(order), free(seqs);
-  if (!rc && !steer && n > 0)
+  if (!rc && !steer && !ev->lora && n > 0)
     memo_store(ev, system, items, n, preds, probs, st.naive_tokens);
   st.prompts = n;
   st.seconds = now() - t0;

@@ -53,10 +53,10 @@ typedef struct {
 
 /* What one call cost. */
 typedef struct {
-  long prefix_tokens;       /* computed for the shared prefix (0 when reused) */
-  long question_tokens;     /* continuation tokens, generated ones included */
-  long naive_tokens;        /* what full prompts one by one would have computed */
-  long prompts;             /* questions answered (remembered answers included) */
+  long prefix_tokens;   /* computed for the shared prefix (0 when reused) */
+  long question_tokens; /* continuation tokens, generated ones included */
+  long naive_tokens;    /* what full prompts one by one would have computed */
+  long prompts;         /* questions answered (remembered answers included) */
   double seconds;
 } pa_eval_stats;
 
@@ -72,6 +72,21 @@ void pa_evaluator_destroy(pa_evaluator *ev); /* accepts NULL */
  * steer: [n_layers][n_heads][head_dim] or NULL. stats may be NULL. */
 int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *system, const int *items, int n,
                         const float *steer, pa_pred *preds, float *probs, pa_eval_stats *stats);
+
+/* An adapter (lora.h) every later call answers with, until set to NULL
+ * again (then the model is plain). Calls with an adapter are not remembered
+ * and reuse no shared prefix. Not owned. */
+void pa_evaluator_set_lora(pa_evaluator *ev, const pa_lora *lora);
+
+/* The token ids of the prompt pa_evaluator_answer asks item `number` with
+ * under system (NULL: the template's default); *ids malloc'd. */
+int pa_evaluator_prompt(const pa_evaluator *ev, const pa_inventory *inv, const char *system, int number, int32_t **ids,
+                        size_t *n);
+/* The token ids of the letters A..E after the prefix (logits mode), or NULL
+ * in generate mode. */
+const int32_t *pa_evaluator_letters(const pa_evaluator *ev);
+pa_lm *pa_evaluator_lm(const pa_evaluator *ev);
+const pa_eval_opts *pa_evaluator_opts(const pa_evaluator *ev);
 
 /* The reference's answer parser: first [a-eA-E][^a-zA-Z] within the first
  * 12 characters; returns 5 (A) .. 1 (E), or 0 when there is none. */
