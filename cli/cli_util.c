@@ -1,8 +1,11 @@
 #include "cli_util.h"
 
+#include "dpo.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 int pa_arg_int(FILE *err, const char *prog, const char *flag, const char *v, long long lo, long long hi,
                long long *out) {
@@ -38,4 +41,46 @@ const char *pa_cache_file(const char *file, char *buf, size_t n) {
   else
     snprintf(buf, n, "%s/.cache/palign/%s", home && *home ? home : ".", file);
   return buf;
+}
+
+const char pa_dpo_flags_help[] = "  --dpo-epochs N   DPO: passes over the subject's train items (default 4)\n"
+                                 "  --dpo-batch N    DPO: prompts per optimiser step (default 16)\n"
+                                 "  --dpo-lr X       DPO: AdamW learning rate (default 1e-3)\n"
+                                 "  --dpo-beta X     DPO: beta (default 0.1)\n"
+                                 "  --dpo-rank N     DPO: LoRA rank (default 8)\n"
+                                 "  --dpo-alpha X    DPO: LoRA alpha, the update being alpha/rank * B A (default 16)\n"
+                                 "  --dpo-weight-decay X  DPO: AdamW's decoupled weight decay (default 0)\n";
+
+int pa_dpo_flag(FILE *err, const char *prog, const char *flag, const char *v, void *dpo_opts) {
+  pa_dpo_opts *o = dpo_opts;
+  static const char *const names[] = {"--dpo-epochs", "--dpo-batch", "--dpo-lr",          "--dpo-beta",
+                                      "--dpo-rank",   "--dpo-alpha", "--dpo-weight-decay"};
+  int k = -1;
+  for (int i = 0; i < (int)(sizeof names / sizeof names[0]); i++)
+    if (!strcmp(flag, names[i]))
+      k = i;
+  if (k < 0)
+    return 0;
+  long long n;
+  double x;
+  switch (k) {
+  case 0:
+  case 1:
+  case 4:
+    if (pa_arg_int(NULL, prog, flag, v, -1000000000LL, 1000000000LL, &n)) {
+      if (err)
+        fprintf(err, "%s: %s must be a whole number, not '%s'\n", prog, flag, v);
+      return -1;
+    }
+    *(k == 0 ? &o->epochs : k == 1 ? &o->batch : &o->rank) = (int)n;
+    return 1;
+  default:
+    if (pa_arg_num(NULL, prog, flag, v, -1e300, 1e300, &x)) {
+      if (err)
+        fprintf(err, "%s: %s must be a number, not '%s'\n", prog, flag, v);
+      return -1;
+    }
+    *(k == 2 ? &o->lr : k == 3 ? &o->beta : k == 5 ? &o->alpha : &o->weight_decay) = x;
+    return 1;
+  }
 }

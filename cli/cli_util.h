@@ -15,6 +15,15 @@ int pa_arg_int(FILE *err, const char *prog, const char *flag, const char *v, lon
 /* v as a number in [lo, hi] into *out (finite); 0 or -1 as pa_arg_int. */
 int pa_arg_num(FILE *err, const char *prog, const char *flag, const char *v, double lo, double hi, double *out);
 
+/* The DPO flags palign eval and palign-worker share (--dpo-epochs N,
+ * --dpo-batch N, --dpo-lr X, --dpo-beta X, --dpo-rank N, --dpo-alpha X,
+ * --dpo-weight-decay X): when flag is one, its value into o and 1 (or -1
+ * after a message for a value that is not a number); 0 when it is not one.
+ * Values in range are pa_dpo_validate's business. */
+int pa_dpo_flag(FILE *err, const char *prog, const char *flag, const char *v, void *dpo_opts);
+/* Their help text, a line each. */
+extern const char pa_dpo_flags_help[];
+
 /* $PALIGN_CACHE/file, or ~/.cache/palign/file, into buf (size n); returns buf. */
 const char *pa_cache_file(const char *file, char *buf, size_t n);
 

@@ -7,6 +7,7 @@
 #include "commands.h"
 
 #include "chat.h"
+#include "dpo.h"
 #include "eval.h"
 #include "bank.h"
 #include "fileio.h"
@@ -57,6 +58,7 @@ static void usage(FILE *f) {
              "  --alphas LIST    PAS alpha grid, comma-separated (default 0,1,2,4,6,8)\n"
              "  --bank FILE      PAS activation bank cache (default $PALIGN_CACHE/bank-MODEL.bin);\n"
              "                   computed and saved when missing, refused when made for another setup\n");
+  fputs(pa_dpo_flags_help, f);
 }
 
 static double now(void) {
@@ -145,6 +147,7 @@ int cmd_eval(int argc, char **argv) {
   uint64_t seed = 1;
   double alphas[PA_PAS_MAX_ALPHAS];
   const char *bank_path = NULL;
+  pa_dpo_opts dpo = pa_dpo_defaults();
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -166,6 +169,15 @@ int cmd_eval(int argc, char **argv) {
     for (int j = 0; j < (int)(sizeof opts / sizeof opts[0]); j++)
       if (!strcmp(a, opts[j]))
         k = j;
+    if (k < 0 && i + 1 < argc) {
+      const int d = pa_dpo_flag(stderr, "palign eval", a, argv[i + 1], &dpo);
+      if (d < 0)
+        return 2;
+      if (d > 0) {
+        i++;
+        continue;
+      }
+    }
     if (k < 0 || i + 1 >= argc) {
       fprintf(stderr, k < 0 ? "palign eval: unexpected argument '%s'\n" : "palign eval: %s needs a value\n", a);
       usage(stderr);
@@ -231,9 +243,20 @@ int cmd_eval(int argc, char **argv) {
     fprintf(stderr, "palign eval: %s (see --help)\n", pa_errmsg());
     return 2;
   }
+  bool need_dpo = false;
   for (int j = 0; j < n_methods; j++) {
     need_model |= methods[j]->needs_model;
     need_bank |= methods[j]->needs_bank;
+    need_dpo |= methods[j]->needs_dpo;
+  }
+  dpo.run_seed = seed;
+  if (pa_dpo_validate(&dpo)) { /* a bad --dpo-* value is a bad flag, whatever the methods */
+    fprintf(stderr, "palign eval: %s\n", pa_errmsg());
+    return 2;
+  }
+  if (need_dpo && eo.mode != PA_READ_LOGITS) {
+    fprintf(stderr, "palign eval: the DPO methods train on the option letters' logits: use --mode logits\n");
+    return 2;
   }
   if (need_model && !model_path) {
     fprintf(stderr, "palign eval: the methods asked for need --model\n");
@@ -305,6 +328,13 @@ int cmd_eval(int argc, char **argv) {
     mo.probs[r] = malloc((size_t)n_test * 5 * sizeof *mo.probs[r]);
   }
   pa_pas_result pas_result = {0};
+  pa_dpo_result dpo_result = {0};
+  struct {
+    int n;
+    double ref_s, train_s, ref_flops, train_flops;
+    long ref_tokens, train_tokens;
+    size_t bytes;
+  } dpo_cost = {0};
   cJSON *root = cJSON_CreateObject(), *jsub = cJSON_AddArrayToObject(root, "subjects");
   pa_method_ctx ctx = {.inv = inv,
                        .ev = ev,
@@ -313,7 +343,9 @@ int cmd_eval(int argc, char **argv) {
                                .alphas = n_alphas ? alphas : NULL,
                                .n_alphas = n_alphas,
                                .variants = pa_methods_pas_variants(methods, n_methods)},
-                       .pas_result = &pas_result};
+                       .pas_result = &pas_result,
+                       .dpo = dpo,
+                       .dpo_result = &dpo_result};
   pa_pas_bank bank_view;
   if (bank) {
     bank_view = pa_bank_view(bank);
@@ -409,6 +441,33 @@ int cmd_eval(int argc, char **argv) {
         }
       }
     }
+    if (need_dpo && dpo_result.adapter && !strcmp(dpo_result.subject_id, s->id)) {
+      const pa_dpo_result *d = &dpo_result;
+      fprintf(stderr,
+              "  subject %s  DPO: %d pairs (%d prompts), %d steps, loss %.4f -> %.4f (last epoch %.4f); reference "
+              "%.1f s, steps %.1f s, %ld tokens, %.3g FLOPs\n",
+              s->id, d->n_pairs, d->n_items, d->n_steps, d->loss[0], d->loss[d->n_steps - 1],
+              d->epoch_loss[d->opts.epochs - 1], d->ref_seconds, d->train_seconds, d->train_tokens,
+              d->ref_flops + d->train_flops);
+      cJSON *dj = cJSON_AddObjectToObject(jm, "dpo_training");
+      cJSON_AddNumberToObject(dj, "pairs", d->n_pairs);
+      cJSON_AddNumberToObject(dj, "prompts", d->n_items);
+      cJSON_AddNumberToObject(dj, "steps", d->n_steps);
+      cJSON_AddItemToObject(dj, "loss", cJSON_CreateDoubleArray(d->loss, d->n_steps));
+      cJSON_AddItemToObject(dj, "epoch_loss", cJSON_CreateDoubleArray(d->epoch_loss, d->opts.epochs));
+      cJSON_AddNumberToObject(dj, "reference_seconds", d->ref_seconds);
+      cJSON_AddNumberToObject(dj, "train_seconds", d->train_seconds);
+      cJSON_AddNumberToObject(dj, "reference_tokens", (double)d->ref_tokens);
+      cJSON_AddNumberToObject(dj, "train_tokens", (double)d->train_tokens);
+      cJSON_AddNumberToObject(dj, "reference_flops", d->ref_flops);
+      cJSON_AddNumberToObject(dj, "train_flops", d->train_flops);
+      cJSON_AddNumberToObject(dj, "trainer_bytes", (double)d->trainer_bytes);
+      dpo_cost.n++;
+      dpo_cost.ref_s += d->ref_seconds, dpo_cost.train_s += d->train_seconds;
+      dpo_cost.ref_flops += d->ref_flops, dpo_cost.train_flops += d->train_flops;
+      dpo_cost.ref_tokens += d->ref_tokens, dpo_cost.train_tokens += d->train_tokens;
+      dpo_cost.bytes = d->trainer_bytes > dpo_cost.bytes ? d->trainer_bytes : dpo_cost.bytes;
+    }
     cJSON_AddItemToArray(jsub, js);
     if (need_bank && pas_result.status == PA_PAS_FITTED && !strcmp(pas_result.subject_id, s->id)) {
       const pa_eval_stats *e = &pas_result.eval;
@@ -469,6 +528,12 @@ int cmd_eval(int argc, char **argv) {
            (double)pas_cost.tokens / pas_cost.n, (double)pas_cost.naive / pas_cost.n, (double)pas_cost.ref / pas_cost.n,
            REFERENCE_GEN_TOKENS, pas_cost.tokens > 0 ? (double)pas_cost.ref / (double)pas_cost.tokens : 0.0);
   }
+  if (dpo_cost.n > 0)
+    printf("DPO per trained subject (%d): reference %.1f s, %.0f tokens, %.3g FLOPs; steps %.1f s, %.0f tokens, %.3g "
+           "FLOPs; %zu MB of activations planned\n",
+           dpo_cost.n, dpo_cost.ref_s / dpo_cost.n, (double)dpo_cost.ref_tokens / dpo_cost.n,
+           dpo_cost.ref_flops / dpo_cost.n, dpo_cost.train_s / dpo_cost.n, (double)dpo_cost.train_tokens / dpo_cost.n,
+           dpo_cost.train_flops / dpo_cost.n, dpo_cost.bytes >> 20);
   if (skipped || failed)
     printf("%zu subjects skipped as unusable, %zu method runs failed (see the messages above)\n", skipped, failed);
 
@@ -480,6 +545,16 @@ int cmd_eval(int argc, char **argv) {
     cJSON_AddBoolToObject(settings, "lowercase_items", !eo.keep_case);
     cJSON_AddStringToObject(settings, "subjects", range);
     cJSON_AddNumberToObject(settings, "seed", seed);
+    if (need_dpo) {
+      cJSON *dj = cJSON_AddObjectToObject(settings, "dpo");
+      cJSON_AddNumberToObject(dj, "epochs", dpo.epochs);
+      cJSON_AddNumberToObject(dj, "batch", dpo.batch);
+      cJSON_AddNumberToObject(dj, "lr", dpo.lr);
+      cJSON_AddNumberToObject(dj, "beta", dpo.beta);
+      cJSON_AddNumberToObject(dj, "rank", dpo.rank);
+      cJSON_AddNumberToObject(dj, "alpha", dpo.alpha);
+      cJSON_AddNumberToObject(dj, "weight_decay", dpo.weight_decay);
+    }
     cJSON *summary = cJSON_AddObjectToObject(root, "summary");
     for (int r = 0; r < n_rows; r++) {
       cJSON *o = cJSON_AddObjectToObject(summary, names[r]);
@@ -501,6 +576,7 @@ int cmd_eval(int argc, char **argv) {
   for (int r = 0; r < PA_METHOD_MAX_ROWS; r++)
     free(mo.preds[r]), free(mo.probs[r]);
   pa_pas_result_free(&pas_result);
+  pa_dpo_result_free(&dpo_result);
   pa_bank_destroy(bank);
   pa_evaluator_destroy(ev);
   pa_lm_destroy(lm);

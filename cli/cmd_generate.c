@@ -11,6 +11,7 @@
 #include "bank.h"
 #include "chat.h"
 #include "forward.h"
+#include "lora.h"
 #include "inventory.h"
 #include "model.h"
 #include "prompts.h"
@@ -38,11 +39,13 @@ static void usage(FILE *f) {
              "  --threads N      CPU threads (default: all cores)\n"
              "  --stats          print token counts and speed on stderr\n"
              "\n"
-             "With a subject's PAS intervention from a store (palign-worker's):\n"
+             "With a subject's PAS intervention or DPO adapter from a store (palign-worker's):\n"
              "  --store S        the store\n"
              "  --subject ID     the subject (PAPI case id)\n"
-             "  --variant V      pas_only (default prompt + steering; the default when stored) or pas\n"
-             "                   (the subject's ICL prompt as the system message + steering)\n"
+             "  --method M       pas (default: the stored steering) or dpo (the stored LoRA adapter)\n"
+             "  --variant V      pas: pas_only (default prompt + steering; the default when stored) or pas\n"
+             "                   (the subject's ICL prompt as the system message + steering);\n"
+             "                   dpo: dpo (default prompt + adapter, the default) or dpo_icl (ICL prompt)\n"
              "  --protocol P     whose alpha: holdout (default) or reference\n"
              "  --alpha A        this alpha instead of the chosen one\n"
              "  --papi DIR       PAPI data, for the pas variant's prompt (default $PALIGN_PAPI_DIR, else\n"
@@ -55,23 +58,70 @@ static double now(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* The subject's ICL prompt, rebuilt from the PAPI data. */
+static int load_icl(const char *papi, const char *subject, char **icl) {
+  pa_inventory *inv = NULL;
+  pa_subjects *subs = NULL;
+  int rc = pa_papi_load(papi, NULL, &inv, &subs);
+  const pa_subject *s = rc ? NULL : pa_subjects_find(subs, subject);
+  if (!rc && !s)
+    rc = pa_error(PA_ENOTFOUND, "%s/Test-set.json: no subject %s", pa_papi_dir(papi), subject);
+  if (!rc && !(*icl = pa_prompt_icl(inv, s)))
+    rc = pa_error(PA_ENOMEM, "no memory");
+  pa_subjects_destroy(subs);
+  pa_inventory_destroy(inv);
+  return rc;
+}
+
+/* The record of subject in store, checked to be made with this model. */
+static int load_record(const char *model_path, const char *store, const char *subject, Palign__SubjectResult **r) {
+  int rc = pa_query_subject(store, subject, r);
+  char fp[65];
+  if (!rc && !(rc = pa_model_fingerprint(model_path, fp)) && strcmp(fp, (*r)->model_fingerprint))
+    rc = pa_error(PA_EINVAL, "%s: subject %s was fitted on model %.16s, %s is %.16s", store, subject,
+                  (*r)->model_fingerprint, model_path, fp);
+  if (rc && *r) {
+    palign__subject_result__free_unpacked(*r, NULL);
+    *r = NULL;
+  }
+  return rc;
+}
+
+/* A subject's stored DPO adapter (and, for the dpo_icl variant, its ICL
+ * system prompt). */
+static int load_adapter(const pa_model *m, const char *model_path, const char *store, const char *subject,
+                        const char *variant, const char *papi, pa_lora **lora, char **icl) {
+  Palign__SubjectResult *r = NULL;
+  int rc = load_record(model_path, store, subject, &r);
+  if (!rc && (rc = pa_dpo_adapter_from_proto(r->dpo, subject, pa_model_config_get(m), lora)))
+    pa_error_prefix(rc, "%s: ", store);
+  if (!rc && variant && !strcmp(variant, "dpo_icl"))
+    rc = load_icl(papi, subject, icl);
+  if (!rc)
+    fprintf(stderr, "palign generate: subject %s, DPO adapter of rank %d (%s)\n", subject, r->dpo->rank,
+            variant ? variant : "dpo");
+  if (r)
+    palign__subject_result__free_unpacked(r, NULL);
+  if (rc) {
+    pa_lora_destroy(*lora), free(*icl);
+    *lora = NULL, *icl = NULL;
+  }
+  return rc;
+}
+
 /* The steering displacement of a subject's stored PAS intervention (and,
  * for the pas variant, its ICL system prompt). */
 static int load_intervention(const pa_model *m, const char *model_path, const char *store, const char *subject,
                              const char *variant, const char *protocol, double alpha, const char *papi, float **steer,
                              char **icl) {
   Palign__SubjectResult *r = NULL;
-  int rc = pa_query_subject(store, subject, &r);
+  int rc = load_record(model_path, store, subject, &r);
   if (rc)
     return rc;
   const Palign__PasResult *p = r->pas;
-  char fp[65];
   if (!p)
     rc = pa_error(PA_ENOTFOUND, "%s: subject %s has no PAS result (the run's methods had neither pas nor pas_only)",
                   store, subject);
-  if (!rc && !(rc = pa_model_fingerprint(model_path, fp)) && strcmp(fp, r->model_fingerprint))
-    rc = pa_error(PA_EINVAL, "%s: subject %s was fitted on model %.16s, %s is %.16s", store, subject,
-                  r->model_fingerprint, model_path, fp);
   /* the variant: as asked, else pas_only when it was fitted, else pas */
   double chosen = 0;
   if (!rc && !variant) {
@@ -88,19 +138,8 @@ static int load_intervention(const pa_model *m, const char *model_path, const ch
     rc = pa_error(PA_ENOMEM, "no memory");
   if (!rc)
     rc = pa_pas_steering_from_proto(p, subject, alpha, c->n_layers, c->n_heads, c->head_dim, *steer);
-  if (!rc && !strcmp(variant, "pas")) {
-    /* the subject's ICL prompt, rebuilt from the PAPI data */
-    pa_inventory *inv = NULL;
-    pa_subjects *subs = NULL;
-    rc = pa_papi_load(papi, NULL, &inv, &subs);
-    const pa_subject *s = rc ? NULL : pa_subjects_find(subs, subject);
-    if (!rc && !s)
-      rc = pa_error(PA_ENOTFOUND, "%s/Test-set.json: no subject %s", pa_papi_dir(papi), subject);
-    if (!rc && !(*icl = pa_prompt_icl(inv, s)))
-      rc = pa_error(PA_ENOMEM, "no memory");
-    pa_subjects_destroy(subs);
-    pa_inventory_destroy(inv);
-  }
+  if (!rc && !strcmp(variant, "pas"))
+    rc = load_icl(papi, subject, icl);
   if (!rc)
     fprintf(stderr, "palign generate: subject %s, PAS %s, %s alpha %g, %zu heads%s\n", subject, variant, protocol,
             alpha, p->n_heads, alpha == 0 ? " (alpha 0: the intervention changes nothing)" : "");
@@ -114,7 +153,7 @@ static int load_intervention(const pa_model *m, const char *model_path, const ch
 
 int cmd_generate(int argc, char **argv) {
   const char *model_path = NULL, *prompt = NULL, *system = NULL, *template_name = NULL;
-  const char *store = NULL, *subject = NULL, *variant = NULL, *protocol = "holdout", *papi = NULL;
+  const char *store = NULL, *subject = NULL, *variant = NULL, *protocol = "holdout", *papi = NULL, *method = "pas";
   double alpha = NAN;
   int max_tokens = 256, threads = 0, stats = 0;
   for (int i = 1; i < argc; i++) {
@@ -127,8 +166,8 @@ int cmd_generate(int argc, char **argv) {
       stats = 1;
       continue;
     }
-    const char *opts[] = {"--model", "--prompt",  "--system",  "--template", "--max-tokens", "--threads",
-                          "--store", "--subject", "--variant", "--protocol", "--alpha",      "--papi"};
+    const char *opts[] = {"--model",   "--prompt",  "--system",   "--template", "--max-tokens", "--threads", "--store",
+                          "--subject", "--variant", "--protocol", "--alpha",    "--papi",       "--method"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof opts / sizeof *opts); j++)
       if (!strcmp(a, opts[j]))
@@ -167,7 +206,8 @@ int cmd_generate(int argc, char **argv) {
       if (pa_arg_num(stderr, "palign generate", a, v, -1e6, 1e6, &alpha))
         return 2;
       break;
-    default: papi = v; break;
+    case 11: papi = v; break;
+    default: method = v; break;
     }
   }
   if (!model_path || !prompt) {
@@ -179,8 +219,19 @@ int cmd_generate(int argc, char **argv) {
     fprintf(stderr, "palign generate: --store and --subject go together\n");
     return 2;
   }
-  if (variant && strcmp(variant, "pas") && strcmp(variant, "pas_only")) {
-    fprintf(stderr, "palign generate: --variant is pas or pas_only, not '%s'\n", variant);
+  const bool dpo = !strcmp(method, "dpo");
+  if (!dpo && strcmp(method, "pas")) {
+    fprintf(stderr, "palign generate: --method is pas or dpo, not '%s'\n", method);
+    return 2;
+  }
+  if (variant && (dpo ? strcmp(variant, "dpo") && strcmp(variant, "dpo_icl")
+                      : strcmp(variant, "pas") && strcmp(variant, "pas_only"))) {
+    fprintf(stderr, "palign generate: --variant is %s, not '%s'\n", dpo ? "dpo or dpo_icl" : "pas or pas_only",
+            variant);
+    return 2;
+  }
+  if (dpo && !isnan(alpha)) {
+    fprintf(stderr, "palign generate: --alpha is PAS's; the DPO adapter has none\n");
     return 2;
   }
   if (strcmp(protocol, "holdout") && strcmp(protocol, "reference")) {
@@ -208,7 +259,10 @@ int cmd_generate(int argc, char **argv) {
   const pa_tokenizer *tok = rc ? NULL : pa_model_tokenizer(m);
   float *steer = NULL;
   char *icl = NULL;
-  if (!rc && store)
+  pa_lora *lora = NULL;
+  if (!rc && store && dpo)
+    rc = load_adapter(m, model_path, store, subject, variant, papi, &lora, &icl);
+  else if (!rc && store)
     rc = load_intervention(m, model_path, store, subject, variant, protocol, alpha, papi, &steer, &icl);
   if (!rc && icl && !system)
     system = icl;
@@ -236,7 +290,7 @@ int cmd_generate(int argc, char **argv) {
     if (pa_tokenizer_eot(tok) >= 0)
       stop[n_stop++] = pa_tokenizer_eot(tok);
     t_load = now() - t0;
-    const pa_gen_opts go = {.max_tokens = max_tokens, .stop = stop, .n_stop = n_stop, .steer = steer};
+    const pa_gen_opts go = {.max_tokens = max_tokens, .stop = stop, .n_stop = n_stop, .steer = steer, .lora = lora};
     rc = pa_lm_generate(lm, NULL, kv, ids, (int)n_ids, &go, &out, &n_out);
     t_gen = now() - t0 - t_load;
     if (!rc) {
@@ -261,6 +315,7 @@ int cmd_generate(int argc, char **argv) {
   free(out);
   free(ids);
   free(steer), free(icl);
+  pa_lora_destroy(lora);
   pa_kv_destroy(kv);
   pa_lm_destroy(lm);
   pa_model_close(m);

@@ -185,6 +185,17 @@ static void print_costs(const pa_query_summary *s) {
   }
 }
 
+static void print_dpo_costs(const pa_query_summary *s) {
+  if (!s->dpo_trained)
+    return;
+  const double n = s->dpo_trained;
+  printf("  DPO per trained subject: %.0f pairs, %.0f steps; reference %.2f s, %.0f tokens, %.3g FLOPs; steps %.2f s, "
+         "%.0f tokens, %.3g FLOPs; loss %.4f at step 0, %.4f over the last epoch; activations %.0f MB at most\n",
+         s->dpo_pairs / n, s->dpo_steps / n, s->dpo_ref_seconds / n, s->dpo_ref_tokens / n, s->dpo_ref_flops / n,
+         s->dpo_train_seconds / n, s->dpo_train_tokens / n, s->dpo_train_flops / n, s->dpo_first_loss / n,
+         s->dpo_last_epoch_loss / n, (double)s->dpo_max_trainer_bytes / (1 << 20));
+}
+
 static void print_failures(const pa_query_summary *s) {
   if (s->subjects_failed) {
     printf("\nFailed subjects: %zu%s\n", s->subjects_failed,
@@ -246,6 +257,7 @@ static int run_summary(const char *store, bool json) {
   free(names), free(sums);
   print_choices(&s);
   print_costs(&s);
+  print_dpo_costs(&s);
   print_failures(&s);
   pa_query_summary_free(&s);
   return 0;
@@ -308,6 +320,27 @@ static void print_pas(const Palign__PasResult *p) {
   }
 }
 
+static void print_dpo(const Palign__DpoResult *d) {
+  const Palign__DpoSettings *o = d->settings;
+  printf("DPO       rank %d (scale %g) on q, k, v, o of %d layers, %zu values; seed %llu\n", d->rank, (double)d->scale,
+         d->n_layers, d->n_adapter, (unsigned long long)d->seed);
+  if (o)
+    printf("          %d epochs, batch %d, lr %g, beta %g, alpha %g, weight decay %g\n", o->epochs, o->batch, o->lr,
+           o->beta, o->alpha, o->weight_decay);
+  printf("          %d pairs from %d prompts, %d steps; loss", d->n_pairs, d->n_items, d->n_steps);
+  if (d->n_loss)
+    printf(" %.4f at step 0, %.4f at the last step;", d->loss[0], d->loss[d->n_loss - 1]);
+  printf(" by epoch");
+  for (size_t e = 0; e < d->n_epoch_loss; e++)
+    printf(" %.4f", d->epoch_loss[e]);
+  printf("\n");
+  if (d->reference_cost && d->train_cost)
+    printf("          reference %.2f s, %lld tokens, %.3g FLOPs; steps %.2f s, %lld tokens, %.3g FLOPs; %.0f MB of "
+           "activations\n",
+           d->reference_cost->seconds, (long long)d->reference_cost->tokens, d->reference_flops, d->train_cost->seconds,
+           (long long)d->train_cost->tokens, d->train_flops, (double)d->trainer_bytes / (1 << 20));
+}
+
 static int run_subject(const char *store, const char *id, bool json) {
   Palign__SubjectResult *r = NULL;
   if (pa_query_subject(store, id, &r)) {
@@ -344,6 +377,8 @@ static int run_subject(const char *store, const char *id, bool json) {
   }
   if (r->pas)
     print_pas(r->pas);
+  if (r->dpo)
+    print_dpo(r->dpo);
   palign__subject_result__free_unpacked(r, NULL);
   return 0;
 }

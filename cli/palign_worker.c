@@ -10,6 +10,7 @@
 #include "cli_util.h"
 #include "commands.h"
 #include "comm.h"
+#include "dpo.h"
 #include "inventory.h"
 #include "pas.h"
 #include "service.h"
@@ -31,7 +32,7 @@ static void usage(FILE *f) {
              "                     $PALIGN_CACHE or ~/.cache/palign, file " DEFAULT_MODEL_FILE ")\n"
              "  --papi DIR         PAPI data (default $PALIGN_PAPI_DIR, else ../shared/papi)\n"
              "  --store S          the store directory (default results/store)\n"
-             "  --methods LIST     comma-separated: none, icl, p2, pas, pas_only (default icl,pas);\n"
+             "  --methods LIST     comma-separated: none, icl, p2, pas, pas_only, dpo, dpo_icl (default icl,pas);\n"
              "                     const3 and trait_mean are always added\n"
              "  --subjects R       all, N (the first N) or A-B (positions) (default all)\n"
              "  --subjects-file F  subjects as JSON or CSV instead of PAPI/Test-set.json\n"
@@ -44,6 +45,7 @@ static void usage(FILE *f) {
              "  --progress S       seconds between progress lines (default 10)\n"
              "  --heartbeat S      seconds between a busy worker's heartbeats (default 5)\n"
              "  --silent S         report a worker silent for this long (default 120)\n");
+  fputs(pa_dpo_flags_help, f);
 }
 
 int main(int argc, char **argv) {
@@ -58,7 +60,8 @@ int main(int argc, char **argv) {
                        .store = "results/store",
                        .methods = "icl,pas",
                        .subjects = "all",
-                       .seed = 1};
+                       .seed = 1,
+                       .dpo = pa_dpo_defaults()};
   double alphas[PA_PAS_MAX_ALPHAS];
   int bad = 0;
   for (int i = 1; i < argc && !bad; i++) {
@@ -76,6 +79,14 @@ int main(int argc, char **argv) {
     for (int j = 0; j < (int)(sizeof flags / sizeof *flags); j++)
       if (!strcmp(a, flags[j]))
         k = j;
+    if (k < 0 && i + 1 < argc) {
+      const int d = pa_dpo_flag(talk ? stderr : NULL, "palign-worker", a, argv[i + 1], &o.dpo);
+      if (d) {
+        bad = d < 0;
+        i++;
+        continue;
+      }
+    }
     if (k < 0 || i + 1 >= argc) {
       if (talk)
         fprintf(stderr,
@@ -116,6 +127,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "palign-worker: --alphas: %s\n", pa_errmsg());
       break;
     }
+  }
+  if (!bad && pa_dpo_validate(&o.dpo)) { /* a bad --dpo-* value is a bad flag, whatever the methods */
+    if (talk)
+      fprintf(stderr, "palign-worker: %s\n", pa_errmsg());
+    bad = 1;
   }
   if (bad) {
     pa_comm_finalize(comm);

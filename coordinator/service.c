@@ -45,7 +45,7 @@ typedef struct service {
   size_t first, last;
   const pa_method *methods[MAX_METHODS];
   int n_methods;
-  bool need_model, need_bank;
+  bool need_model, need_bank, need_dpo;
   char model_fp[65];
   int run; /* this run's number (1, 2, ...): names the shards */
 
@@ -56,6 +56,9 @@ typedef struct service {
   pa_bank *bank;
   pa_pas_bank bank_view;
   pa_pas_result pas;
+  pa_dpo_result dpo;
+  pa_dpo_opts dpo_opts; /* o->dpo with the run seed */
+  Palign__DpoSettings dpo_settings;
   pa_method_ctx ctx;
   pa_method_out mo;
   pa_shard_writer *shard;
@@ -64,7 +67,7 @@ typedef struct service {
   double last_beat, last_line;
   char current[64];
   progress *alone; /* one rank: the progress the poll prints during long subjects */
-  char said[1024];  /* the last error printed (say_error) */
+  char said[1024]; /* the last error printed (say_error) */
 } service;
 
 static void print_progress(service *sv, progress *p, const worker_state *ws, int n_workers, bool force);
@@ -99,7 +102,16 @@ static int load_data(service *sv) {
   for (int j = 0; !rc && j < sv->n_methods; j++) {
     sv->need_model |= sv->methods[j]->needs_model;
     sv->need_bank |= sv->methods[j]->needs_bank;
+    sv->need_dpo |= sv->methods[j]->needs_dpo;
   }
+  sv->dpo_opts = o->dpo;
+  sv->dpo_opts.run_seed = o->seed;
+  if (!rc && sv->need_dpo)
+    rc = pa_dpo_validate(&sv->dpo_opts);
+  if (!rc && sv->need_dpo)
+    pa_dpo_settings_to_proto(&sv->dpo_opts, &sv->dpo_settings);
+  if (!rc && sv->need_dpo && o->eval.mode != PA_READ_LOGITS)
+    rc = pa_error(PA_EINVAL, "the DPO methods train on the option letters' logits: use --mode logits");
   if (!rc)
     sv->test = pa_inventory_test(sv->inv, &sv->n_test);
   return rc;
@@ -123,6 +135,8 @@ static void settings_of(const service *sv, Palign__Settings *st, char inv_fp[65]
   st->alphas = (double *)(sv->o->alphas ? sv->o->alphas : pa_pas_default_alphas);
   st->top_k = PA_PAS_TOP_K;
   st->subjects_file = (char *)(sv->o->subjects_file ? sv->o->subjects_file : "Test-set.json");
+  if (sv->need_dpo)
+    st->dpo = (Palign__DpoSettings *)&sv->dpo_settings; /* borrowed, as the strings are */
 }
 
 /* ---- the coordinator's store work -------------------------------------------- */
@@ -386,8 +400,8 @@ static int get_bank(service *sv) {
       int first = 0, n = 0;
       pa_bank_slice(sv->bank, &first, &n);
       const pa_pas_bank v = pa_bank_view(sv->bank);
-      rc = pa_comm_workers_allgather(sv->comm, pa_bank_data_mut(sv->bank),
-                                     (size_t)v.n_layers * v.n_heads * v.head_dim, first, n);
+      rc = pa_comm_workers_allgather(sv->comm, pa_bank_data_mut(sv->bank), (size_t)v.n_layers * v.n_heads * v.head_dim,
+                                     first, n);
       if (!rc) {
         pa_bank_stats st = *pa_bank_stats_get(sv->bank);
         st.seconds = now_s() - t0; /* the gathered bank's wall time */
@@ -420,7 +434,9 @@ static int setup_worker(service *sv) {
                                     .alphas = sv->o->alphas,
                                     .n_alphas = sv->o->n_alphas,
                                     .variants = pa_methods_pas_variants(sv->methods, sv->n_methods)},
-                            .pas_result = &sv->pas};
+                            .pas_result = &sv->pas,
+                            .dpo = sv->dpo_opts,
+                            .dpo_result = &sv->dpo};
   for (int r = 0; !rc && r < PA_METHOD_MAX_ROWS; r++) {
     sv->mo.preds[r] = malloc((size_t)sv->n_test * sizeof *sv->mo.preds[r]);
     sv->mo.probs[r] = malloc((size_t)sv->n_test * 5 * sizeof *sv->mo.probs[r]);
@@ -437,6 +453,7 @@ static void teardown_worker(service *sv) {
   for (int r = 0; r < PA_METHOD_MAX_ROWS; r++)
     free(sv->mo.preds[r]), free(sv->mo.probs[r]);
   pa_pas_result_free(&sv->pas);
+  pa_dpo_result_free(&sv->dpo);
   pa_bank_destroy(sv->bank);
   pa_evaluator_destroy(sv->ev);
   pa_lm_destroy(sv->lm);

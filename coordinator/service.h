@@ -25,6 +25,7 @@
 #define PALIGN_SERVICE_H
 
 #include "comm.h"
+#include "dpo.h"
 #include "eval.h"
 
 #include <signal.h>
@@ -44,6 +45,7 @@ typedef struct {
   int holdout_per_trait; /* 0: PAS.md's 6 */
   const double *alphas;  /* the PAS alpha grid; NULL: PAS.md's {0, 1, 2, 4, 6, 8} */
   int n_alphas;
+  pa_dpo_opts dpo;       /* DPO's settings (run_seed is taken from seed) */
   int chunk;              /* subjects per hand-out; 0: chosen from the number of subjects and workers */
   double progress_every;  /* seconds between progress lines; 0: 10 */
   double heartbeat_every; /* seconds between a busy worker's heartbeats; 0: 5 */

@@ -231,6 +231,21 @@ static int summary_visit(void *ctx, const pa_record_info *info, const Palign__Su
       if (mr->rows[k] && (rc = add_row(c, mr->rows[k])))
         return rc;
   }
+  if (r->dpo) {
+    const Palign__DpoResult *d = r->dpo;
+    pa_query_summary *sm = c->s;
+    sm->dpo_trained++;
+    if (d->reference_cost)
+      sm->dpo_ref_seconds += d->reference_cost->seconds, sm->dpo_ref_tokens += (double)d->reference_cost->tokens;
+    if (d->train_cost)
+      sm->dpo_train_seconds += d->train_cost->seconds, sm->dpo_train_tokens += (double)d->train_cost->tokens;
+    sm->dpo_ref_flops += d->reference_flops, sm->dpo_train_flops += d->train_flops;
+    sm->dpo_steps += d->n_steps, sm->dpo_pairs += d->n_pairs;
+    sm->dpo_first_loss += d->n_loss ? d->loss[0] : NAN;
+    sm->dpo_last_epoch_loss += d->n_epoch_loss ? d->epoch_loss[d->n_epoch_loss - 1] : NAN;
+    if (d->trainer_bytes > sm->dpo_max_trainer_bytes)
+      sm->dpo_max_trainer_bytes = d->trainer_bytes;
+  }
   if (r->pas)
     return add_pas(c, r->pas);
   return 0;
@@ -493,6 +508,19 @@ cJSON *pa_query_summary_json(const pa_query_summary *s) {
     cJSON_AddNumberToObject(j, "none", ch->none);
     cJSON_AddItemToArray(chosen, j);
   }
+  cJSON *dpo = cJSON_AddObjectToObject(o, "dpo");
+  cJSON_AddNumberToObject(dpo, "trained", s->dpo_trained);
+  add_num(dpo, "reference_seconds_per_subject", per(s->dpo_ref_seconds, s->dpo_trained));
+  add_num(dpo, "train_seconds_per_subject", per(s->dpo_train_seconds, s->dpo_trained));
+  add_num(dpo, "reference_tokens_per_subject", per(s->dpo_ref_tokens, s->dpo_trained));
+  add_num(dpo, "train_tokens_per_subject", per(s->dpo_train_tokens, s->dpo_trained));
+  add_num(dpo, "reference_flops_per_subject", per(s->dpo_ref_flops, s->dpo_trained));
+  add_num(dpo, "train_flops_per_subject", per(s->dpo_train_flops, s->dpo_trained));
+  add_num(dpo, "steps_per_subject", per(s->dpo_steps, s->dpo_trained));
+  add_num(dpo, "pairs_per_subject", per(s->dpo_pairs, s->dpo_trained));
+  add_num(dpo, "mean_first_loss", per(s->dpo_first_loss, s->dpo_trained));
+  add_num(dpo, "mean_last_epoch_loss", per(s->dpo_last_epoch_loss, s->dpo_trained));
+  cJSON_AddNumberToObject(dpo, "max_trainer_bytes", (double)s->dpo_max_trainer_bytes);
   cJSON *fail = cJSON_AddObjectToObject(o, "failures");
   cJSON_AddNumberToObject(fail, "subjects", (double)s->subjects_failed);
   cJSON_AddNumberToObject(fail, "methods", (double)s->methods_failed);

@@ -123,6 +123,13 @@ typedef struct {
   pa_query_choice *chosen; /* [n_chosen], first-seen (variant, protocol) order */
   int n_chosen;
 
+  /* DPO: sums over the records with a trained adapter */
+  int dpo_trained;
+  double dpo_ref_seconds, dpo_train_seconds, dpo_ref_flops, dpo_train_flops;
+  double dpo_ref_tokens, dpo_train_tokens, dpo_steps, dpo_pairs;
+  double dpo_first_loss, dpo_last_epoch_loss; /* of loss[0] and of the last epoch's mean */
+  int64_t dpo_max_trainer_bytes;
+
   /* the first PA_QUERY_MAX_LISTED of each kind, in reading order */
   pa_query_failure failed_subjects[PA_QUERY_MAX_LISTED];
   pa_query_failure failed_methods[PA_QUERY_MAX_LISTED];

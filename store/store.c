@@ -240,6 +240,23 @@ int pa_settings_check(const char *store, const Palign__Settings *have, const Pal
   diff_doubles(&d, "alphas", h->alphas, h->n_alphas, w->alphas, w->n_alphas);
   diff_int(&d, "top_k", h->top_k, w->top_k);
   diff_string(&d, "subjects_file", h->subjects_file, w->subjects_file, false);
+  static const Palign__DpoSettings no_dpo = PALIGN__DPO_SETTINGS__INIT;
+  const Palign__DpoSettings *hd = h->dpo ? h->dpo : &no_dpo, *wd = w->dpo ? w->dpo : &no_dpo;
+  diff_int(&d, "dpo.epochs", hd->epochs, wd->epochs);
+  diff_int(&d, "dpo.batch", hd->batch, wd->batch);
+  diff_int(&d, "dpo.rank", hd->rank, wd->rank);
+  const struct {
+    const char *name;
+    double have, want;
+  } dd[] = {{"dpo.lr", hd->lr, wd->lr},
+            {"dpo.beta", hd->beta, wd->beta},
+            {"dpo.alpha", hd->alpha, wd->alpha},
+            {"dpo.weight_decay", hd->weight_decay, wd->weight_decay},
+            {"dpo.adam_beta1", hd->adam_beta1, wd->adam_beta1},
+            {"dpo.adam_beta2", hd->adam_beta2, wd->adam_beta2},
+            {"dpo.adam_eps", hd->adam_eps, wd->adam_eps}};
+  for (size_t i = 0; i < sizeof dd / sizeof dd[0]; i++)
+    diff_doubles(&d, dd[i].name, &dd[i].have, 1, &dd[i].want, 1);
   return d.t.n == d.head ? PA_OK : pa_error(PA_EINVAL, "%s", d.t.s);
 }
 
@@ -292,8 +309,9 @@ int pa_store_lock(const char *store, pa_store_guard **out) {
     struct flock who = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
     if (e == EACCES || e == EAGAIN) {
       if (fcntl(fd, F_GETLK, &who) == 0 && who.l_type != F_UNLCK)
-        rc = pa_error(PA_EINVAL, "%s: another job (process %ld) is writing to this store; wait for it or use another store",
-                      store, (long)who.l_pid);
+        rc = pa_error(PA_EINVAL,
+                      "%s: another job (process %ld) is writing to this store; wait for it or use another store", store,
+                      (long)who.l_pid);
       else
         rc = pa_error(PA_EINVAL, "%s: another job is writing to this store; wait for it or use another store", store);
     } else {

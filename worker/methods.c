@@ -109,19 +109,54 @@ static int run_pas_only(const pa_method_ctx *ctx, const pa_subject *s, const int
   return run_pas_variant(ctx, s, items, n, PA_PAS_VAR_ONLY, "pas_only", out);
 }
 
-static const pa_method none = {"none", "the model under the default system prompt", true, false, run_none};
-static const pa_method icl = {"icl", "the model under the subject's in-context (train answers) prompt", true, false,
-                              run_icl};
-static const pa_method p2 = {"p2", "the model under the subject's written personality description", true, false,
-                             run_p2};
-static const pa_method pas = {"pas", "ICL prompt + PAS head steering, alpha chosen per protocol", true, true, run_pas};
-static const pa_method pas_only = {"pas_only", "default prompt + PAS head steering (ablation)", true, true,
-                                   run_pas_only};
-static const pa_method const3 = {"const3", "always answers 3 (no model)", false, false, run_const3};
-static const pa_method trait_mean = {"trait_mean", "the subject's rounded mean train answer per trait (no model)",
-                                     false, false, run_trait_mean};
+/* DPO: trains the subject's adapter (or reuses the one the other DPO method
+ * trained for the same subject), then asks with it switched on. */
+static int run_dpo_prompt(const pa_method_ctx *ctx, const pa_subject *s, const char *name, const char *system,
+                          const int *items, int n, pa_method_out *out) {
+  pa_dpo_result *r = ctx->dpo_result;
+  if (!r)
+    return pa_error(PA_EINVAL, "%s: no DPO result slot (pa_method_ctx.dpo_result)", name);
+  if (!r->adapter || strcmp(r->subject_id, s->id) != 0) {
+    int rc = pa_dpo_train(ctx->ev, ctx->inv, s, &ctx->dpo, r);
+    if (rc)
+      return rc;
+  }
+  pa_evaluator_set_lora(ctx->ev, r->adapter);
+  int rc = ask(ctx, name, system, items, n, out);
+  pa_evaluator_set_lora(ctx->ev, NULL);
+  return rc;
+}
 
-static const pa_method *const all[] = {&none, &icl, &p2, &pas, &pas_only, &const3, &trait_mean};
+static int run_dpo(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_method_out *out) {
+  return run_dpo_prompt(ctx, s, "dpo", PA_DEFAULT_SYSTEM, items, n, out);
+}
+
+static int run_dpo_icl(const pa_method_ctx *ctx, const pa_subject *s, const int *items, int n, pa_method_out *out) {
+  char *system = pa_prompt_icl(ctx->inv, s);
+  if (!system)
+    return pa_error(PA_ENOMEM, "no memory");
+  int rc = run_dpo_prompt(ctx, s, "dpo_icl", system, items, n, out);
+  free(system);
+  return rc;
+}
+
+static const pa_method none = {"none", "the model under the default system prompt", true, false, false, run_none};
+static const pa_method icl = {
+    "icl", "the model under the subject's in-context (train answers) prompt", true, false, false, run_icl};
+static const pa_method p2 = {"p2",  "the model under the subject's written personality description", true, false, false,
+                             run_p2};
+static const pa_method pas = {"pas",  "ICL prompt + PAS head steering, alpha chosen per protocol", true, true, false,
+                              run_pas};
+static const pa_method pas_only = {"pas_only",  "default prompt + PAS head steering (ablation)", true, true, false,
+                                   run_pas_only};
+static const pa_method dpo = {"dpo", "default prompt + the subject's LoRA-DPO adapter", true, false, true, run_dpo};
+static const pa_method dpo_icl = {"dpo_icl",  "ICL prompt + the subject's LoRA-DPO adapter", true, false, true,
+                                  run_dpo_icl};
+static const pa_method const3 = {"const3", "always answers 3 (no model)", false, false, false, run_const3};
+static const pa_method trait_mean = {
+    "trait_mean", "the subject's rounded mean train answer per trait (no model)", false, false, false, run_trait_mean};
+
+static const pa_method *const all[] = {&none, &icl, &p2, &pas, &pas_only, &dpo, &dpo_icl, &const3, &trait_mean};
 
 const pa_method *const *pa_methods(size_t *n) {
   *n = sizeof all / sizeof all[0];
@@ -151,7 +186,9 @@ int pa_methods_parse(const char *list, const pa_method **out, int cap) {
     snprintf(name, sizeof name, "%.*s", (int)(len < sizeof name ? len : sizeof name - 1), p);
     const pa_method *m = pa_method_find(name);
     if (!m)
-      return pa_error(PA_EINVAL, "unknown method '%s' (one of none, icl, p2, pas, pas_only, const3, trait_mean)", name);
+      return pa_error(PA_EINVAL,
+                      "unknown method '%s' (one of none, icl, p2, pas, pas_only, dpo, dpo_icl, const3, trait_mean)",
+                      name);
     bool dup = false;
     for (int j = 0; j < n; j++)
       dup |= out[j] == m;

@@ -5,11 +5,13 @@
  * model-free rows (const3, trait_mean) report one row over all items; PAS
  * reports one row per alpha-selection protocol (`pas (reference)` over all
  * items, `pas (holdout)` over the items the holdout protocol reports on).
- * DPO registers here the same way.
+ * DPO reports one row (`dpo` under the default prompt, `dpo_icl` under the
+ * ICL prompt), both with the subject's adapter, trained once for both.
  */
 #ifndef PALIGN_METHODS_H
 #define PALIGN_METHODS_H
 
+#include "dpo.h"
 #include "eval.h"
 #include "inventory.h"
 #include "metrics.h"
@@ -26,6 +28,8 @@ typedef struct {
   const pa_pas_bank *bank;   /* the activation bank, when a PAS method runs */
   pa_pas_run_opts pas;       /* PAS settings (seed, grid, ...) */
   pa_pas_result *pas_result; /* the last subject's PAS result: pas and pas_only share one fit */
+  pa_dpo_opts dpo;           /* DPO settings */
+  pa_dpo_result *dpo_result; /* the last subject's DPO adapter: dpo and dpo_icl share one */
 } pa_method_ctx;
 
 /* What a method reports for one subject. The caller provides preds[r] and
@@ -44,6 +48,7 @@ typedef struct {
   const char *summary;
   bool needs_model;
   bool needs_bank;
+  bool needs_dpo; /* trains the subject's DPO adapter (ctx->dpo_result) */
   /* Fills out's rows for items[0..n) (preds' item, answer, expected; truth
    * is the caller's). A subject the method cannot handle (p2 without a
    * description) is PA_EINVAL with a message naming the subject. */

@@ -300,6 +300,87 @@ int pa_record_set_pas(pa_record *r, const pa_pas_result *pas) {
   return r->oom ? pa_error(PA_ENOMEM, "no memory for a record") : PA_OK;
 }
 
+static Palign__DpoSettings *dpo_settings_msg(pa_record *r, const pa_dpo_opts *o) {
+  Palign__DpoSettings *d = ARENA_NEW(r, Palign__DpoSettings);
+  if (!d)
+    return NULL;
+  pa_dpo_settings_to_proto(o, d);
+  return d;
+}
+
+void pa_dpo_settings_to_proto(const pa_dpo_opts *o, Palign__DpoSettings *d) {
+  palign__dpo_settings__init(d);
+  d->epochs = o->epochs, d->batch = o->batch, d->lr = o->lr, d->beta = o->beta, d->rank = o->rank;
+  d->alpha = o->alpha, d->weight_decay = o->weight_decay;
+  d->adam_beta1 = o->adam_beta1, d->adam_beta2 = o->adam_beta2, d->adam_eps = o->adam_eps;
+}
+
+int pa_record_set_dpo(pa_record *r, const pa_dpo_result *dpo) {
+  Palign__DpoResult *p = ARENA_NEW(r, Palign__DpoResult);
+  if (!p || !dpo->adapter)
+    return pa_error(PA_ENOMEM, "no memory for a record");
+  palign__dpo_result__init(p);
+  const pa_lora *l = dpo->adapter;
+  p->settings = dpo_settings_msg(r, &dpo->opts);
+  p->run_seed = dpo->opts.run_seed, p->seed = dpo->seed;
+  p->n_layers = l->n_layers, p->rank = l->rank, p->scale = l->scale;
+  p->in = ARENA_ARRAY(r, int32_t, PA_LORA_N_TARGETS);
+  p->out = ARENA_ARRAY(r, int32_t, PA_LORA_N_TARGETS);
+  p->adapter = ARENA_ARRAY(r, float, l->n_floats);
+  p->loss = ARENA_ARRAY(r, double, dpo->n_steps);
+  p->epoch_loss = ARENA_ARRAY(r, double, dpo->opts.epochs);
+  if (!p->in || !p->out || !p->adapter || !p->loss || !p->epoch_loss)
+    return pa_error(PA_ENOMEM, "no memory for a record");
+  for (int t = 0; t < PA_LORA_N_TARGETS; t++)
+    p->in[t] = l->in[t], p->out[t] = l->out[t];
+  p->n_in = p->n_out = PA_LORA_N_TARGETS;
+  memcpy(p->adapter, l->arena, l->n_floats * sizeof *p->adapter);
+  p->n_adapter = l->n_floats;
+  memcpy(p->loss, dpo->loss, (size_t)dpo->n_steps * sizeof *p->loss);
+  p->n_loss = (size_t)dpo->n_steps;
+  memcpy(p->epoch_loss, dpo->epoch_loss, (size_t)dpo->opts.epochs * sizeof *p->epoch_loss);
+  p->n_epoch_loss = (size_t)dpo->opts.epochs;
+  p->n_items = dpo->n_items, p->n_pairs = dpo->n_pairs, p->n_steps = dpo->n_steps;
+  const pa_eval_stats ref = {.seconds = dpo->ref_seconds, .prefix_tokens = dpo->ref_tokens, .prompts = dpo->n_items};
+  const pa_eval_stats train = {.seconds = dpo->train_seconds, .prefix_tokens = dpo->train_tokens};
+  p->reference_cost = cost_msg(r, &ref);
+  p->train_cost = cost_msg(r, &train);
+  p->reference_flops = dpo->ref_flops, p->train_flops = dpo->train_flops;
+  p->trainer_bytes = (int64_t)dpo->trainer_bytes;
+  r->msg.dpo = p;
+  return r->oom ? pa_error(PA_ENOMEM, "no memory for a record") : PA_OK;
+}
+
+int pa_dpo_adapter_from_proto(const Palign__DpoResult *p, const char *subject_id, const pa_model_config *c,
+                              pa_lora **out) {
+  *out = NULL;
+  if (!p)
+    return pa_error(PA_ENOTFOUND, "subject %s has no DPO adapter (run the dpo method)", subject_id);
+  if (!(p->scale > 0) || !isfinite(p->scale) || p->rank < 1 || p->rank > 256)
+    return pa_error(PA_EINVAL, "subject %s: the stored DPO adapter has rank %d and scale %g", subject_id, p->rank,
+                    (double)p->scale);
+  int rc = pa_lora_create(c, p->rank, p->scale, out);
+  if (rc)
+    return rc;
+  pa_lora *l = *out;
+  bool fits = p->n_layers == l->n_layers && p->n_in == PA_LORA_N_TARGETS && p->n_out == PA_LORA_N_TARGETS &&
+              p->n_adapter == l->n_floats;
+  for (int t = 0; fits && t < PA_LORA_N_TARGETS; t++)
+    fits = p->in[t] == l->in[t] && p->out[t] == l->out[t];
+  for (size_t i = 0; fits && i < p->n_adapter; i++)
+    fits = isfinite(p->adapter[i]);
+  if (!fits) {
+    pa_lora_destroy(l);
+    *out = NULL;
+    return pa_error(PA_EINVAL,
+                    "subject %s: the stored DPO adapter (%d layers, %zu values) does not fit this model (%d layers, "
+                    "%zu values expected) or holds a value that is not finite",
+                    subject_id, p->n_layers, p->n_adapter, c->n_layers, l->n_floats);
+  }
+  memcpy(l->arena, p->adapter, l->n_floats * sizeof *l->arena);
+  return PA_OK;
+}
+
 static double now_s(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -313,7 +394,7 @@ int pa_subject_run(const pa_method_ctx *ctx, const pa_method *const *methods, in
                    void *pctx) {
   const double t0 = now_s();
   int failed = 0, rc = PA_OK;
-  bool pas_ran = false;
+  bool pas_ran = false, dpo_ran = false;
   for (int j = 0; j < n && !rc; j++) {
     mo->n_rows = 0;
     mo->stats = (pa_eval_stats){0};
@@ -321,6 +402,7 @@ int pa_subject_run(const pa_method_ctx *ctx, const pa_method *const *methods, in
     if (mrc == PA_ENOMEM || mrc == PA_ECANCELED || mrc == PA_EIO)
       return mrc; /* the machine's trouble, not the subject's: stop rather than store a failure */
     pas_ran |= methods[j]->needs_bank;
+    dpo_ran |= methods[j]->needs_dpo;
     if (mrc) {
       failed++;
       rc = pa_record_add_failure(r, methods[j]->name, pa_errmsg());
@@ -335,6 +417,8 @@ int pa_subject_run(const pa_method_ctx *ctx, const pa_method *const *methods, in
   }
   if (!rc && pas_ran && ctx->pas_result && !strcmp(ctx->pas_result->subject_id, s->id))
     rc = pa_record_set_pas(r, ctx->pas_result);
+  if (!rc && dpo_ran && ctx->dpo_result && ctx->dpo_result->adapter && !strcmp(ctx->dpo_result->subject_id, s->id))
+    rc = pa_record_set_dpo(r, ctx->dpo_result);
   if (rc)
     return rc;
   r->msg.seconds = now_s() - t0;

@@ -13,6 +13,7 @@
 #ifndef PALIGN_RECORD_H
 #define PALIGN_RECORD_H
 
+#include "dpo.h"
 #include "inventory.h"
 #include "methods.h"
 #include "metrics.h"
@@ -43,6 +44,10 @@ int pa_record_add_method(pa_record *r, const pa_inventory *inv, const char *meth
 int pa_record_add_failure(pa_record *r, const char *method, const char *error);
 /* Adds the subject's PAS fit and alpha grid (pas.h). */
 int pa_record_set_pas(pa_record *r, const pa_pas_result *pas);
+/* Adds the subject's DPO adapter, loss curve and costs (dpo.h). */
+int pa_record_set_dpo(pa_record *r, const pa_dpo_result *dpo);
+/* DPO's settings as their message (d is initialised here). */
+void pa_dpo_settings_to_proto(const pa_dpo_opts *o, Palign__DpoSettings *d);
 
 /* Runs methods[0..n) on subject s over the test items (items, n_items) and
  * adds each to r, with the PAS result when a PAS method ran. mo is scratch
@@ -73,6 +78,13 @@ void pa_metrics_from_proto(const Palign__Metrics *p, pa_subject_metrics *m);
  * a direction of the wrong length). */
 int pa_pas_steering_from_proto(const Palign__PasResult *p, const char *subject_id, double alpha, int n_layers,
                                int n_heads, int head_dim, float *delta);
+
+/* The adapter of a stored DPO result, checked against the model's shape
+ * (layers, targets' sizes, value count, finite values): *out is a new
+ * pa_lora (pa_lora_destroy). PA_ENOTFOUND for a record without one,
+ * PA_EINVAL naming the subject for one that does not fit. */
+int pa_dpo_adapter_from_proto(const Palign__DpoResult *p, const char *subject_id, const pa_model_config *c,
+                              pa_lora **out);
 
 /* The alpha a stored PAS result chose for variant ("pas" or "pas_only") under
  * protocol ("reference" or "holdout"): PA_ENOTFOUND if there is no such choice
