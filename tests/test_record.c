@@ -13,6 +13,7 @@
 #include "methods.h"
 #include "metrics.h"
 #include "pas.h"
+#include "lora.h"
 #include "record.h"
 #include "status.h"
 
@@ -180,10 +181,62 @@ static void test_method_rows(void **state) {
     free(mo.preds[k]), free(mo.probs[k]);
 }
 
+/* A DPO result stored and read back: the adapter bit for bit, the loss
+ * curve and the settings; a record without one, an adapter for another
+ * shape and a non-finite value are refused naming the subject. */
+static void test_dpo_round_trip(void **state) {
+  (void)state;
+  const pa_model_config c = {.n_layers = 3, .dim = 16, .n_heads = 4, .n_kv_heads = 2, .head_dim = 4};
+  pa_dpo_result d = {.opts = pa_dpo_defaults(), .seed = 99, .n_items = 5, .n_pairs = 6, .n_steps = 4};
+  d.opts.epochs = 2;
+  snprintf(d.subject_id, sizeof d.subject_id, "%s", pa_subjects_at(subjects, 0)->id);
+  assert_int_equal(pa_lora_create(&c, 2, 8.0f, &d.adapter), PA_OK);
+  for (size_t i = 0; i < d.adapter->n_floats; i++)
+    d.adapter->arena[i] = (float)i / 7.0f - 3.0f;
+  double loss[4] = {0.6931471805599453, 0.6, 0.5, 0.45}, epoch[2] = {0.65, 0.47};
+  d.loss = loss, d.epoch_loss = epoch;
+  pa_record *r;
+  assert_int_equal(pa_record_create(pa_subjects_at(subjects, 0), 0, 1, "fp", &r), PA_OK);
+  assert_int_equal(pa_record_set_dpo(r, &d), PA_OK);
+  const Palign__SubjectResult *m = pa_record_message(r);
+  const size_t n = palign__subject_result__get_packed_size(m);
+  uint8_t *buf = malloc(n);
+  assert_int_equal(palign__subject_result__pack(m, buf), n);
+  Palign__SubjectResult *u = palign__subject_result__unpack(NULL, n, buf);
+  assert_non_null(u);
+  assert_non_null(u->dpo);
+  assert_int_equal(u->dpo->n_loss, 4);
+  assert_memory_equal(u->dpo->loss, loss, sizeof loss);
+  assert_int_equal(u->dpo->settings->epochs, 2);
+  assert_true(u->dpo->settings->lr == d.opts.lr && u->dpo->seed == 99);
+  pa_lora *back;
+  assert_int_equal(pa_dpo_adapter_from_proto(u->dpo, u->subject_id, &c, &back), PA_OK);
+  assert_memory_equal(back->arena, d.adapter->arena, back->n_floats * sizeof(float));
+  assert_true(back->scale == 8.0f && back->rank == 2);
+  pa_lora_destroy(back);
+  /* another model's shape */
+  pa_model_config other = c;
+  other.n_layers = 4;
+  back = (pa_lora *)1;
+  assert_int_equal(pa_dpo_adapter_from_proto(u->dpo, u->subject_id, &other, &back), PA_EINVAL);
+  assert_null(back);
+  assert_non_null(strstr(pa_errmsg(), u->subject_id));
+  /* a NaN in the stored values */
+  u->dpo->adapter[3] = NAN;
+  assert_int_equal(pa_dpo_adapter_from_proto(u->dpo, u->subject_id, &c, &back), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "not finite"));
+  assert_int_equal(pa_dpo_adapter_from_proto(NULL, u->subject_id, &c, &back), PA_ENOTFOUND);
+  palign__subject_result__free_unpacked(u, NULL);
+  free(buf);
+  pa_record_destroy(r);
+  pa_lora_destroy(d.adapter);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_steering_round_trip),
       cmocka_unit_test(test_method_rows),
+      cmocka_unit_test(test_dpo_round_trip),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -302,11 +302,15 @@ static uint8_t *pack_normalised(const Palign__SubjectResult *r, size_t *n) {
   assert_true(c->n_methods <= 32);
   for (size_t j = 0; j < c->n_methods; j++)
     costs[j] = c->methods[j]->cost, c->methods[j]->cost = NULL;
-  Palign__Cost *grid = NULL;
+  Palign__Cost *grid = NULL, *dref = NULL, *dtrain = NULL;
   double fit = 0;
   if (c->pas) {
     grid = c->pas->grid_cost, c->pas->grid_cost = NULL;
     fit = c->pas->fit_seconds, c->pas->fit_seconds = 0;
+  }
+  if (c->dpo) {
+    dref = c->dpo->reference_cost, c->dpo->reference_cost = NULL;
+    dtrain = c->dpo->train_cost, c->dpo->train_cost = NULL;
   }
   *n = palign__subject_result__get_packed_size(c);
   buf = malloc(*n ? *n : 1);
@@ -317,6 +321,8 @@ static uint8_t *pack_normalised(const Palign__SubjectResult *r, size_t *n) {
     c->methods[j]->cost = costs[j];
   if (c->pas)
     c->pas->grid_cost = grid, c->pas->fit_seconds = fit;
+  if (c->dpo)
+    c->dpo->reference_cost = dref, c->dpo->train_cost = dtrain;
   palign__subject_result__free_unpacked(c, NULL);
   return buf;
 }
@@ -481,6 +487,13 @@ static void same_record(const rec *xa, const rec *xb) {
       same_preds(id, what, ma->rows[k]->predictions, mb->rows[k]->predictions);
     }
   }
+  SAME("DPO presence", (a->dpo == NULL) == (b->dpo == NULL));
+  if (a->dpo) {
+    SAME("DPO adapter", same_bytes(a->dpo->adapter, a->dpo->n_adapter * sizeof(float), b->dpo->adapter,
+                                   b->dpo->n_adapter * sizeof(float)));
+    SAME("DPO loss curve",
+         same_bytes(a->dpo->loss, a->dpo->n_loss * sizeof(double), b->dpo->loss, b->dpo->n_loss * sizeof(double)));
+  }
   SAME("PAS presence", (a->pas == NULL) == (b->pas == NULL));
   if (a->pas) {
     const Palign__PasResult *pa = a->pas, *pb = b->pas;
@@ -563,6 +576,15 @@ static void same_as_eval(const recs *rs, const char *json_path, size_t n_subject
     const cJSON *jm;
     cJSON_ArrayForEach(jm, cJSON_GetObjectItemCaseSensitive(js, "methods")) {
       const cJSON *items = cJSON_GetObjectItemCaseSensitive(jm, "items");
+      if (!strcmp(jm->string, "dpo_training")) { /* the DPO training: its loss curve */
+        assert_non_null(r->dpo);
+        const cJSON *loss = cJSON_GetObjectItemCaseSensitive(jm, "loss");
+        assert_int_equal(cJSON_GetArraySize(loss), r->dpo->n_loss);
+        for (size_t k = 0; k < r->dpo->n_loss; k++)
+          if (!json_double_is(cJSON_GetArrayItem(loss, (int)k), r->dpo->loss[k]))
+            fail_msg("subject %s: DPO loss at step %zu differs between eval and the store", id, k);
+        continue;
+      }
       if (!items) { /* a PAS variant's fit: its chosen alphas and heads */
         assert_non_null(r->pas);
         for (int p = 0; p < 2; p++) {
@@ -1168,6 +1190,88 @@ static void test_bad_flags(void **state) {
   assert_int_not_equal(stat(store, &sb), 0);
 }
 
+/* 9. DPO through the service: -np 1 and -np 3 (two workers) store the same
+ * adapters, loss curves and answers bit for bit, equal to palign eval's; a
+ * rerun does nothing again; other DPO settings are refused with the store
+ * unchanged; a bad DPO value exits 2 before anything is made; palign
+ * generate --method dpo applies a stored adapter. */
+static void test_dpo(void **state) {
+  (void)state;
+  char s1[512], s3[512], log[512], json[512], out[4096];
+  scratch(s1, "dpo-np1"), scratch(s3, "dpo-np3");
+  assert_int_equal(worker(scratch(log, "dpo-np1.log"), 1, icl_model, s1, "--subjects", "3", "--methods",
+                          "none,dpo,dpo_icl", "--dpo-epochs", "2", NULL),
+                   0);
+  expect_in(log, "DPO per trained subject");
+  assert_int_equal(worker(scratch(log, "dpo-np3.log"), 3, icl_model, s3, "--subjects", "3", "--methods",
+                          "none,dpo,dpo_icl", "--dpo-epochs", "2", NULL),
+                   0);
+  recs a, b;
+  read_store(s1, &a);
+  read_store(s3, &b);
+  expect_complete(&a, 3, 0, s1);
+  expect_complete(&b, 3, 0, s3);
+  same_stores(&a, &b);
+  for (size_t i = 0; i < a.n; i++) {
+    Palign__SubjectResult *r = unpack_rec(&a.r[i]);
+    assert_non_null(r->dpo);
+    assert_true(r->dpo->n_loss > 0 && fabs(r->dpo->loss[0] - 0.69314718055994530942) < 1e-12);
+    assert_true(r->dpo->epoch_loss[1] < r->dpo->epoch_loss[0]);
+    palign__subject_result__free_unpacked(r, NULL);
+  }
+  assert_int_equal(palign(scratch(log, "dpo-eval.log"), "eval", "--model", icl_model, "--papi", papi, "--subjects", "3",
+                          "--methods", "none,dpo,dpo_icl", "--dpo-epochs", "2", "--threads", "1", "--json",
+                          scratch(json, "dpo-eval.json"), NULL),
+                   0);
+  same_as_eval(&a, json, 3);
+  recs_free(&a), recs_free(&b);
+
+  /* resumed: nothing is done again */
+  assert_int_equal(worker(scratch(log, "dpo-again.log"), 1, icl_model, s1, "--subjects", "3", "--methods",
+                          "none,dpo,dpo_icl", "--dpo-epochs", "2", NULL),
+                   0);
+  expect_in(log, "3 already stored, 0 to do");
+  /* other DPO settings: refused, the store unchanged */
+  size_t n0, n1;
+  char *before = snapshot(s1, &n0);
+  assert_int_equal(worker(scratch(log, "dpo-lr.log"), 1, icl_model, s1, "--subjects", "3", "--methods",
+                          "none,dpo,dpo_icl", "--dpo-epochs", "2", "--dpo-lr", "0.01", NULL),
+                   1);
+  expect_in(log, "dpo.lr '0.001' here, '0.01' asked");
+  /* bad DPO values: exit 2, nothing made */
+  char fresh[512];
+  scratch(fresh, "dpo-bad");
+  static const char *const bad[][2] = {
+      {"--dpo-rank", "0"}, {"--dpo-lr", "-1e-3"}, {"--dpo-beta", "0"}, {"--dpo-epochs", "0"}};
+  static const char *const said[] = {"LoRA rank 0", "learning rate -0.001", "beta 0", "epochs 0"};
+  for (int k = 0; k < 4; k++) {
+    assert_int_equal(worker(scratch(log, "dpo-bad.log"), k % 2 ? 2 : 1, icl_model, fresh, "--subjects", "3",
+                            "--methods", "dpo", bad[k][0], bad[k][1], NULL),
+                     2);
+    expect_in(log, said[k]);
+    assert_int_equal(worker(scratch(log, "dpo-bad-s1.log"), 1, icl_model, s1, "--subjects", "3", "--methods",
+                            "none,dpo,dpo_icl", "--dpo-epochs", "2", bad[k][0], bad[k][1], NULL),
+                     2);
+  }
+  struct stat sb;
+  assert_int_not_equal(stat(fresh, &sb), 0);
+  char *after = snapshot(s1, &n1);
+  assert_int_equal(n0, n1);
+  assert_memory_equal(before, after, n0);
+  free(before), free(after);
+
+  /* the stored adapter answers (and changes the plain model's greedy answer or not: it runs) */
+  snprintf(out, sizeof out, "%s", "");
+  assert_int_equal(palign(scratch(log, "dpo-generate.log"), "generate", "--model", icl_model, "--store", s1,
+                          "--subject", "172481", "--method", "dpo", "--prompt", "Hello", "--max-tokens", "4", NULL),
+                   0);
+  expect_in(log, "DPO adapter of rank 8");
+  assert_int_equal(palign(scratch(log, "dpo-generate-bad.log"), "generate", "--model", icl_model, "--store", s1,
+                          "--subject", "172481", "--method", "dpo", "--alpha", "2", "--prompt", "Hello", NULL),
+                   2);
+  expect_in(log, "--alpha is PAS's");
+}
+
 /* ---- the group ----------------------------------------------------------------------- */
 
 static int setup_group(void **state) {
@@ -1211,6 +1315,7 @@ int main(void) {
       cmocka_unit_test_teardown(test_workers_cannot_start, teardown_test),
       cmocka_unit_test_teardown(test_bad_flags, teardown_test),
       cmocka_unit_test_teardown(test_export_round_trips, teardown_test),
+      cmocka_unit_test_teardown(test_dpo, teardown_test),
   };
   return cmocka_run_group_tests(tests, setup_group, teardown_group);
 }
