@@ -370,12 +370,13 @@ int pa_dpo_adapter_from_proto(const Palign__DpoResult *p, const char *subject_id
   for (size_t i = 0; fits && i < p->n_adapter; i++)
     fits = isfinite(p->adapter[i]);
   if (!fits) {
+    const size_t expected = l->n_floats;
     pa_lora_destroy(l);
     *out = NULL;
     return pa_error(PA_EINVAL,
                     "subject %s: the stored DPO adapter (%d layers, %zu values) does not fit this model (%d layers, "
                     "%zu values expected) or holds a value that is not finite",
-                    subject_id, p->n_layers, p->n_adapter, c->n_layers, l->n_floats);
+                    subject_id, p->n_layers, p->n_adapter, c->n_layers, expected);
   }
   memcpy(l->arena, p->adapter, l->n_floats * sizeof *l->arena);
   return PA_OK;
