@@ -164,24 +164,13 @@ static int scratch_reserve(pa_lm *lm, int rows, int seqs) {
   return PA_OK;
 }
 
-/* An adapter made for this model's shape (lora.h). */
-static int check_lora(const pa_lm *lm, const pa_lora *l) {
-  const pa_model_config *c = &lm->c;
-  const int q = c->n_heads * c->head_dim, kv = c->n_kv_heads * c->head_dim;
-  if (l->n_layers != c->n_layers || l->in[PA_LORA_Q] != c->dim || l->out[PA_LORA_Q] != q || l->out[PA_LORA_K] != kv ||
-      l->out[PA_LORA_V] != kv || l->in[PA_LORA_O] != q || l->out[PA_LORA_O] != c->dim)
-    return pa_error(PA_EINVAL, "a LoRA adapter of %d layers, input %d, does not fit this model (%d layers, dim %d)",
-                    l->n_layers, l->in[PA_LORA_Q], c->n_layers, c->dim);
-  return PA_OK;
-}
-
 static int check_batch(const pa_lm *lm, const pa_batch *b, int *rows) {
   const int P = b->prefix ? b->prefix->len : 0;
   *rows = 0;
   if (b->n_seqs < 1)
     return pa_error(PA_EINVAL, "a batch needs at least one sequence");
   if (b->lora) {
-    int rc = check_lora(lm, b->lora);
+    int rc = pa_lora_check(b->lora, &lm->c);
     if (rc)
       return rc;
   }

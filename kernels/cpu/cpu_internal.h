@@ -5,6 +5,7 @@
 
 #include "backend.h"
 
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -38,6 +39,28 @@ static inline float exp_approx(float x) {
   p = p * r * r + r + 1.0f;
   scale.i = (k + 127) << 23;
   return p * scale.f;
+}
+
+/* Softmax over the first `valid` of a row's entries, in place; the rest
+ * become 0 (causally masked keys). Returns the log-sum-exp of the valid
+ * entries (what the training attention keeps for its backward pass). */
+static inline float pa_cpu_softmax(float *row, int valid, int len) {
+  float mx = -FLT_MAX; /* the kernels are built assuming finite values */
+  for (int i = 0; i < valid; i++)
+    mx = row[i] > mx ? row[i] : mx;
+  float sum = 0;
+  /* the exponentials are a large share of attention over long prefixes */
+#pragma omp simd reduction(+ : sum)
+  for (int i = 0; i < valid; i++) {
+    row[i] = exp_approx(row[i] - mx);
+    sum += row[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int i = 0; i < valid; i++)
+    row[i] *= inv;
+  for (int i = valid; i < len; i++)
+    row[i] = 0;
+  return mx + logf(sum);
 }
 
 /* The training ops (cpu_train.c), as backend.h describes them. */

@@ -104,26 +104,6 @@ static void cpu_add_bias(int M, int N, const float *b, float *y) {
   }
 }
 
-/* Softmax over the first `valid` of a row's entries; the rest become 0
- * (causally masked keys). */
-static void softmax_prefix(float *row, int valid, int len) {
-  float mx = -FLT_MAX; /* the kernels are built assuming finite values */
-  for (int i = 0; i < valid; i++)
-    mx = row[i] > mx ? row[i] : mx;
-  float sum = 0;
-  /* the exponentials are a large share of attention over long prefixes */
-#pragma omp simd reduction(+ : sum)
-  for (int i = 0; i < valid; i++) {
-    row[i] = exp_approx(row[i] - mx);
-    sum += row[i];
-  }
-  const float inv = 1.0f / sum;
-  for (int i = 0; i < valid; i++)
-    row[i] *= inv;
-  for (int i = valid; i < len; i++)
-    row[i] = 0;
-}
-
 /* Query rows [r0, r1) of one (sequence, key/value head) pair, where row
  * r = j * g + i is head i of the g query heads sharing that kv head at the
  * sequence's new token j; as matrix products:
@@ -143,7 +123,7 @@ static void attend_rows(const pa_attn_args *a, const pa_attn_seq *s, int kh, int
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, m, hd, scale, Q, hd, ko, hd, 0.0f, S + P, L);
   for (int r = r0; r < r1; r++)
-    softmax_prefix(S + (size_t)(r - r0) * L, P + s->past + r / g + 1, L);
+    pa_cpu_softmax(S + (size_t)(r - r0) * L, P + s->past + r / g + 1, L);
   if (P > 0) {
     const float *vp = a->v_prefix + (size_t)kh * a->prefix_stride * hd;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, hd, P, 1.0f, S, L, vp, hd, 0.0f, Z, hd);

@@ -159,22 +159,8 @@ static void train_rows(const pa_attn_train_args *a, const segment *sg, int kh, i
   gather(a->q, sg, H, g, kh, hd, r0, r1, Q);
   scores(a, sg, kh, a->k, R, scale, Q, S, L);
   for (int r = r0; r < r1; r++) {
-    float *row = S + (size_t)(r - r0) * L;
-    const int valid = valid_keys(sg, r, g);
-    float mx = -FLT_MAX, sum = 0;
-    for (int i = 0; i < valid; i++)
-      mx = row[i] > mx ? row[i] : mx;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < valid; i++) {
-      row[i] = exp_approx(row[i] - mx);
-      sum += row[i];
-    }
-    const float inv = 1.0f / sum;
-    for (int i = 0; i < valid; i++)
-      row[i] *= inv;
-    for (int i = valid; i < L; i++)
-      row[i] = 0;
-    a->lse[(size_t)(sg->row0 + r / g) * H + (size_t)kh * g + r % g] = mx + logf(sum);
+    a->lse[(size_t)(sg->row0 + r / g) * H + (size_t)kh * g + r % g] =
+        pa_cpu_softmax(S + (size_t)(r - r0) * L, valid_keys(sg, r, g), L);
   }
   if (sg->P > 0)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, hd, sg->P, 1.0f, S, L, a->v + (size_t)kh * hd, ld, 0.0f,
