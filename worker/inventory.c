@@ -94,7 +94,7 @@ typedef struct {
 static void csv_init(csv_reader *r, const char *path, const pa_mapped *m) {
   memset(r, 0, sizeof *r);
   r->path = path;
-  r->p = (const char *)m->data;
+  r->p = m->size ? (const char *)m->data : ""; /* an empty file maps to no memory at all */
   r->end = r->p + m->size;
   r->line = 1;
   if (r->end - r->p >= 3 && !memcmp(r->p, "\xEF\xBB\xBF", 3)) /* spreadsheets write a UTF-8 BOM */
