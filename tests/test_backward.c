@@ -23,21 +23,14 @@
 #include <string.h>
 
 #include "backend.h"
+#include "testutil.h"
 
 #define FD_H   1e-2
 #define FD_TOL 1e-3
 
 static uint64_t rng = 0x9E3779B97F4A7C15ULL;
-static float frand(void) { /* xorshift64, uniform in [-1, 1) */
-  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-  return (float)((double)(rng >> 11) / 9007199254740992.0 * 2 - 1);
-}
-static float *rand_vec(size_t n) {
-  float *v = malloc(n * sizeof *v);
-  for (size_t i = 0; i < n; i++)
-    v[i] = frand();
-  return v;
-}
+#define frand()     tu_frand(&rng)
+#define rand_vec(n) tu_rand_vec(&rng, (n))
 static double dot(const float *a, const float *b, size_t n) {
   double s = 0;
   for (size_t i = 0; i < n; i++)

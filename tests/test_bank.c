@@ -35,17 +35,7 @@ static char fingerprint[65];
 
 /* Traits mixed, so that bank order (A, C, E, N, O; split order within a
  * trait) differs from the split's order. */
-static const char items_csv[] = "item,ipip120_no,trait,facet_code,facet,keyed,text\n"
-                                "1,1,N,N1,Anxiety,+,Worry about things.\n"
-                                "2,2,E,E1,Friendliness,+,Make friends easily.\n"
-                                "3,3,O,O1,Imagination,+,Have a vivid imagination.\n"
-                                "4,4,A,A1,Trust,+,Trust others.\n"
-                                "5,5,C,C1,Self-Efficacy,+,Complete tasks successfully.\n"
-                                "6,6,N,N2,Anger,+,Get angry easily.\n"
-                                "7,7,E,E2,Gregariousness,+,Love large parties.\n"
-                                "8,8,O,O2,Artistic Interests,+,Believe in the importance of art.\n"
-                                "9,9,A,A2,Morality,-,Use others for my own ends.\n"
-                                "10,10,C,C2,Orderliness,+,Like order.\n";
+static const char items_csv[] = TU_TEN_ITEMS_CSV;
 static const char split_json[] = "{\"train_index\": [1, 2, 3, 4, 5, 9, 10], \"test_index\": [6, 7, 8]}";
 static const int bank_order[] = {4, 9, 5, 10, 2, 1, 3};
 enum { N_ITEMS = 7 };
@@ -54,8 +44,7 @@ static int setup(void **s) {
   if (tu_setup(s))
     return -1;
   char p[300];
-  tu_write_text(tu_path(p, sizeof p, "ipip_neo_300_items.csv"), items_csv);
-  tu_write_text(tu_path(p, sizeof p, "mpi_300_split.json"), split_json);
+  tu_papi_dir(p, sizeof p, ".", (tu_papi_files){.items = items_csv, .split = split_json});
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   o.n_layers = 3, o.seed = 5;
   tu_path(gguf, sizeof gguf, "m.gguf");
@@ -301,16 +290,12 @@ static void test_fingerprints(void **s) {
 
 /* An inventory in its own directory: the test one with `from` replaced by `to`. */
 static pa_inventory *other_inventory(const char *name, const char *from, const char *to, const char *split) {
-  char dir[300], p[400];
-  assert_int_equal(mkdir(tu_path(dir, sizeof dir, name), 0755), 0);
+  char dir[300];
   char csv[sizeof items_csv + 64];
   const char *at = strstr(items_csv, from);
   assert_non_null(at);
   snprintf(csv, sizeof csv, "%.*s%s%s", (int)(at - items_csv), items_csv, to, at + strlen(from));
-  snprintf(p, sizeof p, "%s/ipip_neo_300_items.csv", dir);
-  tu_write_text(p, csv);
-  snprintf(p, sizeof p, "%s/mpi_300_split.json", dir);
-  tu_write_text(p, split ? split : split_json);
+  tu_papi_dir(dir, sizeof dir, name, (tu_papi_files){.items = csv, .split = split ? split : split_json});
   pa_inventory *o;
   assert_int_equal(pa_inventory_load(dir, &o), PA_OK);
   return o;

@@ -19,10 +19,7 @@ static char out[1 << 16];
 /* Runs `palign ARGS` (a shell fragment), stdout and stderr into `out`; returns the exit status. */
 #define palign(...) tu_run(out, sizeof out, NULL, 0, PALIGN_BINARY_DIR "/palign " __VA_ARGS__)
 
-static void expect_out(const char *what) {
-  if (!strstr(out, what))
-    fail_msg("output should contain '%s':\n%s", what, out);
-}
+#define expect_out(what) tu_expect_in(out, what, "the output")
 
 static void test_usage(void **s) {
   (void)s;
@@ -90,39 +87,37 @@ static void test_mkmodel_inspect_tokenize(void **s) {
 }
 
 /* A tiny PAPI folder: 20 items (4 per trait: 2 train, 2 test), 3 subjects. */
-static void write_tiny_papi(const char *dir) {
-  char path[600], buf[16384];
+static void write_tiny_papi(char *dir, size_t n_dir) {
+  static char items[4096], subjects[4096];
   const char traits[] = "OCEAN";
-  size_t n = (size_t)snprintf(buf, sizeof buf, "item,ipip120_no,trait,facet_code,facet,keyed,text\n");
+  size_t n = 0;
+  tu_cat(items, sizeof items, &n, TU_ITEMS_HEADER);
   for (int i = 1; i <= 20; i++)
-    n += (size_t)snprintf(buf + n, sizeof buf - n, "%d,%d,%c,%c1,Facet,%c,Like thing number %d.\n", i, i,
-                          traits[(i - 1) % 5], traits[(i - 1) % 5], i % 3 ? '+' : '-', i);
-  snprintf(path, sizeof path, "%s/ipip_neo_300_items.csv", dir);
-  tu_write_text(path, buf);
-  snprintf(path, sizeof path, "%s/mpi_300_split.json", dir);
-  tu_write_text(path, "{\"train_index\": [1,2,3,4,5,6,7,8,9,10], \"test_index\": [11,12,13,14,15,16,17,18,19,20]}");
-  n = (size_t)snprintf(buf, sizeof buf, "[");
+    tu_cat(items, sizeof items, &n, "%d,%d,%c,%c1,Facet,%c,Like thing number %d.\n", i, i, traits[(i - 1) % 5],
+           traits[(i - 1) % 5], i % 3 ? '+' : '-', i);
+  n = 0;
+  tu_cat(subjects, sizeof subjects, &n, "[");
   for (int s = 0; s < 3; s++) {
-    n += (size_t)snprintf(buf + n, sizeof buf - n, "%s{\"case\": %d", s ? "," : "", 100 + s);
+    tu_cat(subjects, sizeof subjects, &n, "%s{\"case\": %d", s ? "," : "", 100 + s);
     for (int i = 1; i <= 20; i++)
-      n += (size_t)snprintf(buf + n, sizeof buf - n, ", \"i%d\": %d", i, 1 + (i * 7 + s * 3) % 5);
-    n += (size_t)snprintf(buf + n, sizeof buf - n, "}");
+      tu_cat(subjects, sizeof subjects, &n, ", \"i%d\": %d", i, 1 + (i * 7 + s * 3) % 5);
+    tu_cat(subjects, sizeof subjects, &n, "}");
   }
-  snprintf(buf + n, sizeof buf - n, "]");
-  snprintf(path, sizeof path, "%s/Test-set.json", dir);
-  tu_write_text(path, buf);
-  snprintf(path, sizeof path, "%s/personality_prompt.json", dir);
-  tu_write_text(path, "[{\"output\": [\"You like order.\"]}, {\"output\": [\"You are calm.\"]}, "
-                      "{\"output\": [\"You love parties.\"]}]");
+  tu_cat(subjects, sizeof subjects, &n, "]");
+  tu_papi_dir(dir, n_dir, "papi",
+              (tu_papi_files){
+                  .items = items,
+                  .split = "{\"train_index\": [1,2,3,4,5,6,7,8,9,10], \"test_index\": [11,12,13,14,15,16,17,18,19,20]}",
+                  .subjects = subjects,
+                  .prompts = "[{\"output\": [\"You like order.\"]}, {\"output\": [\"You are calm.\"]}, "
+                             "{\"output\": [\"You love parties.\"]}]"});
 }
 
 /* palign eval end to end: every method, PAS with both protocols, the bank cached and reused. */
 static void test_eval_all_methods(void **s) {
   (void)s;
   char papi[300], json[300];
-  tu_path(papi, sizeof papi, "papi");
-  assert_int_equal(mkdir(papi, 0755), 0);
-  write_tiny_papi(papi);
+  write_tiny_papi(papi, sizeof papi);
   tu_path(json, sizeof json, "eval.json");
   assert_int_equal(palign("mkmodel %s/tiny.gguf --layers 2 --seed 3", tu_tmp), 0);
   assert_int_equal(palign("eval --model %s/tiny.gguf --papi %s --methods none,icl,p2,pas,pas_only --subjects all "

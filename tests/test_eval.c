@@ -28,32 +28,12 @@ static pa_lm *lm;
 static pa_inventory *inv;
 static pa_subjects *subjects;
 
-static const char items_csv[] = "item,ipip120_no,trait,facet_code,facet,keyed,text\n"
-                                "1,1,N,N1,Anxiety,+,Worry about things.\n"
-                                "2,2,E,E1,Friendliness,+,Make friends easily.\n"
-                                "3,3,O,O1,Imagination,+,Have a vivid imagination.\n"
-                                "4,4,A,A1,Trust,+,Trust others.\n"
-                                "5,5,C,C1,Self-Efficacy,+,Complete tasks successfully.\n"
-                                "6,6,N,N2,Anger,+,Get angry easily.\n"
-                                "7,7,E,E2,Gregariousness,+,Love large parties.\n"
-                                "8,8,O,O2,Artistic Interests,+,Believe in the importance of art.\n"
-                                "9,9,A,A2,Morality,-,Use others for my own ends.\n"
-                                "10,10,C,C2,Orderliness,+,Like order.\n";
-static const char split_json[] = "{\"train_index\": [1, 2, 3, 4, 5], \"test_index\": [6, 7, 8, 9, 10]}";
-static const char subjects_json[] = "[{\"case\": 11, \"i1\": 4, \"i2\": 0, \"i3\": 2, \"i4\": 5, \"i5\": 1, \"i6\": 3, "
-                                    "\"i7\": 4, \"i8\": 2, \"i9\": 1, "
-                                    "\"i10\": 5},"
-                                    " {\"case\": 12, \"i1\": 1, \"i2\": 2, \"i3\": 3, \"i4\": 4, \"i5\": 5, \"i6\": 5, "
-                                    "\"i7\": 0, \"i8\": 3, \"i9\": 2, "
-                                    "\"i10\": 1}]";
-
 static int setup(void **s) {
   if (tu_setup(s))
     return -1;
   char p[300];
-  tu_write_text(tu_path(p, sizeof p, "ipip_neo_300_items.csv"), items_csv);
-  tu_write_text(tu_path(p, sizeof p, "mpi_300_split.json"), split_json);
-  tu_write_text(tu_path(p, sizeof p, "Test-set.json"), subjects_json);
+  tu_papi_dir(p, sizeof p, ".", (tu_papi_files){TU_TEN_ITEMS_CSV, TU_TEN_ITEMS_SPLIT, TU_TWO_SUBJECTS_JSON, NULL});
+  tu_path(p, sizeof p, "Test-set.json");
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   o.n_layers = 2, o.seed = 9;
   if (pa_inventory_load(tu_tmp, &inv) || pa_subjects_load(p, inv, &subjects) ||

@@ -35,26 +35,14 @@ static const char good_items[] = "item,ipip120_no,trait,facet_code,facet,keyed,t
                                  "10,,N,N5,Immoderation,-,Rarely overindulge.\n";
 static const char good_split[] = "{\"train_index\": [1, 3, 5, 7, 9], \"test_index\": [2, 4, 6, 8, 10]}";
 
-static void make_dir(char *buf, size_t n, const char *name) {
-  tu_path(buf, n, name);
-  if (mkdir(buf, 0755) != 0)
-    fail_msg("cannot create %s", buf);
-}
-
 static void write_in(const char *dir, const char *file, const char *text) {
-  char p[512];
-  snprintf(p, sizeof p, "%s/%s", dir, file);
-  tu_write_text(p, text);
+  if (tu_papi_write_file(dir, file, text) != 0)
+    fail_msg("cannot write %s/%s", dir, file);
 }
 
 /* A directory `name` holding the given items CSV and split (NULL: no such file). */
 static const char *papi_like(char *buf, size_t n, const char *name, const char *items, const char *split) {
-  make_dir(buf, n, name);
-  if (items)
-    write_in(buf, "ipip_neo_300_items.csv", items);
-  if (split)
-    write_in(buf, "mpi_300_split.json", split);
-  return buf;
+  return tu_papi_dir(buf, n, name, (tu_papi_files){.items = items, .split = split});
 }
 
 static pa_inventory *small_inventory(void) {

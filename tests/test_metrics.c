@@ -36,26 +36,23 @@ static int item_of(pa_trait t, int k) { /* k-th (0..5) item of trait t */
 static int setup(void **state) {
   if (tu_setup(state))
     return -1;
-  char dir[256], p[512], csv[4096], split[1024];
-  tu_path(dir, sizeof dir, "papi");
-  mkdir(dir, 0755);
-  int w = snprintf(csv, sizeof csv, "item,trait,keyed,text\n");
+  char dir[256], csv[4096], split[1024];
+  size_t n = 0;
+  tu_cat(csv, sizeof csv, &n, "item,trait,keyed,text\n");
   for (int i = 1; i <= 30; i++)
-    w += snprintf(csv + w, sizeof csv - (size_t)w, "%d,%c,%c,Item %d.\n", i,
-                  pa_trait_letter(trait_of_block[(i - 1) / 6]), i % 2 ? '+' : '-', i);
-  snprintf(p, sizeof p, "%s/ipip_neo_300_items.csv", dir);
-  tu_write_text(p, csv);
-  int a = snprintf(split, sizeof split, "{\"train_index\": [");
-  for (int i = 1; i <= 30; i++)
+    tu_cat(csv, sizeof csv, &n, "%d,%c,%c,Item %d.\n", i, pa_trait_letter(trait_of_block[(i - 1) / 6]),
+           i % 2 ? '+' : '-', i);
+  /* in every block of six items, the first three train and the last three test */
+  int train[15], test[15], n_train = 0, n_test = 0;
+  for (int i = 1; i <= 30; i++) {
     if ((i - 1) % 6 < 3)
-      a += snprintf(split + a, sizeof split - (size_t)a, "%s%d", i == 1 ? "" : ", ", i);
-  a += snprintf(split + a, sizeof split - (size_t)a, "], \"test_index\": [");
-  for (int i = 1; i <= 30; i++)
-    if ((i - 1) % 6 >= 3)
-      a += snprintf(split + a, sizeof split - (size_t)a, "%s%d", i == 4 ? "" : ", ", i);
-  snprintf(split + a, sizeof split - (size_t)a, "]}");
-  snprintf(p, sizeof p, "%s/mpi_300_split.json", dir);
-  tu_write_text(p, split);
+      train[n_train++] = i;
+    else
+      test[n_test++] = i;
+  }
+  if (tu_split_json(split, sizeof split, train, n_train, test, n_test))
+    return -1;
+  tu_papi_dir(dir, sizeof dir, "papi", (tu_papi_files){.items = csv, .split = split});
   if (pa_inventory_load(dir, &inv)) {
     fprintf(stderr, "%s\n", pa_errmsg());
     return -1;

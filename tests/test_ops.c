@@ -13,18 +13,11 @@
 #include <string.h>
 
 #include "backend.h"
+#include "testutil.h"
 
 static uint64_t rng = 88172645463325252ULL;
-static float frand(void) { /* xorshift64, uniform in [-1, 1) */
-  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-  return (float)((double)(rng >> 11) / 9007199254740992.0 * 2 - 1);
-}
-static float *rand_vec(size_t n) {
-  float *v = malloc(n * sizeof *v);
-  for (size_t i = 0; i < n; i++)
-    v[i] = frand();
-  return v;
-}
+#define frand()     tu_frand(&rng)
+#define rand_vec(n) tu_rand_vec(&rng, (n))
 
 static void close_enough(const float *got, const double *want, size_t n, double rel, const char *what) {
   double scale = 0;

@@ -40,29 +40,20 @@ static int setup(void **s) {
     return -1;
   /* items: trait A C E N O cycling, texts made of two words */
   static const char traits[] = "ACENO";
-  char csv[8192] = "item,ipip120_no,trait,facet_code,facet,keyed,text\n";
+  char csv[8192], split[1024], p[300];
+  size_t n = 0;
+  tu_cat(csv, sizeof csv, &n, TU_ITEMS_HEADER);
   for (int i = 1; i <= N_ITEMS; i++) {
-    char line[200];
-    char t = traits[(i - 1) % 5];
-    snprintf(line, sizeof line, "%d,%d,%c,%c1,Facet,%c,%s and %s often.\n", i, i, t, t, i % 4 ? '+' : '-',
-             words[i % 12], words[(i * 5 + 1) % 12]);
-    strcat(csv, line);
+    const char t = traits[(i - 1) % 5];
+    tu_cat(csv, sizeof csv, &n, "%d,%d,%c,%c1,Facet,%c,%s and %s often.\n", i, i, t, t, i % 4 ? '+' : '-',
+           words[i % 12], words[(i * 5 + 1) % 12]);
   }
   /* train: items 1..15, test: 16..30 in a scrambled order */
-  char split[1024] = "{\"train_index\": [";
-  for (int i = 1; i <= 15; i++) {
-    char b[64];
-    snprintf(b, sizeof b, "%d%s", i, i < 15 ? ", " : "], \"test_index\": [");
-    strcat(split, b);
-  }
-  for (int k = 0; k < 15; k++) {
-    char b[64];
-    snprintf(b, sizeof b, "%d%s", 16 + (k * 7) % 15, k < 14 ? ", " : "]}");
-    strcat(split, b);
-  }
-  char p[300];
-  tu_write_text(tu_path(p, sizeof p, "ipip_neo_300_items.csv"), csv);
-  tu_write_text(tu_path(p, sizeof p, "mpi_300_split.json"), split);
+  int train[15], test[15];
+  for (int k = 0; k < 15; k++)
+    train[k] = 1 + k, test[k] = 16 + (k * 7) % 15;
+  assert_int_equal(tu_split_json(split, sizeof split, train, 15, test, 15), 0);
+  tu_papi_dir(p, sizeof p, ".", (tu_papi_files){.items = csv, .split = split});
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   o.n_layers = 2, o.seed = 11;
   if (pa_inventory_load(tu_tmp, &inv) || pa_mkmodel_write_gguf(&o, tu_path(p, sizeof p, "m.gguf")) ||

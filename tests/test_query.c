@@ -21,79 +21,20 @@
 #include "status.h"
 #include "store.h"
 #include "testutil.h"
+#include "tu_record.h"
 
-/* ---- building messages (every allocation kept and freed at the end) ---------- */
+/* ---- building messages (tu_record.h) ------------------------------------------ */
 
-static void *kept[4096];
-static int n_kept;
-
-static void *keep(void *p) {
-  assert_non_null(p);
-  assert_true(n_kept < (int)(sizeof kept / sizeof kept[0]));
-  return kept[n_kept++] = p;
-}
-
-static void free_kept(void) {
-  while (n_kept > 0)
-    free(kept[--n_kept]);
-}
-
-#define NEW(T)      ((T *)keep(calloc(1, sizeof(T))))
-#define ARRAY(T, n) ((T *)keep(calloc((n) ? (n) : 1, sizeof(T))))
-
-/* Per-trait MAE (A C E N O; NaN: no scored item, its 2 items unknown). */
-static Palign__Metrics *metrics(const double mae[5]) {
-  Palign__Metrics *m = NEW(Palign__Metrics);
-  palign__metrics__init(m);
-  m->n_mae = m->n_n_scored = m->n_n_unknown = 5;
-  m->mae = ARRAY(double, 5);
-  m->n_scored = ARRAY(int32_t, 5);
-  m->n_unknown = ARRAY(int32_t, 5);
-  m->mae_sum = 0;
-  for (int t = 0; t < 5; t++) {
-    m->mae[t] = mae[t];
-    m->mae_sum += mae[t];
-    m->n_scored[t] = isnan(mae[t]) ? 0 : 2;
-    m->n_unknown[t] = isnan(mae[t]) ? 2 : 0;
-  }
-  return m;
-}
-
-static Palign__MethodRow *row(const char *name, const double mae[5]) {
-  Palign__MethodRow *r = NEW(Palign__MethodRow);
-  palign__method_row__init(r);
-  r->name = (char *)name;
-  r->metrics = metrics(mae);
-  return r;
-}
-
-static Palign__MethodRow *row_all(const char *name, double x) { return row(name, (double[5]){x, x, x, x, x}); }
+static Palign__MethodRow *row_all(const char *name, double x) { return tu_rec_row(name, (double[5]){x, x, x, x, x}); }
 
 static Palign__Cost *cost(double seconds, int64_t tokens) {
-  Palign__Cost *c = NEW(Palign__Cost);
-  palign__cost__init(c);
-  c->seconds = seconds, c->tokens = tokens, c->full_prompt_tokens = 4 * tokens, c->prompts = 50;
+  Palign__Cost *c = tu_rec_cost(seconds, tokens, 50);
+  c->full_prompt_tokens = 4 * tokens;
   return c;
 }
 
-/* A method with rows[0..n) (none and failed when error is not NULL). */
-static Palign__MethodResult *method(const char *name, Palign__MethodRow **rows, int n, Palign__Cost *c,
-                                    const char *error) {
-  Palign__MethodResult *m = NEW(Palign__MethodResult);
-  palign__method_result__init(m);
-  m->method = (char *)name;
-  m->failed = error != NULL;
-  m->error = error ? (char *)error : (char *)"";
-  m->n_rows = (size_t)n;
-  m->rows = ARRAY(Palign__MethodRow *, n);
-  for (int i = 0; i < n; i++)
-    m->rows[i] = rows[i];
-  m->cost = c;
-  return m;
-}
-
 static Palign__PasChoice *choice(const char *variant, const char *protocol, int index, double alpha) {
-  Palign__PasChoice *c = NEW(Palign__PasChoice);
+  Palign__PasChoice *c = TU_NEW(Palign__PasChoice);
   palign__pas_choice__init(c);
   c->variant = (char *)variant, c->protocol = (char *)protocol, c->index = index, c->alpha = alpha;
   c->select_mae_sum = 4.5;
@@ -104,23 +45,23 @@ static Palign__PasChoice *choice(const char *variant, const char *protocol, int 
  * pas, and pas_only's reference alpha at index only_index (-1: none). */
 static Palign__PasResult *pas(int ref_index, int hold_index, int only_index) {
   static const double grid[3] = {0, 2, 4};
-  Palign__PasResult *p = NEW(Palign__PasResult);
+  Palign__PasResult *p = TU_NEW(Palign__PasResult);
   palign__pas_result__init(p);
   p->status = "fitted";
   p->run_seed = 7, p->n_layers = 4, p->heads_per_layer = 2, p->head_dim = 2, p->top_k = 1;
   p->n_alphas = 3;
-  p->alphas = ARRAY(double, 3);
+  p->alphas = TU_ARRAY(double, 3);
   memcpy(p->alphas, grid, sizeof grid);
   p->n_heads = 1;
-  p->heads = ARRAY(Palign__PasHead *, 1);
-  Palign__PasHead *h = p->heads[0] = NEW(Palign__PasHead);
+  p->heads = TU_ARRAY(Palign__PasHead *, 1);
+  Palign__PasHead *h = p->heads[0] = TU_NEW(Palign__PasHead);
   palign__pas_head__init(h);
   h->layer = 3, h->head = 1, h->score = 0.875, h->val_acc = 0.75, h->sigma = 0.5;
   h->n_direction = 2;
-  h->direction = ARRAY(float, 2);
+  h->direction = TU_ARRAY(float, 2);
   h->direction[0] = 0.6f, h->direction[1] = 0.8f;
   p->n_chosen = 4;
-  p->chosen = ARRAY(Palign__PasChoice *, 4);
+  p->chosen = TU_ARRAY(Palign__PasChoice *, 4);
   p->chosen[0] = choice("pas", "reference", ref_index, grid[ref_index]);
   p->chosen[1] = choice("pas", "holdout", hold_index, grid[hold_index]);
   p->chosen[2] = choice("pas_only", "reference", only_index, only_index < 0 ? 0 : grid[only_index]);
@@ -133,24 +74,11 @@ static Palign__PasResult *pas(int ref_index, int hold_index, int only_index) {
 static const char fingerprint[] = "abababababababababababababababababababababababababababababababab";
 
 static Palign__SubjectResult *subject(const char *id, int64_t index, double seconds) {
-  Palign__SubjectResult *r = NEW(Palign__SubjectResult);
-  palign__subject_result__init(r);
-  r->subject_id = (char *)id;
-  r->subject_index = index;
-  r->run_seed = 7;
-  r->model_fingerprint = (char *)fingerprint;
+  Palign__SubjectResult *r = tu_rec_subject(id, index, seconds, fingerprint, 7);
   r->rank = 1;
   r->host = "node1";
-  r->seconds = seconds;
   r->finished_unix = 1700000000;
   return r;
-}
-
-static void set_methods(Palign__SubjectResult *r, Palign__MethodResult **m, int n) {
-  r->n_methods = (size_t)n;
-  r->methods = ARRAY(Palign__MethodResult *, n);
-  for (int i = 0; i < n; i++)
-    r->methods[i] = m[i];
 }
 
 /* The four subjects:
@@ -164,43 +92,35 @@ static Palign__SubjectResult *records[4];
 static void make_records(void) {
   Palign__SubjectResult *s1 = subject("s1", 0, 10), *s2 = subject("s2", 1, 20), *s3 = subject("s3", 2, 1),
                         *s4 = subject("s4", 3, 6);
-  Palign__MethodRow *icl1 = row("icl", (double[5]){0.5, 1, 1.5, 0, 2});
+  Palign__MethodRow *icl1 = tu_rec_row("icl", (double[5]){0.5, 1, 1.5, 0, 2});
   /* s1's icl row carries its predictions */
-  Palign__Predictions *pr = icl1->predictions = NEW(Palign__Predictions);
-  palign__predictions__init(pr);
-  pr->n_items = 3;
-  pr->items = ARRAY(int32_t, 3);
-  pr->items[0] = 11, pr->items[1] = 12, pr->items[2] = 13;
-  uint8_t *truth = ARRAY(uint8_t, 3), *answer = ARRAY(uint8_t, 3);
-  truth[0] = 5, truth[1] = 4, truth[2] = 3, answer[0] = 4, answer[1] = 4, answer[2] = 2;
-  pr->truth = (ProtobufCBinaryData){3, truth};
-  pr->answer = (ProtobufCBinaryData){3, answer};
+  icl1->predictions = tu_rec_predictions(3, (int32_t[]){11, 12, 13}, (uint8_t[]){5, 4, 3}, (uint8_t[]){4, 4, 2}, NULL);
 
-  set_methods(s1,
+  tu_rec_set_methods(s1,
               (Palign__MethodResult *[]){
-                  method("icl", (Palign__MethodRow *[]){icl1}, 1, cost(1, 100), NULL),
-                  method("pas", (Palign__MethodRow *[]){row_all("pas (reference)", 1), row_all("pas (holdout)", 0.5)},
+                  tu_rec_method("icl", (Palign__MethodRow *[]){icl1}, 1, cost(1, 100), NULL),
+                  tu_rec_method("pas", (Palign__MethodRow *[]){row_all("pas (reference)", 1), row_all("pas (holdout)", 0.5)},
                          2, cost(3, 500), NULL),
-                  method("const3", (Palign__MethodRow *[]){row_all("const3", 1)}, 1, cost(0, 0), NULL)},
+                  tu_rec_method("const3", (Palign__MethodRow *[]){row_all("const3", 1)}, 1, cost(0, 0), NULL)},
               3);
   s1->pas = pas(1, 2, 0);
-  set_methods(
+  tu_rec_set_methods(
       s2,
       (Palign__MethodResult *[]){
-          method("icl", (Palign__MethodRow *[]){row("icl", (double[5]){1.5, 1, 0.5, 1, 1})}, 1, cost(2, 200), NULL),
-          method("pas", (Palign__MethodRow *[]){row_all("pas (reference)", 2), row_all("pas (holdout)", 1)}, 2,
+          tu_rec_method("icl", (Palign__MethodRow *[]){tu_rec_row("icl", (double[5]){1.5, 1, 0.5, 1, 1})}, 1, cost(2, 200), NULL),
+          tu_rec_method("pas", (Palign__MethodRow *[]){row_all("pas (reference)", 2), row_all("pas (holdout)", 1)}, 2,
                  cost(5, 700), NULL),
-          method("const3", (Palign__MethodRow *[]){row_all("const3", 2)}, 1, cost(0, 0), NULL)},
+          tu_rec_method("const3", (Palign__MethodRow *[]){row_all("const3", 2)}, 1, cost(0, 0), NULL)},
       3);
   s2->pas = pas(1, 0, -1);
   s3->failed = true;
   s3->error = "out of memory on the GPU";
-  set_methods(
+  tu_rec_set_methods(
       s4,
       (Palign__MethodResult *[]){
-          method("icl", (Palign__MethodRow *[]){row("icl", (double[5]){1, 1, 1, 2, NAN})}, 1, cost(3, 300), NULL),
-          method("pas", NULL, 0, NULL, "probe diverged"),
-          method("const3", (Palign__MethodRow *[]){row_all("const3", 3)}, 1, cost(0, 0), NULL)},
+          tu_rec_method("icl", (Palign__MethodRow *[]){tu_rec_row("icl", (double[5]){1, 1, 1, 2, NAN})}, 1, cost(3, 300), NULL),
+          tu_rec_method("pas", NULL, 0, NULL, "probe diverged"),
+          tu_rec_method("const3", (Palign__MethodRow *[]){row_all("const3", 3)}, 1, cost(0, 0), NULL)},
       3);
   records[0] = s1, records[1] = s2, records[2] = s3, records[3] = s4;
 }
@@ -261,12 +181,8 @@ static char out[1 << 17], err[1 << 16];
 /* Runs `palign ARGS`: stdout into `out`, stderr into `err`; returns the exit status. */
 #define palign(...) tu_run(out, sizeof out, err, sizeof err, PALIGN_BINARY_DIR "/palign " __VA_ARGS__)
 
-static void expect_in(const char *text, const char *what, const char *where) {
-  if (!strstr(text, what))
-    fail_msg("%s should contain '%s':\n%s", where, what, text);
-}
-#define expect_out(w) expect_in(out, w, "stdout")
-#define expect_err(w) expect_in(err, w, "stderr")
+#define expect_out(w) tu_expect_in(out, w, "stdout")
+#define expect_err(w) tu_expect_in(err, w, "stderr")
 
 static const cJSON *row_named(const cJSON *summary, const char *name) {
   const cJSON *r;
@@ -309,7 +225,7 @@ static int setup(void **s) {
 }
 
 static int teardown(void **s) {
-  free_kept();
+  tu_rec_free();
   return tu_teardown(s);
 }
 

@@ -8,7 +8,9 @@
  *  - damaged records (a flipped byte, a truncated tail) are reported by
  *    `palign query`, skipped, and their subjects done again;
  *  - a store refuses a run with other settings and is left untouched;
- *  - bad flags fail with a message.
+ *  - bad flags fail with a message;
+ *  - (`test_service soak`) a job killed at random moments over many rounds
+ *    loses nothing and doubles nothing.
  *
  * Every child runs with PALIGN_TEST_OWNER=<this test's pid> in its
  * environment (mpirun hands it to the ranks): that is how a rank is found in
@@ -26,6 +28,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -255,12 +258,7 @@ static int palign(const char *log, ...) {
   return run_argv(log, a.v);
 }
 
-static void expect_in(const char *file, const char *what) {
-  char *text = tu_slurp(file, NULL);
-  if (!strstr(text, what))
-    fail_msg("%s should contain '%s':\n%s", file, what, text);
-  free(text);
-}
+#define expect_in(file, what) tu_expect_file_has(file, what)
 
 static const char *scratch(char buf[512], const char *name) { return tu_path(buf, 512, name); }
 
@@ -1272,6 +1270,190 @@ static void test_dpo(void **state) {
   expect_in(log, "--alpha is PAS's");
 }
 
+/* 10. The soak: one store, SOAK_SUBJECTS subjects on 3 ranks, started over
+ * and over and each time killed at a random moment by a random one of the
+ * ways a job dies (SIGKILL or SIGTERM to a random worker, to rank 0, to
+ * every rank; SIGTERM to mpirun, as scancel does); a store that becomes
+ * complete is checked and started afresh. After every round: no record
+ * lost, none doubled, no damage but torn tails, and every record equal to
+ * the one an uninterrupted run stores. After the last round, a run with no
+ * kill completes the store: every subject exactly once, `verify` clean
+ * (torn tails aside), the same records as the uninterrupted run.
+ *
+ * PALIGN_SOAK_ROUNDS (default 8, as CI runs it), PALIGN_SOAK_SUBJECTS
+ * (default 24, at most 64) and PALIGN_SOAK_SEED (default 1) set it; the long
+ * run is `PALIGN_SOAK_ROUNDS=60 tests/test_service soak`. */
+enum { SOAK_MAX = 64 };
+
+static uint64_t soak_rng;
+
+static double soak_uniform(void) { /* [0, 1) */
+  soak_rng ^= soak_rng << 13, soak_rng ^= soak_rng >> 7, soak_rng ^= soak_rng << 17;
+  return (double)(soak_rng >> 11) / 9007199254740992.0;
+}
+
+static long env_long(const char *name, long dflt, long lo, long hi) {
+  const char *v = getenv(name);
+  if (!v || !*v)
+    return dflt;
+  char *end;
+  const long x = strtol(v, &end, 10);
+  if (*end || x < lo || x > hi)
+    fail_msg("%s=%s: expected an integer in %ld .. %ld", name, v, lo, hi);
+  return x;
+}
+
+static const char *const soak_kinds[] = {"SIGKILL to a worker", "SIGTERM to a worker", "SIGKILL to rank 0",
+                                         "SIGTERM to rank 0",   "SIGTERM to mpirun",   "SIGTERM to every rank",
+                                         "SIGKILL to every rank"};
+enum { N_SOAK_KINDS = sizeof soak_kinds / sizeof *soak_kinds };
+
+/* Sends kill `kind` to the job's ranks (np of them), once they are up;
+ * returns false when the job ended first. */
+static bool soak_kill(pid_t job, int np, int kind) {
+  const int sig = kind == 0 || kind == 2 || kind == 6 ? SIGKILL : SIGTERM;
+  if (kind == 4)
+    return kill(job, SIGTERM) == 0;
+  const int rank = kind <= 1 ? 1 + (int)(soak_uniform() * (np - 1)) : kind <= 3 ? 0 : -1;
+  for (const double t_end = now_s() + CMD_WAIT;;) {
+    pid_t p[8];
+    int n = find_ours(rank, p, 8), n_workers = 0;
+    for (int i = 0; i < n; i++)
+      n_workers += is_worker(p[i]);
+    if (n_workers == (rank < 0 ? np : 1)) {
+      for (int i = 0; i < n; i++)
+        if (is_worker(p[i]))
+          kill(p[i], sig);
+      return true;
+    }
+    int st;
+    if (waitpid(job, &st, WNOHANG) == job) {
+      track(job, false);
+      return false;
+    }
+    if (now_s() > t_end) {
+      kill_leftovers();
+      fail_msg("the ranks of the soak job did not all start within %.0f s", CMD_WAIT);
+    }
+    sleep_s(0.01);
+  }
+}
+
+/* What every round must leave: only torn tails as damage, no duplicate,
+ * the records of `had` still there, every record the reference's. */
+static void soak_check(const char *store, const recs *rs, const recs *ref, const recs *had, int round) {
+  if (rs->counts[PA_RECORD_DUPLICATE])
+    fail_msg("round %d: %s holds %zu duplicate records", round, store, rs->counts[PA_RECORD_DUPLICATE]);
+  if (damaged(rs) != rs->counts[PA_RECORD_TORN])
+    fail_msg("round %d: %s holds damage other than torn tails", round, store);
+  for (size_t i = 0; i < had->n; i++)
+    if (!find_rec(rs, had->r[i].id))
+      fail_msg("round %d: subject %s was stored before this round and is gone from %s", round, had->r[i].id, store);
+  for (size_t i = 0; i < rs->n; i++) {
+    const rec *y = find_rec(ref, rs->r[i].id);
+    if (!y)
+      fail_msg("round %d: %s holds subject %s, which was not asked for", round, store, rs->r[i].id);
+    same_record(y, &rs->r[i]);
+  }
+}
+
+static void test_soak(void **state) {
+  (void)state;
+  const int rounds = (int)env_long("PALIGN_SOAK_ROUNDS", 8, 1, 100000);
+  const int n_subjects = (int)env_long("PALIGN_SOAK_SUBJECTS", 24, 2, SOAK_MAX);
+  soak_rng = (uint64_t)env_long("PALIGN_SOAK_SEED", 1, 1, LONG_MAX) * 0x9E3779B97F4A7C15ULL;
+  const int np = 3;
+  char n_arg[16], store[512], ref_store[512], log[512], vlog[512];
+  snprintf(n_arg, sizeof n_arg, "%d", n_subjects);
+  fprintf(stderr, "    soak: %d rounds, %d subjects, %d ranks, seed %ld\n", rounds, n_subjects, np,
+          env_long("PALIGN_SOAK_SEED", 1, 1, LONG_MAX));
+  const double t0 = now_s();
+
+  recs ref, rs, had = {0};
+  assert_int_equal(worker(scratch(log, "soak-ref.log"), np, NULL, scratch(ref_store, "soak-ref"), "--subjects", n_arg,
+                          "--chunk", "1", "--methods", "none,pas_only", NULL),
+                   0);
+  read_store(ref_store, &ref);
+  expect_complete(&ref, (size_t)n_subjects, 0, ref_store);
+
+  int kills[N_SOAK_KINDS] = {0}, stores_done = 0, jobs_ended_first = 0;
+  size_t torn = 0;
+  scratch(store, "soak");
+  for (int round = 1; round <= rounds; round++) {
+    /* a random moment: after 0, 1 or 2 more records, plus up to 1.5 s */
+    const size_t more = (size_t)(soak_uniform() * 3);
+    const double extra = 1.5 * soak_uniform();
+    const int kind = (int)(soak_uniform() * N_SOAK_KINDS);
+    snprintf(log, sizeof log, "%s/soak-%d.log", tu_tmp, round);
+    const pid_t job =
+        worker_start(log, np, store, "--subjects", n_arg, "--chunk", "1", "--methods", "none,pas_only", NULL);
+    int st;
+    bool ended = false;
+    if (more > 0) {
+      const size_t want = had.n + more < (size_t)n_subjects ? had.n + more : (size_t)n_subjects;
+      for (const double t_end = now_s() + CMD_WAIT;;) {
+        size_t counts[6] = {0};
+        if (pa_store_read(store, NULL, NULL, counts) == PA_OK && counts[PA_RECORD_OK] >= want)
+          break;
+        pa_error_clear();
+        if (waitpid(job, &st, WNOHANG) == job) {
+          track(job, false), ended = true;
+          break;
+        }
+        if (now_s() > t_end) {
+          kill_leftovers();
+          fail_msg("round %d: no %zu records within %.0f s (log %s)", round, want, CMD_WAIT, log);
+        }
+        sleep_s(0.02);
+      }
+    }
+    if (!ended) {
+      sleep_s(extra);
+      ended = !soak_kill(job, np, kind);
+    }
+    int rc = ended ? 0 : wait_job_end(job, log);
+    if (ended) {
+      jobs_ended_first++;
+    } else {
+      kills[kind]++;
+      /* a job may finish between the moment and the kill: then it exits 0 */
+      if (rc == 0)
+        jobs_ended_first++;
+    }
+    read_store(store, &rs);
+    soak_check(store, &rs, &ref, &had, round);
+    torn += rs.counts[PA_RECORD_TORN];
+    if (rs.n == (size_t)n_subjects) { /* complete: checked, then a fresh store */
+      expect_complete(&rs, (size_t)n_subjects, rs.counts[PA_RECORD_TORN], store);
+      snprintf(vlog, sizeof vlog, "%s/soak-verify-%d.log", tu_tmp, round);
+      expect_verified(store, &rs, vlog);
+      stores_done++;
+      recs_free(&rs);
+      tu_rm_rf(store);
+    }
+    recs_free(&had);
+    if (access(store, F_OK) == 0)
+      read_store(store, &had);
+  }
+  recs_free(&had);
+
+  /* the last run, not killed, completes the store */
+  assert_int_equal(worker(scratch(log, "soak-final.log"), np, NULL, store, "--subjects", n_arg, "--chunk", "1",
+                          "--methods", "none,pas_only", NULL),
+                   0);
+  read_store(store, &rs);
+  expect_complete(&rs, (size_t)n_subjects, rs.counts[PA_RECORD_TORN], store);
+  same_stores(&ref, &rs);
+  expect_verified(store, &rs, scratch(vlog, "soak-final-verify.log"));
+  stores_done++;
+  fprintf(stderr, "    soak: %d rounds in %.0f s; %d stores completed and checked, %zu torn tails seen; kills:", rounds,
+          now_s() - t0, stores_done, torn);
+  for (int k = 0; k < N_SOAK_KINDS; k++)
+    fprintf(stderr, "%s %s %d", k ? "," : "", soak_kinds[k], kills[k]);
+  fprintf(stderr, "; %d jobs ended before their kill\n", jobs_ended_first);
+  recs_free(&rs), recs_free(&ref);
+}
+
 /* ---- the group ----------------------------------------------------------------------- */
 
 static int setup_group(void **state) {
@@ -1296,7 +1478,7 @@ static int teardown_group(void **state) {
   return tu_teardown(state);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
   char path[4200];
   snprintf(path, sizeof path, "%s/Test-set.json", test_papi_dir());
   if (access(path, R_OK) != 0) {
@@ -1317,5 +1499,12 @@ int main(void) {
       cmocka_unit_test_teardown(test_export_round_trips, teardown_test),
       cmocka_unit_test_teardown(test_dpo, teardown_test),
   };
+  const struct CMUnitTest soak[] = {cmocka_unit_test_teardown(test_soak, teardown_test)};
+  if (argc > 1 && !strcmp(argv[1], "soak")) /* the soak test alone (test_soak in ctest) */
+    return cmocka_run_group_tests(soak, setup_group, teardown_group);
+  if (argc > 1) {
+    fprintf(stderr, "usage: %s [soak]\n", argv[0]);
+    return 2;
+  }
   return cmocka_run_group_tests(tests, setup_group, teardown_group);
 }

@@ -19,97 +19,62 @@
 #include "status.h"
 #include "store.h"
 #include "testutil.h"
+#include "tu_record.h"
 
 /* ---- records made by hand ----------------------------------------------------- */
 
-/* One subject's record and everything it points to (not to be copied). */
-typedef struct {
-  char id[32], host[16], fingerprint[65];
-  Palign__SubjectResult r;
-  Palign__MethodResult m[2];
-  Palign__MethodResult *mp[2];
-  Palign__MethodRow row[2];
-  Palign__MethodRow *rowp[2][1];
-  Palign__Predictions pred[2];
-  Palign__Metrics metrics[2];
-  Palign__Cost cost;
+/* Two methods (icl, none), one row each, four items; k varies the values. */
+static Palign__SubjectResult *make_subject(const char *id, int k) {
+  char fingerprint[65], host[16];
+  for (int i = 0; i < 64; i++)
+    fingerprint[i] = "0123456789abcdef"[(i + k) % 16];
+  fingerprint[64] = '\0';
   int32_t items[4];
   uint8_t truth[4], answer[2][4];
   float expected[4];
   double mae[5];
-} subject;
-
-/* Two methods (icl, none), one row each, four items; k varies the values. */
-static void make_subject(subject *s, const char *id, int k) {
-  memset(s, 0, sizeof *s);
-  snprintf(s->id, sizeof s->id, "%s", id);
-  snprintf(s->host, sizeof s->host, "node%d", k % 3);
-  for (int i = 0; i < 64; i++)
-    s->fingerprint[i] = "0123456789abcdef"[(i + k) % 16];
   for (int i = 0; i < 4; i++) {
-    s->items[i] = 10 * k + i + 1;
-    s->truth[i] = (uint8_t)(1 + (i + k) % 5);
-    s->answer[0][i] = (uint8_t)(1 + (i + 2 * k) % 5);
-    s->answer[1][i] = (uint8_t)(i == 2 ? 0 : 1 + (3 * i + k) % 5);
-    s->expected[i] = 1.5f + 0.25f * (float)(i + k);
+    items[i] = 10 * k + i + 1;
+    truth[i] = (uint8_t)(1 + (i + k) % 5);
+    answer[0][i] = (uint8_t)(1 + (i + 2 * k) % 5);
+    answer[1][i] = (uint8_t)(i == 2 ? 0 : 1 + (3 * i + k) % 5);
+    expected[i] = 1.5f + 0.25f * (float)(i + k);
   }
   for (int t = 0; t < 5; t++)
-    s->mae[t] = 0.125 * (t + k);
+    mae[t] = 0.125 * (t + k);
   static const char *const methods[2] = {"icl", "none"}, *const rows[2] = {"icl", "none (baseline)"};
+  Palign__MethodResult *m[2];
   for (int j = 0; j < 2; j++) {
-    s->pred[j] = (Palign__Predictions)PALIGN__PREDICTIONS__INIT;
-    s->pred[j].n_items = 4, s->pred[j].items = s->items;
-    s->pred[j].truth = (ProtobufCBinaryData){4, s->truth};
-    s->pred[j].answer = (ProtobufCBinaryData){4, s->answer[j]};
-    if (j == 0)
-      s->pred[j].n_expected = 4, s->pred[j].expected = s->expected;
-    s->metrics[j] = (Palign__Metrics)PALIGN__METRICS__INIT;
-    s->metrics[j].n_mae = 5, s->metrics[j].mae = s->mae;
-    s->metrics[j].mae_sum = 1.25 * (k + j);
-    s->metrics[j].n_missing = j;
-    s->row[j] = (Palign__MethodRow)PALIGN__METHOD_ROW__INIT;
-    s->row[j].name = (char *)rows[j];
-    s->row[j].predictions = &s->pred[j];
-    s->row[j].metrics = &s->metrics[j];
-    s->rowp[j][0] = &s->row[j];
-    s->m[j] = (Palign__MethodResult)PALIGN__METHOD_RESULT__INIT;
-    s->m[j].method = (char *)methods[j];
-    s->m[j].n_rows = 1, s->m[j].rows = s->rowp[j];
-    s->mp[j] = &s->m[j];
+    Palign__MethodRow *row = tu_rec_row(rows[j], mae);
+    row->predictions = tu_rec_predictions(4, items, truth, answer[j], j == 0 ? expected : NULL);
+    row->metrics->mae_sum = 1.25 * (k + j);
+    row->metrics->n_missing = j;
+    m[j] = tu_rec_method(methods[j], &row, 1, j == 0 ? tu_rec_cost(0.5 * k, 1000 + k, 4) : NULL, NULL);
   }
-  s->cost = (Palign__Cost)PALIGN__COST__INIT;
-  s->cost.seconds = 0.5 * k, s->cost.tokens = 1000 + k, s->cost.prompts = 4;
-  s->m[0].cost = &s->cost;
-  s->r = (Palign__SubjectResult)PALIGN__SUBJECT_RESULT__INIT;
-  s->r.subject_id = s->id;
-  s->r.subject_index = k;
-  s->r.run_seed = 42;
-  s->r.model_fingerprint = s->fingerprint;
-  s->r.n_methods = 2, s->r.methods = s->mp;
-  s->r.rank = k % 2;
-  s->r.host = s->host;
-  s->r.seconds = 3.5 + k;
-  s->r.finished_unix = 1700000000 + k;
-}
-
-static uint8_t *pack(const Palign__SubjectResult *r, size_t *n) {
-  *n = palign__subject_result__get_packed_size(r);
-  uint8_t *p = malloc(*n ? *n : 1);
-  assert_non_null(p);
-  assert_int_equal(palign__subject_result__pack(r, p), *n);
-  return p;
+  Palign__SubjectResult *r = tu_rec_subject(id, k, 3.5 + k, fingerprint, 42);
+  tu_rec_set_methods(r, m, 2);
+  snprintf(host, sizeof host, "node%d", k % 3);
+  r->host = strcpy(TU_ARRAY(char, strlen(host) + 1), host);
+  r->rank = k % 2;
+  r->finished_unix = 1700000000 + k;
+  return r;
 }
 
 enum { N_SUBJECTS = 8 };
-static subject subjects[N_SUBJECTS]; /* s0 .. s7 */
+static Palign__SubjectResult *subjects[N_SUBJECTS]; /* s0 .. s7 */
 
 static int setup(void **s) {
   for (int k = 0; k < N_SUBJECTS; k++) {
     char id[16];
     snprintf(id, sizeof id, "s%d", k);
-    make_subject(&subjects[k], id, k);
+    subjects[k] = make_subject(id, k);
   }
   return tu_setup(s);
+}
+
+static int teardown(void **s) {
+  tu_rec_free();
+  return tu_teardown(s);
 }
 
 /* Appends subjects[ks[0..n)] to the store's shard for (run, rank). */
@@ -118,7 +83,7 @@ static void append(const char *store, int run, int rank, const int *ks, int n) {
   if (pa_shard_open(store, run, rank, &w))
     fail_msg("%s", pa_errmsg());
   for (int i = 0; i < n; i++)
-    if (pa_shard_append(w, &subjects[ks[i]].r))
+    if (pa_shard_append(w, subjects[ks[i]]))
       fail_msg("%s", pa_errmsg());
   assert_int_equal(pa_shard_close(w), PA_OK);
 }
@@ -160,7 +125,7 @@ static int log_visit(void *ctx, const pa_record_info *info, const Palign__Subjec
   e->info.shard = e->shard;
   assert_int_equal(r != NULL, info->status == PA_RECORD_OK);
   if (r)
-    e->packed = pack(r, &e->n_packed);
+    e->packed = tu_rec_pack(r, &e->n_packed);
   return lg->stop_after > 0 && lg->n >= lg->stop_after ? 7 : 0;
 }
 
@@ -184,9 +149,9 @@ static void expect_ok(const visit_log *lg, int i, int k) {
   if (e->info.status != PA_RECORD_OK)
     fail_msg("visit %d: %s at %llu (%llu bytes), want s%d ok", i, pa_record_status_str(e->info.status),
              (unsigned long long)e->info.offset, (unsigned long long)e->info.length, k);
-  assert_string_equal(e->info.subject_id, subjects[k].id);
+  assert_string_equal(e->info.subject_id, subjects[k]->subject_id);
   size_t n;
-  uint8_t *want = pack(&subjects[k].r, &n);
+  uint8_t *want = tu_rec_pack(subjects[k], &n);
   assert_int_equal(e->n_packed, n);
   assert_memory_equal(e->packed, want, n);
   assert_int_equal(e->info.length, PA_STORE_RECORD_HEAD + n);
@@ -616,20 +581,19 @@ static void test_duplicate(void **state) {
 static void test_too_large(void **state) {
   char store[300], path[600];
   store_path(store, sizeof store, "large");
-  subject big;
-  make_subject(&big, "big", 1);
+  Palign__SubjectResult *big = make_subject("big", 1);
   char *error = malloc(PA_STORE_MAX_RECORD + 1);
   assert_non_null(error);
   memset(error, 'x', PA_STORE_MAX_RECORD);
   error[PA_STORE_MAX_RECORD] = '\0';
-  big.r.failed = 1, big.r.error = error;
+  big->failed = 1, big->error = error;
   pa_shard_writer *w;
   assert_int_equal(pa_shard_open(store, 1, 0, &w), PA_OK);
-  assert_int_equal(pa_shard_append(w, &big.r), PA_EINVAL);
+  assert_int_equal(pa_shard_append(w, big), PA_EINVAL);
   shard_path(path, sizeof path, store, 1, 0);
   assert_non_null(strstr(pa_errmsg(), path));
   assert_non_null(strstr(pa_errmsg(), "'big'"));
-  assert_int_equal(pa_shard_append(w, &subjects[0].r), PA_OK);
+  assert_int_equal(pa_shard_append(w, subjects[0]), PA_OK);
   assert_int_equal(pa_shard_close(w), PA_OK);
   free(error);
   visit_log lg = {0};
@@ -764,7 +728,7 @@ static void test_run_numbers(void **state) {
   assert_int_equal(pa_shard_discard(w), PA_OK);
   assert_int_equal(access(path, F_OK), -1);
   assert_int_equal(pa_shard_open(store, 8, 0, &w), PA_OK);
-  assert_int_equal(pa_shard_append(w, &subjects[1].r), PA_OK);
+  assert_int_equal(pa_shard_append(w, subjects[1]), PA_OK);
   assert_int_equal(pa_shard_discard(w), PA_OK);
   read_all(store, &lg, NULL);
   assert_int_equal(lg.n, 2);
@@ -819,10 +783,10 @@ static void test_empty_message(void **state) {
   uint64_t off[1], len[1];
   size_t size;
   one_shard("anon", 1, store, sizeof store, off, len, &bytes, &size);
-  Palign__SubjectResult anon = subjects[0].r;
+  Palign__SubjectResult anon = *subjects[0];
   anon.subject_id = "";
   size_t n_anon;
-  uint8_t *packed = pack(&anon, &n_anon);
+  uint8_t *packed = tu_rec_pack(&anon, &n_anon);
   uint8_t *g = malloc(size + 2 * PA_STORE_RECORD_HEAD + n_anon);
   assert_non_null(g);
   memcpy(g, bytes, size);
@@ -884,5 +848,5 @@ int main(void) {
       cmocka_unit_test(test_run_numbers),     cmocka_unit_test(test_lock),
       cmocka_unit_test(test_empty_message),   cmocka_unit_test(test_hostile_heads),
   };
-  return cmocka_run_group_tests(tests, setup, tu_teardown);
+  return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -3,7 +3,9 @@
  *  - a scratch directory per test group (tu_setup / tu_teardown as cmocka
  *    group or test fixtures; tu_path names a file in it);
  *  - whole-file reading and writing that fail the test on error;
- *  - running a command (a built binary) and keeping what it printed;
+ *  - running a command (a built binary) and keeping what it printed, and
+ *    checking what it printed;
+ *  - tiny PAPI folders (tu_papi.h) and seeded random vectors;
  *  - where the models and the PAPI data are: the models are downloaded by
  *    scripts/setup.sh, and a test that needs one skips (exit 77) when it is
  *    absent, unless PALIGN_REQUIRE_MODEL=1 (PALIGN_REQUIRE_QWEN2=1 for the
@@ -13,12 +15,15 @@
 
 #include <dirent.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include "tu_papi.h"
 
 #define PALIGN_DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
 #define PALIGN_QWEN2_MODEL_FILE   "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
@@ -144,6 +149,53 @@ static inline int tu_run(char *out, size_t n_out, char *err, size_t n_err, const
   if (strstr(report, "Sanitizer") || strstr(report, "runtime error:"))
     fail_msg("%s:\n%s", cmd, report);
   return WEXITSTATUS(st);
+}
+
+/* Fails the test unless text (what `where` names) contains what. */
+static inline void tu_expect_in(const char *text, const char *what, const char *where) {
+  if (!strstr(text, what))
+    fail_msg("%s should contain '%s':\n%s", where, what, text);
+}
+
+/* Fails the test unless the file contains what. */
+static inline void tu_expect_file_has(const char *path, const char *what) {
+  char *text = tu_slurp(path, NULL);
+  if (!strstr(text, what))
+    fail_msg("%s should contain '%s':\n%s", path, what, text);
+  free(text);
+}
+
+/* The PAPI folder `name` in the scratch directory with the given files;
+ * its path, written to buf. */
+static inline const char *tu_papi_dir(char *buf, size_t n, const char *name, tu_papi_files files) {
+  tu_path(buf, n, name);
+  if (tu_papi_write(buf, files) != 0)
+    fail_msg("cannot write the PAPI folder %s", buf);
+  return buf;
+}
+
+/* Appends to buf like tu_appendf; fails the test when it does not fit. */
+#define tu_cat(buf, cap, len, ...)                                                                                     \
+  do {                                                                                                                 \
+    if (tu_appendf((buf), (cap), (len), __VA_ARGS__) != 0)                                                             \
+      fail_msg("%s:%d: buffer %s too small", __FILE__, __LINE__, #buf);                                                \
+  } while (0)
+
+/* xorshift64: uniform floats in [-1, 1) from *state (never 0). */
+static inline float tu_frand(uint64_t *state) {
+  uint64_t x = *state;
+  x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+  *state = x;
+  return (float)((double)(x >> 11) / 9007199254740992.0 * 2 - 1);
+}
+
+/* n such floats (malloc'd). */
+static inline float *tu_rand_vec(uint64_t *state, size_t n) {
+  float *v = malloc(n * sizeof *v);
+  assert_non_null(v);
+  for (size_t i = 0; i < n; i++)
+    v[i] = tu_frand(state);
+  return v;
 }
 
 /* A model in the cache: $env_path if set, else $PALIGN_CACHE/file (default

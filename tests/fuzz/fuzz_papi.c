@@ -12,11 +12,22 @@
 static const char *const files[5] = {"ipip_neo_300_items.csv", "mpi_300_split.json", "Test-set.json",
                                      "subjects.csv", "personality_prompt.json"};
 
+/* The tests' tiny folder, with a quoted field in the items (its seed then
+ * holds RFC 4180 quoting), a subject id given as a string, and the CSV form. */
 static void write_valid(const char *dir) {
   fz_tiny_papi(dir);
-  char p[600];
-  snprintf(p, sizeof p, "%s/subjects.csv", dir);
-  fz_write_text(p, "case,i1,i2,i3,i4,i5,i6,i7,i8,i9,i10\n21,1,2,3,4,5,5,4,3,2,1\n\"22\",3,3,0,3,3,3,3,3,3,3\r\n");
+  char items[sizeof TU_TEN_ITEMS_CSV + 16];
+  const char *art = strstr(TU_TEN_ITEMS_CSV, "Believe in the importance of art.");
+  snprintf(items, sizeof items, "%.*s\"Believe in the importance of \"\"art\"\".\"%s", (int)(art - TU_TEN_ITEMS_CSV),
+           TU_TEN_ITEMS_CSV, art + strlen("Believe in the importance of art."));
+  char subjects[sizeof TU_TWO_SUBJECTS_JSON + 8];
+  const char *twelve = strstr(TU_TWO_SUBJECTS_JSON, "\"case\": 12");
+  snprintf(subjects, sizeof subjects, "%.*s\"case\": \"12\"%s", (int)(twelve - TU_TWO_SUBJECTS_JSON),
+           TU_TWO_SUBJECTS_JSON, twelve + strlen("\"case\": 12"));
+  if (tu_papi_write(dir, (tu_papi_files){.items = items, .subjects = subjects}) ||
+      tu_papi_write_file(dir, "subjects.csv",
+                         "case,i1,i2,i3,i4,i5,i6,i7,i8,i9,i10\n21,1,2,3,4,5,5,4,3,2,1\n\"22\",3,3,0,3,3,3,3,3,3,3\r\n"))
+    abort();
 }
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {

@@ -17,6 +17,7 @@
 #define PALIGN_FUZZ_UTIL_H
 
 #include "status.h"
+#include "../tu_papi.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -108,30 +109,12 @@ static inline void fz_check_error(int rc) {
     abort();
 }
 
-/* A tiny PAPI folder in dir: 10 items (two per trait), 5 train and 5 test,
- * two subjects, their P2 descriptions. */
+/* The tiny PAPI folder of the tests (tu_papi.h) in dir: 10 items (two per
+ * trait), 5 train and 5 test, two subjects, their P2 descriptions. */
 static inline void fz_tiny_papi(const char *dir) {
-  char p[600];
-  snprintf(p, sizeof p, "%s/ipip_neo_300_items.csv", dir);
-  fz_write_text(p, "item,ipip120_no,trait,facet_code,facet,keyed,text\n"
-                   "1,1,N,N1,Anxiety,+,Worry about things.\n"
-                   "2,2,E,E1,Friendliness,+,Make friends easily.\n"
-                   "3,3,O,O1,Imagination,+,Have a vivid imagination.\n"
-                   "4,4,A,A1,Trust,+,Trust others.\n"
-                   "5,5,C,C1,Self-Efficacy,+,Complete tasks successfully.\n"
-                   "6,6,N,N2,Anger,+,Get angry easily.\n"
-                   "7,7,E,E2,Gregariousness,+,Love large parties.\n"
-                   "8,8,O,O2,Artistic Interests,+,\"Believe in the importance of \"\"art\"\".\"\n"
-                   "9,9,A,A2,Morality,-,Use others for my own ends.\n"
-                   "10,10,C,C2,Orderliness,+,Like order.\n");
-  snprintf(p, sizeof p, "%s/mpi_300_split.json", dir);
-  fz_write_text(p, "{\"train_index\": [1, 2, 3, 4, 5], \"test_index\": [6, 7, 8, 9, 10]}");
-  snprintf(p, sizeof p, "%s/Test-set.json", dir);
-  fz_write_text(p, "[{\"case\": 11, \"i1\": 4, \"i2\": 0, \"i3\": 2, \"i4\": 5, \"i5\": 1, \"i6\": 3, \"i7\": 4, \"i8\": 2,"
-                   " \"i9\": 1, \"i10\": 5}, {\"case\": \"12\", \"i1\": 1, \"i2\": 2, \"i3\": 3, \"i4\": 4, \"i5\": 5,"
-                   " \"i6\": 5, \"i7\": 0, \"i8\": 3, \"i9\": 2, \"i10\": 1}]");
-  snprintf(p, sizeof p, "%s/personality_prompt.json", dir);
-  fz_write_text(p, "[{\"output\": [\"You worry.\"]}, {\"output\": [\"You like order.\"]}]");
+  if (tu_papi_write(dir, (tu_papi_files){TU_TEN_ITEMS_CSV, TU_TEN_ITEMS_SPLIT, TU_TWO_SUBJECTS_JSON,
+                                         "[{\"output\": [\"You worry.\"]}, {\"output\": [\"You like order.\"]}]"}))
+    abort();
 }
 
 #endif
