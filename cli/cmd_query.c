@@ -1,6 +1,6 @@
 /* palign query STORE summary [--json]
  * palign query STORE subject ID [--json]
- * palign query STORE export [--format csv|json] [--out FILE]
+ * palign query STORE export [--format csv|json|records] [--out FILE]
  * palign query STORE verify
  * What a store holds, read back for people (store/query.h does the reading;
  * this file parses the flags and prints). */
@@ -33,10 +33,11 @@ static void usage(FILE *f) {
              "                        PAS alpha choices, costs and failures\n"
              "  subject ID [--json]   one subject's record (--json: everything, with per-item predictions,\n"
              "                        the PAS alpha grid and directions)\n"
-             "  export [--format csv|json] [--out FILE]\n"
+             "  export [--format csv|json|records] [--out FILE]\n"
              "                        one row per subject and method row: subject_id, method, row, mae_A .. mae_O,\n"
              "                        mae_sum, n_scored, n_unknown, alpha, seconds (default csv, to stdout;\n"
-             "                        --out replaces FILE atomically)\n"
+             "                        --out replaces FILE atomically); records: every record whole, one JSON\n"
+             "                        object a line, as subject --json prints it\n"
              "  verify                check the manifest, every record and the shard files; exit 0 when clean,\n"
              "                        1 when a problem was found\n"
              "\n"
@@ -475,10 +476,10 @@ int cmd_query(int argc, char **argv) {
       const char *v = argv[++i];
       if (!strcmp(a, "--out")) {
         out_path = v;
-      } else if (!strcmp(v, "csv") || !strcmp(v, "json")) {
-        fmt = strcmp(v, "csv") ? PA_QUERY_JSON : PA_QUERY_CSV;
+      } else if (!strcmp(v, "csv") || !strcmp(v, "json") || !strcmp(v, "records")) {
+        fmt = !strcmp(v, "csv") ? PA_QUERY_CSV : !strcmp(v, "json") ? PA_QUERY_JSON : PA_QUERY_RECORDS;
       } else {
-        return bad_usage("--format is csv or json, not '%s'", v);
+        return bad_usage("--format is csv, json or records, not '%s'", v);
       }
     } else if (which == SUBJECT && !id && a[0] != '-') {
       id = a;

@@ -695,9 +695,19 @@ static int export_visit(void *ctx, const pa_record_info *info, const Palign__Sub
     }
     return 0;
   }
-  if (r->failed)
+  if (c->fmt == PA_QUERY_RECORDS) {
+    cJSON *o = pa_query_message_json(&r->base);
+    char *text = o ? cJSON_PrintUnformatted(o) : NULL;
+    if (text)
+      fprintf(c->f, "%s\n", text), c->rows++;
+    else
+      c->rc = pa_error(PA_ENOMEM, "out of memory exporting subject %s", r->subject_id);
+    cJSON_free(text);
+    cJSON_Delete(o);
+  } else if (r->failed) {
     return 0;
-  for (size_t j = 0; j < r->n_methods; j++) {
+  }
+  for (size_t j = 0; j < r->n_methods && c->fmt != PA_QUERY_RECORDS; j++) {
     const Palign__MethodResult *mr = r->methods[j];
     if (!mr || mr->failed)
       continue;
@@ -720,7 +730,7 @@ int pa_query_export(const char *store, pa_query_format fmt, FILE *f, pa_query_pr
   export_ctx c = {.fmt = fmt, .f = f, .problem = problem, .pctx = ctx};
   if (fmt == PA_QUERY_CSV)
     fputs("subject_id,method,row,mae_A,mae_C,mae_E,mae_N,mae_O,mae_sum,n_scored,n_unknown,alpha,seconds\n", f);
-  else
+  else if (fmt == PA_QUERY_JSON)
     fputs("[", f);
   rc = pa_store_read(store, export_visit, &c, NULL);
   if (rc)

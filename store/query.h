@@ -163,7 +163,7 @@ double pa_query_row_alpha(const Palign__SubjectResult *r, const char *row);
 
 /* ---- export ------------------------------------------------------------------- */
 
-typedef enum { PA_QUERY_CSV, PA_QUERY_JSON } pa_query_format;
+typedef enum { PA_QUERY_CSV, PA_QUERY_JSON, PA_QUERY_RECORDS } pa_query_format;
 
 /* Writes one line (CSV, with a header) or object (JSON, in one array) per
  * valid record and MethodRow to f:
@@ -173,8 +173,15 @@ typedef enum { PA_QUERY_CSV, PA_QUERY_JSON } pa_query_format;
  *
  * (n_* summed over traits; alpha for PAS rows as pa_query_row_alpha; seconds
  * the method's Cost.seconds.) NaN is an empty field in CSV and null in JSON.
- * Numbers are printed to round-trip. *rows gets the number of rows written if
- * not NULL. PA_EIO if writing to f fails. */
+ * Numbers are printed to round-trip.
+ *
+ * PA_QUERY_RECORDS instead writes every valid record whole, failed ones
+ * too, as pa_query_message_json, one JSON object a line (JSON Lines), for
+ * scripts that want everything in one pass (scripts/plot-store.py); a row is
+ * then a record.
+ *
+ * *rows gets the number of rows written if not NULL. PA_EIO if writing to f
+ * fails. */
 int pa_query_export(const char *store, pa_query_format fmt, FILE *f, pa_query_problem_fn problem, void *ctx,
                     size_t *rows);
 

@@ -376,6 +376,31 @@ static void test_export(void **s) {
   assert_true(cJSON_IsNull(cJSON_GetObjectItem(s4, "alpha")));
   assert_int_equal((int)num(s4, "n_unknown"), 2);
   cJSON_Delete(j);
+
+  /* records: every valid record whole, the failed s3 too, one JSON object a
+   * line, the same object `subject --json` prints */
+  assert_int_equal(palign("query %s export --format records --out %s", good, path), 0);
+  expect_err("4 rows written to");
+  text = tu_slurp(path, NULL);
+  static const char *const ids[4] = {"s1", "s2", "s3", "s4"};
+  int n = 0;
+  for (char *save = NULL, *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save), n++) {
+    assert_true(n < 4);
+    cJSON *r = cJSON_Parse(line);
+    if (!r)
+      fail_msg("line %d is not JSON: %.200s", n + 1, line);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(r, "subject_id")), ids[n]);
+    char *printed = cJSON_PrintUnformatted(r);
+    assert_int_equal(palign("query %s subject %s --json", good, ids[n]), 0);
+    cJSON *sj = cJSON_Parse(out);
+    assert_non_null(sj);
+    char *want = cJSON_PrintUnformatted(sj);
+    assert_string_equal(printed, want);
+    cJSON_free(printed), cJSON_free(want);
+    cJSON_Delete(sj), cJSON_Delete(r);
+  }
+  assert_int_equal(n, 4);
+  free(text);
 }
 
 static void test_subject(void **s) {
@@ -561,7 +586,7 @@ static void test_usage_and_errors(void **s) {
   assert_int_equal(palign("query %s verify --json", good), 2);
   expect_err("'--json'");
   assert_int_equal(palign("query %s export --format xml", good), 2);
-  expect_err("--format is csv or json, not 'xml'");
+  expect_err("--format is csv, json or records, not 'xml'");
   assert_int_equal(palign("query %s export --out", good), 2);
   expect_err("--out needs a value");
   assert_int_equal(palign("query %s subject", good), 2);
