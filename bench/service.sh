@@ -106,7 +106,7 @@ run_one() {
   awk -v wl="$wl" -v np="$np" -v t0="$t0" -v t1="$t1" -v b0="$b0" -v b1="$b1" -v tck="$TCK" -v cpufile="$W/time-$tag" \
       -v n="$n" -v pr="$pr" '
     /subjects done/ { last = $0 }
-    /^coordinator:/ { for (i = 1; i <= NF; i++) if ($i == "per" && $(i + 1) == "subject") cus = $(i - 2) }
+    /^coordinator:/ { for (i = 1; i <= NF; i++) if ($i == "per" && $(i + 1) == "subject" && cus == "") cus = $(i - 2) }
     END {
       getline cpu < cpufile; split(cpu, c, " ")
       split(last, a, " "); done = a[3]; sub(/\/.*/, "", done)

@@ -113,6 +113,10 @@ static void print_settings(const pa_query_summary *s) {
     if (st->n_alphas)
       printf(" (%g .. %g)", st->alphas[0], st->alphas[st->n_alphas - 1]);
     printf("\n");
+    if (st->benchmark_delay > 0)
+      printf("BENCHMARK a benchmark store (palign-worker --benchmark-delay): the workers slept %g s a subject on "
+             "average (CV %g) instead of running a model; no record here holds a model's answers\n",
+             st->benchmark_delay, st->benchmark_cv);
   } else {
     printf("settings  none in the manifest\n");
   }

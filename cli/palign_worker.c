@@ -12,6 +12,7 @@
 #include "comm.h"
 #include "dpo.h"
 #include "inventory.h"
+#include "methods.h"
 #include "pas.h"
 #include "service.h"
 #include "status.h"
@@ -44,7 +45,13 @@ static void usage(FILE *f) {
              "  --chunk N          subjects per hand-out (default: from the counts)\n"
              "  --progress S       seconds between progress lines (default 10)\n"
              "  --heartbeat S      seconds between a busy worker's heartbeats (default 5)\n"
-             "  --silent S         report a worker silent for this long (default 120)\n");
+             "  --silent S         report a worker silent for this long (default 120)\n"
+             "  --shard-mb N       a worker's shard begins a new part file past N MiB (default 256)\n"
+             "  --benchmark-delay MEAN[,CV]\n"
+             "                     the benchmark mode, for measuring the service itself: no model is loaded;\n"
+             "                     each subject is a sleep of MEAN seconds on average (log-normal, coefficient\n"
+             "                     of variation CV, default 0.3), then the model-free methods only (the\n"
+             "                     default --methods is const3); the store is marked as a benchmark store\n");
   fputs(pa_dpo_flags_help, f);
 }
 
@@ -64,6 +71,7 @@ int main(int argc, char **argv) {
                        .dpo = pa_dpo_defaults()};
   double alphas[PA_PAS_MAX_ALPHAS];
   int bad = 0;
+  bool methods_given = false;
   for (int i = 1; i < argc && !bad; i++) {
     const char *a = argv[i];
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -74,7 +82,8 @@ int main(int argc, char **argv) {
     }
     static const char *const flags[] = {"--model",         "--papi",     "--store",     "--methods", "--subjects",
                                         "--subjects-file", "--seed",     "--threads",   "--mode",    "--holdout",
-                                        "--chunk",         "--progress", "--heartbeat", "--silent",  "--alphas"};
+                                        "--chunk",         "--progress", "--heartbeat", "--silent",  "--alphas",
+                                        "--benchmark-delay", "--shard-mb"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof flags / sizeof *flags); j++)
       if (!strcmp(a, flags[j]))
@@ -102,7 +111,7 @@ int main(int argc, char **argv) {
     case 0: o.model = v; break;
     case 1: o.papi = v; break;
     case 2: o.store = v; break;
-    case 3: o.methods = v; break;
+    case 3: o.methods = v, methods_given = true; break;
     case 4: o.subjects = v; break;
     case 5: o.subjects_file = v; break;
     case 6: bad = pa_arg_int(err, "palign-worker", a, v, 0, 4294967295LL, &n), o.seed = (uint64_t)n; break;
@@ -120,6 +129,27 @@ int main(int argc, char **argv) {
     case 11: bad = pa_arg_num(err, "palign-worker", a, v, 0.1, 86400, &o.progress_every); break;
     case 12: bad = pa_arg_num(err, "palign-worker", a, v, 0.1, 86400, &o.heartbeat_every); break;
     case 13: bad = pa_arg_num(err, "palign-worker", a, v, 1, 864000, &o.silent_after); break;
+    case 15: {
+      char *end;
+      errno = 0;
+      o.benchmark_delay = strtod(v, &end);
+      o.benchmark_cv = 0.3;
+      if (*end == ',')
+        o.benchmark_cv = strtod(end + 1, &end);
+      if (errno || *end || v[0] == ',' || !(o.benchmark_delay > 0 && o.benchmark_delay <= 86400) ||
+          !(o.benchmark_cv >= 0 && o.benchmark_cv <= 10)) {
+        if (talk)
+          fprintf(stderr, "palign-worker: --benchmark-delay is MEAN[,CV] with MEAN in (0, 86400] seconds and CV in "
+                          "[0, 10], not '%s'\n",
+                  v);
+        bad = 1;
+      }
+      break;
+    }
+    case 16:
+      bad = pa_arg_int(err, "palign-worker", a, v, 1, 1 << 20, &n);
+      o.shard_bytes = (uint64_t)n << 20;
+      break;
     default:
       o.n_alphas = pa_pas_parse_alphas(v, alphas);
       o.alphas = alphas;
@@ -132,6 +162,19 @@ int main(int argc, char **argv) {
     if (talk)
       fprintf(stderr, "palign-worker: %s\n", pa_errmsg());
     bad = 1;
+  }
+  if (!bad && o.benchmark_delay > 0) {
+    if (!methods_given)
+      o.methods = "const3";
+    const pa_method *m[32];
+    const int n = pa_methods_parse(o.methods, m, 32);
+    for (int j = 0; j < n && !bad; j++)
+      if (m[j]->needs_model) {
+        if (talk)
+          fprintf(stderr, "palign-worker: --benchmark-delay runs no model: method %s cannot go with it (only const3 "
+                          "and trait_mean)\n", m[j]->name);
+        bad = 1;
+      }
   }
   if (bad) {
     pa_comm_finalize(comm);

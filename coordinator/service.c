@@ -48,6 +48,7 @@ typedef struct service {
   bool need_model, need_bank, need_dpo;
   char model_fp[65];
   int run; /* this run's number (1, 2, ...): names the shards */
+  long hand_outs; /* rank 0: Work messages sent */
 
   /* a worker's */
   pa_model *model;
@@ -110,6 +111,9 @@ static int load_data(service *sv) {
     rc = pa_dpo_validate(&sv->dpo_opts);
   if (!rc && sv->need_dpo)
     pa_dpo_settings_to_proto(&sv->dpo_opts, &sv->dpo_settings);
+  if (!rc && o->benchmark_delay > 0 && sv->need_model)
+    rc = pa_error(PA_EINVAL, "the benchmark mode runs no model: only the model-free methods (const3, trait_mean) "
+                             "go with --benchmark-delay");
   if (!rc && sv->need_dpo && o->eval.mode != PA_READ_LOGITS)
     rc = pa_error(PA_EINVAL, "the DPO methods train on the option letters' logits: use --mode logits");
   if (!rc)
@@ -137,6 +141,8 @@ static void settings_of(const service *sv, Palign__Settings *st, char inv_fp[65]
   st->subjects_file = (char *)(sv->o->subjects_file ? sv->o->subjects_file : "Test-set.json");
   if (sv->need_dpo)
     st->dpo = (Palign__DpoSettings *)&sv->dpo_settings; /* borrowed, as the strings are */
+  st->benchmark_delay = sv->o->benchmark_delay;
+  st->benchmark_cv = sv->o->benchmark_delay > 0 ? sv->o->benchmark_cv : 0;
 }
 
 /* ---- the coordinator's store work -------------------------------------------- */
@@ -445,6 +451,8 @@ static int setup_worker(service *sv) {
   }
   if (!rc)
     rc = pa_shard_open(sv->o->store, sv->run, sv->size == 1 ? 0 : sv->rank, &sv->shard);
+  if (!rc)
+    pa_shard_set_limit(sv->shard, sv->o->shard_bytes);
   return rc;
 }
 
@@ -469,6 +477,36 @@ static void method_done(void *ctx, const pa_subject *s, const char *method, cons
             pa_errmsg());
 }
 
+/* The benchmark mode's stand-in for a subject's model work: a delay drawn
+ * from the log-normal distribution of mean benchmark_delay and coefficient
+ * of variation benchmark_cv, the same for a subject in every run (a hash of
+ * the run seed and the subject's position), slept in slices with the
+ * heartbeats a busy worker sends (*slept: the delay). Returns 1 when a
+ * signal came. */
+static int benchmark_sleep(service *sv, size_t index, double *slept) {
+  uint64_t x = sv->o->seed * 0x9E3779B97F4A7C15ULL ^ (uint64_t)index;
+  double u[2];
+  for (int k = 0; k < 2; k++) { /* splitmix64: two uniforms in (0, 1) */
+    uint64_t z = (x += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    u[k] = ((double)((z ^ (z >> 31)) >> 11) + 0.5) / 9007199254740992.0;
+  }
+  const double cv = sv->o->benchmark_cv, s2 = log1p(cv * cv);
+  const double normal = sqrt(-2 * log(u[0])) * cos(6.283185307179586 * u[1]);
+  const double delay = exp(log(sv->o->benchmark_delay) - s2 / 2 + sqrt(s2) * normal);
+  *slept = delay;
+  for (const double t_end = now_s() + delay;;) {
+    const double left = t_end - now_s();
+    if (left <= 0)
+      return 0;
+    if (worker_poll(sv))
+      return 1;
+    const double slice = left < 0.05 ? left : 0.05;
+    nanosleep(&(struct timespec){.tv_sec = 0, .tv_nsec = (long)(slice * 1e9)}, NULL);
+  }
+}
+
 /* One subject, start to stored record. Negative: an error that stops this worker. */
 static int do_subject(service *sv, size_t index) {
   const pa_subject *s = pa_subjects_at(sv->subjects, index);
@@ -485,6 +523,12 @@ static int do_subject(service *sv, size_t index) {
     msg->error = (char *)s->reason;
     outcome = SUBJECT_FAILED;
   } else {
+    double slept = 0;
+    if (sv->o->benchmark_delay > 0 && benchmark_sleep(sv, index, &slept)) {
+      pa_record_destroy(rec);
+      sv->current[0] = '\0';
+      return SUBJECT_ABANDONED;
+    }
     int n_failed =
         pa_subject_run(&sv->ctx, sv->methods, sv->n_methods, s, sv->test, sv->n_test, &sv->mo, rec, method_done, sv);
     if (n_failed == PA_ECANCELED) {
@@ -496,6 +540,7 @@ static int do_subject(service *sv, size_t index) {
       pa_record_destroy(rec);
       return n_failed;
     }
+    msg->seconds += slept; /* the record's wall time includes the benchmark's stand-in */
     outcome = n_failed ? SUBJECT_FAILED : SUBJECT_DONE;
   }
   rc = pa_shard_append(sv->shard, msg);
@@ -636,6 +681,7 @@ static int hand_out(service *sv, worker_state *ws, int w, size_t *queue, size_t 
     work.subject_index = idx;
     snprintf(ws[w].current, sizeof ws[w].current, "%s", pa_subjects_at(sv->subjects, ws[w].chunk[0])->id);
   }
+  sv->hand_outs++;
   return pa_comm_send_work(sv->comm, w + 1, &work);
 }
 
@@ -840,10 +886,16 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
   if (sv->rank == 0 && started) {
     const bool interrupted = rc == PA_ECANCELED;
     print_progress(sv, &p, NULL, 0, true);
-    if (p.reports > 0)
-      fprintf(sv->log, "coordinator: %ld messages handled, %.1f us each, %.1f us per subject finished\n", p.reports,
-              1e6 * p.busy / (double)p.reports,
-              p.done + p.failed > 0 ? 1e6 * p.busy / (double)(p.done + p.failed) : 0.0);
+    if (p.reports > 0) {
+      const double n = p.done + p.failed > 0 ? (double)(p.done + p.failed) : 1;
+      fprintf(sv->log,
+              "coordinator: %ld messages handled, %.1f us each, %.1f us per subject finished; per subject "
+              "%.2f reports (heartbeats included) and %.3f hand-outs; files: %d shards this run (each in parts of at "
+              "most %.0f MiB), one fsync'd append per subject, the manifest written twice\n",
+              p.reports, 1e6 * p.busy / (double)p.reports, 1e6 * p.busy / n, (double)p.reports / n,
+              (double)sv->hand_outs / n, pa_comm_workers(comm),
+              (double)(o->shard_bytes ? o->shard_bytes : PA_STORE_SHARD_BYTES) / (1 << 20));
+    }
     if (interrupted)
       fprintf(sv->log, "palign-worker: stopped by signal %d; a rerun with the same store resumes\n",
               (int)pa_service_stop_signal);

@@ -14,6 +14,9 @@
  * run the methods (record.h), append the record to their shard (store.h)
  * and report. A subject that fails is stored as failed and the run goes on.
  *
+ * At the end rank 0 prints what the run cost the service: messages
+ * handled and coordinator time per subject, messages and files per subject.
+ *
  * SIGTERM and SIGINT: every rank stops at the next forward pass, abandoning
  * its current subject (no record), and exits cleanly; rank 0 marks the run
  * interrupted. A rerun on the same store resumes.
@@ -51,6 +54,14 @@ typedef struct {
   double heartbeat_every; /* seconds between a busy worker's heartbeats; 0: 5 */
   double silent_after;    /* seconds without a heartbeat before a worker is reported; 0: 120 */
   FILE *log;              /* progress and messages; NULL: stderr */
+  /* The benchmark mode, for measuring the service itself: > 0, workers load
+   * no model and, for each subject, sleep a delay drawn from a log-normal
+   * distribution of this mean (seconds) and coefficient of variation
+   * benchmark_cv, then store the model-free methods only. The store's
+   * settings say so: it cannot be mixed with a real run. */
+  double benchmark_delay;
+  double benchmark_cv;
+  uint64_t shard_bytes; /* a worker's shard begins a new part past this size; 0: PA_STORE_SHARD_BYTES */
 } pa_service_opts;
 
 int pa_service_run(pa_comm *comm, const pa_service_opts *o);

@@ -859,8 +859,10 @@ int pa_query_verify(const char *store, pa_query_problem_fn problem, void *ctx, p
   if (!rc && m) {
     for (size_t i = 0; i < n_names; i++) {
       bool listed = false;
+      char base[64]; /* a later part of a shard is listed by its first */
+      pa_shard_part_base(names[i], base);
       for (size_t j = 0; j < m->n_shards && !listed; j++)
-        listed = !strcmp(shard_base(m->shards[j]), names[i]);
+        listed = !strcmp(shard_base(m->shards[j]), base);
       if (!listed)
         report(&c, "%s: a shard file the manifest does not list", names[i]);
     }

@@ -257,6 +257,8 @@ int pa_settings_check(const char *store, const Palign__Settings *have, const Pal
             {"dpo.adam_eps", hd->adam_eps, wd->adam_eps}};
   for (size_t i = 0; i < sizeof dd / sizeof dd[0]; i++)
     diff_doubles(&d, dd[i].name, &dd[i].have, 1, &dd[i].want, 1);
+  diff_doubles(&d, "benchmark_delay", &h->benchmark_delay, 1, &w->benchmark_delay, 1);
+  diff_doubles(&d, "benchmark_cv", &h->benchmark_cv, 1, &w->benchmark_cv, 1);
   return d.t.n == d.head ? PA_OK : pa_error(PA_EINVAL, "%s", d.t.s);
 }
 
@@ -269,11 +271,67 @@ const char *pa_shard_name(int run, int rank, char buf[64]) {
 
 struct pa_shard_writer {
   int fd;
-  char *path;
-  uint8_t *buf; /* the last record framed, reused */
+  char *dir, *path; /* STORE/shards and the part being written */
+  int run, rank, part;
+  uint64_t size, limit; /* bytes in this part; where the next part begins */
+  uint8_t *buf;         /* the last record framed, reused */
   size_t cap;
   bool written; /* any byte appended */
 };
+
+const char *pa_shard_part_name(int run, int rank, int part, char buf[64]) {
+  if (part <= 1)
+    return pa_shard_name(run, rank, buf);
+  snprintf(buf, 64, "run%d-rank%d.p%d.pal", run, rank, part);
+  return buf;
+}
+
+/* (run, rank, part) of a shard file name; false for any other name. */
+static bool parse_shard_name(const char *name, long key[3]) {
+  int used = 0;
+  key[2] = 1;
+  if (sscanf(name, "run%ld-rank%ld.pal%n", &key[0], &key[1], &used) == 2 && used > 0 && !name[used])
+    return true;
+  used = 0;
+  return sscanf(name, "run%ld-rank%ld.p%ld.pal%n", &key[0], &key[1], &key[2], &used) == 3 && used > 0 &&
+         !name[used] && key[2] >= 2;
+}
+
+const char *pa_shard_part_base(const char *name, char buf[64]) {
+  long k[3];
+  if (parse_shard_name(name, k) && k[0] <= INT32_MAX && k[1] <= INT32_MAX)
+    return pa_shard_name((int)k[0], (int)k[1], buf);
+  snprintf(buf, 64, "%s", name);
+  return buf;
+}
+
+/* A new part file: O_EXCL, then the directory synced so that it survives a crash. */
+static int open_part(pa_shard_writer *w) {
+  char name[64];
+  char *path = join(w->dir, pa_shard_part_name(w->run, w->rank, w->part, name));
+  if (!path)
+    return PA_ENOMEM;
+  /* a new file, never one another run left: a run appends only after its own records */
+  const int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  int rc = PA_OK;
+  if (fd < 0 && errno == EEXIST)
+    rc = pa_error(PA_EIO, "%s: exists already (is another job writing to this store?)", path);
+  else if (fd < 0)
+    rc = pa_error(PA_EIO, "%s: cannot create: %s", path, strerror(errno));
+  else
+    rc = pa_sync_dir(w->dir);
+  if (rc) {
+    if (fd >= 0)
+      close(fd);
+    free(path);
+    return rc;
+  }
+  free(w->path);
+  w->path = path, w->fd = fd, w->size = 0;
+  return PA_OK;
+}
+
+void pa_shard_set_limit(pa_shard_writer *w, uint64_t bytes) { w->limit = bytes ? bytes : PA_STORE_SHARD_BYTES; }
 
 size_t pa_record_frame(const uint8_t *payload, uint32_t len, uint8_t *buf) {
   const uint32_t crc = crc_of(payload, len); /* before the head, which may overwrite an overlapping payload */
@@ -368,29 +426,15 @@ int pa_shard_open(const char *store, int run, int rank, pa_shard_writer **out) {
   int rc = ensure_store(store);
   if (rc)
     return rc;
-  char name[64];
-  char *dir = join(store, "shards");
-  char *path = dir ? join(dir, pa_shard_name(run, rank, name)) : NULL;
-  pa_shard_writer *w = path ? calloc(1, sizeof *w) : NULL;
-  if (!w) {
-    rc = path ? pa_error(PA_ENOMEM, "%s: no memory", path) : PA_ENOMEM;
-  } else {
-    w->path = path;
-    /* a new file, never one another run left: a run appends only after its own records */
-    w->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (w->fd < 0 && errno == EEXIST)
-      rc = pa_error(PA_EIO, "%s: exists already (is another job writing to this store?)", path);
-    else if (w->fd < 0)
-      rc = pa_error(PA_EIO, "%s: cannot create: %s", path, strerror(errno));
-    else
-      rc = pa_sync_dir(dir);
-  }
-  free(dir);
-  if (rc) {
-    if (w && w->fd >= 0)
-      close(w->fd);
+  pa_shard_writer *w = calloc(1, sizeof *w);
+  if (!w || !(w->dir = join(store, "shards"))) {
     free(w);
-    free(path);
+    return pa_error(PA_ENOMEM, "%s: no memory for a shard", store);
+  }
+  w->fd = -1, w->run = run, w->rank = rank, w->part = 1, w->limit = PA_STORE_SHARD_BYTES;
+  if ((rc = open_part(w))) {
+    free(w->dir);
+    free(w);
     return rc;
   }
   *out = w;
@@ -409,6 +453,18 @@ int pa_shard_append(pa_shard_writer *w, const Palign__SubjectResult *r) {
       return pa_error(PA_ENOMEM, "%s: no memory for a record of %zu bytes", w->path, total);
     w->buf = grown, w->cap = total;
   }
+  /* a full part is left as it is and the record begins the next one */
+  if (w->size > 0 && w->size + total > w->limit) {
+    const int old_fd = w->fd;
+    w->part++;
+    int rc = open_part(w);
+    if (rc) {
+      w->part--;
+      return rc;
+    }
+    if (close(old_fd) != 0)
+      return pa_error(PA_EIO, "%s: closing the previous part failed: %s", w->path, strerror(errno));
+  }
   uint8_t *payload = w->buf + PA_STORE_RECORD_HEAD;
   if (palign__subject_result__pack(r, payload) != n)
     return pa_error(PA_EINVAL, "%s: protobuf-c packed another size than it announced (%zu bytes)", w->path, n);
@@ -426,6 +482,7 @@ int pa_shard_append(pa_shard_writer *w, const Palign__SubjectResult *r) {
       return pa_error(PA_EIO, "%s: write failed after %zu of %zu bytes: %s", w->path, done, total,
                       k < 0 ? strerror(errno) : "nothing written");
     done += (size_t)k;
+    w->size += (uint64_t)k;
   }
   while (fsync(w->fd) != 0)
     if (errno != EINTR)
@@ -441,6 +498,7 @@ int pa_shard_close(pa_shard_writer *w) {
     rc = pa_error(PA_EIO, "%s: close failed: %s", w->path, strerror(errno));
   free(w->buf);
   free(w->path);
+  free(w->dir);
   free(w);
   return rc;
 }
@@ -683,7 +741,19 @@ static bool is_shard_name(const char *s) {
   return n > 4 && strcmp(s + n - 4, ".pal") == 0;
 }
 
-static int cmp_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+/* Shards in the order they were written: by run, rank and part (numbers, not
+ * text: run10 after run9); other *.pal names after them, by name. */
+static int cmp_names(const void *a, const void *b) {
+  const char *x = *(char *const *)a, *y = *(char *const *)b;
+  long kx[3], ky[3];
+  const bool px = parse_shard_name(x, kx), py = parse_shard_name(y, ky);
+  if (px != py)
+    return px ? -1 : 1;
+  for (int i = 0; px && i < 3; i++)
+    if (kx[i] != ky[i])
+      return kx[i] < ky[i] ? -1 : 1;
+  return strcmp(x, y);
+}
 
 /* The *.pal names under dir, sorted; none if dir does not exist. */
 static int shard_names(const char *dir, char ***names, size_t *n) {

@@ -81,12 +81,29 @@ const char *pa_shard_name(int run, int rank, char buf[64]);
 
 typedef struct pa_shard_writer pa_shard_writer;
 
-/* Creates STORE/shards/<pa_shard_name(run, rank)> for appending; a file of
- * that name already there is an error (runs never share a shard). */
-int pa_shard_open(const char *store, int run, int rank, pa_shard_writer **out);
+/* Where a shard's next part begins: a record that would take a part past
+ * this many bytes starts a new part file instead, so that no file grows
+ * without bound (a part may be larger only by holding one record larger
+ * than the limit). */
+#define PA_STORE_SHARD_BYTES (256ull << 20)
 
-/* Packs r, writes one record and fsyncs it. On error (disk full) the shard
- * may end in a torn record, which readers skip. */
+/* Part `part` of a shard: part 1 is pa_shard_name's "run<R>-rank<K>.pal",
+ * later ones "run<R>-rank<K>.p<part>.pal"; returns buf. */
+const char *pa_shard_part_name(int run, int rank, int part, char buf[64]);
+
+/* The shard a file belongs to ("run3-rank1.p2.pal" -> "run3-rank1.pal");
+ * any other name as it is. The manifest lists shards by their first part. */
+const char *pa_shard_part_base(const char *name, char buf[64]);
+
+/* Creates STORE/shards/<pa_shard_name(run, rank)> for appending; a file of
+ * that name already there is an error (runs never share a shard). Its parts
+ * begin at PA_STORE_SHARD_BYTES unless pa_shard_set_limit says otherwise. */
+int pa_shard_open(const char *store, int run, int rank, pa_shard_writer **out);
+void pa_shard_set_limit(pa_shard_writer *w, uint64_t bytes); /* 0: PA_STORE_SHARD_BYTES */
+
+/* Packs r, writes one record and fsyncs it, beginning the shard's next part
+ * first when this one is full. On error (disk full) the shard may end in a
+ * torn record, which readers skip. */
 int pa_shard_append(pa_shard_writer *w, const Palign__SubjectResult *r);
 
 /* Frames a packed payload into a record (buf must hold

@@ -40,6 +40,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "query.h"
 #include "status.h"
 #include "store.h"
 #include "testutil.h"
@@ -1270,7 +1271,52 @@ static void test_dpo(void **state) {
   expect_in(log, "--alpha is PAS's");
 }
 
-/* 10. The soak: one store, SOAK_SUBJECTS subjects on 3 ranks, started over
+/* 10. The benchmark mode: no model, a delay per subject; the store says it
+ * is a benchmark store, a real run on it is refused, a model method with
+ * it is a bad flag, and the records' wall time is the delay. */
+static void test_benchmark_mode(void **state) {
+  (void)state;
+  char store[512], log[512];
+  scratch(store, "bench");
+  assert_int_equal(worker(scratch(log, "bench.log"), 3, NULL, store, "--subjects", "12", "--chunk", "2",
+                          "--benchmark-delay", "0.05,0.5", NULL),
+                   0);
+  expect_in(log, "methods const3");
+  expect_in(log, "per subject finished; per subject");
+  expect_in(log, "BENCHMARK a benchmark store");
+  recs rs;
+  read_store(store, &rs);
+  expect_complete(&rs, 12, 0, store);
+  recs_free(&rs);
+  double total = 0;
+  char ids[12][64];
+  first_ids(12, ids);
+  for (int k = 0; k < 12; k++) {
+    Palign__SubjectResult *r = NULL;
+    if (pa_query_subject(store, ids[k], &r))
+      fail_msg("%s", pa_errmsg());
+    assert_true(r->seconds > 0.001 && r->seconds < 5);
+    assert_int_equal(r->n_methods, 2); /* const3, trait_mean */
+    total += r->seconds;
+    palign__subject_result__free_unpacked(r, NULL);
+  }
+  fprintf(stderr, "    benchmark mode: 12 subjects slept %.3f s on average (0.05 asked)\n", total / 12);
+  assert_true(total / 12 > 0.02 && total / 12 < 0.2);
+  /* a real run on it is refused; a model method is a bad flag */
+  assert_int_equal(worker(scratch(log, "bench-real.log"), 0, NULL, store, "--subjects", "12", "--methods", "const3",
+                          NULL),
+                   1);
+  expect_in(log, "benchmark_delay '0.05' here, '0' asked");
+  assert_int_equal(worker(scratch(log, "bench-none.log"), 0, NULL, store, "--subjects", "12", "--benchmark-delay",
+                          "0.05", "--methods", "none", NULL),
+                   2);
+  expect_in(log, "method none cannot go with it");
+  assert_int_equal(
+      worker(scratch(log, "bench-bad.log"), 0, NULL, store, "--subjects", "12", "--benchmark-delay", "-1", NULL), 2);
+  expect_in(log, "--benchmark-delay is MEAN[,CV]");
+}
+
+/* 11. The soak: one store, SOAK_SUBJECTS subjects on 3 ranks, started over
  * and over and each time killed at a random moment by a random one of the
  * ways a job dies (SIGKILL or SIGTERM to a random worker, to rank 0, to
  * every rank; SIGTERM to mpirun, as scancel does); a store that becomes
@@ -1498,6 +1544,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test_teardown(test_bad_flags, teardown_test),
       cmocka_unit_test_teardown(test_export_round_trips, teardown_test),
       cmocka_unit_test_teardown(test_dpo, teardown_test),
+      cmocka_unit_test_teardown(test_benchmark_mode, teardown_test),
   };
   const struct CMUnitTest soak[] = {cmocka_unit_test_teardown(test_soak, teardown_test)};
   if (argc > 1 && !strcmp(argv[1], "soak")) /* the soak test alone (test_soak in ctest) */

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "status.h"
+#include "query.h"
 #include "store.h"
 #include "testutil.h"
 #include "tu_record.h"
@@ -689,6 +690,71 @@ static void test_many(void **state) {
     assert_int_equal(counts[s], 0);
 }
 
+static void print_problem(void *ctx, const char *line) {
+  (void)ctx;
+  fprintf(stderr, "    verify: %s\n", line);
+}
+
+/* A shard past its limit goes on in numbered parts, each within the limit
+ * (a part holds at least one record), read back in order with the shards
+ * in run, rank, part order (run 10 after run 9), and the manifest lists a
+ * shard by its first part: verify sees no unlisted file. */
+static void test_rotation(void **state) {
+  (void)state;
+  char store[300], path[600], name[64];
+  store_path(store, sizeof store, "rotation");
+  size_t n0;
+  uint8_t *p0 = tu_rec_pack(subjects[0], &n0);
+  free(p0);
+  const uint64_t rec = PA_STORE_RECORD_HEAD + n0, limit = 2 * rec + rec / 2; /* two records a part */
+  pa_shard_writer *w;
+  assert_int_equal(pa_shard_open(store, 9, 1, &w), PA_OK);
+  pa_shard_set_limit(w, limit);
+  for (int k = 0; k < N_SUBJECTS; k++)
+    assert_int_equal(pa_shard_append(w, subjects[k]), PA_OK);
+  assert_int_equal(pa_shard_close(w), PA_OK);
+  append(store, 10, 1, (int[]){0}, 1); /* a later run: read after run 9 */
+  /* s0..s7 are about the same size: 2 a part, 4 parts */
+  for (int part = 1; part <= 5; part++) {
+    snprintf(path, sizeof path, "%s/shards/%s", store, pa_shard_part_name(9, 1, part, name));
+    struct stat sb;
+    if (part == 5) {
+      assert_int_not_equal(stat(path, &sb), 0);
+      break;
+    }
+    if (stat(path, &sb) != 0)
+      fail_msg("no part %d (%s)", part, path);
+    assert_true((uint64_t)sb.st_size <= limit);
+    assert_true((uint64_t)sb.st_size >= rec);
+  }
+  assert_string_equal(pa_shard_part_name(9, 1, 1, name), "run9-rank1.pal");
+  assert_string_equal(pa_shard_part_name(9, 1, 3, name), "run9-rank1.p3.pal");
+  assert_string_equal(pa_shard_part_base("run9-rank1.p3.pal", name), "run9-rank1.pal");
+  assert_string_equal(pa_shard_part_base("run9-rank1.pal", name), "run9-rank1.pal");
+  assert_string_equal(pa_shard_part_base("run9-rank1.p1.pal", name), "run9-rank1.p1.pal"); /* no part 1 name */
+  assert_string_equal(pa_shard_part_base("notes.pal", name), "notes.pal");
+  visit_log lg = {0};
+  size_t counts[6];
+  read_all(store, &lg, counts);
+  assert_int_equal(lg.n, N_SUBJECTS + 1);
+  for (int k = 0; k < N_SUBJECTS; k++)
+    expect_ok(&lg, k, k);
+  assert_string_equal(lg.v[1].shard, "run9-rank1.pal");
+  assert_string_equal(lg.v[2].shard, "run9-rank1.p2.pal");
+  assert_string_equal(lg.v[7].shard, "run9-rank1.p4.pal");
+  assert_string_equal(lg.v[8].shard, "run10-rank1.pal");
+  assert_int_equal(lg.v[8].info.status, PA_RECORD_DUPLICATE); /* s0 again, in the later run */
+  log_free(&lg);
+  /* the manifest lists the shards by their first parts: verify is clean */
+  Palign__Manifest m = PALIGN__MANIFEST__INIT;
+  char *listed[2] = {"shards/run9-rank1.pal", "shards/run10-rank1.pal"};
+  m.format = 1, m.n_shards = 2, m.shards = listed;
+  assert_int_equal(pa_manifest_write(store, &m), PA_OK);
+  pa_query_verify_result v;
+  assert_int_equal(pa_query_verify(store, print_problem, NULL, &v), PA_OK);
+  assert_int_equal(v.problems, 2); /* the duplicate and the settings this manifest lacks, no unlisted file */
+}
+
 /* Runs are numbered past every run the manifest records and every shard
  * file present; a shard name is never opened twice; a shard nothing was
  * written to can be discarded. */
@@ -847,6 +913,7 @@ int main(void) {
       cmocka_unit_test(test_visit_stops),     cmocka_unit_test(test_many),
       cmocka_unit_test(test_run_numbers),     cmocka_unit_test(test_lock),
       cmocka_unit_test(test_empty_message),   cmocka_unit_test(test_hostile_heads),
+      cmocka_unit_test(test_rotation),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
