@@ -2,11 +2,13 @@
  * palign query STORE subject ID [--json]
  * palign query STORE export [--format csv|json|records] [--out FILE]
  * palign query STORE verify
+ * palign query STORE index
  * What a store holds, read back for people (store/query.h does the reading;
  * this file parses the flags and prints). */
 #include "commands.h"
 
 #include "fileio.h"
+#include "index.h"
 #include "inventory.h"
 #include "methods.h"
 #include "metrics.h"
@@ -39,7 +41,9 @@ static void usage(FILE *f) {
              "                        --out replaces FILE atomically); records: every record whole, one JSON\n"
              "                        object a line, as subject --json prints it\n"
              "  verify                check the manifest, every record and the shard files; exit 0 when clean,\n"
-             "                        1 when a problem was found\n"
+             "                        1 when a problem was found; says whether the index is current\n"
+             "  index                 write STORE/index.pb (where each subject's record is), which subject uses\n"
+             "                        while the shards are unchanged; safe to delete or rewrite at any time\n"
              "\n"
              "Damaged records are skipped with a warning on stderr naming the shard and the offset.\n"
              "Exit status: 0 ok, 1 a data error (no store, subject not found, a problem found by verify),\n"
@@ -433,7 +437,38 @@ static int run_verify(const char *store) {
     printf(" of %lld subjects", (long long)v.subjects_total);
   printf(", %zu shard file%s, %zu problem%s\n", v.shards, v.shards == 1 ? "" : "s", v.problems,
          v.problems == 1 ? "" : "s");
+  Palign__StoreIndex *ix = NULL;
+  switch (pa_index_check(store, &ix)) {
+  case PA_INDEX_CURRENT: printf("index: current, %zu subjects\n", ix->n_entries); break;
+  case PA_INDEX_STALE:
+    printf("index: stale (the shards changed since it was written; `palign query STORE index` rewrites it; until "
+           "then lookups read the shards)\n");
+    break;
+  default: break;
+  }
+  if (ix)
+    palign__store_index__free_unpacked(ix, NULL);
   return v.problems ? 1 : 0;
+}
+
+/* ---- index ------------------------------------------------------------------- */
+
+static int run_index(const char *store) {
+  int rc = pa_query_check_store(store);
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  size_t n = 0;
+  uint64_t bytes = 0;
+  if (!rc)
+    rc = pa_index_build(store, &n, &bytes);
+  if (rc) {
+    fprintf(stderr, "palign query: %s\n", pa_errmsg());
+    return 1;
+  }
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  printf("%s/index.pb: %zu subjects, %llu bytes, written in %.2f s\n", store, n, (unsigned long long)bytes,
+         (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
+  return 0;
 }
 
 /* ---- the command -------------------------------------------------------------- */
@@ -455,7 +490,7 @@ int cmd_query(int argc, char **argv) {
   if (argc < 3)
     return bad_usage(argc < 2 ? "%sSTORE and COMMAND are required" : "%sCOMMAND is required", "");
   const char *store = argv[1], *cmd = argv[2];
-  enum { SUMMARY, SUBJECT, EXPORT, VERIFY } which;
+  enum { SUMMARY, SUBJECT, EXPORT, VERIFY, INDEX } which;
   if (!strcmp(cmd, "summary"))
     which = SUMMARY;
   else if (!strcmp(cmd, "subject"))
@@ -464,6 +499,8 @@ int cmd_query(int argc, char **argv) {
     which = EXPORT;
   else if (!strcmp(cmd, "verify"))
     which = VERIFY;
+  else if (!strcmp(cmd, "index"))
+    which = INDEX;
   else
     return bad_usage("unknown command '%s'", cmd);
 
@@ -498,6 +535,7 @@ int cmd_query(int argc, char **argv) {
   case SUMMARY: return run_summary(store, json);
   case SUBJECT: return run_subject(store, id, json);
   case EXPORT: return run_export(store, fmt, out_path);
+  case INDEX: return run_index(store);
   default: return run_verify(store);
   }
 }

@@ -1,5 +1,7 @@
 #include "query.h"
 
+#include "index.h"
+
 #include "record.h"
 #include "status.h"
 
@@ -568,6 +570,9 @@ int pa_query_subject(const char *store, const char *id, Palign__SubjectResult **
   *out = NULL;
   int rc = pa_query_check_store(store);
   if (rc)
+    return rc;
+  bool used = false; /* a current index finds the record without reading every shard */
+  if ((rc = pa_index_lookup(store, id, out, &used)) || used)
     return rc;
   subject_ctx c = {.id = id};
   rc = pa_store_read(store, subject_visit, &c, NULL);

@@ -790,6 +790,48 @@ static int shard_names(const char *dir, char ***names, size_t *n) {
   return rc;
 }
 
+int pa_store_shards(const char *store, char ***names, size_t *n) {
+  char *dir = join(store, "shards");
+  if (!dir)
+    return PA_ENOMEM;
+  const int rc = shard_names(dir, names, n);
+  free(dir);
+  return rc;
+}
+
+int pa_store_record_at(const char *store, const char *shard, uint64_t offset, uint64_t length,
+                       Palign__SubjectResult **out) {
+  *out = NULL;
+  if (length < PA_STORE_RECORD_HEAD || length > PA_STORE_RECORD_HEAD + (uint64_t)PA_STORE_MAX_RECORD ||
+      strchr(shard, '/') || !is_shard_name(shard))
+    return pa_error(PA_EFORMAT, "%s: no record of %llu bytes in shard '%s'", store, (unsigned long long)length, shard);
+  char *dir = join(store, "shards"), *path = dir ? join(dir, shard) : NULL;
+  uint8_t *buf = path ? malloc(length) : NULL;
+  int rc = buf ? PA_OK : pa_error(PA_ENOMEM, "%s: no memory for a record", store);
+  const int fd = rc ? -1 : open(path, O_RDONLY | O_CLOEXEC);
+  if (!rc && fd < 0)
+    rc = pa_error(errno == ENOENT ? PA_ENOTFOUND : PA_EIO, "%s: cannot open: %s", path, strerror(errno));
+  for (uint64_t done = 0; !rc && done < length;) {
+    const ssize_t k = pread(fd, buf + done, length - done, (off_t)(offset + done));
+    if (k < 0 && errno == EINTR)
+      continue;
+    if (k < 0)
+      rc = pa_error(PA_EIO, "%s: read failed: %s", path, strerror(errno));
+    else if (k == 0)
+      rc = pa_error(PA_EFORMAT, "%s: no record at offset %llu (the file ends)", path, (unsigned long long)offset);
+    done += k > 0 ? (uint64_t)k : 0;
+  }
+  if (fd >= 0)
+    close(fd);
+  uint32_t len;
+  if (!rc && !(frame_at(buf, length, 0, &len) && PA_STORE_RECORD_HEAD + (uint64_t)len == length))
+    rc = pa_error(PA_EFORMAT, "%s: no valid record at offset %llu", path, (unsigned long long)offset);
+  if (!rc && !(*out = palign__subject_result__unpack(NULL, len, buf + PA_STORE_RECORD_HEAD)))
+    rc = pa_error(PA_EFORMAT, "%s offset %llu: the record is not a SubjectResult", path, (unsigned long long)offset);
+  free(buf), free(path), free(dir);
+  return rc;
+}
+
 int pa_store_read(const char *store, pa_store_visit visit, void *ctx, size_t counts[6]) {
   if (counts)
     memset(counts, 0, 6 * sizeof *counts);

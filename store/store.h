@@ -143,8 +143,20 @@ typedef struct {
  * and pa_store_read returns that value. */
 typedef int (*pa_store_visit)(void *ctx, const pa_record_info *info, const Palign__SubjectResult *r);
 
+/* The record whose frame is at offset (length bytes, head included) of
+ * STORE/shards/<shard>: PA_OK and *out (free with
+ * palign__subject_result__free_unpacked), or PA_EFORMAT when no valid record
+ * is there (damage, a wrong offset), PA_EIO/PA_ENOTFOUND when the file
+ * cannot be read. */
+int pa_store_record_at(const char *store, const char *shard, uint64_t offset, uint64_t length,
+                       Palign__SubjectResult **out);
+
+/* The shard files of the store, in reading order (names under
+ * STORE/shards, malloc'd, as is the array); none when there are none. */
+int pa_store_shards(const char *store, char ***names, size_t *n);
+
 /* Visits every record of every shard of the store (the files STORE/shards/<name>.pal, in
- * byte-wise name order). Damage in a shard is reported to visit, not as an
+ * run, rank and part order; see cmp_names). Damage in a shard is reported to visit, not as an
  * error; errors are a missing store (PA_ENOTFOUND), unreadable files (PA_EIO)
  * and out of memory. Counts go to counts[status] if counts is not NULL. */
 int pa_store_read(const char *store, pa_store_visit visit, void *ctx, size_t counts[6]);

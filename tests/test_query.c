@@ -15,6 +15,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include "palign.pb-c.h"
@@ -568,6 +570,62 @@ static void test_verify_manifest(void **s) {
   expect_out("manifest  none");
 }
 
+/* The index: written on demand; `subject` through it says what it says
+ * without it; stale once the shards change (a byte flipped in place, its
+ * time put back: the record check catches it; a new shard; a garbage
+ * index), and then lookups read the shards. */
+static void test_index(void **s) {
+  (void)s;
+  const char *st = copy_store("indexed");
+  static char want[sizeof out];
+  char path[400], ipath[400];
+  assert_int_equal(palign("query %s subject s2 --json", st), 0);
+  memcpy(want, out, sizeof out);
+  assert_int_equal(palign("query %s index", st), 0);
+  expect_out("index.pb: 4 subjects");
+  assert_int_equal(palign("query %s verify", st), 0);
+  expect_out("index: current, 4 subjects");
+  assert_int_equal(palign("query %s subject s2 --json", st), 0);
+  assert_string_equal(out, want);
+  assert_int_equal(palign("query %s subject nobody", st), 1);
+  expect_err("subject nobody is not in store");
+
+  /* s2's record damaged in place, the shard's time put back: the index
+   * still looks current, the record check refuses it, the scan finds none */
+  snprintf(path, sizeof path, "%s/shards/run1-rank1.pal", st);
+  struct stat sb;
+  assert_int_equal(stat(path, &sb), 0);
+  size_t n;
+  char *d = tu_slurp(path, &n);
+  d[record_size(0) + PA_STORE_RECORD_HEAD + 3] ^= 0x40;
+  tu_write(path, d, n);
+  free(d);
+  assert_int_equal(utimensat(AT_FDCWD, path, (struct timespec[]){sb.st_atim, sb.st_mtim}, 0), 0);
+  assert_int_equal(palign("query %s verify", st), 1);
+  expect_out("index: current");
+  assert_int_equal(palign("query %s subject s2", st), 1);
+  expect_err("subject s2 is not in store"); /* what the scan says, as without an index */
+  assert_int_equal(palign("query %s subject s1 --json", st), 0); /* the others still through it */
+
+  /* a shard more: stale, and lookups read the shards */
+  assert_int_equal(palign("query %s index", st), 0);
+  snprintf(path, sizeof path, "%s/shards/run2-rank1.pal", st);
+  tu_write(path, "", 0);
+  assert_int_equal(palign("query %s verify", st), 1);
+  expect_out("index: stale");
+  assert_int_equal(palign("query %s subject s1 --json", st), 0);
+  /* a garbage index is a stale one */
+  snprintf(ipath, sizeof ipath, "%s/index.pb", st);
+  tu_write_text(ipath, "not an index at all");
+  assert_int_equal(palign("query %s verify", st), 1);
+  expect_out("index: stale");
+  assert_int_equal(palign("query %s subject s1 --json", st), 0);
+  tu_expect_in(out, "\"subject_id\":", "subject --json");
+  /* rebuilt: current again */
+  assert_int_equal(palign("query %s index", st), 0);
+  expect_out("index.pb: 3 subjects"); /* s2's record is damaged */
+}
+
 static void test_usage_and_errors(void **s) {
   (void)s;
   const char *good = store_path("good");
@@ -612,6 +670,7 @@ int main(void) {
       cmocka_unit_test(test_export),           cmocka_unit_test(test_subject),
       cmocka_unit_test(test_verify_clean),     cmocka_unit_test(test_flipped_byte),
       cmocka_unit_test(test_torn_end),         cmocka_unit_test(test_verify_manifest),
+      cmocka_unit_test(test_index),
       cmocka_unit_test(test_usage_and_errors),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
