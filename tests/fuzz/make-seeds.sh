@@ -24,5 +24,6 @@ seed tokenizer chat
 for k in 0 1 2 3 4; do seed papi "file$k" PALIGN_FUZZ_SEED_FILE=$k; done
 seed store shard PALIGN_FUZZ_SEED_FILE=0
 seed store manifest PALIGN_FUZZ_SEED_FILE=1
+seed store index PALIGN_FUZZ_SEED_FILE=2
 seed bank bank
 du -sh "$OUT"
