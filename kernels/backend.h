@@ -1,7 +1,8 @@
 /* backend.h: the operation set of the transformer, behind one interface.
  *
- * Every backend (cpu/ now: C with OpenBLAS and OpenMP; cuda/ later) provides
- * the same operations on fp32 tensors in its own memory: the forward pass's,
+ * Every backend (cpu/: C with OpenBLAS and OpenMP, the reference; cuda/:
+ * cuBLAS and kernels, cuda_backend.h) provides the same operations on fp32
+ * tensors in its own memory (alloc, upload, download, release): the forward pass's,
  * and the backward passes training a low-rank adapter needs (runtime/train.h). Shapes are in the
  * comments as [rows][cols], row-major; weights are [out][in] (PyTorch's
  * orientation). The CPU backend is the reference every other one is tested
@@ -110,6 +111,14 @@ typedef struct pa_backend {
   void (*attention_train)(const pa_attn_train_args *a, float *scratch);
   void (*attention_backward)(const pa_attn_train_args *a, const float *dz, float *dq, float *dk, float *dv,
                              float *scratch);
+
+  /* ---- memory: the tensors every operation takes live here ---- */
+  void *(*alloc)(size_t bytes); /* NULL when out of memory */
+  void (*release)(void *p);     /* accepts NULL */
+  /* host to backend memory and back; both return once the copy is done
+   * (download after every operation queued before it) */
+  void (*upload)(void *dst, const void *src_host, size_t bytes);
+  void (*download)(void *dst_host, const void *src, size_t bytes);
 } pa_backend;
 
 const pa_backend *pa_backend_cpu(void);

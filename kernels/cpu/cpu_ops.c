@@ -176,6 +176,9 @@ static void cpu_attention(const pa_attn_args *a, float *scratch) {
   }
 }
 
+static void *cpu_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
+static void cpu_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+
 static const pa_backend cpu_backend = {
     .name = "cpu",
     .matmul = cpu_matmul,
@@ -196,6 +199,10 @@ static const pa_backend cpu_backend = {
     .attention_train_scratch = pa_cpu_attention_train_scratch,
     .attention_train = pa_cpu_attention_train,
     .attention_backward = pa_cpu_attention_backward,
+    .alloc = cpu_alloc,
+    .release = free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
 };
 
 const pa_backend *pa_backend_cpu(void) {

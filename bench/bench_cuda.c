@@ -1,0 +1,149 @@
+/* bench_cuda: what one GPU gives, for docs/CUDA.md.
+ *
+ *   bench_cuda [--json FILE]
+ *
+ *  1. the card's bf16 peak as cuBLAS reaches it: an 8192^3 GEMM, bf16 inputs,
+ *     fp32 accumulation (the baseline every other figure is a ratio of);
+ *  2. the CUDA backend's matmul (fp32 SGEMM, no TF32) on the products of a
+ *     Llama-3-8B layer for a 1,024-token prefill (q/o 4096x4096, k/v
+ *     1024x4096, gate/up 14336x4096, down 4096x14336), as TFLOP/s and as a
+ *     share of (1);
+ *  3. the backend's attention kernel on that prefill (32 heads, 8 kv heads,
+ *     head_dim 128, causal): time and the share of the layer's products.
+ * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
+ * a device. */
+#include "backend.h"
+#include "cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHECK(x)                                                                                                       \
+  do {                                                                                                                 \
+    cudaError_t e_ = (x);                                                                                              \
+    if (e_ != cudaSuccess) {                                                                                           \
+      fprintf(stderr, "bench_cuda: %s: %s\n", #x, cudaGetErrorString(e_));                                            \
+      exit(1);                                                                                                         \
+    }                                                                                                                  \
+  } while (0)
+
+static float ms_between(cudaEvent_t a, cudaEvent_t b) {
+  float ms = 0;
+  CHECK(cudaEventSynchronize(b));
+  CHECK(cudaEventElapsedTime(&ms, a, b));
+  return ms;
+}
+
+static void *dev_zero(size_t bytes) {
+  void *p;
+  CHECK(cudaMalloc(&p, bytes));
+  CHECK(cudaMemset(p, 0, bytes));
+  return p;
+}
+
+/* bf16 GEMM, n^3, reps times: TFLOP/s */
+static double bf16_peak(cublasHandle_t h, int n, int reps) {
+  void *a = dev_zero((size_t)n * n * 2), *b = dev_zero((size_t)n * n * 2), *c = dev_zero((size_t)n * n * 4);
+  const float one = 1, zero = 0;
+  cudaEvent_t t0, t1;
+  CHECK(cudaEventCreate(&t0));
+  CHECK(cudaEventCreate(&t1));
+  for (int r = -2; r < reps; r++) {
+    if (r == 0)
+      CHECK(cudaEventRecord(t0, 0));
+    if (cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, &zero, c,
+                     CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+      fprintf(stderr, "bench_cuda: cublasGemmEx (bf16) failed\n");
+      exit(1);
+    }
+  }
+  CHECK(cudaEventRecord(t1, 0));
+  const double s = ms_between(t0, t1) / 1e3 / reps;
+  cudaFree(a), cudaFree(b), cudaFree(c);
+  return 2.0 * n * n * (double)n / s / 1e12;
+}
+
+int main(int argc, char **argv) {
+  const char *json = argc == 3 && !strcmp(argv[1], "--json") ? argv[2] : NULL;
+  if (pa_cuda_devices() == 0) {
+    fprintf(stderr, "bench_cuda: skipping: no CUDA device\n");
+    return 77;
+  }
+  const pa_backend *be = pa_backend_cuda();
+  if (!be) {
+    fprintf(stderr, "bench_cuda: %s\n", pa_cuda_error());
+    return 1;
+  }
+  struct cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  cublasHandle_t h;
+  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS)
+    return 1;
+  const double peak = bf16_peak(h, 8192, 20);
+  printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount,
+         (double)prop.totalGlobalMem / (1 << 30));
+  printf("bf16 GEMM 8192^3 (cuBLAS, fp32 accumulation): %.1f TFLOP/s\n", peak);
+
+  /* a Llama-3-8B layer's products for T tokens, through the backend */
+  const int T = 1024, D = 4096, KV = 1024, F = 14336;
+  const struct {
+    const char *name;
+    int n, k;
+  } prod[] = {{"q", D, D}, {"k", KV, D}, {"v", KV, D}, {"o", D, D}, {"gate", F, D}, {"up", F, D}, {"down", D, F}};
+  float *x = dev_zero((size_t)T * F * 4), *w = dev_zero((size_t)F * D * 4), *y = dev_zero((size_t)T * F * 4);
+  cudaEvent_t t0, t1;
+  CHECK(cudaEventCreate(&t0));
+  CHECK(cudaEventCreate(&t1));
+  double flops = 0, secs = 0;
+  for (size_t i = 0; i < sizeof prod / sizeof *prod; i++) {
+    const int reps = 10;
+    for (int r = -2; r < reps; r++) {
+      if (r == 0)
+        CHECK(cudaEventRecord(t0, 0));
+      be->matmul(T, prod[i].n, prod[i].k, x, w, 0.0f, y);
+    }
+    CHECK(cudaEventRecord(t1, 0));
+    const double s = ms_between(t0, t1) / 1e3 / reps, f = 2.0 * T * prod[i].n * (double)prod[i].k;
+    printf("matmul %-4s %5d x %5d x %5d (fp32 SGEMM): %.3f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n", prod[i].name, T,
+           prod[i].n, prod[i].k, s * 1e3, f / s / 1e12, 100 * f / s / 1e12 / peak);
+    flops += f, secs += s;
+  }
+  printf("a layer's products: %.2f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n", secs * 1e3, flops / secs / 1e12,
+         100 * flops / secs / 1e12 / peak);
+
+  /* attention over the prefill: one sequence of T new tokens, no prefix */
+  const int H = 32, KH = 8, hd = 128;
+  float *q = dev_zero((size_t)T * H * hd * 4), *z = dev_zero((size_t)T * H * hd * 4);
+  float *k = dev_zero((size_t)KH * T * hd * 4), *v = dev_zero((size_t)KH * T * hd * 4);
+  pa_attn_seq seq = {.row0 = 0, .n = T, .past = 0, .k_own = k, .v_own = v, .stride = T};
+  pa_attn_args a = {.n_heads = H, .n_kv_heads = KH, .head_dim = hd, .q = q, .z = z, .seqs = &seq, .n_seqs = 1};
+  for (int r = -1; r < 5; r++) {
+    if (r == 0)
+      CHECK(cudaEventRecord(t0, 0));
+    be->attention(&a, NULL);
+  }
+  CHECK(cudaEventRecord(t1, 0));
+  const double att = ms_between(t0, t1) / 1e3 / 5;
+  printf("attention %d tokens, %d heads (%d kv), head_dim %d: %.3f ms (%.1fx the layer's products)\n", T, H, KH, hd,
+         att * 1e3, att / secs);
+  if (pa_cuda_error()[0]) {
+    fprintf(stderr, "bench_cuda: %s\n", pa_cuda_error());
+    return 1;
+  }
+  if (json) {
+    FILE *f = fopen(json, "w");
+    if (f) {
+      fprintf(f,
+              "{\"device\": \"%s\", \"bf16_peak_tflops\": %.2f, \"layer_matmul_ms\": %.4f, \"layer_matmul_tflops\": "
+              "%.2f, \"attention_ms\": %.4f, \"tokens\": %d}\n",
+              prop.name, peak, secs * 1e3, flops / secs / 1e12, att * 1e3, T);
+      fclose(f);
+    }
+  }
+  cublasDestroy(h);
+  return 0;
+}

@@ -1,0 +1,45 @@
+/* cuda_backend.h: backend.h's operations on an NVIDIA GPU (kernels/cuda/).
+ *
+ * Every pointer an operation takes is device memory from the backend's
+ * alloc (upload and download move data across); the operations run on one
+ * stream of the device pa_cuda_select chose and return without waiting, so
+ * a sequence of them runs back to back; download waits for them. Matrix
+ * products are cuBLAS SGEMMs with fp32 inputs, fp32 accumulation and no
+ * TF32 (the CPU reference's precision); the rest are this directory's
+ * kernels. The training operations (backward passes) are not implemented
+ * yet: their slots are NULL.
+ *
+ * Status: compiled and linked on every build with a CUDA toolkit
+ * (-DPALIGN_CUDA=AUTO|ON); tests/test_cuda_ops.c checks every operation
+ * against the CPU backend and skips (exit 77) where no device is present.
+ * Not yet run on a GPU (docs/CUDA.md).
+ */
+#ifndef PALIGN_CUDA_BACKEND_H
+#define PALIGN_CUDA_BACKEND_H
+
+#include "backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Devices this process sees (after CUDA_VISIBLE_DEVICES); 0 without a GPU
+ * or a driver. */
+int pa_cuda_devices(void);
+
+/* Uses device `device` (0 .. pa_cuda_devices() - 1) from now on: 0, or -1
+ * (pa_cuda_error says why). */
+int pa_cuda_select(int device);
+
+/* The backend on the selected device (device 0 if none was selected), or
+ * NULL when there is none (pa_cuda_error says why). */
+const pa_backend *pa_backend_cuda(void);
+
+/* The last CUDA or cuBLAS error of this process, as text ("" if none). */
+const char *pa_cuda_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

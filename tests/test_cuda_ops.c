@@ -1,0 +1,266 @@
+/* Every operation of the CUDA backend against the CPU backend (the
+ * reference) on the same inputs, shapes that are not multiples of a block
+ * included. Skips (exit 77) where no CUDA device is present.
+ *
+ * Tolerances, and why:
+ *  - embed, add, add_bias, scale: exact (the same single rounding);
+ *  - matmul, matmul_nn, matmul_tn_acc: cuBLAS and OpenBLAS sum the K products
+ *    in other orders; a reordered fp32 sum differs by about sqrt(K) eps
+ *    times the sum of the terms' magnitudes (K eps at worst): we allow
+ *    4 sqrt(K) eps sum|x w|, element by element;
+ *  - rmsnorm: both sum squares in double and round once; the tree order of the
+ *    GPU sum can move the double by an ulp: 4 eps |y|;
+ *  - rope: the GPU may fuse a multiply and an add (FMA): 4 eps (|a c| + |b s|);
+ *  - swiglu: the CPU's exponential is a polynomial (about 2 ulp), the GPU's
+ *    expf 2 ulp: 1e-6 relative, plus 1e-7 near zero;
+ *  - attention: both exponentials as above and reordered sums over keys and
+ *    head dimensions: 2e-6 of the largest |v| plus 1e-6 relative. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "cuda_backend.h"
+#include "testutil.h"
+
+static const pa_backend *cpu, *gpu;
+static uint64_t rng = 0x243F6A8885A308D3ULL;
+
+/* ---- device copies ----------------------------------------------------------- */
+
+static void *dev_of(const void *host, size_t bytes) {
+  void *d = gpu->alloc(bytes);
+  if (!d)
+    fail_msg("device alloc of %zu bytes: %s", bytes, pa_cuda_error());
+  gpu->upload(d, host, bytes);
+  return d;
+}
+
+static float *dev_floats(const float *host, size_t n) { return dev_of(host, n * sizeof *host); }
+
+/* The device buffer d of n floats, downloaded into a new host array. */
+static float *back(const float *d, size_t n) {
+  float *h = malloc(n * sizeof *h);
+  assert_non_null(h);
+  gpu->download(h, d, n * sizeof *h);
+  if (pa_cuda_error()[0])
+    fail_msg("CUDA: %s", pa_cuda_error());
+  return h;
+}
+
+#define expect_close(what, got, want, n, tol_expr)                                                                     \
+  do {                                                                                                                 \
+    double worst_ = 0;                                                                                                 \
+    for (size_t i = 0; i < (n); i++) {                                                                                 \
+      const double tol_ = (tol_expr), d_ = fabs((double)(got)[i] - (double)(want)[i]);                                 \
+      if (!(d_ <= tol_))                                                                                               \
+        fail_msg("%s[%zu]: %.9g on the GPU, %.9g on the CPU (tolerance %.3g)", what, i, (double)(got)[i],             \
+                 (double)(want)[i], tol_);                                                                             \
+      worst_ = d_ > worst_ ? d_ : worst_;                                                                              \
+    }                                                                                                                  \
+    fprintf(stderr, "    %-16s largest difference %.3g\n", what, worst_);                                            \
+  } while (0)
+
+/* ---- the operations -------------------------------------------------------------- */
+
+/* The magnitude of output i's terms in y = 0.5 y + x . w^T. */
+static double sum_abs_xw(const float *x, const float *w, const float *y, int N, int K, size_t i) {
+  double s = 0.5 * fabs(y[i]);
+  for (int k = 0; k < K; k++)
+    s += fabs((double)x[i / N * K + k] * w[i % N * K + k]);
+  return s;
+}
+
+static void check_matmul(int M, int N, int K) {
+  float *x = tu_rand_vec(&rng, (size_t)M * K), *w = tu_rand_vec(&rng, (size_t)N * K);
+  float *y = tu_rand_vec(&rng, (size_t)M * N), *want = malloc((size_t)M * N * sizeof *want);
+  memcpy(want, y, (size_t)M * N * sizeof *y);
+  float *dx = dev_floats(x, (size_t)M * K), *dw = dev_floats(w, (size_t)N * K), *dy = dev_floats(y, (size_t)M * N);
+  cpu->matmul(M, N, K, x, w, 0.5f, want);
+  gpu->matmul(M, N, K, dx, dw, 0.5f, dy);
+  float *got = back(dy, (size_t)M * N);
+  char what[64];
+  snprintf(what, sizeof what, "matmul %dx%dx%d", M, N, K);
+  expect_close(what, got, want, (size_t)M * N, 4 * sqrt(K) * FLT_EPSILON * sum_abs_xw(x, w, y, N, K, i) + 1e-30);
+  free(got);
+
+  /* matmul_nn: y = x . w with w [K][N] (the same floats, read the other way);
+   * |x|, |w| < 1, so the terms' magnitudes sum to less than K */
+  memcpy(want, y, (size_t)M * N * sizeof *y);
+  gpu->upload(dy, y, (size_t)M * N * sizeof *y);
+  cpu->matmul_nn(M, N, K, x, w, 1.0f, want);
+  gpu->matmul_nn(M, N, K, dx, dw, 1.0f, dy);
+  got = back(dy, (size_t)M * N);
+  snprintf(what, sizeof what, "matmul_nn %dx%dx%d", M, N, K);
+  expect_close(what, got, want, (size_t)M * N, 4 * sqrt(K) * FLT_EPSILON * (fabs(y[i]) + K) + 1e-30);
+  free(got);
+  gpu->release(dx), gpu->release(dw), gpu->release(dy);
+  free(x), free(w), free(y), free(want);
+}
+
+static void test_matmul(void **s) {
+  (void)s;
+  check_matmul(1, 1, 1);
+  check_matmul(7, 33, 65);
+  check_matmul(37, 129, 300);
+  check_matmul(128, 256, 64);
+}
+
+static void test_matmul_tn_acc(void **s) {
+  (void)s;
+  const int M = 29, N = 47, K = 70;
+  float *a = tu_rand_vec(&rng, (size_t)M * N), *b = tu_rand_vec(&rng, (size_t)M * K);
+  float *g = tu_rand_vec(&rng, (size_t)N * K), *want = malloc((size_t)N * K * sizeof *want);
+  memcpy(want, g, (size_t)N * K * sizeof *g);
+  float *da = dev_floats(a, (size_t)M * N), *db = dev_floats(b, (size_t)M * K), *dg = dev_floats(g, (size_t)N * K);
+  cpu->matmul_tn_acc(M, N, K, a, b, want);
+  gpu->matmul_tn_acc(M, N, K, da, db, dg);
+  float *got = back(dg, (size_t)N * K);
+  expect_close("matmul_tn_acc", got, want, (size_t)N * K, 4 * sqrt(M) * FLT_EPSILON * (fabs(g[i]) + M));
+  gpu->release(da), gpu->release(db), gpu->release(dg);
+  free(a), free(b), free(g), free(want), free(got);
+}
+
+static void test_rmsnorm(void **s) {
+  (void)s;
+  const int M = 37, D = 300;
+  float *x = tu_rand_vec(&rng, (size_t)M * D), *w = tu_rand_vec(&rng, D), *want = malloc((size_t)M * D * 4);
+  float *dx = dev_floats(x, (size_t)M * D), *dw = dev_floats(w, D), *dy = gpu->alloc((size_t)M * D * 4);
+  cpu->rmsnorm(M, D, x, w, 1e-5f, want);
+  gpu->rmsnorm(M, D, dx, dw, 1e-5f, dy);
+  float *got = back(dy, (size_t)M * D);
+  expect_close("rmsnorm", got, want, (size_t)M * D, 4 * FLT_EPSILON * fabs(want[i]));
+  gpu->release(dx), gpu->release(dw), gpu->release(dy);
+  free(x), free(w), free(want), free(got);
+}
+
+static void test_rope(void **s) {
+  (void)s;
+  const int M = 11, H = 3, hd = 40, half = hd / 2, P = 50;
+  float *x = tu_rand_vec(&rng, (size_t)M * H * hd), *cs = malloc((size_t)P * half * 4), *sn = malloc((size_t)P * half * 4);
+  int32_t pos[11];
+  for (int p = 0; p < P; p++)
+    for (int i = 0; i < half; i++)
+      cs[p * half + i] = cosf(p * powf(1e4f, -2.0f * i / hd)), sn[p * half + i] = sinf(p * powf(1e4f, -2.0f * i / hd));
+  for (int m = 0; m < M; m++)
+    pos[m] = (m * 7 + 3) % P;
+  float *want = malloc((size_t)M * H * hd * 4);
+  memcpy(want, x, (size_t)M * H * hd * 4);
+  float *dx = dev_floats(x, (size_t)M * H * hd), *dc = dev_floats(cs, (size_t)P * half),
+        *ds = dev_floats(sn, (size_t)P * half);
+  int32_t *dp = dev_of(pos, sizeof pos);
+  cpu->rope(M, H, hd, pos, cs, sn, want);
+  gpu->rope(M, H, hd, dp, dc, ds, dx);
+  float *got = back(dx, (size_t)M * H * hd);
+  expect_close("rope", got, want, (size_t)M * H * hd, 4 * FLT_EPSILON * (fabs(x[i]) + fabs(x[i % hd < half ? i + half : i - half])) + 1e-30);
+  gpu->release(dx), gpu->release(dc), gpu->release(ds), gpu->release(dp);
+  free(x), free(cs), free(sn), free(want), free(got);
+}
+
+static void test_elementwise(void **s) {
+  (void)s;
+  const int M = 13, N = 301, V = 17;
+  const size_t n = (size_t)M * N;
+  float *g = tu_rand_vec(&rng, n), *u = tu_rand_vec(&rng, n), *b = tu_rand_vec(&rng, N);
+  for (size_t i = 0; i < n; i++)
+    g[i] *= 8; /* silu over [-8, 8) */
+  float *want = malloc(n * 4);
+  float *dg = dev_floats(g, n), *du = dev_floats(u, n), *db = dev_floats(b, N);
+  /* swiglu */
+  memcpy(want, g, n * 4);
+  cpu->swiglu(M, N, want, u);
+  gpu->swiglu(M, N, dg, du);
+  float *got = back(dg, n);
+  expect_close("swiglu", got, want, n, 1e-6 * fabs(want[i]) + 1e-7);
+  free(got);
+  /* add, add_bias, scale: exact */
+  gpu->upload(dg, g, n * 4);
+  memcpy(want, g, n * 4);
+  cpu->add(M, N, u, want);
+  gpu->add(M, N, du, dg);
+  cpu->add_bias(M, N, b, want);
+  gpu->add_bias(M, N, db, dg);
+  cpu->scale(n, -0.375f, want);
+  gpu->scale(n, -0.375f, dg);
+  got = back(dg, n);
+  expect_close("add, bias, scale", got, want, n, 0);
+  free(got);
+  /* embed */
+  float *table = tu_rand_vec(&rng, (size_t)V * N), *dt = dev_floats(table, (size_t)V * N);
+  int32_t ids[13];
+  for (int m = 0; m < M; m++)
+    ids[m] = (m * 5 + 2) % V;
+  int32_t *di = dev_of(ids, sizeof ids);
+  cpu->embed(M, N, ids, table, want);
+  gpu->embed(M, N, di, dt, dg);
+  got = back(dg, n);
+  expect_close("embed", got, want, n, 0);
+  free(got);
+  gpu->release(dg), gpu->release(du), gpu->release(db), gpu->release(dt), gpu->release(di);
+  free(g), free(u), free(b), free(want), free(table);
+}
+
+/* Attention with grouped heads over a shared prefix and two sequences of
+ * their own (one with cached keys), then without a prefix. */
+static void check_attention(int prefix_len) {
+  const int H = 6, KV = 2, hd = 40, stride = 32, P = prefix_len;
+  const int n0 = 3, past0 = 5, n1 = 7, rows = n0 + n1;
+  float *q = tu_rand_vec(&rng, (size_t)rows * H * hd);
+  float *kp = tu_rand_vec(&rng, (size_t)KV * 40 * hd), *vp = tu_rand_vec(&rng, (size_t)KV * 40 * hd);
+  float *k0 = tu_rand_vec(&rng, (size_t)KV * stride * hd), *v0 = tu_rand_vec(&rng, (size_t)KV * stride * hd);
+  float *k1 = tu_rand_vec(&rng, (size_t)KV * stride * hd), *v1 = tu_rand_vec(&rng, (size_t)KV * stride * hd);
+  float *want = calloc((size_t)rows * H * hd, 4);
+  pa_attn_seq seqs[2] = {{.row0 = 0, .n = n0, .past = past0, .k_own = k0, .v_own = v0, .stride = stride},
+                         {.row0 = n0, .n = n1, .past = 0, .k_own = k1, .v_own = v1, .stride = stride}};
+  pa_attn_args a = {.n_heads = H, .n_kv_heads = KV, .head_dim = hd, .q = q, .z = want,
+                    .k_prefix = P ? kp : NULL, .v_prefix = P ? vp : NULL, .prefix_len = P, .prefix_stride = 40,
+                    .seqs = seqs, .n_seqs = 2};
+  float *scratch = malloc(cpu->attention_scratch(&a) * 4 + 4);
+  cpu->attention(&a, scratch);
+  free(scratch);
+  /* the same on the device */
+  float *dq = dev_floats(q, (size_t)rows * H * hd), *dz = gpu->alloc((size_t)rows * H * hd * 4);
+  float *dkp = dev_floats(kp, (size_t)KV * 40 * hd), *dvp = dev_floats(vp, (size_t)KV * 40 * hd);
+  float *dk0 = dev_floats(k0, (size_t)KV * stride * hd), *dv0 = dev_floats(v0, (size_t)KV * stride * hd);
+  float *dk1 = dev_floats(k1, (size_t)KV * stride * hd), *dv1 = dev_floats(v1, (size_t)KV * stride * hd);
+  pa_attn_seq dseqs[2] = {{.row0 = 0, .n = n0, .past = past0, .k_own = dk0, .v_own = dv0, .stride = stride},
+                          {.row0 = n0, .n = n1, .past = 0, .k_own = dk1, .v_own = dv1, .stride = stride}};
+  pa_attn_args da = a;
+  da.q = dq, da.z = dz, da.k_prefix = P ? dkp : NULL, da.v_prefix = P ? dvp : NULL, da.seqs = dseqs;
+  float *dscratch = gpu->alloc(gpu->attention_scratch(&da) * 4 + 4);
+  gpu->attention(&da, dscratch);
+  float *got = back(dz, (size_t)rows * H * hd);
+  char what[64];
+  snprintf(what, sizeof what, "attention, prefix %d", P);
+  expect_close(what, got, want, (size_t)rows * H * hd, 2e-6 + 1e-6 * fabs(want[i]));
+  gpu->release(dscratch), gpu->release(dq), gpu->release(dz), gpu->release(dkp), gpu->release(dvp);
+  gpu->release(dk0), gpu->release(dv0), gpu->release(dk1), gpu->release(dv1);
+  free(q), free(kp), free(vp), free(k0), free(v0), free(k1), free(v1), free(want), free(got);
+}
+
+static void test_attention(void **s) {
+  (void)s;
+  check_attention(23);
+  check_attention(0);
+}
+
+int main(void) {
+  cpu = pa_backend_cpu();
+  if (pa_cuda_devices() == 0 || !(gpu = pa_backend_cuda())) {
+    fprintf(stderr, "skipping: no CUDA device (%s)\n", pa_cuda_error()[0] ? pa_cuda_error() : "none visible");
+    return 77;
+  }
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_matmul),    cmocka_unit_test(test_matmul_tn_acc), cmocka_unit_test(test_rmsnorm),
+      cmocka_unit_test(test_rope),      cmocka_unit_test(test_elementwise),   cmocka_unit_test(test_attention),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
