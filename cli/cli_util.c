@@ -84,3 +84,15 @@ int pa_dpo_flag(FILE *err, const char *prog, const char *flag, const char *v, vo
     return 1;
   }
 }
+
+int pa_backend_arg(FILE *err, const char *prog, const char *v) {
+  if (!strcmp(v, "cpu") || !strcmp(v, "cuda") || !strcmp(v, "auto"))
+    return 0;
+  if (err)
+    fprintf(err, "%s: --backend is cpu, cuda or auto, not '%s'\n", prog, v);
+  return -1;
+}
+
+const char pa_backend_help[] =
+    "  --backend B        cpu, cuda or auto (cuda where a GPU is, else cpu); default cpu. On cuda\n"
+    "                     the forward pass runs on the GPU; DPO and LoRA still need cpu\n";

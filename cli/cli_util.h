@@ -24,6 +24,12 @@ int pa_dpo_flag(FILE *err, const char *prog, const char *flag, const char *v, vo
 /* Their help text, a line each. */
 extern const char pa_dpo_flags_help[];
 
+/* --backend's value checked (cpu, cuda or auto): 0, or -1 after printing
+ * "PROG: --backend is cpu, cuda or auto, not 'V'" to err. */
+int pa_backend_arg(FILE *err, const char *prog, const char *v);
+/* Help for --backend, a line. */
+extern const char pa_backend_help[];
+
 /* $PALIGN_CACHE/file, or ~/.cache/palign/file, into buf (size n); returns buf. */
 const char *pa_cache_file(const char *file, char *buf, size_t n);
 

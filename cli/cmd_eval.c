@@ -9,6 +9,7 @@
 #include "chat.h"
 #include "dpo.h"
 #include "eval.h"
+#include "backend.h"
 #include "bank.h"
 #include "fileio.h"
 #include "forward.h"
@@ -35,7 +36,7 @@ static void usage(FILE *f) {
   const pa_method *const *all = pa_methods(&n);
   fprintf(f, "usage: palign eval --methods LIST [--model M] [--papi DIR] [--subjects RANGE] [--json FILE]\n"
              "                   [--mode logits|generate] [--prefix P] [--keep-case] [--no-share] [--batch N]\n"
-             "                   [--template NAME] [--threads N]\n"
+             "                   [--template NAME] [--threads N] [--backend cpu|cuda|auto]\n"
              "\n"
              "  --methods LIST   comma-separated, from:\n");
   for (size_t i = 0; i < n; i++)
@@ -58,6 +59,7 @@ static void usage(FILE *f) {
              "  --alphas LIST    PAS alpha grid, comma-separated (default 0,1,2,4,6,8)\n"
              "  --bank FILE      PAS activation bank cache (default $PALIGN_CACHE/bank-MODEL.bin);\n"
              "                   computed and saved when missing, refused when made for another setup\n");
+  fputs(pa_backend_help, f);
   fputs(pa_dpo_flags_help, f);
 }
 
@@ -141,7 +143,7 @@ static int load_bank(const char *model_path, const char *bank_path, pa_lm *lm, c
 
 int cmd_eval(int argc, char **argv) {
   const char *model_path = NULL, *papi = NULL, *json_path = NULL, *range = "5";
-  const char *methods_arg = NULL, *template_name = NULL;
+  const char *methods_arg = NULL, *template_name = NULL, *backend_name = "cpu";
   pa_eval_opts eo = {0};
   int threads = 0, holdout = 0, n_alphas = 0;
   uint64_t seed = 1;
@@ -164,7 +166,7 @@ int cmd_eval(int argc, char **argv) {
     }
     static const char *const opts[] = {"--model", "--papi",   "--subjects", "--json",     "--methods",
                                        "--mode",  "--prefix", "--batch",    "--template", "--threads",
-                                       "--seed",  "--bank",   "--holdout",  "--alphas"};
+                                       "--seed",  "--bank",   "--holdout",  "--alphas",   "--backend"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof opts / sizeof opts[0]); j++)
       if (!strcmp(a, opts[j]))
@@ -221,6 +223,11 @@ int cmd_eval(int argc, char **argv) {
         return 2;
       holdout = (int)n;
       break;
+    case 14:
+      if (pa_backend_arg(stderr, "palign eval", v))
+        return 2;
+      backend_name = v;
+      break;
     default:
       if ((n_alphas = pa_pas_parse_alphas(v, alphas)) < 0) {
         fprintf(stderr, "palign eval: --alphas: %s\n", pa_errmsg());
@@ -258,6 +265,16 @@ int cmd_eval(int argc, char **argv) {
     fprintf(stderr, "palign eval: the DPO methods train on the option letters' logits: use --mode logits\n");
     return 2;
   }
+  char be_err[256];
+  const pa_backend *backend = need_model ? pa_backend_named(backend_name, 0, be_err, sizeof be_err) : NULL;
+  if (need_model && !backend) {
+    fprintf(stderr, "palign eval: %s\n", be_err);
+    return 1;
+  }
+  if (need_dpo && backend && !backend->host_memory) {
+    fprintf(stderr, "palign eval: the DPO methods need --backend cpu (training is not on the GPU yet)\n");
+    return 2;
+  }
   if (need_model && !model_path) {
     fprintf(stderr, "palign eval: the methods asked for need --model\n");
     return 2;
@@ -292,7 +309,8 @@ int cmd_eval(int argc, char **argv) {
                         &(pa_lm_opts){.n_threads = threads,
                                       .max_seq = pa_model_config_get(model)->max_seq < 4096
                                                      ? pa_model_config_get(model)->max_seq
-                                                     : 4096},
+                                                     : 4096,
+                                      .backend = backend},
                         &lm);
     if (!rc)
       rc = pa_evaluator_create(lm, pa_model_tokenizer(model), tmpl, &eo, &ev);

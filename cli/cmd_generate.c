@@ -5,6 +5,7 @@
  * chat format, the assistant's answer decoded until its end of turn. With a
  * store and a subject, the subject's stored PAS intervention (heads,
  * directions, sigmas, the chosen alpha) steers every token. */
+#include "backend.h"
 #include "cli_util.h"
 #include "commands.h"
 
@@ -29,7 +30,7 @@
 
 static void usage(FILE *f) {
   fprintf(f, "usage: palign generate --model M --prompt P [--system S] [--max-tokens N] [--template NAME]\n"
-             "                       [--threads N] [--stats]\n"
+             "                       [--threads N] [--backend cpu|cuda|auto] [--stats]\n"
              "\n"
              "  --model M        a GGUF file or a Hugging Face model directory\n"
              "  --prompt P       the user's message\n"
@@ -37,6 +38,7 @@ static void usage(FILE *f) {
              "  --max-tokens N   tokens to generate at most (default 256)\n"
              "  --template NAME  chatml, llama3, llama3.1, llama2 or mistral instead of the model's\n"
              "  --threads N      CPU threads (default: all cores)\n"
+             "  --backend B      cpu (default), cuda or auto (cuda where a GPU is); a DPO adapter needs cpu\n"
              "  --stats          print token counts and speed on stderr\n"
              "\n"
              "With a subject's PAS intervention or DPO adapter from a store (palign-worker's):\n"
@@ -154,6 +156,7 @@ static int load_intervention(const pa_model *m, const char *model_path, const ch
 int cmd_generate(int argc, char **argv) {
   const char *model_path = NULL, *prompt = NULL, *system = NULL, *template_name = NULL;
   const char *store = NULL, *subject = NULL, *variant = NULL, *protocol = "holdout", *papi = NULL, *method = "pas";
+  const char *backend_name = "cpu";
   double alpha = NAN;
   int max_tokens = 256, threads = 0, stats = 0;
   for (int i = 1; i < argc; i++) {
@@ -167,7 +170,8 @@ int cmd_generate(int argc, char **argv) {
       continue;
     }
     const char *opts[] = {"--model",   "--prompt",  "--system",   "--template", "--max-tokens", "--threads", "--store",
-                          "--subject", "--variant", "--protocol", "--alpha",    "--papi",       "--method"};
+                          "--subject", "--variant", "--protocol", "--alpha",    "--papi",       "--method",
+                          "--backend"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof opts / sizeof *opts); j++)
       if (!strcmp(a, opts[j]))
@@ -207,6 +211,11 @@ int cmd_generate(int argc, char **argv) {
         return 2;
       break;
     case 11: papi = v; break;
+    case 13:
+      if (pa_backend_arg(stderr, "palign generate", v))
+        return 2;
+      backend_name = v;
+      break;
     default: method = v; break;
     }
   }
@@ -274,8 +283,15 @@ int cmd_generate(int argc, char **argv) {
       rc = pa_error(PA_EINVAL, "the prompt (%zu tokens) and --max-tokens %d exceed the model's context of %d", n_ids,
                     max_tokens, ctx);
   }
-  if (!rc)
-    rc = pa_lm_create(m, &(pa_lm_opts){.n_threads = threads, .max_seq = (int)n_ids + max_tokens}, &lm);
+  {
+    char be_err[256];
+    const pa_backend *be = rc ? NULL : pa_backend_named(backend_name, 0, be_err, sizeof be_err);
+    if (!rc && !be)
+      rc = pa_error(PA_EINVAL, "%s", be_err);
+    if (!rc)
+      rc = pa_lm_create(m, &(pa_lm_opts){.n_threads = threads, .max_seq = (int)n_ids + max_tokens, .backend = be},
+                        &lm);
+  }
   if (!rc)
     rc = pa_kv_create(lm, (int)n_ids + max_tokens, &kv);
   if (!rc) {

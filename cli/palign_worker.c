@@ -52,6 +52,7 @@ static void usage(FILE *f) {
              "                     each subject is a sleep of MEAN seconds on average (log-normal, coefficient\n"
              "                     of variation CV, default 0.3), then the model-free methods only (the\n"
              "                     default --methods is const3); the store is marked as a benchmark store\n");
+  fputs(pa_backend_help, f);
   fputs(pa_dpo_flags_help, f);
 }
 
@@ -83,7 +84,7 @@ int main(int argc, char **argv) {
     static const char *const flags[] = {"--model",         "--papi",     "--store",     "--methods", "--subjects",
                                         "--subjects-file", "--seed",     "--threads",   "--mode",    "--holdout",
                                         "--chunk",         "--progress", "--heartbeat", "--silent",  "--alphas",
-                                        "--benchmark-delay", "--shard-mb"};
+                                        "--benchmark-delay", "--shard-mb", "--backend"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof flags / sizeof *flags); j++)
       if (!strcmp(a, flags[j]))
@@ -150,6 +151,7 @@ int main(int argc, char **argv) {
       bad = pa_arg_int(err, "palign-worker", a, v, 1, 1 << 20, &n);
       o.shard_bytes = (uint64_t)n << 20;
       break;
+    case 17: bad = pa_backend_arg(err, "palign-worker", v) != 0, o.backend = v; break;
     default:
       o.n_alphas = pa_pas_parse_alphas(v, alphas);
       o.alphas = alphas;

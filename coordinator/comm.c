@@ -12,6 +12,7 @@ enum { TAG_WORK = 1, TAG_REPORT = 2 };
 struct pa_comm {
   int rank, size;
   MPI_Comm workers; /* ranks 1..size-1 (or the one rank); MPI_COMM_NULL on rank 0 of a multi-rank job */
+  int local_worker; /* index among the workers on this node; -1 on a coordinator */
 };
 
 /* Every MPI call goes through this: the call, the place and MPI's message. */
@@ -42,6 +43,14 @@ int pa_comm_init(int *argc, char ***argv, pa_comm **out) {
   MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, is_worker ? 1 : MPI_UNDEFINED, c->rank, &c->workers));
   if (c->workers != MPI_COMM_NULL)
     MPI_CHECK(MPI_Comm_set_errhandler(c->workers, MPI_ERRORS_RETURN));
+  /* this worker's place among the workers on its node: which GPU it takes */
+  c->local_worker = -1;
+  if (c->workers != MPI_COMM_NULL) {
+    MPI_Comm node;
+    MPI_CHECK(MPI_Comm_split_type(c->workers, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node));
+    MPI_CHECK(MPI_Comm_rank(node, &c->local_worker));
+    MPI_Comm_free(&node);
+  }
   *out = c;
   return PA_OK;
 }
@@ -64,6 +73,7 @@ int pa_comm_rank(const pa_comm *c) { return c->rank; }
 int pa_comm_size(const pa_comm *c) { return c->size; }
 int pa_comm_workers(const pa_comm *c) { return c->size > 1 ? c->size - 1 : 1; }
 int pa_comm_worker_index(const pa_comm *c) { return c->size == 1 ? 0 : c->rank - 1; }
+int pa_comm_local_worker(const pa_comm *c) { return c->local_worker; }
 
 int pa_comm_bcast(pa_comm *c, void *buf, size_t n) {
   (void)c;

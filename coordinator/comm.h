@@ -36,6 +36,9 @@ int pa_comm_workers(const pa_comm *c);
 /* This process's index among the workers (rank - 1, or 0 when size is 1);
  * -1 on the coordinator of a multi-rank job. */
 int pa_comm_worker_index(const pa_comm *c);
+/* This worker's index among the workers on its node (0, 1, ...: the GPU it
+ * takes, modulo the node's devices); -1 on the coordinator. */
+int pa_comm_local_worker(const pa_comm *c);
 
 /* MPI_Bcast of n bytes from rank 0 to every rank. */
 int pa_comm_bcast(pa_comm *c, void *buf, size_t n);

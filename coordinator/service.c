@@ -1,5 +1,6 @@
 #include "service.h"
 
+#include "backend.h"
 #include "bank.h"
 #include "build_info.h"
 #include "chat.h"
@@ -348,10 +349,18 @@ static int open_model(service *sv) {
   const pa_chat_template *tmpl = rc ? NULL : pa_model_chat(sv->model);
   if (!rc && !tmpl)
     rc = pa_error(PA_ENOTFOUND, "%s: no chat template palign knows", o->model);
+  /* the backend: on a GPU, the one of this worker's place among its node's workers */
+  char be_err[256];
+  const pa_backend *be = rc ? NULL : pa_backend_named(o->backend, pa_comm_local_worker(sv->comm), be_err, sizeof be_err);
+  if (!rc && !be)
+    rc = pa_error(PA_EINVAL, "%s", be_err);
+  if (!rc && sv->need_dpo && !be->host_memory)
+    rc = pa_error(PA_EINVAL, "the DPO methods need --backend cpu (training is not on the GPU yet)");
   if (!rc) {
     const int max_seq = pa_model_config_get(sv->model)->max_seq;
     /* the longest prompts (an ICL system prompt and a question) stay well under 4,096 tokens */
-    rc = pa_lm_create(sv->model, &(pa_lm_opts){.n_threads = o->threads, .max_seq = max_seq < 4096 ? max_seq : 4096},
+    rc = pa_lm_create(sv->model,
+                      &(pa_lm_opts){.n_threads = o->threads, .max_seq = max_seq < 4096 ? max_seq : 4096, .backend = be},
                       &sv->lm);
   }
   pa_eval_opts eo = o->eval;

@@ -62,6 +62,8 @@ typedef struct {
   double benchmark_delay;
   double benchmark_cv;
   uint64_t shard_bytes; /* a worker's shard begins a new part past this size; 0: PA_STORE_SHARD_BYTES */
+  const char *backend;  /* "cpu" (NULL too), "cuda" or "auto" (backend.h pa_backend_named); on cuda a worker takes
+                           the GPU of its index among the workers on its node */
 } pa_service_opts;
 
 int pa_service_run(pa_comm *comm, const pa_service_opts *o);

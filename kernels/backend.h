@@ -119,9 +119,20 @@ typedef struct pa_backend {
    * (download after every operation queued before it) */
   void (*upload)(void *dst, const void *src_host, size_t bytes);
   void (*download)(void *dst_host, const void *src, size_t bytes);
+  /* height rows of width bytes from src (rows spitch bytes apart) to dst
+   * (dpitch apart), both in backend memory */
+  void (*copy2d)(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height);
+  /* true when backend memory is host memory (then the tensors of the
+   * model and the caller's buffers are used as they are) */
+  int host_memory;
 } pa_backend;
 
 const pa_backend *pa_backend_cpu(void);
+
+/* The backend `name` names: "cpu"; "cuda" (device `device` modulo the
+ * devices visible; NULL and a message in err when there is none or palign
+ * was built without it); "auto" (cuda where it can, else cpu). */
+const pa_backend *pa_backend_named(const char *name, int device, char *err, size_t n);
 
 /* Threads the CPU backend uses (OpenBLAS and OpenMP); 0 = all cores. */
 void pa_backend_set_threads(int n);

@@ -33,6 +33,47 @@ static int rope_tables(pa_lm *lm) {
       lm->sin_tab[(size_t)p * half + i] = sinf(a);
     }
   free(inv);
+  if (lm->be->host_memory)
+    return PA_OK;
+  const size_t bytes = (size_t)lm->max_seq * half * sizeof(float);
+  float *c = lm->be->alloc(bytes), *s = lm->be->alloc(bytes);
+  if (c && s) {
+    lm->be->upload(c, lm->cos_tab, bytes);
+    lm->be->upload(s, lm->sin_tab, bytes);
+  }
+  free(lm->cos_tab), free(lm->sin_tab);
+  lm->cos_tab = c, lm->sin_tab = s;
+  return c && s ? PA_OK : pa_error(PA_ENOMEM, "%s: no device memory for RoPE tables", lm->be->name);
+}
+
+/* The loaded weights into the backend's memory: one upload of the arena,
+ * every tensor pointer rebased into the copy; the host copy is then freed. */
+static int upload_weights(pa_lm *lm) {
+  const pa_backend *be = lm->be;
+  pa_weights *h = &lm->host_w, *d = &lm->w;
+  const size_t bytes = h->n_floats * sizeof(float);
+  float *arena = be->alloc(bytes);
+  pa_layer_weights *layers = calloc((size_t)lm->c.n_layers, sizeof *layers);
+  if (!arena || !layers) {
+    be->release(arena);
+    free(layers);
+    return pa_error(PA_ENOMEM, "%s: no memory for %zu MB of weights on the %s backend", pa_model_path(lm->model),
+                    bytes >> 20, be->name);
+  }
+  be->upload(arena, h->arena, bytes);
+#define REBASE(p) ((p) ? arena + ((p)-h->arena) : NULL)
+  *d = (pa_weights){.tok_embd = REBASE(h->tok_embd), .out_norm = REBASE(h->out_norm), .output = REBASE(h->output),
+                    .layers = layers, .rope_freq_div = REBASE(h->rope_freq_div), .arena = arena,
+                    .n_floats = h->n_floats};
+  for (int l = 0; l < lm->c.n_layers; l++) {
+    const pa_layer_weights *a = &h->layers[l];
+    layers[l] = (pa_layer_weights){.attn_norm = REBASE(a->attn_norm), .wq = REBASE(a->wq), .wk = REBASE(a->wk),
+                                   .wv = REBASE(a->wv), .wo = REBASE(a->wo), .bq = REBASE(a->bq), .bk = REBASE(a->bk),
+                                   .bv = REBASE(a->bv), .ffn_norm = REBASE(a->ffn_norm), .w_gate = REBASE(a->w_gate),
+                                   .w_up = REBASE(a->w_up), .w_down = REBASE(a->w_down)};
+  }
+#undef REBASE
+  pa_weights_free(h);
   return PA_OK;
 }
 
@@ -43,7 +84,7 @@ int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out) {
     return pa_error(PA_ENOMEM, "no memory");
   lm->model = m;
   lm->c = *pa_model_config_get(m);
-  lm->be = pa_backend_cpu();
+  lm->be = o && o->backend ? o->backend : pa_backend_cpu();
   pa_backend_set_threads(o ? o->n_threads : 0);
   lm->max_seq = o && o->max_seq > 0 ? o->max_seq : lm->c.max_seq;
   int rc = PA_OK;
@@ -51,9 +92,13 @@ int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out) {
     rc = pa_error(PA_EINVAL, "%s: %d positions asked for, the model's context is %d", pa_model_path(m), lm->max_seq,
                   lm->c.max_seq);
   if (!rc)
-    rc = pa_model_load_weights(m, &lm->w);
+    rc = pa_model_load_weights(m, &lm->host_w);
+  if (!rc && lm->be->host_memory)
+    lm->w = lm->host_w;
   if (!rc)
-    rc = rope_tables(lm);
+    rc = rope_tables(lm); /* before the upload: it reads the RoPE frequency divisors */
+  if (!rc && !lm->be->host_memory)
+    rc = upload_weights(lm);
   if (rc) {
     pa_lm_destroy(lm);
     return rc;
@@ -62,19 +107,16 @@ int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out) {
   return PA_OK;
 }
 
-static void scratch_free(lm_scratch *s) {
-  free(s->x);
-  free(s->xb);
-  free(s->q);
-  free(s->z);
-  free(s->k);
-  free(s->v);
-  free(s->gate);
-  free(s->up);
-  free(s->last);
-  free(s->attn_scratch);
-  free(s->pos);
-  free(s->ids);
+static void scratch_free(const pa_backend *be, lm_scratch *s) {
+  float *const dev[] = {s->x, s->xb, s->q, s->z, s->k, s->v, s->gate, s->up, s->last, s->attn_scratch, s->logits};
+  for (size_t i = 0; i < sizeof dev / sizeof *dev; i++)
+    be->release(dev[i]);
+  be->release(s->pos);
+  be->release(s->ids);
+  if (!be->host_memory) {
+    free(s->pos_h);
+    free(s->ids_h);
+  }
   free(s->aseq);
   free(s->lu);
   memset(s, 0, sizeof *s);
@@ -83,10 +125,19 @@ static void scratch_free(lm_scratch *s) {
 void pa_lm_destroy(pa_lm *lm) {
   if (!lm)
     return;
-  scratch_free(&lm->s);
-  pa_weights_free(&lm->w);
-  free(lm->cos_tab);
-  free(lm->sin_tab);
+  scratch_free(lm->be, &lm->s);
+  if (lm->be->host_memory) {
+    pa_weights_free(&lm->w);
+    free(lm->cos_tab);
+    free(lm->sin_tab);
+  } else {
+    pa_weights_free(&lm->host_w); /* set only when the upload did not happen */
+    lm->be->release(lm->w.arena);
+    free(lm->w.layers);
+    lm->be->release(lm->cos_tab);
+    lm->be->release(lm->sin_tab);
+    lm->be->release(lm->steer);
+  }
   free(lm);
 }
 
@@ -101,13 +152,14 @@ int pa_kv_create(const pa_lm *lm, int capacity, pa_kv **out) {
   pa_kv *kv = calloc(1, sizeof *kv);
   if (!kv)
     return pa_error(PA_ENOMEM, "no memory");
+  kv->be = lm->be;
   kv->n_layers = lm->c.n_layers;
   kv->n_kv_heads = lm->c.n_kv_heads;
   kv->head_dim = lm->c.head_dim;
   kv->cap = capacity;
   const size_t n = (size_t)kv->n_layers * kv->n_kv_heads * capacity * kv->head_dim;
-  kv->k = malloc(n * sizeof(float));
-  kv->v = malloc(n * sizeof(float));
+  kv->k = kv->be->alloc(n * sizeof(float));
+  kv->v = kv->be->alloc(n * sizeof(float));
   if (!kv->k || !kv->v) {
     pa_kv_destroy(kv);
     return pa_error(PA_ENOMEM, "no memory for a KV cache of %d tokens (%zu MB)", capacity, 2 * n * 4 >> 20);
@@ -119,8 +171,8 @@ int pa_kv_create(const pa_lm *lm, int capacity, pa_kv **out) {
 void pa_kv_destroy(pa_kv *kv) {
   if (!kv)
     return;
-  free(kv->k);
-  free(kv->v);
+  kv->be->release(kv->k);
+  kv->be->release(kv->v);
   free(kv);
 }
 
@@ -141,22 +193,26 @@ static int scratch_reserve(pa_lm *lm, int rows, int seqs) {
   rows = rows > s->rows ? rows : s->rows;
   seqs = seqs > s->seqs ? seqs : s->seqs;
   const size_t R = (size_t)rows, qd = (size_t)c->n_heads * c->head_dim, kd = (size_t)c->n_kv_heads * c->head_dim;
-  scratch_free(s);
-  s->x = malloc(R * c->dim * sizeof(float));
-  s->xb = malloc(R * c->dim * sizeof(float));
-  s->q = malloc(R * qd * sizeof(float));
-  s->z = malloc(R * qd * sizeof(float));
-  s->k = malloc(R * kd * sizeof(float));
-  s->v = malloc(R * kd * sizeof(float));
-  s->gate = malloc(R * c->ffn_dim * sizeof(float));
-  s->up = malloc(R * c->ffn_dim * sizeof(float));
-  s->last = malloc((size_t)seqs * c->dim * sizeof(float));
-  s->pos = malloc(R * sizeof(int32_t));
-  s->ids = malloc(R * sizeof(int32_t));
+  const pa_backend *be = lm->be;
+  scratch_free(be, s);
+  s->x = be->alloc(R * c->dim * sizeof(float));
+  s->xb = be->alloc(R * c->dim * sizeof(float));
+  s->q = be->alloc(R * qd * sizeof(float));
+  s->z = be->alloc(R * qd * sizeof(float));
+  s->k = be->alloc(R * kd * sizeof(float));
+  s->v = be->alloc(R * kd * sizeof(float));
+  s->gate = be->alloc(R * c->ffn_dim * sizeof(float));
+  s->up = be->alloc(R * c->ffn_dim * sizeof(float));
+  s->last = be->alloc((size_t)seqs * c->dim * sizeof(float));
+  s->pos = be->alloc(R * sizeof(int32_t));
+  s->ids = be->alloc(R * sizeof(int32_t));
+  s->pos_h = be->host_memory ? s->pos : malloc(R * sizeof(int32_t));
+  s->ids_h = be->host_memory ? s->ids : malloc(R * sizeof(int32_t));
+  s->logits = be->host_memory ? NULL : be->alloc((size_t)seqs * c->vocab_size * sizeof(float));
   s->aseq = malloc((size_t)seqs * sizeof *s->aseq);
   if (!s->x || !s->xb || !s->q || !s->z || !s->k || !s->v || !s->gate || !s->up || !s->last || !s->pos || !s->ids ||
-      !s->aseq) {
-    scratch_free(s);
+      !s->pos_h || !s->ids_h || (!be->host_memory && !s->logits) || !s->aseq) {
+    scratch_free(be, s);
     return pa_error(PA_ENOMEM, "no memory for the activations of %d tokens", rows);
   }
   s->rows = rows;
@@ -169,15 +225,21 @@ static int check_batch(const pa_lm *lm, const pa_batch *b, int *rows) {
   *rows = 0;
   if (b->n_seqs < 1)
     return pa_error(PA_EINVAL, "a batch needs at least one sequence");
+  if (b->lora && !lm->be->host_memory)
+    return pa_error(PA_EINVAL, "LoRA adapters do not run on the %s backend yet", lm->be->name);
   if (b->lora) {
     int rc = pa_lora_check(b->lora, &lm->c);
     if (rc)
       return rc;
   }
+  if (b->prefix && b->prefix->be != lm->be)
+    return pa_error(PA_EINVAL, "the prefix cache belongs to another backend");
   for (int i = 0; i < b->n_seqs; i++) {
     const pa_seq *s = &b->seqs[i];
     if (s->n_tokens < 1 || !s->kv)
       return pa_error(PA_EINVAL, "sequence %d of the batch has no tokens or no cache", i);
+    if (s->kv->be != lm->be)
+      return pa_error(PA_EINVAL, "sequence %d: its cache belongs to another backend", i);
     if (s->kv->len + s->n_tokens > s->kv->cap)
       return pa_error(PA_EINVAL, "sequence %d: %d new tokens do not fit its cache (%d of %d used)", i, s->n_tokens,
                       s->kv->len, s->kv->cap);
@@ -195,19 +257,22 @@ static int check_batch(const pa_lm *lm, const pa_batch *b, int *rows) {
   return PA_OK;
 }
 
-/* Writes the new tokens' keys and values of layer l into each sequence's cache. */
+/* Writes the new tokens' keys and values of layer l into each sequence's
+ * cache: per sequence and kv head, its rows (kvh * hd apart in the
+ * activations) to consecutive positions of the cache. */
 static void store_kv(const pa_lm *lm, const pa_batch *b, int l) {
   const int kvh = lm->c.n_kv_heads, hd = lm->c.head_dim;
+  const size_t row_bytes = (size_t)hd * sizeof(float), pitch = (size_t)kvh * row_bytes;
   int row = 0;
   for (int i = 0; i < b->n_seqs; i++) {
     pa_kv *kv = b->seqs[i].kv;
-    for (int j = 0; j < b->seqs[i].n_tokens; j++, row++)
-      for (int h = 0; h < kvh; h++) {
-        const size_t dst = (((size_t)l * kvh + h) * kv->cap + kv->len + j) * hd;
-        const size_t src = ((size_t)row * kvh + h) * hd;
-        memcpy(kv->k + dst, lm->s.k + src, (size_t)hd * sizeof(float));
-        memcpy(kv->v + dst, lm->s.v + src, (size_t)hd * sizeof(float));
-      }
+    const int n = b->seqs[i].n_tokens;
+    for (int h = 0; h < kvh; h++) {
+      const size_t dst = (((size_t)l * kvh + h) * kv->cap + kv->len) * hd, src = ((size_t)row * kvh + h) * hd;
+      lm->be->copy2d(kv->k + dst, row_bytes, lm->s.k + src, pitch, row_bytes, (size_t)n);
+      lm->be->copy2d(kv->v + dst, row_bytes, lm->s.v + src, pitch, row_bytes, (size_t)n);
+    }
+    row += n;
   }
 }
 
@@ -276,9 +341,19 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
     const pa_seq *q = &b->seqs[i];
     s->aseq[i] = (pa_attn_seq){.row0 = row, .n = q->n_tokens, .past = q->kv->len, .stride = q->kv->cap};
     for (int j = 0; j < q->n_tokens; j++, row++) {
-      s->ids[row] = q->tokens[j];
-      s->pos[row] = P + q->kv->len + j;
+      s->ids_h[row] = q->tokens[j];
+      s->pos_h[row] = P + q->kv->len + j;
     }
+  }
+  if (!be->host_memory) {
+    be->upload(s->ids, s->ids_h, (size_t)rows * sizeof *s->ids);
+    be->upload(s->pos, s->pos_h, (size_t)rows * sizeof *s->pos);
+  }
+  const size_t steer_floats = (size_t)c->n_layers * H * hd;
+  if (b->steer && !be->host_memory) { /* the displacements, once per pass */
+    if (!lm->steer && !(lm->steer = be->alloc(steer_floats * sizeof(float))))
+      return pa_error(PA_ENOMEM, "no %s memory for the steering displacements", be->name);
+    be->upload(lm->steer, b->steer, steer_floats * sizeof(float));
   }
   pa_attn_args att = {
       .n_heads = H,
@@ -292,9 +367,9 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       .n_seqs = b->n_seqs,
   };
   const size_t need = be->attention_scratch(&att);
-  if (need > s->attn) {
-    free(s->attn_scratch);
-    s->attn_scratch = malloc(need * sizeof(float));
+  if (need > s->attn || !s->attn_scratch) {
+    be->release(s->attn_scratch);
+    s->attn_scratch = be->alloc(need * sizeof(float));
     s->attn = s->attn_scratch ? need : 0;
     if (!s->attn_scratch)
       return pa_error(PA_ENOMEM, "no memory for attention scratch (%zu MB)", need * 4 >> 20);
@@ -332,13 +407,15 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       att.v_prefix = b->prefix->v + layer_off * b->prefix->cap;
     }
     be->attention(&att, s->attn_scratch);
-    if (b->steer)
+    if (b->steer && be->host_memory)
       apply_steer(lm, b->steer, l, rows);
+    else if (b->steer) /* the same sums; a zero displacement adds zeros */
+      be->add_bias(rows, H * hd, lm->steer + (size_t)l * H * hd, s->z);
     if (b->heads)
       for (int i = 0; i < b->n_seqs; i++) {
         const int last = s->aseq[i].row0 + s->aseq[i].n - 1;
-        memcpy(b->heads + ((size_t)i * c->n_layers + l) * H * hd, s->z + (size_t)last * H * hd,
-               (size_t)H * hd * sizeof(float));
+        be->download(b->heads + ((size_t)i * c->n_layers + l) * H * hd, s->z + (size_t)last * H * hd,
+                     (size_t)H * hd * sizeof(float));
       }
     be->matmul(rows, D, H * hd, s->z, L->wo, 1.0f, s->x);
     if (b->lora)
@@ -356,7 +433,10 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       const int last = s->aseq[i].row0 + s->aseq[i].n - 1;
       be->rmsnorm(1, D, s->x + (size_t)last * D, lm->w.out_norm, c->norm_eps, s->last + (size_t)i * D);
     }
-    be->matmul(b->n_seqs, c->vocab_size, D, s->last, lm->w.output, 0.0f, b->logits);
+    float *logits = be->host_memory ? b->logits : s->logits;
+    be->matmul(b->n_seqs, c->vocab_size, D, s->last, lm->w.output, 0.0f, logits);
+    if (!be->host_memory)
+      be->download(b->logits, logits, (size_t)b->n_seqs * c->vocab_size * sizeof(float));
     lm->flops += pa_matmul_flops(b->n_seqs, c->vocab_size, D);
   }
   return PA_OK;

@@ -35,6 +35,12 @@ typedef struct pa_kv pa_kv;
 typedef struct {
   int n_threads; /* 0: all cores */
   int max_seq;   /* longest position needed; 0: the model's context length */
+  /* where the model runs; NULL: the CPU. A backend whose memory is not the
+   * host's (CUDA) gets the weights uploaded once, and keeps the KV caches and
+   * the activations; a forward pass then moves only its inputs (tokens,
+   * positions, the steering displacements) up and the logits and captured
+   * heads down. LoRA adapters and the trainer need the CPU for now. */
+  const struct pa_backend *backend;
 } pa_lm_opts;
 
 /* Loads the model's weights (fp32) and prepares the backend. */

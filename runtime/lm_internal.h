@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 struct pa_kv {
+  const pa_backend *be; /* whose memory k and v are in */
   int n_layers, n_kv_heads, head_dim;
   int cap, len;
   float *k, *v; /* [n_layers][n_kv_heads][cap][head_dim] */
@@ -28,7 +29,9 @@ typedef struct {
   float *gate, *up; /* [rows][ffn_dim] */
   float *last;      /* [seqs][dim]: final-normed last rows */
   float *attn_scratch;
-  int32_t *pos, *ids; /* [rows] */
+  int32_t *pos, *ids;     /* [rows], backend memory */
+  int32_t *pos_h, *ids_h; /* [rows], where they are made (the same arrays on a host backend) */
+  float *logits;          /* [seqs][vocab] (backend memory; unused on a host backend) */
   pa_attn_seq *aseq;  /* [seqs] */
   float *lu;          /* LoRA's low-rank activations, lu_cap floats ([rows][rank]) */
   size_t lu_cap;
@@ -37,10 +40,12 @@ typedef struct {
 struct pa_lm {
   const pa_model *model;
   pa_model_config c;
-  pa_weights w;
+  pa_weights w; /* the weights in the backend's memory (on a host backend, the loaded ones) */
+  pa_weights host_w; /* the loaded weights, in host memory */
   const pa_backend *be;
   int max_seq;
-  float *cos_tab, *sin_tab; /* [max_seq][head_dim / 2] */
+  float *cos_tab, *sin_tab; /* [max_seq][head_dim / 2], backend memory */
+  float *steer;             /* [n_layers][n_heads][head_dim], backend memory (a device backend's copy) */
   lm_scratch s;
   double flops; /* floating-point operations of every pass so far (pa_lm_flops) */
 };

@@ -70,6 +70,8 @@ int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out) {
                     "trainer: a plan of %d prefix tokens, %d sequences of up to %d tokens (%d rows, %d logits, rank "
                     "%d) is not possible for a model opened for %d positions",
                     p.max_prefix, p.max_seqs, p.max_seq_len, p.max_rows, p.max_out, p.rank, lm->max_seq);
+  if (!lm->be->host_memory)
+    return pa_error(PA_EINVAL, "trainer: the %s backend has no training operations yet", lm->be->name);
   pa_trainer *t = calloc(1, sizeof *t);
   if (!t)
     return pa_error(PA_ENOMEM, "no memory");

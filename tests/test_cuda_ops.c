@@ -160,7 +160,7 @@ static void test_rope(void **s) {
   cpu->rope(M, H, hd, pos, cs, sn, want);
   gpu->rope(M, H, hd, dp, dc, ds, dx);
   float *got = back(dx, (size_t)M * H * hd);
-  expect_close("rope", got, want, (size_t)M * H * hd, 4 * FLT_EPSILON * (fabs(x[i]) + fabs(x[i % hd < half ? i + half : i - half])) + 1e-30);
+  expect_close("rope", got, want, (size_t)M * H * hd, 4 * FLT_EPSILON * (fabs(x[i]) + fabs(x[i % (size_t)hd < (size_t)half ? i + (size_t)half : i - (size_t)half])) + 1e-30);
   gpu->release(dx), gpu->release(dc), gpu->release(ds), gpu->release(dp);
   free(x), free(cs), free(sn), free(want), free(got);
 }

@@ -33,8 +33,11 @@ trap 'rm -rf "$S"' EXIT
 
 "$BUILD/palign" mkmodel "$S/m.gguf" --ctx 4096 --layers 1 --merges 800 --dim 32 --heads 2 --kv-heads 1 --ffn 64 \
   >"$S/mkmodel.log" 2>&1 || fail "mkmodel: $(cat "$S/mkmodel.log")"
-"$BUILD/palign-worker" --model "$S/m.gguf" --papi "$PAPI" --store "$S/store" --subjects 3 --threads 1 \
-  --methods none,pas,pas_only >"$S/worker.log" 2>&1 || fail "palign-worker: $(tail -5 "$S/worker.log")"
+# (in the sanitizer build, Open MPI's own allocations kept until exit are no
+# finding of this test: leak checking is off for the worker alone)
+ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" \
+  "$BUILD/palign-worker" --model "$S/m.gguf" --papi "$PAPI" --store "$S/store" --subjects 3 --threads 1 \
+  --methods none,pas,pas_only >"$S/worker.log" 2>&1 || fail "palign-worker: $(tail -20 "$S/worker.log")"
 
 python3 "$ROOT/scripts/plot-store.py" "$S/store" --out "$S/figs" --palign "$BUILD/palign" --papi "$PAPI" \
   >"$S/plot.log" 2>&1 || fail "plot-store.py: $(cat "$S/plot.log")"

@@ -178,6 +178,10 @@ static void cpu_attention(const pa_attn_args *a, float *scratch) {
 
 static void *cpu_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
 static void cpu_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+static void cpu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height) {
+  for (size_t r = 0; r < height; r++)
+    memcpy((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
+}
 
 static const pa_backend cpu_backend = {
     .name = "cpu",
@@ -203,6 +207,8 @@ static const pa_backend cpu_backend = {
     .release = free,
     .upload = cpu_copy,
     .download = cpu_copy,
+    .copy2d = cpu_copy2d,
+    .host_memory = 1,
 };
 
 const pa_backend *pa_backend_cpu(void) {

@@ -320,6 +320,11 @@ void cu_download(void *dst, const void *src, size_t bytes) {
   check(cudaStreamSynchronize(stream), "download");
 }
 
+void cu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height) {
+  if (width && height)
+    check(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDeviceToDevice, stream), "copy2d");
+}
+
 const pa_backend cuda_backend = {
     "cuda",
     cu_matmul,
@@ -344,6 +349,8 @@ const pa_backend cuda_backend = {
     cu_release,
     cu_upload,
     cu_download,
+    cu_copy2d,
+    0, /* device memory */
 };
 
 }  // namespace
