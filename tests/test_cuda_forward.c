@@ -20,130 +20,17 @@
 #include <string.h>
 
 #include "cuda_backend.h"
-#include "forward.h"
-#include "lora.h"
-#include "mkmodel.h"
-#include "model.h"
-#include "status.h"
 #include "testutil.h"
-#include "train.h"
-
-static void expect_close(const char *what, const float *got, const float *want, size_t n) {
-  double mx = 0, worst = 0;
-  for (size_t i = 0; i < n; i++)
-    mx = fabs(want[i]) > mx ? fabs(want[i]) : mx;
-  for (size_t i = 0; i < n; i++) {
-    const double d = fabs((double)got[i] - want[i]);
-    if (!(d <= 1e-4 * mx))
-      fail_msg("%s[%zu]: %.9g on the GPU, %.9g on the CPU (largest %.3g)", what, i, got[i], want[i], mx);
-    worst = d > worst ? d : worst;
-  }
-  fprintf(stderr, "    %-28s largest difference %.3g of %.3g\n", what, worst, mx);
-}
-
-/* One model on both backends: the same batches, the same answers. */
-static void check_model(const char *arch) {
-  char path[300];
-  pa_mkmodel_opts o = pa_mkmodel_defaults();
-  o.n_layers = 3, o.seed = 17;
-  o.arch = strcmp(arch, "qwen2") ? PA_MK_LLAMA : PA_MK_QWEN2;
-  snprintf(path, sizeof path, "%s/%s.gguf", tu_tmp, arch);
-  pa_model *m;
-  if (pa_mkmodel_write_gguf(&o, path) || pa_model_open(path, &m))
-    fail_msg("%s", pa_errmsg());
-  pa_lm *lm[2];
-  const pa_backend *be[2] = {pa_backend_cpu(), pa_backend_cuda()};
-  for (int k = 0; k < 2; k++)
-    if (pa_lm_create(m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = be[k]}, &lm[k]))
-      fail_msg("%s backend: %s", be[k]->name, pa_errmsg());
-  const pa_model_config *c = pa_lm_config(lm[0]);
-  const size_t V = (size_t)c->vocab_size, Hs = (size_t)c->n_layers * c->n_heads * c->head_dim;
-  float *logits[2], *heads[2], *steer = calloc(Hs, sizeof *steer);
-  assert_non_null(steer);
-  for (size_t i = 0; i < Hs; i += 7) /* a few heads displaced, the rest zero */
-    steer[i] = 0.25f * (float)((i / 7) % 5) - 0.5f;
-  int32_t prefix_tok[19], a_tok[5], b_tok[9], more[3];
-  for (int i = 0; i < 19; i++)
-    prefix_tok[i] = (i * 37 + 5) % c->vocab_size;
-  for (int i = 0; i < 5; i++)
-    a_tok[i] = (i * 11 + 2) % c->vocab_size;
-  for (int i = 0; i < 9; i++)
-    b_tok[i] = (i * 13 + 7) % c->vocab_size;
-  for (int i = 0; i < 3; i++)
-    more[i] = (i * 17 + 1) % c->vocab_size;
-  for (int k = 0; k < 2; k++) {
-    logits[k] = calloc(2 * V, sizeof(float));
-    heads[k] = calloc(2 * Hs, sizeof(float));
-    pa_kv *pre, *a, *b;
-    if (pa_kv_create(lm[k], 32, &pre) || pa_kv_create(lm[k], 64, &a) || pa_kv_create(lm[k], 64, &b))
-      fail_msg("%s", pa_errmsg());
-    pa_seq ps = {.tokens = prefix_tok, .n_tokens = 19, .kv = pre};
-    assert_int_equal(pa_lm_forward(lm[k], &(pa_batch){.seqs = &ps, .n_seqs = 1}), PA_OK);
-    /* a has 5 tokens cached first; then both in one batch over the prefix */
-    pa_seq first = {.tokens = a_tok, .n_tokens = 5, .kv = a};
-    assert_int_equal(pa_lm_forward(lm[k], &(pa_batch){.prefix = pre, .seqs = &first, .n_seqs = 1}), PA_OK);
-    pa_seq two[2] = {{.tokens = more, .n_tokens = 3, .kv = a}, {.tokens = b_tok, .n_tokens = 9, .kv = b}};
-    pa_batch batch = {.prefix = pre, .seqs = two, .n_seqs = 2, .steer = steer, .logits = logits[k], .heads = heads[k]};
-    if (pa_lm_forward(lm[k], &batch))
-      fail_msg("%s backend: %s", be[k]->name, pa_errmsg());
-    pa_kv_destroy(pre), pa_kv_destroy(a), pa_kv_destroy(b);
-  }
-  char what[64];
-  snprintf(what, sizeof what, "%s logits", arch);
-  expect_close(what, logits[1], logits[0], 2 * V);
-  for (int i = 0; i < 2; i++)
-    assert_int_equal(pa_argmax(logits[1] + i * V, (int)V), pa_argmax(logits[0] + i * V, (int)V));
-  snprintf(what, sizeof what, "%s heads, steered", arch);
-  expect_close(what, heads[1], heads[0], 2 * Hs);
-
-  /* greedy generation: the same tokens */
-  int32_t *gen[2];
-  int n_gen[2];
-  for (int k = 0; k < 2; k++) {
-    pa_kv *kv;
-    assert_int_equal(pa_kv_create(lm[k], 64, &kv), PA_OK);
-    assert_int_equal(pa_lm_generate(lm[k], NULL, kv, b_tok, 9, &(pa_gen_opts){.max_tokens = 12}, &gen[k], &n_gen[k]),
-                     PA_OK);
-    pa_kv_destroy(kv);
-  }
-  assert_int_equal(n_gen[0], n_gen[1]);
-  assert_memory_equal(gen[0], gen[1], (size_t)n_gen[0] * sizeof *gen[0]);
-
-  /* what is not on the GPU yet is refused, with a message */
-  pa_lora *lora;
-  assert_int_equal(pa_lora_create(c, 4, 2.0f, &lora), PA_OK);
-  pa_kv *kv;
-  assert_int_equal(pa_kv_create(lm[1], 16, &kv), PA_OK);
-  pa_seq one = {.tokens = b_tok, .n_tokens = 3, .kv = kv};
-  assert_int_equal(pa_lm_forward(lm[1], &(pa_batch){.seqs = &one, .n_seqs = 1, .lora = lora}), PA_EINVAL);
-  assert_non_null(strstr(pa_errmsg(), "LoRA adapters do not run on the cuda backend"));
-  pa_kv *cpu_kv;
-  assert_int_equal(pa_kv_create(lm[0], 16, &cpu_kv), PA_OK);
-  one.kv = cpu_kv;
-  assert_int_equal(pa_lm_forward(lm[1], &(pa_batch){.seqs = &one, .n_seqs = 1}), PA_EINVAL);
-  assert_non_null(strstr(pa_errmsg(), "belongs to another backend"));
-  pa_trainer *t;
-  assert_int_equal(pa_trainer_create(lm[1], &(pa_train_plan){.max_seqs = 1, .max_seq_len = 8, .max_out = 5, .rank = 4}, &t),
-                   PA_EINVAL);
-  assert_non_null(strstr(pa_errmsg(), "no training operations yet"));
-  pa_kv_destroy(kv), pa_kv_destroy(cpu_kv);
-  pa_lora_destroy(lora);
-  for (int k = 0; k < 2; k++) {
-    free(logits[k]), free(heads[k]), free(gen[k]);
-    pa_lm_destroy(lm[k]);
-  }
-  free(steer);
-  pa_model_close(m);
-}
+#include "tu_forward_compare.h"
 
 static void test_llama(void **s) {
   (void)s;
-  check_model("llama");
+  tu_check_forward("llama", pa_backend_cuda(), 1e-4);
 }
 
 static void test_qwen2(void **s) {
   (void)s;
-  check_model("qwen2");
+  tu_check_forward("qwen2", pa_backend_cuda(), 1e-4);
 }
 
 int main(void) {

@@ -1,0 +1,143 @@
+/* PAS on the CUDA backend against the CPU backend: a tiny random model and
+ * the PAPI data (its 300 items, subject 0).
+ *  - the activation bank computed on each: within 1e-4 of the largest value
+ *    of the CPU's (the captured heads after a few layers in fp32);
+ *  - one PAS fit per backend from the CPU's bank (the probes do not run on
+ *    the model, so both fits are the same bits), then the alpha grid
+ *    evaluated on each backend: every item's expected score within 1e-4, and
+ *    the same answer wherever the CPU's two best options are more than 1e-3
+ *    apart (closer than that, fp32 may order them either way).
+ * Skips (exit 77) without a device. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bank.h"
+#include "cuda_backend.h"
+#include "eval.h"
+#include "forward.h"
+#include "inventory.h"
+#include "mkmodel.h"
+#include "model.h"
+#include "pas.h"
+#include "status.h"
+#include "testutil.h"
+
+static pa_model *model;
+static pa_inventory *inv;
+static pa_subjects *subjects;
+static pa_lm *lm[2]; /* cpu, cuda */
+static pa_bank *bank[2];
+
+static int setup(void **s) {
+  if (tu_setup(s))
+    return -1;
+  char p[300];
+  pa_mkmodel_opts o = pa_mkmodel_defaults();
+  o.n_layers = 2, o.seed = 23;
+  const pa_backend *be[2] = {pa_backend_cpu(), pa_backend_cuda()};
+  if (pa_papi_load(test_papi_dir(), NULL, &inv, &subjects) ||
+      pa_mkmodel_write_gguf(&o, tu_path(p, sizeof p, "m.gguf")) || pa_model_open(p, &model)) {
+    fprintf(stderr, "%s\n", pa_errmsg());
+    return -1;
+  }
+  for (int k = 0; k < 2; k++)
+    if (pa_lm_create(model, &(pa_lm_opts){.n_threads = 2, .max_seq = 4096, .backend = be[k]}, &lm[k]) ||
+        pa_bank_compute(lm[k], pa_model_tokenizer(model), pa_model_chat(model), inv, NULL, &bank[k])) {
+      fprintf(stderr, "%s: %s\n", be[k]->name, pa_errmsg());
+      return -1;
+    }
+  return 0;
+}
+
+static int teardown(void **s) {
+  for (int k = 0; k < 2; k++)
+    pa_bank_destroy(bank[k]), pa_lm_destroy(lm[k]);
+  pa_model_close(model);
+  pa_subjects_destroy(subjects);
+  pa_inventory_destroy(inv);
+  return tu_teardown(s);
+}
+
+static void test_bank(void **s) {
+  (void)s;
+  const pa_pas_bank v = pa_bank_view(bank[0]);
+  const size_t n = (size_t)2 * v.n_items * v.n_layers * v.n_heads * v.head_dim;
+  const float *a = pa_bank_data(bank[0]), *b = pa_bank_data(bank[1]);
+  double mx = 0, worst = 0;
+  for (size_t i = 0; i < n; i++)
+    mx = fabs(a[i]) > mx ? fabs(a[i]) : mx;
+  for (size_t i = 0; i < n; i++) {
+    const double d = fabs((double)a[i] - b[i]);
+    if (!(d <= 1e-4 * mx))
+      fail_msg("bank[%zu]: %.9g on the GPU, %.9g on the CPU (largest %.3g)", i, b[i], a[i], mx);
+    worst = d > worst ? d : worst;
+  }
+  fprintf(stderr, "    bank of %zu floats: largest difference %.3g of %.3g\n", n, worst, mx);
+}
+
+static void test_fit_and_grid(void **s) {
+  (void)s;
+  const pa_subject *subj = pa_subjects_at(subjects, 0);
+  const pa_pas_bank v = pa_bank_view(bank[0]);
+  pa_pas_result r[2];
+  memset(r, 0, sizeof r);
+  for (int k = 0; k < 2; k++) {
+    pa_evaluator *ev;
+    if (pa_evaluator_create(lm[k], pa_model_tokenizer(model), pa_model_chat(model), NULL, &ev) ||
+        pa_pas_run_subject(ev, inv, &v, subj, &(pa_pas_run_opts){.run_seed = 1, .n_threads = 2}, &r[k]))
+      fail_msg("%s", pa_errmsg());
+    pa_evaluator_destroy(ev);
+  }
+  assert_int_equal(r[0].status, PA_PAS_FITTED);
+  assert_int_equal(r[1].status, PA_PAS_FITTED);
+  assert_int_equal(r[0].fit.n_selected, r[1].fit.n_selected);
+  const size_t rows = (size_t)PA_PAS_N_VARIANTS * r[0].n_alphas * r[0].n_items;
+  int differ = 0, close = 0;
+  double worst = 0;
+  for (size_t i = 0; i < rows; i++) {
+    const double d = fabs((double)r[0].preds[i].expected - r[1].preds[i].expected);
+    if (!(d <= 1e-4))
+      fail_msg("grid row %zu: expected score %.7f on the GPU, %.7f on the CPU", i, r[1].preds[i].expected,
+               r[0].preds[i].expected);
+    worst = d > worst ? d : worst;
+    const float *p = r[0].probs + i * 5;
+    float best = 0, second = 0;
+    for (int o = 0; o < 5; o++) {
+      if (p[o] > best)
+        second = best, best = p[o];
+      else if (p[o] > second)
+        second = p[o];
+    }
+    if (best - second > 1e-3f && r[0].preds[i].answer != r[1].preds[i].answer)
+      fail_msg("grid row %zu: answer %d on the GPU, %d on the CPU (margin %.4f)", i, r[1].preds[i].answer,
+               r[0].preds[i].answer, best - second);
+    differ += r[0].preds[i].answer != r[1].preds[i].answer;
+    close += best - second <= 1e-3f;
+  }
+  fprintf(stderr, "    grid of %zu answers: expected scores within %.3g; %d answers differ, all among %d near ties\n",
+          rows, worst, differ, close);
+  pa_pas_result_free(&r[0]), pa_pas_result_free(&r[1]);
+}
+
+int main(void) {
+  if (pa_cuda_devices() == 0 || !pa_backend_cuda()) {
+    fprintf(stderr, "skipping: no CUDA device (%s)\n", pa_cuda_error()[0] ? pa_cuda_error() : "none visible");
+    return 77;
+  }
+  char path[4200];
+  snprintf(path, sizeof path, "%s/Test-set.json", test_papi_dir());
+  if (access(path, R_OK) != 0) {
+    fprintf(stderr, "skipping: no PAPI data at %s\n", test_papi_dir());
+    return 77;
+  }
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_bank), cmocka_unit_test(test_fit_and_grid)};
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
