@@ -18,7 +18,8 @@ static int rope_tables(pa_lm *lm) {
   lm->sin_tab = malloc((size_t)lm->max_seq * half * sizeof(float));
   float *inv = malloc((size_t)half * sizeof(float));
   if (!lm->cos_tab || !lm->sin_tab || !inv) {
-    free(inv);
+    free(inv), free(lm->cos_tab), free(lm->sin_tab);
+    lm->cos_tab = lm->sin_tab = NULL; /* pa_lm_destroy releases them as the backend's */
     return pa_error(PA_ENOMEM, "no memory for RoPE tables of %d positions", lm->max_seq);
   }
   for (int i = 0; i < half; i++) {
