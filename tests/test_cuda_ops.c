@@ -14,7 +14,11 @@
  *  - swiglu: the CPU's exponential is a polynomial (about 2 ulp), the GPU's
  *    expf 2 ulp: 1e-6 relative, plus 1e-7 near zero;
  *  - attention: both exponentials as above and reordered sums over keys and
- *    head dimensions: 2e-6 of the largest |v| plus 1e-6 relative. */
+ *    head dimensions: 2e-6 of the largest |v| plus 1e-6 relative;
+ *  - rmsnorm_backward: the sums in double, then a few fp32 products and a
+ *    difference (and fused multiply-adds): 8 eps of the terms' magnitudes;
+ *  - rope_backward: as rope, 8 eps (|a|, |b| < 1 and |c|, |s| <= 1);
+ *  - swiglu_backward: as swiglu, the sigmoid entering twice: 2e-6 relative. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -208,6 +212,58 @@ static void test_elementwise(void **s) {
   free(g), free(u), free(b), free(want), free(table);
 }
 
+/* The backward operations of rmsnorm, rope and swiglu (tolerances as their
+ * forward's; rmsnorm_backward accumulates into dx, so dx starts non-zero). */
+static void test_backward(void **s) {
+  (void)s;
+  const int M = 19, D = 300, H = 3, hd = 40, half = hd / 2, P = 50;
+  const size_t n = (size_t)M * D;
+  float *x = tu_rand_vec(&rng, n), *w = tu_rand_vec(&rng, D), *dy = tu_rand_vec(&rng, n), *dx = tu_rand_vec(&rng, n);
+  float *want = malloc(n * 4);
+  memcpy(want, dx, n * 4);
+  float *d_x = dev_floats(x, n), *d_w = dev_floats(w, D), *d_dy = dev_floats(dy, n), *d_dx = dev_floats(dx, n);
+  cpu->rmsnorm_backward(M, D, x, w, 1e-5f, dy, want);
+  gpu->rmsnorm_backward(M, D, d_x, d_w, 1e-5f, d_dy, d_dx);
+  float *got = back(d_dx, n);
+  expect_close("rmsnorm_backward", got, want, n, 8 * FLT_EPSILON * (fabs(dx[i]) + 4 * fabs(x[i]) + 2 * fabs(dy[i])));
+  free(got);
+  /* rope_backward on M rows of H heads */
+  const size_t nr = (size_t)M * H * hd;
+  float *cs = malloc((size_t)P * half * 4), *sn = malloc((size_t)P * half * 4);
+  int32_t pos[19];
+  for (int p = 0; p < P * half; p++)
+    cs[p] = cosf(0.37f * p), sn[p] = sinf(0.37f * p);
+  for (int m = 0; m < M; m++)
+    pos[m] = (m * 11 + 1) % P;
+  float *g = tu_rand_vec(&rng, nr), *wantr = malloc(nr * 4);
+  memcpy(wantr, g, nr * 4);
+  float *d_g = dev_floats(g, nr), *d_c = dev_floats(cs, (size_t)P * half), *d_s = dev_floats(sn, (size_t)P * half);
+  int32_t *d_p = dev_of(pos, sizeof pos);
+  cpu->rope_backward(M, H, hd, pos, cs, sn, wantr);
+  gpu->rope_backward(M, H, hd, d_p, d_c, d_s, d_g);
+  got = back(d_g, nr);
+  expect_close("rope_backward", got, wantr, nr, 8 * FLT_EPSILON + 1e-30);
+  free(got);
+  /* swiglu_backward */
+  float *gate = tu_rand_vec(&rng, n), *up = tu_rand_vec(&rng, n), *wg = malloc(n * 4), *wu = malloc(n * 4);
+  for (size_t i = 0; i < n; i++)
+    gate[i] *= 8;
+  float *d_gate = dev_floats(gate, n), *d_up = dev_floats(up, n), *d_dg = gpu->alloc(n * 4), *d_du = gpu->alloc(n * 4);
+  cpu->swiglu_backward(M, D, gate, up, dy, wg, wu);
+  gpu->swiglu_backward(M, D, d_gate, d_up, d_dy, d_dg, d_du);
+  got = back(d_dg, n);
+  expect_close("swiglu_backward dgate", got, wg, n, 2e-6 * fabs(wg[i]) + 1e-7);
+  free(got);
+  got = back(d_du, n);
+  expect_close("swiglu_backward dup", got, wu, n, 2e-6 * fabs(wu[i]) + 1e-7);
+  free(got);
+  const void *all[] = {d_x, d_w, d_dy, d_dx, d_g, d_c, d_s, d_p, d_gate, d_up, d_dg, d_du};
+  for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+    gpu->release((void *)all[i]);
+  free(x), free(w), free(dy), free(dx), free(want), free(cs), free(sn), free(g), free(wantr), free(gate), free(up);
+  free(wg), free(wu);
+}
+
 /* Attention with grouped heads over a shared prefix and two sequences of
  * their own (one with cached keys), then without a prefix. */
 static void check_attention(int prefix_len) {
@@ -261,6 +317,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_matmul),    cmocka_unit_test(test_matmul_tn_acc), cmocka_unit_test(test_rmsnorm),
       cmocka_unit_test(test_rope),      cmocka_unit_test(test_elementwise),   cmocka_unit_test(test_attention),
+      cmocka_unit_test(test_backward),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,8 +6,9 @@
  * a sequence of them runs back to back; download waits for them. Matrix
  * products are cuBLAS SGEMMs with fp32 inputs, fp32 accumulation and no
  * TF32 (the CPU reference's precision); the rest are this directory's
- * kernels. The training operations (backward passes) are not implemented
- * yet: their slots are NULL.
+ * kernels. Of the training operations, rmsnorm, rope and swiglu backward
+ * are here; the training attention (forward and backward) is not yet: its
+ * slots are NULL.
  *
  * Status: compiled and linked on every build with a CUDA toolkit
  * (-DPALIGN_CUDA=AUTO|ON); tests/test_cuda_ops.c checks every operation

@@ -109,6 +109,39 @@ __global__ void k_scale(size_t n, float a, float *x) {
     x[i] *= a;
 }
 
+// ---- backward (a low-rank adapter's training) ------------------------------------------
+
+__global__ void k_rmsnorm_backward(int D, const float *x, const float *w, float eps, const float *dy, float *dx) {
+  const size_t off = (size_t)blockIdx.x * D;
+  __shared__ double ss_part[kBlock], dot_part[kBlock];
+  double ss = 0, dot = 0;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) {
+    ss += (double)x[off + i] * x[off + i];
+    dot += (double)w[i] * dy[off + i] * x[off + i];
+  }
+  ss_part[threadIdx.x] = ss, dot_part[threadIdx.x] = dot;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s)
+      ss_part[threadIdx.x] += ss_part[threadIdx.x + s], dot_part[threadIdx.x] += dot_part[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double r = 1.0 / sqrt((double)(float)(ss_part[0] / D) + (double)eps);
+  const float a = (float)r, c = (float)(r * r * r * dot_part[0] / D);
+  for (int i = threadIdx.x; i < D; i += blockDim.x)
+    dx[off + i] += a * w[i] * dy[off + i] - c * x[off + i];
+}
+
+__global__ void k_swiglu_backward(size_t n, const float *gate, const float *up, const float *dh, float *dgate,
+                                  float *dup) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {
+    const float g = gate[i], sg = 1.0f / (1.0f + expf(-g));
+    dgate[i] = dh[i] * up[i] * (sg * (1.0f + g * (1.0f - sg)));
+    dup[i] = dh[i] * (g * sg);
+  }
+}
+
 // ---- attention -----------------------------------------------------------------------
 
 // A query row of the call: its sequence's keys and values, where its own keys
@@ -255,6 +288,30 @@ void cu_scale(size_t n, float a, float *x) {
   launched("scale");
 }
 
+void cu_rmsnorm_backward(int M, int D, const float *x, const float *w, float eps, const float *dy, float *dx) {
+  if (M <= 0)
+    return;
+  k_rmsnorm_backward<<<M, kBlock, 0, stream>>>(D, x, w, eps, dy, dx);
+  launched("rmsnorm_backward");
+}
+
+void cu_rope_backward(int M, int n_heads, int hd, const int32_t *pos, const float *cos_tab, const float *sin_tab,
+                      float *dx) {
+  const size_t n = (size_t)M * n_heads * (hd / 2);
+  if (!n)
+    return;
+  k_rope<<<blocks(n), kBlock, 0, stream>>>(M, n_heads, hd, pos, cos_tab, sin_tab, dx, -1.0f); /* by minus the angle */
+  launched("rope_backward");
+}
+
+void cu_swiglu_backward(int M, int F, const float *gate, const float *up, const float *dh, float *dgate, float *dup) {
+  const size_t n = (size_t)M * F;
+  if (!n)
+    return;
+  k_swiglu_backward<<<blocks(n), kBlock, 0, stream>>>(n, gate, up, dh, dgate, dup);
+  launched("swiglu_backward");
+}
+
 size_t cu_attention_scratch(const pa_attn_args *a) { return 0; }
 
 void cu_attention(const pa_attn_args *a, float *scratch) {
@@ -339,10 +396,10 @@ const pa_backend cuda_backend = {
     cu_scale,
     cu_matmul_nn,
     cu_matmul_tn_acc,
-    nullptr, /* rmsnorm_backward: next */
-    nullptr, /* rope_backward */
-    nullptr, /* swiglu_backward */
-    nullptr, /* attention_train_scratch */
+    cu_rmsnorm_backward,
+    cu_rope_backward,
+    cu_swiglu_backward,
+    nullptr, /* attention_train_scratch: next */
     nullptr, /* attention_train */
     nullptr, /* attention_backward */
     cu_alloc,
