@@ -24,8 +24,8 @@ static int rope_tables(pa_lm *lm) {
   }
   for (int i = 0; i < half; i++) {
     inv[i] = 1.0f / powf(lm->c.rope_theta, (float)(2 * i) / (float)lm->c.head_dim);
-    if (lm->w.rope_freq_div)
-      inv[i] /= lm->w.rope_freq_div[i];
+    if (lm->host_w.rope_freq_div) /* the loaded weights: on a device backend lm->w is not set yet */
+      inv[i] /= lm->host_w.rope_freq_div[i];
   }
   for (int p = 0; p < lm->max_seq; p++)
     for (int i = 0; i < half; i++) {

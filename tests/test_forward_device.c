@@ -64,12 +64,41 @@ static void test_qwen2(void **s) {
   assert_int_equal(live, 0); /* every buffer of both models released */
 }
 
+/* Llama-3.1's RoPE scaling (frequency divisors the RoPE tables read, on
+ * the host, before the weights go to the device): a Hugging Face directory
+ * whose config asks for it. */
+static void test_rope_scaled(void **s) {
+  (void)s;
+  char dir[300], cfg[400];
+  pa_mkmodel_opts o = pa_mkmodel_defaults();
+  o.n_layers = 2, o.seed = 29;
+  tu_path(dir, sizeof dir, "llama31");
+  if (pa_mkmodel_write_hf(&o, dir))
+    fail_msg("%s", pa_errmsg());
+  snprintf(cfg, sizeof cfg, "%s/config.json", dir);
+  char *text = tu_slurp(cfg, NULL), *at = strstr(text, "\"rope_scaling\":"), *end = at;
+  if (at)
+    for (end = at + strlen("\"rope_scaling\":"); *end == ' ' || *end == '\t';)
+      end++;
+  if (!at || strncmp(end, "null", 4))
+    fail_msg("no \"rope_scaling\": null in %s:\n%s", cfg, text);
+  char patched[16384];
+  snprintf(patched, sizeof patched,
+           "%.*s\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0, "
+           "\"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 32}%s",
+           (int)(at - text), text, end + 4);
+  tu_write_text(cfg, patched);
+  free(text);
+  tu_check_forward_model("llama, llama3 rope scaling", dir, &device, 0);
+}
+
 int main(void) {
   device = *pa_backend_cpu();
   device.name = "cpu-as-device";
   device.host_memory = 0;
   device.alloc = dev_alloc, device.release = dev_release;
   device.upload = dev_copy, device.download = dev_copy, device.copy2d = dev_copy2d;
-  const struct CMUnitTest tests[] = {cmocka_unit_test(test_llama), cmocka_unit_test(test_qwen2)};
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_llama), cmocka_unit_test(test_qwen2),
+                                     cmocka_unit_test(test_rope_scaled)};
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }
