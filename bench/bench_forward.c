@@ -1,6 +1,6 @@
 /* bench_forward: speed of the CPU forward pass on a real model.
  *
- *   bench_forward MODEL PAPI_DIR [--quick] [--threads N] [--naive K|all]
+ *   bench_forward MODEL PAPI_DIR [--quick] [--threads N] [--naive K|all] [--backend cpu|cuda|auto]
  *
  * Prints `key value` lines:
  *  - sgemm_gflops: a plain OpenBLAS sgemm of the model's FFN shape (512 x
@@ -16,7 +16,10 @@
  *    `all` for every one), extrapolated linearly to 180 (each full sequence
  *    is independent work); the logits of the compared ones must agree to
  *    1e-4 or the bench exits 1;
- *  - --quick stops after prefill, decode and the cost of steering. */
+ *  - --quick stops after prefill, decode and the cost of steering.
+ * With --backend cuda the model runs on the GPU (a warm-up prefill first; the
+ * sgemm baseline stays the CPU's: bench_cuda measures the GPU's). Every
+ * timed pass asks for its logits, whose download waits for the device. */
 #include "backend.h"
 #include "chat.h"
 #include "forward.h"
@@ -79,11 +82,14 @@ int main(int argc, char **argv) {
     return 2;
   }
   int threads = 2, naive = 12, quick = 0;
+  const char *backend_name = "cpu";
   for (int i = 3; i < argc; i++) {
     if (!strcmp(argv[i], "--quick")) {
       quick = 1;
     } else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
       threads = atoi(argv[++i]);
+    } else if (!strcmp(argv[i], "--backend") && i + 1 < argc) {
+      backend_name = argv[++i];
     } else if (!strcmp(argv[i], "--naive") && i + 1 < argc) {
       i++;
       naive = strcmp(argv[i], "all") ? atoi(argv[i]) : 180;
@@ -96,8 +102,15 @@ int main(int argc, char **argv) {
   pa_lm *lm;
   if (pa_model_open(argv[1], &m))
     die("model");
-  if (pa_lm_create(m, &(pa_lm_opts){.n_threads = threads, .max_seq = 2048}, &lm))
+  char be_err[256];
+  const pa_backend *be = pa_backend_named(backend_name, 0, be_err, sizeof be_err);
+  if (!be) {
+    fprintf(stderr, "bench_forward: %s\n", be_err);
+    return 1;
+  }
+  if (pa_lm_create(m, &(pa_lm_opts){.n_threads = threads, .max_seq = 2048, .backend = be}, &lm))
     die("runtime");
+  printf("backend %s\n", be->name);
   const pa_model_config *c = pa_model_config_get(m);
   const pa_tokenizer *tok = pa_model_tokenizer(m);
   const int V = c->vocab_size;
@@ -128,9 +141,16 @@ int main(int argc, char **argv) {
     if (pa_kv_create(lm, 1024, &kv))
       die("cache");
     pa_seq s = {.tokens = prefix, .n_tokens = 512, .kv = kv};
+    float *last = malloc((size_t)V * sizeof *last);
+    if (!be->host_memory) { /* the device's first pass loads its kernels */
+      if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1, .logits = last}))
+        die("warm-up");
+      pa_kv_clear(kv);
+    }
     double t0 = now();
-    if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1}))
+    if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1, .logits = last}))
       die("prefill");
+    free(last);
     const double t = now() - t0, fl = forward_flops(c, 512, 256.5);
     printf("prefill_tokens_per_s %.1f\nprefill_gflops %.1f\nprefill_fraction_of_sgemm %.2f\n", 512 / t,
            fl / t / 1e9, fl / t / 1e9 / base);
@@ -140,18 +160,19 @@ int main(int argc, char **argv) {
       for (int i = 0; i < c->head_dim; i++)
         steer[((size_t)(k * 7 % c->n_layers) * c->n_heads + k % c->n_heads) * c->head_dim + i] = 0.01f;
     double t_off = 0, t_on = 0;
+    float *lg = malloc((size_t)V * sizeof *lg);
     for (int r = 0; r < 3; r++) {
       for (int on = 0; on < 2; on++) {
         pa_kv_clear(kv);
         s.n_tokens = 256;
         t0 = now();
-        if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1, .steer = on ? steer : NULL}))
+        if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1, .steer = on ? steer : NULL, .logits = lg}))
           die("steered prefill");
         *(on ? &t_on : &t_off) += now() - t0;
       }
     }
     printf("steering_24_heads_time_ratio %.3f\n", t_on / t_off);
-    free(steer);
+    free(steer), free(lg);
     pa_kv_clear(kv);
     s.n_tokens = 128;
     if (pa_lm_forward(lm, &(pa_batch){.seqs = &s, .n_seqs = 1}))
@@ -205,7 +226,7 @@ int main(int argc, char **argv) {
   float *logits = malloc((size_t)n_seqs * V * sizeof *logits);
   double t0 = now();
   pa_seq ps = {.tokens = prefix, .n_tokens = (int)P, .kv = pkv};
-  if (pa_lm_forward(lm, &(pa_batch){.seqs = &ps, .n_seqs = 1}))
+  if (pa_lm_forward(lm, &(pa_batch){.seqs = &ps, .n_seqs = 1, .logits = logits})) /* its logits: the device's end */
     die("prefix");
   const double t_prefix = now() - t0;
   if (pa_lm_forward(lm, &(pa_batch){.prefix = pkv, .seqs = seqs, .n_seqs = n_seqs, .logits = logits}))
@@ -245,7 +266,7 @@ int main(int argc, char **argv) {
   t0 = now();
   pa_kv_clear(fkv);
   pa_seq fs = {.tokens = prefix, .n_tokens = (int)P, .kv = fkv};
-  if (pa_lm_forward(lm, &(pa_batch){.seqs = &fs, .n_seqs = 1}))
+  if (pa_lm_forward(lm, &(pa_batch){.seqs = &fs, .n_seqs = 1, .logits = want}))
     die("prefix");
   const double t_alone = now() - t0;
   const double naive_est = t_naive * n_seqs / naive + t_alone;
