@@ -18,7 +18,9 @@
  *  - rmsnorm_backward: the sums in double, then a few fp32 products and a
  *    difference (and fused multiply-adds): 8 eps of the terms' magnitudes;
  *  - rope_backward: as rope, 8 eps (|a|, |b| < 1 and |c|, |s| <= 1);
- *  - swiglu_backward: as swiglu, the sigmoid entering twice: 2e-6 relative. */
+ *  - swiglu_backward: as swiglu, the sigmoid entering twice: 2e-6 relative;
+ *  - attention_train and attention_backward: as attention, 2e-6 of the
+ *    largest magnitude plus 1e-5 relative. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -302,6 +304,57 @@ static void check_attention(int prefix_len) {
   free(q), free(kp), free(vp), free(k0), free(v0), free(k1), free(v1), free(want), free(got);
 }
 
+/* The training attention: a 7-token prefix and sequences of 5 and 9 tokens
+ * laid after it, 6 heads on 2 kv heads; forward (z, lse) and backward (dq,
+ * dk, dv) against the CPU's, within 2e-6 of the largest magnitude plus
+ * 1e-5 relative (reordered fp32 sums over keys and heads, two exponentials
+ * of about 2 ulp). */
+static void max_abs(const float *v, size_t n, double *mx) {
+  for (size_t i = 0; i < n; i++)
+    *mx = fabs(v[i]) > *mx ? fabs(v[i]) : *mx;
+}
+
+static void test_attention_train(void **s) {
+  (void)s;
+  const int H = 6, KV = 2, hd = 40, P = 7, rows = P + 5 + 9;
+  const int row0[2] = {P, P + 5}, len[2] = {5, 9};
+  const size_t nq = (size_t)rows * H * hd, nk = (size_t)rows * KV * hd, nl = (size_t)rows * H;
+  float *q = tu_rand_vec(&rng, nq), *k = tu_rand_vec(&rng, nk), *v = tu_rand_vec(&rng, nk), *dz = tu_rand_vec(&rng, nq);
+  float *z = calloc(nq, 4), *lse = calloc(nl, 4), *dq = calloc(nq, 4), *dk = calloc(nk, 4), *dv = calloc(nk, 4);
+  pa_attn_train_args a = {.n_heads = H, .n_kv_heads = KV, .head_dim = hd, .prefix_len = P, .n_seqs = 2,
+                          .seq_row0 = row0, .seq_len = len, .q = q, .k = k, .v = v, .z = z, .lse = lse};
+  float *scratch = malloc(cpu->attention_train_scratch(&a) * 4 + 4);
+  cpu->attention_train(&a, scratch);
+  cpu->attention_backward(&a, dz, dq, dk, dv, scratch);
+  free(scratch);
+  float *d_q = dev_floats(q, nq), *d_k = dev_floats(k, nk), *d_v = dev_floats(v, nk), *d_dz = dev_floats(dz, nq);
+  float *d_z = gpu->alloc(nq * 4), *d_lse = gpu->alloc(nl * 4), *d_dq = gpu->alloc(nq * 4);
+  float *d_dk = gpu->alloc(nk * 4), *d_dv = gpu->alloc(nk * 4);
+  pa_attn_train_args da = a;
+  da.q = d_q, da.k = d_k, da.v = d_v, da.z = d_z, da.lse = d_lse; /* seq_row0, seq_len: host arrays, as documented */
+  float *d_scratch = gpu->alloc(gpu->attention_train_scratch(&da) * 4 + 4);
+  gpu->attention_train(&da, d_scratch);
+  gpu->attention_backward(&da, d_dz, d_dq, d_dk, d_dv, d_scratch);
+  const struct {
+    const char *name;
+    const float *want, *dev;
+    size_t n;
+  } out[] = {{"attention_train z", z, d_z, nq},   {"attention_train lse", lse, d_lse, nl},
+             {"attention_backward dq", dq, d_dq, nq}, {"attention_backward dk", dk, d_dk, nk},
+             {"attention_backward dv", dv, d_dv, nk}};
+  for (size_t o = 0; o < sizeof out / sizeof *out; o++) {
+    double mx = 0;
+    max_abs(out[o].want, out[o].n, &mx);
+    float *got = back(out[o].dev, out[o].n);
+    expect_close(out[o].name, got, out[o].want, out[o].n, 2e-6 * mx + 1e-5 * fabs(out[o].want[i]));
+    free(got);
+  }
+  float *const devs[] = {d_q, d_k, d_v, d_dz, d_z, d_lse, d_dq, d_dk, d_dv, d_scratch};
+  for (size_t i = 0; i < sizeof devs / sizeof *devs; i++)
+    gpu->release(devs[i]);
+  free(q), free(k), free(v), free(dz), free(z), free(lse), free(dq), free(dk), free(dv);
+}
+
 static void test_attention(void **s) {
   (void)s;
   check_attention(23);
@@ -317,7 +370,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_matmul),    cmocka_unit_test(test_matmul_tn_acc), cmocka_unit_test(test_rmsnorm),
       cmocka_unit_test(test_rope),      cmocka_unit_test(test_elementwise),   cmocka_unit_test(test_attention),
-      cmocka_unit_test(test_backward),
+      cmocka_unit_test(test_backward),  cmocka_unit_test(test_attention_train),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

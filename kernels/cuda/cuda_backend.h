@@ -6,9 +6,11 @@
  * a sequence of them runs back to back; download waits for them. Matrix
  * products are cuBLAS SGEMMs with fp32 inputs, fp32 accumulation and no
  * TF32 (the CPU reference's precision); the rest are this directory's
- * kernels. Of the training operations, rmsnorm, rope and swiglu backward
- * are here; the training attention (forward and backward) is not yet: its
- * slots are NULL.
+ * kernels, every training operation included (the training attention in
+ * simple kernels: a block per query row and head, and per key row and kv
+ * head for dK and dV, without atomics, so the sums are the same every run).
+ * As for the CPU, the attention calls' sequence tables (pa_attn_seq,
+ * seq_row0, seq_len) are host memory; every tensor is device memory.
  *
  * Status: compiled and linked on every build with a CUDA toolkit
  * (-DPALIGN_CUDA=AUTO|ON); tests/test_cuda_ops.c checks every operation
