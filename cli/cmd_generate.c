@@ -38,7 +38,7 @@ static void usage(FILE *f) {
              "  --max-tokens N   tokens to generate at most (default 256)\n"
              "  --template NAME  chatml, llama3, llama3.1, llama2 or mistral instead of the model's\n"
              "  --threads N      CPU threads (default: all cores)\n"
-             "  --backend B      cpu (default), cuda or auto (cuda where a GPU is); a DPO adapter needs cpu\n"
+             "  --backend B      cpu (default), cuda or auto (cuda where a GPU is)\n"
              "  --stats          print token counts and speed on stderr\n"
              "\n"
              "With a subject's PAS intervention or DPO adapter from a store (palign-worker's):\n"

@@ -119,7 +119,7 @@ static void scratch_free(const pa_backend *be, lm_scratch *s) {
     free(s->ids_h);
   }
   free(s->aseq);
-  free(s->lu);
+  be->release(s->lu);
   memset(s, 0, sizeof *s);
 }
 
@@ -138,6 +138,7 @@ void pa_lm_destroy(pa_lm *lm) {
     lm->be->release(lm->cos_tab);
     lm->be->release(lm->sin_tab);
     lm->be->release(lm->steer);
+    lm->be->release(lm->lora);
   }
   free(lm);
 }
@@ -226,8 +227,6 @@ static int check_batch(const pa_lm *lm, const pa_batch *b, int *rows) {
   *rows = 0;
   if (b->n_seqs < 1)
     return pa_error(PA_EINVAL, "a batch needs at least one sequence");
-  if (b->lora && !lm->be->host_memory)
-    return pa_error(PA_EINVAL, "LoRA adapters do not run on the %s backend yet", lm->be->name);
   if (b->lora) {
     int rc = pa_lora_check(b->lora, &lm->c);
     if (rc)
@@ -324,11 +323,28 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
   if ((rc = check_batch(lm, b, &rows)) || (rc = scratch_reserve(lm, rows, b->n_seqs)))
     return rc;
   if (b->lora && (size_t)rows * b->lora->rank > lm->s.lu_cap) {
-    float *lu = realloc(lm->s.lu, (size_t)rows * b->lora->rank * sizeof *lu);
-    if (!lu)
+    lm->be->release(lm->s.lu);
+    lm->s.lu_cap = 0;
+    if (!(lm->s.lu = lm->be->alloc((size_t)rows * b->lora->rank * sizeof(float))))
       return pa_error(PA_ENOMEM, "no memory for the LoRA activations of %d tokens", rows);
-    lm->s.lu = lu;
     lm->s.lu_cap = (size_t)rows * b->lora->rank;
+  }
+  /* on a device backend the adapter is copied over for the pass, and a view
+   * of it with the copy's arena gives its matrices' device addresses */
+  const pa_lora *lora = b->lora;
+  pa_lora on_device;
+  if (lora && !lm->be->host_memory) {
+    if (lora->n_floats > lm->lora_cap) {
+      lm->be->release(lm->lora);
+      lm->lora_cap = 0;
+      if (!(lm->lora = lm->be->alloc(lora->n_floats * sizeof(float))))
+        return pa_error(PA_ENOMEM, "no %s memory for a LoRA adapter", lm->be->name);
+      lm->lora_cap = lora->n_floats;
+    }
+    lm->be->upload(lm->lora, lora->arena, lora->n_floats * sizeof(float));
+    on_device = *lora;
+    on_device.arena = lm->lora;
+    lora = &on_device;
   }
   lm->flops += layer_flops(lm, b, rows) * lm->c.n_layers;
   const pa_model_config *c = &lm->c;
@@ -390,10 +406,10 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       be->add_bias(rows, KV * hd, L->bk, s->k);
       be->add_bias(rows, KV * hd, L->bv, s->v);
     }
-    if (b->lora) {
-      lora_apply(lm, b->lora, l, PA_LORA_Q, rows, s->xb, s->q);
-      lora_apply(lm, b->lora, l, PA_LORA_K, rows, s->xb, s->k);
-      lora_apply(lm, b->lora, l, PA_LORA_V, rows, s->xb, s->v);
+    if (lora) {
+      lora_apply(lm, lora, l, PA_LORA_Q, rows, s->xb, s->q);
+      lora_apply(lm, lora, l, PA_LORA_K, rows, s->xb, s->k);
+      lora_apply(lm, lora, l, PA_LORA_V, rows, s->xb, s->v);
     }
     be->rope(rows, H, hd, s->pos, lm->cos_tab, lm->sin_tab, s->q);
     be->rope(rows, KV, hd, s->pos, lm->cos_tab, lm->sin_tab, s->k);
@@ -419,8 +435,8 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
                      (size_t)H * hd * sizeof(float));
       }
     be->matmul(rows, D, H * hd, s->z, L->wo, 1.0f, s->x);
-    if (b->lora)
-      lora_apply(lm, b->lora, l, PA_LORA_O, rows, s->z, s->x);
+    if (lora)
+      lora_apply(lm, lora, l, PA_LORA_O, rows, s->z, s->x);
     be->rmsnorm(rows, D, s->x, L->ffn_norm, c->norm_eps, s->xb);
     be->matmul(rows, F, D, s->xb, L->w_gate, 0.0f, s->gate);
     be->matmul(rows, F, D, s->xb, L->w_up, 0.0f, s->up);

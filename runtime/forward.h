@@ -38,8 +38,8 @@ typedef struct {
   /* where the model runs; NULL: the CPU. A backend whose memory is not the
    * host's (CUDA) gets the weights uploaded once, and keeps the KV caches and
    * the activations; a forward pass then moves only its inputs (tokens,
-   * positions, the steering displacements) up and the logits and captured
-   * heads down. LoRA adapters and the trainer need the CPU for now. */
+   * positions, the steering displacements, a LoRA adapter) up and the logits
+   * and captured heads down. The trainer needs the CPU for now. */
   const struct pa_backend *backend;
 } pa_lm_opts;
 

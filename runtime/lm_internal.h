@@ -46,6 +46,8 @@ struct pa_lm {
   int max_seq;
   float *cos_tab, *sin_tab; /* [max_seq][head_dim / 2], backend memory */
   float *steer;             /* [n_layers][n_heads][head_dim], backend memory (a device backend's copy) */
+  float *lora;              /* a device backend's copy of the pass's adapter, lora_cap floats */
+  size_t lora_cap;
   lm_scratch s;
   double flops; /* floating-point operations of every pass so far (pa_lm_flops) */
 };
