@@ -95,4 +95,4 @@ int pa_backend_arg(FILE *err, const char *prog, const char *v) {
 
 const char pa_backend_help[] =
     "  --backend B        cpu, cuda or auto (cuda where a GPU is, else cpu); default cpu. On cuda\n"
-    "                     the forward pass runs on the GPU; training DPO still needs cpu\n";
+    "                     the model runs on the GPU (its forward pass, PAS's bank and grid, DPO's training)\n";

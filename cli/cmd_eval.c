@@ -271,10 +271,6 @@ int cmd_eval(int argc, char **argv) {
     fprintf(stderr, "palign eval: %s\n", be_err);
     return 1;
   }
-  if (need_dpo && backend && !backend->host_memory) {
-    fprintf(stderr, "palign eval: the DPO methods need --backend cpu (training is not on the GPU yet)\n");
-    return 2;
-  }
   if (need_model && !model_path) {
     fprintf(stderr, "palign eval: the methods asked for need --model\n");
     return 2;

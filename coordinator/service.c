@@ -354,8 +354,6 @@ static int open_model(service *sv) {
   const pa_backend *be = rc ? NULL : pa_backend_named(o->backend, pa_comm_local_worker(sv->comm), be_err, sizeof be_err);
   if (!rc && !be)
     rc = pa_error(PA_EINVAL, "%s", be_err);
-  if (!rc && sv->need_dpo && !be->host_memory)
-    rc = pa_error(PA_EINVAL, "the DPO methods need --backend cpu (training is not on the GPU yet)");
   if (!rc) {
     const int max_seq = pa_model_config_get(sv->model)->max_seq;
     /* the longest prompts (an ICL system prompt and a question) stay well under 4,096 tokens */

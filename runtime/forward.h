@@ -39,7 +39,7 @@ typedef struct {
    * host's (CUDA) gets the weights uploaded once, and keeps the KV caches and
    * the activations; a forward pass then moves only its inputs (tokens,
    * positions, the steering displacements, a LoRA adapter) up and the logits
-   * and captured heads down. The trainer needs the CPU for now. */
+   * and captured heads down; so does the trainer (train.h). */
   const struct pa_backend *backend;
 } pa_lm_opts;
 

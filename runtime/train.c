@@ -34,8 +34,16 @@ struct pa_trainer {
   size_t attn_floats;
   float *arena;
   size_t arena_floats;
-  int32_t *ids, *pos, *out; /* [R], [R], [max_seqs][max_out] */
-  int *seq_row0, *seq_len;  /* [max_seqs] */
+  int32_t *ids, *pos, *out; /* [R], [R], [max_seqs][max_out] (host) */
+  int *seq_row0, *seq_len;  /* [max_seqs] (host) */
+  /* a device backend's: the ids and positions, the wanted logits' output
+   * rows gathered [max_seqs][max_out][D], those logits and their gradient,
+   * a zeroed host buffer to clear dx with, and copies of the adapter and the
+   * gradient (views with the copies' arenas give their matrices there) */
+  int32_t *d_ids, *d_pos;
+  float *w_sel, *d_logits, *d_dlogits, *zeros, *d_lora, *d_grad;
+  size_t lora_floats;
+  pa_lora lora_view, grad_view;
   /* the last forward pass */
   int rows, n_seqs, n_out;
   pa_attn_train_args attn;
@@ -70,8 +78,6 @@ int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out) {
                     "trainer: a plan of %d prefix tokens, %d sequences of up to %d tokens (%d rows, %d logits, rank "
                     "%d) is not possible for a model opened for %d positions",
                     p.max_prefix, p.max_seqs, p.max_seq_len, p.max_rows, p.max_out, p.rank, lm->max_seq);
-  if (!lm->be->host_memory)
-    return pa_error(PA_EINVAL, "trainer: the %s backend has no training operations yet", lm->be->name);
   pa_trainer *t = calloc(1, sizeof *t);
   if (!t)
     return pa_error(PA_ENOMEM, "no memory");
@@ -97,7 +103,22 @@ int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out) {
   }
   t->attn_floats = attn_scratch_floats(t, &p);
   t->arena_floats = per_layer * (size_t)c->n_layers + work + t->attn_floats;
-  t->arena = malloc(t->arena_floats * sizeof *t->arena);
+  t->arena = t->be->alloc(t->arena_floats * sizeof *t->arena);
+  if (t->arena && !t->be->host_memory) {
+    const size_t outs = S * (size_t)p.max_out;
+    t->d_ids = t->be->alloc(R * sizeof *t->d_ids);
+    t->d_pos = t->be->alloc(R * sizeof *t->d_pos);
+    t->w_sel = t->be->alloc(outs * D * sizeof(float));
+    t->d_logits = t->be->alloc(outs * sizeof(float));
+    t->d_dlogits = t->be->alloc(outs * sizeof(float));
+    t->zeros = calloc(R * D, sizeof(float));
+    if (!t->d_ids || !t->d_pos || !t->w_sel || !t->d_logits || !t->d_dlogits || !t->zeros) {
+      rc = pa_error(PA_ENOMEM, "trainer: no %s memory for its buffers", t->be->name);
+      goto fail;
+    }
+  } else {
+    t->d_ids = t->ids, t->d_pos = t->pos;
+  }
   if (!t->arena) {
     rc = pa_error(PA_ENOMEM, "trainer: no memory for %zu MB of activations (%d rows)", t->arena_floats * 4 >> 20,
                   p.max_rows);
@@ -126,7 +147,13 @@ fail:
 void pa_trainer_destroy(pa_trainer *t) {
   if (!t)
     return;
-  free(t->arena);
+  t->be->release(t->arena);
+  if (!t->be->host_memory) {
+    void *const dev[] = {t->d_ids, t->d_pos, t->w_sel, t->d_logits, t->d_dlogits, t->d_lora, t->d_grad};
+    for (size_t i = 0; i < sizeof dev / sizeof *dev; i++)
+      t->be->release(dev[i]);
+    free(t->zeros);
+  }
   free(t->layers);
   free(t->ids), free(t->pos), free(t->out), free(t->seq_row0), free(t->seq_len);
   free(t);
@@ -146,6 +173,35 @@ static int check_lora(const pa_trainer *t, const pa_lora *l) {
   if (l->rank > t->plan.rank)
     return pa_error(PA_EINVAL, "trainer: LoRA rank %d, planned for %d", l->rank, t->plan.rank);
   return PA_OK;
+}
+
+/* n floats from src to dst, both in the backend's memory. */
+static void copy_floats(const pa_trainer *t, float *dst, const float *src, size_t n) {
+  if (t->be->host_memory)
+    memcpy(dst, src, n * sizeof(float));
+  else
+    t->be->copy2d(dst, n * sizeof(float), src, n * sizeof(float), n * sizeof(float), 1);
+}
+
+/* The adapter l (host memory) as the backend sees it: itself on a host
+ * backend, else a copy in *dev (grown as needed; uploaded when upload) and
+ * a view of it. NULL when the device has no room. */
+static const pa_lora *on_backend(pa_trainer *t, const pa_lora *l, float **dev, pa_lora *view, bool upload) {
+  if (t->be->host_memory)
+    return l;
+  if (l->n_floats > t->lora_floats || !*dev) {
+    t->be->release(t->d_lora), t->be->release(t->d_grad);
+    t->d_lora = t->be->alloc(l->n_floats * sizeof(float));
+    t->d_grad = t->be->alloc(l->n_floats * sizeof(float));
+    t->lora_floats = t->d_lora && t->d_grad ? l->n_floats : 0;
+    if (!t->lora_floats)
+      return NULL;
+  }
+  if (upload)
+    t->be->upload(*dev, l->arena, l->n_floats * sizeof(float));
+  *view = *l;
+  view->arena = *dev;
+  return view;
 }
 
 /* y[R][out] += scale * (x A^T) B^T, keeping u = scale * x A^T. */
@@ -224,7 +280,7 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
   const pa_backend *be = t->be;
   const pa_model_config *c = &lm->c;
   const int D = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, F = c->ffn_dim, P = b->n_prefix;
-  t->rows = rows, t->n_seqs = b->n_seqs, t->n_out = b->n_out, t->lora = lora;
+  t->rows = rows, t->n_seqs = b->n_seqs, t->n_out = b->n_out;
   memcpy(t->out, b->out, (size_t)b->n_seqs * b->n_out * sizeof *t->out);
   for (int i = 0; i < P; i++)
     t->ids[i] = b->prefix[i], t->pos[i] = i;
@@ -233,6 +289,14 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
     for (int j = 0; j < b->n_tokens[s]; j++, row++)
       t->ids[row] = b->tokens[s][j], t->pos[row] = P + j;
   }
+  if (!be->host_memory) {
+    be->upload(t->d_ids, t->ids, (size_t)rows * sizeof *t->ids);
+    be->upload(t->d_pos, t->pos, (size_t)rows * sizeof *t->pos);
+  }
+  const pa_lora *host_lora = lora;
+  if (lora && !(lora = on_backend(t, lora, &t->d_lora, &t->lora_view, true)))
+    return pa_error(PA_ENOMEM, "trainer: no %s memory for the adapter", be->name);
+  t->lora = host_lora;
   t->attn = (pa_attn_train_args){.n_heads = H,
                                  .n_kv_heads = KV,
                                  .head_dim = hd,
@@ -243,7 +307,7 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
   if (be->attention_train_scratch(&t->attn) > t->attn_floats)
     return pa_error(PA_EINVAL, "trainer: the batch needs more attention scratch than its plan");
 
-  be->embed(rows, D, t->ids, lm->w.tok_embd, t->layers[0].x);
+  be->embed(rows, D, t->d_ids, lm->w.tok_embd, t->layers[0].x);
   for (int l = 0; l < c->n_layers; l++) {
     const pa_layer_weights *W = &lm->w.layers[l];
     layer_acts *A = &t->layers[l];
@@ -262,39 +326,51 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
       lora_forward(t, lora, l, PA_LORA_K, A->xb, A->u[PA_LORA_K], A->k);
       lora_forward(t, lora, l, PA_LORA_V, A->xb, A->u[PA_LORA_V], A->v);
     }
-    be->rope(rows, H, hd, t->pos, lm->cos_tab, lm->sin_tab, A->q);
-    be->rope(rows, KV, hd, t->pos, lm->cos_tab, lm->sin_tab, A->k);
+    be->rope(rows, H, hd, t->d_pos, lm->cos_tab, lm->sin_tab, A->q);
+    be->rope(rows, KV, hd, t->d_pos, lm->cos_tab, lm->sin_tab, A->k);
     t->attn.q = A->q, t->attn.k = A->k, t->attn.v = A->v, t->attn.z = A->z, t->attn.lse = A->lse;
     be->attention_train(&t->attn, t->attn_scratch);
-    memcpy(A->xm, A->x, (size_t)rows * D * sizeof(float));
+    copy_floats(t, A->xm, A->x, (size_t)rows * D);
     be->matmul(rows, D, H * hd, A->z, W->wo, 1.0f, A->xm);
     if (lora)
       lora_forward(t, lora, l, PA_LORA_O, A->z, A->u[PA_LORA_O], A->xm);
     be->rmsnorm(rows, D, A->xm, W->ffn_norm, c->norm_eps, t->t1);
     be->matmul(rows, F, D, t->t1, W->w_gate, 0.0f, A->gate);
     be->matmul(rows, F, D, t->t1, W->w_up, 0.0f, A->up);
-    memcpy(t->t2, A->gate, (size_t)rows * F * sizeof(float));
+    copy_floats(t, t->t2, A->gate, (size_t)rows * F);
     be->swiglu(rows, F, t->t2, A->up);
-    memcpy(next, A->xm, (size_t)rows * D * sizeof(float));
+    copy_floats(t, next, A->xm, (size_t)rows * D);
     be->matmul(rows, D, F, t->t2, W->w_down, 1.0f, next);
   }
   const double per_layer = pa_matmul_flops(rows, H * hd, D) * 2 + pa_matmul_flops(rows, KV * hd, D) * 2 +
                            pa_matmul_flops(rows, F, D) * 3 + 4.0 * H * hd * attn_pairs(&t->attn);
   t->flops += per_layer * c->n_layers;
 
-  /* the wanted logits at each sequence's last token */
+  /* the wanted logits at each sequence's last token: on the host as dot
+   * products in double; on a device as a product with the wanted output
+   * rows gathered (kept for the backward pass) */
+  const size_t row_bytes = (size_t)D * sizeof(float);
   for (int s = 0; s < b->n_seqs; s++) {
     const int last = t->seq_row0[s] + t->seq_len[s] - 1;
     float *h = t->last + (size_t)s * D;
     be->rmsnorm(1, D, t->x_final + (size_t)last * D, lm->w.out_norm, c->norm_eps, h);
-    for (int j = 0; j < b->n_out; j++) {
+    for (int j = 0; j < b->n_out && be->host_memory; j++) {
       const float *w = lm->w.output + (size_t)b->out[s * b->n_out + j] * D;
       double acc = 0;
       for (int i = 0; i < D; i++)
         acc += (double)h[i] * w[i];
       logits[s * b->n_out + j] = (float)acc;
     }
+    if (!be->host_memory) {
+      float *ws = t->w_sel + (size_t)s * b->n_out * D;
+      for (int j = 0; j < b->n_out; j++)
+        be->copy2d(ws + (size_t)j * D, row_bytes, lm->w.output + (size_t)b->out[s * b->n_out + j] * D, row_bytes,
+                   row_bytes, 1);
+      be->matmul(1, b->n_out, D, h, ws, 0.0f, t->d_logits + (size_t)s * b->n_out);
+    }
   }
+  if (!be->host_memory)
+    be->download(logits, t->d_logits, (size_t)b->n_seqs * b->n_out * sizeof *logits);
   t->flops += 2.0 * D * b->n_seqs * b->n_out;
   t->ready = true;
   return PA_OK;
@@ -308,20 +384,32 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
   pa_lm *lm = t->lm;
   const pa_backend *be = t->be;
   const pa_model_config *c = &lm->c;
-  const pa_lora *lo = t->lora;
+  const pa_lora *lo = t->lora, *host_grad = grad;
+  if (!be->host_memory) { /* the adapter's copy is the forward's; the gradient's accumulates there */
+    lo = &t->lora_view;
+    if (!(grad = (pa_lora *)on_backend(t, grad, &t->d_grad, &t->grad_view, true)))
+      return pa_error(PA_ENOMEM, "trainer: no %s memory for the gradient", be->name);
+  }
   const int R = t->rows, D = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, F = c->ffn_dim;
   float *dxb = t->t1, *dh = t->t2;
 
   /* the loss's gradient into the last rows of the residual stream */
-  memset(t->dx, 0, (size_t)R * D * sizeof(float));
+  if (be->host_memory)
+    memset(t->dx, 0, (size_t)R * D * sizeof(float));
+  else
+    be->upload(t->dx, t->zeros, (size_t)R * D * sizeof(float));
+  if (!be->host_memory)
+    be->upload(t->d_dlogits, dlogits, (size_t)t->n_seqs * t->n_out * sizeof *dlogits);
   for (int s = 0; s < t->n_seqs; s++) {
     float *g = t->dlast + (size_t)s * D;
-    for (int i = 0; i < D; i++) {
+    for (int i = 0; i < D && be->host_memory; i++) {
       double acc = 0;
       for (int j = 0; j < t->n_out; j++)
         acc += (double)dlogits[s * t->n_out + j] * lm->w.output[(size_t)t->out[s * t->n_out + j] * D + i];
       g[i] = (float)acc;
     }
+    if (!be->host_memory) /* g = dlogits . the gathered output rows */
+      be->matmul_nn(1, D, t->n_out, t->d_dlogits + (size_t)s * t->n_out, t->w_sel + (size_t)s * t->n_out * D, 0.0f, g);
     const int last = t->seq_row0[s] + t->seq_len[s] - 1;
     be->rmsnorm_backward(1, D, t->x_final + (size_t)last * D, lm->w.out_norm, c->norm_eps, g, t->dx + (size_t)last * D);
   }
@@ -339,8 +427,8 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
     be->matmul_nn(R, H * hd, D, t->dx, W->wo, 0.0f, t->dz);
     lora_backward(t, lo, grad, l, PA_LORA_O, t->dx, A->z, A->u[PA_LORA_O], t->dz);
     be->attention_backward(&t->attn, t->dz, t->dq, t->dk, t->dv, t->attn_scratch);
-    be->rope_backward(R, H, hd, t->pos, lm->cos_tab, lm->sin_tab, t->dq);
-    be->rope_backward(R, KV, hd, t->pos, lm->cos_tab, lm->sin_tab, t->dk);
+    be->rope_backward(R, H, hd, t->d_pos, lm->cos_tab, lm->sin_tab, t->dq);
+    be->rope_backward(R, KV, hd, t->d_pos, lm->cos_tab, lm->sin_tab, t->dk);
     /* the projections: q, k, v = xb W^T + b + lora(xb); below layer 0 nothing trains */
     const bool below = l > 0;
     if (below) {
@@ -358,5 +446,7 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
                 10.0 * H * hd * attn_pairs(&t->attn);
   }
   t->flops += 2.0 * D * t->n_seqs * t->n_out;
+  if (!be->host_memory)
+    be->download(host_grad->arena, t->d_grad, host_grad->n_floats * sizeof(float));
   return PA_OK;
 }

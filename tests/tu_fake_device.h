@@ -1,0 +1,57 @@
+/* tu_fake_device.h: the CPU backend's operations behind a backend that says
+ * its memory is not the host's, so that the runtime takes the path it takes
+ * on a GPU (uploads, its own buffers, strided copies, downloads) with the
+ * CPU's arithmetic. Its buffers are poisoned when allocated and freed, so a
+ * path that reads host memory where it should read its own copy, or forgets
+ * an upload, shows; tu_fake_live counts the buffers not yet released. */
+#ifndef PALIGN_TU_FAKE_DEVICE_H
+#define PALIGN_TU_FAKE_DEVICE_H
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+
+static size_t tu_fake_live;
+
+static inline void *tu_fake_alloc(size_t bytes) {
+  size_t *p = malloc(sizeof(size_t) * 2 + (bytes ? bytes : 1));
+  if (!p)
+    return NULL;
+  p[0] = bytes;
+  memset(p + 2, 0xFF, bytes); /* NaN as floats */
+  tu_fake_live++;
+  return p + 2;
+}
+
+static inline void tu_fake_release(void *q) {
+  if (!q)
+    return;
+  size_t *p = (size_t *)q - 2;
+  memset(q, 0xA5, p[0]);
+  free(p);
+  tu_fake_live--;
+}
+
+static inline void tu_fake_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+
+static inline void tu_fake_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
+                                  size_t height) {
+  for (size_t r = 0; r < height; r++)
+    memcpy((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
+}
+
+/* The backend (made on first use). */
+static inline const pa_backend *tu_fake_device(void) {
+  static pa_backend device;
+  if (!device.name) {
+    device = *pa_backend_cpu();
+    device.name = "cpu-as-device";
+    device.host_memory = 0;
+    device.alloc = tu_fake_alloc, device.release = tu_fake_release;
+    device.upload = tu_fake_copy, device.download = tu_fake_copy, device.copy2d = tu_fake_copy2d;
+  }
+  return &device;
+}
+
+#endif
