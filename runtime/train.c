@@ -104,7 +104,7 @@ int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out) {
   t->attn_floats = attn_scratch_floats(t, &p);
   t->arena_floats = per_layer * (size_t)c->n_layers + work + t->attn_floats;
   t->arena = t->be->alloc(t->arena_floats * sizeof *t->arena);
-  if (t->arena && !t->be->host_memory) {
+  if (!t->be->host_memory) {
     const size_t outs = S * (size_t)p.max_out;
     t->d_ids = t->be->alloc(R * sizeof *t->d_ids);
     t->d_pos = t->be->alloc(R * sizeof *t->d_pos);
