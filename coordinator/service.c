@@ -10,6 +10,7 @@
 #include "model.h"
 #include "pas.h"
 #include "record.h"
+#include "rng.h"
 #include "status.h"
 #include "store.h"
 
@@ -493,12 +494,8 @@ static void method_done(void *ctx, const pa_subject *s, const char *method, cons
 static int benchmark_sleep(service *sv, size_t index, double *slept) {
   uint64_t x = sv->o->seed * 0x9E3779B97F4A7C15ULL ^ (uint64_t)index;
   double u[2];
-  for (int k = 0; k < 2; k++) { /* splitmix64: two uniforms in (0, 1) */
-    uint64_t z = (x += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    u[k] = ((double)((z ^ (z >> 31)) >> 11) + 0.5) / 9007199254740992.0;
-  }
+  for (int k = 0; k < 2; k++) /* two uniforms in (0, 1) */
+    u[k] = ((double)(pa_splitmix64(&x) >> 11) + 0.5) / 9007199254740992.0;
   const double cv = sv->o->benchmark_cv, s2 = log1p(cv * cv);
   const double normal = sqrt(-2 * log(u[0])) * cos(6.283185307179586 * u[1]);
   const double delay = exp(log(sv->o->benchmark_delay) - s2 / 2 + sqrt(s2) * normal);

@@ -1,5 +1,6 @@
 #include "lora.h"
 
+#include "rng.h"
 #include "status.h"
 
 #include <math.h>
@@ -68,13 +69,6 @@ const char *pa_lora_target_name(pa_lora_target t) {
   return t >= 0 && t < PA_LORA_N_TARGETS ? names[t] : "?";
 }
 
-static uint64_t splitmix64(uint64_t *s) {
-  uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 void pa_lora_init(pa_lora *l, uint64_t seed) {
   memset(l->arena, 0, l->n_floats * sizeof *l->arena);
   for (int layer = 0; layer < l->n_layers; layer++)
@@ -84,7 +78,7 @@ void pa_lora_init(pa_lora *l, uint64_t seed) {
       float *a = pa_lora_a(l, layer, t);
       for (size_t i = 0; i < (size_t)l->rank * l->in[t]; i++) {
         /* 24 random bits: exact in a double, the same on every machine */
-        const double u = (double)(splitmix64(&s) >> 40) * 0x1p-24;
+        const double u = pa_uniform24(&s);
         a[i] = (float)((2 * u - 1) * bound);
       }
     }

@@ -6,6 +6,7 @@
 #include "gguf.h"
 #include "quant.h"
 #include "safetensors.h"
+#include "rng.h"
 #include "status.h"
 
 #include <cJSON.h>
@@ -196,22 +197,6 @@ typedef struct {
   mk_tensor *t;
 } mk_model;
 
-static uint64_t splitmix64(uint64_t *s) {
-  uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-static uint64_t fnv1a(const char *s) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (; *s; s++)
-    h = (h ^ (unsigned char)*s) * 0x100000001b3ull;
-  return h;
-}
-
-/* [0, 1) with 24 bits: exact in a float, so no rounding differs by machine. */
-static double uniform(uint64_t *s) { return (double)(splitmix64(s) >> 40) * 0x1p-24; }
 
 static float round_to(uint32_t dtype, float v) {
   if (dtype == PA_F16)
@@ -222,17 +207,17 @@ static float round_to(uint32_t dtype, float v) {
 }
 
 static void fill(const mk_model *m, mk_tensor *t) {
-  uint64_t s = m->o.seed ^ fnv1a(t->hf);
+  uint64_t s = m->o.seed ^ pa_fnv1a64(t->hf);
   uint64_t n = t->shape[0] * (t->n_dims == 2 ? t->shape[1] : 1);
   for (uint64_t i = 0; i < n; i++) {
     double v;
     if (t->bias) {
-      v = uniform(&s) - 0.5;
+      v = pa_uniform24(&s) - 0.5;
     } else if (t->n_dims == 1) {
-      v = 0.9 + 0.2 * uniform(&s);
+      v = 0.9 + 0.2 * pa_uniform24(&s);
     } else {
       /* four uniforms sum to mean 2, variance 1/3: scale to sd 0.02 */
-      double u = uniform(&s) + uniform(&s) + uniform(&s) + uniform(&s);
+      double u = pa_uniform24(&s) + pa_uniform24(&s) + pa_uniform24(&s) + pa_uniform24(&s);
       v = (u - 2.0) * (0.02 * 1.7320508075688772);
     }
     t->val[i] = round_to(m->o.dtype, (float)v);

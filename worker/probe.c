@@ -1,5 +1,6 @@
 #include "probe.h"
 
+#include "rng.h"
 #include "status.h"
 
 #include <float.h>
@@ -12,34 +13,20 @@
 
 /* ---- the split ---------------------------------------------------------- */
 
-static uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-static uint64_t splitmix_next(uint64_t *s) { return mix64(*s += 0x9E3779B97F4A7C15ULL); }
-
 /* Uniform in [0, bound): plain `r % bound` would favour small values by up to
  * bound / 2^64; rejecting the lowest 2^64 mod bound draws removes that, at an
  * expected cost far below one extra draw. */
 static uint64_t splitmix_below(uint64_t *s, uint64_t bound) {
   uint64_t threshold = (0 - bound) % bound; /* 2^64 mod bound */
   for (;;) {
-    uint64_t r = splitmix_next(s);
+    uint64_t r = pa_splitmix64(s);
     if (r >= threshold)
       return r % bound;
   }
 }
 
-static uint64_t fnv1a64(const char *s) {
-  uint64_t h = 0xCBF29CE484222325ULL;
-  for (; *s; s++)
-    h = (h ^ (uint8_t)*s) * 0x100000001B3ULL;
-  return h;
-}
 
-uint64_t pa_pas_split_seed(uint64_t run_seed, const char *subject_id) { return mix64(run_seed ^ fnv1a64(subject_id)); }
+uint64_t pa_pas_split_seed(uint64_t run_seed, const char *subject_id) { return pa_mix64(run_seed ^ pa_fnv1a64(subject_id)); }
 
 void pa_pas_shuffle(uint64_t seed, int n, int *perm) {
   uint64_t s = seed;

@@ -144,6 +144,43 @@ __global__ void k_swiglu_backward(size_t n, const float *gate, const float *up, 
 
 // ---- attention -----------------------------------------------------------------------
 
+// Block-wide sum of v (blockDim.x threads, shared scratch of blockDim.x floats).
+__device__ inline float block_sum(float v, float *red) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s)
+      red[threadIdx.x] += red[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float r = red[0];
+  __syncthreads();
+  return r;
+}
+
+// The scores score[0..L) turned into exp(score - max) in place (the block's
+// threads together; red: blockDim.x floats of shared scratch); returns their
+// sum, and the max in *mx.
+__device__ inline float softmax_unnormalised(float *score, int L, float *red, float *mx) {
+  float m = -INFINITY;
+  for (int t = threadIdx.x; t < L; t += blockDim.x)
+    m = fmaxf(m, score[t]);
+  red[threadIdx.x] = m;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s)
+      red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + s]);
+    __syncthreads();
+  }
+  m = red[0];
+  __syncthreads();
+  float sum = 0;
+  for (int t = threadIdx.x; t < L; t += blockDim.x)
+    sum += score[t] = expf(score[t] - m);
+  *mx = m;
+  return block_sum(sum, red);
+}
+
 // A query row of the call: its sequence's keys and values, where its own keys
 // end (causal), and where q and z are.
 struct row_desc {
@@ -167,39 +204,16 @@ __global__ void k_attention(int n_heads, int n_kv_heads, int hd, const float *q,
   const float scale = rsqrtf((float)hd);
   const float *kp = k_prefix ? k_prefix + (size_t)kh * prefix_stride * hd : nullptr;
   const float *ko = r.k_own + (size_t)kh * r.stride * hd;
-  float mx = -INFINITY;
   for (int j = threadIdx.x; j < L; j += blockDim.x) {
     const float *k = j < prefix_len ? kp + (size_t)j * hd : ko + (size_t)(j - prefix_len) * hd;
     float s = 0;
     for (int d = 0; d < hd; d++)
       s += qh[d] * k[d];
-    s *= scale;
-    score[j] = s;
-    mx = fmaxf(mx, s);
+    score[j] = s * scale;
   }
-  red[threadIdx.x] = mx;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s)
-      red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + s]);
-    __syncthreads();
-  }
-  mx = red[0];
-  __syncthreads();
-  float sum = 0;
-  for (int j = threadIdx.x; j < L; j += blockDim.x) {
-    const float e = expf(score[j] - mx);
-    score[j] = e;
-    sum += e;
-  }
-  red[threadIdx.x] = sum;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s)
-      red[threadIdx.x] += red[threadIdx.x + s];
-    __syncthreads();
-  }
-  const float inv = 1.0f / red[0];
+  float mx;
+  const float inv = 1.0f / softmax_unnormalised(score, L, red, &mx);
   const float *vp = v_prefix ? v_prefix + (size_t)kh * prefix_stride * hd : nullptr;
   const float *vo = r.v_own + (size_t)kh * r.stride * hd;
   float *zh = z + ((size_t)r.row * n_heads + h) * hd;
@@ -230,20 +244,6 @@ constexpr int kTrainBlock = 128;  // threads of the key-gradient kernel; head_di
 
 __device__ inline int train_key_row(const train_row &d, int t) { return t < d.n_prefix ? t : d.own_start + (t - d.n_prefix); }
 
-// Block-wide sum of v (blockDim.x threads, shared scratch of blockDim.x floats).
-__device__ inline float block_sum(float v, float *red) {
-  red[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s)
-      red[threadIdx.x] += red[threadIdx.x + s];
-    __syncthreads();
-  }
-  const float r = red[0];
-  __syncthreads();
-  return r;
-}
-
 // Forward: one block per (query row, head), as k_attention, keeping each
 // softmax's log-sum-exp.
 __global__ void k_train_fwd(int H, int KV, int hd, const float *q, const float *k, const float *v, float *z, float *lse,
@@ -255,28 +255,16 @@ __global__ void k_train_fwd(int H, int KV, int hd, const float *q, const float *
   float *score = sh, *red = sh + L;
   const float *qh = q + ((size_t)r * H + h) * hd;
   const float scale = rsqrtf((float)hd);
-  float mx = -INFINITY;
   for (int t = threadIdx.x; t < L; t += blockDim.x) {
     const float *kr = k + ((size_t)train_key_row(d, t) * KV + kh) * hd;
     float s = 0;
     for (int i = 0; i < hd; i++)
       s += qh[i] * kr[i];
     score[t] = s * scale;
-    mx = fmaxf(mx, score[t]);
   }
-  red[threadIdx.x] = mx;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s)
-      red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + s]);
-    __syncthreads();
-  }
-  mx = red[0];
-  __syncthreads();
-  float sum = 0;
-  for (int t = threadIdx.x; t < L; t += blockDim.x)
-    sum += score[t] = expf(score[t] - mx);
-  sum = block_sum(sum, red);
+  float mx;
+  const float sum = softmax_unnormalised(score, L, red, &mx);
   for (int i = threadIdx.x; i < hd; i += blockDim.x) {
     float acc = 0;
     for (int t = 0; t < L; t++)
