@@ -1,11 +1,53 @@
-/* backends.c: the backend a user names (backend.h pa_backend_named). */
+/* backends.c: the backend a user names (backend.h pa_backend_named).
+ *
+ * The CUDA backend is a shared library of its own (kernels/cuda/,
+ * libpalign_cuda.so), loaded the first time cuda or auto is asked for: from
+ * where the build put it, else by name (the loader's search path). A program
+ * that only ever runs on the CPU never loads the CUDA runtime. */
+#define _GNU_SOURCE /* dlopen's RTLD_ flags under -std=c11 */
 #include "backend.h"
 
 #include <stdio.h>
 #include <string.h>
 
 #ifdef PALIGN_HAVE_CUDA
-#include "cuda_backend.h"
+#include <dlfcn.h>
+
+typedef struct {
+  int (*devices)(void);
+  int (*select)(int);
+  const pa_backend *(*backend)(void);
+  const char *(*error)(void);
+} cuda_module;
+
+/* The module's entry points (cuda_backend.h); NULL with a message in err when it cannot be loaded. */
+static const cuda_module *load_cuda(char *err, size_t n) {
+  static cuda_module m;
+  static int tried;
+  static char why[512];
+  if (!tried) {
+    tried = 1;
+    void *h = dlopen(PALIGN_CUDA_MODULE, RTLD_NOW | RTLD_LOCAL);
+    if (!h)
+      h = dlopen("libpalign_cuda.so", RTLD_NOW | RTLD_LOCAL);
+    if (h) {
+      *(void **)&m.devices = dlsym(h, "pa_cuda_devices");
+      *(void **)&m.select = dlsym(h, "pa_cuda_select");
+      *(void **)&m.backend = dlsym(h, "pa_backend_cuda");
+      *(void **)&m.error = dlsym(h, "pa_cuda_error");
+    }
+    if (!h || !m.devices || !m.select || !m.backend || !m.error) {
+      const char *e = dlerror();
+      snprintf(why, sizeof why, "the CUDA backend (%s) cannot be loaded: %s", PALIGN_CUDA_MODULE, e ? e : "symbols missing");
+      m.backend = NULL;
+    }
+  }
+  if (!m.backend) {
+    snprintf(err, n, "%s", why);
+    return NULL;
+  }
+  return &m;
+}
 #endif
 
 const pa_backend *pa_backend_named(const char *name, int device, char *err, size_t n) {
@@ -17,12 +59,14 @@ const pa_backend *pa_backend_named(const char *name, int device, char *err, size
     return NULL;
   }
 #ifdef PALIGN_HAVE_CUDA
-  const int devices = pa_cuda_devices();
-  if (devices > 0 && pa_cuda_select((device < 0 ? 0 : device) % devices) == 0)
-    return pa_backend_cuda();
+  char why[600];
+  const cuda_module *m = load_cuda(why, sizeof why);
+  const int devices = m ? m->devices() : 0;
+  if (devices > 0 && m->select((device < 0 ? 0 : device) % devices) == 0)
+    return m->backend();
   if (!want_cuda)
     return pa_backend_cpu();
-  snprintf(err, n, "--backend cuda: %s", devices > 0 ? pa_cuda_error() : "no CUDA device is visible");
+  snprintf(err, n, "--backend cuda: %s", !m ? why : devices > 0 ? m->error() : "no CUDA device is visible");
   return NULL;
 #else
   (void)device;
