@@ -4,10 +4,12 @@
  *
  *  1. the card's bf16 peak as cuBLAS reaches it: an 8192^3 GEMM, bf16 inputs,
  *     fp32 accumulation (the baseline every other figure is a ratio of);
- *  2. the CUDA backend's matmul (fp32 SGEMM, no TF32) on the products of a
- *     Llama-3-8B layer for a 1,024-token prefill (q/o 4096x4096, k/v
- *     1024x4096, gate/up 14336x4096, down 4096x14336), as TFLOP/s and as a
- *     share of (1);
+ *  2. the CUDA backend's products on those of a Llama-3-8B layer for a
+ *     1,024-token prefill (q/o 4096x4096, k/v 1024x4096, gate/up
+ *     14336x4096, down 4096x14336), as TFLOP/s and as a share of (1): matmul
+ *     (fp32 SGEMM, no TF32) and matmul_bf16 (bf16 weights, x rounded by the
+ *     backend, cublasGemmEx with fp32 accumulation: what the forward pass
+ *     runs with --weights bf16, the default on a GPU);
  *  3. the backend's attention kernel on that prefill (32 heads, 8 kv heads,
  *     head_dim 128, causal): time and the share of the layer's products.
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
@@ -18,6 +20,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,7 +29,7 @@
   do {                                                                                                                 \
     cudaError_t e_ = (x);                                                                                              \
     if (e_ != cudaSuccess) {                                                                                           \
-      fprintf(stderr, "bench_cuda: %s: %s\n", #x, cudaGetErrorString(e_));                                            \
+      fprintf(stderr, "bench_cuda: %s: %s\n", #x, cudaGetErrorString(e_));                                             \
       exit(1);                                                                                                         \
     }                                                                                                                  \
   } while (0)
@@ -67,6 +70,43 @@ static double bf16_peak(cublasHandle_t h, int n, int reps) {
   return 2.0 * n * n * (double)n / s / 1e12;
 }
 
+/* The seven products of a layer for T tokens through the backend, fp32 or
+ * bf16 weights: seconds for all seven (printed per product). */
+static double layer_products(const pa_backend *be, bool bf16, int T, double peak) {
+  const int D = 4096, KV = 1024, F = 14336;
+  const struct {
+    const char *name;
+    int n, k;
+  } prod[] = {{"q", D, D}, {"k", KV, D}, {"v", KV, D}, {"o", D, D}, {"gate", F, D}, {"up", F, D}, {"down", D, F}};
+  float *x = dev_zero((size_t)T * F * 4), *y = dev_zero((size_t)T * F * 4);
+  void *w = dev_zero((size_t)F * D * (bf16 ? 2 : 4));
+  cudaEvent_t t0, t1;
+  CHECK(cudaEventCreate(&t0));
+  CHECK(cudaEventCreate(&t1));
+  double flops = 0, secs = 0;
+  for (size_t i = 0; i < sizeof prod / sizeof *prod; i++) {
+    const int reps = 10;
+    for (int r = -2; r < reps; r++) {
+      if (r == 0)
+        CHECK(cudaEventRecord(t0, 0));
+      if (bf16)
+        be->matmul_bf16(T, prod[i].n, prod[i].k, x, w, 0.0f, y);
+      else
+        be->matmul(T, prod[i].n, prod[i].k, x, w, 0.0f, y);
+    }
+    CHECK(cudaEventRecord(t1, 0));
+    const double s = ms_between(t0, t1) / 1e3 / reps, f = 2.0 * T * prod[i].n * (double)prod[i].k;
+    printf("%-11s %-4s %5d x %5d x %5d: %.3f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n",
+           bf16 ? "matmul_bf16" : "matmul", prod[i].name, T, prod[i].n, prod[i].k, s * 1e3, f / s / 1e12,
+           100 * f / s / 1e12 / peak);
+    flops += f, secs += s;
+  }
+  printf("a layer's products (%s weights): %.2f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n", bf16 ? "bf16" : "fp32",
+         secs * 1e3, flops / secs / 1e12, 100 * flops / secs / 1e12 / peak);
+  cudaFree(x), cudaFree(y), cudaFree(w);
+  return secs;
+}
+
 int main(int argc, char **argv) {
   const char *json = argc == 3 && !strcmp(argv[1], "--json") ? argv[2] : NULL;
   if (pa_cuda_devices() == 0) {
@@ -89,31 +129,12 @@ int main(int argc, char **argv) {
   printf("bf16 GEMM 8192^3 (cuBLAS, fp32 accumulation): %.1f TFLOP/s\n", peak);
 
   /* a Llama-3-8B layer's products for T tokens, through the backend */
-  const int T = 1024, D = 4096, KV = 1024, F = 14336;
-  const struct {
-    const char *name;
-    int n, k;
-  } prod[] = {{"q", D, D}, {"k", KV, D}, {"v", KV, D}, {"o", D, D}, {"gate", F, D}, {"up", F, D}, {"down", D, F}};
-  float *x = dev_zero((size_t)T * F * 4), *w = dev_zero((size_t)F * D * 4), *y = dev_zero((size_t)T * F * 4);
+  const int T = 1024;
+  const double layer_flops = 2.0 * T * (2.0 * 4096 * 4096 + 2.0 * 1024 * 4096 + 3.0 * 14336 * 4096);
+  const double secs = layer_products(be, false, T, peak), secs16 = layer_products(be, true, T, peak);
   cudaEvent_t t0, t1;
   CHECK(cudaEventCreate(&t0));
   CHECK(cudaEventCreate(&t1));
-  double flops = 0, secs = 0;
-  for (size_t i = 0; i < sizeof prod / sizeof *prod; i++) {
-    const int reps = 10;
-    for (int r = -2; r < reps; r++) {
-      if (r == 0)
-        CHECK(cudaEventRecord(t0, 0));
-      be->matmul(T, prod[i].n, prod[i].k, x, w, 0.0f, y);
-    }
-    CHECK(cudaEventRecord(t1, 0));
-    const double s = ms_between(t0, t1) / 1e3 / reps, f = 2.0 * T * prod[i].n * (double)prod[i].k;
-    printf("matmul %-4s %5d x %5d x %5d (fp32 SGEMM): %.3f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n", prod[i].name, T,
-           prod[i].n, prod[i].k, s * 1e3, f / s / 1e12, 100 * f / s / 1e12 / peak);
-    flops += f, secs += s;
-  }
-  printf("a layer's products: %.2f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n", secs * 1e3, flops / secs / 1e12,
-         100 * flops / secs / 1e12 / peak);
 
   /* attention over the prefill: one sequence of T new tokens, no prefix */
   const int H = 32, KH = 8, hd = 128;
@@ -128,8 +149,8 @@ int main(int argc, char **argv) {
   }
   CHECK(cudaEventRecord(t1, 0));
   const double att = ms_between(t0, t1) / 1e3 / 5;
-  printf("attention %d tokens, %d heads (%d kv), head_dim %d: %.3f ms (%.1fx the layer's products)\n", T, H, KH, hd,
-         att * 1e3, att / secs);
+  printf("attention %d tokens, %d heads (%d kv), head_dim %d: %.3f ms (%.1fx the layer's bf16 products)\n", T, H, KH,
+         hd, att * 1e3, att / secs16);
   if (pa_cuda_error()[0]) {
     fprintf(stderr, "bench_cuda: %s\n", pa_cuda_error());
     return 1;
@@ -139,8 +160,10 @@ int main(int argc, char **argv) {
     if (f) {
       fprintf(f,
               "{\"device\": \"%s\", \"bf16_peak_tflops\": %.2f, \"layer_matmul_ms\": %.4f, \"layer_matmul_tflops\": "
-              "%.2f, \"attention_ms\": %.4f, \"tokens\": %d}\n",
-              prop.name, peak, secs * 1e3, flops / secs / 1e12, att * 1e3, T);
+              "%.2f, \"layer_matmul_bf16_ms\": %.4f, \"layer_matmul_bf16_tflops\": %.2f, \"attention_ms\": %.4f, "
+              "\"tokens\": %d}\n",
+              prop.name, peak, secs * 1e3, layer_flops / secs / 1e12, secs16 * 1e3, layer_flops / secs16 / 1e12,
+              att * 1e3, T);
       fclose(f);
     }
   }

@@ -1,6 +1,7 @@
 /* bench_forward: speed of the CPU forward pass on a real model.
  *
  *   bench_forward MODEL PAPI_DIR [--quick] [--threads N] [--naive K|all] [--backend cpu|cuda|auto]
+ *                 [--weights auto|fp32|bf16]
  *
  * Prints `key value` lines:
  *  - sgemm_gflops: a plain OpenBLAS sgemm of the model's FFN shape (512 x
@@ -19,7 +20,8 @@
  *  - --quick stops after prefill, decode and the cost of steering.
  * With --backend cuda the model runs on the GPU (a warm-up prefill first; the
  * sgemm baseline stays the CPU's: bench_cuda measures the GPU's). Every
- * timed pass asks for its logits, whose download waits for the device. */
+ * timed pass asks for its logits, whose download waits for the device.
+ * --weights as palign's (auto: bf16 on the GPU, fp32 on the CPU). */
 #include "backend.h"
 #include "chat.h"
 #include "forward.h"
@@ -50,8 +52,8 @@ static void die(const char *what) {
 /* FLOPs of the matrix products for `rows` tokens that attend to `keys` keys on average. */
 static double forward_flops(const pa_model_config *c, double rows, double keys) {
   const double qd = (double)c->n_heads * c->head_dim, kd = (double)c->n_kv_heads * c->head_dim;
-  const double per_token = 2 * (c->dim * qd + 2 * c->dim * kd + qd * c->dim + 3.0 * c->dim * c->ffn_dim) +
-                           4 * keys * qd;
+  const double per_token =
+      2 * (c->dim * qd + 2 * c->dim * kd + qd * c->dim + 3.0 * c->dim * c->ffn_dim) + 4 * keys * qd;
   return rows * per_token * c->n_layers;
 }
 
@@ -83,6 +85,7 @@ int main(int argc, char **argv) {
   }
   int threads = 2, naive = 12, quick = 0;
   const char *backend_name = "cpu";
+  int weights = PA_WEIGHTS_AUTO;
   for (int i = 3; i < argc; i++) {
     if (!strcmp(argv[i], "--quick")) {
       quick = 1;
@@ -90,6 +93,11 @@ int main(int argc, char **argv) {
       threads = atoi(argv[++i]);
     } else if (!strcmp(argv[i], "--backend") && i + 1 < argc) {
       backend_name = argv[++i];
+    } else if (!strcmp(argv[i], "--weights") && i + 1 < argc) {
+      if ((weights = pa_weight_format_parse(argv[++i])) < 0) {
+        fprintf(stderr, "bench_forward: --weights is auto, fp32 or bf16, not '%s'\n", argv[i]);
+        return 2;
+      }
     } else if (!strcmp(argv[i], "--naive") && i + 1 < argc) {
       i++;
       naive = strcmp(argv[i], "all") ? atoi(argv[i]) : 180;
@@ -108,9 +116,12 @@ int main(int argc, char **argv) {
     fprintf(stderr, "bench_forward: %s\n", be_err);
     return 1;
   }
-  if (pa_lm_create(m, &(pa_lm_opts){.n_threads = threads, .max_seq = 2048, .backend = be}, &lm))
+  if (pa_lm_create(
+          m, &(pa_lm_opts){.n_threads = threads, .max_seq = 2048, .backend = be, .weights = (pa_weight_format)weights},
+          &lm))
     die("runtime");
   printf("backend %s\n", be->name);
+  printf("weights %s\n", pa_lm_weights(lm));
   const pa_model_config *c = pa_model_config_get(m);
   const pa_tokenizer *tok = pa_model_tokenizer(m);
   const int V = c->vocab_size;
@@ -152,8 +163,8 @@ int main(int argc, char **argv) {
       die("prefill");
     free(last);
     const double t = now() - t0, fl = forward_flops(c, 512, 256.5);
-    printf("prefill_tokens_per_s %.1f\nprefill_gflops %.1f\nprefill_fraction_of_sgemm %.2f\n", 512 / t,
-           fl / t / 1e9, fl / t / 1e9 / base);
+    printf("prefill_tokens_per_s %.1f\nprefill_gflops %.1f\nprefill_fraction_of_sgemm %.2f\n", 512 / t, fl / t / 1e9,
+           fl / t / 1e9 / base);
     /* steering 24 heads (PAS's K) against the same prefill without it */
     float *steer = calloc((size_t)c->n_layers * c->n_heads * c->head_dim, sizeof *steer);
     for (int k = 0; k < 24; k++)

@@ -1,6 +1,7 @@
 #include "cli_util.h"
 
 #include "dpo.h"
+#include "forward.h"
 
 #include <errno.h>
 #include <math.h>
@@ -95,4 +96,14 @@ int pa_backend_arg(FILE *err, const char *prog, const char *v) {
 
 const char pa_backend_help[] =
     "  --backend B        cpu, cuda or auto (cuda where a GPU is, else cpu); default cpu. On cuda\n"
-    "                     the model runs on the GPU (its forward pass, PAS's bank and grid, DPO's training)\n";
+    "                     the model runs on the GPU (its forward pass, PAS's bank and grid, DPO's training)\n"
+    "  --weights W        how the weight matrices are held: fp32, bf16 (half the memory; the GPU's\n"
+    "                     tensor cores) or auto (bf16 on a GPU, fp32 on the CPU; the default)\n";
+
+int pa_weights_arg(FILE *err, const char *prog, const char *v) {
+  if (pa_weight_format_parse(v) >= 0)
+    return 0;
+  if (err)
+    fprintf(err, "%s: --weights is auto, fp32 or bf16, not '%s'\n", prog, v);
+  return -1;
+}

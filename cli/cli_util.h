@@ -27,8 +27,11 @@ extern const char pa_dpo_flags_help[];
 /* --backend's value checked (cpu, cuda or auto): 0, or -1 after printing
  * "PROG: --backend is cpu, cuda or auto, not 'V'" to err. */
 int pa_backend_arg(FILE *err, const char *prog, const char *v);
-/* Help for --backend, a line. */
+/* Help for --backend and --weights, their lines. */
 extern const char pa_backend_help[];
+/* --weights' value checked (auto, fp32 or bf16): 0, or -1 after printing
+ * "PROG: --weights is auto, fp32 or bf16, not 'V'" to err. */
+int pa_weights_arg(FILE *err, const char *prog, const char *v);
 
 /* $PALIGN_CACHE/file, or ~/.cache/palign/file, into buf (size n); returns buf. */
 const char *pa_cache_file(const char *file, char *buf, size_t n);

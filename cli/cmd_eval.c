@@ -36,7 +36,7 @@ static void usage(FILE *f) {
   const pa_method *const *all = pa_methods(&n);
   fprintf(f, "usage: palign eval --methods LIST [--model M] [--papi DIR] [--subjects RANGE] [--json FILE]\n"
              "                   [--mode logits|generate] [--prefix P] [--keep-case] [--no-share] [--batch N]\n"
-             "                   [--template NAME] [--threads N] [--backend cpu|cuda|auto]\n"
+             "                   [--template NAME] [--threads N] [--backend cpu|cuda|auto] [--weights W]\n"
              "\n"
              "  --methods LIST   comma-separated, from:\n");
   for (size_t i = 0; i < n; i++)
@@ -127,10 +127,10 @@ static int load_bank(const char *model_path, const char *bank_path, pa_lm *lm, c
     return rc;
   if (!bank_path) {
     char file[64];
-    snprintf(file, sizeof file, "bank-%.16s.bin", fp);
+    pa_bank_file_name(fp, pa_lm_weights(lm), file, sizeof file);
     bank_path = pa_cache_file(file, path, sizeof path);
   }
-  const pa_bank_opts bo = {.progress = bank_progress};
+  const pa_bank_opts bo = {.progress = bank_progress, .weights = pa_lm_weights(lm)};
   pa_bank_key key;
   rc = pa_bank_key_make(fp, pa_model_config_get(model), pa_model_tokenizer(model), tmpl, inv, &bo, &key);
   bool loaded = false;
@@ -144,6 +144,7 @@ static int load_bank(const char *model_path, const char *bank_path, pa_lm *lm, c
 int cmd_eval(int argc, char **argv) {
   const char *model_path = NULL, *papi = NULL, *json_path = NULL, *range = "5";
   const char *methods_arg = NULL, *template_name = NULL, *backend_name = "cpu";
+  int weights = PA_WEIGHTS_AUTO;
   pa_eval_opts eo = {0};
   int threads = 0, holdout = 0, n_alphas = 0;
   uint64_t seed = 1;
@@ -164,9 +165,9 @@ int cmd_eval(int argc, char **argv) {
       eo.no_share = true;
       continue;
     }
-    static const char *const opts[] = {"--model", "--papi",   "--subjects", "--json",     "--methods",
-                                       "--mode",  "--prefix", "--batch",    "--template", "--threads",
-                                       "--seed",  "--bank",   "--holdout",  "--alphas",   "--backend"};
+    static const char *const opts[] = {"--model",   "--papi",   "--subjects", "--json",    "--methods", "--mode",
+                                       "--prefix",  "--batch",  "--template", "--threads", "--seed",    "--bank",
+                                       "--holdout", "--alphas", "--backend",  "--weights"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof opts / sizeof opts[0]); j++)
       if (!strcmp(a, opts[j]))
@@ -227,6 +228,11 @@ int cmd_eval(int argc, char **argv) {
       if (pa_backend_arg(stderr, "palign eval", v))
         return 2;
       backend_name = v;
+      break;
+    case 15:
+      if (pa_weights_arg(stderr, "palign eval", v))
+        return 2;
+      weights = pa_weight_format_parse(v);
       break;
     default:
       if ((n_alphas = pa_pas_parse_alphas(v, alphas)) < 0) {
@@ -306,7 +312,8 @@ int cmd_eval(int argc, char **argv) {
                                       .max_seq = pa_model_config_get(model)->max_seq < 4096
                                                      ? pa_model_config_get(model)->max_seq
                                                      : 4096,
-                                      .backend = backend},
+                                      .backend = backend,
+                                      .weights = (pa_weight_format)weights},
                         &lm);
     if (!rc)
       rc = pa_evaluator_create(lm, pa_model_tokenizer(model), tmpl, &eo, &ev);

@@ -30,7 +30,7 @@
 
 static void usage(FILE *f) {
   fprintf(f, "usage: palign generate --model M --prompt P [--system S] [--max-tokens N] [--template NAME]\n"
-             "                       [--threads N] [--backend cpu|cuda|auto] [--stats]\n"
+             "                       [--threads N] [--backend cpu|cuda|auto] [--weights W] [--stats]\n"
              "\n"
              "  --model M        a GGUF file or a Hugging Face model directory\n"
              "  --prompt P       the user's message\n"
@@ -39,6 +39,7 @@ static void usage(FILE *f) {
              "  --template NAME  chatml, llama3, llama3.1, llama2 or mistral instead of the model's\n"
              "  --threads N      CPU threads (default: all cores)\n"
              "  --backend B      cpu (default), cuda or auto (cuda where a GPU is)\n"
+             "  --weights W      fp32, bf16 or auto (bf16 on a GPU, fp32 on the CPU; the default)\n"
              "  --stats          print token counts and speed on stderr\n"
              "\n"
              "With a subject's PAS intervention or DPO adapter from a store (palign-worker's):\n"
@@ -157,6 +158,7 @@ int cmd_generate(int argc, char **argv) {
   const char *model_path = NULL, *prompt = NULL, *system = NULL, *template_name = NULL;
   const char *store = NULL, *subject = NULL, *variant = NULL, *protocol = "holdout", *papi = NULL, *method = "pas";
   const char *backend_name = "cpu";
+  int weights = PA_WEIGHTS_AUTO;
   double alpha = NAN;
   int max_tokens = 256, threads = 0, stats = 0;
   for (int i = 1; i < argc; i++) {
@@ -169,9 +171,9 @@ int cmd_generate(int argc, char **argv) {
       stats = 1;
       continue;
     }
-    const char *opts[] = {"--model",   "--prompt",  "--system",   "--template", "--max-tokens", "--threads", "--store",
-                          "--subject", "--variant", "--protocol", "--alpha",    "--papi",       "--method",
-                          "--backend"};
+    const char *opts[] = {"--model",   "--prompt", "--system",  "--template", "--max-tokens",
+                          "--threads", "--store",  "--subject", "--variant",  "--protocol",
+                          "--alpha",   "--papi",   "--method",  "--backend",  "--weights"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof opts / sizeof *opts); j++)
       if (!strcmp(a, opts[j]))
@@ -215,6 +217,11 @@ int cmd_generate(int argc, char **argv) {
       if (pa_backend_arg(stderr, "palign generate", v))
         return 2;
       backend_name = v;
+      break;
+    case 14:
+      if (pa_weights_arg(stderr, "palign generate", v))
+        return 2;
+      weights = pa_weight_format_parse(v);
       break;
     default: method = v; break;
     }
@@ -289,7 +296,11 @@ int cmd_generate(int argc, char **argv) {
     if (!rc && !be)
       rc = pa_error(PA_EINVAL, "%s", be_err);
     if (!rc)
-      rc = pa_lm_create(m, &(pa_lm_opts){.n_threads = threads, .max_seq = (int)n_ids + max_tokens, .backend = be},
+      rc = pa_lm_create(m,
+                        &(pa_lm_opts){.n_threads = threads,
+                                      .max_seq = (int)n_ids + max_tokens,
+                                      .backend = be,
+                                      .weights = (pa_weight_format)weights},
                         &lm);
   }
   if (!rc)

@@ -81,10 +81,10 @@ int main(int argc, char **argv) {
       pa_comm_finalize(comm);
       return 0;
     }
-    static const char *const flags[] = {"--model",         "--papi",     "--store",     "--methods", "--subjects",
-                                        "--subjects-file", "--seed",     "--threads",   "--mode",    "--holdout",
-                                        "--chunk",         "--progress", "--heartbeat", "--silent",  "--alphas",
-                                        "--benchmark-delay", "--shard-mb", "--backend"};
+    static const char *const flags[] = {"--model",           "--papi",     "--store",     "--methods", "--subjects",
+                                        "--subjects-file",   "--seed",     "--threads",   "--mode",    "--holdout",
+                                        "--chunk",           "--progress", "--heartbeat", "--silent",  "--alphas",
+                                        "--benchmark-delay", "--shard-mb", "--backend",   "--weights"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof flags / sizeof *flags); j++)
       if (!strcmp(a, flags[j]))
@@ -140,8 +140,9 @@ int main(int argc, char **argv) {
       if (errno || *end || v[0] == ',' || !(o.benchmark_delay > 0 && o.benchmark_delay <= 86400) ||
           !(o.benchmark_cv >= 0 && o.benchmark_cv <= 10)) {
         if (talk)
-          fprintf(stderr, "palign-worker: --benchmark-delay is MEAN[,CV] with MEAN in (0, 86400] seconds and CV in "
-                          "[0, 10], not '%s'\n",
+          fprintf(stderr,
+                  "palign-worker: --benchmark-delay is MEAN[,CV] with MEAN in (0, 86400] seconds and CV in "
+                  "[0, 10], not '%s'\n",
                   v);
         bad = 1;
       }
@@ -152,6 +153,7 @@ int main(int argc, char **argv) {
       o.shard_bytes = (uint64_t)n << 20;
       break;
     case 17: bad = pa_backend_arg(err, "palign-worker", v) != 0, o.backend = v; break;
+    case 18: bad = pa_weights_arg(err, "palign-worker", v) != 0, o.weights = v; break;
     default:
       o.n_alphas = pa_pas_parse_alphas(v, alphas);
       o.alphas = alphas;
@@ -173,8 +175,10 @@ int main(int argc, char **argv) {
     for (int j = 0; j < n && !bad; j++)
       if (m[j]->needs_model) {
         if (talk)
-          fprintf(stderr, "palign-worker: --benchmark-delay runs no model: method %s cannot go with it (only const3 "
-                          "and trait_mean)\n", m[j]->name);
+          fprintf(stderr,
+                  "palign-worker: --benchmark-delay runs no model: method %s cannot go with it (only const3 "
+                  "and trait_mean)\n",
+                  m[j]->name);
         bad = 1;
       }
   }

@@ -11,8 +11,9 @@ enum { TAG_WORK = 1, TAG_REPORT = 2 };
 
 struct pa_comm {
   int rank, size;
-  MPI_Comm workers; /* ranks 1..size-1 (or the one rank); MPI_COMM_NULL on rank 0 of a multi-rank job */
-  int local_worker; /* index among the workers on this node; -1 on a coordinator */
+  MPI_Comm workers;  /* ranks 1..size-1 (or the one rank); MPI_COMM_NULL on rank 0 of a multi-rank job */
+  int local_worker;  /* index among the workers on this node; -1 on a coordinator */
+  int local_workers; /* workers on this node; 0 on a coordinator */
 };
 
 /* Every MPI call goes through this: the call, the place and MPI's message. */
@@ -49,6 +50,7 @@ int pa_comm_init(int *argc, char ***argv, pa_comm **out) {
     MPI_Comm node;
     MPI_CHECK(MPI_Comm_split_type(c->workers, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node));
     MPI_CHECK(MPI_Comm_rank(node, &c->local_worker));
+    MPI_CHECK(MPI_Comm_size(node, &c->local_workers));
     MPI_Comm_free(&node);
   }
   *out = c;
@@ -74,6 +76,7 @@ int pa_comm_size(const pa_comm *c) { return c->size; }
 int pa_comm_workers(const pa_comm *c) { return c->size > 1 ? c->size - 1 : 1; }
 int pa_comm_worker_index(const pa_comm *c) { return c->size == 1 ? 0 : c->rank - 1; }
 int pa_comm_local_worker(const pa_comm *c) { return c->local_worker; }
+int pa_comm_local_workers(const pa_comm *c) { return c->local_workers; }
 
 int pa_comm_bcast(pa_comm *c, void *buf, size_t n) {
   (void)c;
@@ -124,6 +127,22 @@ int pa_comm_workers_allgather(pa_comm *c, float *buf, size_t per, int first, int
   }
   free(all), free(counts), free(displs);
   return rc;
+}
+
+int pa_comm_workers_bcast(pa_comm *c, void *buf, size_t n) {
+  if (c->workers == MPI_COMM_NULL)
+    return pa_error(PA_EINVAL, "MPI: the coordinator is not in the worker group");
+  if (n > (size_t)INT32_MAX)
+    return pa_error(PA_EINVAL, "MPI: a broadcast of %zu bytes", n);
+  MPI_CHECK(MPI_Bcast(buf, (int)n, MPI_BYTE, 0, c->workers));
+  return PA_OK;
+}
+
+int pa_comm_workers_allgather_ints(pa_comm *c, const int *mine, int k, int *all) {
+  if (c->workers == MPI_COMM_NULL)
+    return pa_error(PA_EINVAL, "MPI: the coordinator is not in the worker group");
+  MPI_CHECK(MPI_Allgather(mine, k, MPI_INT, all, k, MPI_INT, c->workers));
+  return PA_OK;
 }
 
 int pa_comm_workers_barrier(pa_comm *c) {

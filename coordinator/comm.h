@@ -39,6 +39,8 @@ int pa_comm_worker_index(const pa_comm *c);
 /* This worker's index among the workers on its node (0, 1, ...: the GPU it
  * takes, modulo the node's devices); -1 on the coordinator. */
 int pa_comm_local_worker(const pa_comm *c);
+/* How many workers share this worker's node; 0 on the coordinator. */
+int pa_comm_local_workers(const pa_comm *c);
 
 /* MPI_Bcast of n bytes from rank 0 to every rank. */
 int pa_comm_bcast(pa_comm *c, void *buf, size_t n);
@@ -52,6 +54,11 @@ int pa_comm_all_ok(pa_comm *c, int ok, int *all);
  * Slices need not be equal and may be empty. A no-op with one worker. */
 int pa_comm_workers_allgather(pa_comm *c, float *buf, size_t per, int first, int n);
 int pa_comm_workers_barrier(pa_comm *c);
+/* Among the workers: n bytes of worker 0's buf into every worker's. */
+int pa_comm_workers_bcast(pa_comm *c, void *buf, size_t n);
+/* Among the workers: each one's k ints (mine) into all, in worker order
+ * (all holds workers * k). */
+int pa_comm_workers_allgather_ints(pa_comm *c, const int *mine, int k, int *all);
 
 /* Rank 0 to worker rank `to`. */
 int pa_comm_send_work(pa_comm *c, int to, const Palign__Work *w);

@@ -49,12 +49,15 @@ typedef struct service {
   int n_methods;
   bool need_model, need_bank, need_dpo;
   char model_fp[65];
-  int run; /* this run's number (1, 2, ...): names the shards */
+  int run;        /* this run's number (1, 2, ...): names the shards */
   long hand_outs; /* rank 0: Work messages sent */
 
   /* a worker's */
   pa_model *model;
   pa_lm *lm;
+  const pa_backend *be; /* the lm's */
+  const char *be_name;  /* its name ("cpu", "cuda") */
+  pa_group *group;      /* the workers' GPUs, when they exchange the bank by NCCL (join_group) */
   pa_evaluator *ev;
   pa_bank *bank;
   pa_pas_bank bank_view;
@@ -145,6 +148,7 @@ static void settings_of(const service *sv, Palign__Settings *st, char inv_fp[65]
     st->dpo = (Palign__DpoSettings *)&sv->dpo_settings; /* borrowed, as the strings are */
   st->benchmark_delay = sv->o->benchmark_delay;
   st->benchmark_cv = sv->o->benchmark_delay > 0 ? sv->o->benchmark_cv : 0;
+  st->weights = (char *)(sv->o->weights && strcmp(sv->o->weights, "auto") ? sv->o->weights : "");
 }
 
 /* ---- the coordinator's store work -------------------------------------------- */
@@ -352,15 +356,23 @@ static int open_model(service *sv) {
     rc = pa_error(PA_ENOTFOUND, "%s: no chat template palign knows", o->model);
   /* the backend: on a GPU, the one of this worker's place among its node's workers */
   char be_err[256];
-  const pa_backend *be = rc ? NULL : pa_backend_named(o->backend, pa_comm_local_worker(sv->comm), be_err, sizeof be_err);
+  const pa_backend *be =
+      rc ? NULL : pa_backend_named(o->backend, pa_comm_local_worker(sv->comm), be_err, sizeof be_err);
   if (!rc && !be)
     rc = pa_error(PA_EINVAL, "%s", be_err);
+  const int weights = pa_weight_format_parse(o->weights ? o->weights : "auto");
+  if (!rc && weights < 0)
+    rc = pa_error(PA_EINVAL, "weights are auto, fp32 or bf16, not '%s'", o->weights);
   if (!rc) {
     const int max_seq = pa_model_config_get(sv->model)->max_seq;
     /* the longest prompts (an ICL system prompt and a question) stay well under 4,096 tokens */
     rc = pa_lm_create(sv->model,
-                      &(pa_lm_opts){.n_threads = o->threads, .max_seq = max_seq < 4096 ? max_seq : 4096, .backend = be},
+                      &(pa_lm_opts){.n_threads = o->threads,
+                                    .max_seq = max_seq < 4096 ? max_seq : 4096,
+                                    .backend = be,
+                                    .weights = (pa_weight_format)weights},
                       &sv->lm);
+    sv->be = be, sv->be_name = be->name;
   }
   pa_eval_opts eo = o->eval;
   eo.poll = worker_poll, eo.poll_ctx = sv;
@@ -369,14 +381,88 @@ static int open_model(service *sv) {
   return rc;
 }
 
+/* Whether the workers' GPUs exchange the bank's slices directly (NCCL):
+ * when every worker runs on a GPU of its own (no more workers on a node
+ * than it has devices) and the backend has the collectives; otherwise MPI
+ * moves them in host memory. PALIGN_NCCL=0 never; =1 even for one worker
+ * (a check of the path on one GPU). Collective over the job; failing to
+ * join leaves the exchange to MPI. */
+static int join_group(service *sv) {
+  const char *env = getenv("PALIGN_NCCL");
+  const bool never = env && !strcmp(env, "0"), force = env && !strcmp(env, "1");
+  const bool worker = pa_comm_worker_index(sv->comm) >= 0;
+  const pa_backend *be = sv->be;
+  const bool can = !worker || (!never && be && be->group_join && be->group_id_bytes <= 256 &&
+                               pa_comm_local_workers(sv->comm) <= pa_backend_devices(be));
+  int all = 0, joined = 0, err;
+  if ((err = pa_comm_all_ok(sv->comm, can, &all)))
+    return err;
+  if (!all || (pa_comm_workers(sv->comm) < 2 && !force))
+    return PA_OK;
+  if (worker) {
+    unsigned char id[1 + 256] = {0}; /* made: 1, then the id */
+    if (pa_comm_worker_index(sv->comm) == 0)
+      id[0] = be->group_id(id + 1) == 0;
+    if ((err = pa_comm_workers_bcast(sv->comm, id, 1 + be->group_id_bytes)))
+      return err;
+    if (id[0] && be->group_join(id + 1, pa_comm_workers(sv->comm), pa_comm_worker_index(sv->comm), &sv->group))
+      fprintf(sv->log, "palign-worker: rank %d: NCCL: %s; the activation bank goes over MPI\n", sv->rank, be->error());
+  }
+  if ((err = pa_comm_all_ok(sv->comm, !worker || sv->group, &joined)))
+    return err;
+  if (!joined && sv->group) {
+    be->group_leave(sv->group);
+    sv->group = NULL;
+  }
+  return PA_OK;
+}
+
+/* pa_comm_workers_allgather's exchange, between the workers' GPUs: each
+ * worker's slice uploaded (padded to the longest), one all-gather, every
+ * slice downloaded into its place: the same bytes as over MPI. */
+static int device_allgather(service *sv, float *buf, size_t per, int first, int n) {
+  const pa_backend *be = sv->be;
+  const int nw = pa_comm_workers(sv->comm);
+  int mine[2] = {first, n}, *all = malloc((size_t)nw * 2 * sizeof *all), *oks = malloc((size_t)nw * sizeof *oks);
+  if (!all || !oks) {
+    fprintf(stderr, "palign-worker: no memory for the activation bank's exchange; stopping the job\n");
+    pa_comm_abort(sv->comm, 1); /* the other workers are in the collective already */
+  }
+  int rc = pa_comm_workers_allgather_ints(sv->comm, mine, 2, all);
+  int most = 0;
+  for (int k = 0; !rc && k < nw; k++)
+    most = all[2 * k + 1] > most ? all[2 * k + 1] : most;
+  const size_t count = (size_t)most * per;
+  float *send = rc ? NULL : be->alloc((count ? count : 1) * sizeof(float));
+  float *recv = rc ? NULL : be->alloc((count ? count : 1) * (size_t)nw * sizeof(float));
+  int ok = send && recv;
+  if (!rc && !(rc = pa_comm_workers_allgather_ints(sv->comm, &ok, 1, oks)))
+    for (int k = 0; k < nw; k++)
+      if (!oks[k])
+        rc = pa_error(PA_ENOMEM, "worker %d had no %s memory for the activation bank's exchange", k, be->name);
+  if (!rc) {
+    be->upload(send, buf + (size_t)first * per, (size_t)n * per * sizeof(float));
+    if (be->group_allgather(sv->group, send, count, recv))
+      rc = pa_error(PA_EIO, "NCCL: %s", be->error());
+  }
+  for (int k = 0; !rc && k < nw; k++)
+    be->download(buf + (size_t)all[2 * k] * per, recv + (size_t)k * count,
+                 (size_t)all[2 * k + 1] * per * sizeof(float));
+  be->release(send), be->release(recv);
+  free(all), free(oks);
+  return rc;
+}
+
 /* The bank from the store's cache, or computed in slices by the workers,
  * gathered, and saved by the first worker. Collective over the whole job. */
 static int get_bank(service *sv) {
   const bool worker = pa_comm_worker_index(sv->comm) >= 0;
-  char path[4096 + 64];
-  snprintf(path, sizeof path, "%s/bank-%.16s.bin", sv->o->store, sv->model_fp);
+  char path[4096 + 64], name[64];
+  const char *weights = sv->lm ? pa_lm_weights(sv->lm) : "fp32";
+  pa_bank_file_name(sv->model_fp, weights, name, sizeof name);
+  snprintf(path, sizeof path, "%s/%s", sv->o->store, name);
   pa_bank_key key;
-  pa_bank_opts bo = {.progress = bank_progress, .progress_ctx = sv};
+  pa_bank_opts bo = {.progress = bank_progress, .progress_ctx = sv, .weights = weights};
   int rc = PA_OK, loaded = 1, all_loaded = 0;
   if (worker) {
     rc = pa_bank_key_make(sv->model_fp, pa_model_config_get(sv->model), pa_model_tokenizer(sv->model),
@@ -399,6 +485,8 @@ static int get_bank(service *sv) {
       fprintf(sv->log, "activation bank read from %s\n", path);
   } else {
     const double t0 = now_s();
+    if ((rc = join_group(sv)))
+      return rc;
     if (worker) {
       pa_bank_destroy(sv->bank);
       sv->bank = NULL;
@@ -414,8 +502,9 @@ static int get_bank(service *sv) {
       int first = 0, n = 0;
       pa_bank_slice(sv->bank, &first, &n);
       const pa_pas_bank v = pa_bank_view(sv->bank);
-      rc = pa_comm_workers_allgather(sv->comm, pa_bank_data_mut(sv->bank), (size_t)v.n_layers * v.n_heads * v.head_dim,
-                                     first, n);
+      const size_t per = (size_t)v.n_layers * v.n_heads * v.head_dim;
+      rc = sv->group ? device_allgather(sv, pa_bank_data_mut(sv->bank), per, first, n)
+                     : pa_comm_workers_allgather(sv->comm, pa_bank_data_mut(sv->bank), per, first, n);
       if (!rc) {
         pa_bank_stats st = *pa_bank_stats_get(sv->bank);
         st.seconds = now_s() - t0; /* the gathered bank's wall time */
@@ -423,8 +512,8 @@ static int get_bank(service *sv) {
         if (pa_comm_worker_index(sv->comm) == 0) {
           rc = pa_bank_save(sv->bank, path, &key);
           if (!rc)
-            fprintf(sv->log, "activation bank computed by %d worker(s) in %.1f s and saved to %s\n",
-                    pa_comm_workers(sv->comm), st.seconds, path);
+            fprintf(sv->log, "activation bank computed by %d worker(s) in %.1f s (gathered over %s) and saved to %s\n",
+                    pa_comm_workers(sv->comm), st.seconds, sv->group ? "NCCL" : "MPI", path);
         }
       }
     }
@@ -436,6 +525,23 @@ static int get_bank(service *sv) {
     sv->ctx.bank = &sv->bank_view;
   }
   return PA_OK;
+}
+
+/* The slices of one bank come from one weight format: every worker's must
+ * be the same (with --backend auto and --weights auto, a worker without a
+ * GPU holds fp32 where the others hold bf16). Collective over the job. */
+static int same_weights(service *sv) {
+  const bool worker = pa_comm_worker_index(sv->comm) >= 0;
+  const bool bf16 = worker && sv->lm && !strcmp(pa_lm_weights(sv->lm), "bf16"), fp32 = worker && !bf16;
+  int all_bf16 = 0, all_fp32 = 0, err;
+  if ((err = pa_comm_all_ok(sv->comm, !fp32, &all_bf16)) || (err = pa_comm_all_ok(sv->comm, !bf16, &all_fp32)))
+    return err;
+  if (all_bf16 || all_fp32)
+    return PA_OK;
+  if (sv->rank == 0)
+    fprintf(sv->log, "palign-worker: the workers hold their weights in different formats (bf16 on some, fp32 on "
+                     "others, as on a GPU and on the CPU): give --weights fp32 or --weights bf16\n");
+  return pa_error(PA_EINVAL, "the workers hold their weights in different formats");
 }
 
 static int setup_worker(service *sv) {
@@ -472,6 +578,8 @@ static void teardown_worker(service *sv) {
   pa_dpo_result_free(&sv->dpo);
   pa_bank_destroy(sv->bank);
   pa_evaluator_destroy(sv->ev);
+  if (sv->group)
+    sv->be->group_leave(sv->group);
   pa_lm_destroy(sv->lm);
   pa_model_close(sv->model);
 }
@@ -521,6 +629,10 @@ static int do_subject(service *sv, size_t index) {
     return rc;
   Palign__SubjectResult *msg = pa_record_message(rec);
   msg->rank = sv->rank;
+  if (sv->lm) {
+    msg->backend = (char *)sv->be_name;
+    msg->weights = (char *)pa_lm_weights(sv->lm);
+  }
   int outcome = SUBJECT_DONE;
   if (!s->usable) {
     msg->failed = true;
@@ -855,6 +967,8 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
     if (worker && (rc = setup_worker(sv)))
       say_error(sv);
     rc = all_ok(sv, rc, "could not start");
+    if (!rc && sv->need_bank)
+      rc = same_weights(sv);
     int wrc = PA_OK;
     if (!rc && sv->rank == 0 && (wrc = pa_manifest_write(o->store, &rm.m)))
       say_error(sv);

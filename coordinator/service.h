@@ -48,7 +48,7 @@ typedef struct {
   int holdout_per_trait; /* 0: PAS.md's 6 */
   const double *alphas;  /* the PAS alpha grid; NULL: PAS.md's {0, 1, 2, 4, 6, 8} */
   int n_alphas;
-  pa_dpo_opts dpo;       /* DPO's settings (run_seed is taken from seed) */
+  pa_dpo_opts dpo;        /* DPO's settings (run_seed is taken from seed) */
   int chunk;              /* subjects per hand-out; 0: chosen from the number of subjects and workers */
   double progress_every;  /* seconds between progress lines; 0: 10 */
   double heartbeat_every; /* seconds between a busy worker's heartbeats; 0: 5 */
@@ -64,6 +64,7 @@ typedef struct {
   uint64_t shard_bytes; /* a worker's shard begins a new part past this size; 0: PA_STORE_SHARD_BYTES */
   const char *backend;  /* "cpu" (NULL too), "cuda" or "auto" (backend.h pa_backend_named); on cuda a worker takes
                            the GPU of its index among the workers on its node */
+  const char *weights;  /* "auto" (NULL too), "fp32" or "bf16" (forward.h pa_weight_format) */
 } pa_service_opts;
 
 int pa_service_run(pa_comm *comm, const pa_service_opts *o);

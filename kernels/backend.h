@@ -2,7 +2,7 @@
  *
  * Every backend (cpu/: C with OpenBLAS and OpenMP, the reference; cuda/:
  * cuBLAS and kernels, cuda_backend.h) provides the same operations on fp32
- * tensors in its own memory (alloc, upload, download, release): the forward pass's,
+ * tensors (and bf16 weights, below) in its own memory (alloc, upload, download, release): the forward pass's,
  * and the backward passes training a low-rank adapter needs (runtime/train.h). Shapes are in the
  * comments as [rows][cols], row-major; weights are [out][in] (PyTorch's
  * orientation). The CPU backend is the reference every other one is tested
@@ -64,6 +64,38 @@ typedef struct {
   float *lse;          /* [rows][n_heads]: each softmax's log-sum-exp of the scaled scores (for backward) */
 } pa_attn_train_args;
 
+/* bf16 (bfloat16): the upper 16 bits of an IEEE fp32 value, 8 bits of
+ * precision. The large weight matrices may be held so (pa_lm_opts.weights:
+ * half the memory, and the GPU's tensor-core rate). A product with bf16
+ * weights rounds the other operand to bf16 as well (to nearest, ties to
+ * even: what __float2bfloat16_rn does on the GPU) and accumulates in fp32;
+ * the product of two bf16 values is exact in fp32, so two backends differ
+ * only in the order of the sums, as for fp32 products. */
+typedef uint16_t pa_bf16;
+
+static inline pa_bf16 pa_bf16_from_f32(float f) {
+  union {
+    float f;
+    uint32_t u;
+  } v = {.f = f};
+  if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) /* NaN stays NaN (quiet), whatever its payload */
+    return (pa_bf16)((v.u >> 16) | 0x40u);
+  return (pa_bf16)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline float pa_bf16_to_f32(pa_bf16 b) {
+  union {
+    uint32_t u;
+    float f;
+  } v = {.u = (uint32_t)b << 16};
+  return v.f;
+}
+
+/* A group of processes whose devices exchange data directly (NCCL on the
+ * GPU): made by pa_backend.group_join, with an id one member made and the
+ * others received (over MPI). */
+typedef struct pa_group pa_group;
+
 typedef struct pa_backend {
   const char *name;
   /* y[M][N] = beta * y + x[M][K] . w[N][K]^T */
@@ -112,6 +144,15 @@ typedef struct pa_backend {
   void (*attention_backward)(const pa_attn_train_args *a, const float *dz, float *dq, float *dk, float *dv,
                              float *scratch);
 
+  /* ---- bf16 weights (see pa_bf16): as matmul, matmul_nn and embed, with
+   * the weight operand in bf16 and x rounded to bf16 ---- */
+  /* y[M][N] = beta * y + bf16(x)[M][K] . w[N][K]^T */
+  void (*matmul_bf16)(int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y);
+  /* y[M][N] = beta * y + bf16(x)[M][K] . w[K][N] */
+  void (*matmul_nn_bf16)(int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y);
+  /* y[m] = table[ids[m]] widened to fp32 (rows of D) */
+  void (*embed_bf16)(int M, int D, const int32_t *ids, const pa_bf16 *table, float *y);
+
   /* ---- memory: the tensors every operation takes live here ---- */
   void *(*alloc)(size_t bytes); /* NULL when out of memory */
   void (*release)(void *p);     /* accepts NULL */
@@ -125,6 +166,19 @@ typedef struct pa_backend {
   /* true when backend memory is host memory (then the tensors of the
    * model and the caller's buffers are used as they are) */
   int host_memory;
+
+  /* ---- collectives between processes' devices; NULL where the backend
+   * has none (the CPU's: MPI moves host memory). Each returns 0, or -1 with
+   * the reason in error(). ---- */
+  size_t group_id_bytes;     /* the size of a group's id */
+  int (*group_id)(void *id); /* a new id (one member makes it, the others receive it) */
+  /* joins the group of n members as member `rank` (collective: every member calls it with the same id) */
+  int (*group_join)(const void *id, int n, int rank, pa_group **out);
+  /* every member's count floats of send, in member order, into recv (n * count floats); backend memory */
+  int (*group_allgather)(pa_group *g, const float *send, size_t count, float *recv);
+  void (*group_leave)(pa_group *g); /* accepts NULL */
+  /* the last error of this backend's, as text ("" if none) */
+  const char *(*error)(void);
 } pa_backend;
 
 const pa_backend *pa_backend_cpu(void);
@@ -133,6 +187,10 @@ const pa_backend *pa_backend_cpu(void);
  * devices visible; NULL and a message in err when there is none or palign
  * was built without it); "auto" (cuda where it can, else cpu). */
 const pa_backend *pa_backend_named(const char *name, int device, char *err, size_t n);
+
+/* The devices visible to backend be's kind (the GPUs for cuda, after
+ * CUDA_VISIBLE_DEVICES); 0 for the CPU. */
+int pa_backend_devices(const pa_backend *be);
 
 /* Threads the CPU backend uses (OpenBLAS and OpenMP); 0 = all cores. */
 void pa_backend_set_threads(int n);

@@ -38,7 +38,8 @@ static const cuda_module *load_cuda(char *err, size_t n) {
     }
     if (!h || !m.devices || !m.select || !m.backend || !m.error) {
       const char *e = dlerror();
-      snprintf(why, sizeof why, "the CUDA backend (%s) cannot be loaded: %s", PALIGN_CUDA_MODULE, e ? e : "symbols missing");
+      snprintf(why, sizeof why, "the CUDA backend (%s) cannot be loaded: %s", PALIGN_CUDA_MODULE,
+               e ? e : "symbols missing");
       m.backend = NULL;
     }
   }
@@ -49,6 +50,18 @@ static const cuda_module *load_cuda(char *err, size_t n) {
   return &m;
 }
 #endif
+
+int pa_backend_devices(const pa_backend *be) {
+  if (!be || be->host_memory)
+    return 0;
+#ifdef PALIGN_HAVE_CUDA
+  char why[600];
+  const cuda_module *m = load_cuda(why, sizeof why);
+  return m ? m->devices() : 0;
+#else
+  return 0;
+#endif
+}
 
 const pa_backend *pa_backend_named(const char *name, int device, char *err, size_t n) {
   if (!name || !strcmp(name, "cpu"))
@@ -72,7 +85,8 @@ const pa_backend *pa_backend_named(const char *name, int device, char *err, size
   (void)device;
   if (!want_cuda)
     return pa_backend_cpu();
-  snprintf(err, n, "--backend cuda: this palign was built without the CUDA backend (PALIGN_CUDA=OFF or no CUDA toolkit)");
+  snprintf(err, n,
+           "--backend cuda: this palign was built without the CUDA backend (PALIGN_CUDA=OFF or no CUDA toolkit)");
   return NULL;
 #endif
 }

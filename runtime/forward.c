@@ -1,3 +1,4 @@
+#define _DEFAULT_SOURCE /* madvise */
 #include "forward.h"
 
 #include "backend.h"
@@ -8,6 +9,8 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 /* RoPE angles as Hugging Face computes them in float32, so long prompts
  * agree to the last bits that matter: inv_freq = 1 / theta^(2i/d), angle =
@@ -47,35 +50,141 @@ static int rope_tables(pa_lm *lm) {
   return c && s ? PA_OK : pa_error(PA_ENOMEM, "%s: no device memory for RoPE tables", lm->be->name);
 }
 
-/* The loaded weights into the backend's memory: one upload of the arena,
- * every tensor pointer rebased into the copy; the host copy is then freed. */
-static int upload_weights(pa_lm *lm) {
-  const pa_backend *be = lm->be;
-  pa_weights *h = &lm->host_w, *d = &lm->w;
-  const size_t bytes = h->n_floats * sizeof(float);
-  float *arena = be->alloc(bytes);
-  pa_layer_weights *layers = calloc((size_t)lm->c.n_layers, sizeof *layers);
-  if (!arena || !layers) {
-    be->release(arena);
-    free(layers);
-    return pa_error(PA_ENOMEM, "%s: no memory for %zu MB of weights on the %s backend", pa_model_path(lm->model),
-                    bytes >> 20, be->name);
+/* Where place_weights is in its two allocations. */
+typedef struct {
+  const pa_lm *lm;
+  char *mats; /* bf16 or fp32 elements */
+  float *vecs;
+  size_t n_mats, n_vecs; /* elements placed so far (counted only, when mats is NULL) */
+  float *chunk;          /* host buffer for the bf16 conversion, CONVERT_CHUNK elements */
+} placer;
+
+#define CONVERT_CHUNK ((size_t)1 << 20)
+
+/* Gives the whole pages of [p, p + bytes) back to the system: the part of
+ * the loaded fp32 arena a placed matrix came from, never read again (it is
+ * freed whole once every tensor is placed), so that the host holds about
+ * one copy of the model at any time while placing. */
+static void drop_pages(const void *p, size_t bytes) {
+  const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)p, end = a + bytes;
+  const uintptr_t first = (a + page - 1) / page * page, last = end / page * page;
+  if (last > first)
+    madvise((void *)first, last - first, MADV_DONTNEED);
+}
+
+/* Places a matrix of n elements (fp32 on the host) and returns where it is
+ * in backend memory; when only counting, NULL. bf16 is converted a chunk at
+ * a time through the host buffer, so no second host copy of the model. */
+static const void *place_mat(placer *p, const float *src, size_t n) {
+  const pa_backend *be = p->lm->be;
+  const size_t esize = p->lm->bf16 ? sizeof(pa_bf16) : sizeof(float);
+  char *dst = p->mats ? p->mats + p->n_mats * esize : NULL;
+  p->n_mats += n;
+  if (!dst)
+    return NULL;
+  if (!p->lm->bf16) {
+    be->upload(dst, src, n * sizeof(float));
+    drop_pages(src, n * sizeof(float));
+    return dst;
   }
-  be->upload(arena, h->arena, bytes);
-#define REBASE(p) ((p) ? arena + ((p)-h->arena) : NULL)
-  *d = (pa_weights){.tok_embd = REBASE(h->tok_embd), .out_norm = REBASE(h->out_norm), .output = REBASE(h->output),
-                    .layers = layers, .rope_freq_div = REBASE(h->rope_freq_div), .arena = arena,
-                    .n_floats = h->n_floats};
-  for (int l = 0; l < lm->c.n_layers; l++) {
+  pa_bf16 *tmp = (pa_bf16 *)p->chunk;
+  for (size_t i0 = 0; i0 < n; i0 += CONVERT_CHUNK) {
+    const size_t m = n - i0 < CONVERT_CHUNK ? n - i0 : CONVERT_CHUNK;
+    for (size_t i = 0; i < m; i++)
+      tmp[i] = pa_bf16_from_f32(src[i0 + i]);
+    be->upload(dst + i0 * sizeof(pa_bf16), tmp, m * sizeof(pa_bf16));
+    drop_pages(src + i0, m * sizeof(float)); /* as it goes: the bf16 copy grows as the fp32 one shrinks */
+  }
+  return dst;
+}
+
+static const float *place_vec(placer *p, const float *src, size_t n) {
+  if (!src)
+    return NULL;
+  float *dst = p->vecs ? p->vecs + p->n_vecs : NULL;
+  p->n_vecs += n;
+  if (dst)
+    p->lm->be->upload(dst, src, n * sizeof(float));
+  return dst;
+}
+
+/* Every tensor of h through the placer: with p->mats NULL it only counts. */
+static void place_all(placer *p, const pa_weights *h, lm_weights *w) {
+  const pa_model_config *c = &p->lm->c;
+  const size_t D = (size_t)c->dim, Q = (size_t)c->n_heads * c->head_dim, K = (size_t)c->n_kv_heads * c->head_dim;
+  const size_t F = (size_t)c->ffn_dim, V = (size_t)c->vocab_size;
+  w->tok_embd = place_mat(p, h->tok_embd, V * D);
+  w->output = h->output == h->tok_embd ? w->tok_embd : place_mat(p, h->output, V * D);
+  w->out_norm = place_vec(p, h->out_norm, D);
+  for (int l = 0; l < c->n_layers; l++) {
     const pa_layer_weights *a = &h->layers[l];
-    layers[l] = (pa_layer_weights){.attn_norm = REBASE(a->attn_norm), .wq = REBASE(a->wq), .wk = REBASE(a->wk),
-                                   .wv = REBASE(a->wv), .wo = REBASE(a->wo), .bq = REBASE(a->bq), .bk = REBASE(a->bk),
-                                   .bv = REBASE(a->bv), .ffn_norm = REBASE(a->ffn_norm), .w_gate = REBASE(a->w_gate),
-                                   .w_up = REBASE(a->w_up), .w_down = REBASE(a->w_down)};
+    lm_layer *L = &w->layers[l];
+    L->wq = place_mat(p, a->wq, Q * D), L->wk = place_mat(p, a->wk, K * D), L->wv = place_mat(p, a->wv, K * D);
+    L->wo = place_mat(p, a->wo, D * Q);
+    L->w_gate = place_mat(p, a->w_gate, F * D), L->w_up = place_mat(p, a->w_up, F * D);
+    L->w_down = place_mat(p, a->w_down, D * F);
+    L->attn_norm = place_vec(p, a->attn_norm, D), L->ffn_norm = place_vec(p, a->ffn_norm, D);
+    L->bq = place_vec(p, a->bq, Q), L->bk = place_vec(p, a->bk, K), L->bv = place_vec(p, a->bv, K);
   }
-#undef REBASE
+}
+
+/* The passes' view of the loaded weights: the loaded arrays themselves on a
+ * host backend in fp32; otherwise two allocations of the backend's (the
+ * matrices in the format asked for, the vectors), filled tensor by tensor,
+ * and the host copy freed. */
+static int place_weights(pa_lm *lm) {
+  const pa_backend *be = lm->be;
+  pa_weights *h = &lm->host_w;
+  lm_weights *w = &lm->w;
+  if (!(w->layers = calloc((size_t)lm->c.n_layers, sizeof *w->layers)))
+    return pa_error(PA_ENOMEM, "no memory");
+  placer p = {.lm = lm};
+  if (be->host_memory && !lm->bf16) {
+    w->tok_embd = h->tok_embd, w->output = h->output, w->out_norm = h->out_norm;
+    for (int l = 0; l < lm->c.n_layers; l++) {
+      const pa_layer_weights *a = &h->layers[l];
+      w->layers[l] = (lm_layer){.wq = a->wq,
+                                .wk = a->wk,
+                                .wv = a->wv,
+                                .wo = a->wo,
+                                .w_gate = a->w_gate,
+                                .w_up = a->w_up,
+                                .w_down = a->w_down,
+                                .attn_norm = a->attn_norm,
+                                .ffn_norm = a->ffn_norm,
+                                .bq = a->bq,
+                                .bk = a->bk,
+                                .bv = a->bv};
+    }
+    return PA_OK;
+  }
+  place_all(&p, h, w); /* counts */
+  const size_t mat_bytes = p.n_mats * (lm->bf16 ? sizeof(pa_bf16) : sizeof(float));
+  w->mats = be->alloc(mat_bytes);
+  w->vecs = be->alloc(p.n_vecs * sizeof(float));
+  p.chunk = lm->bf16 ? malloc(CONVERT_CHUNK * sizeof(pa_bf16)) : NULL;
+  if (!w->mats || !w->vecs || (lm->bf16 && !p.chunk)) {
+    free(p.chunk);
+    return pa_error(PA_ENOMEM, "%s: no memory for %zu MB of %s weights on the %s backend", pa_model_path(lm->model),
+                    mat_bytes >> 20, pa_lm_weights(lm), be->name);
+  }
+  p.mats = w->mats, p.vecs = w->vecs, p.n_mats = p.n_vecs = 0;
+  place_all(&p, h, w);
+  free(p.chunk);
   pa_weights_free(h);
   return PA_OK;
+}
+
+const char *pa_lm_weights(const pa_lm *lm) { return lm->bf16 ? "bf16" : "fp32"; }
+
+int pa_weight_format_parse(const char *s) {
+  if (!strcmp(s, "auto"))
+    return PA_WEIGHTS_AUTO;
+  if (!strcmp(s, "fp32"))
+    return PA_WEIGHTS_FP32;
+  if (!strcmp(s, "bf16"))
+    return PA_WEIGHTS_BF16;
+  return -1;
 }
 
 int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out) {
@@ -92,14 +201,14 @@ int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out) {
   if (lm->max_seq > lm->c.max_seq)
     rc = pa_error(PA_EINVAL, "%s: %d positions asked for, the model's context is %d", pa_model_path(m), lm->max_seq,
                   lm->c.max_seq);
+  const pa_weight_format wf = o ? o->weights : PA_WEIGHTS_AUTO;
+  lm->bf16 = wf == PA_WEIGHTS_BF16 || (wf == PA_WEIGHTS_AUTO && !lm->be->host_memory);
   if (!rc)
     rc = pa_model_load_weights(m, &lm->host_w);
-  if (!rc && lm->be->host_memory)
-    lm->w = lm->host_w;
   if (!rc)
-    rc = rope_tables(lm); /* before the upload: it reads the RoPE frequency divisors */
-  if (!rc && !lm->be->host_memory)
-    rc = upload_weights(lm);
+    rc = rope_tables(lm); /* before placing the weights: it reads the RoPE frequency divisors */
+  if (!rc)
+    rc = place_weights(lm);
   if (rc) {
     pa_lm_destroy(lm);
     return rc;
@@ -109,7 +218,8 @@ int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out) {
 }
 
 static void scratch_free(const pa_backend *be, lm_scratch *s) {
-  float *const dev[] = {s->x, s->xb, s->q, s->z, s->k, s->v, s->gate, s->up, s->last, s->attn_scratch, s->logits};
+  float *const dev[] = {s->x,    s->xb,           s->q,      s->z,    s->k, s->v, s->gate, s->up,
+                        s->last, s->attn_scratch, s->logits, s->heads};
   for (size_t i = 0; i < sizeof dev / sizeof *dev; i++)
     be->release(dev[i]);
   be->release(s->pos);
@@ -127,14 +237,14 @@ void pa_lm_destroy(pa_lm *lm) {
   if (!lm)
     return;
   scratch_free(lm->be, &lm->s);
+  pa_weights_free(&lm->host_w); /* still set when the passes read it, or when placing failed */
+  lm->be->release(lm->w.mats);
+  lm->be->release(lm->w.vecs);
+  free(lm->w.layers);
   if (lm->be->host_memory) {
-    pa_weights_free(&lm->w);
     free(lm->cos_tab);
     free(lm->sin_tab);
   } else {
-    pa_weights_free(&lm->host_w); /* set only when the upload did not happen */
-    lm->be->release(lm->w.arena);
-    free(lm->w.layers);
     lm->be->release(lm->cos_tab);
     lm->be->release(lm->sin_tab);
     lm->be->release(lm->steer);
@@ -211,9 +321,10 @@ static int scratch_reserve(pa_lm *lm, int rows, int seqs) {
   s->pos_h = be->host_memory ? s->pos : malloc(R * sizeof(int32_t));
   s->ids_h = be->host_memory ? s->ids : malloc(R * sizeof(int32_t));
   s->logits = be->host_memory ? NULL : be->alloc((size_t)seqs * c->vocab_size * sizeof(float));
+  s->heads = be->host_memory ? NULL : be->alloc((size_t)seqs * c->n_layers * qd * sizeof(float));
   s->aseq = malloc((size_t)seqs * sizeof *s->aseq);
   if (!s->x || !s->xb || !s->q || !s->z || !s->k || !s->v || !s->gate || !s->up || !s->last || !s->pos || !s->ids ||
-      !s->pos_h || !s->ids_h || (!be->host_memory && !s->logits) || !s->aseq) {
+      !s->pos_h || !s->ids_h || (!be->host_memory && (!s->logits || !s->heads)) || !s->aseq) {
     scratch_free(be, s);
     return pa_error(PA_ENOMEM, "no memory for the activations of %d tokens", rows);
   }
@@ -392,15 +503,15 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       return pa_error(PA_ENOMEM, "no memory for attention scratch (%zu MB)", need * 4 >> 20);
   }
 
-  be->embed(rows, D, s->ids, lm->w.tok_embd, s->x);
+  lm_embed(lm, rows, s->ids, lm->w.tok_embd, s->x);
   for (int l = 0; l < c->n_layers; l++) {
     if (l > 0 && b->poll && b->poll(b->poll_ctx))
       return pa_error(PA_ECANCELED, "stopped on request");
-    const pa_layer_weights *L = &lm->w.layers[l];
+    const lm_layer *L = &lm->w.layers[l];
     be->rmsnorm(rows, D, s->x, L->attn_norm, c->norm_eps, s->xb);
-    be->matmul(rows, H * hd, D, s->xb, L->wq, 0.0f, s->q);
-    be->matmul(rows, KV * hd, D, s->xb, L->wk, 0.0f, s->k);
-    be->matmul(rows, KV * hd, D, s->xb, L->wv, 0.0f, s->v);
+    lm_matmul(lm, rows, H * hd, D, s->xb, L->wq, 0.0f, s->q);
+    lm_matmul(lm, rows, KV * hd, D, s->xb, L->wk, 0.0f, s->k);
+    lm_matmul(lm, rows, KV * hd, D, s->xb, L->wv, 0.0f, s->v);
     if (c->qkv_bias) {
       be->add_bias(rows, H * hd, L->bq, s->q);
       be->add_bias(rows, KV * hd, L->bk, s->k);
@@ -428,21 +539,27 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       apply_steer(lm, b->steer, l, rows);
     else if (b->steer) /* the same sums; a zero displacement adds zeros */
       be->add_bias(rows, H * hd, lm->steer + (size_t)l * H * hd, s->z);
-    if (b->heads)
+    if (b->heads) /* each sequence's last row; on a device into its buffer, downloaded once after the layers */
       for (int i = 0; i < b->n_seqs; i++) {
         const int last = s->aseq[i].row0 + s->aseq[i].n - 1;
-        be->download(b->heads + ((size_t)i * c->n_layers + l) * H * hd, s->z + (size_t)last * H * hd,
-                     (size_t)H * hd * sizeof(float));
+        const size_t bytes = (size_t)H * hd * sizeof(float);
+        float *dst = (be->host_memory ? b->heads : s->heads) + ((size_t)i * c->n_layers + l) * H * hd;
+        if (be->host_memory)
+          memcpy(dst, s->z + (size_t)last * H * hd, bytes);
+        else
+          be->copy2d(dst, bytes, s->z + (size_t)last * H * hd, bytes, bytes, 1);
       }
-    be->matmul(rows, D, H * hd, s->z, L->wo, 1.0f, s->x);
+    lm_matmul(lm, rows, D, H * hd, s->z, L->wo, 1.0f, s->x);
     if (lora)
       lora_apply(lm, lora, l, PA_LORA_O, rows, s->z, s->x);
     be->rmsnorm(rows, D, s->x, L->ffn_norm, c->norm_eps, s->xb);
-    be->matmul(rows, F, D, s->xb, L->w_gate, 0.0f, s->gate);
-    be->matmul(rows, F, D, s->xb, L->w_up, 0.0f, s->up);
+    lm_matmul(lm, rows, F, D, s->xb, L->w_gate, 0.0f, s->gate);
+    lm_matmul(lm, rows, F, D, s->xb, L->w_up, 0.0f, s->up);
     be->swiglu(rows, F, s->gate, s->up);
-    be->matmul(rows, D, F, s->gate, L->w_down, 1.0f, s->x);
+    lm_matmul(lm, rows, D, F, s->gate, L->w_down, 1.0f, s->x);
   }
+  if (b->heads && !be->host_memory)
+    be->download(b->heads, s->heads, (size_t)b->n_seqs * c->n_layers * H * hd * sizeof(float));
   for (int i = 0; i < b->n_seqs; i++)
     b->seqs[i].kv->len += b->seqs[i].n_tokens;
   if (b->logits) {
@@ -451,7 +568,7 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       be->rmsnorm(1, D, s->x + (size_t)last * D, lm->w.out_norm, c->norm_eps, s->last + (size_t)i * D);
     }
     float *logits = be->host_memory ? b->logits : s->logits;
-    be->matmul(b->n_seqs, c->vocab_size, D, s->last, lm->w.output, 0.0f, logits);
+    lm_matmul(lm, b->n_seqs, c->vocab_size, D, s->last, lm->w.output, 0.0f, logits);
     if (!be->host_memory)
       be->download(b->logits, logits, (size_t)b->n_seqs * c->vocab_size * sizeof(float));
     lm->flops += pa_matmul_flops(b->n_seqs, c->vocab_size, D);

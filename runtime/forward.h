@@ -32,6 +32,13 @@
 typedef struct pa_lm pa_lm;
 typedef struct pa_kv pa_kv;
 
+/* How the weight matrices are held (the norms and biases stay fp32). */
+typedef enum {
+  PA_WEIGHTS_AUTO = 0, /* bf16 on a device backend, fp32 on the host */
+  PA_WEIGHTS_FP32,     /* as loaded: the CPU reference's precision */
+  PA_WEIGHTS_BF16,     /* rounded to bf16 (backend.h: pa_bf16): half the memory, the GPU's tensor cores */
+} pa_weight_format;
+
 typedef struct {
   int n_threads; /* 0: all cores */
   int max_seq;   /* longest position needed; 0: the model's context length */
@@ -41,12 +48,18 @@ typedef struct {
    * positions, the steering displacements, a LoRA adapter) up and the logits
    * and captured heads down; so does the trainer (train.h). */
   const struct pa_backend *backend;
+  pa_weight_format weights;
 } pa_lm_opts;
 
-/* Loads the model's weights (fp32) and prepares the backend. */
+/* Loads the model's weights (fp32, dequantised), puts them in the backend's
+ * memory in the format asked for, and prepares the backend. */
 int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out);
 void pa_lm_destroy(pa_lm *lm); /* accepts NULL */
 const pa_model_config *pa_lm_config(const pa_lm *lm);
+/* "fp32" or "bf16": how this pa_lm holds the weight matrices. */
+const char *pa_lm_weights(const pa_lm *lm);
+/* Parses "auto", "fp32" or "bf16"; -1 for anything else. */
+int pa_weight_format_parse(const char *s);
 /* Floating-point operations of every pass this pa_lm has run (products and
  * attention, counted as 2 per multiply-add; elementwise work left out). */
 double pa_lm_flops(const pa_lm *lm);

@@ -8,6 +8,7 @@
 #include "forward.h"
 #include "model.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -32,16 +33,34 @@ typedef struct {
   int32_t *pos, *ids;     /* [rows], backend memory */
   int32_t *pos_h, *ids_h; /* [rows], where they are made (the same arrays on a host backend) */
   float *logits;          /* [seqs][vocab] (backend memory; unused on a host backend) */
-  pa_attn_seq *aseq;  /* [seqs] */
-  float *lu;          /* LoRA's low-rank activations, lu_cap floats ([rows][rank]) */
+  float *heads;           /* [seqs][n_layers][n_heads * head_dim]: captured heads (likewise) */
+  pa_attn_seq *aseq;      /* [seqs] */
+  float *lu;              /* LoRA's low-rank activations, lu_cap floats ([rows][rank]) */
   size_t lu_cap;
 } lm_scratch;
+
+/* The model's weights as the passes use them, in the backend's memory: the
+ * matrices in fp32 or in bf16 (pa_lm.bf16; then they are pa_bf16 arrays),
+ * the vectors (norms, biases) in fp32. Shapes as in pa_layer_weights. */
+typedef struct {
+  const void *wq, *wk, *wv, *wo, *w_gate, *w_up, *w_down;
+  const float *attn_norm, *ffn_norm, *bq, *bk, *bv; /* the biases NULL without qkv_bias */
+} lm_layer;
+
+typedef struct {
+  const void *tok_embd, *output; /* the same pointer when tied */
+  const float *out_norm;
+  lm_layer *layers; /* [n_layers] */
+  void *mats;       /* the backend allocations they live in; NULL when they */
+  float *vecs;      /* are the loaded weights themselves (fp32 on the host) */
+} lm_weights;
 
 struct pa_lm {
   const pa_model *model;
   pa_model_config c;
-  pa_weights w; /* the weights in the backend's memory (on a host backend, the loaded ones) */
-  pa_weights host_w; /* the loaded weights, in host memory */
+  lm_weights w;      /* the weights the passes read */
+  pa_weights host_w; /* the loaded weights (fp32, host memory), kept only while w points into them */
+  bool bf16;         /* w's matrices are bf16 */
   const pa_backend *be;
   int max_seq;
   float *cos_tab, *sin_tab; /* [max_seq][head_dim / 2], backend memory */
@@ -51,6 +70,30 @@ struct pa_lm {
   lm_scratch s;
   double flops; /* floating-point operations of every pass so far (pa_lm_flops) */
 };
+
+/* Products and lookups with one of the model's matrices, in its precision. */
+static inline void lm_matmul(const pa_lm *lm, int M, int N, int K, const float *x, const void *w, float beta,
+                             float *y) {
+  if (lm->bf16)
+    lm->be->matmul_bf16(M, N, K, x, (const pa_bf16 *)w, beta, y);
+  else
+    lm->be->matmul(M, N, K, x, (const float *)w, beta, y);
+}
+
+static inline void lm_matmul_nn(const pa_lm *lm, int M, int N, int K, const float *x, const void *w, float beta,
+                                float *y) {
+  if (lm->bf16)
+    lm->be->matmul_nn_bf16(M, N, K, x, (const pa_bf16 *)w, beta, y);
+  else
+    lm->be->matmul_nn(M, N, K, x, (const float *)w, beta, y);
+}
+
+static inline void lm_embed(const pa_lm *lm, int M, const int32_t *ids, const void *table, float *y) {
+  if (lm->bf16)
+    lm->be->embed_bf16(M, lm->c.dim, ids, (const pa_bf16 *)table, y);
+  else
+    lm->be->embed(M, lm->c.dim, ids, (const float *)table, y);
+}
 
 /* FLOPs of a product y[M][N] (+)= x[M][K] . w: 2 M N K. */
 static inline double pa_matmul_flops(int M, int N, int K) { return 2.0 * M * N * K; }

@@ -41,7 +41,9 @@ struct pa_trainer {
    * a zeroed host buffer to clear dx with, and copies of the adapter and the
    * gradient (views with the copies' arenas give their matrices there) */
   int32_t *d_ids, *d_pos;
-  float *w_sel, *d_logits, *d_dlogits, *zeros, *d_lora, *d_grad;
+  float *w_sel;   /* [seqs][n_out][dim]: the wanted output rows, gathered (fp32, backend memory) */
+  int32_t *d_out; /* the wanted tokens where the gather reads them */
+  float *d_logits, *d_dlogits, *zeros, *d_lora, *d_grad;
   size_t lora_floats;
   pa_lora lora_view, grad_view;
   /* the last forward pass */
@@ -104,20 +106,24 @@ int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out) {
   t->attn_floats = attn_scratch_floats(t, &p);
   t->arena_floats = per_layer * (size_t)c->n_layers + work + t->attn_floats;
   t->arena = t->be->alloc(t->arena_floats * sizeof *t->arena);
+  const size_t outs = S * (size_t)p.max_out;
+  if (!(t->w_sel = t->be->alloc(outs * D * sizeof(float)))) {
+    rc = pa_error(PA_ENOMEM, "trainer: no %s memory for %zu output rows", t->be->name, outs);
+    goto fail;
+  }
   if (!t->be->host_memory) {
-    const size_t outs = S * (size_t)p.max_out;
     t->d_ids = t->be->alloc(R * sizeof *t->d_ids);
     t->d_pos = t->be->alloc(R * sizeof *t->d_pos);
-    t->w_sel = t->be->alloc(outs * D * sizeof(float));
+    t->d_out = t->be->alloc(outs * sizeof *t->d_out);
     t->d_logits = t->be->alloc(outs * sizeof(float));
     t->d_dlogits = t->be->alloc(outs * sizeof(float));
     t->zeros = calloc(R * D, sizeof(float));
-    if (!t->d_ids || !t->d_pos || !t->w_sel || !t->d_logits || !t->d_dlogits || !t->zeros) {
+    if (!t->d_ids || !t->d_pos || !t->d_out || !t->d_logits || !t->d_dlogits || !t->zeros) {
       rc = pa_error(PA_ENOMEM, "trainer: no %s memory for its buffers", t->be->name);
       goto fail;
     }
   } else {
-    t->d_ids = t->ids, t->d_pos = t->pos;
+    t->d_ids = t->ids, t->d_pos = t->pos, t->d_out = t->out;
   }
   if (!t->arena) {
     rc = pa_error(PA_ENOMEM, "trainer: no memory for %zu MB of activations (%d rows)", t->arena_floats * 4 >> 20,
@@ -148,8 +154,9 @@ void pa_trainer_destroy(pa_trainer *t) {
   if (!t)
     return;
   t->be->release(t->arena);
+  t->be->release(t->w_sel);
   if (!t->be->host_memory) {
-    void *const dev[] = {t->d_ids, t->d_pos, t->w_sel, t->d_logits, t->d_dlogits, t->d_lora, t->d_grad};
+    void *const dev[] = {t->d_ids, t->d_pos, t->d_out, t->d_logits, t->d_dlogits, t->d_lora, t->d_grad};
     for (size_t i = 0; i < sizeof dev / sizeof *dev; i++)
       t->be->release(dev[i]);
     free(t->zeros);
@@ -160,7 +167,8 @@ void pa_trainer_destroy(pa_trainer *t) {
 }
 
 size_t pa_trainer_bytes(const pa_trainer *t) {
-  return t->arena_floats * sizeof(float) + (size_t)t->plan.max_rows * (sizeof *t->ids + sizeof *t->pos) +
+  return (t->arena_floats + (size_t)t->plan.max_seqs * t->plan.max_out * t->lm->c.dim) * sizeof(float) +
+         (size_t)t->plan.max_rows * (sizeof *t->ids + sizeof *t->pos) +
          (size_t)t->plan.max_seqs * (2 * sizeof(int) + (size_t)t->plan.max_out * sizeof *t->out);
 }
 
@@ -307,15 +315,15 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
   if (be->attention_train_scratch(&t->attn) > t->attn_floats)
     return pa_error(PA_EINVAL, "trainer: the batch needs more attention scratch than its plan");
 
-  be->embed(rows, D, t->d_ids, lm->w.tok_embd, t->layers[0].x);
+  lm_embed(lm, rows, t->d_ids, lm->w.tok_embd, t->layers[0].x);
   for (int l = 0; l < c->n_layers; l++) {
-    const pa_layer_weights *W = &lm->w.layers[l];
+    const lm_layer *W = &lm->w.layers[l];
     layer_acts *A = &t->layers[l];
     float *next = l + 1 < c->n_layers ? t->layers[l + 1].x : t->x_final;
     be->rmsnorm(rows, D, A->x, W->attn_norm, c->norm_eps, A->xb);
-    be->matmul(rows, H * hd, D, A->xb, W->wq, 0.0f, A->q);
-    be->matmul(rows, KV * hd, D, A->xb, W->wk, 0.0f, A->k);
-    be->matmul(rows, KV * hd, D, A->xb, W->wv, 0.0f, A->v);
+    lm_matmul(lm, rows, H * hd, D, A->xb, W->wq, 0.0f, A->q);
+    lm_matmul(lm, rows, KV * hd, D, A->xb, W->wk, 0.0f, A->k);
+    lm_matmul(lm, rows, KV * hd, D, A->xb, W->wv, 0.0f, A->v);
     if (c->qkv_bias) {
       be->add_bias(rows, H * hd, W->bq, A->q);
       be->add_bias(rows, KV * hd, W->bk, A->k);
@@ -331,46 +339,44 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
     t->attn.q = A->q, t->attn.k = A->k, t->attn.v = A->v, t->attn.z = A->z, t->attn.lse = A->lse;
     be->attention_train(&t->attn, t->attn_scratch);
     copy_floats(t, A->xm, A->x, (size_t)rows * D);
-    be->matmul(rows, D, H * hd, A->z, W->wo, 1.0f, A->xm);
+    lm_matmul(lm, rows, D, H * hd, A->z, W->wo, 1.0f, A->xm);
     if (lora)
       lora_forward(t, lora, l, PA_LORA_O, A->z, A->u[PA_LORA_O], A->xm);
     be->rmsnorm(rows, D, A->xm, W->ffn_norm, c->norm_eps, t->t1);
-    be->matmul(rows, F, D, t->t1, W->w_gate, 0.0f, A->gate);
-    be->matmul(rows, F, D, t->t1, W->w_up, 0.0f, A->up);
+    lm_matmul(lm, rows, F, D, t->t1, W->w_gate, 0.0f, A->gate);
+    lm_matmul(lm, rows, F, D, t->t1, W->w_up, 0.0f, A->up);
     copy_floats(t, t->t2, A->gate, (size_t)rows * F);
     be->swiglu(rows, F, t->t2, A->up);
     copy_floats(t, next, A->xm, (size_t)rows * D);
-    be->matmul(rows, D, F, t->t2, W->w_down, 1.0f, next);
+    lm_matmul(lm, rows, D, F, t->t2, W->w_down, 1.0f, next);
   }
   const double per_layer = pa_matmul_flops(rows, H * hd, D) * 2 + pa_matmul_flops(rows, KV * hd, D) * 2 +
                            pa_matmul_flops(rows, F, D) * 3 + 4.0 * H * hd * attn_pairs(&t->attn);
   t->flops += per_layer * c->n_layers;
 
-  /* the wanted logits at each sequence's last token: on the host as dot
-   * products in double; on a device as a product with the wanted output
-   * rows gathered (kept for the backward pass) */
-  const size_t row_bytes = (size_t)D * sizeof(float);
+  /* the wanted logits at each sequence's last token, from the wanted output
+   * rows gathered in fp32 (kept for the backward pass): on the host as dot
+   * products in double, on a device as one product per sequence */
+  const int n_outs = b->n_seqs * b->n_out;
+  if (!be->host_memory)
+    be->upload(t->d_out, t->out, (size_t)n_outs * sizeof *t->out);
+  lm_embed(lm, n_outs, t->d_out, lm->w.output, t->w_sel);
   for (int s = 0; s < b->n_seqs; s++) {
     const int last = t->seq_row0[s] + t->seq_len[s] - 1;
     float *h = t->last + (size_t)s * D;
+    const float *ws = t->w_sel + (size_t)s * b->n_out * D;
     be->rmsnorm(1, D, t->x_final + (size_t)last * D, lm->w.out_norm, c->norm_eps, h);
     for (int j = 0; j < b->n_out && be->host_memory; j++) {
-      const float *w = lm->w.output + (size_t)b->out[s * b->n_out + j] * D;
       double acc = 0;
       for (int i = 0; i < D; i++)
-        acc += (double)h[i] * w[i];
+        acc += (double)h[i] * ws[(size_t)j * D + i];
       logits[s * b->n_out + j] = (float)acc;
     }
-    if (!be->host_memory) {
-      float *ws = t->w_sel + (size_t)s * b->n_out * D;
-      for (int j = 0; j < b->n_out; j++)
-        be->copy2d(ws + (size_t)j * D, row_bytes, lm->w.output + (size_t)b->out[s * b->n_out + j] * D, row_bytes,
-                   row_bytes, 1);
+    if (!be->host_memory)
       be->matmul(1, b->n_out, D, h, ws, 0.0f, t->d_logits + (size_t)s * b->n_out);
-    }
   }
   if (!be->host_memory)
-    be->download(logits, t->d_logits, (size_t)b->n_seqs * b->n_out * sizeof *logits);
+    be->download(logits, t->d_logits, (size_t)n_outs * sizeof *logits);
   t->flops += 2.0 * D * b->n_seqs * b->n_out;
   t->ready = true;
   return PA_OK;
@@ -405,7 +411,7 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
     for (int i = 0; i < D && be->host_memory; i++) {
       double acc = 0;
       for (int j = 0; j < t->n_out; j++)
-        acc += (double)dlogits[s * t->n_out + j] * lm->w.output[(size_t)t->out[s * t->n_out + j] * D + i];
+        acc += (double)dlogits[s * t->n_out + j] * t->w_sel[((size_t)s * t->n_out + j) * D + i];
       g[i] = (float)acc;
     }
     if (!be->host_memory) /* g = dlogits . the gathered output rows */
@@ -414,17 +420,17 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
     be->rmsnorm_backward(1, D, t->x_final + (size_t)last * D, lm->w.out_norm, c->norm_eps, g, t->dx + (size_t)last * D);
   }
   for (int l = c->n_layers - 1; l >= 0; l--) {
-    const pa_layer_weights *W = &lm->w.layers[l];
+    const lm_layer *W = &lm->w.layers[l];
     layer_acts *A = &t->layers[l];
     t->attn.q = A->q, t->attn.k = A->k, t->attn.v = A->v, t->attn.z = A->z, t->attn.lse = A->lse;
     /* the MLP: x_next = xm + swiglu(xb2 Wg^T, xb2 Wu^T) Wd^T, xb2 = rmsnorm(xm) */
-    be->matmul_nn(R, F, D, t->dx, W->w_down, 0.0f, dh);
+    lm_matmul_nn(lm, R, F, D, t->dx, W->w_down, 0.0f, dh);
     be->swiglu_backward(R, F, A->gate, A->up, dh, t->dgate, t->dup);
-    be->matmul_nn(R, D, F, t->dgate, W->w_gate, 0.0f, dxb);
-    be->matmul_nn(R, D, F, t->dup, W->w_up, 1.0f, dxb);
+    lm_matmul_nn(lm, R, D, F, t->dgate, W->w_gate, 0.0f, dxb);
+    lm_matmul_nn(lm, R, D, F, t->dup, W->w_up, 1.0f, dxb);
     be->rmsnorm_backward(R, D, A->xm, W->ffn_norm, c->norm_eps, dxb, t->dx); /* dx: now d xm */
     /* attention: xm = x + z Wo^T + lora_o(z) */
-    be->matmul_nn(R, H * hd, D, t->dx, W->wo, 0.0f, t->dz);
+    lm_matmul_nn(lm, R, H * hd, D, t->dx, W->wo, 0.0f, t->dz);
     lora_backward(t, lo, grad, l, PA_LORA_O, t->dx, A->z, A->u[PA_LORA_O], t->dz);
     be->attention_backward(&t->attn, t->dz, t->dq, t->dk, t->dv, t->attn_scratch);
     be->rope_backward(R, H, hd, t->d_pos, lm->cos_tab, lm->sin_tab, t->dq);
@@ -432,9 +438,9 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
     /* the projections: q, k, v = xb W^T + b + lora(xb); below layer 0 nothing trains */
     const bool below = l > 0;
     if (below) {
-      be->matmul_nn(R, D, H * hd, t->dq, W->wq, 0.0f, dxb);
-      be->matmul_nn(R, D, KV * hd, t->dk, W->wk, 1.0f, dxb);
-      be->matmul_nn(R, D, KV * hd, t->dv, W->wv, 1.0f, dxb);
+      lm_matmul_nn(lm, R, D, H * hd, t->dq, W->wq, 0.0f, dxb);
+      lm_matmul_nn(lm, R, D, KV * hd, t->dk, W->wk, 1.0f, dxb);
+      lm_matmul_nn(lm, R, D, KV * hd, t->dv, W->wv, 1.0f, dxb);
     }
     lora_backward(t, lo, grad, l, PA_LORA_Q, t->dq, A->xb, A->u[PA_LORA_Q], below ? dxb : NULL);
     lora_backward(t, lo, grad, l, PA_LORA_K, t->dk, A->xb, A->u[PA_LORA_K], below ? dxb : NULL);

@@ -240,6 +240,7 @@ int pa_settings_check(const char *store, const Palign__Settings *have, const Pal
   diff_doubles(&d, "alphas", h->alphas, h->n_alphas, w->alphas, w->n_alphas);
   diff_int(&d, "top_k", h->top_k, w->top_k);
   diff_string(&d, "subjects_file", h->subjects_file, w->subjects_file, false);
+  diff_string(&d, "weights", h->weights, w->weights, false);
   static const Palign__DpoSettings no_dpo = PALIGN__DPO_SETTINGS__INIT;
   const Palign__DpoSettings *hd = h->dpo ? h->dpo : &no_dpo, *wd = w->dpo ? w->dpo : &no_dpo;
   diff_int(&d, "dpo.epochs", hd->epochs, wd->epochs);
@@ -293,8 +294,8 @@ static bool parse_shard_name(const char *name, long key[3]) {
   if (sscanf(name, "run%ld-rank%ld.pal%n", &key[0], &key[1], &used) == 2 && used > 0 && !name[used])
     return true;
   used = 0;
-  return sscanf(name, "run%ld-rank%ld.p%ld.pal%n", &key[0], &key[1], &key[2], &used) == 3 && used > 0 &&
-         !name[used] && key[2] >= 2;
+  return sscanf(name, "run%ld-rank%ld.p%ld.pal%n", &key[0], &key[1], &key[2], &used) == 3 && used > 0 && !name[used] &&
+         key[2] >= 2;
 }
 
 const char *pa_shard_part_base(const char *name, char buf[64]) {

@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* memmem */
 /* The activation bank (worker/bank.h) on a tiny random model and a tiny
  * inventory: the shared-prefix computation must give the head outputs of
  * each full prompt run alone, in pa_pas_bank_items' order; the cache file
@@ -141,9 +142,8 @@ static void test_cancel(void **s) {
   progress_log log = {.stop_after = 1};
   pa_bank *b = (pa_bank *)0x1;
   pa_error_clear();
-  assert_int_equal(pa_bank_compute(lm, tok(), tmpl(), inv, &(pa_bank_opts){.batch = 3, .progress = on_progress,
-                                                                          .progress_ctx = &log},
-                                   &b),
+  assert_int_equal(pa_bank_compute(lm, tok(), tmpl(), inv,
+                                   &(pa_bank_opts){.batch = 3, .progress = on_progress, .progress_ctx = &log}, &b),
                    PA_ECANCELED);
   assert_null(b);
   assert_int_equal(log.calls, 1);
@@ -423,6 +423,7 @@ static void test_mismatch(void **s) {
           "(file \"...est and concise assistan...\", this run \"...est and verbose assistan...\")");
   REFUSED(x.prefix = "Answer (", "prefix differs at byte 0");
   REFUSED(x.lowercase = true, "lowercase differs (file false, this run true)");
+  REFUSED(x.weights = "bf16", "weight format differs", "(file \"fp32\", this run \"bf16\")");
   REFUSED(x.template_name = "llama3", "chat template differs");
   REFUSED(x.n_items = 8, "n_items differs (file 7, this run 8)");
   REFUSED(x.n_layers = 2, "n_layers differs (file 3, this run 2)");
@@ -523,6 +524,32 @@ static void test_damaged(void **s) {
     write_variant(bad, v, len);
     expect_refused(bad, &k, PA_EFORMAT, NEEDLES("corrupted"));
   }
+  /* the weight format: a file from before it was recorded (the field blanked,
+   * the header the same length) is an fp32 bank; a value that is neither is
+   * refused */
+  char *wf = memmem(f, len, ",\"weights\":\"fp32\"", 17);
+  assert_non_null(wf);
+  memcpy(v, f, len);
+  memset(v + (wf - (char *)f), ' ', 17);
+  reseal(v, len);
+  write_variant(bad, v, len);
+  pa_bank *old = NULL;
+  assert_int_equal(pa_bank_load(bad, &k, &old), PA_OK);
+  pa_bank_destroy(old);
+  pa_bank_key k16 = k;
+  k16.weights = "bf16";
+  expect_refused(bad, &k16, PA_EINVAL, NEEDLES("weight format differs"));
+  memcpy(v, f, len);
+  memcpy(v + (wf - (char *)f) + 12, "fp16", 4);
+  reseal(v, len);
+  write_variant(bad, v, len);
+  expect_refused(bad, &k, PA_EFORMAT, NEEDLES("key.weights"));
+  char name[64];
+  pa_bank_file_name(k.model, "bf16", name, sizeof name);
+  assert_int_equal(strlen(name), strlen("bank-0123456789abcdef-bf16.bin"));
+  assert_non_null(strstr(name, "-bf16.bin"));
+  pa_bank_file_name(k.model, "fp32", name, sizeof name);
+  assert_null(strstr(name, "bf16"));
   /* a header length pointing past the end */
   memcpy(v, f, len);
   v[15] = 0x7f;

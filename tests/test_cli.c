@@ -63,7 +63,8 @@ static void test_mkmodel_inspect_tokenize(void **s) {
   expect_out("layers         3");
   expect_out("heads          4 query, 1 key/value");
   expect_out("blk.2.ffn_down.weight");
-  assert_int_equal(palign("mkmodel %s/tiny-hf --format safetensors --layers 3 --dim 32 --heads 4 --kv-heads 1 --seed 5", tu_tmp), 0);
+  assert_int_equal(
+      palign("mkmodel %s/tiny-hf --format safetensors --layers 3 --dim 32 --heads 4 --kv-heads 1 --seed 5", tu_tmp), 0);
   assert_int_equal(palign("inspect %s/tiny-hf --no-tensors", tu_tmp), 0);
   expect_out("format         safetensors");
   /* the same text gives the same ids from both forms */
@@ -125,8 +126,9 @@ static void test_eval_all_methods(void **s) {
                           tu_tmp, papi, tu_tmp, json),
                    0);
   expect_out("activation bank computed and saved to");
-  const char *rows[] = {"none ", "icl ", "p2 ", "pas (reference)", "pas (holdout)", "pas_only (reference)",
-                        "pas_only (holdout)", "const3", "trait_mean"};
+  const char *rows[] = {
+      "none ",  "icl ",      "p2 ", "pas (reference)", "pas (holdout)", "pas_only (reference)", "pas_only (holdout)",
+      "const3", "trait_mean"};
   for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
     expect_out(rows[i]);
   size_t len;
@@ -135,16 +137,36 @@ static void test_eval_all_methods(void **s) {
   assert_non_null(strstr(text, "\"pas (holdout)\""));
   free(text);
   /* a second run reads the bank back */
-  assert_int_equal(palign("eval --model %s/tiny.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank %s/bank.bin",
-                          tu_tmp, papi, tu_tmp),
-                   0);
+  assert_int_equal(
+      palign("eval --model %s/tiny.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank %s/bank.bin", tu_tmp,
+             papi, tu_tmp),
+      0);
   expect_out("activation bank read from");
   /* a bank made for another model is refused, not used */
   assert_int_equal(palign("mkmodel %s/other.gguf --layers 2 --seed 4", tu_tmp), 0);
-  assert_int_equal(palign("eval --model %s/other.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank %s/bank.bin",
-                          tu_tmp, papi, tu_tmp),
-                   1);
+  assert_int_equal(
+      palign("eval --model %s/other.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank %s/bank.bin", tu_tmp,
+             papi, tu_tmp),
+      1);
   expect_out("bank.bin");
+  /* bf16 weights on the CPU: the same methods, a bank of its own kind (an
+   * fp32 bank under the same path is refused, naming the difference) */
+  assert_int_equal(
+      palign("eval --model %s/tiny.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank %s/bank.bin "
+             "--weights bf16",
+             tu_tmp, papi, tu_tmp),
+      1);
+  expect_out("weight format differs");
+  assert_int_equal(palign("eval --model %s/tiny.gguf --papi %s --methods none,pas --subjects 1 --holdout 1 "
+                          "--bank %s/bank16.bin --weights bf16",
+                          tu_tmp, papi, tu_tmp),
+                   0);
+  expect_out("activation bank computed and saved to");
+  assert_int_equal(palign("eval --model %s/tiny.gguf --papi %s --weights fp16", tu_tmp, papi), 2);
+  expect_out("--weights is auto, fp32 or bf16, not 'fp16'");
+  assert_int_equal(palign("generate --model %s/tiny.gguf --prompt hi --max-tokens 2 --weights half", tu_tmp), 2);
+  expect_out("--weights is auto, fp32 or bf16, not 'half'");
+  assert_int_equal(palign("generate --model %s/tiny.gguf --prompt hi --max-tokens 2 --weights bf16", tu_tmp), 0);
 }
 
 int main(void) {

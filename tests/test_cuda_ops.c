@@ -20,7 +20,14 @@
  *  - rope_backward: as rope, 8 eps (|a|, |b| < 1 and |c|, |s| <= 1);
  *  - swiglu_backward: as swiglu, the sigmoid entering twice: 2e-6 relative;
  *  - attention_train and attention_backward: as attention, 2e-6 of the
- *    largest magnitude plus 1e-5 relative. */
+ *    largest magnitude plus 1e-5 relative;
+ *  - matmul_bf16, matmul_nn_bf16: both backends round x to bf16 the same way
+ *    (ties to even) and the products of bf16 values are exact in fp32, so
+ *    only the order of the sums differs: the fp32 bound, 4 sqrt(K) eps of the
+ *    terms' magnitudes, with the GPU's tensor cores accumulating in fp32;
+ *    the rounded operand is checked too: the GPU's result with x already
+ *    bf16 (rounding again changes nothing) must be the same bits;
+ *  - embed_bf16: exact (widening is exact). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -68,11 +75,11 @@ static float *back(const float *d, size_t n) {
     for (size_t i = 0; i < (n); i++) {                                                                                 \
       const double tol_ = (tol_expr), d_ = fabs((double)(got)[i] - (double)(want)[i]);                                 \
       if (!(d_ <= tol_))                                                                                               \
-        fail_msg("%s[%zu]: %.9g on the GPU, %.9g on the CPU (tolerance %.3g)", what, i, (double)(got)[i],             \
+        fail_msg("%s[%zu]: %.9g on the GPU, %.9g on the CPU (tolerance %.3g)", what, i, (double)(got)[i],              \
                  (double)(want)[i], tol_);                                                                             \
       worst_ = d_ > worst_ ? d_ : worst_;                                                                              \
     }                                                                                                                  \
-    fprintf(stderr, "    %-16s largest difference %.3g\n", what, worst_);                                            \
+    fprintf(stderr, "    %-16s largest difference %.3g\n", what, worst_);                                              \
   } while (0)
 
 /* ---- the operations -------------------------------------------------------------- */
@@ -120,6 +127,68 @@ static void test_matmul(void **s) {
   check_matmul(128, 256, 64);
 }
 
+/* The bf16 products: w rounded to bf16 once (the weights), x by the backend. */
+static void check_matmul_bf16(int M, int N, int K) {
+  float *x = tu_rand_vec(&rng, (size_t)M * K), *wf = tu_rand_vec(&rng, (size_t)N * K);
+  float *y = tu_rand_vec(&rng, (size_t)M * N), *want = malloc((size_t)M * N * sizeof *want);
+  pa_bf16 *w = malloc((size_t)N * K * sizeof *w);
+  for (size_t i = 0; i < (size_t)N * K; i++)
+    w[i] = pa_bf16_from_f32(wf[i]), wf[i] = pa_bf16_to_f32(w[i]);
+  float *dx = dev_floats(x, (size_t)M * K), *dy = dev_floats(y, (size_t)M * N);
+  pa_bf16 *dw = dev_of(w, (size_t)N * K * sizeof *w);
+  char what[64];
+  for (int nn = 0; nn < 2; nn++) {
+    memcpy(want, y, (size_t)M * N * sizeof *y);
+    gpu->upload(dy, y, (size_t)M * N * sizeof *y);
+    (nn ? cpu->matmul_nn_bf16 : cpu->matmul_bf16)(M, N, K, x, w, 0.5f, want);
+    (nn ? gpu->matmul_nn_bf16 : gpu->matmul_bf16)(M, N, K, dx, dw, 0.5f, dy);
+    float *got = back(dy, (size_t)M * N);
+    snprintf(what, sizeof what, "%s %dx%dx%d", nn ? "matmul_nn_bf16" : "matmul_bf16", M, N, K);
+    /* |x|, |w| < 1: the terms' magnitudes sum to less than K (as for matmul_nn) */
+    expect_close(what, got, want, (size_t)M * N, 4 * sqrt(K) * FLT_EPSILON * (0.5 * fabs(y[i]) + K) + 1e-30);
+    free(got);
+  }
+  /* x already in bf16: the GPU's result is the same bits as with x unrounded */
+  float *xr = malloc((size_t)M * K * sizeof *xr), *a, *b;
+  for (size_t i = 0; i < (size_t)M * K; i++)
+    xr[i] = pa_bf16_to_f32(pa_bf16_from_f32(x[i]));
+  float *dxr = dev_floats(xr, (size_t)M * K);
+  gpu->matmul_bf16(M, N, K, dx, dw, 0.0f, dy);
+  a = back(dy, (size_t)M * N);
+  gpu->matmul_bf16(M, N, K, dxr, dw, 0.0f, dy);
+  b = back(dy, (size_t)M * N);
+  assert_memory_equal(a, b, (size_t)M * N * sizeof *a);
+  free(a), free(b), free(xr);
+  gpu->release(dx), gpu->release(dw), gpu->release(dy), gpu->release(dxr);
+  free(x), free(wf), free(w), free(y), free(want);
+}
+
+static void test_matmul_bf16(void **s) {
+  (void)s;
+  check_matmul_bf16(1, 1, 1);
+  check_matmul_bf16(7, 33, 65);
+  check_matmul_bf16(37, 129, 300);
+  check_matmul_bf16(300, 260, 64); /* several of the CPU's blocks both ways */
+  /* embed_bf16: exact */
+  const int V = 50, D = 77, M = 9;
+  float *t = tu_rand_vec(&rng, (size_t)V * D), *want = malloc((size_t)M * D * sizeof *want);
+  pa_bf16 *tab = malloc((size_t)V * D * sizeof *tab);
+  for (size_t i = 0; i < (size_t)V * D; i++)
+    tab[i] = pa_bf16_from_f32(t[i]);
+  int32_t ids[9];
+  for (int m = 0; m < M; m++)
+    ids[m] = (m * 17 + 3) % V;
+  pa_bf16 *dt = dev_of(tab, (size_t)V * D * sizeof *tab);
+  int32_t *di = dev_of(ids, sizeof ids);
+  float *dg = gpu->alloc((size_t)M * D * sizeof(float));
+  cpu->embed_bf16(M, D, ids, tab, want);
+  gpu->embed_bf16(M, D, di, dt, dg);
+  float *got = back(dg, (size_t)M * D);
+  expect_close("embed_bf16", got, want, (size_t)M * D, 0);
+  gpu->release(dt), gpu->release(di), gpu->release(dg);
+  free(t), free(want), free(tab), free(got);
+}
+
 static void test_matmul_tn_acc(void **s) {
   (void)s;
   const int M = 29, N = 47, K = 70;
@@ -151,7 +220,8 @@ static void test_rmsnorm(void **s) {
 static void test_rope(void **s) {
   (void)s;
   const int M = 11, H = 3, hd = 40, half = hd / 2, P = 50;
-  float *x = tu_rand_vec(&rng, (size_t)M * H * hd), *cs = malloc((size_t)P * half * 4), *sn = malloc((size_t)P * half * 4);
+  float *x = tu_rand_vec(&rng, (size_t)M * H * hd), *cs = malloc((size_t)P * half * 4),
+        *sn = malloc((size_t)P * half * 4);
   int32_t pos[11];
   for (int p = 0; p < P; p++)
     for (int i = 0; i < half; i++)
@@ -166,7 +236,10 @@ static void test_rope(void **s) {
   cpu->rope(M, H, hd, pos, cs, sn, want);
   gpu->rope(M, H, hd, dp, dc, ds, dx);
   float *got = back(dx, (size_t)M * H * hd);
-  expect_close("rope", got, want, (size_t)M * H * hd, 4 * FLT_EPSILON * (fabs(x[i]) + fabs(x[i % (size_t)hd < (size_t)half ? i + (size_t)half : i - (size_t)half])) + 1e-30);
+  expect_close("rope", got, want, (size_t)M * H * hd,
+               4 * FLT_EPSILON *
+                       (fabs(x[i]) + fabs(x[i % (size_t)hd < (size_t)half ? i + (size_t)half : i - (size_t)half])) +
+                   1e-30);
   gpu->release(dx), gpu->release(dc), gpu->release(ds), gpu->release(dp);
   free(x), free(cs), free(sn), free(want), free(got);
 }
@@ -278,9 +351,17 @@ static void check_attention(int prefix_len) {
   float *want = calloc((size_t)rows * H * hd, 4);
   pa_attn_seq seqs[2] = {{.row0 = 0, .n = n0, .past = past0, .k_own = k0, .v_own = v0, .stride = stride},
                          {.row0 = n0, .n = n1, .past = 0, .k_own = k1, .v_own = v1, .stride = stride}};
-  pa_attn_args a = {.n_heads = H, .n_kv_heads = KV, .head_dim = hd, .q = q, .z = want,
-                    .k_prefix = P ? kp : NULL, .v_prefix = P ? vp : NULL, .prefix_len = P, .prefix_stride = 40,
-                    .seqs = seqs, .n_seqs = 2};
+  pa_attn_args a = {.n_heads = H,
+                    .n_kv_heads = KV,
+                    .head_dim = hd,
+                    .q = q,
+                    .z = want,
+                    .k_prefix = P ? kp : NULL,
+                    .v_prefix = P ? vp : NULL,
+                    .prefix_len = P,
+                    .prefix_stride = 40,
+                    .seqs = seqs,
+                    .n_seqs = 2};
   float *scratch = malloc(cpu->attention_scratch(&a) * 4 + 4);
   cpu->attention(&a, scratch);
   free(scratch);
@@ -321,8 +402,18 @@ static void test_attention_train(void **s) {
   const size_t nq = (size_t)rows * H * hd, nk = (size_t)rows * KV * hd, nl = (size_t)rows * H;
   float *q = tu_rand_vec(&rng, nq), *k = tu_rand_vec(&rng, nk), *v = tu_rand_vec(&rng, nk), *dz = tu_rand_vec(&rng, nq);
   float *z = calloc(nq, 4), *lse = calloc(nl, 4), *dq = calloc(nq, 4), *dk = calloc(nk, 4), *dv = calloc(nk, 4);
-  pa_attn_train_args a = {.n_heads = H, .n_kv_heads = KV, .head_dim = hd, .prefix_len = P, .n_seqs = 2,
-                          .seq_row0 = row0, .seq_len = len, .q = q, .k = k, .v = v, .z = z, .lse = lse};
+  pa_attn_train_args a = {.n_heads = H,
+                          .n_kv_heads = KV,
+                          .head_dim = hd,
+                          .prefix_len = P,
+                          .n_seqs = 2,
+                          .seq_row0 = row0,
+                          .seq_len = len,
+                          .q = q,
+                          .k = k,
+                          .v = v,
+                          .z = z,
+                          .lse = lse};
   float *scratch = malloc(cpu->attention_train_scratch(&a) * 4 + 4);
   cpu->attention_train(&a, scratch);
   cpu->attention_backward(&a, dz, dq, dk, dv, scratch);
@@ -339,8 +430,10 @@ static void test_attention_train(void **s) {
     const char *name;
     const float *want, *dev;
     size_t n;
-  } out[] = {{"attention_train z", z, d_z, nq},   {"attention_train lse", lse, d_lse, nl},
-             {"attention_backward dq", dq, d_dq, nq}, {"attention_backward dk", dk, d_dk, nk},
+  } out[] = {{"attention_train z", z, d_z, nq},
+             {"attention_train lse", lse, d_lse, nl},
+             {"attention_backward dq", dq, d_dq, nq},
+             {"attention_backward dk", dk, d_dk, nk},
              {"attention_backward dv", dv, d_dv, nk}};
   for (size_t o = 0; o < sizeof out / sizeof *out; o++) {
     double mx = 0;
@@ -368,9 +461,9 @@ int main(void) {
     return 77;
   }
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_matmul),    cmocka_unit_test(test_matmul_tn_acc), cmocka_unit_test(test_rmsnorm),
-      cmocka_unit_test(test_rope),      cmocka_unit_test(test_elementwise),   cmocka_unit_test(test_attention),
-      cmocka_unit_test(test_backward),  cmocka_unit_test(test_attention_train),
+      cmocka_unit_test(test_matmul),    cmocka_unit_test(test_matmul_bf16), cmocka_unit_test(test_matmul_tn_acc),
+      cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),        cmocka_unit_test(test_elementwise),
+      cmocka_unit_test(test_attention), cmocka_unit_test(test_backward),    cmocka_unit_test(test_attention_train),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -7,7 +7,9 @@
  *    evaluated on each backend: every item's expected score within 1e-4, and
  *    the same answer wherever the CPU's two best options are more than 1e-3
  *    apart (closer than that, fp32 may order them either way).
- * Skips (exit 77) without a device. */
+ *  - the bank again with bf16 weights on both: within 2e-3 of the largest
+ *    value (test_cuda_forward.c says why bf16 allows more than fp32);
+ * Both fp32 unless said. Skips (exit 77) without a device. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -35,6 +37,7 @@ static pa_inventory *inv;
 static pa_subjects *subjects;
 static pa_lm *lm[2]; /* cpu, cuda */
 static pa_bank *bank[2];
+static pa_bank *bank16[2]; /* with bf16 weights */
 
 static int setup(void **s) {
   if (tu_setup(s))
@@ -48,39 +51,58 @@ static int setup(void **s) {
     fprintf(stderr, "%s\n", pa_errmsg());
     return -1;
   }
-  for (int k = 0; k < 2; k++)
-    if (pa_lm_create(model, &(pa_lm_opts){.n_threads = 2, .max_seq = 4096, .backend = be[k]}, &lm[k]) ||
-        pa_bank_compute(lm[k], pa_model_tokenizer(model), pa_model_chat(model), inv, NULL, &bank[k])) {
+  for (int k = 0; k < 2; k++) {
+    pa_lm *l16 = NULL;
+    if (pa_lm_create(model,
+                     &(pa_lm_opts){.n_threads = 2, .max_seq = 4096, .backend = be[k], .weights = PA_WEIGHTS_FP32},
+                     &lm[k]) ||
+        pa_bank_compute(lm[k], pa_model_tokenizer(model), pa_model_chat(model), inv, NULL, &bank[k]) ||
+        pa_lm_create(model,
+                     &(pa_lm_opts){.n_threads = 2, .max_seq = 4096, .backend = be[k], .weights = PA_WEIGHTS_BF16},
+                     &l16) ||
+        pa_bank_compute(l16, pa_model_tokenizer(model), pa_model_chat(model), inv, NULL, &bank16[k])) {
       fprintf(stderr, "%s: %s\n", be[k]->name, pa_errmsg());
+      pa_lm_destroy(l16);
       return -1;
     }
+    pa_lm_destroy(l16);
+  }
   return 0;
 }
 
 static int teardown(void **s) {
   for (int k = 0; k < 2; k++)
-    pa_bank_destroy(bank[k]), pa_lm_destroy(lm[k]);
+    pa_bank_destroy(bank[k]), pa_bank_destroy(bank16[k]), pa_lm_destroy(lm[k]);
   pa_model_close(model);
   pa_subjects_destroy(subjects);
   pa_inventory_destroy(inv);
   return tu_teardown(s);
 }
 
-static void test_bank(void **s) {
-  (void)s;
-  const pa_pas_bank v = pa_bank_view(bank[0]);
+static void compare_banks(pa_bank *const *bk, double tol) {
+  const pa_pas_bank v = pa_bank_view(bk[0]);
   const size_t n = (size_t)2 * v.n_items * v.n_layers * v.n_heads * v.head_dim;
-  const float *a = pa_bank_data(bank[0]), *b = pa_bank_data(bank[1]);
+  const float *a = pa_bank_data(bk[0]), *b = pa_bank_data(bk[1]);
   double mx = 0, worst = 0;
   for (size_t i = 0; i < n; i++)
     mx = fabs(a[i]) > mx ? fabs(a[i]) : mx;
   for (size_t i = 0; i < n; i++) {
     const double d = fabs((double)a[i] - b[i]);
-    if (!(d <= 1e-4 * mx))
+    if (!(d <= tol * mx))
       fail_msg("bank[%zu]: %.9g on the GPU, %.9g on the CPU (largest %.3g)", i, b[i], a[i], mx);
     worst = d > worst ? d : worst;
   }
   fprintf(stderr, "    bank of %zu floats: largest difference %.3g of %.3g\n", n, worst, mx);
+}
+
+static void test_bank(void **s) {
+  (void)s;
+  compare_banks(bank, 1e-4);
+}
+
+static void test_bank_bf16(void **s) {
+  (void)s;
+  compare_banks(bank16, 2e-3);
 }
 
 static void test_fit_and_grid(void **s) {
@@ -138,6 +160,7 @@ int main(void) {
     fprintf(stderr, "skipping: no PAPI data at %s\n", test_papi_dir());
     return 77;
   }
-  const struct CMUnitTest tests[] = {cmocka_unit_test(test_bank), cmocka_unit_test(test_fit_and_grid)};
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_bank), cmocka_unit_test(test_bank_bf16),
+                                     cmocka_unit_test(test_fit_and_grid)};
   return cmocka_run_group_tests(tests, setup, teardown);
 }

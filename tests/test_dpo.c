@@ -219,7 +219,9 @@ static void test_device_path(void **s) {
   const pa_dpo_opts o = fast_opts();
   pa_lm *dlm;
   pa_evaluator *dev;
-  if (pa_lm_create(model, &(pa_lm_opts){.n_threads = 2, .max_seq = 512, .backend = tu_fake_device()}, &dlm) ||
+  if (pa_lm_create(
+          model, &(pa_lm_opts){.n_threads = 2, .max_seq = 512, .backend = tu_fake_device(), .weights = PA_WEIGHTS_FP32},
+          &dlm) ||
       pa_evaluator_create(dlm, pa_model_tokenizer(model), pa_model_chat(model), NULL, &dev))
     fail_msg("%s", pa_errmsg());
   pa_dpo_result r = {0}, d = {0};
@@ -370,8 +372,9 @@ static void test_against_pytorch(void **s) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_pairs),    cmocka_unit_test(test_settings_refused), cmocka_unit_test(test_pair_loss),
-      cmocka_unit_test(test_training), cmocka_unit_test(test_device_path), cmocka_unit_test(test_no_pairs),         cmocka_unit_test(test_against_pytorch),
+      cmocka_unit_test(test_pairs),           cmocka_unit_test(test_settings_refused), cmocka_unit_test(test_pair_loss),
+      cmocka_unit_test(test_training),        cmocka_unit_test(test_device_path),      cmocka_unit_test(test_no_pairs),
+      cmocka_unit_test(test_against_pytorch),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,7 +1,7 @@
 /* The forward pass's device path, run here: the CPU backend's operations
  * behind a backend that says its memory is not the host's, so the forward
- * pass takes the path it takes on a GPU (the weights uploaded into one
- * arena and rebased, the RoPE tables, caches and activations in "device"
+ * pass takes the path it takes on a GPU (the weights placed tensor by
+ * tensor into buffers of their own, in fp32 or bf16, the RoPE tables, caches and activations in "device"
  * buffers of their own, tokens and positions uploaded, new keys and values
  * stored by strided copies, steering as added displacements, heads and
  * logits downloaded) with the CPU's arithmetic (tu_fake_device.h). It must
@@ -23,13 +23,22 @@
 
 static void test_llama(void **s) {
   (void)s;
-  tu_check_forward("llama", tu_fake_device(), 0);
+  tu_check_forward("llama", tu_fake_device(), PA_WEIGHTS_FP32, 0);
 }
 
 static void test_qwen2(void **s) {
   (void)s;
-  tu_check_forward("qwen2", tu_fake_device(), 0);
+  tu_check_forward("qwen2", tu_fake_device(), PA_WEIGHTS_FP32, 0);
   assert_int_equal(tu_fake_live, 0); /* every buffer of both models released */
+}
+
+/* bf16 weight matrices (converted as they are placed, the products and
+ * lookups the bf16 ones): the device path and the host path the same bits */
+static void test_bf16(void **s) {
+  (void)s;
+  tu_check_forward("llama", tu_fake_device(), PA_WEIGHTS_BF16, 0);
+  tu_check_forward("qwen2", tu_fake_device(), PA_WEIGHTS_BF16, 0);
+  assert_int_equal(tu_fake_live, 0);
 }
 
 /* Llama-3.1's RoPE scaling (frequency divisors the RoPE tables read, on
@@ -57,11 +66,11 @@ static void test_rope_scaled(void **s) {
            (int)(at - text), text, end + 4);
   tu_write_text(cfg, patched);
   free(text);
-  tu_check_forward_model("llama, llama3 rope scaling", dir, tu_fake_device(), 0);
+  tu_check_forward_model("llama, llama3 rope scaling", dir, tu_fake_device(), PA_WEIGHTS_FP32, 0);
 }
 
 int main(void) {
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_llama), cmocka_unit_test(test_qwen2),
-                                     cmocka_unit_test(test_rope_scaled)};
+                                     cmocka_unit_test(test_bf16), cmocka_unit_test(test_rope_scaled)};
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

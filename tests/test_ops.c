@@ -1,7 +1,10 @@
 /* The CPU backend's operations against naive double-precision loops written
  * straight from the definitions, on shapes that are not multiples of any
  * block size. Tolerance: 1e-5 relative to the result's scale (fp32 sums of a
- * few hundred terms, accumulated in a different order). */
+ * few hundred terms, accumulated in a different order). The bf16 rounding
+ * against PyTorch's (tests/golden/make_bf16_golden.py); the bf16 products
+ * against the same loops over the rounded operands (the products of bf16
+ * values are exact, so the tolerance is the fp32 one). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -9,10 +12,13 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend.h"
+#include "cpu_internal.h"
 #include "testutil.h"
 
 static uint64_t rng = 88172645463325252ULL;
@@ -166,8 +172,17 @@ static void check_attention(int H, int KV, int hd, int P, int n_seqs, int thread
   }
   float *q = rand_vec((size_t)rows * H * hd), *z = malloc((size_t)rows * H * hd * sizeof *z);
   float *kp = P ? rand_vec((size_t)KV * pstride * hd) : NULL, *vp = P ? rand_vec((size_t)KV * pstride * hd) : NULL;
-  const pa_attn_args a = {.n_heads = H, .n_kv_heads = KV, .head_dim = hd, .q = q, .z = z, .k_prefix = kp,
-                          .v_prefix = vp, .prefix_len = P, .prefix_stride = pstride, .seqs = seqs, .n_seqs = n_seqs};
+  const pa_attn_args a = {.n_heads = H,
+                          .n_kv_heads = KV,
+                          .head_dim = hd,
+                          .q = q,
+                          .z = z,
+                          .k_prefix = kp,
+                          .v_prefix = vp,
+                          .prefix_len = P,
+                          .prefix_stride = pstride,
+                          .seqs = seqs,
+                          .n_seqs = n_seqs};
   float *scratch = malloc(be->attention_scratch(&a) * sizeof(float));
   be->attention(&a, scratch);
   double *want = malloc((size_t)rows * H * hd * sizeof *want);
@@ -194,6 +209,105 @@ static void test_attention_prefix(void **s) {
   check_attention(9, 3, 16, 5, 8, 2);
 }
 
+/* pa_bf16_from_f32 and back against torch.Tensor.bfloat16 on 2,055 bit
+ * patterns (ties both ways, subnormals, overflow to infinity): exact. */
+static void test_bf16_round(void **s) {
+  (void)s;
+  FILE *f = fopen(PALIGN_TEST_DATA "/bf16/round.tsv", "r");
+  assert_non_null(f);
+  char line[128];
+  int n = 0;
+  while (fgets(line, sizeof line, f)) {
+    unsigned in, want;
+    if (line[0] == '#')
+      continue;
+    assert_int_equal(sscanf(line, "%x %x", &in, &want), 2);
+    union {
+      uint32_t u;
+      float f;
+    } v = {.u = in}, back;
+    const pa_bf16 got = pa_bf16_from_f32(v.f);
+    if (got != want)
+      fail_msg("fp32 %08x: bf16 %04x, torch %04x", in, got, want);
+    back.f = pa_bf16_to_f32(got);
+    assert_int_equal(back.u, (uint32_t)want << 16);
+    n++;
+  }
+  fclose(f);
+  assert_int_equal(n, 2055);
+  union {
+    uint32_t u;
+    float f;
+  } nan = {.u = 0xFFC00001u};
+  assert_int_equal(pa_bf16_from_f32(nan.f) & 0xFFC0u, 0xFFC0u); /* NaN stays a (quiet) NaN, sign kept */
+}
+
+static float round16(float x) { return pa_bf16_to_f32(pa_bf16_from_f32(x)); }
+
+/* y = beta y + bf16(x) . w (w [N][K], or [K][N] when nn) in double. */
+static void bf16_reference(bool nn, int M, int N, int K, const float *x, const pa_bf16 *w, float beta, const float *y0,
+                           double *want) {
+  for (int m = 0; m < M; m++)
+    for (int n = 0; n < N; n++) {
+      double acc = beta == 0.0f ? 0.0 : (double)beta * y0[(size_t)m * N + n];
+      for (int k = 0; k < K; k++)
+        acc += (double)round16(x[(size_t)m * K + k]) * pa_bf16_to_f32(nn ? w[(size_t)k * N + n] : w[(size_t)n * K + k]);
+      want[(size_t)m * N + n] = acc;
+    }
+}
+
+/* matmul_bf16 and matmul_nn_bf16 (one block, and several both ways: 300 rows
+ * and 260 columns), with beta 0 over a NaN-filled y and beta 0.5; and the
+ * buffer-free definition a thread without buffers falls back to. */
+static void test_matmul_bf16(void **s) {
+  (void)s;
+  const pa_backend *be = pa_backend_cpu();
+  const int shapes[][3] = {{1, 1, 1}, {7, 13, 37}, {300, 260, 33}, {3, 300, 70}};
+  for (size_t c = 0; c < sizeof shapes / sizeof *shapes; c++) {
+    const int M = shapes[c][0], N = shapes[c][1], K = shapes[c][2];
+    float *x = rand_vec((size_t)M * K), *wf = rand_vec((size_t)N * K), *y0 = rand_vec((size_t)M * N);
+    pa_bf16 *w = malloc((size_t)N * K * sizeof *w);
+    float *y = malloc((size_t)M * N * sizeof *y);
+    double *want = malloc((size_t)M * N * sizeof *want);
+    for (size_t i = 0; i < (size_t)N * K; i++)
+      w[i] = pa_bf16_from_f32(wf[i]);
+    for (int nn = 0; nn < 2; nn++)
+      for (int bi = 0; bi < 2; bi++) {
+        const float beta = bi ? 0.5f : 0.0f;
+        bf16_reference(nn, M, N, K, x, w, beta, y0, want);
+        for (int direct = 0; direct < 2; direct++) {
+          if (beta == 0.0f)
+            memset(y, 0xFF, (size_t)M * N * sizeof *y); /* NaN: not read */
+          else
+            memcpy(y, y0, (size_t)M * N * sizeof *y);
+          if (direct)
+            pa_cpu_matmul_bf16_direct(nn, M, N, K, x, K, w, nn ? N : K, beta, y, N);
+          else
+            (nn ? be->matmul_nn_bf16 : be->matmul_bf16)(M, N, K, x, w, beta, y);
+          char what[80];
+          snprintf(what, sizeof what, "%s%s %dx%dx%d beta %g", nn ? "matmul_nn_bf16" : "matmul_bf16",
+                   direct ? " (direct)" : "", M, N, K, beta);
+          close_enough(y, want, (size_t)M * N, 1e-5, what);
+        }
+      }
+    free(x), free(wf), free(y0), free(w), free(y), free(want);
+  }
+}
+
+static void test_embed_bf16(void **s) {
+  (void)s;
+  const int V = 11, D = 9, ids[4] = {3, 0, 10, 3};
+  float *t = rand_vec((size_t)V * D), y[4 * 9];
+  pa_bf16 tab[11 * 9];
+  for (int i = 0; i < V * D; i++)
+    tab[i] = pa_bf16_from_f32(t[i]);
+  pa_backend_cpu()->embed_bf16(4, D, ids, tab, y);
+  for (int m = 0; m < 4; m++)
+    for (int i = 0; i < D; i++)
+      assert_true(y[m * D + i] == round16(t[ids[m] * D + i]));
+  free(t);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_matmul),
@@ -201,6 +315,9 @@ int main(void) {
       cmocka_unit_test(test_rope),
       cmocka_unit_test(test_attention_no_prefix),
       cmocka_unit_test(test_attention_prefix),
+      cmocka_unit_test(test_bf16_round),
+      cmocka_unit_test(test_matmul_bf16),
+      cmocka_unit_test(test_embed_bf16),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -192,7 +192,7 @@ static int run_argv(const char *log, char *const argv[]) {
   return rc;
 }
 
-#define MAX_ARGS 48
+#define MAX_ARGS 64
 
 typedef struct {
   char *v[MAX_ARGS + 1];
@@ -277,6 +277,7 @@ typedef struct {
   rec r[64];
   size_t n;
   size_t counts[6];
+  size_t on_cpu_fp32; /* records saying the model ran on the CPU with fp32 weights */
 } recs;
 
 /* The record with what a rerun or another rank count may change cleared:
@@ -336,6 +337,7 @@ static int collect(void *ctx, const pa_record_info *info, const Palign__SubjectR
   snprintf(x->shard, sizeof x->shard, "%s", info->shard);
   x->offset = info->offset, x->length = info->length;
   x->norm = pack_normalised(r, &x->n_norm);
+  rs->on_cpu_fp32 += !strcmp(r->backend, "cpu") && !strcmp(r->weights, "fp32");
   return 0;
 }
 
@@ -761,6 +763,7 @@ static void test_rank_count_and_eval(void **state) {
   read_store(s3, &b);
   expect_complete(&a, 6, 0, s1);
   expect_complete(&b, 6, 0, s3);
+  assert_int_equal(a.on_cpu_fp32, 6); /* each record says what the model ran on */
   same_stores(&a, &b);
   /* the 3-rank store really was written by two workers */
   bool rank[3] = {false};
@@ -1008,6 +1011,11 @@ static void test_settings_mismatch(void **state) {
   assert_int_equal(
       worker(scratch(log, "mismatch-methods.log"), 2, NULL, store, "--subjects", "4", "--methods", "none", NULL), 1);
   expect_in(log, "methods 'none,pas_only,const3,trait_mean' here, 'none,const3,trait_mean' asked");
+  assert_int_equal(worker(scratch(log, "mismatch-weights.log"), 2, NULL, store, "--subjects", "4", "--methods",
+                          "none,pas_only", "--weights", "bf16", NULL),
+                   1);
+  expect_in(log, "weights");
+  expect_in(log, "'bf16' asked");
   /* a store another job holds (this process, here) is refused, naming it */
   pa_store_guard *guard = NULL;
   assert_int_equal(pa_store_lock(store, &guard), PA_OK);
@@ -1064,6 +1072,43 @@ static void test_workers_cannot_start(void **state) {
     free(after);
   }
   free(before);
+}
+
+/* 6b. Workers whose weights would be in different formats (an MPMD job:
+ * one worker with --weights fp32, one with bf16; on GPUs --weights auto
+ * with some workers on the CPU would do the same): one bank cannot be made
+ * of their slices, so the job stops with exit 1 and says what to give,
+ * and the store is as it was. */
+static void test_mixed_weights(void **state) {
+  (void)state;
+  char store[512], log[512];
+  scratch(store, "mixed");
+  copy_base_store(store);
+  size_t n0, n1;
+  char *before = snapshot(store, &n0);
+  args a = {.n = 0};
+  add_arg(&a, "/usr/bin/mpirun");
+  for (int side = 0; side < 3; side++) { /* rank 0, a worker in fp32, a worker in bf16 */
+    if (side)
+      add_arg(&a, ":");
+    add_arg(&a, "-np"), add_arg(&a, "1");
+    add_arg(&a, WORKER);
+    add_arg(&a, "--model"), add_arg(&a, model);
+    add_arg(&a, "--papi"), add_arg(&a, papi);
+    add_arg(&a, "--store"), add_arg(&a, store);
+    add_arg(&a, "--threads"), add_arg(&a, "1");
+    add_arg(&a, "--subjects"), add_arg(&a, "4");
+    add_arg(&a, "--methods"), add_arg(&a, "none,pas_only");
+    if (side == 2)
+      add_arg(&a, "--weights"), add_arg(&a, "bf16");
+  }
+  assert_int_equal(run_argv(scratch(log, "mixed.log"), a.v), 1);
+  expect_in(log, "different formats");
+  expect_in(log, "give --weights fp32 or --weights bf16");
+  char *after = snapshot(store, &n1);
+  assert_int_equal(n0, n1);
+  assert_memory_equal(before, after, n0);
+  free(before), free(after);
 }
 
 /* The stored metrics of the row `name` of r: mae[5] (A, C, E, N, O) and mae_sum. */
@@ -1179,6 +1224,11 @@ static void test_bad_flags(void **state) {
   add_arg(&a, "--threads");
   assert_int_equal(run_argv(log, a.v), 2);
   expect_in(log, "--threads needs a value");
+  a.n = 0;
+  add_arg(&a, WORKER);
+  add_arg(&a, "--weights"), add_arg(&a, "fp16");
+  assert_int_equal(run_argv(scratch(log, "weights.log"), a.v), 2);
+  expect_in(log, "--weights is auto, fp32 or bf16, not 'fp16'");
   /* a value out of range is found once the data is read: exit 1, nothing made */
   assert_int_equal(worker(scratch(log, "zero.log"), 0, NULL, store, "--subjects", "0", "--methods", "none", NULL), 1);
   expect_in(log, "--subjects '0' is not all, N or A-B");
@@ -1303,9 +1353,8 @@ static void test_benchmark_mode(void **state) {
   fprintf(stderr, "    benchmark mode: 12 subjects slept %.3f s on average (0.05 asked)\n", total / 12);
   assert_true(total / 12 > 0.02 && total / 12 < 0.2);
   /* a real run on it is refused; a model method is a bad flag */
-  assert_int_equal(worker(scratch(log, "bench-real.log"), 0, NULL, store, "--subjects", "12", "--methods", "const3",
-                          NULL),
-                   1);
+  assert_int_equal(
+      worker(scratch(log, "bench-real.log"), 0, NULL, store, "--subjects", "12", "--methods", "const3", NULL), 1);
   expect_in(log, "benchmark_delay '0.05' here, '0' asked");
   assert_int_equal(worker(scratch(log, "bench-none.log"), 0, NULL, store, "--subjects", "12", "--benchmark-delay",
                           "0.05", "--methods", "none", NULL),
@@ -1349,8 +1398,8 @@ static long env_long(const char *name, long dflt, long lo, long hi) {
   return x;
 }
 
-static const char *const soak_kinds[] = {"SIGKILL to a worker", "SIGTERM to a worker", "SIGKILL to rank 0",
-                                         "SIGTERM to rank 0",   "SIGTERM to mpirun",   "SIGTERM to every rank",
+static const char *const soak_kinds[] = {"SIGKILL to a worker",  "SIGTERM to a worker", "SIGKILL to rank 0",
+                                         "SIGTERM to rank 0",    "SIGTERM to mpirun",   "SIGTERM to every rank",
                                          "SIGKILL to every rank"};
 enum { N_SOAK_KINDS = sizeof soak_kinds / sizeof *soak_kinds };
 
@@ -1541,6 +1590,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test_teardown(test_damaged_shard, teardown_test),
       cmocka_unit_test_teardown(test_settings_mismatch, teardown_test),
       cmocka_unit_test_teardown(test_workers_cannot_start, teardown_test),
+      cmocka_unit_test_teardown(test_mixed_weights, teardown_test),
       cmocka_unit_test_teardown(test_bad_flags, teardown_test),
       cmocka_unit_test_teardown(test_export_round_trips, teardown_test),
       cmocka_unit_test_teardown(test_dpo, teardown_test),

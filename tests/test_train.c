@@ -245,24 +245,26 @@ static void test_bits(void **s) {
 }
 
 /* The trainer's device path (tu_fake_device.h: the CPU's operations behind a
- * backend posing as a device): the same batch and adapter as on the CPU.
- * The wanted logits and the gradient entering the last rows are products
- * with the gathered output rows there (fp32) and dot products in double on
- * the host, so the logits agree within 1e-6 relative and the gradients
- * within 1e-5 of the largest; every buffer is released. */
-static void test_device_path(void **s) {
-  (void)s;
+ * backend posing as a device): the same batch and adapter as on the CPU,
+ * both with weights in format wf. The wanted logits and the gradient
+ * entering the last rows are products with the gathered output rows there
+ * (fp32) and dot products in double on the host, so the logits agree within
+ * 1e-6 relative and the gradients within 1e-5 of the largest; every buffer
+ * is released. The gradients come back in g (the device path's) and g_cpu. */
+static void device_path(pa_weight_format wf, pa_lora **g_dev, pa_lora **g_cpu) {
+  rng = 4242; /* the same batch and adapter on every call */
   fixture f;
   fixture_make(&f, PA_MK_QWEN2, "device.gguf");
-  pa_lm *dlm;
-  pa_trainer *dt;
+  pa_lm *lm[2];
+  pa_trainer *tr[2];
   const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
-  if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = tu_fake_device()}, &dlm) ||
-      pa_trainer_create(dlm, &plan, &dt))
-    fail_msg("%s", pa_errmsg());
+  const pa_backend *be[2] = {pa_backend_cpu(), tu_fake_device()};
+  for (int k = 0; k < 2; k++)
+    if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = be[k], .weights = wf}, &lm[k]) ||
+        pa_trainer_create(lm[k], &plan, &tr[k]))
+      fail_msg("%s", pa_errmsg());
   pa_lora *g[2];
   float lg[2][6];
-  pa_trainer *tr[2] = {f.tr, dt};
   for (int k = 0; k < 2; k++) {
     assert_int_equal(pa_lora_create_like(f.lora, &g[k]), PA_OK);
     for (size_t i = 0; i < g[k]->n_floats; i++) /* a gradient already holding something: backward adds to it */
@@ -284,12 +286,42 @@ static void test_device_path(void **s) {
                g[0]->arena[i], mx);
     worst = fmax(worst, d);
   }
-  fprintf(stderr, "    device path: gradients within %.3g of the largest %.3g\n", worst, mx);
-  pa_lora_destroy(g[0]), pa_lora_destroy(g[1]);
-  pa_trainer_destroy(dt);
-  pa_lm_destroy(dlm);
+  fprintf(stderr, "    device path, %s weights: gradients within %.3g of the largest %.3g\n", pa_lm_weights(lm[0]),
+          worst, mx);
+  for (int k = 0; k < 2; k++)
+    pa_trainer_destroy(tr[k]), pa_lm_destroy(lm[k]);
   fixture_free(&f);
   assert_int_equal(tu_fake_live, 0);
+  *g_dev = g[1], *g_cpu = g[0];
+}
+
+static void test_device_path(void **s) {
+  (void)s;
+  pa_lora *g, *g_cpu;
+  device_path(PA_WEIGHTS_FP32, &g, &g_cpu);
+  pa_lora_destroy(g), pa_lora_destroy(g_cpu);
+}
+
+/* With bf16 weights: the device path as above; and the gradient against
+ * the fp32 one (the same adapter and batch), within 1e-2 of the largest:
+ * bf16 keeps 8 bits of every weight and of every product's other operand,
+ * a relative error of 2^-9 each, compounded through the layers and the
+ * backward pass; a wrong transpose or a missed conversion is off by the
+ * whole gradient. */
+static void test_bf16(void **s) {
+  (void)s;
+  pa_lora *g16, *g16_cpu, *g32, *g32_cpu;
+  device_path(PA_WEIGHTS_BF16, &g16, &g16_cpu);
+  device_path(PA_WEIGHTS_FP32, &g32, &g32_cpu);
+  double mx = 0, worst = 0;
+  for (size_t i = 0; i < g32->n_floats; i++)
+    mx = fmax(mx, fabs(g32_cpu->arena[i] - 0.25));
+  for (size_t i = 0; i < g32->n_floats; i++)
+    worst = fmax(worst, fabs((double)g16_cpu->arena[i] - g32_cpu->arena[i]));
+  fprintf(stderr, "    bf16 against fp32 weights: gradients within %.3g of the largest %.3g\n", worst, mx);
+  assert_true(worst <= 1e-2 * mx);
+  assert_true(worst > 0); /* the bf16 path did run */
+  pa_lora_destroy(g16), pa_lora_destroy(g16_cpu), pa_lora_destroy(g32), pa_lora_destroy(g32_cpu);
 }
 
 static void test_bad_batches(void **s) {
@@ -327,6 +359,7 @@ int main(void) {
       cmocka_unit_test(test_matches_forward_and_whole_sequences),
       cmocka_unit_test(test_bits),
       cmocka_unit_test(test_device_path),
+      cmocka_unit_test(test_bf16),
       cmocka_unit_test(test_bad_batches),
   };
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);

@@ -32,17 +32,19 @@ static inline void expect_close(const char *what, const float *got, const float 
 }
 
 /* The model at path (named arch in messages) on the CPU and on backend
- * `other`: the same batches, answers within tol of the largest magnitude
- * (0: the same bits). */
-static inline void tu_check_forward_model(const char *arch, const char *path, const pa_backend *other, double tol) {
+ * `other`, both with weights in format wf: the same batches, answers within
+ * tol of the largest magnitude (0: the same bits). */
+static inline void tu_check_forward_model(const char *arch, const char *path, const pa_backend *other,
+                                          pa_weight_format wf, double tol) {
   pa_model *m;
   if (pa_model_open(path, &m))
     fail_msg("%s", pa_errmsg());
   pa_lm *lm[2];
   const pa_backend *be[2] = {pa_backend_cpu(), other};
   for (int k = 0; k < 2; k++)
-    if (pa_lm_create(m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = be[k]}, &lm[k]))
+    if (pa_lm_create(m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = be[k], .weights = wf}, &lm[k]))
       fail_msg("%s backend: %s", be[k]->name, pa_errmsg());
+  assert_string_equal(pa_lm_weights(lm[0]), pa_lm_weights(lm[1]));
   const pa_model_config *c = pa_lm_config(lm[0]);
   const size_t V = (size_t)c->vocab_size, Hs = (size_t)c->n_layers * c->n_heads * c->head_dim;
   float *logits[2], *heads[2], *steer = calloc(Hs, sizeof *steer);
@@ -76,7 +78,7 @@ static inline void tu_check_forward_model(const char *arch, const char *path, co
     pa_kv_destroy(pre), pa_kv_destroy(a), pa_kv_destroy(b);
   }
   char what[64];
-  snprintf(what, sizeof what, "%s logits", arch);
+  snprintf(what, sizeof what, "%s logits (%s)", arch, pa_lm_weights(lm[0]));
   expect_close(what, logits[1], logits[0], 2 * V, tol);
   for (int i = 0; i < 2; i++)
     assert_int_equal(pa_argmax(logits[1] + i * V, (int)V), pa_argmax(logits[0] + i * V, (int)V));
@@ -138,15 +140,16 @@ static inline void tu_check_forward_model(const char *arch, const char *path, co
 }
 
 /* The same for a tiny mkmodel GGUF of arch "llama" or "qwen2". */
-static inline void tu_check_forward(const char *arch, const pa_backend *other, double tol) {
+static inline void tu_check_forward(const char *arch, const pa_backend *other, pa_weight_format wf, double tol) {
   char path[300];
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   o.n_layers = 3, o.seed = 17;
   o.arch = strcmp(arch, "qwen2") ? PA_MK_LLAMA : PA_MK_QWEN2;
+  o.force = true; /* written again for each weight format */
   snprintf(path, sizeof path, "%s/%s.gguf", tu_tmp, arch);
   if (pa_mkmodel_write_gguf(&o, path))
     fail_msg("%s", pa_errmsg());
-  tu_check_forward_model(arch, path, other, tol);
+  tu_check_forward_model(arch, path, other, wf, tol);
 }
 
 #endif

@@ -18,7 +18,6 @@
 #include <sys/stat.h>
 #include <time.h>
 
-
 static const char MAGIC[8] = {'P', 'A', 'L', 'I', 'G', 'N', 'B', 'K'};
 enum {
   FIXED_HEAD = 16, /* magic, version (u32 LE), header length (u32 LE) */
@@ -34,6 +33,7 @@ struct pa_bank {
   int *items; /* [n_items] item numbers, bank order */
   /* what it was made from: checked against the key on save */
   char inventory[65], tokens[65], template_name[32];
+  char weights[8]; /* pa_lm_weights of the model it was computed on */
   char *system, *prefix;
   bool lowercase;
   pa_bank_stats stats;
@@ -271,13 +271,14 @@ int pa_bank_inventory_fingerprint(const pa_inventory *inv, char out[65]) {
 /* ---- the prompts ------------------------------------------------------------ */
 
 typedef struct {
-  const char *system, *prefix;
+  const char *system, *prefix, *weights;
   bool lowercase;
 } settings;
 
 static settings resolve(const pa_bank_opts *o) {
   return (settings){.system = o && o->system ? o->system : PA_DEFAULT_SYSTEM,
                     .prefix = o && o->prefix ? o->prefix : PA_BANK_DEFAULT_PREFIX,
+                    .weights = o && o->weights ? o->weights : "fp32",
                     .lowercase = o && o->lowercase};
 }
 
@@ -538,6 +539,7 @@ int pa_bank_compute(pa_lm *lm, const pa_tokenizer *tok, const pa_chat_template *
     memcpy(b->inventory, p.inventory, sizeof b->inventory);
     memcpy(b->tokens, p.tokens, sizeof b->tokens);
     snprintf(b->template_name, sizeof b->template_name, "%s", pa_chat_template_name(tmpl));
+    snprintf(b->weights, sizeof b->weights, "%s", pa_lm_weights(lm));
     b->lowercase = st.lowercase;
     b->stats = (pa_bank_stats){.prefix_tokens = (long)common,
                                .continuation_tokens = continuation,
@@ -596,10 +598,16 @@ int pa_bank_key_make(const char model_fingerprint[65], const pa_model_config *c,
   key->prefix = st.prefix;
   key->lowercase = st.lowercase;
   key->template_name = pa_chat_template_name(tmpl);
+  key->weights = st.weights;
   key->n_items = p.n_items;
   key->n_layers = c->n_layers, key->n_heads = c->n_heads, key->head_dim = c->head_dim;
   prompts_free(&p);
   return PA_OK;
+}
+
+void pa_bank_file_name(const char model_fingerprint[65], const char *weights, char *buf, size_t n) {
+  const bool bf16 = weights && !strcmp(weights, "bf16");
+  snprintf(buf, n, "bank-%.16s%s.bin", model_fingerprint, bf16 ? "-bf16" : "");
 }
 
 /* The differences found so far between two keys, as a list for a message. */
@@ -681,6 +689,7 @@ static int key_diff(const pa_bank_key *a, const pa_bank_key *b, bool with_model,
     addf(d, "lowercase differs (%s %s, %s %s)", d->a, a->lowercase ? "true" : "false", d->b,
          b->lowercase ? "true" : "false");
   diff_string(d, "chat template", a->template_name, b->template_name);
+  diff_string(d, "weight format", a->weights, b->weights);
   diff_hash(d, "prompt tokens (tokenizer, chat template or prompts)", a->tokens, b->tokens);
   return d->n;
 }
@@ -690,6 +699,7 @@ static pa_bank_key key_of(const pa_bank *b) {
                    .prefix = b->prefix,
                    .lowercase = b->lowercase,
                    .template_name = b->template_name,
+                   .weights = b->weights,
                    .n_items = b->n_items,
                    .n_layers = b->n_layers,
                    .n_heads = b->n_heads,
@@ -700,8 +710,8 @@ static pa_bank_key key_of(const pa_bank *b) {
 }
 
 static bool key_complete(const pa_bank_key *k) {
-  return k && k->system && k->prefix && k->template_name && strlen(k->model) == 64 && strlen(k->inventory) == 64 &&
-         strlen(k->tokens) == 64;
+  return k && k->system && k->prefix && k->template_name && k->weights && strlen(k->model) == 64 &&
+         strlen(k->inventory) == 64 && strlen(k->tokens) == 64;
 }
 
 /* ---- the file ----------------------------------------------------------------- */
@@ -724,6 +734,7 @@ static cJSON *header_json(const pa_bank *b, const pa_bank_key *key, size_t data_
   cJSON_AddStringToObject(k, "prefix", key->prefix);
   cJSON_AddBoolToObject(k, "lowercase", key->lowercase);
   cJSON_AddStringToObject(k, "chat_template", key->template_name);
+  cJSON_AddStringToObject(k, "weights", key->weights);
   cJSON_AddItemToObject(h, "dims", d);
   cJSON_AddNumberToObject(d, "n_items", b->n_items);
   cJSON_AddNumberToObject(d, "n_sequences", 2 * b->n_items);
@@ -843,6 +854,14 @@ static int parse_header(const char *path, const cJSON *h, pa_bank_key *key, size
     return pa_error(PA_EFORMAT, "%s: the header's key lacks system, prefix, chat_template or lowercase", path);
   key->system = system->valuestring, key->prefix = prefix->valuestring, key->template_name = tmpl->valuestring;
   key->lowercase = cJSON_IsTrue(lower);
+  /* the weight format: files from before it was recorded were all computed on fp32 weights */
+  const cJSON *weights = cJSON_GetObjectItemCaseSensitive(k, "weights");
+  key->weights = "fp32";
+  if (weights &&
+      !(cJSON_IsString(weights) && (!strcmp(weights->valuestring, "fp32") || !strcmp(weights->valuestring, "bf16"))))
+    return pa_error(PA_EFORMAT, "%s: the header's key.weights is neither \"fp32\" nor \"bf16\"", path);
+  if (weights)
+    key->weights = weights->valuestring;
   const char *dims[4] = {"n_items", "n_layers", "n_heads", "head_dim"};
   int *dv[4] = {&key->n_items, &key->n_layers, &key->n_heads, &key->head_dim};
   for (int i = 0; i < 4; i++) {
@@ -962,6 +981,7 @@ int pa_bank_load(const char *path, const pa_bank_key *key, pa_bank **out) {
     memcpy(b->inventory, file.inventory, 65);
     memcpy(b->tokens, file.tokens, 65);
     snprintf(b->template_name, sizeof b->template_name, "%s", file.template_name);
+    snprintf(b->weights, sizeof b->weights, "%s", file.weights);
     b->lowercase = file.lowercase;
     const cJSON *made = field(h, "made", cJSON_Object);
     const cJSON *v;

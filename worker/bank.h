@@ -58,6 +58,10 @@ typedef struct {
   const char *prefix; /* assistant turn before the letter; NULL: PA_BANK_DEFAULT_PREFIX */
   int batch;          /* items (question + A, then E) per forward batch; 0: 32 */
   bool no_share;      /* compute every sequence whole (no shared prefix): the naive way, for comparison */
+  /* for pa_bank_key_make: the weight format of the model the bank is computed
+   * on (pa_lm_weights: "fp32", NULL the same, or "bf16"); a bank is made
+   * from one and checked against its key on save and load */
+  const char *weights;
   /* Computing the bank in parts on several ranks: this call fills only its
    * slice (0 <= slice < n_slices) of the batches (whole batches, contiguous,
    * so every sequence is computed in the same batch as by a single call and
@@ -117,6 +121,7 @@ typedef struct {
   const char *prefix;
   bool lowercase;
   const char *template_name; /* pa_chat_template_name */
+  const char *weights;       /* "fp32" or "bf16" (pa_bank_opts.weights) */
   int n_items, n_layers, n_heads, head_dim;
 } pa_bank_key;
 
@@ -140,6 +145,11 @@ int pa_bank_inventory_fingerprint(const pa_inventory *inv, char out[65]);
  * defaults: keep o's strings alive while the key is used. */
 int pa_bank_key_make(const char model_fingerprint[65], const pa_model_config *c, const pa_tokenizer *tok,
                      const pa_chat_template *tmpl, const pa_inventory *inv, const pa_bank_opts *o, pa_bank_key *key);
+
+/* The cache file's name for a model fingerprint and weight format:
+ * "bank-<16 hex>.bin" for fp32, "bank-<16 hex>-bf16.bin" for bf16 (a bank per
+ * format, so that runs of either kind find their own). */
+void pa_bank_file_name(const char model_fingerprint[65], const char *weights, char *buf, size_t n);
 
 /* Writes the bank to path atomically (fileio.h). The key must describe the
  * bank: its inventory, token fingerprint, prompt settings and dimensions are

@@ -7,6 +7,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -77,4 +78,14 @@ void pa_cpu_attention_train(const pa_attn_train_args *a, float *scratch);
 void pa_cpu_attention_backward(const pa_attn_train_args *a, const float *dz, float *dq, float *dk, float *dv,
                                float *scratch);
 
+/* The bf16-weight operations (cpu_bf16.c), as backend.h describes them. */
+void pa_cpu_matmul_bf16(int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y);
+void pa_cpu_matmul_nn_bf16(int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y);
+void pa_cpu_embed_bf16(int M, int D, const int32_t *ids, const pa_bf16 *table, float *y);
+/* Their definition, one product at a time with no buffers (summed in k
+ * order): y[m][n] = beta * y + sum_k bf16(x[m][k]) * w, with w[n][k] (nn
+ * false) or w[k][n] (nn true), leading dimensions ldx, ldw, ldy. What a
+ * thread without buffers computes, and a reference for the tests. */
+void pa_cpu_matmul_bf16_direct(bool nn, int M, int N, int K, const float *x, int ldx, const pa_bf16 *w, int ldw,
+                               float beta, float *y, int ldy);
 #endif

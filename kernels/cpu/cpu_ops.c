@@ -183,6 +183,8 @@ static void cpu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch,
     memcpy((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
 }
 
+static const char *cpu_error(void) { return ""; } /* its operations cannot fail */
+
 static const pa_backend cpu_backend = {
     .name = "cpu",
     .matmul = cpu_matmul,
@@ -203,12 +205,16 @@ static const pa_backend cpu_backend = {
     .attention_train_scratch = pa_cpu_attention_train_scratch,
     .attention_train = pa_cpu_attention_train,
     .attention_backward = pa_cpu_attention_backward,
+    .matmul_bf16 = pa_cpu_matmul_bf16,
+    .matmul_nn_bf16 = pa_cpu_matmul_nn_bf16,
+    .embed_bf16 = pa_cpu_embed_bf16,
     .alloc = cpu_alloc,
     .release = free,
     .upload = cpu_copy,
     .download = cpu_copy,
     .copy2d = cpu_copy2d,
     .host_memory = 1,
+    .error = cpu_error,
 };
 
 const pa_backend *pa_backend_cpu(void) {

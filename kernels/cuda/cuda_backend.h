@@ -5,7 +5,9 @@
  * stream of the device pa_cuda_select chose and return without waiting, so
  * a sequence of them runs back to back; download waits for them. Matrix
  * products are cuBLAS SGEMMs with fp32 inputs, fp32 accumulation and no
- * TF32 (the CPU reference's precision); the rest are this directory's
+ * TF32 (the CPU reference's precision), and with bf16 weights cublasGemmEx
+ * on bf16 operands (x rounded by a kernel into a buffer the backend keeps)
+ * accumulating in fp32 on the tensor cores; the rest are this directory's
  * kernels, every training operation included (the training attention in
  * simple kernels: a block per query row and head, and per key row and kv
  * head for dK and dV, without atomics, so the sums are the same every run).

@@ -4,7 +4,11 @@
 #include "cuda_backend.h"
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#ifdef PALIGN_HAVE_NCCL
+#include <nccl.h>
+#endif
 
 #include <math.h>
 #include <stdio.h>
@@ -16,7 +20,8 @@ char last_error[256];
 bool ready;
 int device_used = -1;
 cudaStream_t stream;
-cublasHandle_t blas;
+cublasHandle_t blas;   // fp32 products: pedantic math, no TF32
+cublasHandle_t blas16; // bf16 products: tensor cores, fp32 accumulation
 
 constexpr int kBlock = 256;
 
@@ -46,7 +51,7 @@ __global__ void k_rmsnorm(int D, const float *x, const float *w, float eps, floa
   const float *xm = x + (size_t)blockIdx.x * D;
   float *ym = y + (size_t)blockIdx.x * D;
   __shared__ double part[kBlock];
-  double ss = 0;  // in double, as the CPU reference sums
+  double ss = 0; // in double, as the CPU reference sums
   for (int i = threadIdx.x; i < D; i += blockDim.x)
     ss += (double)xm[i] * xm[i];
   part[threadIdx.x] = ss;
@@ -68,7 +73,7 @@ __global__ void k_rope(int M, int n_heads, int hd, const int32_t *pos, const flo
   if (t >= n)
     return;
   const int i = (int)(t % half);
-  const size_t mh = t / half;  // m * n_heads + h
+  const size_t mh = t / half; // m * n_heads + h
   const int m = (int)(mh / n_heads);
   const float c = cos_tab[(size_t)pos[m] * half + i], s = sign * sin_tab[(size_t)pos[m] * half + i];
   float *v = x + mh * hd;
@@ -89,6 +94,18 @@ __global__ void k_embed(int M, int D, const int32_t *ids, const float *table, fl
   const size_t n = (size_t)M * D, i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n)
     y[i] = table[(size_t)ids[i / D] * D + i % D];
+}
+
+__global__ void k_embed_bf16(int M, int D, const int32_t *ids, const __nv_bfloat16 *table, float *y) {
+  const size_t n = (size_t)M * D, i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n)
+    y[i] = __bfloat162float(table[(size_t)ids[i / D] * D + i % D]);
+}
+
+__global__ void k_to_bf16(size_t n, const float *x, __nv_bfloat16 *y) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n)
+    y[i] = __float2bfloat16_rn(x[i]);
 }
 
 __global__ void k_add(size_t n, const float *x, float *y) {
@@ -185,9 +202,9 @@ __device__ inline float softmax_unnormalised(float *score, int L, float *red, fl
 // end (causal), and where q and z are.
 struct row_desc {
   const float *k_own, *v_own;
-  int stride;  // positions per kv head in k_own / v_own
-  int n_own;   // own keys this row sees: past + j + 1
-  int row;     // the row of q and z
+  int stride; // positions per kv head in k_own / v_own
+  int n_own;  // own keys this row sees: past + j + 1
+  int row;    // the row of q and z
 };
 
 // One block per (query row, head). The row's scores over its keys (the
@@ -196,7 +213,7 @@ struct row_desc {
 // computes output dimensions as sums over the keys.
 __global__ void k_attention(int n_heads, int n_kv_heads, int hd, const float *q, float *z, const float *k_prefix,
                             const float *v_prefix, int prefix_len, int prefix_stride, const row_desc *rows) {
-  extern __shared__ float sh[];  // [keys] scores, then [kBlock] for reductions
+  extern __shared__ float sh[]; // [keys] scores, then [kBlock] for reductions
   const row_desc r = rows[blockIdx.x];
   const int h = blockIdx.y, kh = h / (n_heads / n_kv_heads), L = prefix_len + r.n_own;
   float *score = sh, *red = sh + L;
@@ -240,9 +257,11 @@ struct train_row {
   int n_prefix, own_start, q_end;
 };
 
-constexpr int kTrainBlock = 128;  // threads of the key-gradient kernel; head_dim <= 2 * kTrainBlock
+constexpr int kTrainBlock = 128; // threads of the key-gradient kernel; head_dim <= 2 * kTrainBlock
 
-__device__ inline int train_key_row(const train_row &d, int t) { return t < d.n_prefix ? t : d.own_start + (t - d.n_prefix); }
+__device__ inline int train_key_row(const train_row &d, int t) {
+  return t < d.n_prefix ? t : d.own_start + (t - d.n_prefix);
+}
 
 // Forward: one block per (query row, head), as k_attention, keeping each
 // softmax's log-sum-exp.
@@ -367,8 +386,7 @@ int train_rows_of(const pa_attn_train_args *a) {
 }
 
 // Uploads the descriptors; the longest key list in *max_keys. NULL on error.
-const train_row *train_upload(const pa_attn_train_args *a, int rows, int *max_keys, const int **row0,
-                              const int **len) {
+const train_row *train_upload(const pa_attn_train_args *a, int rows, int *max_keys, const int **row0, const int **len) {
   const size_t bytes = (size_t)rows * sizeof(train_row) + 2 * (size_t)a->n_seqs * sizeof(int);
   if (bytes > train_cap) {
     cudaFree(train_dev);
@@ -433,6 +451,52 @@ void cu_matmul_tn_acc(int M, int N, int K, const float *a, const float *b, float
   // g[N][K] += a[M][N]^T . b[M][K]: column-major g^T (K x N) += b^T (K x M) . a (M x N)
   const float one = 1.0f;
   check_blas(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, &one, b, K, a, N, &one, g, K), "matmul_tn_acc");
+}
+
+// x rounded to bf16, the other operand of a bf16 product, in a buffer kept
+// between calls (grown when a larger one comes). NULL on error.
+__nv_bfloat16 *xb16;
+size_t xb16_cap;
+
+const __nv_bfloat16 *to_bf16(size_t n, const float *x, const char *what) {
+  if (n > xb16_cap) {
+    cudaFree(xb16); // waits for the work that may still read it
+    xb16 = nullptr, xb16_cap = 0;
+    if (!check(cudaMalloc(&xb16, n * sizeof *xb16), what))
+      return nullptr;
+    xb16_cap = n;
+  }
+  k_to_bf16<<<blocks(n), kBlock, 0, stream>>>(n, x, xb16);
+  launched(what);
+  return xb16;
+}
+
+void cu_matmul_bf16(int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y) {
+  const __nv_bfloat16 *xb = M > 0 && N > 0 ? to_bf16((size_t)M * K, x, "matmul_bf16") : nullptr;
+  if (!xb)
+    return;
+  const float one = 1.0f;
+  check_blas(cublasGemmEx(blas16, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF, K, xb, CUDA_R_16BF, K, &beta,
+                          y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+             "matmul_bf16");
+}
+
+void cu_matmul_nn_bf16(int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y) {
+  const __nv_bfloat16 *xb = M > 0 && N > 0 ? to_bf16((size_t)M * K, x, "matmul_nn_bf16") : nullptr;
+  if (!xb)
+    return;
+  const float one = 1.0f;
+  check_blas(cublasGemmEx(blas16, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF, N, xb, CUDA_R_16BF, K, &beta,
+                          y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+             "matmul_nn_bf16");
+}
+
+void cu_embed_bf16(int M, int D, const int32_t *ids, const pa_bf16 *table, float *y) {
+  const size_t n = (size_t)M * D;
+  if (!n)
+    return;
+  k_embed_bf16<<<blocks(n), kBlock, 0, stream>>>(M, D, ids, (const __nv_bfloat16 *)table, y);
+  launched("embed_bf16");
 }
 
 void cu_rmsnorm(int M, int D, const float *x, const float *w, float eps, float *y) {
@@ -627,6 +691,56 @@ void cu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t 
     check(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDeviceToDevice, stream), "copy2d");
 }
 
+// ---- collectives between the worker ranks' GPUs (NCCL) ------------------------------
+
+#ifdef PALIGN_HAVE_NCCL
+bool check_nccl(ncclResult_t r, const char *what) {
+  if (r == ncclSuccess)
+    return true;
+  snprintf(last_error, sizeof last_error, "%s: %s", what, ncclGetErrorString(r));
+  return false;
+}
+
+int cu_group_id(void *id) {
+  ncclUniqueId u;
+  if (!check_nccl(ncclGetUniqueId(&u), "ncclGetUniqueId"))
+    return -1;
+  memcpy(id, &u, sizeof u);
+  return 0;
+}
+
+int cu_group_join(const void *id, int n, int rank, pa_group **out) {
+  ncclUniqueId u;
+  memcpy(&u, id, sizeof u);
+  ncclComm_t comm;
+  if (!check_nccl(ncclCommInitRank(&comm, n, u, rank), "ncclCommInitRank"))
+    return -1;
+  *out = (pa_group *)comm; // the group is NCCL's communicator itself
+  return 0;
+}
+
+int cu_group_allgather(pa_group *g, const float *send, size_t count, float *recv) {
+  if (!check_nccl(ncclAllGather(send, recv, count, ncclFloat, (ncclComm_t)g, stream), "ncclAllGather") ||
+      !check(cudaStreamSynchronize(stream), "ncclAllGather"))
+    return -1;
+  return 0;
+}
+
+void cu_group_leave(pa_group *g) {
+  if (g)
+    ncclCommDestroy((ncclComm_t)g);
+}
+constexpr size_t kGroupIdBytes = sizeof(ncclUniqueId);
+#else
+constexpr size_t kGroupIdBytes = 0;
+int (*const cu_group_id)(void *) = nullptr;
+int (*const cu_group_join)(const void *, int, int, pa_group **) = nullptr;
+int (*const cu_group_allgather)(pa_group *, const float *, size_t, float *) = nullptr;
+void (*const cu_group_leave)(pa_group *) = nullptr;
+#endif
+
+const char *cu_error() { return last_error; }
+
 const pa_backend cuda_backend = {
     "cuda",
     cu_matmul,
@@ -647,15 +761,24 @@ const pa_backend cuda_backend = {
     cu_attention_train_scratch,
     cu_attention_train,
     cu_attention_backward,
+    cu_matmul_bf16,
+    cu_matmul_nn_bf16,
+    cu_embed_bf16,
     cu_alloc,
     cu_release,
     cu_upload,
     cu_download,
     cu_copy2d,
     0, /* device memory */
+    kGroupIdBytes,
+    cu_group_id,
+    cu_group_join,
+    cu_group_allgather,
+    cu_group_leave,
+    cu_error,
 };
 
-}  // namespace
+} // namespace
 
 extern "C" {
 
@@ -678,15 +801,21 @@ int pa_cuda_select(int device) {
     return 0;
   if (ready) {
     cublasDestroy(blas);
+    cublasDestroy(blas16);
     cudaStreamDestroy(stream);
     cudaFree(desc_dev);
     cudaFree(train_dev);
+    cudaFree(xb16);
     desc_dev = nullptr, desc_cap = 0, train_dev = nullptr, train_cap = 0, ready = false;
+    xb16 = nullptr, xb16_cap = 0;
   }
   if (!check(cudaSetDevice(device), "cudaSetDevice") || !check(cudaStreamCreate(&stream), "cudaStreamCreate"))
     return -1;
-  if (!check_blas(cublasCreate(&blas), "cublasCreate") || !check_blas(cublasSetStream(blas, stream), "cublasSetStream") ||
-      !check_blas(cublasSetMathMode(blas, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode")) /* no TF32 */
+  if (!check_blas(cublasCreate(&blas), "cublasCreate") ||
+      !check_blas(cublasSetStream(blas, stream), "cublasSetStream") ||
+      !check_blas(cublasSetMathMode(blas, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode") || /* no TF32 */
+      !check_blas(cublasCreate(&blas16), "cublasCreate") ||
+      !check_blas(cublasSetStream(blas16, stream), "cublasSetStream"))
     return -1;
   device_used = device, ready = true;
   return 0;
@@ -700,4 +829,4 @@ const pa_backend *pa_backend_cuda(void) {
 
 const char *pa_cuda_error(void) { return last_error; }
 
-}  // extern "C"
+} // extern "C"
