@@ -471,24 +471,26 @@ const __nv_bfloat16 *to_bf16(size_t n, const float *x, const char *what) {
   return xb16;
 }
 
-void cu_matmul_bf16(int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y) {
-  const __nv_bfloat16 *xb = M > 0 && N > 0 ? to_bf16((size_t)M * K, x, "matmul_bf16") : nullptr;
+// y[M][N] = beta y + bf16(x) . w with w [N][K] used transposed (nn false)
+// or [K][N] as it is: column-major, y^T = w^T(as stored) . x^T.
+void matmul_bf16(bool nn, int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y,
+                 const char *what) {
+  const __nv_bfloat16 *xb = M > 0 && N > 0 ? to_bf16((size_t)M * K, x, what) : nullptr;
   if (!xb)
     return;
   const float one = 1.0f;
-  check_blas(cublasGemmEx(blas16, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF, K, xb, CUDA_R_16BF, K, &beta,
-                          y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-             "matmul_bf16");
+  check_blas(cublasGemmEx(blas16, nn ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF,
+                          nn ? N : K, xb, CUDA_R_16BF, K, &beta, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
+                          CUBLAS_GEMM_DEFAULT),
+             what);
+}
+
+void cu_matmul_bf16(int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y) {
+  matmul_bf16(false, M, N, K, x, w, beta, y, "matmul_bf16");
 }
 
 void cu_matmul_nn_bf16(int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y) {
-  const __nv_bfloat16 *xb = M > 0 && N > 0 ? to_bf16((size_t)M * K, x, "matmul_nn_bf16") : nullptr;
-  if (!xb)
-    return;
-  const float one = 1.0f;
-  check_blas(cublasGemmEx(blas16, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF, N, xb, CUDA_R_16BF, K, &beta,
-                          y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-             "matmul_nn_bf16");
+  matmul_bf16(true, M, N, K, x, w, beta, y, "matmul_nn_bf16");
 }
 
 void cu_embed_bf16(int M, int D, const int32_t *ids, const pa_bf16 *table, float *y) {
