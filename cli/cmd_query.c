@@ -110,7 +110,8 @@ static void print_settings(const pa_query_summary *s) {
     printf("settings  model %.16s  methods ", st->model_fingerprint ? st->model_fingerprint : "");
     for (size_t i = 0; i < st->n_methods; i++)
       printf("%s%s", i ? "," : "", st->methods[i]);
-    printf("  seed %llu  mode %s\n", (unsigned long long)st->run_seed, st->mode && *st->mode ? st->mode : "-");
+    printf("  seed %llu  mode %s  weights %s\n", (unsigned long long)st->run_seed, st->mode && *st->mode ? st->mode : "-",
+           st->weights && *st->weights ? st->weights : st->benchmark_delay > 0 ? "-" : "fp32");
     printf("          inventory %.16s  %s items  holdout %d per trait  top-k %d  %zu alphas",
            st->inventory_fingerprint && *st->inventory_fingerprint ? st->inventory_fingerprint : "-",
            st->lowercase_items ? "lowercased" : "as-is", st->holdout_per_trait, st->top_k, st->n_alphas);

@@ -148,6 +148,7 @@ static void settings_of(const service *sv, Palign__Settings *st, char inv_fp[65]
     st->dpo = (Palign__DpoSettings *)&sv->dpo_settings; /* borrowed, as the strings are */
   st->benchmark_delay = sv->o->benchmark_delay;
   st->benchmark_cv = sv->o->benchmark_delay > 0 ? sv->o->benchmark_cv : 0;
+  /* auto: known once the workers have their model (same_weights) */
   st->weights = (char *)(sv->o->weights && strcmp(sv->o->weights, "auto") ? sv->o->weights : "");
 }
 
@@ -527,15 +528,17 @@ static int get_bank(service *sv) {
   return PA_OK;
 }
 
-/* The slices of one bank come from one weight format: every worker's must
- * be the same (with --backend auto and --weights auto, a worker without a
- * GPU holds fp32 where the others hold bf16). Collective over the job. */
-static int same_weights(service *sv) {
+/* Every worker must hold its weights in one format: the slices of one bank
+ * come from one, and a store holds one (with --backend auto and --weights
+ * auto, a worker without a GPU would hold fp32 where the others hold bf16).
+ * *format is the one ("fp32" or "bf16"). Collective over the job. */
+static int same_weights(service *sv, const char **format) {
   const bool worker = pa_comm_worker_index(sv->comm) >= 0;
   const bool bf16 = worker && sv->lm && !strcmp(pa_lm_weights(sv->lm), "bf16"), fp32 = worker && !bf16;
   int all_bf16 = 0, all_fp32 = 0, err;
   if ((err = pa_comm_all_ok(sv->comm, !fp32, &all_bf16)) || (err = pa_comm_all_ok(sv->comm, !bf16, &all_fp32)))
     return err;
+  *format = all_bf16 ? "bf16" : "fp32";
   if (all_bf16 || all_fp32)
     return PA_OK;
   if (sv->rank == 0)
@@ -967,8 +970,18 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
     if (worker && (rc = setup_worker(sv)))
       say_error(sv);
     rc = all_ok(sv, rc, "could not start");
-    if (!rc && sv->need_bank)
-      rc = same_weights(sv);
+    /* the store's settings again, with the weight format the workers resolved */
+    const char *format = "";
+    if (!rc && sv->need_model)
+      rc = same_weights(sv, &format);
+    int src = PA_OK;
+    if (!rc && sv->rank == 0 && sv->need_model) {
+      rm.settings.weights = (char *)format;
+      if (rm.old && rm.old->settings && (src = pa_settings_check(o->store, rm.old->settings, &rm.settings)))
+        say_error(sv);
+    }
+    if (!rc)
+      rc = all_ok(sv, src, "found other settings in the store");
     int wrc = PA_OK;
     if (!rc && sv->rank == 0 && (wrc = pa_manifest_write(o->store, &rm.m)))
       say_error(sv);

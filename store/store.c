@@ -240,7 +240,10 @@ int pa_settings_check(const char *store, const Palign__Settings *have, const Pal
   diff_doubles(&d, "alphas", h->alphas, h->n_alphas, w->alphas, w->n_alphas);
   diff_int(&d, "top_k", h->top_k, w->top_k);
   diff_string(&d, "subjects_file", h->subjects_file, w->subjects_file, false);
-  diff_string(&d, "weights", h->weights, w->weights, false);
+  /* the weight format: "" in a store from before it was recorded (fp32 then);
+   * "" asked: not known yet (--weights auto, before the workers said) */
+  if (w->weights[0])
+    diff_string(&d, "weights", h->weights[0] ? h->weights : "fp32", w->weights, false);
   static const Palign__DpoSettings no_dpo = PALIGN__DPO_SETTINGS__INIT;
   const Palign__DpoSettings *hd = h->dpo ? h->dpo : &no_dpo, *wd = w->dpo ? w->dpo : &no_dpo;
   diff_int(&d, "dpo.epochs", hd->epochs, wd->epochs);

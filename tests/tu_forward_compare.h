@@ -63,7 +63,7 @@ static inline void tu_check_forward_model(const char *arch, const char *path, co
   for (int k = 0; k < 2; k++) {
     logits[k] = calloc(2 * V, sizeof(float));
     heads[k] = calloc(2 * Hs, sizeof(float));
-    pa_kv *pre, *a, *b;
+    pa_kv *pre = NULL, *a = NULL, *b = NULL;
     if (pa_kv_create(lm[k], 32, &pre) || pa_kv_create(lm[k], 64, &a) || pa_kv_create(lm[k], 64, &b))
       fail_msg("%s", pa_errmsg());
     pa_seq ps = {.tokens = prefix_tok, .n_tokens = 19, .kv = pre};
