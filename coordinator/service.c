@@ -402,8 +402,8 @@ static int join_group(service *sv) {
     return PA_OK;
   if (worker) {
     unsigned char id[1 + 256] = {0}; /* made: 1, then the id */
-    if (pa_comm_worker_index(sv->comm) == 0)
-      id[0] = be->group_id(id + 1) == 0;
+    if (pa_comm_worker_index(sv->comm) == 0 && !(id[0] = be->group_id(id + 1) == 0))
+      fprintf(sv->log, "palign-worker: rank %d: NCCL: %s; the activation bank goes over MPI\n", sv->rank, be->error());
     if ((err = pa_comm_workers_bcast(sv->comm, id, 1 + be->group_id_bytes)))
       return err;
     if (id[0] && be->group_join(id + 1, pa_comm_workers(sv->comm), pa_comm_worker_index(sv->comm), &sv->group))
