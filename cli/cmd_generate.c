@@ -40,7 +40,7 @@ static void usage(FILE *f) {
              "  --threads N      CPU threads (default: all cores)\n"
              "  --backend B      cpu (default), cuda or auto (cuda where a GPU is)\n"
              "  --weights W      fp32, bf16 or auto (bf16 on a GPU, fp32 on the CPU; the default)\n"
-             "  --stats          print token counts and speed on stderr\n"
+             "  --stats          print token counts, speed and host memory on stderr\n"
              "\n"
              "With a subject's PAS intervention or DPO adapter from a store (palign-worker's):\n"
              "  --store S        the store\n"
@@ -154,6 +154,19 @@ static int load_intervention(const pa_model *m, const char *model_path, const ch
   return rc;
 }
 
+/* A size line of /proc/self/status ("VmRSS:", "VmHWM:") in MB; 0 where there is none. */
+static double status_mb(const char *field) {
+  FILE *f = fopen("/proc/self/status", "r");
+  char line[256];
+  double kb = 0;
+  while (f && fgets(line, sizeof line, f))
+    if (!strncmp(line, field, strlen(field)))
+      kb = strtod(line + strlen(field), NULL);
+  if (f)
+    fclose(f);
+  return kb / 1024;
+}
+
 int cmd_generate(int argc, char **argv) {
   const char *model_path = NULL, *prompt = NULL, *system = NULL, *template_name = NULL;
   const char *store = NULL, *subject = NULL, *variant = NULL, *protocol = "holdout", *papi = NULL, *method = "pas";
@@ -161,6 +174,7 @@ int cmd_generate(int argc, char **argv) {
   int weights = PA_WEIGHTS_AUTO;
   double alpha = NAN;
   int max_tokens = 256, threads = 0, stats = 0;
+  double rss_loaded = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -317,6 +331,7 @@ int cmd_generate(int argc, char **argv) {
     if (pa_tokenizer_eot(tok) >= 0)
       stop[n_stop++] = pa_tokenizer_eot(tok);
     t_load = now() - t0;
+    rss_loaded = status_mb("VmRSS:");
     const pa_gen_opts go = {.max_tokens = max_tokens, .stop = stop, .n_stop = n_stop, .steer = steer, .lora = lora};
     rc = pa_lm_generate(lm, NULL, kv, ids, (int)n_ids, &go, &out, &n_out);
     t_gen = now() - t0 - t_load;
@@ -336,9 +351,12 @@ int cmd_generate(int argc, char **argv) {
     }
   }
   fflush(stdout);
-  if (!rc && stats)
+  if (!rc && stats) {
     fprintf(stderr, "prompt %zu tokens, generated %d tokens; load %.2f s, generation %.2f s (%.1f tokens/s)\n", n_ids,
             n_out, t_load, t_gen, t_gen > 0 ? n_out / t_gen : 0.0);
+    fprintf(stderr, "host memory: %.0f MB resident once loaded (%s weights), %.0f MB at the peak\n", rss_loaded,
+            pa_lm_weights(lm), status_mb("VmHWM:"));
+  }
   free(out);
   free(ids);
   free(steer), free(icl);

@@ -166,7 +166,8 @@ static void test_eval_all_methods(void **s) {
   expect_out("--weights is auto, fp32 or bf16, not 'fp16'");
   assert_int_equal(palign("generate --model %s/tiny.gguf --prompt hi --max-tokens 2 --weights half", tu_tmp), 2);
   expect_out("--weights is auto, fp32 or bf16, not 'half'");
-  assert_int_equal(palign("generate --model %s/tiny.gguf --prompt hi --max-tokens 2 --weights bf16", tu_tmp), 0);
+  assert_int_equal(palign("generate --model %s/tiny.gguf --prompt hi --max-tokens 2 --weights bf16 --stats", tu_tmp), 0);
+  expect_out("MB resident once loaded (bf16 weights)");
 }
 
 int main(void) {
