@@ -237,6 +237,8 @@ void pa_lm_destroy(pa_lm *lm) {
   if (!lm)
     return;
   scratch_free(lm->be, &lm->s);
+  lm->be->release(lm->sel);
+  free(lm->sel_ids);
   pa_weights_free(&lm->host_w); /* still set when the passes read it, or when placing failed */
   lm->be->release(lm->w.mats);
   lm->be->release(lm->w.vecs);
@@ -365,6 +367,35 @@ static int check_batch(const pa_lm *lm, const pa_batch *b, int *rows) {
       return pa_error(PA_EINVAL, "batch too large");
     *rows += s->n_tokens;
   }
+  if (b->logit_ids && b->n_logit_ids < 1)
+    return pa_error(PA_EINVAL, "a restricted output needs at least one token");
+  for (int i = 0; b->logit_ids && i < b->n_logit_ids; i++)
+    if (b->logit_ids[i] < 0 || b->logit_ids[i] >= lm->c.vocab_size)
+      return pa_error(PA_EINVAL, "output token %d is outside the vocabulary (%d)", b->logit_ids[i], lm->c.vocab_size);
+  return PA_OK;
+}
+
+/* The output matrix's rows of ids[0..n) gathered into lm->sel (unless they
+ * already are): a restricted pass's product then reads n rows, in the same
+ * format, and gives each the value the whole product would. */
+static int select_output_rows(pa_lm *lm, const int32_t *ids, int n) {
+  if (lm->sel && n == lm->n_sel && !memcmp(ids, lm->sel_ids, (size_t)n * sizeof *ids))
+    return PA_OK;
+  const size_t row = (size_t)lm->c.dim * (lm->bf16 ? sizeof(pa_bf16) : sizeof(float));
+  if (n > lm->sel_cap) {
+    lm->be->release(lm->sel);
+    free(lm->sel_ids);
+    lm->sel_cap = lm->n_sel = 0;
+    lm->sel = lm->be->alloc((size_t)n * row);
+    lm->sel_ids = malloc((size_t)n * sizeof *lm->sel_ids);
+    if (!lm->sel || !lm->sel_ids)
+      return pa_error(PA_ENOMEM, "no %s memory for %d output rows", lm->be->name, n);
+    lm->sel_cap = n;
+  }
+  for (int i = 0; i < n; i++)
+    lm->be->copy2d((char *)lm->sel + i * row, row, (const char *)lm->w.output + (size_t)ids[i] * row, row, row, 1);
+  memcpy(lm->sel_ids, ids, (size_t)n * sizeof *ids);
+  lm->n_sel = n;
   return PA_OK;
 }
 
@@ -432,6 +463,8 @@ static double layer_flops(const pa_lm *lm, const pa_batch *b, int rows) {
 int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
   int rows, rc;
   if ((rc = check_batch(lm, b, &rows)) || (rc = scratch_reserve(lm, rows, b->n_seqs)))
+    return rc;
+  if (b->logits && b->logit_ids && (rc = select_output_rows(lm, b->logit_ids, b->n_logit_ids)))
     return rc;
   if (b->lora && (size_t)rows * b->lora->rank > lm->s.lu_cap) {
     lm->be->release(lm->s.lu);
@@ -567,11 +600,12 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       const int last = s->aseq[i].row0 + s->aseq[i].n - 1;
       be->rmsnorm(1, D, s->x + (size_t)last * D, lm->w.out_norm, c->norm_eps, s->last + (size_t)i * D);
     }
+    const int N = b->logit_ids ? b->n_logit_ids : c->vocab_size;
     float *logits = be->host_memory ? b->logits : s->logits;
-    lm_matmul(lm, b->n_seqs, c->vocab_size, D, s->last, lm->w.output, 0.0f, logits);
+    lm_matmul(lm, b->n_seqs, N, D, s->last, b->logit_ids ? lm->sel : lm->w.output, 0.0f, logits);
     if (!be->host_memory)
-      be->download(b->logits, logits, (size_t)b->n_seqs * c->vocab_size * sizeof(float));
-    lm->flops += pa_matmul_flops(b->n_seqs, c->vocab_size, D);
+      be->download(b->logits, logits, (size_t)b->n_seqs * N * sizeof(float));
+    lm->flops += pa_matmul_flops(b->n_seqs, N, D);
   }
   return PA_OK;
 }

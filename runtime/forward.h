@@ -88,6 +88,13 @@ typedef struct {
   const float *steer;  /* [n_layers][n_heads][head_dim] displacement, or NULL */
   const pa_lora *lora; /* a low-rank adapter on W_q, W_k, W_v, W_o (lora.h), or NULL */
   float *logits;       /* out: [n_seqs][vocab_size] at each sequence's last new token, or NULL */
+  /* The logits of these tokens only, or NULL for the whole vocabulary:
+   * logits is then [n_seqs][n_logit_ids], in this order. The output product
+   * runs over their rows alone (gathered once and kept while the set stays
+   * the same), and a device backend returns n_logit_ids floats a sequence:
+   * for the option letters, 5 of a vocabulary of 10^5. */
+  const int32_t *logit_ids;
+  int n_logit_ids;
   float *heads;        /* out: [n_seqs][n_layers][n_heads][head_dim] at the last new token, or NULL */
   /* Called before every layer after the first, or NULL. A non-zero return
    * stops the pass with PA_ECANCELED; the caches' contents are then

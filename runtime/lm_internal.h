@@ -68,6 +68,11 @@ struct pa_lm {
   float *lora;              /* a device backend's copy of the pass's adapter, lora_cap floats */
   size_t lora_cap;
   lm_scratch s;
+  /* the output matrix's rows of a restricted pass's tokens (pa_batch.logit_ids),
+   * in the backend's memory and the matrices' format: [n_sel][dim] */
+  void *sel;
+  int32_t *sel_ids;
+  int n_sel, sel_cap;
   double flops; /* floating-point operations of every pass so far (pa_lm_flops) */
 };
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # scripts/gpu-check.sh OUTDIR: on a machine with an NVIDIA GPU, builds palign
 # with the CUDA backend (build-gpu/, -DPALIGN_CUDA=ON), runs the gpu tests
-# (every CUDA operation, the forward pass and PAS against the CPU) and the
-# benchmarks, and writes everything into OUTDIR:
+# (every CUDA operation, the forward pass, PAS and the trainer against the
+# CPU) and the benchmarks, and writes everything into OUTDIR:
 #   build.log, gpu-tests.log, nvidia-smi.txt
 #   bench.txt, bench.json   bench/bench_cuda: the card's bf16 GEMM peak by
 #                           cuBLAS, the backend's products of a Llama-3-8B
@@ -17,6 +17,9 @@
 #                           one PAPI subject with that model (bf16 weights):
 #                           PAS seconds per subject for 4 layers (x 8 for the
 #                           whole depth)
+#   dpo-8b4.txt, .json      palign eval --methods dpo --backend cuda on the
+#                           same subject and model: DPO seconds per subject
+#                           for 4 layers (stopped after 240 s)
 #   nccl-1.log, nccl-0.log, the service (mpirun, one worker on the GPU) with
 #   nccl-compare.txt        the activation bank gathered over NCCL
 #                           (PALIGN_NCCL=1) and over MPI (PALIGN_NCCL=0):
@@ -30,14 +33,14 @@ BUILD=${GPU_BUILD_DIR:-$ROOT/build-gpu}
 status=0
 { nvidia-smi || true; } >"$OUT/nvidia-smi.txt" 2>&1
 if ! { cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DPALIGN_CUDA=ON &&
-  cmake --build "$BUILD" -j "$(nproc)" --target palign palign-worker test_cuda_ops test_cuda_forward test_cuda_pas bench_cuda \
+  cmake --build "$BUILD" -j "$(nproc)" --target palign palign-worker test_cuda_ops test_cuda_forward test_cuda_pas test_cuda_train bench_cuda \
     bench_forward; } >"$OUT/build.log" 2>&1; then
   echo "gpu-check: the build failed (see $OUT/build.log)" >&2
   tail -20 "$OUT/build.log" >&2
   exit 1
 fi
 PAPI=${PALIGN_PAPI_DIR:-$ROOT/../shared/papi}
-for t in test_cuda_ops test_cuda_forward test_cuda_pas; do
+for t in test_cuda_ops test_cuda_forward test_cuda_pas test_cuda_train; do
   "$BUILD/tests/$t" >>"$OUT/gpu-tests.log" 2>&1 || status=1
 done
 "$BUILD/bench/bench_cuda" --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1 || status=1
@@ -49,6 +52,8 @@ if "$BUILD/palign" mkmodel "$M" --force --layers 4 --dim 4096 --heads 32 --kv-he
     status=1
   { /usr/bin/time -v "$BUILD/palign" eval --model "$M" --papi "$PAPI" --methods pas_only --subjects 1 \
     --backend cuda --json "$OUT/pas-8b4.json"; } >"$OUT/pas-8b4.txt" 2>&1 || status=1
+  { timeout 240 /usr/bin/time -v "$BUILD/palign" eval --model "$M" --papi "$PAPI" --methods dpo --subjects 1 \
+    --backend cuda --json "$OUT/dpo-8b4.json"; } >"$OUT/dpo-8b4.txt" 2>&1 || status=1
 else
   status=1
 fi
@@ -71,5 +76,5 @@ else
 fi
 tail -30 "$OUT/gpu-tests.log"
 cat "$OUT/bench.txt" "$OUT/forward-8b4.txt" "$OUT/forward-8b4-fp32.txt"
-grep -E "Time per|Elapsed|Maximum resident" "$OUT/pas-8b4.txt" || true
+grep -E "Time per|Elapsed|Maximum resident" "$OUT/pas-8b4.txt" "$OUT/dpo-8b4.txt" || true
 exit $status

@@ -268,6 +268,69 @@ static void test_generate_and_errors(void **s) {
   pa_kv_destroy(kv);
 }
 
+/* A pass restricted to some tokens' logits gives the values the whole
+ * vocabulary's pass gives them (fp32 and bf16 weights), in the order asked,
+ * a token twice included; a new set replaces the last; bad sets are refused.
+ * Not the same bits: OpenBLAS's SGEMM sums a product of 5 columns in another
+ * order than one of 10^4, so the tolerance is that of two fp32 sum orders,
+ * 4 sqrt(K) eps of the row's largest logit (K = dim = 96: 4.7e-6). */
+static void test_restricted_logits(void **s) {
+  (void)s;
+  const int V = cfg->vocab_size, B = 3;
+  const int32_t set_a[5] = {7, 3, V - 1, 3, 0}, set_b[2] = {12, 11};
+  float *steer = calloc(heads_size(), sizeof *steer);
+  for (size_t i = 0; i < heads_size(); i += 5)
+    steer[i] = 0.5f;
+  for (int wf = PA_WEIGHTS_FP32; wf <= PA_WEIGHTS_BF16; wf++) {
+    pa_lm *w;
+    assert_int_equal(pa_lm_create(model, &(pa_lm_opts){.n_threads = 2, .max_seq = 64, .weights = wf}, &w), PA_OK);
+    float *full = malloc((size_t)B * V * sizeof *full), got[B * 5];
+    int32_t *t = random_tokens(B * 4, 3 + wf);
+    for (int pass = 0; pass < 3; pass++) { /* the whole vocabulary, then set a, then set b */
+      const int32_t *ids = pass == 1 ? set_a : pass == 2 ? set_b : NULL;
+      const int n = pass == 1 ? 5 : pass == 2 ? 2 : 0;
+      pa_kv *kv[B];
+      pa_seq seqs[B];
+      for (int i = 0; i < B; i++) {
+        assert_int_equal(pa_kv_create(w, 8, &kv[i]), PA_OK);
+        seqs[i] = (pa_seq){.tokens = t + 4 * i, .n_tokens = 2 + i, .kv = kv[i]};
+      }
+      pa_batch b = {.seqs = seqs, .n_seqs = B, .steer = steer, .logits = ids ? got : full, .logit_ids = ids,
+                    .n_logit_ids = n};
+      if (pa_lm_forward(w, &b))
+        fail_msg("%s", pa_errmsg());
+      for (int i = 0; i < B && ids; i++) {
+        double mx = 0;
+        for (int j = 0; j < V; j++)
+          mx = fmax(mx, fabs(full[(size_t)i * V + j]));
+        const double tol = 4 * sqrt((double)cfg->dim) * 1.1920929e-7 * mx;
+        for (int k = 0; k < n; k++)
+          if (!(fabs((double)got[i * n + k] - full[(size_t)i * V + ids[k]]) <= tol))
+            fail_msg("%s: sequence %d, token %d: %.9g restricted, %.9g in the whole pass", pa_lm_weights(w), i, ids[k],
+                     got[i * n + k], full[(size_t)i * V + ids[k]]);
+      }
+      for (int i = 0; i < B; i++)
+        pa_kv_destroy(kv[i]);
+    }
+    pa_kv *kv;
+    assert_int_equal(pa_kv_create(w, 8, &kv), PA_OK);
+    pa_seq one = {.tokens = t, .n_tokens = 2, .kv = kv};
+    const int32_t outside[2] = {1, V};
+    assert_int_equal(pa_lm_forward(w, &(pa_batch){.seqs = &one, .n_seqs = 1, .logits = got, .logit_ids = outside,
+                                                  .n_logit_ids = 2}),
+                     PA_EINVAL);
+    assert_non_null(strstr(pa_errmsg(), "outside the vocabulary"));
+    assert_int_equal(pa_kv_len(kv), 0); /* refused before it ran */
+    assert_int_equal(
+        pa_lm_forward(w, &(pa_batch){.seqs = &one, .n_seqs = 1, .logits = got, .logit_ids = set_a, .n_logit_ids = 0}),
+        PA_EINVAL);
+    pa_kv_destroy(kv);
+    free(full), free(t);
+    pa_lm_destroy(w);
+  }
+  free(steer);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_shared_prefix),
@@ -275,6 +338,7 @@ int main(void) {
       cmocka_unit_test(test_steering),
       cmocka_unit_test(test_generate_and_errors),
       cmocka_unit_test(test_threads_do_not_change_results),
+      cmocka_unit_test(test_restricted_logits),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

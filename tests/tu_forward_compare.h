@@ -2,9 +2,9 @@
  * (palign mkmodel) on the CPU and on another backend, compared: a shared
  * prefix, a sequence continuing from 5 cached tokens and a new one of 9 in
  * one batch, steering on some heads and head capture, then 12 steps of
- * greedy generation, and a pass with a LoRA adapter; a cache of the other
- * backend must be refused. Used by
- * test_forward_device.c (a CPU backend posing as a device: the same bits)
+ * greedy generation, and a pass with a LoRA adapter (whole and restricted
+ * to a few tokens' logits); a cache of the other backend must be refused.
+ * Used by test_forward_device.c (a CPU backend posing as a device: the same bits)
  * and test_cuda_forward.c (the GPU). Include after testutil.h. */
 #ifndef PALIGN_TU_FORWARD_COMPARE_H
 #define PALIGN_TU_FORWARD_COMPARE_H
@@ -119,6 +119,21 @@ static inline void tu_check_forward_model(const char *arch, const char *path, co
   }
   snprintf(what, sizeof what, "%s logits with LoRA", arch);
   expect_close(what, lora_logits[1], lora_logits[0], V, tol);
+  /* the same pass restricted to four tokens' logits (one twice) */
+  const int32_t few[4] = {(int32_t)V - 1, 2, 5, 2};
+  float few_logits[2][4];
+  for (int k = 0; k < 2; k++) {
+    pa_kv *lkv;
+    assert_int_equal(pa_kv_create(lm[k], 16, &lkv), PA_OK);
+    pa_seq ls = {.tokens = b_tok, .n_tokens = 9, .kv = lkv};
+    if (pa_lm_forward(lm[k], &(pa_batch){.seqs = &ls, .n_seqs = 1, .lora = lora, .logits = few_logits[k],
+                                         .logit_ids = few, .n_logit_ids = 4}))
+      fail_msg("%s backend, restricted logits: %s", be[k]->name, pa_errmsg());
+    pa_kv_destroy(lkv);
+  }
+  snprintf(what, sizeof what, "%s 4 tokens' logits", arch);
+  expect_close(what, few_logits[1], few_logits[0], 4, tol);
+  assert_true(few_logits[1][1] == few_logits[1][3]);
   free(lora_logits[0]), free(lora_logits[1]);
   /* a cache of the other backend is refused, with a message */
   pa_kv *kv;

@@ -247,17 +247,20 @@ int pa_parse_generated_answer(const char *text, size_t len) {
   return 0;
 }
 
-/* Logits mode: one forward of the batch, answers from the option letters. */
+/* Logits mode: one forward of the batch, answers from the option letters
+ * (the pass computes and returns only their logits). */
 static int answer_logits(pa_evaluator *ev, pa_batch *b, const int *order, pa_pred *preds, float *probs) {
-  const int V = pa_lm_config(ev->lm)->vocab_size;
-  float *logits = malloc((size_t)b->n_seqs * V * sizeof *logits);
+  static const int32_t each[N_OPTIONS] = {0, 1, 2, 3, 4}; /* the letters' places in a row of the restricted logits */
+  float *logits = malloc((size_t)b->n_seqs * N_OPTIONS * sizeof *logits);
   if (!logits)
     return pa_error(PA_ENOMEM, "no memory for logits");
   b->logits = logits;
+  b->logit_ids = ev->letters;
+  b->n_logit_ids = N_OPTIONS;
   int rc = forward(ev, b);
   for (int s = 0; !rc && s < b->n_seqs; s++) {
     double p[N_OPTIONS];
-    pa_softmax_subset(logits + (size_t)s * V, ev->letters, N_OPTIONS, p);
+    pa_softmax_subset(logits + (size_t)s * N_OPTIONS, each, N_OPTIONS, p);
     int best = 0;
     double expected = 0;
     for (int k = 0; k < N_OPTIONS; k++) {

@@ -1,0 +1,144 @@
+/* tu_train_compare.h: the trainer's fixture (a tiny llama or qwen2 model,
+ * palign mkmodel; a 12-token prefix and three sequences, two logits wanted
+ * of each, a rank-4 adapter with B set so that every entry has a gradient)
+ * and the trainer on the CPU against another backend on the same batch and
+ * adapter. Used by test_train.c (a CPU backend posing as a device) and
+ * test_cuda_train.c (the GPU). Include after testutil.h. */
+#ifndef PALIGN_TU_TRAIN_COMPARE_H
+#define PALIGN_TU_TRAIN_COMPARE_H
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "backend.h"
+#include "forward.h"
+#include "lora.h"
+#include "mkmodel.h"
+#include "model.h"
+#include "status.h"
+#include "train.h"
+
+static uint64_t rng = 12345;
+static inline double urand(void) {
+  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+  return (double)(rng >> 11) / 9007199254740992.0;
+}
+
+typedef struct {
+  pa_model *m;
+  pa_lm *lm;
+  pa_trainer *tr;
+  pa_lora *lora, *grad;
+  /* the batch: a prefix and three sequences, two logits wanted per sequence */
+  int32_t prefix[12], seq[3][9], out[3 * 2];
+  const int32_t *tokens[3];
+  int n_tokens[3];
+  pa_train_batch b;
+  float coef[3 * 2];
+} fixture;
+
+static inline void fixture_make(fixture *f, pa_mkmodel_arch arch, const char *name) {
+  memset(f, 0, sizeof *f);
+  char path[300];
+  pa_mkmodel_opts o = pa_mkmodel_defaults();
+  o.arch = arch, o.n_layers = 2, o.dim = 32, o.n_heads = 4, o.n_kv_heads = 2, o.ffn_dim = 48, o.seed = 3;
+  o.tied = arch == PA_MK_LLAMA;
+  o.force = true;
+  if (pa_mkmodel_write_gguf(&o, tu_path(path, sizeof path, name)) || pa_model_open(path, &f->m) ||
+      pa_lm_create(f->m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256}, &f->lm))
+    fail_msg("%s", pa_errmsg());
+  const int V = pa_lm_config(f->lm)->vocab_size;
+  for (int i = 0; i < 12; i++)
+    f->prefix[i] = (int32_t)(urand() * V);
+  const int lens[3] = {9, 4, 1};
+  for (int s = 0; s < 3; s++) {
+    for (int j = 0; j < lens[s]; j++)
+      f->seq[s][j] = (int32_t)(urand() * V);
+    f->tokens[s] = f->seq[s];
+    f->n_tokens[s] = lens[s];
+    for (int j = 0; j < 2; j++) {
+      f->out[s * 2 + j] = (int32_t)(urand() * V);
+      f->coef[s * 2 + j] = (float)(2 * urand() - 1);
+    }
+  }
+  f->b = (pa_train_batch){.prefix = f->prefix,
+                          .n_prefix = 12,
+                          .tokens = f->tokens,
+                          .n_tokens = f->n_tokens,
+                          .n_seqs = 3,
+                          .out = f->out,
+                          .n_out = 2};
+  const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
+  if (pa_trainer_create(f->lm, &plan, &f->tr) || pa_lora_create(pa_lm_config(f->lm), 4, 2.0f, &f->lora) ||
+      pa_lora_create_like(f->lora, &f->grad))
+    fail_msg("%s", pa_errmsg());
+  pa_lora_init(f->lora, 9);
+  /* B nonzero (training's start has B = 0, which would leave every A's gradient 0) */
+  for (int l = 0; l < f->lora->n_layers; l++)
+    for (int t = 0; t < PA_LORA_N_TARGETS; t++) {
+      float *bm = pa_lora_b(f->lora, l, t);
+      for (int i = 0; i < f->lora->out[t] * f->lora->rank; i++)
+        bm[i] = (float)(urand() - 0.5);
+    }
+}
+
+static inline void fixture_free(fixture *f) {
+  pa_lora_destroy(f->lora);
+  pa_lora_destroy(f->grad);
+  pa_trainer_destroy(f->tr);
+  pa_lm_destroy(f->lm);
+  pa_model_close(f->m);
+}
+
+/* The trainer on the CPU and on backend `other`, both with weights in
+ * format wf, from the same fixture: the wanted logits within logit_tol of
+ * their largest and the gradients (added to a gradient already holding 0.25
+ * everywhere: backward adds) within grad_tol of the largest entry. The
+ * gradients come back in g_other and g_cpu (the caller frees them). */
+static inline void tu_train_compare(const pa_backend *other, pa_weight_format wf, double logit_tol, double grad_tol,
+                                    pa_lora **g_other, pa_lora **g_cpu) {
+  rng = 4242; /* the same batch and adapter on every call */
+  fixture f;
+  fixture_make(&f, PA_MK_QWEN2, "compare.gguf");
+  pa_lm *lm[2];
+  pa_trainer *tr[2];
+  const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
+  const pa_backend *be[2] = {pa_backend_cpu(), other};
+  for (int k = 0; k < 2; k++)
+    if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = be[k], .weights = wf}, &lm[k]) ||
+        pa_trainer_create(lm[k], &plan, &tr[k]))
+      fail_msg("%s backend: %s", be[k]->name, pa_errmsg());
+  pa_lora *g[2];
+  float lg[2][6];
+  for (int k = 0; k < 2; k++) {
+    assert_int_equal(pa_lora_create_like(f.lora, &g[k]), PA_OK);
+    for (size_t i = 0; i < g[k]->n_floats; i++)
+      g[k]->arena[i] = 0.25f;
+    if (pa_trainer_forward(tr[k], f.lora, &f.b, lg[k]) || pa_trainer_backward(tr[k], f.coef, g[k]))
+      fail_msg("%s backend: %s", be[k]->name, pa_errmsg());
+  }
+  double lmx = 0, mx = 0, worst = 0;
+  for (int i = 0; i < 6; i++)
+    lmx = fmax(lmx, fabs(lg[0][i]));
+  for (int i = 0; i < 6; i++)
+    if (!(fabs((double)lg[1][i] - lg[0][i]) <= logit_tol * lmx))
+      fail_msg("logit %d: %.9g on %s, %.9g on the CPU (largest %.3g)", i, lg[1][i], be[1]->name, lg[0][i], lmx);
+  for (size_t i = 0; i < g[0]->n_floats; i++)
+    mx = fmax(mx, fabs(g[0]->arena[i] - 0.25));
+  for (size_t i = 0; i < g[0]->n_floats; i++) {
+    const double d = fabs((double)g[1]->arena[i] - g[0]->arena[i]);
+    if (!(d <= grad_tol * mx))
+      fail_msg("gradient %zu: %.9g on %s, %.9g on the CPU (largest %.3g)", i, g[1]->arena[i], be[1]->name,
+               g[0]->arena[i], mx);
+    worst = fmax(worst, d);
+  }
+  fprintf(stderr, "    %s, %s weights: gradients within %.3g of the largest %.3g\n", be[1]->name, pa_lm_weights(lm[0]),
+          worst, mx);
+  for (int k = 0; k < 2; k++)
+    pa_trainer_destroy(tr[k]), pa_lm_destroy(lm[k]);
+  fixture_free(&f);
+  *g_other = g[1], *g_cpu = g[0];
+}
+
+#endif
