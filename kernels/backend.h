@@ -22,14 +22,14 @@
  * q[row0 .. row0+n) (its new tokens), and it attends causally to
  *   - the shared prefix's keys (all of them), then
  *   - its own cached keys k_own[0 .. past + j] for new token j,
- * where the caller has already written the new tokens' keys and values at
- * k_own[past ..) and v_own[past ..). */
+ * the new tokens' keys and values being at k_own[past ..) and v_own[past ..):
+ * written there by the call (pa_attn_args.k_new) or before it. */
 typedef struct {
-  int row0;           /* first row of q and z */
-  int n;              /* new tokens */
-  int past;           /* own keys cached before this call */
-  const float *k_own; /* [n_kv_heads][stride][head_dim] */
-  const float *v_own;
+  int row0;     /* first row of q and z */
+  int n;        /* new tokens */
+  int past;     /* own keys cached before this call */
+  float *k_own; /* [n_kv_heads][stride][head_dim] */
+  float *v_own;
   int stride; /* positions per kv head in k_own/v_own (the cache capacity) */
 } pa_attn_seq;
 
@@ -43,6 +43,12 @@ typedef struct {
   int prefix_stride;
   const pa_attn_seq *seqs;
   int n_seqs;
+  /* [rows][n_kv_heads * head_dim]: the new tokens' keys and values (RoPE
+   * applied), row for row with q, which the call first writes into each
+   * sequence's k_own and v_own at [past ..) (one pass over them all, where
+   * a copy per sequence and head would cost a device a call each); NULL
+   * when the caller has written them. */
+  const float *k_new, *v_new;
 } pa_attn_args;
 
 /* Attention over a training batch, whose rows are a shared prefix and then
@@ -179,13 +185,21 @@ typedef struct pa_backend {
   void (*group_leave)(pa_group *g); /* accepts NULL */
   /* the last error of this backend's, as text ("" if none) */
   const char *(*error)(void);
+  /* 0 when every operation since the last call succeeded, else -1 with the
+   * first failure's reason in error(); waits for the operations queued, and
+   * forgets the failure. The operations return nothing, but a device's can
+   * fail (a kernel that cannot start, an illegal address, a copy's error),
+   * and then the results are garbage: the forward pass and the trainer ask
+   * here at the end of each pass and fail it (PA_EIO). */
+  int (*status)(void);
 } pa_backend;
 
 const pa_backend *pa_backend_cpu(void);
 
 /* The backend `name` names: "cpu"; "cuda" (device `device` modulo the
  * devices visible; NULL and a message in err when there is none or palign
- * was built without it); "auto" (cuda where it can, else cpu). */
+ * was built without it); "auto" (cuda where it can, else cpu; NULL and a
+ * message when a GPU's driver is there but cannot serve). */
 const pa_backend *pa_backend_named(const char *name, int device, char *err, size_t n);
 
 /* The devices visible to backend be's kind (the GPUs for cuda, after

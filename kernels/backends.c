@@ -57,7 +57,8 @@ int pa_backend_devices(const pa_backend *be) {
 #ifdef PALIGN_HAVE_CUDA
   char why[600];
   const cuda_module *m = load_cuda(why, sizeof why);
-  return m ? m->devices() : 0;
+  const int n = m ? m->devices() : 0;
+  return n > 0 ? n : 0;
 #else
   return 0;
 #endif
@@ -77,6 +78,10 @@ const pa_backend *pa_backend_named(const char *name, int device, char *err, size
   const int devices = m ? m->devices() : 0;
   if (devices > 0 && m->select((device < 0 ? 0 : device) % devices) == 0)
     return m->backend();
+  if (devices < 0) { /* a GPU's driver that cannot serve: not a machine without one, even for auto */
+    snprintf(err, n, "--backend %s: %s (--backend cpu runs without it)", name, m->error());
+    return NULL;
+  }
   if (!want_cuda)
     return pa_backend_cpu();
   snprintf(err, n, "--backend cuda: %s", !m ? why : devices > 0 ? m->error() : "no CUDA device is visible");

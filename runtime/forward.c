@@ -209,6 +209,8 @@ int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out) {
     rc = rope_tables(lm); /* before placing the weights: it reads the RoPE frequency divisors */
   if (!rc)
     rc = place_weights(lm);
+  if (!rc)
+    rc = lm_backend_status(lm->be, "placing the weights");
   if (rc) {
     pa_lm_destroy(lm);
     return rc;
@@ -224,10 +226,13 @@ static void scratch_free(const pa_backend *be, lm_scratch *s) {
     be->release(dev[i]);
   be->release(s->pos);
   be->release(s->ids);
+  be->release(s->last_row);
   if (!be->host_memory) {
     free(s->pos_h);
     free(s->ids_h);
   }
+  free(s->heads_h);
+  free(s->last_row_h);
   free(s->aseq);
   be->release(s->lu);
   memset(s, 0, sizeof *s);
@@ -323,10 +328,15 @@ static int scratch_reserve(pa_lm *lm, int rows, int seqs) {
   s->pos_h = be->host_memory ? s->pos : malloc(R * sizeof(int32_t));
   s->ids_h = be->host_memory ? s->ids : malloc(R * sizeof(int32_t));
   s->logits = be->host_memory ? NULL : be->alloc((size_t)seqs * c->vocab_size * sizeof(float));
-  s->heads = be->host_memory ? NULL : be->alloc((size_t)seqs * c->n_layers * qd * sizeof(float));
+  const bool dev = !be->host_memory;
+  s->heads = dev ? be->alloc((size_t)seqs * c->n_layers * qd * sizeof(float)) : NULL;
+  s->heads_h = dev ? malloc((size_t)seqs * c->n_layers * qd * sizeof(float)) : NULL;
+  s->last_row = dev ? be->alloc((size_t)seqs * sizeof(int32_t)) : NULL;
+  s->last_row_h = dev ? malloc((size_t)seqs * sizeof(int32_t)) : NULL;
   s->aseq = malloc((size_t)seqs * sizeof *s->aseq);
   if (!s->x || !s->xb || !s->q || !s->z || !s->k || !s->v || !s->gate || !s->up || !s->last || !s->pos || !s->ids ||
-      !s->pos_h || !s->ids_h || (!be->host_memory && (!s->logits || !s->heads)) || !s->aseq) {
+      !s->pos_h || !s->ids_h || (dev && (!s->logits || !s->heads || !s->heads_h || !s->last_row || !s->last_row_h)) ||
+      !s->aseq) {
     scratch_free(be, s);
     return pa_error(PA_ENOMEM, "no memory for the activations of %d tokens", rows);
   }
@@ -397,25 +407,6 @@ static int select_output_rows(pa_lm *lm, const int32_t *ids, int n) {
   memcpy(lm->sel_ids, ids, (size_t)n * sizeof *ids);
   lm->n_sel = n;
   return PA_OK;
-}
-
-/* Writes the new tokens' keys and values of layer l into each sequence's
- * cache: per sequence and kv head, its rows (kvh * hd apart in the
- * activations) to consecutive positions of the cache. */
-static void store_kv(const pa_lm *lm, const pa_batch *b, int l) {
-  const int kvh = lm->c.n_kv_heads, hd = lm->c.head_dim;
-  const size_t row_bytes = (size_t)hd * sizeof(float), pitch = (size_t)kvh * row_bytes;
-  int row = 0;
-  for (int i = 0; i < b->n_seqs; i++) {
-    pa_kv *kv = b->seqs[i].kv;
-    const int n = b->seqs[i].n_tokens;
-    for (int h = 0; h < kvh; h++) {
-      const size_t dst = (((size_t)l * kvh + h) * kv->cap + kv->len) * hd, src = ((size_t)row * kvh + h) * hd;
-      lm->be->copy2d(kv->k + dst, row_bytes, lm->s.k + src, pitch, row_bytes, (size_t)n);
-      lm->be->copy2d(kv->v + dst, row_bytes, lm->s.v + src, pitch, row_bytes, (size_t)n);
-    }
-    row += n;
-  }
 }
 
 /* z[r][h] += steer[l][h] for every row, skipping all-zero displacements. */
@@ -510,6 +501,11 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
     be->upload(s->ids, s->ids_h, (size_t)rows * sizeof *s->ids);
     be->upload(s->pos, s->pos_h, (size_t)rows * sizeof *s->pos);
   }
+  if (b->heads && !be->host_memory) { /* the rows whose heads are captured */
+    for (int i = 0; i < b->n_seqs; i++)
+      s->last_row_h[i] = s->aseq[i].row0 + s->aseq[i].n - 1;
+    be->upload(s->last_row, s->last_row_h, (size_t)b->n_seqs * sizeof *s->last_row);
+  }
   const size_t steer_floats = (size_t)c->n_layers * H * hd;
   if (b->steer && !be->host_memory) { /* the displacements, once per pass */
     if (!lm->steer && !(lm->steer = be->alloc(steer_floats * sizeof(float))))
@@ -526,6 +522,8 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       .prefix_stride = b->prefix ? b->prefix->cap : 0,
       .seqs = s->aseq,
       .n_seqs = b->n_seqs,
+      .k_new = s->k, /* the layer's new keys and values go into the caches with its attention call */
+      .v_new = s->v,
   };
   const size_t need = be->attention_scratch(&att);
   if (need > s->attn || !s->attn_scratch) {
@@ -557,7 +555,6 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
     }
     be->rope(rows, H, hd, s->pos, lm->cos_tab, lm->sin_tab, s->q);
     be->rope(rows, KV, hd, s->pos, lm->cos_tab, lm->sin_tab, s->k);
-    store_kv(lm, b, l);
     const size_t layer_off = (size_t)l * KV * hd;
     for (int i = 0; i < b->n_seqs; i++) {
       s->aseq[i].k_own = b->seqs[i].kv->k + layer_off * b->seqs[i].kv->cap;
@@ -572,16 +569,14 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       apply_steer(lm, b->steer, l, rows);
     else if (b->steer) /* the same sums; a zero displacement adds zeros */
       be->add_bias(rows, H * hd, lm->steer + (size_t)l * H * hd, s->z);
-    if (b->heads) /* each sequence's last row; on a device into its buffer, downloaded once after the layers */
+    if (b->heads && be->host_memory) /* each sequence's last row */
       for (int i = 0; i < b->n_seqs; i++) {
         const int last = s->aseq[i].row0 + s->aseq[i].n - 1;
-        const size_t bytes = (size_t)H * hd * sizeof(float);
-        float *dst = (be->host_memory ? b->heads : s->heads) + ((size_t)i * c->n_layers + l) * H * hd;
-        if (be->host_memory)
-          memcpy(dst, s->z + (size_t)last * H * hd, bytes);
-        else
-          be->copy2d(dst, bytes, s->z + (size_t)last * H * hd, bytes, bytes, 1);
+        memcpy(b->heads + ((size_t)i * c->n_layers + l) * H * hd, s->z + (size_t)last * H * hd,
+               (size_t)H * hd * sizeof(float));
       }
+    else if (b->heads) /* on a device, gathered in one call into the layer's slab, downloaded after the layers */
+      be->embed(b->n_seqs, H * hd, s->last_row, s->z, s->heads + (size_t)l * b->n_seqs * H * hd);
     lm_matmul(lm, rows, D, H * hd, s->z, L->wo, 1.0f, s->x);
     if (lora)
       lora_apply(lm, lora, l, PA_LORA_O, rows, s->z, s->x);
@@ -591,8 +586,14 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
     be->swiglu(rows, F, s->gate, s->up);
     lm_matmul(lm, rows, D, F, s->gate, L->w_down, 1.0f, s->x);
   }
-  if (b->heads && !be->host_memory)
-    be->download(b->heads, s->heads, (size_t)b->n_seqs * c->n_layers * H * hd * sizeof(float));
+  if (b->heads && !be->host_memory) {
+    const size_t hb = (size_t)H * hd * sizeof(float);
+    be->download(s->heads_h, s->heads, (size_t)b->n_seqs * c->n_layers * hb);
+    for (int l = 0; l < c->n_layers; l++)
+      for (int i = 0; i < b->n_seqs; i++)
+        memcpy(b->heads + ((size_t)i * c->n_layers + l) * H * hd, s->heads_h + ((size_t)l * b->n_seqs + i) * H * hd,
+               hb);
+  }
   for (int i = 0; i < b->n_seqs; i++)
     b->seqs[i].kv->len += b->seqs[i].n_tokens;
   if (b->logits) {
@@ -607,7 +608,7 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       be->download(b->logits, logits, (size_t)b->n_seqs * N * sizeof(float));
     lm->flops += pa_matmul_flops(b->n_seqs, N, D);
   }
-  return PA_OK;
+  return lm_backend_status(be, "the forward pass");
 }
 
 int pa_argmax(const float *v, int n) {

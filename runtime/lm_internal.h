@@ -7,6 +7,7 @@
 #include "backend.h"
 #include "forward.h"
 #include "model.h"
+#include "status.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -33,7 +34,11 @@ typedef struct {
   int32_t *pos, *ids;     /* [rows], backend memory */
   int32_t *pos_h, *ids_h; /* [rows], where they are made (the same arrays on a host backend) */
   float *logits;          /* [seqs][vocab] (backend memory; unused on a host backend) */
-  float *heads;           /* [seqs][n_layers][n_heads * head_dim]: captured heads (likewise) */
+  /* a device's captured heads: [n_layers][seqs][n_heads * head_dim], each
+   * layer's gathered from z by the rows in last_row (the embed op), and
+   * reordered into pa_batch.heads' [seqs][n_layers] order in heads_h */
+  float *heads, *heads_h;
+  int32_t *last_row, *last_row_h; /* [seqs]: each sequence's last row (backend memory, host) */
   pa_attn_seq *aseq;      /* [seqs] */
   float *lu;              /* LoRA's low-rank activations, lu_cap floats ([rows][rank]) */
   size_t lu_cap;
@@ -98,6 +103,14 @@ static inline void lm_embed(const pa_lm *lm, int M, const int32_t *ids, const vo
     lm->be->embed_bf16(M, lm->c.dim, ids, (const pa_bf16 *)table, y);
   else
     lm->be->embed(M, lm->c.dim, ids, (const float *)table, y);
+}
+
+/* PA_OK, or PA_EIO naming what failed when one of the backend's operations
+ * failed since the last check (backend.h: status): for the end of a pass. */
+static inline int lm_backend_status(const pa_backend *be, const char *what) {
+  if (be->status())
+    return pa_error(PA_EIO, "%s on the %s backend: %s", what, be->name, be->error());
+  return PA_OK;
 }
 
 /* FLOPs of a product y[M][N] (+)= x[M][K] . w: 2 M N K. */

@@ -378,8 +378,9 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
   if (!be->host_memory)
     be->download(logits, t->d_logits, (size_t)n_outs * sizeof *logits);
   t->flops += 2.0 * D * b->n_seqs * b->n_out;
-  t->ready = true;
-  return PA_OK;
+  rc = lm_backend_status(be, "the training forward pass");
+  t->ready = rc == PA_OK;
+  return rc;
 }
 
 int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
@@ -454,5 +455,5 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
   t->flops += 2.0 * D * t->n_seqs * t->n_out;
   if (!be->host_memory)
     be->download(host_grad->arena, t->d_grad, host_grad->n_floats * sizeof(float));
-  return PA_OK;
+  return lm_backend_status(be, "the training backward pass");
 }

@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "cuda_backend.h"
+#include "tu_cuda.h"
 #include "testutil.h"
 #include "tu_forward_compare.h"
 
@@ -43,10 +44,9 @@ static void test_qwen2(void **s) {
 }
 
 int main(void) {
-  if (pa_cuda_devices() == 0 || !pa_backend_cuda()) {
-    fprintf(stderr, "skipping: no CUDA device (%s)\n", pa_cuda_error()[0] ? pa_cuda_error() : "none visible");
-    return 77;
-  }
+  const int ready = tu_cuda_ready();
+  if (ready)
+    return ready;
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_llama), cmocka_unit_test(test_qwen2)};
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

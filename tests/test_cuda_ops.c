@@ -1,6 +1,6 @@
 /* Every operation of the CUDA backend against the CPU backend (the
  * reference) on the same inputs, shapes that are not multiples of a block
- * included. Skips (exit 77) where no CUDA device is present.
+ * included. Skips (exit 77) where no CUDA device or driver is present.
  *
  * Tolerances, and why:
  *  - embed, add, add_bias, scale: exact (the same single rounding);
@@ -27,7 +27,10 @@
  *    terms' magnitudes, with the GPU's tensor cores accumulating in fp32;
  *    the rounded operand is checked too: the GPU's result with x already
  *    bf16 (rounding again changes nothing) must be the same bits;
- *  - embed_bf16: exact (widening is exact). */
+ *  - embed_bf16: exact (widening is exact).
+ * And a failing operation (attention over more keys than shared memory
+ * holds) is reported by status(), once. A machine whose driver cannot serve
+ * fails rather than skips (tu_cuda.h). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -42,6 +45,7 @@
 
 #include "backend.h"
 #include "cuda_backend.h"
+#include "tu_cuda.h"
 #include "testutil.h"
 
 static const pa_backend *cpu, *gpu;
@@ -64,8 +68,8 @@ static float *back(const float *d, size_t n) {
   float *h = malloc(n * sizeof *h);
   assert_non_null(h);
   gpu->download(h, d, n * sizeof *h);
-  if (pa_cuda_error()[0])
-    fail_msg("CUDA: %s", pa_cuda_error());
+  if (gpu->status())
+    fail_msg("CUDA: %s", gpu->error());
   return h;
 }
 
@@ -454,16 +458,48 @@ static void test_attention(void **s) {
   check_attention(0);
 }
 
+/* A failed operation is reported by status() (backend.h), once: attention
+ * over 70,000 keys (a row's scores would need 280 KB of shared memory, more
+ * than a GPU allows a block) is refused, and the next operations run. */
+static void test_failure_reported(void **s) {
+  (void)s;
+  assert_int_equal(gpu->status(), 0);
+  const int P = 70000, hd = 8;
+  float *kp = gpu->alloc((size_t)P * hd * sizeof(float)), *vp = gpu->alloc((size_t)P * hd * sizeof(float));
+  float *q = gpu->alloc(hd * sizeof(float)), *z = gpu->alloc(hd * sizeof(float));
+  float *k0 = gpu->alloc(hd * sizeof(float)), *v0 = gpu->alloc(hd * sizeof(float));
+  assert_true(kp && vp && q && z && k0 && v0);
+  pa_attn_seq seq = {.row0 = 0, .n = 1, .past = 0, .k_own = k0, .v_own = v0, .stride = 1};
+  pa_attn_args a = {.n_heads = 1, .n_kv_heads = 1, .head_dim = hd, .q = q, .z = z, .k_prefix = kp, .v_prefix = vp,
+                    .prefix_len = P, .prefix_stride = P, .seqs = &seq, .n_seqs = 1};
+  float *scratch = gpu->alloc(gpu->attention_scratch(&a) * sizeof(float) + 4);
+  gpu->attention(&a, scratch);
+  assert_int_equal(gpu->status(), -1);
+  fprintf(stderr, "    reported: %s\n", gpu->error());
+  assert_non_null(strstr(gpu->error(), "shared memory"));
+  assert_int_equal(gpu->status(), 0); /* forgotten once reported */
+  const float one = 1.0f;
+  gpu->upload(q, &one, sizeof one);
+  float got = 0;
+  gpu->copy2d(z, 4, q, 4, 4, 1);
+  gpu->download(&got, z, sizeof got);
+  assert_int_equal(gpu->status(), 0);
+  assert_true(got == 1.0f);
+  gpu->release(kp), gpu->release(vp), gpu->release(q), gpu->release(z), gpu->release(k0), gpu->release(v0);
+  gpu->release(scratch);
+}
+
 int main(void) {
   cpu = pa_backend_cpu();
-  if (pa_cuda_devices() == 0 || !(gpu = pa_backend_cuda())) {
-    fprintf(stderr, "skipping: no CUDA device (%s)\n", pa_cuda_error()[0] ? pa_cuda_error() : "none visible");
-    return 77;
-  }
+  const int ready = tu_cuda_ready();
+  if (ready)
+    return ready;
+  gpu = pa_backend_cuda();
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_matmul),    cmocka_unit_test(test_matmul_bf16), cmocka_unit_test(test_matmul_tn_acc),
       cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),        cmocka_unit_test(test_elementwise),
       cmocka_unit_test(test_attention), cmocka_unit_test(test_backward),    cmocka_unit_test(test_attention_train),
+      cmocka_unit_test(test_failure_reported),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -18,6 +18,7 @@
 #include <stdio.h>
 
 #include "cuda_backend.h"
+#include "tu_cuda.h"
 #include "testutil.h"
 #include "tu_train_compare.h"
 
@@ -38,10 +39,9 @@ static void test_bf16(void **s) {
 }
 
 int main(void) {
-  if (pa_cuda_devices() == 0 || !pa_backend_cuda()) {
-    fprintf(stderr, "skipping: no CUDA device (%s)\n", pa_cuda_error()[0] ? pa_cuda_error() : "none visible");
-    return 77;
-  }
+  const int ready = tu_cuda_ready();
+  if (ready)
+    return ready;
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_fp32), cmocka_unit_test(test_bf16)};
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

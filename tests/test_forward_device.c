@@ -5,7 +5,8 @@
  * buffers of their own, tokens and positions uploaded, new keys and values
  * stored by strided copies, steering as added displacements, heads and
  * logits downloaded) with the CPU's arithmetic (tu_fake_device.h). It must
- * give the CPU path's results bit for bit (tu_forward_compare.h). */
+ * give the CPU path's results bit for bit (tu_forward_compare.h), and fail
+ * a pass whose operations the device reports failed. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -69,8 +70,45 @@ static void test_rope_scaled(void **s) {
   tu_check_forward_model("llama, llama3 rope scaling", dir, tu_fake_device(), PA_WEIGHTS_FP32, 0);
 }
 
+/* An operation the device reports failed (backend.h: status) fails the
+ * pass, naming the backend and the reason, and the model opening when it
+ * happens while the weights are placed; the next pass runs. */
+static void test_device_failure(void **s) {
+  (void)s;
+  char path[300];
+  pa_mkmodel_opts o = pa_mkmodel_defaults();
+  o.n_layers = 2, o.seed = 31;
+  pa_model *m;
+  pa_lm *lm;
+  if (pa_mkmodel_write_gguf(&o, tu_path(path, sizeof path, "fail.gguf")) || pa_model_open(path, &m))
+    fail_msg("%s", pa_errmsg());
+  const pa_lm_opts lo = {.n_threads = 2, .max_seq = 64, .backend = tu_fake_device()};
+  tu_fake_fail = 1;
+  assert_int_equal(pa_lm_create(m, &lo, &lm), PA_EIO);
+  assert_null(lm);
+  assert_non_null(strstr(pa_errmsg(), "placing the weights on the cpu-as-device backend: an operation failed"));
+  assert_int_equal(pa_lm_create(m, &lo, &lm), PA_OK);
+  pa_kv *kv;
+  assert_int_equal(pa_kv_create(lm, 16, &kv), PA_OK);
+  const int32_t t[3] = {1, 2, 3};
+  float logits[2];
+  const int32_t ids[2] = {4, 5};
+  pa_seq seq = {.tokens = t, .n_tokens = 3, .kv = kv};
+  const pa_batch b = {.seqs = &seq, .n_seqs = 1, .logits = logits, .logit_ids = ids, .n_logit_ids = 2};
+  tu_fake_fail = 1;
+  assert_int_equal(pa_lm_forward(lm, &b), PA_EIO);
+  assert_non_null(strstr(pa_errmsg(), "the forward pass on the cpu-as-device backend"));
+  pa_kv_clear(kv);
+  assert_int_equal(pa_lm_forward(lm, &b), PA_OK);
+  pa_kv_destroy(kv);
+  pa_lm_destroy(lm);
+  pa_model_close(m);
+  assert_int_equal(tu_fake_live, 0);
+}
+
 int main(void) {
-  const struct CMUnitTest tests[] = {cmocka_unit_test(test_llama), cmocka_unit_test(test_qwen2),
-                                     cmocka_unit_test(test_bf16), cmocka_unit_test(test_rope_scaled)};
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_llama),       cmocka_unit_test(test_qwen2),
+                                     cmocka_unit_test(test_bf16),        cmocka_unit_test(test_rope_scaled),
+                                     cmocka_unit_test(test_device_failure)};
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

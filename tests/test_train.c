@@ -213,6 +213,33 @@ static void test_bf16(void **s) {
   pa_lora_destroy(g16), pa_lora_destroy(g16_cpu), pa_lora_destroy(g32), pa_lora_destroy(g32_cpu);
 }
 
+/* A failure the device reports (backend.h: status) fails the pass that saw
+ * it, and a failed forward pass leaves nothing for backward. */
+static void test_device_failure(void **s) {
+  (void)s;
+  fixture f;
+  fixture_make(&f, PA_MK_QWEN2, "fail.gguf");
+  pa_lm *lm;
+  pa_trainer *tr;
+  const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
+  if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = tu_fake_device()}, &lm) ||
+      pa_trainer_create(lm, &plan, &tr))
+    fail_msg("%s", pa_errmsg());
+  float logits[6];
+  tu_fake_fail = 1;
+  assert_int_equal(pa_trainer_forward(tr, f.lora, &f.b, logits), PA_EIO);
+  assert_non_null(strstr(pa_errmsg(), "the training forward pass on the cpu-as-device backend"));
+  assert_int_equal(pa_trainer_backward(tr, f.coef, f.grad), PA_EINVAL);
+  assert_int_equal(pa_trainer_forward(tr, f.lora, &f.b, logits), PA_OK);
+  tu_fake_fail = 1;
+  assert_int_equal(pa_trainer_backward(tr, f.coef, f.grad), PA_EIO);
+  assert_non_null(strstr(pa_errmsg(), "the training backward pass"));
+  pa_trainer_destroy(tr);
+  pa_lm_destroy(lm);
+  fixture_free(&f);
+  assert_int_equal(tu_fake_live, 0);
+}
+
 static void test_bad_batches(void **s) {
   (void)s;
   fixture f;
@@ -249,6 +276,7 @@ int main(void) {
       cmocka_unit_test(test_bits),
       cmocka_unit_test(test_device_path),
       cmocka_unit_test(test_bf16),
+      cmocka_unit_test(test_device_failure),
       cmocka_unit_test(test_bad_batches),
   };
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);

@@ -3,7 +3,9 @@
  * on a GPU (uploads, its own buffers, strided copies, downloads) with the
  * CPU's arithmetic. Its buffers are poisoned when allocated and freed, so a
  * path that reads host memory where it should read its own copy, or forgets
- * an upload, shows; tu_fake_live counts the buffers not yet released. */
+ * an upload, shows; tu_fake_live counts the buffers not yet released.
+ * Setting tu_fake_fail makes the next status() report a failed operation,
+ * as a GPU's would (backend.h). */
 #ifndef PALIGN_TU_FAKE_DEVICE_H
 #define PALIGN_TU_FAKE_DEVICE_H
 
@@ -13,6 +15,15 @@
 #include "backend.h"
 
 static size_t tu_fake_live;
+static int tu_fake_fail;
+
+static inline int tu_fake_status(void) {
+  const int failed = tu_fake_fail;
+  tu_fake_fail = 0;
+  return failed ? -1 : 0;
+}
+
+static inline const char *tu_fake_error(void) { return "an operation failed (injected by the test)"; }
 
 static inline void *tu_fake_alloc(size_t bytes) {
   size_t *p = malloc(sizeof(size_t) * 2 + (bytes ? bytes : 1));
@@ -50,6 +61,7 @@ static inline const pa_backend *tu_fake_device(void) {
     device.host_memory = 0;
     device.alloc = tu_fake_alloc, device.release = tu_fake_release;
     device.upload = tu_fake_copy, device.download = tu_fake_copy, device.copy2d = tu_fake_copy2d;
+    device.status = tu_fake_status, device.error = tu_fake_error;
   }
   return &device;
 }

@@ -155,7 +155,23 @@ static size_t cpu_attention_scratch(const pa_attn_args *a) {
   return max_piece_scratch(a) * (size_t)pa_backend_threads();
 }
 
+/* The new tokens' keys and values into their sequences' caches. */
+static void store_new(const pa_attn_args *a) {
+  const int KV = a->n_kv_heads, hd = a->head_dim;
+  for (int i = 0; i < a->n_seqs; i++) {
+    const pa_attn_seq *s = &a->seqs[i];
+    for (int h = 0; h < KV; h++)
+      for (int j = 0; j < s->n; j++) {
+        const size_t dst = ((size_t)h * s->stride + s->past + j) * hd, src = ((size_t)(s->row0 + j) * KV + h) * hd;
+        memcpy(s->k_own + dst, a->k_new + src, (size_t)hd * sizeof(float));
+        memcpy(s->v_own + dst, a->v_new + src, (size_t)hd * sizeof(float));
+      }
+  }
+}
+
 static void cpu_attention(const pa_attn_args *a, float *scratch) {
+  if (a->k_new)
+    store_new(a);
   int pieces = 0;
   for (int i = 0; i < a->n_seqs; i++)
     pieces += seq_pieces(a, &a->seqs[i]);
@@ -184,6 +200,7 @@ static void cpu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch,
 }
 
 static const char *cpu_error(void) { return ""; } /* its operations cannot fail */
+static int cpu_status(void) { return 0; }
 
 static const pa_backend cpu_backend = {
     .name = "cpu",
@@ -215,6 +232,7 @@ static const pa_backend cpu_backend = {
     .copy2d = cpu_copy2d,
     .host_memory = 1,
     .error = cpu_error,
+    .status = cpu_status,
 };
 
 const pa_backend *pa_backend_cpu(void) {

@@ -29,7 +29,8 @@ extern "C" {
 #endif
 
 /* Devices this process sees (after CUDA_VISIBLE_DEVICES); 0 without a GPU
- * or a driver. */
+ * or a driver; -1 when a driver is installed but cannot serve (older than
+ * the toolkit palign was built with): pa_cuda_error says so. */
 int pa_cuda_devices(void);
 
 /* Uses device `device` (0 .. pa_cuda_devices() - 1) from now on: 0, or -1

@@ -10,13 +10,16 @@
 #include <nccl.h>
 #endif
 
+#include <dlfcn.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
 namespace {
 
 char last_error[256];
+bool op_failed; // an operation failed since the last status() (its reason in last_error)
 bool ready;
 int device_used = -1;
 cudaStream_t stream;
@@ -25,22 +28,42 @@ cublasHandle_t blas16; // bf16 products: tensor cores, fp32 accumulation
 
 constexpr int kBlock = 256;
 
+// A kernel launch, and a kernel's dynamic shared memory, in two macros:
+// tests/cuda_emu runs this file on the CPU with its own definitions of them
+// (a C++ compiler has no <<< >>>).
+#ifndef PA_LAUNCH
+#define PA_LAUNCH(kernel, grid, block, shared) kernel<<<(grid), (block), (shared), stream>>>
+#define PA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
+// A failure of an operation: the first one's reason is kept until status()
+// reports it (the later ones usually follow from it).
+__attribute__((format(printf, 1, 2))) void failed(const char *fmt, ...) {
+  if (!op_failed) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+  }
+  op_failed = true;
+}
+
 bool check(cudaError_t e, const char *what) {
   if (e == cudaSuccess)
     return true;
-  snprintf(last_error, sizeof last_error, "%s: %s", what, cudaGetErrorString(e));
+  failed("%s: %s", what, cudaGetErrorString(e));
   return false;
 }
 
 bool check_blas(cublasStatus_t s, const char *what) {
   if (s == CUBLAS_STATUS_SUCCESS)
     return true;
-  snprintf(last_error, sizeof last_error, "%s: cuBLAS status %d", what, (int)s);
+  failed("%s: %s", what, cublasGetStatusString(s));
   return false;
 }
 
-// Records a launch error; operations cannot fail by the interface, so a
-// failed launch is kept for pa_cuda_error and the next download reports it.
+// Records a launch error; the operations return nothing, so it waits for
+// status() (backend.h).
 void launched(const char *what) { check(cudaGetLastError(), what); }
 
 unsigned blocks(size_t n) { return (unsigned)((n + kBlock - 1) / kBlock); }
@@ -56,7 +79,7 @@ __global__ void k_rmsnorm(int D, const float *x, const float *w, float eps, floa
     ss += (double)xm[i] * xm[i];
   part[threadIdx.x] = ss;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+  for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
     if (threadIdx.x < s)
       part[threadIdx.x] += part[threadIdx.x + s];
     __syncthreads();
@@ -138,7 +161,7 @@ __global__ void k_rmsnorm_backward(int D, const float *x, const float *w, float 
   }
   ss_part[threadIdx.x] = ss, dot_part[threadIdx.x] = dot;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+  for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
     if (threadIdx.x < s)
       ss_part[threadIdx.x] += ss_part[threadIdx.x + s], dot_part[threadIdx.x] += dot_part[threadIdx.x + s];
     __syncthreads();
@@ -165,7 +188,7 @@ __global__ void k_swiglu_backward(size_t n, const float *gate, const float *up, 
 __device__ inline float block_sum(float v, float *red) {
   red[threadIdx.x] = v;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+  for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
     if (threadIdx.x < s)
       red[threadIdx.x] += red[threadIdx.x + s];
     __syncthreads();
@@ -184,7 +207,7 @@ __device__ inline float softmax_unnormalised(float *score, int L, float *red, fl
     m = fmaxf(m, score[t]);
   red[threadIdx.x] = m;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+  for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
     if (threadIdx.x < s)
       red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + s]);
     __syncthreads();
@@ -201,7 +224,7 @@ __device__ inline float softmax_unnormalised(float *score, int L, float *red, fl
 // A query row of the call: its sequence's keys and values, where its own keys
 // end (causal), and where q and z are.
 struct row_desc {
-  const float *k_own, *v_own;
+  float *k_own, *v_own;
   int stride; // positions per kv head in k_own / v_own
   int n_own;  // own keys this row sees: past + j + 1
   int row;    // the row of q and z
@@ -213,7 +236,7 @@ struct row_desc {
 // computes output dimensions as sums over the keys.
 __global__ void k_attention(int n_heads, int n_kv_heads, int hd, const float *q, float *z, const float *k_prefix,
                             const float *v_prefix, int prefix_len, int prefix_stride, const row_desc *rows) {
-  extern __shared__ float sh[]; // [keys] scores, then [kBlock] for reductions
+  PA_DYNAMIC_SHARED(float, sh); // [keys] scores, then [kBlock] for reductions
   const row_desc r = rows[blockIdx.x];
   const int h = blockIdx.y, kh = h / (n_heads / n_kv_heads), L = prefix_len + r.n_own;
   float *score = sh, *red = sh + L;
@@ -242,6 +265,18 @@ __global__ void k_attention(int n_heads, int n_kv_heads, int hd, const float *q,
   }
 }
 
+// Each new token's keys and values (a row of k_new, v_new) into its
+// sequence's cache at its position: one block per row.
+__global__ void k_store_new(int n_kv_heads, int hd, const float *k_new, const float *v_new, const row_desc *rows) {
+  const row_desc r = rows[blockIdx.x];
+  const int width = n_kv_heads * hd, pos = r.n_own - 1;
+  for (int t = threadIdx.x; t < width; t += blockDim.x) {
+    const size_t dst = ((size_t)(t / hd) * r.stride + pos) * hd + t % hd, src = (size_t)r.row * width + t;
+    r.k_own[dst] = k_new[src];
+    r.v_own[dst] = v_new[src];
+  }
+}
+
 // The row descriptors of a call, in device memory kept between calls.
 row_desc *desc_dev;
 size_t desc_cap;
@@ -267,7 +302,7 @@ __device__ inline int train_key_row(const train_row &d, int t) {
 // softmax's log-sum-exp.
 __global__ void k_train_fwd(int H, int KV, int hd, const float *q, const float *k, const float *v, float *z, float *lse,
                             const train_row *rows) {
-  extern __shared__ float sh[];
+  PA_DYNAMIC_SHARED(float, sh);
   const int r = blockIdx.x, h = blockIdx.y, kh = h / (H / KV);
   const train_row d = rows[r];
   const int L = d.n_prefix + (r - d.own_start + 1);
@@ -309,7 +344,7 @@ __global__ void k_train_rowdot(size_t n, int hd, const float *dz, const float *z
 // then dq = scale sum_t dS_t k_t.
 __global__ void k_train_dq(int H, int KV, int hd, const float *q, const float *k, const float *v, const float *dz,
                            const float *lse, const float *D, float *dq, const train_row *rows) {
-  extern __shared__ float sh[];
+  PA_DYNAMIC_SHARED(float, sh);
   const int r = blockIdx.x, h = blockIdx.y, kh = h / (H / KV);
   const train_row d = rows[r];
   const int L = d.n_prefix + (r - d.own_start + 1);
@@ -397,7 +432,7 @@ const train_row *train_upload(const pa_attn_train_args *a, int rows, int *max_ke
   }
   char *host = (char *)malloc(bytes);
   if (!host) {
-    snprintf(last_error, sizeof last_error, "attention_train: no host memory for %d row descriptors", rows);
+    failed("attention_train: no host memory for %d row descriptors", rows);
     return nullptr;
   }
   train_row *d = (train_row *)host;
@@ -425,12 +460,26 @@ const train_row *train_upload(const pa_attn_train_args *a, int rows, int *max_ke
   return (const train_row *)train_dev;
 }
 
-bool shared_for(const void *kernel, size_t bytes, size_t *set, const char *what) {
-  if (bytes <= *set)
+// The attention kernels keep a row's scores (one float a key) in dynamic
+// shared memory: above 48 KB a kernel must be allowed more, up to the
+// device's opt-in limit (227 KB on H100/H200: about 58,000 keys). Longer
+// rows are refused (the operation fails, status() says so) rather than
+// launched. What each kernel is allowed, for the device in use:
+enum { kShAttention, kShTrainFwd, kShTrainDq, kShKernels };
+size_t shared_set[kShKernels];
+int shared_max; // the device's opt-in limit, bytes
+
+bool shared_for(const void *kernel, int which, size_t bytes, const char *what) {
+  if (bytes <= 48 << 10 || bytes <= shared_set[which])
     return true;
+  if (bytes > (size_t)shared_max) {
+    failed("%s: the longest row's %zu keys need %zu bytes of shared memory, the device allows %d", what,
+           bytes / sizeof(float), bytes, shared_max);
+    return false;
+  }
   if (!check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), what))
     return false;
-  *set = bytes;
+  shared_set[which] = bytes;
   return true;
 }
 
@@ -466,7 +515,7 @@ const __nv_bfloat16 *to_bf16(size_t n, const float *x, const char *what) {
       return nullptr;
     xb16_cap = n;
   }
-  k_to_bf16<<<blocks(n), kBlock, 0, stream>>>(n, x, xb16);
+  PA_LAUNCH(k_to_bf16, blocks(n), kBlock, 0)(n, x, xb16);
   launched(what);
   return xb16;
 }
@@ -497,14 +546,14 @@ void cu_embed_bf16(int M, int D, const int32_t *ids, const pa_bf16 *table, float
   const size_t n = (size_t)M * D;
   if (!n)
     return;
-  k_embed_bf16<<<blocks(n), kBlock, 0, stream>>>(M, D, ids, (const __nv_bfloat16 *)table, y);
+  PA_LAUNCH(k_embed_bf16, blocks(n), kBlock, 0)(M, D, ids, (const __nv_bfloat16 *)table, y);
   launched("embed_bf16");
 }
 
 void cu_rmsnorm(int M, int D, const float *x, const float *w, float eps, float *y) {
   if (M <= 0)
     return;
-  k_rmsnorm<<<M, kBlock, 0, stream>>>(D, x, w, eps, y);
+  PA_LAUNCH(k_rmsnorm, M, kBlock, 0)(D, x, w, eps, y);
   launched("rmsnorm");
 }
 
@@ -512,7 +561,7 @@ void cu_rope(int M, int n_heads, int hd, const int32_t *pos, const float *cos_ta
   const size_t n = (size_t)M * n_heads * (hd / 2);
   if (!n)
     return;
-  k_rope<<<blocks(n), kBlock, 0, stream>>>(M, n_heads, hd, pos, cos_tab, sin_tab, x, 1.0f);
+  PA_LAUNCH(k_rope, blocks(n), kBlock, 0)(M, n_heads, hd, pos, cos_tab, sin_tab, x, 1.0f);
   launched("rope");
 }
 
@@ -520,7 +569,7 @@ void cu_swiglu(int M, int F, float *gate, const float *up) {
   const size_t n = (size_t)M * F;
   if (!n)
     return;
-  k_swiglu<<<blocks(n), kBlock, 0, stream>>>(n, gate, up);
+  PA_LAUNCH(k_swiglu, blocks(n), kBlock, 0)(n, gate, up);
   launched("swiglu");
 }
 
@@ -528,7 +577,7 @@ void cu_embed(int M, int D, const int32_t *ids, const float *table, float *y) {
   const size_t n = (size_t)M * D;
   if (!n)
     return;
-  k_embed<<<blocks(n), kBlock, 0, stream>>>(M, D, ids, table, y);
+  PA_LAUNCH(k_embed, blocks(n), kBlock, 0)(M, D, ids, table, y);
   launched("embed");
 }
 
@@ -536,7 +585,7 @@ void cu_add(int M, int N, const float *x, float *y) {
   const size_t n = (size_t)M * N;
   if (!n)
     return;
-  k_add<<<blocks(n), kBlock, 0, stream>>>(n, x, y);
+  PA_LAUNCH(k_add, blocks(n), kBlock, 0)(n, x, y);
   launched("add");
 }
 
@@ -544,21 +593,21 @@ void cu_add_bias(int M, int N, const float *b, float *y) {
   const size_t n = (size_t)M * N;
   if (!n)
     return;
-  k_add_bias<<<blocks(n), kBlock, 0, stream>>>(n, N, b, y);
+  PA_LAUNCH(k_add_bias, blocks(n), kBlock, 0)(n, N, b, y);
   launched("add_bias");
 }
 
 void cu_scale(size_t n, float a, float *x) {
   if (!n)
     return;
-  k_scale<<<blocks(n), kBlock, 0, stream>>>(n, a, x);
+  PA_LAUNCH(k_scale, blocks(n), kBlock, 0)(n, a, x);
   launched("scale");
 }
 
 void cu_rmsnorm_backward(int M, int D, const float *x, const float *w, float eps, const float *dy, float *dx) {
   if (M <= 0)
     return;
-  k_rmsnorm_backward<<<M, kBlock, 0, stream>>>(D, x, w, eps, dy, dx);
+  PA_LAUNCH(k_rmsnorm_backward, M, kBlock, 0)(D, x, w, eps, dy, dx);
   launched("rmsnorm_backward");
 }
 
@@ -567,7 +616,7 @@ void cu_rope_backward(int M, int n_heads, int hd, const int32_t *pos, const floa
   const size_t n = (size_t)M * n_heads * (hd / 2);
   if (!n)
     return;
-  k_rope<<<blocks(n), kBlock, 0, stream>>>(M, n_heads, hd, pos, cos_tab, sin_tab, dx, -1.0f); /* by minus the angle */
+  PA_LAUNCH(k_rope, blocks(n), kBlock, 0)(M, n_heads, hd, pos, cos_tab, sin_tab, dx, -1.0f); /* by minus the angle */
   launched("rope_backward");
 }
 
@@ -575,7 +624,7 @@ void cu_swiglu_backward(int M, int F, const float *gate, const float *up, const 
   const size_t n = (size_t)M * F;
   if (!n)
     return;
-  k_swiglu_backward<<<blocks(n), kBlock, 0, stream>>>(n, gate, up, dh, dgate, dup);
+  PA_LAUNCH(k_swiglu_backward, blocks(n), kBlock, 0)(n, gate, up, dh, dgate, dup);
   launched("swiglu_backward");
 }
 
@@ -588,11 +637,10 @@ void cu_attention_train(const pa_attn_train_args *a, float *scratch) {
   const train_row *d = rows ? train_upload(a, rows, &max_keys, &row0, &len) : nullptr;
   if (!d)
     return;
-  static size_t set = 48 << 10;
   const size_t shared = ((size_t)max_keys + kBlock) * sizeof(float);
-  if (!shared_for((const void *)k_train_fwd, shared, &set, "attention_train: shared memory"))
+  if (!shared_for((const void *)k_train_fwd, kShTrainFwd, shared, "attention_train"))
     return;
-  k_train_fwd<<<dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared, stream>>>(
+  PA_LAUNCH(k_train_fwd, dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared)(
       a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->k, a->v, a->z, a->lse, d);
   launched("attention_train");
 }
@@ -601,7 +649,7 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
                            float *scratch) {
   const int rows = train_rows_of(a), hd = a->head_dim;
   if (hd > 2 * kTrainBlock) {
-    snprintf(last_error, sizeof last_error, "attention_backward: head_dim %d > %d", hd, 2 * kTrainBlock);
+    failed("attention_backward: head_dim %d > %d", hd, 2 * kTrainBlock);
     return;
   }
   int max_keys;
@@ -611,14 +659,13 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
     return;
   float *D = scratch; /* [rows][H] */
   const size_t n = (size_t)rows * a->n_heads;
-  k_train_rowdot<<<blocks(n), kBlock, 0, stream>>>(n, hd, dz, a->z, D);
-  static size_t set = 48 << 10;
+  PA_LAUNCH(k_train_rowdot, blocks(n), kBlock, 0)(n, hd, dz, a->z, D);
   const size_t shared = (size_t)max_keys * sizeof(float);
-  if (!shared_for((const void *)k_train_dq, shared, &set, "attention_backward: shared memory"))
+  if (!shared_for((const void *)k_train_dq, kShTrainDq, shared, "attention_backward"))
     return;
-  k_train_dq<<<dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared, stream>>>(
+  PA_LAUNCH(k_train_dq, dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared)(
       a->n_heads, a->n_kv_heads, hd, a->q, a->k, a->v, dz, a->lse, D, dq, d);
-  k_train_dkdv<<<dim3((unsigned)rows, (unsigned)a->n_kv_heads), kTrainBlock, 0, stream>>>(
+  PA_LAUNCH(k_train_dkdv, dim3((unsigned)rows, (unsigned)a->n_kv_heads), kTrainBlock, 0)(
       a->n_heads, a->n_kv_heads, hd, a->prefix_len, a->n_seqs, row0, len, a->q, a->k, a->v, dz, a->lse, D, dk, dv, d);
   launched("attention_backward");
 }
@@ -644,7 +691,7 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   }
   row_desc *host = (row_desc *)malloc(n_rows * sizeof *host);
   if (!host) {
-    snprintf(last_error, sizeof last_error, "attention: no host memory for %zu row descriptors", n_rows);
+    failed("attention: no host memory for %zu row descriptors", n_rows);
     return;
   }
   size_t k = 0;
@@ -657,20 +704,26 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   check(cudaStreamSynchronize(stream), "attention: upload"); /* host may be freed now */
   free(host);
   const size_t shared = ((size_t)max_keys + kBlock) * sizeof(float);
-  static size_t shared_set = 48 << 10;
-  if (shared > shared_set &&
-      check(cudaFuncSetAttribute(k_attention, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared),
-            "attention: shared memory"))
-    shared_set = shared;
-  k_attention<<<dim3((unsigned)n_rows, (unsigned)a->n_heads), kBlock, shared, stream>>>(
+  if (!shared_for((const void *)k_attention, kShAttention, shared, "attention"))
+    return;
+  if (a->k_new)
+    PA_LAUNCH(k_store_new, (unsigned)n_rows, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, desc_dev);
+  PA_LAUNCH(k_attention, dim3((unsigned)n_rows, (unsigned)a->n_heads), kBlock, shared)(
       a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len, a->prefix_stride,
       desc_dev);
   launched("attention");
 }
 
+// An allocation's failure is its NULL (the caller reports it), not an
+// operation's: it is not kept for status().
 void *cu_alloc(size_t bytes) {
   void *p = nullptr;
-  return check(cudaMalloc(&p, bytes ? bytes : 1), "alloc") ? p : nullptr;
+  const cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
+  if (e == cudaSuccess)
+    return p;
+  cudaGetLastError(); // not left for the next launch's check
+  snprintf(last_error, sizeof last_error, "alloc of %zu bytes: %s", bytes, cudaGetErrorString(e));
+  return nullptr;
 }
 
 void cu_release(void *p) {
@@ -689,7 +742,11 @@ void cu_download(void *dst, const void *src, size_t bytes) {
 }
 
 void cu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height) {
-  if (width && height)
+  if (!width || !height)
+    return;
+  if (height == 1 || (dpitch == width && spitch == width)) // one block: no pitch limit (2^31 bytes for 2D copies)
+    check(cudaMemcpyAsync(dst, src, width * height, cudaMemcpyDeviceToDevice, stream), "copy2d");
+  else
     check(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDeviceToDevice, stream), "copy2d");
 }
 
@@ -743,6 +800,13 @@ void (*const cu_group_leave)(pa_group *) = nullptr;
 
 const char *cu_error() { return last_error; }
 
+int cu_status() {
+  check(cudaStreamSynchronize(stream), "the queued operations");
+  const bool f = op_failed;
+  op_failed = false;
+  return f ? -1 : 0;
+}
+
 const pa_backend cuda_backend = {
     "cuda",
     cu_matmul,
@@ -778,6 +842,7 @@ const pa_backend cuda_backend = {
     cu_group_allgather,
     cu_group_leave,
     cu_error,
+    cu_status,
 };
 
 } // namespace
@@ -786,15 +851,34 @@ extern "C" {
 
 int pa_cuda_devices(void) {
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError(); /* no driver or no device: not an error to keep */
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e == cudaSuccess)
+    return n;
+  cudaGetLastError();
+  if (e == cudaErrorNoDevice)
+    return 0;
+  /* the runtime loads the driver (libcuda.so.1) itself: when it is not
+   * there, this is a machine without a GPU; when it is, the driver cannot
+   * serve this runtime (older than the toolkit palign was built with, or a
+   * broken install), and that must not pass for "no GPU" */
+  void *driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+  if (!driver) {
+    snprintf(last_error, sizeof last_error, "no CUDA driver (libcuda.so.1 is not installed)");
     return 0;
   }
-  return n;
+  dlclose(driver);
+  int runtime = 0, have = 0;
+  cudaRuntimeGetVersion(&runtime);
+  cudaDriverGetVersion(&have);
+  snprintf(last_error, sizeof last_error, "the CUDA driver cannot be used: %s (driver for CUDA %d.%d, palign built with %d.%d)",
+           cudaGetErrorString(e), have / 1000, have % 1000 / 10, runtime / 1000, runtime % 1000 / 10);
+  return -1;
 }
 
 int pa_cuda_select(int device) {
   const int n = pa_cuda_devices();
+  if (n < 0)
+    return -1;
   if (device < 0 || device >= n) {
     snprintf(last_error, sizeof last_error, "no CUDA device %d (%d visible)", device, n);
     return -1;
@@ -811,7 +895,10 @@ int pa_cuda_select(int device) {
     desc_dev = nullptr, desc_cap = 0, train_dev = nullptr, train_cap = 0, ready = false;
     xb16 = nullptr, xb16_cap = 0;
   }
-  if (!check(cudaSetDevice(device), "cudaSetDevice") || !check(cudaStreamCreate(&stream), "cudaStreamCreate"))
+  memset(shared_set, 0, sizeof shared_set); // a kernel's allowance is the device's
+  if (!check(cudaSetDevice(device), "cudaSetDevice") || !check(cudaStreamCreate(&stream), "cudaStreamCreate") ||
+      !check(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute"))
     return -1;
   if (!check_blas(cublasCreate(&blas), "cublasCreate") ||
       !check_blas(cublasSetStream(blas, stream), "cublasSetStream") ||
@@ -819,7 +906,7 @@ int pa_cuda_select(int device) {
       !check_blas(cublasCreate(&blas16), "cublasCreate") ||
       !check_blas(cublasSetStream(blas16, stream), "cublasSetStream"))
     return -1;
-  device_used = device, ready = true;
+  device_used = device, ready = true, op_failed = false;
   return 0;
 }
 
