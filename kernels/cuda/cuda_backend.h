@@ -16,8 +16,10 @@
  *
  * Status: compiled and linked on every build with a CUDA toolkit
  * (-DPALIGN_CUDA=AUTO|ON); tests/test_cuda_ops.c checks every operation
- * against the CPU backend and skips (exit 77) where no device is present.
- * Not yet run on a GPU (docs/CUDA.md).
+ * against the CPU backend and skips (exit 77) where no device is present;
+ * the same tests run this source on every build against an emulation of
+ * the CUDA runtime and cuBLAS (tests/cuda_emu). Not yet run on a GPU
+ * (docs/CUDA.md).
  */
 #ifndef PALIGN_CUDA_BACKEND_H
 #define PALIGN_CUDA_BACKEND_H

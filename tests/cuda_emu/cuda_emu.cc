@@ -5,7 +5,9 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <map>
 #include <set>
@@ -15,6 +17,11 @@
 #include <sanitizer/common_interface_defs.h>
 #define EMU_ASAN 1
 #endif
+
+struct emu_blas {
+  cudaStream_t stream;
+  cublasMath_t math;
+};
 
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
@@ -226,11 +233,16 @@ void to_scheduler(fibre *f) {
 fibre *new_fibre() {
   fibre *f = new fibre();
   f->thread = -1;
-  f->stack = static_cast<char *>(malloc(kStack));
-  if (!f->stack) {
+  // the stack over a page nothing may touch: an overflow stops there
+  const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+  void *m = mmap(nullptr, page + kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED || mprotect(m, page, PROT_NONE)) {
+    if (m != MAP_FAILED)
+      munmap(m, page + kStack);
     delete f;
     return nullptr;
   }
+  f->stack = static_cast<char *>(m) + page;
 #if defined(__x86_64__)
   // the frame palign_emu_switch returns through: six registers, then
   // fibre_main as the return address, 16-byte aligned as a call leaves it,
@@ -324,14 +336,13 @@ bool device_argument(const char *kernel, int index, const void *p) {
   return false;
 }
 
-void run_grid(const void *kernel, const char *name, dim3 grid, dim3 block, size_t shared, cudaStream_t s,
-              void (*body)(void *), void *ctx) {
+bool launch_ok(const void *kernel, const char *name, dim3 grid, dim3 block, size_t shared, cudaStream_t s) {
   if (fault)
-    return;
+    return false;
   if (!stream_ok(s)) {
     report("%s: launched on stream %p, which was not created or is destroyed", name, (void *)s);
     error(cudaErrorInvalidResourceHandle);
-    return;
+    return false;
   }
   const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
   if (!grid.x || !grid.y || !grid.z || grid.x > 0x7FFFFFFFu || grid.y > 65535 || grid.z > 65535 || !threads ||
@@ -339,15 +350,20 @@ void run_grid(const void *kernel, const char *name, dim3 grid, dim3 block, size_
     report("%s: grid (%u, %u, %u) of blocks (%u, %u, %u) is not a valid configuration", name, grid.x, grid.y, grid.z,
            block.x, block.y, block.z);
     error(cudaErrorInvalidConfiguration);
-    return;
+    return false;
   }
   const auto allowed = shared_allowed.find(kernel);
   const size_t limit = allowed != shared_allowed.end() ? (size_t)allowed->second : (size_t)kSharedDefault;
   if (shared > limit) {
     report("%s: %zu bytes of dynamic shared memory, the kernel may have %zu", name, shared, limit);
     error(cudaErrorInvalidValue);
-    return;
+    return false;
   }
+  return true;
+}
+
+void run_grid(const char *name, dim3 grid, dim3 block, size_t shared, void (*body)(void *), void *ctx) {
+  const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
   while (fibres.size() < threads) { // a fibre a thread at most: each may hold one at a barrier
     fibre *f = new_fibre();
     if (!f) {
@@ -487,6 +503,21 @@ cudaError_t cudaFuncSetAttribute(const void *kernel, cudaFuncAttribute attr, int
   return cudaSuccess;
 }
 
+cudaError_t cudaDeviceReset() {
+  for (const auto &a : allocations)
+    free((void *)a.first);
+  allocations.clear();
+  for (cudaStream_t st : streams)
+    delete reinterpret_cast<char *>(st);
+  streams.clear();
+  for (cublasHandle_t h : handles)
+    delete h;
+  handles.clear();
+  shared_allowed.clear();
+  fault = last_error = cudaSuccess;
+  return cudaSuccess;
+}
+
 cudaError_t cudaGetLastError() {
   const cudaError_t e = last_error;
   last_error = fault;
@@ -511,11 +542,6 @@ const char *cudaGetErrorString(cudaError_t e) {
 }
 
 // ---- cuBLAS ------------------------------------------------------------------------------
-
-struct emu_blas {
-  cudaStream_t stream;
-  cublasMath_t math;
-};
 
 cublasStatus_t cublasCreate(cublasHandle_t *h) {
   *h = new emu_blas{nullptr, CUBLAS_DEFAULT_MATH};
@@ -560,25 +586,29 @@ const char *cublasGetStatusString(cublasStatus_t s) {
 namespace {
 
 // op(X), rows x cols as the product takes it, stored column-major with
-// leading dimension ld: checked as cuBLAS checks it (ld against the stored
-// rows) and to lie in device memory as far as the product reaches.
-cublasStatus_t operand(const char *call, const char *name, cublasOperation_t op, int rows, int cols, const void *p,
-                       int ld, size_t elem) {
+// leading dimension ld: the leading dimension as cuBLAS checks it (against
+// the stored rows), then, with reach, whether the operand lies in device
+// memory as far as the product reaches.
+cublasStatus_t operand_ld(const char *call, const char *name, cublasOperation_t op, int rows, int cols, int ld) {
+  const int stored_rows = op == CUBLAS_OP_N ? rows : cols;
+  if (ld >= (stored_rows > 1 ? stored_rows : 1))
+    return CUBLAS_STATUS_SUCCESS;
+  report("%s: leading dimension of %s %d < its %d stored rows", call, name, ld, stored_rows);
+  return CUBLAS_STATUS_INVALID_VALUE;
+}
+
+cublasStatus_t operand_reach(const char *call, const char *name, cublasOperation_t op, int rows, int cols,
+                             const void *p, int ld, size_t elem) {
   const int stored_rows = op == CUBLAS_OP_N ? rows : cols, stored_cols = op == CUBLAS_OP_N ? cols : rows;
-  if (ld < (stored_rows > 1 ? stored_rows : 1)) {
-    report("%s: leading dimension of %s %d < its %d stored rows", call, name, ld, stored_rows);
-    return CUBLAS_STATUS_INVALID_VALUE;
-  }
   if (!rows || !cols)
     return CUBLAS_STATUS_SUCCESS;
   const size_t extent = ((size_t)ld * (stored_cols - 1) + stored_rows) * elem;
-  if (!in_device(p, extent)) {
-    report("%s: %s (%d x %d stored, ld %d) is not %zu bytes of device memory at %p", call, name, stored_rows,
-           stored_cols, ld, extent, p);
-    kernel_fault(cudaErrorIllegalAddress);
-    return CUBLAS_STATUS_EXECUTION_FAILED;
-  }
-  return CUBLAS_STATUS_SUCCESS;
+  if (in_device(p, extent))
+    return CUBLAS_STATUS_SUCCESS;
+  report("%s: %s (%d x %d stored, ld %d) is not %zu bytes of device memory at %p", call, name, stored_rows,
+         stored_cols, ld, extent, p);
+  kernel_fault(cudaErrorIllegalAddress);
+  return CUBLAS_STATUS_EXECUTION_FAILED;
 }
 
 // C = alpha op(A) op(B) + beta C on fp32 operands (the checks made).
@@ -604,15 +634,19 @@ cublasStatus_t gemm_args(const char *call, cublasHandle_t h, cublasOperation_t t
     report("%s: m %d n %d k %d or an operation out of range", call, m, n, k);
     return CUBLAS_STATUS_INVALID_VALUE;
   }
+  cublasStatus_t s; // the arguments first, as cuBLAS checks them, and only then what they reach
+  if ((s = operand_ld(call, "A", ta, m, k, lda)) != CUBLAS_STATUS_SUCCESS ||
+      (s = operand_ld(call, "B", tb, k, n, ldb)) != CUBLAS_STATUS_SUCCESS ||
+      (s = operand_ld(call, "C", CUBLAS_OP_N, m, n, ldc)) != CUBLAS_STATUS_SUCCESS)
+    return s;
   if (is_device(alpha) || is_device(beta)) { // the default pointer mode: alpha and beta on the host
     report("%s: alpha or beta in device memory under the host pointer mode", call);
     kernel_fault(cudaErrorIllegalAddress);
     return CUBLAS_STATUS_EXECUTION_FAILED;
   }
-  cublasStatus_t s;
-  if ((s = operand(call, "A", ta, m, k, A, lda, ab_elem)) != CUBLAS_STATUS_SUCCESS ||
-      (s = operand(call, "B", tb, k, n, B, ldb, ab_elem)) != CUBLAS_STATUS_SUCCESS ||
-      (s = operand(call, "C", CUBLAS_OP_N, m, n, C, ldc, sizeof(float))) != CUBLAS_STATUS_SUCCESS)
+  if ((s = operand_reach(call, "A", ta, m, k, A, lda, ab_elem)) != CUBLAS_STATUS_SUCCESS ||
+      (s = operand_reach(call, "B", tb, k, n, B, ldb, ab_elem)) != CUBLAS_STATUS_SUCCESS ||
+      (s = operand_reach(call, "C", CUBLAS_OP_N, m, n, C, ldc, sizeof(float))) != CUBLAS_STATUS_SUCCESS)
     return s;
   return CUBLAS_STATUS_SUCCESS;
 }

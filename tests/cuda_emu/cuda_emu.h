@@ -24,7 +24,10 @@
 //    block of over 1,024 threads, a grid beyond its limits and more dynamic
 //    shared memory than the kernel was allowed (48 KiB unless
 //    cudaFuncSetAttribute raised it, up to the H100's 227 KiB) are errors.
-//    Dynamic shared memory is filled with NaN at each block's start.
+//    Dynamic shared memory is filled with NaN at each block's start; a
+//    static __shared__ array is a static here and keeps what the last block
+//    left (cuda_ops.cu's kernels write theirs whole before reading them).
+//    A kernel's pointer arguments must all be device memory, used or not.
 //  - one stream, run at once: the asynchronous calls complete before they
 //    return, so a hazard between the host and queued work is not seen.
 //  - cuBLAS's column-major products through OpenBLAS (its sgemm, on fp32
@@ -128,6 +131,7 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpy
 cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind kind, cudaStream_t s);
 cudaError_t cudaFuncSetAttribute(const void *kernel, cudaFuncAttribute attr, int value);
+cudaError_t cudaDeviceReset(); // ends the device's state: allocations, streams, handles, a fault
 cudaError_t cudaGetLastError();
 const char *cudaGetErrorString(cudaError_t e);
 
@@ -164,9 +168,11 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
 
 namespace emu {
 
+// Whether a launch's configuration is one the device runs; records the
+// launch error otherwise (or false after a fault).
+bool launch_ok(const void *kernel, const char *name, dim3 grid, dim3 block, size_t shared, cudaStream_t s);
 // Runs body(ctx) as every thread of every block of the grid (see the top).
-void run_grid(const void *kernel, const char *name, dim3 grid, dim3 block, size_t shared, cudaStream_t s,
-              void (*body)(void *), void *ctx);
+void run_grid(const char *name, dim3 grid, dim3 block, size_t shared, void (*body)(void *), void *ctx);
 // The launch's dynamic shared memory, for the block running.
 void *dynamic_shared();
 // Whether a kernel's pointer argument is device memory or null; records a
@@ -190,12 +196,11 @@ template <class... P> struct launcher {
   template <class... A> void operator()(A &&...a) const {
     static_assert(sizeof...(A) == sizeof...(P), "a kernel launch with the wrong number of arguments");
     const std::tuple<std::decay_t<P>...> args(std::forward<A>(a)...);
-    const bool ok = check(args, std::index_sequence_for<P...>{});
-    if (!ok)
+    if (!launch_ok((const void *)kernel, name, grid, block, shared, stream) ||
+        !check(args, std::index_sequence_for<P...>{}))
       return;
     auto body = [&] { std::apply(kernel, args); };
-    run_grid((const void *)kernel, name, grid, block, shared, stream,
-             [](void *c) { (*static_cast<decltype(body) *>(c))(); }, &body);
+    run_grid(name, grid, block, shared, [](void *c) { (*static_cast<decltype(body) *>(c))(); }, &body);
   }
 
   template <class Tuple, size_t... I> bool check(const Tuple &args, std::index_sequence<I...>) const {
