@@ -15,7 +15,7 @@
 //    writes through its leading dimensions. In a sanitizer build a kernel's
 //    reads and writes past an allocation are caught by AddressSanitizer.
 //  - kernels: every block of the grid in turn, every thread of a block a
-//    fibre (ucontext) that runs until it ends or reaches __syncthreads();
+//    fibre (cuda_emu.cc) that runs until it ends or reaches __syncthreads();
 //    a barrier lets no thread on before every live thread of the block has
 //    reached it, and between two barriers the threads run in a shuffled
 //    order (seeded, so a run repeats), so that a read of another thread's
