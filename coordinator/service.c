@@ -395,6 +395,10 @@ static int join_group(service *sv) {
   const pa_backend *be = sv->be;
   const bool can = !worker || (!never && be && be->group_join && be->group_id_bytes <= 256 &&
                                pa_comm_local_workers(sv->comm) <= pa_backend_devices(be));
+  if (force && worker && !can && pa_comm_worker_index(sv->comm) == 0)
+    fprintf(sv->log, "palign-worker: rank %d: PALIGN_NCCL=1, but %s; the activation bank goes over MPI\n", sv->rank,
+            !be || !be->group_join ? "this backend has no collectives (a CPU, or palign built without NCCL)"
+                                   : "a node has more workers than GPUs");
   int all = 0, joined = 0, err;
   if ((err = pa_comm_all_ok(sv->comm, can, &all)))
     return err;

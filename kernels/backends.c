@@ -2,12 +2,15 @@
  *
  * The CUDA backend is a shared library of its own (kernels/cuda/,
  * libpalign_cuda.so), loaded the first time cuda or auto is asked for: from
- * where the build put it, else by name (the loader's search path). A program
- * that only ever runs on the CPU never loads the CUDA runtime. */
+ * the file PALIGN_CUDA_MODULE names when set (the tests load the backend
+ * built against the CUDA emulation so, tests/cuda_emu), else from where the
+ * build put it, else by name (the loader's search path). A program that only
+ * ever runs on the CPU never loads the CUDA runtime. */
 #define _GNU_SOURCE /* dlopen's RTLD_ flags under -std=c11 */
 #include "backend.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef PALIGN_HAVE_CUDA
@@ -27,8 +30,10 @@ static const cuda_module *load_cuda(char *err, size_t n) {
   static char why[512];
   if (!tried) {
     tried = 1;
-    void *h = dlopen(PALIGN_CUDA_MODULE, RTLD_NOW | RTLD_LOCAL);
-    if (!h)
+    const char *chosen = getenv("PALIGN_CUDA_MODULE");
+    const char *path = chosen && *chosen ? chosen : PALIGN_CUDA_MODULE;
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h && path == (const char *)PALIGN_CUDA_MODULE)
       h = dlopen("libpalign_cuda.so", RTLD_NOW | RTLD_LOCAL);
     if (h) {
       *(void **)&m.devices = dlsym(h, "pa_cuda_devices");
@@ -38,8 +43,7 @@ static const cuda_module *load_cuda(char *err, size_t n) {
     }
     if (!h || !m.devices || !m.select || !m.backend || !m.error) {
       const char *e = dlerror();
-      snprintf(why, sizeof why, "the CUDA backend (%s) cannot be loaded: %s", PALIGN_CUDA_MODULE,
-               e ? e : "symbols missing");
+      snprintf(why, sizeof why, "the CUDA backend (%s) cannot be loaded: %s", path, e ? e : "symbols missing");
       m.backend = NULL;
     }
   }
