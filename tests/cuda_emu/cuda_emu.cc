@@ -1,5 +1,6 @@
 // cuda_emu.cc: the CUDA runtime and cuBLAS of cuda_emu.h on the CPU.
 #include "cuda_emu.h"
+#include "rng.h"
 
 #include <cblas.h>
 #include <stdarg.h>
@@ -157,7 +158,7 @@ struct fibre {
   int thread; // the thread it holds (at a barrier), -1 when free
   uint3 index; // that thread's threadIdx
 #ifdef EMU_ASAN
-  void *fake_stack;
+  void *fake_stack; // AddressSanitizer's fake stack of this fibre, kept while it is switched out
 #endif
 };
 
@@ -194,10 +195,12 @@ void resume(fibre *f) {
   running = f;
   threadIdx = f->index;
 #ifdef EMU_ASAN
-  void *fake = nullptr;
-  __sanitizer_start_switch_fiber(&fake, f->stack, kStack);
+  // AddressSanitizer keeps the scheduler's "fake stack" (its frames moved
+  // off the real stack to catch use after return) here while f runs
+  void *scheduler_fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&scheduler_fake_stack, f->stack, kStack);
   switch_context(&scheduler, &f->ctx);
-  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+  __sanitizer_finish_switch_fiber(scheduler_fake_stack, nullptr, nullptr);
 #else
   switch_context(&scheduler, &f->ctx);
 #endif
@@ -263,18 +266,11 @@ fibre *new_fibre() {
   return f;
 }
 
-uint64_t splitmix64(uint64_t *s) {
-  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 // Fisher-Yates, the index drawn by a multiply rather than a division (a
 // division per thread and stretch was a fifth of the emulation's time).
 template <class T> void shuffle(std::vector<T> &v) {
   for (size_t i = v.size(); i > 1; i--)
-    std::swap(v[i - 1], v[(size_t)(((unsigned __int128)splitmix64(&order_seed) * i) >> 64)]);
+    std::swap(v[i - 1], v[(size_t)(((unsigned __int128)pa_splitmix64(&order_seed) * i) >> 64)]);
 }
 
 // Runs one block of n threads, stretch by stretch between barriers, each

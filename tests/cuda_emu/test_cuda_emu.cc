@@ -31,6 +31,7 @@ extern "C" {
 }
 
 #include "cuda_emu.h"
+#include "rng.h"
 
 namespace {
 
@@ -185,10 +186,7 @@ void test_memory_starts_nan(void **) {
 }
 
 uint64_t rng = 0x853C49E6748FEA9Bull;
-float uniform() {
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return (float)((rng >> 40) * 0x1p-24) * 2 - 1;
-}
+float uniform() { return (float)pa_uniform24(&rng) * 2 - 1; } // [-1, 1)
 
 // C (m x n, ldc) = alpha op(A) op(B) + beta C, column-major, in double.
 void reference(bool ta, bool tb, int m, int n, int k, float alpha, const float *A, int lda, const float *B, int ldb,
