@@ -218,7 +218,7 @@ static void worker_argv(args *a, int np, const char *m, const char *store, va_li
   a->n = 0;
   if (np > 0) {
     snprintf(np_buf, sizeof np_buf, "%d", np);
-    add_arg(a, "/usr/bin/mpirun");
+    add_arg(a, PALIGN_MPIEXEC);
     add_arg(a, "-np");
     add_arg(a, np_buf);
   }
@@ -1048,7 +1048,7 @@ static void test_workers_cannot_start(void **state) {
   for (int k = 0; k < 2; k++) {
     const bool bad_model = k == 0;
     args a = {.n = 0};
-    add_arg(&a, "/usr/bin/mpirun");
+    add_arg(&a, PALIGN_MPIEXEC);
     for (int side = 0; side < 2; side++) { /* rank 0 as asked, then two workers with the bad flag */
       if (side)
         add_arg(&a, ":");
@@ -1087,7 +1087,7 @@ static void test_mixed_weights(void **state) {
   size_t n0, n1;
   char *before = snapshot(store, &n0);
   args a = {.n = 0};
-  add_arg(&a, "/usr/bin/mpirun");
+  add_arg(&a, PALIGN_MPIEXEC);
   for (int side = 0; side < 3; side++) { /* rank 0, a worker in fp32, a worker in bf16 */
     if (side)
       add_arg(&a, ":");
