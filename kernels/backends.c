@@ -2,19 +2,26 @@
  *
  * The CUDA backend is a shared library of its own (kernels/cuda/,
  * libpalign_cuda.so), loaded the first time cuda or auto is asked for: from
- * the file PALIGN_CUDA_MODULE names when set (the tests load the backend
- * built against the CUDA emulation so, tests/cuda_emu), else from where the
- * build put it, else by name (the loader's search path). A program that only
- * ever runs on the CPU never loads the CUDA runtime. */
+ * the file the environment's PALIGN_CUDA_MODULE names when set (the tests
+ * load the backend built against the CUDA emulation so, tests/cuda_emu, in
+ * builds with or without a CUDA toolkit), else from where the build put it,
+ * else by name (the loader's search path); a build without the backend
+ * loads one only where PALIGN_CUDA_MODULE names it. A program that only ever
+ * runs on the CPU never loads the CUDA runtime. */
 #define _GNU_SOURCE /* dlopen's RTLD_ flags under -std=c11 */
 #include "backend.h"
 
+#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef PALIGN_HAVE_CUDA
-#include <dlfcn.h>
+/* where the build put the CUDA backend (CMake defines it), or none */
+#ifdef PALIGN_CUDA_MODULE
+static const char *const built_module = PALIGN_CUDA_MODULE;
+#else
+static const char *const built_module = NULL;
+#endif
 
 typedef struct {
   int (*devices)(void);
@@ -31,19 +38,29 @@ static const cuda_module *load_cuda(char *err, size_t n) {
   if (!tried) {
     tried = 1;
     const char *chosen = getenv("PALIGN_CUDA_MODULE");
-    const char *path = chosen && *chosen ? chosen : PALIGN_CUDA_MODULE;
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!h && path == (const char *)PALIGN_CUDA_MODULE)
-      h = dlopen("libpalign_cuda.so", RTLD_NOW | RTLD_LOCAL);
+    const char *path = chosen && *chosen ? chosen : built_module;
+    void *h = NULL;
+    char first[384] = ""; /* why the file itself failed: the fallback by name would hide it */
+    if (path) {
+      h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+      if (!h) {
+        const char *e = dlerror();
+        snprintf(first, sizeof first, "%s", e ? e : "");
+      }
+      if (!h && path == built_module)
+        h = dlopen("libpalign_cuda.so", RTLD_NOW | RTLD_LOCAL);
+    }
     if (h) {
       *(void **)&m.devices = dlsym(h, "pa_cuda_devices");
       *(void **)&m.select = dlsym(h, "pa_cuda_select");
       *(void **)&m.backend = dlsym(h, "pa_backend_cuda");
       *(void **)&m.error = dlsym(h, "pa_cuda_error");
     }
-    if (!h || !m.devices || !m.select || !m.backend || !m.error) {
-      const char *e = dlerror();
-      snprintf(why, sizeof why, "the CUDA backend (%s) cannot be loaded: %s", path, e ? e : "symbols missing");
+    if (!path) {
+      snprintf(why, sizeof why, "this palign was built without the CUDA backend (PALIGN_CUDA=OFF or no CUDA toolkit)");
+    } else if (!h || !m.devices || !m.select || !m.backend || !m.error) {
+      const char *e = h ? dlerror() : first;
+      snprintf(why, sizeof why, "the CUDA backend (%s) cannot be loaded: %s", path, e && *e ? e : "symbols missing");
       m.backend = NULL;
     }
   }
@@ -53,19 +70,14 @@ static const cuda_module *load_cuda(char *err, size_t n) {
   }
   return &m;
 }
-#endif
 
 int pa_backend_devices(const pa_backend *be) {
   if (!be || be->host_memory)
     return 0;
-#ifdef PALIGN_HAVE_CUDA
   char why[600];
   const cuda_module *m = load_cuda(why, sizeof why);
   const int n = m ? m->devices() : 0;
   return n > 0 ? n : 0;
-#else
-  return 0;
-#endif
 }
 
 const pa_backend *pa_backend_named(const char *name, int device, char *err, size_t n) {
@@ -76,7 +88,6 @@ const pa_backend *pa_backend_named(const char *name, int device, char *err, size
     snprintf(err, n, "no backend '%s' (cpu, cuda or auto)", name);
     return NULL;
   }
-#ifdef PALIGN_HAVE_CUDA
   char why[600];
   const cuda_module *m = load_cuda(why, sizeof why);
   const int devices = m ? m->devices() : 0;
@@ -90,12 +101,4 @@ const pa_backend *pa_backend_named(const char *name, int device, char *err, size
     return pa_backend_cpu();
   snprintf(err, n, "--backend cuda: %s", !m ? why : devices > 0 ? m->error() : "no CUDA device is visible");
   return NULL;
-#else
-  (void)device;
-  if (!want_cuda)
-    return pa_backend_cpu();
-  snprintf(err, n,
-           "--backend cuda: this palign was built without the CUDA backend (PALIGN_CUDA=OFF or no CUDA toolkit)");
-  return NULL;
-#endif
 }
