@@ -69,7 +69,26 @@ static double now(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* RANGE -> [*first, *last] (0-based, inclusive) within n subjects. */
+/* DPO's progress: a line every 10 s and at the end of a subject's training,
+ * with the rate over the steps after the first (which has the start's
+ * costs) and the time left. */
+typedef struct {
+  double first, last; /* when step 1 ended, when the last line was printed */
+} step_clock;
+
+static void dpo_step(void *ctx, int done, int total, double loss) {
+  step_clock *c = ctx;
+  const double t = now();
+  if (done == 1)
+    c->first = c->last = t;
+  if (done > 1 && (done == total || t - c->last >= 10)) {
+    const double per_step = (t - c->first) / (done - 1);
+    fprintf(stderr, "  DPO step %d/%d, loss %.4f, %.2f s per step, about %.0f s left\n", done, total, loss, per_step,
+            per_step * (total - done));
+    c->last = t;
+  }
+}
+
 static cJSON *metrics_json(const pa_subject_metrics *m) {
   cJSON *o = cJSON_CreateObject();
   cJSON *mae = cJSON_AddObjectToObject(o, "mae");
@@ -145,7 +164,8 @@ int cmd_eval(int argc, char **argv) {
   const char *model_path = NULL, *papi = NULL, *json_path = NULL, *range = "5";
   const char *methods_arg = NULL, *template_name = NULL, *backend_name = "cpu";
   int weights = PA_WEIGHTS_AUTO;
-  pa_eval_opts eo = {0};
+  step_clock clock = {0};
+  pa_eval_opts eo = {.step = dpo_step, .poll_ctx = &clock};
   int threads = 0, holdout = 0, n_alphas = 0;
   uint64_t seed = 1;
   double alphas[PA_PAS_MAX_ALPHAS];

@@ -209,6 +209,42 @@ static void test_training(void **s) {
   pa_dpo_result_free(&again); /* twice is harmless */
 }
 
+/* The evaluator's step hook (progress lines): called once per optimiser
+ * step, in order, with the step count and each step's loss as recorded. */
+typedef struct {
+  int calls, bad_order, total;
+  double loss[4096];
+} step_log;
+
+static void log_step(void *ctx, int done, int total, double loss) {
+  step_log *l = ctx;
+  if (done != l->calls + 1 || done > (int)(sizeof l->loss / sizeof *l->loss))
+    l->bad_order++;
+  else
+    l->loss[done - 1] = loss;
+  l->calls++;
+  l->total = total;
+}
+
+static void test_step_hook(void **s) {
+  (void)s;
+  static step_log log;
+  pa_evaluator *hooked = NULL;
+  if (pa_evaluator_create(lm, pa_model_tokenizer(model), pa_model_chat(model),
+                          &(pa_eval_opts){.step = log_step, .poll_ctx = &log}, &hooked))
+    fail_msg("%s", pa_errmsg());
+  const pa_dpo_opts o = fast_opts();
+  pa_dpo_result r = {0};
+  if (pa_dpo_train(hooked, inv, pa_subjects_at(subjects, 1), &o, &r))
+    fail_msg("%s", pa_errmsg());
+  assert_int_equal(log.bad_order, 0);
+  assert_int_equal(log.calls, r.n_steps);
+  assert_int_equal(log.total, r.n_steps);
+  assert_memory_equal(log.loss, r.loss, (size_t)r.n_steps * sizeof *r.loss);
+  pa_dpo_result_free(&r);
+  pa_evaluator_destroy(hooked);
+}
+
 /* DPO through the device path (tu_fake_device.h): the same subject, settings
  * and seed as on the CPU; the loss at every step within 1e-6 and the adapter
  * within 1e-4 of its largest value (the trainer's last-row products are fp32
@@ -374,7 +410,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_pairs),           cmocka_unit_test(test_settings_refused), cmocka_unit_test(test_pair_loss),
       cmocka_unit_test(test_training),        cmocka_unit_test(test_device_path),      cmocka_unit_test(test_no_pairs),
-      cmocka_unit_test(test_against_pytorch),
+      cmocka_unit_test(test_against_pytorch), cmocka_unit_test(test_step_hook),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -304,6 +304,8 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
       if ((rc = pa_trainer_backward(tr, dlog, grad)))
         goto done;
       adamw(out->adapter, grad, m1, m2, o, step + 1);
+      if (eo->step)
+        eo->step(eo->poll_ctx, step + 1, out->n_steps, loss);
       out->train_tokens += b.n_prefix;
       for (int i = 0; i < n; i++)
         out->train_tokens += n_tokens[i];

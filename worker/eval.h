@@ -49,6 +49,10 @@ typedef struct {
    * For heartbeats and signals. */
   int (*poll)(void *ctx);
   void *poll_ctx;
+  /* Called (with poll_ctx) after each step of work made of many, such as
+   * DPO's optimiser steps: done of total, and the step's loss. NULL: not
+   * reported. For progress lines. */
+  void (*step)(void *ctx, int done, int total, double loss);
 } pa_eval_opts;
 
 /* What one call cost. */
