@@ -228,19 +228,19 @@ static void log_step(void *ctx, int done, int total, double loss) {
 
 static void test_step_hook(void **s) {
   (void)s;
-  static step_log log;
+  static step_log seen;
   pa_evaluator *hooked = NULL;
   if (pa_evaluator_create(lm, pa_model_tokenizer(model), pa_model_chat(model),
-                          &(pa_eval_opts){.step = log_step, .poll_ctx = &log}, &hooked))
+                          &(pa_eval_opts){.step = log_step, .poll_ctx = &seen}, &hooked))
     fail_msg("%s", pa_errmsg());
   const pa_dpo_opts o = fast_opts();
   pa_dpo_result r = {0};
   if (pa_dpo_train(hooked, inv, pa_subjects_at(subjects, 1), &o, &r))
     fail_msg("%s", pa_errmsg());
-  assert_int_equal(log.bad_order, 0);
-  assert_int_equal(log.calls, r.n_steps);
-  assert_int_equal(log.total, r.n_steps);
-  assert_memory_equal(log.loss, r.loss, (size_t)r.n_steps * sizeof *r.loss);
+  assert_int_equal(seen.bad_order, 0);
+  assert_int_equal(seen.calls, r.n_steps);
+  assert_int_equal(seen.total, r.n_steps);
+  assert_memory_equal(seen.loss, r.loss, (size_t)r.n_steps * sizeof *r.loss);
   pa_dpo_result_free(&r);
   pa_evaluator_destroy(hooked);
 }
