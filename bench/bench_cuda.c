@@ -10,10 +10,14 @@
  *     (fp32 SGEMM, no TF32) and matmul_bf16 (bf16 weights, x rounded by the
  *     backend, cublasGemmEx with fp32 accumulation: what the forward pass
  *     runs with --weights bf16, the default on a GPU);
- *  3. the backend's attention kernel on that prefill (32 heads, 8 kv heads,
- *     head_dim 128, causal): time and the share of the layer's products.
+ *  3. the backend's attention on that prefill (32 heads, 8 kv heads,
+ *     head_dim 128, causal), by each of its kernels (PALIGN_CUDA_ATTENTION:
+ *     the simple one, the baseline, then the tiled one, the default): time,
+ *     the share of the layer's products, and the tiled one's time as a
+ *     ratio of the simple one's.
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
  * a device. */
+#define _POSIX_C_SOURCE 200112L /* setenv */
 #include "backend.h"
 #include "cuda_backend.h"
 
@@ -142,15 +146,24 @@ int main(int argc, char **argv) {
   float *k = dev_zero((size_t)KH * T * hd * 4), *v = dev_zero((size_t)KH * T * hd * 4);
   pa_attn_seq seq = {.row0 = 0, .n = T, .past = 0, .k_own = k, .v_own = v, .stride = T};
   pa_attn_args a = {.n_heads = H, .n_kv_heads = KH, .head_dim = hd, .q = q, .z = z, .seqs = &seq, .n_seqs = 1};
-  for (int r = -1; r < 5; r++) {
-    if (r == 0)
-      CHECK(cudaEventRecord(t0, 0));
-    be->attention(&a, NULL);
+  /* both kernels (cuda_ops.cu): the simple one first, the baseline */
+  double att_kernel[2];
+  static const char *const kernel[2] = {"simple", "tiled"};
+  for (int kk = 0; kk < 2; kk++) {
+    setenv("PALIGN_CUDA_ATTENTION", kernel[kk], 1);
+    for (int r = -1; r < 5; r++) {
+      if (r == 0)
+        CHECK(cudaEventRecord(t0, 0));
+      be->attention(&a, NULL);
+    }
+    CHECK(cudaEventRecord(t1, 0));
+    att_kernel[kk] = ms_between(t0, t1) / 1e3 / 5;
+    printf("attention (%s) %d tokens, %d heads (%d kv), head_dim %d: %.3f ms (%.2fx the layer's bf16 products)\n",
+           kernel[kk], T, H, KH, hd, att_kernel[kk] * 1e3, att_kernel[kk] / secs16);
   }
-  CHECK(cudaEventRecord(t1, 0));
-  const double att = ms_between(t0, t1) / 1e3 / 5;
-  printf("attention %d tokens, %d heads (%d kv), head_dim %d: %.3f ms (%.1fx the layer's bf16 products)\n", T, H, KH,
-         hd, att * 1e3, att / secs16);
+  unsetenv("PALIGN_CUDA_ATTENTION");
+  const double att = att_kernel[1];
+  printf("the tiled attention kernel takes %.2fx the simple one's time\n", att_kernel[1] / att_kernel[0]);
   if (pa_cuda_error()[0]) {
     fprintf(stderr, "bench_cuda: %s\n", pa_cuda_error());
     return 1;
@@ -161,9 +174,9 @@ int main(int argc, char **argv) {
       fprintf(f,
               "{\"device\": \"%s\", \"bf16_peak_tflops\": %.2f, \"layer_matmul_ms\": %.4f, \"layer_matmul_tflops\": "
               "%.2f, \"layer_matmul_bf16_ms\": %.4f, \"layer_matmul_bf16_tflops\": %.2f, \"attention_ms\": %.4f, "
-              "\"tokens\": %d}\n",
+              "\"attention_simple_ms\": %.4f, \"tokens\": %d}\n",
               prop.name, peak, secs * 1e3, layer_flops / secs / 1e12, secs16 * 1e3, layer_flops / secs16 / 1e12,
-              att * 1e3, T);
+              att * 1e3, att_kernel[0] * 1e3, T);
       fclose(f);
     }
   }

@@ -28,8 +28,10 @@
  *    the rounded operand is checked too: the GPU's result with x already
  *    bf16 (rounding again changes nothing) must be the same bits;
  *  - embed_bf16: exact (widening is exact).
- * And a failing operation (attention over more keys than shared memory
- * holds) is reported by status(), once. A machine whose driver cannot serve
+ * Both attention kernels are checked (PALIGN_CUDA_ATTENTION), the tiled one
+ * also over 70,000 keys (2e-5: see there). And a failing operation (the
+ * simple attention kernel over more keys than shared memory holds) is
+ * reported by status(), once. A machine whose driver cannot serve
  * fails rather than skips (tu_cuda.h). */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -344,10 +346,13 @@ static void test_backward(void **s) {
 }
 
 /* Attention with grouped heads over a shared prefix and two sequences of
- * their own (one with cached keys), then without a prefix. */
-static void check_attention(int prefix_len) {
-  const int H = 6, KV = 2, hd = 40, stride = 32, P = prefix_len;
-  const int n0 = 3, past0 = 5, n1 = 7, rows = n0 + n1;
+ * their own (one with cached keys; the other of 37 rows, more than two of
+ * the tiled kernel's 16-row tiles), or without a prefix, by the kernel
+ * PALIGN_CUDA_ATTENTION chooses. */
+static void check_attention(int prefix_len, int hd, const char *kernel) {
+  const int H = 6, KV = 2, stride = 48, P = prefix_len;
+  const int n0 = 3, past0 = 5, n1 = 37, rows = n0 + n1;
+  setenv("PALIGN_CUDA_ATTENTION", kernel, 1);
   float *q = tu_rand_vec(&rng, (size_t)rows * H * hd);
   float *kp = tu_rand_vec(&rng, (size_t)KV * 40 * hd), *vp = tu_rand_vec(&rng, (size_t)KV * 40 * hd);
   float *k0 = tu_rand_vec(&rng, (size_t)KV * stride * hd), *v0 = tu_rand_vec(&rng, (size_t)KV * stride * hd);
@@ -381,9 +386,10 @@ static void check_attention(int prefix_len) {
   float *dscratch = gpu->alloc(gpu->attention_scratch(&da) * 4 + 4);
   gpu->attention(&da, dscratch);
   float *got = back(dz, (size_t)rows * H * hd);
-  char what[64];
-  snprintf(what, sizeof what, "attention, prefix %d", P);
+  char what[96];
+  snprintf(what, sizeof what, "attention (%s), prefix %d, head_dim %d", kernel, P, hd);
   expect_close(what, got, want, (size_t)rows * H * hd, 2e-6 + 1e-6 * fabs(want[i]));
+  unsetenv("PALIGN_CUDA_ATTENTION");
   gpu->release(dscratch), gpu->release(dq), gpu->release(dz), gpu->release(dkp), gpu->release(dvp);
   gpu->release(dk0), gpu->release(dv0), gpu->release(dk1), gpu->release(dv1);
   free(q), free(kp), free(vp), free(k0), free(v0), free(k1), free(v1), free(want), free(got);
@@ -454,13 +460,54 @@ static void test_attention_train(void **s) {
 
 static void test_attention(void **s) {
   (void)s;
-  check_attention(23);
-  check_attention(0);
+  static const char *const kernels[] = {"tiled", "simple"};
+  for (int k = 0; k < 2; k++) {
+    check_attention(23, 40, kernels[k]);
+    check_attention(0, 40, kernels[k]);
+    check_attention(37, 128, kernels[k]); /* the tiled kernel's widest head */
+  }
+  check_attention(23, 136, "tiled"); /* wider: the simple kernel runs */
 }
 
-/* A failed operation is reported by status() (backend.h), once: attention
- * over 70,000 keys (a row's scores would need 280 KB of shared memory, more
- * than a GPU allows a block) is refused, and the next operations run. */
+/* The tiled kernel's shared memory does not grow with the keys: one row
+ * over 70,000 prefix keys (which the simple kernel refuses, below) against
+ * the CPU's. The output is a weighted mean of values in [-1, 1] whose
+ * weights are sums over 70,000 keys taken in other orders: about sqrt(n)
+ * eps = 1.6e-5 of it, so 2e-5 (seen: 2.4e-7 in Release, 1.3e-6 under the
+ * sanitizers, whose build rounds the CPU's sums otherwise). */
+static void test_attention_long_row(void **s) {
+  (void)s;
+  const int P = 70000, hd = 8;
+  float *kp = tu_rand_vec(&rng, (size_t)P * hd), *vp = tu_rand_vec(&rng, (size_t)P * hd);
+  float *q = tu_rand_vec(&rng, hd), *k0 = tu_rand_vec(&rng, hd), *v0 = tu_rand_vec(&rng, hd);
+  for (int d = 0; d < hd; d++)
+    q[d] *= 8; /* scores of a few units: a softmax far from uniform */
+  float want[8], *scratch;
+  pa_attn_seq seq = {.row0 = 0, .n = 1, .past = 0, .k_own = k0, .v_own = v0, .stride = 1};
+  pa_attn_args a = {.n_heads = 1, .n_kv_heads = 1, .head_dim = hd, .q = q, .z = want, .k_prefix = kp, .v_prefix = vp,
+                    .prefix_len = P, .prefix_stride = P, .seqs = &seq, .n_seqs = 1};
+  scratch = malloc(cpu->attention_scratch(&a) * 4 + 4);
+  cpu->attention(&a, scratch);
+  free(scratch);
+  float *d_kp = dev_floats(kp, (size_t)P * hd), *d_vp = dev_floats(vp, (size_t)P * hd), *d_q = dev_floats(q, hd);
+  float *d_k0 = dev_floats(k0, hd), *d_v0 = dev_floats(v0, hd), *d_z = gpu->alloc(hd * sizeof(float));
+  pa_attn_seq dseq = {.row0 = 0, .n = 1, .past = 0, .k_own = d_k0, .v_own = d_v0, .stride = 1};
+  pa_attn_args da = a;
+  da.q = d_q, da.z = d_z, da.k_prefix = d_kp, da.v_prefix = d_vp, da.seqs = &dseq;
+  float *d_scratch = gpu->alloc(gpu->attention_scratch(&da) * sizeof(float) + 4);
+  gpu->attention(&da, d_scratch);
+  assert_int_equal(gpu->status(), 0);
+  float *got = back(d_z, hd);
+  expect_close("attention (tiled), 70,000 keys", got, want, (size_t)hd, 2e-5);
+  gpu->release(d_kp), gpu->release(d_vp), gpu->release(d_q), gpu->release(d_k0), gpu->release(d_v0);
+  gpu->release(d_z), gpu->release(d_scratch);
+  free(kp), free(vp), free(q), free(k0), free(v0), free(got);
+}
+
+/* A failed operation is reported by status() (backend.h), once: the simple
+ * attention kernel over 70,000 keys (a row's scores would need 280 KB of
+ * shared memory, more than a GPU allows a block) is refused, and the next
+ * operations run. */
 static void test_failure_reported(void **s) {
   (void)s;
   assert_int_equal(gpu->status(), 0);
@@ -473,7 +520,9 @@ static void test_failure_reported(void **s) {
   pa_attn_args a = {.n_heads = 1, .n_kv_heads = 1, .head_dim = hd, .q = q, .z = z, .k_prefix = kp, .v_prefix = vp,
                     .prefix_len = P, .prefix_stride = P, .seqs = &seq, .n_seqs = 1};
   float *scratch = gpu->alloc(gpu->attention_scratch(&a) * sizeof(float) + 4);
+  setenv("PALIGN_CUDA_ATTENTION", "simple", 1);
   gpu->attention(&a, scratch);
+  unsetenv("PALIGN_CUDA_ATTENTION");
   assert_int_equal(gpu->status(), -1);
   fprintf(stderr, "    reported: %s\n", gpu->error());
   assert_non_null(strstr(gpu->error(), "shared memory"));
@@ -499,7 +548,7 @@ int main(void) {
       cmocka_unit_test(test_matmul),    cmocka_unit_test(test_matmul_bf16), cmocka_unit_test(test_matmul_tn_acc),
       cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),        cmocka_unit_test(test_elementwise),
       cmocka_unit_test(test_attention), cmocka_unit_test(test_backward),    cmocka_unit_test(test_attention_train),
-      cmocka_unit_test(test_failure_reported),
+      cmocka_unit_test(test_attention_long_row), cmocka_unit_test(test_failure_reported),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 namespace {
@@ -277,9 +278,140 @@ __global__ void k_store_new(int n_kv_heads, int hd, const float *k_new, const fl
   }
 }
 
-// The row descriptors of a call, in device memory kept between calls.
+// The tiled attention: a block takes kTileQ consecutive query rows of one
+// sequence and one head, and walks their keys kTileK at a time, each key
+// tile read once from global memory (coalesced, a key's head_dim floats
+// contiguous) into shared memory for all its query rows, with the softmax
+// kept online (a running max and sum per row, the partial outputs rescaled
+// when the max grows). Its shared memory does not grow with the keys, so
+// rows of any length run. The simple kernel above reads every key once per
+// query row and head and keeps a row's scores in shared memory (at most
+// about 58,000 keys on an H100); it stays as the reference and for head
+// dimensions over kTiledMaxHd (PALIGN_CUDA_ATTENTION=simple chooses it, as
+// bench_cuda does to time the two).
+constexpr int kTileQ = 16, kTileK = 32, kTiledThreads = 128, kTiledMaxHd = 128;
+constexpr int kRowThreads = kTiledThreads / kTileQ;  // threads per query row in the value sums: 8
+constexpr int kDimsPerThread = kTiledMaxHd / kRowThreads; // output dimensions per thread: 16
+
+// Up to kTileQ consecutive query rows of one sequence: row first + i has
+// n_own0 + i own keys (its past, then its sequence up to itself).
+struct tile_desc {
+  float *k_own, *v_own;
+  int stride; // positions per kv head in k_own / v_own
+  int n_own0; // own keys the tile's first row sees
+  int n_rows; // 1 .. kTileQ
+  int row;    // the first row of q and z
+};
+
+// Shared memory of k_attention_tiled, in floats, for head dimension hd: q
+// [kTileQ][hd] (scaled), k [kTileK][hd + 1] (padded: the score threads read
+// a column each), v [kTileK][hd], p [kTileQ][kTileK + 1], and per row the
+// running max, the running sum and the tile's correction.
+__host__ __device__ inline size_t tiled_shared_floats(int hd) {
+  return (size_t)kTileQ * hd + (size_t)kTileK * (hd + 1) + (size_t)kTileK * hd + kTileQ * (kTileK + 1) + 3 * kTileQ;
+}
+
+__global__ void k_attention_tiled(int n_heads, int n_kv_heads, int hd, const float *q, float *z,
+                                  const float *k_prefix, const float *v_prefix, int prefix_len, int prefix_stride,
+                                  const tile_desc *tiles) {
+  PA_DYNAMIC_SHARED(float, sh);
+  const tile_desc tl = tiles[blockIdx.x];
+  const int h = blockIdx.y, kh = h / (n_heads / n_kv_heads), tid = threadIdx.x;
+  float *qs = sh, *ks = qs + kTileQ * hd, *vs = ks + kTileK * (hd + 1), *ps = vs + kTileK * hd;
+  float *row_max = ps + kTileQ * (kTileK + 1), *row_sum = row_max + kTileQ, *row_corr = row_sum + kTileQ;
+  const float scale = rsqrtf((float)hd);
+  const float *kp = k_prefix ? k_prefix + (size_t)kh * prefix_stride * hd : nullptr;
+  const float *vp = v_prefix ? v_prefix + (size_t)kh * prefix_stride * hd : nullptr;
+  const float *ko = tl.k_own + (size_t)kh * tl.stride * hd, *vo = tl.v_own + (size_t)kh * tl.stride * hd;
+  // the tile's last row sees the most keys
+  const int keys = prefix_len + tl.n_own0 + tl.n_rows - 1;
+  for (int e = tid; e < kTileQ * hd; e += kTiledThreads) {
+    const int i = e / hd;
+    qs[e] = i < tl.n_rows ? q[((size_t)(tl.row + i) * n_heads + h) * hd + e % hd] * scale : 0.0f;
+  }
+  if (tid < kTileQ)
+    row_max[tid] = -INFINITY, row_sum[tid] = 0.0f;
+  // the value sums: row i = tid / kRowThreads, dimensions d = tid % kRowThreads + kRowThreads * c
+  const int vi = tid / kRowThreads, vd0 = tid % kRowThreads;
+  float acc[kDimsPerThread];
+  for (int c = 0; c < kDimsPerThread; c++)
+    acc[c] = 0.0f;
+  for (int t0 = 0; t0 < keys; t0 += kTileK) {
+    for (int e = tid; e < kTileK * hd; e += kTiledThreads) {
+      const int j = e / hd, d = e % hd, t = t0 + j;
+      float kv = 0.0f, vv = 0.0f;
+      if (t < keys) {
+        const size_t at = (t < prefix_len ? (size_t)t : (size_t)(t - prefix_len)) * hd + d;
+        kv = t < prefix_len ? kp[at] : ko[at];
+        vv = t < prefix_len ? vp[at] : vo[at];
+      }
+      ks[j * (hd + 1) + d] = kv;
+      vs[j * hd + d] = vv;
+    }
+    __syncthreads();
+    // the scores: row i sees the keys t < prefix_len + n_own0 + i
+    for (int e = tid; e < kTileQ * kTileK; e += kTiledThreads) {
+      const int i = e / kTileK, j = e % kTileK, t = t0 + j;
+      float sc = -INFINITY;
+      if (i < tl.n_rows && t < prefix_len + tl.n_own0 + i) {
+        sc = 0.0f;
+        for (int d = 0; d < hd; d++)
+          sc += qs[i * hd + d] * ks[j * (hd + 1) + d];
+      }
+      ps[i * (kTileK + 1) + j] = sc;
+    }
+    __syncthreads();
+    // each row's new max, and how much its sums so far shrink by
+    if (tid < kTileQ) {
+      float m = row_max[tid];
+      for (int j = 0; j < kTileK; j++)
+        m = fmaxf(m, ps[tid * (kTileK + 1) + j]);
+      // a row's first tile always holds a key it sees (key 0), so m is finite once the row has begun
+      row_corr[tid] = m == -INFINITY ? 1.0f : expf(row_max[tid] - m);
+      row_max[tid] = m;
+    }
+    __syncthreads();
+    for (int e = tid; e < kTileQ * kTileK; e += kTiledThreads) {
+      const int i = e / kTileK, j = e % kTileK;
+      float *pe = &ps[i * (kTileK + 1) + j];
+      *pe = *pe == -INFINITY ? 0.0f : expf(*pe - row_max[i]);
+    }
+    __syncthreads();
+    if (tid < kTileQ) {
+      float sum = 0.0f;
+      for (int j = 0; j < kTileK; j++)
+        sum += ps[tid * (kTileK + 1) + j];
+      row_sum[tid] = row_sum[tid] * row_corr[tid] + sum;
+    }
+    const float corr = row_corr[vi];
+    for (int c = 0; c < kDimsPerThread; c++) {
+      const int d = vd0 + kRowThreads * c;
+      if (d < hd) {
+        float a = acc[c] * corr;
+        for (int j = 0; j < kTileK; j++)
+          a += ps[vi * (kTileK + 1) + j] * vs[j * hd + d];
+        acc[c] = a;
+      }
+    }
+    __syncthreads();
+  }
+  if (vi < tl.n_rows) {
+    const float inv = 1.0f / row_sum[vi];
+    float *zh = z + ((size_t)(tl.row + vi) * n_heads + h) * hd;
+    for (int c = 0; c < kDimsPerThread; c++) {
+      const int d = vd0 + kRowThreads * c;
+      if (d < hd)
+        zh[d] = acc[c] * inv;
+    }
+  }
+}
+
+// The row descriptors of a call, in device memory kept between calls; the
+// tiles' likewise.
 row_desc *desc_dev;
 size_t desc_cap;
+tile_desc *tile_dev;
+size_t tile_cap;
 
 // ---- attention over a training batch (backend.h pa_attn_train_args) -----------------------
 //
@@ -672,45 +804,82 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
 
 size_t cu_attention_scratch(const pa_attn_args *a) { return 0; }
 
+// Which attention kernel runs: the tiled one, unless the environment's
+// PALIGN_CUDA_ATTENTION is "simple" (read at every call, so that a benchmark
+// can time both) or the head is wider than the tiled one holds.
+bool tiled_attention(int hd) {
+  const char *e = getenv("PALIGN_CUDA_ATTENTION");
+  return hd <= kTiledMaxHd && !(e && !strcmp(e, "simple"));
+}
+
+// A device buffer kept between calls, grown to hold bytes.
+bool reserve(void **buf, size_t *cap, size_t bytes, const char *what) {
+  if (bytes <= *cap)
+    return true;
+  cudaFree(*buf);
+  *buf = nullptr, *cap = 0;
+  if (!check(cudaMalloc(buf, bytes), what))
+    return false;
+  *cap = bytes;
+  return true;
+}
+
 void cu_attention(const pa_attn_args *a, float *scratch) {
-  size_t n_rows = 0;
+  size_t n_rows = 0, n_tiles = 0;
   int max_keys = 0;
   for (int i = 0; i < a->n_seqs; i++) {
     n_rows += (size_t)a->seqs[i].n;
+    n_tiles += (size_t)(a->seqs[i].n + kTileQ - 1) / kTileQ;
     const int keys = a->prefix_len + a->seqs[i].past + a->seqs[i].n;
     max_keys = keys > max_keys ? keys : max_keys;
   }
   if (!n_rows)
     return;
-  if (n_rows > desc_cap) {
-    cudaFree(desc_dev);
-    desc_dev = nullptr, desc_cap = 0;
-    if (!check(cudaMalloc(&desc_dev, n_rows * sizeof *desc_dev), "attention: row descriptors"))
-      return;
-    desc_cap = n_rows;
-  }
-  row_desc *host = (row_desc *)malloc(n_rows * sizeof *host);
+  const bool tiled = tiled_attention(a->head_dim);
+  // the rows (for the new keys' store and the simple kernel), then the tiles, uploaded together
+  row_desc *host = (row_desc *)malloc(n_rows * sizeof(row_desc) + n_tiles * sizeof(tile_desc));
   if (!host) {
     failed("attention: no host memory for %zu row descriptors", n_rows);
     return;
   }
-  size_t k = 0;
+  tile_desc *host_tiles = (tile_desc *)(host + n_rows);
+  size_t k = 0, t = 0;
   for (int i = 0; i < a->n_seqs; i++) {
     const pa_attn_seq *s = &a->seqs[i];
     for (int j = 0; j < s->n; j++)
       host[k++] = row_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->row0 + j};
+    for (int j = 0; j < s->n; j += kTileQ)
+      host_tiles[t++] =
+          tile_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->n - j < kTileQ ? s->n - j : kTileQ, s->row0 + j};
   }
-  check(cudaMemcpyAsync(desc_dev, host, n_rows * sizeof *host, cudaMemcpyHostToDevice, stream), "attention: upload");
-  check(cudaStreamSynchronize(stream), "attention: upload"); /* host may be freed now */
+  const bool placed = reserve((void **)&desc_dev, &desc_cap, n_rows * sizeof(row_desc), "attention: row descriptors") &&
+                      (!tiled || reserve((void **)&tile_dev, &tile_cap, n_tiles * sizeof(tile_desc),
+                                         "attention: tile descriptors"));
+  if (placed) {
+    check(cudaMemcpyAsync(desc_dev, host, n_rows * sizeof(row_desc), cudaMemcpyHostToDevice, stream),
+          "attention: upload");
+    if (tiled)
+      check(cudaMemcpyAsync(tile_dev, host_tiles, n_tiles * sizeof(tile_desc), cudaMemcpyHostToDevice, stream),
+            "attention: upload");
+    check(cudaStreamSynchronize(stream), "attention: upload"); /* host may be freed now */
+  }
   free(host);
+  if (!placed)
+    return;
   const size_t shared = ((size_t)max_keys + kBlock) * sizeof(float);
-  if (!shared_for((const void *)k_attention, kShAttention, shared, "attention"))
+  if (!tiled && !shared_for((const void *)k_attention, kShAttention, shared, "attention"))
     return;
   if (a->k_new)
     PA_LAUNCH(k_store_new, (unsigned)n_rows, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, desc_dev);
-  PA_LAUNCH(k_attention, dim3((unsigned)n_rows, (unsigned)a->n_heads), kBlock, shared)(
-      a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len, a->prefix_stride,
-      desc_dev);
+  if (tiled)
+    PA_LAUNCH(k_attention_tiled, dim3((unsigned)n_tiles, (unsigned)a->n_heads), kTiledThreads,
+              tiled_shared_floats(a->head_dim) * sizeof(float))(a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z,
+                                                                a->k_prefix, a->v_prefix, a->prefix_len,
+                                                                a->prefix_stride, tile_dev);
+  else
+    PA_LAUNCH(k_attention, dim3((unsigned)n_rows, (unsigned)a->n_heads), kBlock, shared)(
+        a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len,
+        a->prefix_stride, desc_dev);
   launched("attention");
 }
 
@@ -890,9 +1059,11 @@ int pa_cuda_select(int device) {
     cublasDestroy(blas16);
     cudaStreamDestroy(stream);
     cudaFree(desc_dev);
+    cudaFree(tile_dev);
     cudaFree(train_dev);
     cudaFree(xb16);
-    desc_dev = nullptr, desc_cap = 0, train_dev = nullptr, train_cap = 0, ready = false;
+    desc_dev = nullptr, desc_cap = 0, tile_dev = nullptr, tile_cap = 0, train_dev = nullptr, train_cap = 0;
+    ready = false;
     xb16 = nullptr, xb16_cap = 0;
   }
   memset(shared_set, 0, sizeof shared_set); // a kernel's allowance is the device's
