@@ -36,6 +36,13 @@ constexpr int kBlock = 256;
 #define PA_LAUNCH(kernel, grid, block, shared) kernel<<<(grid), (block), (shared), stream>>>
 #define PA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #endif
+// A loop nvcc unrolls whole, so that a small array indexed by its counter
+// stays in registers (nothing for another compiler).
+#ifdef __CUDACC__
+#define PA_UNROLL _Pragma("unroll")
+#else
+#define PA_UNROLL
+#endif
 
 // A failure of an operation: the first one's reason is kept until status()
 // reports it (the later ones usually follow from it).
@@ -333,7 +340,8 @@ __global__ void k_attention_tiled(int n_heads, int n_kv_heads, int hd, const flo
     row_max[tid] = -INFINITY, row_sum[tid] = 0.0f;
   // the value sums: row i = tid / kRowThreads, dimensions d = tid % kRowThreads + kRowThreads * c
   const int vi = tid / kRowThreads, vd0 = tid % kRowThreads;
-  float acc[kDimsPerThread];
+  float acc[kDimsPerThread]; // in registers: every loop over c is unrolled
+  PA_UNROLL
   for (int c = 0; c < kDimsPerThread; c++)
     acc[c] = 0.0f;
   for (int t0 = 0; t0 < keys; t0 += kTileK) {
@@ -384,6 +392,7 @@ __global__ void k_attention_tiled(int n_heads, int n_kv_heads, int hd, const flo
       row_sum[tid] = row_sum[tid] * row_corr[tid] + sum;
     }
     const float corr = row_corr[vi];
+    PA_UNROLL
     for (int c = 0; c < kDimsPerThread; c++) {
       const int d = vd0 + kRowThreads * c;
       if (d < hd) {
@@ -398,6 +407,7 @@ __global__ void k_attention_tiled(int n_heads, int n_kv_heads, int hd, const flo
   if (vi < tl.n_rows) {
     const float inv = 1.0f / row_sum[vi];
     float *zh = z + ((size_t)(tl.row + vi) * n_heads + h) * hd;
+    PA_UNROLL
     for (int c = 0; c < kDimsPerThread; c++) {
       const int d = vd0 + kRowThreads * c;
       if (d < hd)
@@ -836,7 +846,7 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   if (!n_rows)
     return;
   const bool tiled = tiled_attention(a->head_dim);
-  // the rows (for the new keys' store and the simple kernel), then the tiles, uploaded together
+  // the rows (for the new keys' store and the simple kernel), then the tiles, uploaded with one wait
   row_desc *host = (row_desc *)malloc(n_rows * sizeof(row_desc) + n_tiles * sizeof(tile_desc));
   if (!host) {
     failed("attention: no host memory for %zu row descriptors", n_rows);
@@ -852,12 +862,14 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
       host_tiles[t++] =
           tile_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->n - j < kTileQ ? s->n - j : kTileQ, s->row0 + j};
   }
-  const bool placed = reserve((void **)&desc_dev, &desc_cap, n_rows * sizeof(row_desc), "attention: row descriptors") &&
-                      (!tiled || reserve((void **)&tile_dev, &tile_cap, n_tiles * sizeof(tile_desc),
-                                         "attention: tile descriptors"));
+  const bool rows_used = !tiled || a->k_new; // the row descriptors serve the store and the simple kernel
+  const bool placed =
+      (!rows_used || reserve((void **)&desc_dev, &desc_cap, n_rows * sizeof(row_desc), "attention: row descriptors")) &&
+      (!tiled || reserve((void **)&tile_dev, &tile_cap, n_tiles * sizeof(tile_desc), "attention: tile descriptors"));
   if (placed) {
-    check(cudaMemcpyAsync(desc_dev, host, n_rows * sizeof(row_desc), cudaMemcpyHostToDevice, stream),
-          "attention: upload");
+    if (rows_used)
+      check(cudaMemcpyAsync(desc_dev, host, n_rows * sizeof(row_desc), cudaMemcpyHostToDevice, stream),
+            "attention: upload");
     if (tiled)
       check(cudaMemcpyAsync(tile_dev, host_tiles, n_tiles * sizeof(tile_desc), cudaMemcpyHostToDevice, stream),
             "attention: upload");
