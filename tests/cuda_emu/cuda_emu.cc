@@ -158,7 +158,10 @@ struct fibre {
   int thread; // the thread it holds (at a barrier), -1 when free
   uint3 index; // that thread's threadIdx
 #ifdef EMU_ASAN
-  void *fake_stack; // AddressSanitizer's fake stack of this fibre, kept while it is switched out
+  // the frames AddressSanitizer moved off this fibre's stack (to catch use
+  // after return), saved while it is switched out: what
+  // __sanitizer_start_switch_fiber's first argument holds
+  void *asan_frames;
 #endif
 };
 
@@ -195,12 +198,12 @@ void resume(fibre *f) {
   running = f;
   threadIdx = f->index;
 #ifdef EMU_ASAN
-  // AddressSanitizer keeps the scheduler's "fake stack" (its frames moved
-  // off the real stack to catch use after return) here while f runs
-  void *scheduler_fake_stack = nullptr;
-  __sanitizer_start_switch_fiber(&scheduler_fake_stack, f->stack, kStack);
+  // the scheduler's frames that AddressSanitizer moved off its stack (to
+  // catch use after return), saved here while f runs
+  void *scheduler_asan_frames = nullptr;
+  __sanitizer_start_switch_fiber(&scheduler_asan_frames, f->stack, kStack);
   switch_context(&scheduler, &f->ctx);
-  __sanitizer_finish_switch_fiber(scheduler_fake_stack, nullptr, nullptr);
+  __sanitizer_finish_switch_fiber(scheduler_asan_frames, nullptr, nullptr);
 #else
   switch_context(&scheduler, &f->ctx);
 #endif
@@ -208,9 +211,9 @@ void resume(fibre *f) {
 
 void to_scheduler(fibre *f) {
 #ifdef EMU_ASAN
-  __sanitizer_start_switch_fiber(&f->fake_stack, scheduler_bottom, scheduler_size);
+  __sanitizer_start_switch_fiber(&f->asan_frames, scheduler_bottom, scheduler_size);
   switch_context(&f->ctx, &scheduler);
-  __sanitizer_finish_switch_fiber(f->fake_stack, &scheduler_bottom, &scheduler_size);
+  __sanitizer_finish_switch_fiber(f->asan_frames, &scheduler_bottom, &scheduler_size);
 #else
   switch_context(&f->ctx, &scheduler);
 #endif
