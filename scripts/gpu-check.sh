@@ -56,7 +56,10 @@ BUNDLE= BUDGET=0 DRY=0
 while [ $# -gt 1 ]; do
   case $1 in
     --dry-run) DRY=1; shift ;;
-    --bundle) BUNDLE=$(cd "${2:?--bundle needs a folder}" && pwd); shift 2 ;;
+    --bundle)
+      [ -d "$2" ] || { echo "gpu-check: --bundle: no folder '$2' (make one with scripts/gpu-bundle.sh)" >&2; exit 2; }
+      BUNDLE=$(cd "$2" && pwd)
+      shift 2 ;;
     --budget) BUDGET=${2:?--budget needs seconds}; shift 2 ;;
     *) break ;;
   esac
