@@ -171,6 +171,7 @@ fibre *running; // the fibre running, null outside a kernel
 void (*body_fn)(void *);
 void *body_ctx;
 void *shared_block;             // the launch's dynamic shared memory
+size_t shared_bytes;            // its size
 std::vector<unsigned> unstarted; // the block's threads in their starting order
 size_t next_unstarted;
 size_t ended, reached; // threads that ended, and that reached a barrier, in this stretch
@@ -327,6 +328,32 @@ namespace emu {
 
 void *dynamic_shared() { return shared_block; }
 
+unsigned lane() { return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32; }
+
+bool wmma_tile_ok(const char *call, const float *p, unsigned ldm, unsigned rows, unsigned cols, bool row_major) {
+  if (fault) // said already, by the first lane (nothing is loaded or stored after a fault)
+    return false;
+  if ((uintptr_t)p % 32 || ldm % 4) {
+    report("%s: pointer %p or leading dimension %u: the pointer must be 32-byte aligned and the leading dimension a "
+           "multiple of 4 floats",
+           call, (const void *)p, ldm);
+    kernel_fault(cudaErrorMisalignedAddress);
+    return false;
+  }
+  const unsigned lines = row_major ? rows : cols, width = row_major ? cols : rows;
+  const size_t bytes = ((size_t)(lines - 1) * ldm + width) * sizeof(float);
+  const uintptr_t sh = (uintptr_t)shared_block;
+  const bool in_shared = shared_block && (uintptr_t)p >= sh && (uintptr_t)p - sh <= shared_bytes &&
+                         bytes <= shared_bytes - ((uintptr_t)p - sh);
+  if (!in_shared && !in_device(p, bytes)) {
+    report("%s: the %ux%u tile at %p (leading dimension %u) is not inside device or dynamic shared memory", call, rows,
+           cols, (const void *)p, ldm);
+    kernel_fault(cudaErrorIllegalAddress);
+    return false;
+  }
+  return true;
+}
+
 bool device_argument(const char *kernel, int index, const void *p) {
   if (!p || is_device(p))
     return true;
@@ -372,7 +399,9 @@ void run_grid(const char *name, dim3 grid, dim3 block, size_t shared, void (*bod
     }
     fibres.push_back(f);
   }
-  shared_block = malloc(shared ? shared : 1);
+  // 128-byte aligned, as a GPU's shared memory is at least: the warp matrix functions want 32
+  shared_bytes = shared;
+  shared_block = aligned_alloc(128, (shared / 128 + 1) * 128);
   if (!shared_block) {
     report("%s: no host memory for %zu bytes of shared memory", name, shared);
     error(cudaErrorMemoryAllocation);
@@ -449,7 +478,7 @@ cudaError_t cudaMalloc(void **p, size_t bytes) {
   *p = nullptr;
   if (fault)
     return fault;
-  void *m = malloc(bytes ? bytes : 1);
+  void *m = aligned_alloc(256, (bytes / 256 + 1) * 256); // as a GPU's allocations are
   if (!m)
     return error(cudaErrorMemoryAllocation);
   memset(m, 0xFF, bytes); // NaN floats: what is read before it is written shows
@@ -535,6 +564,7 @@ const char *cudaGetErrorString(cudaError_t e) {
   case cudaErrorInvalidDevice: return "invalid device ordinal";
   case cudaErrorInvalidResourceHandle: return "invalid resource handle";
   case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+  case cudaErrorMisalignedAddress: return "misaligned address";
   case cudaErrorLaunchFailure: return "unspecified launch failure";
   }
   return "unrecognized error code";

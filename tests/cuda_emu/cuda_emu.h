@@ -6,10 +6,11 @@
 // backend by the gpu tests' own checks (docs/CUDA.md, "Without a GPU").
 //
 // What it models, and checks where a GPU would fail or misbehave:
-//  - device memory: cudaMalloc returns host memory filled with 0xFF bytes
-//    (NaN as floats: a read of memory nobody wrote shows), registered as
-//    device memory. Copies check their direction (a host pointer where the
-//    device's is wanted is an error, and the other way round) and bounds;
+//  - device memory: cudaMalloc returns host memory, 256-byte aligned as a
+//    GPU's, filled with 0xFF bytes (NaN as floats: a read of memory nobody
+//    wrote shows), registered as device memory. Copies check their
+//    direction (a host pointer where the device's is wanted is an error,
+//    and the other way round) and bounds;
 //    a kernel's pointer arguments must be device memory (or null); cuBLAS's
 //    operands must be device memory holding every element the call reads or
 //    writes through its leading dimensions. In a sanitizer build a kernel's
@@ -24,7 +25,8 @@
 //    block of over 1,024 threads, a grid beyond its limits and more dynamic
 //    shared memory than the kernel was allowed (48 KiB unless
 //    cudaFuncSetAttribute raised it, up to the H100's 227 KiB) are errors.
-//    Dynamic shared memory is filled with NaN at each block's start; a
+//    Dynamic shared memory (128-byte aligned) is filled with NaN at each
+//    block's start; a
 //    static __shared__ array is a static here and keeps what the last block
 //    left (cuda_ops.cu's kernels write theirs whole before reading them).
 //    A kernel's pointer arguments must all be device memory, used or not.
@@ -33,9 +35,13 @@
 //  - cuBLAS's column-major products through OpenBLAS (its sgemm, on fp32
 //    copies of bf16 operands, which are exact), with cuBLAS's checks of the
 //    arguments.
-// What it cannot show: speed, warp-level behaviour (cuda_ops.cu uses none),
-// races inside a stretch between barriers finer than a whole thread's run,
-// and cuBLAS's own order of sums.
+//  - the warp matrix functions (mma.h): m16n16k8 tf32 products, their sums
+//    truncated as the tensor cores' are, their pointers' alignment and
+//    leading dimensions checked.
+// What it cannot show: speed, warp-level behaviour other than the matrix
+// functions' (cuda_ops.cu uses no other), races inside a stretch between
+// barriers finer than a whole thread's run, and cuBLAS's and the tensor
+// cores' own order of sums.
 //
 // An error is returned as the real call would return it, and its detail is
 // printed on standard error, since cudaGetErrorString has only the code.
@@ -56,6 +62,7 @@
 #define __global__
 #define __device__
 #define __host__
+#define __launch_bounds__(...)
 #define __shared__ static // one block runs at a time: a static is the block's own
 #define PA_LAUNCH(kernel, grid, block, shared) ::emu::launch(kernel, #kernel, (grid), (block), (shared), stream)
 #define PA_DYNAMIC_SHARED(type, name) type *name = static_cast<type *>(::emu::dynamic_shared())
@@ -104,6 +111,7 @@ enum cudaError_t {
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
   cudaErrorIllegalAddress = 700,
+  cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
 };
 enum cudaMemcpyKind {

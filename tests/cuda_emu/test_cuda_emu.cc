@@ -16,7 +16,22 @@
 //    dimensions larger than the rows and beta 0 over NaN, fp32 and bf16,
 //    against a plain loop over the column-major definition, in double;
 //    a leading dimension under the stored rows, and an operand reaching past
-//    its allocation, are refused.
+//    its allocation, are refused;
+//  - cudaMalloc's pointers are 256-byte aligned, as CUDA's are (a warp
+//    matrix tile at an allocation's start needs 32);
+//  - the warp matrix functions (mma.h): D = A B + C on m16n16k8 tf32 tiles,
+//    all four layouts of A and B, C and D row- and column-major, leading
+//    dimensions over the tile's, four warps of two blocks each on its own
+//    tile, against a plain loop in double within the bound of truncated
+//    fp32 sums; __float_to_tf32 rounds to nearest at 10 mantissa bits with
+//    ties away from zero, in a kernel and on the host; mma_sync truncates an operand not rounded to tf32, as the tensor
+//    cores do, and keeps the accumulator's fp32; an accumulator is spread
+//    over the warp, each of a tile's 256 elements one lane's element, and
+//    fill_fragment reaches all of them; a tile at a pointer not 32-byte
+//    aligned, with a leading dimension not a multiple of 4, or reaching past
+//    its device allocation or the launch's dynamic shared memory is a fault
+//    that stays until the device is reset, and one just inside works.
+#include <float.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -31,6 +46,7 @@ extern "C" {
 }
 
 #include "cuda_emu.h"
+#include "mma.h"
 #include "rng.h"
 
 namespace {
@@ -82,6 +98,84 @@ __global__ void k_copy(const float *x, float *y) { y[threadIdx.x] = x[threadIdx.
 __global__ void k_shared_first(float *out) {
   PA_DYNAMIC_SHARED(float, sh);
   out[threadIdx.x] = sh[threadIdx.x]; // read before any write: NaN
+}
+
+namespace wmma = nvcuda::wmma;
+using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+// One 16x16 tile of D = A B + C, A 32x8 and B 8x32 in the layouts LA and
+// LB, C and D 32x32 in lc: block i takes rows 16 i, its warp j columns 16 j.
+template <class LA, class LB>
+__device__ void mma_tile(const float *A, unsigned lda, const float *B, unsigned ldb, const float *C, float *D,
+                         unsigned ldc, wmma::layout_t lc) {
+  const unsigned i = blockIdx.x, j = threadIdx.x / 32;
+  const bool a_rows = std::is_same_v<LA, wmma::row_major>, b_rows = std::is_same_v<LB, wmma::row_major>;
+  const size_t c_at = lc == wmma::mem_row_major ? (size_t)16 * i * ldc + 16 * j : (size_t)16 * j * ldc + 16 * i;
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LA> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LB> b;
+  frag_acc c;
+  wmma::load_matrix_sync(a, A + (a_rows ? (size_t)16 * i * lda : 16 * i), lda);
+  wmma::load_matrix_sync(b, B + (b_rows ? 16 * j : (size_t)16 * j * ldb), ldb);
+  wmma::load_matrix_sync(c, C + c_at, ldc, lc);
+  wmma::mma_sync(c, a, b, c); // the accumulator in place, as kernels do
+  wmma::store_matrix_sync(D + c_at, c, ldc, lc);
+}
+
+// mma_tile in the layouts a_col and b_col name (column-major when true).
+__global__ void k_mma(bool a_col, bool b_col, const float *A, unsigned lda, const float *B, unsigned ldb,
+                      const float *C, float *D, unsigned ldc, wmma::layout_t lc) {
+  if (!a_col && !b_col)
+    mma_tile<wmma::row_major, wmma::row_major>(A, lda, B, ldb, C, D, ldc, lc);
+  else if (!a_col)
+    mma_tile<wmma::row_major, wmma::col_major>(A, lda, B, ldb, C, D, ldc, lc);
+  else if (!b_col)
+    mma_tile<wmma::col_major, wmma::row_major>(A, lda, B, ldb, C, D, ldc, lc);
+  else
+    mma_tile<wmma::col_major, wmma::col_major>(A, lda, B, ldb, C, D, ldc, lc);
+}
+
+__global__ void k_tf32(const float *x, float *y) { y[threadIdx.x] = wmma::__float_to_tf32(x[threadIdx.x]); }
+
+// Each lane numbers its accumulator elements lane * num_elements + e; warp
+// w stores its tile row-major at out + 256 w. The block is two-dimensional:
+// a thread's lane comes from its index in the block, x fastest.
+__global__ void k_fragment_lanes(float *out) {
+  const unsigned t = threadIdx.y * blockDim.x + threadIdx.x, lane = t % 32;
+  frag_acc c;
+  for (int e = 0; e < c.num_elements; e++)
+    c.x[e] = (float)(lane * c.num_elements + e);
+  wmma::store_matrix_sync(out + 256 * (t / 32), c, 16, wmma::mem_row_major);
+}
+
+__global__ void k_fill(float v, float *out, unsigned ldm) {
+  frag_acc c;
+  wmma::fill_fragment(c, v);
+  wmma::store_matrix_sync(out, c, ldm, wmma::mem_col_major);
+}
+
+// out (16x16, row-major) = the 16x8 row-major tile at p next to 8 columns of
+// zeros: the tile times an 8x16 identity, which eye holds.
+__global__ void k_load_a(const float *p, unsigned ldm, const float *eye, float *out) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
+  frag_acc c;
+  wmma::fill_fragment(c, 0.0f);
+  wmma::load_matrix_sync(a, p, ldm);
+  wmma::load_matrix_sync(b, eye, 16);
+  wmma::mma_sync(c, a, b, c);
+  wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+
+// Dynamic shared memory of n floats holds 0, 1, ...; out (16x16, row-major)
+// = the 16x16 tile at its float `at`, ldm 16.
+__global__ void k_shared_tile(unsigned n, unsigned at, float *out) {
+  PA_DYNAMIC_SHARED(float, sh);
+  for (unsigned i = threadIdx.x; i < n; i += blockDim.x)
+    sh[i] = (float)i;
+  __syncthreads();
+  frag_acc c;
+  wmma::load_matrix_sync(c, sh + at, 16, wmma::mem_row_major);
+  wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
 }
 
 // ---- tests ---------------------------------------------------------------------------
@@ -263,6 +357,295 @@ void test_gemm(void **) {
   assert_int_equal(cudaGetLastError(), cudaErrorIllegalAddress);
 }
 
+void test_malloc_aligned(void **) {
+  for (size_t bytes : {1, 4, 20, 100, 1000, 4096, 200000})
+    for (int i = 0; i < 4; i++) {
+      char *p = device<char>(bytes);
+      if ((uintptr_t)p % 256)
+        fail_msg("cudaMalloc(%zu bytes) returned %p, not 256-byte aligned", bytes, (void *)p);
+    }
+}
+
+// One of k_mma's products D = A B + C, A 32x8, B 8x32, C and D 32x32, each
+// stored in its layout with a leading dimension 4 floats over the length of
+// its rows or columns (a multiple of 4, as the warp matrix functions want;
+// every tile's start stays 32 bytes aligned): where an element is, and the
+// launch.
+struct mma_case {
+  bool a_col, b_col, c_col;
+  unsigned lda, ldb, ldc;
+  size_t na, nb, nc; // floats, the padding of the last line included
+
+  mma_case(bool a_col_, bool b_col_, bool c_col_) : a_col(a_col_), b_col(b_col_), c_col(c_col_) {
+    lda = (a_col ? 32 : 8) + 4, ldb = (b_col ? 8 : 32) + 4, ldc = 32 + 4;
+    na = (size_t)lda * (a_col ? 8 : 32), nb = (size_t)ldb * (b_col ? 32 : 8), nc = (size_t)ldc * 32;
+  }
+  size_t a(unsigned r, unsigned k) const { return a_col ? (size_t)k * lda + r : (size_t)r * lda + k; }
+  size_t b(unsigned k, unsigned n) const { return b_col ? (size_t)n * ldb + k : (size_t)k * ldb + n; }
+  size_t c(unsigned r, unsigned n) const { return c_col ? (size_t)n * ldc + r : (size_t)r * ldc + n; }
+
+  // D from k_mma on two blocks of two warps; D's padding is left as
+  // cudaMalloc filled it (NaN).
+  void run(const float *A, const float *B, const float *C, float *D) const {
+    float *dA = device<float>(na), *dB = device<float>(nb), *dC = device<float>(nc), *dD = device<float>(nc);
+    cudaMemcpyAsync(dA, A, na * sizeof *A, cudaMemcpyHostToDevice, stream);
+    cudaMemcpyAsync(dB, B, nb * sizeof *B, cudaMemcpyHostToDevice, stream);
+    cudaMemcpyAsync(dC, C, nc * sizeof *C, cudaMemcpyHostToDevice, stream);
+    const wmma::layout_t lc = c_col ? wmma::mem_col_major : wmma::mem_row_major;
+    PA_LAUNCH(k_mma, 2, 64, 0)(a_col, b_col, dA, lda, dB, ldb, dC, dD, ldc, lc);
+    assert_int_equal(cudaGetLastError(), cudaSuccess);
+    assert_int_equal(cudaMemcpyAsync(D, dD, nc * sizeof *D, cudaMemcpyDeviceToHost, stream), cudaSuccess);
+    cudaFree(dA), cudaFree(dB), cudaFree(dC), cudaFree(dD);
+  }
+};
+
+float tf32_uniform() { return wmma::__float_to_tf32(uniform()); }
+
+void test_mma(void **) {
+  for (int a_col = 0; a_col < 2; a_col++)
+    for (int b_col = 0; b_col < 2; b_col++)
+      for (int c_col = 0; c_col < 2; c_col++) {
+        const mma_case mc(a_col, b_col, c_col);
+        float *A = (float *)malloc(mc.na * 4), *B = (float *)malloc(mc.nb * 4);
+        float *C = (float *)malloc(mc.nc * 4), *D = (float *)malloc(mc.nc * 4);
+        for (size_t i = 0; i < mc.na; i++)
+          A[i] = tf32_uniform();
+        for (size_t i = 0; i < mc.nb; i++)
+          B[i] = tf32_uniform();
+        for (size_t i = 0; i < mc.nc; i++) // the accumulator is fp32: its values need no rounding
+          C[i] = uniform();
+        mc.run(A, B, C, D);
+        for (unsigned r = 0; r < 32; r++)
+          for (unsigned n = 0; n < 32; n++) {
+            double want = C[mc.c(r, n)], magnitude = fabs(want);
+            for (unsigned k = 0; k < 8; k++) {
+              const double p = (double)A[mc.a(r, k)] * B[mc.b(k, n)];
+              want += p, magnitude += fabs(p);
+            }
+            // A product of two tf32 values is exact in fp32, so the only
+            // error is the fp32 sum of 9 terms (C and 8 products), each of
+            // the 8 sums truncated as the tensor cores do (under 2 u of it,
+            // u = 2^-24): at most 16 u sum|term|.
+            const double tol = 8 * 0x1p-23 * magnitude;
+            const float got = D[mc.c(r, n)];
+            if (!(fabs(got - want) <= tol))
+              fail_msg("A %s B %s C %s: D(%u, %u) = %.9g, want %.9g within %.2g", a_col ? "col" : "row",
+                       b_col ? "col" : "row", c_col ? "col" : "row", r, n, got, want, tol);
+          }
+        for (unsigned line = 0; line < 32; line++) // the padding is not written
+          for (unsigned i = 32; i < mc.ldc; i++)
+            assert_true(isnan(D[(size_t)line * mc.ldc + i]));
+        free(A), free(B), free(C), free(D);
+      }
+}
+
+float bits_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+uint32_t float_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+void test_tf32_rounding(void **) {
+  // (x, what it rounds to): ties away from zero, a carry into the exponent,
+  // the largest float past the largest tf32 and so to infinity
+  const float cases[][2] = {
+      {1 + 0x1p-11f, 1 + 0x1p-10f},       // a tie: away from zero, where to even would give 1
+      {-(1 + 0x1p-11f), -(1 + 0x1p-10f)}, // and away from zero below it
+      {1 + 0x1p-11f - 0x1p-23f, 1.0f},    // just under the tie
+      {1 + 3 * 0x1p-11f, 1 + 0x1p-9f},    // a tie above an odd last bit
+      {1 + 0x1p-10f, 1 + 0x1p-10f},       // a tf32 value stays
+      {2 - 0x1p-23f, 2.0f},               // the carry reaches the exponent
+      {0x1.ffdffep+127f, 0x1.ffcp+127f},  // under the largest tf32's tie: the largest tf32
+      {0x1.ffep+127f, INFINITY},          // its tie
+      {FLT_MAX, INFINITY},                // the largest float rounds up past every finite tf32
+      {-FLT_MAX, -INFINITY},
+      {INFINITY, INFINITY},
+      {-INFINITY, -INFINITY},
+      {0.0f, 0.0f},
+      {-0.0f, -0.0f},
+      {0x1.000002p-100f, 0x1p-100f}, // another exponent
+  };
+  const int nc = (int)(sizeof cases / sizeof cases[0]), nr = 256, n = nc + 1 + nr;
+  float x[n], y[n];
+  for (int i = 0; i < nc; i++)
+    x[i] = cases[i][0];
+  // a NaN whose payload would carry into the sign bit if it were rounded
+  x[nc] = bits_float(0x7FFFFFFFu);
+  for (int i = nc + 1; i < n; i++) { // random signs and mantissas, exponents -30 to 33, every other one a tie
+    const uint32_t r = (uint32_t)pa_splitmix64(&rng), exponent = 127 - 30 + (r >> 23 & 63);
+    x[i] = bits_float((r & 0x807FFFFFu) | exponent << 23);
+    if (i % 2)
+      x[i] = bits_float((float_bits(x[i]) & ~0x1FFFu) | 0x1000u);
+  }
+  float *dx = device<float>(n), *dy = device<float>(n);
+  cudaMemcpyAsync(dx, x, sizeof x, cudaMemcpyHostToDevice, stream);
+  PA_LAUNCH(k_tf32, 1, n, 0)(dx, dy);
+  assert_int_equal(cudaGetLastError(), cudaSuccess);
+  cudaMemcpyAsync(y, dy, sizeof y, cudaMemcpyDeviceToHost, stream);
+  for (int i = 0; i < n; i++) {
+    const float host = wmma::__float_to_tf32(x[i]);
+    if (!(float_bits(host) == float_bits(y[i]) || (isnan(host) && isnan(y[i]))))
+      fail_msg("__float_to_tf32(%a): %a on the host, %a in a kernel", x[i], host, y[i]);
+  }
+  for (int i = 0; i < nc; i++)
+    if (float_bits(y[i]) != float_bits(cases[i][1]))
+      fail_msg("__float_to_tf32(%a) = %a, want %a", x[i], y[i], cases[i][1]);
+  assert_true(isnan(y[nc]));
+  for (int i = nc + 1; i < n; i++) { // nearest of the values with 10 mantissa bits, ties away from zero
+    int e;
+    frexpf(x[i], &e); // x = m 2^e, 0.5 <= |m| < 1: tf32's spacing there is 2^(e - 11)
+    const double half = ldexp(1.0, e - 12), err = fabs((double)y[i] - x[i]);
+    if ((float_bits(y[i]) & 0x1FFFu) || err > half || (err == half && fabsf(y[i]) < fabsf(x[i])))
+      fail_msg("__float_to_tf32(%a) = %a", x[i], y[i]);
+  }
+}
+
+void test_mma_truncates(void **) {
+  // 1 + 3 2^-12 is no tf32 value: rounded it would be 1 + 2^-10, the
+  // tensor cores read 1 of it
+  const float odd = 1 + 3 * 0x1p-12f;
+  const mma_case mc(false, false, false);
+  float *A = (float *)calloc(mc.na, 4), *B = (float *)calloc(mc.nb, 4);
+  float *C = (float *)calloc(mc.nc, 4), *D = (float *)malloc(mc.nc * 4);
+  A[mc.a(0, 0)] = odd, A[mc.a(1, 0)] = 1, A[mc.a(2, 0)] = -odd;
+  B[mc.b(0, 0)] = 1, B[mc.b(0, 1)] = odd;
+  C[mc.c(3, 3)] = 1 + 0x1p-12f; // the accumulator keeps fp32's bits
+  mc.run(A, B, C, D);
+  for (unsigned r = 0; r < 32; r++)
+    for (unsigned n = 0; n < 32; n++) {
+      float want = 0;
+      if (r < 3 && n < 2)
+        want = r == 2 ? -1.0f : 1.0f; // -odd reads as -1: the magnitude is truncated
+      if (r == 3 && n == 3)
+        want = 1 + 0x1p-12f;
+      if (float_bits(D[mc.c(r, n)]) != float_bits(want))
+        fail_msg("D(%u, %u) = %a, want %a", r, n, D[mc.c(r, n)], want);
+    }
+  free(A), free(B), free(C), free(D);
+}
+
+void test_accumulator_lanes(void **) {
+  assert_int_equal(frag_acc::num_elements * 32, 256);
+  float *d = device<float>(512), h[512];
+  PA_LAUNCH(k_fragment_lanes, 1, dim3(16, 4), 0)(d);
+  assert_int_equal(cudaGetLastError(), cudaSuccess);
+  cudaMemcpyAsync(h, d, sizeof h, cudaMemcpyDeviceToHost, stream);
+  for (int w = 0; w < 2; w++) { // each warp's tile holds each lane's each element once
+    int seen[256] = {0};
+    for (int i = 0; i < 256; i++) {
+      const float v = h[256 * w + i];
+      if (!(v >= 0 && v < 256 && v == (int)v))
+        fail_msg("warp %d: tile element %d is %g, no lane's element", w, i, v);
+      seen[(int)v]++;
+    }
+    for (int v = 0; v < 256; v++)
+      if (seen[v] != 1)
+        fail_msg("warp %d: lane %d's element %d is in the tile %d times", w, v / frag_acc::num_elements,
+                 v % frag_acc::num_elements, seen[v]);
+  }
+  // fill_fragment then store: all 256 of a 16x16 tile, column-major with
+  // leading dimension 20, and none of the padding
+  float *f = device<float>(20 * 16), g[20 * 16];
+  PA_LAUNCH(k_fill, 1, 32, 0)(2.5f, f, 20);
+  assert_int_equal(cudaGetLastError(), cudaSuccess);
+  cudaMemcpyAsync(g, f, sizeof g, cudaMemcpyDeviceToHost, stream);
+  for (int n = 0; n < 16; n++)
+    for (int r = 0; r < 20; r++)
+      if (r < 16 ? g[n * 20 + r] != 2.5f : !isnan(g[n * 20 + r]))
+        fail_msg("column %d, row %d: %g", n, r, g[n * 20 + r]);
+}
+
+// An 8x16 identity, in device memory.
+float *device_eye() {
+  float h[8 * 16] = {0}, *d = device<float>(8 * 16);
+  for (int k = 0; k < 8; k++)
+    h[k * 16 + k] = 1;
+  cudaMemcpyAsync(d, h, sizeof h, cudaMemcpyHostToDevice, stream);
+  return d;
+}
+
+// k_load_a on the 16x8 tile at p, rows ldm apart: its error, which must
+// stay (a fault); where it works, out must hold the tile, p's allocation
+// starting at base and holding 0, 1, ... (device_counting).
+cudaError_t load_a(const float *base, const float *p, unsigned ldm) {
+  float *eye = device_eye(), *out = device<float>(256), h[256];
+  PA_LAUNCH(k_load_a, 1, 32, 0)(p, ldm, eye, out);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    assert_int_equal(cudaStreamSynchronize(stream), e); // a fault stays
+    assert_int_equal(cudaGetLastError(), e);
+    return e;
+  }
+  cudaMemcpyAsync(h, out, sizeof h, cudaMemcpyDeviceToHost, stream);
+  for (unsigned r = 0; r < 16; r++)
+    for (unsigned n = 0; n < 16; n++) {
+      const float want = n < 8 ? (float)(p - base + r * ldm + n) : 0.0f;
+      if (h[r * 16 + n] != want)
+        fail_msg("ldm %u: out(%u, %u) = %g, want %g", ldm, r, n, h[r * 16 + n], want);
+    }
+  cudaFree(eye), cudaFree(out);
+  return e;
+}
+
+// n floats of device memory holding 0, 1, ... (small integers: tf32 values).
+float *device_counting(size_t n) {
+  float *h = (float *)malloc(n * sizeof *h), *d = device<float>(n);
+  for (size_t i = 0; i < n; i++)
+    h[i] = (float)i;
+  cudaMemcpyAsync(d, h, n * sizeof *h, cudaMemcpyHostToDevice, stream);
+  free(h);
+  return d;
+}
+
+// k_shared_tile with n floats of dynamic shared memory: its error, which
+// must stay; where it works, out must hold the tile at `at`.
+cudaError_t shared_tile(unsigned n, unsigned at) {
+  float *out = device<float>(256), h[256];
+  PA_LAUNCH(k_shared_tile, 1, 64, n * sizeof(float))(n, at, out);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    assert_int_equal(cudaStreamSynchronize(stream), e);
+    return e;
+  }
+  cudaMemcpyAsync(h, out, sizeof h, cudaMemcpyDeviceToHost, stream);
+  for (unsigned i = 0; i < 256; i++)
+    if (h[i] != (float)(at + i))
+      fail_msg("shared memory of %u floats, the tile at %u: element %u is %g", n, at, i, h[i]);
+  cudaFree(out);
+  return e;
+}
+
+void test_mma_refusals(void **) {
+  // in an allocation of 16x8 floats and 8 more: at its start and 8 floats
+  // (32 bytes) on, the tile fits; 1 float (4 bytes) on, it is misaligned
+  float *d = device_counting(16 * 8 + 8);
+  assert_int_equal(load_a(d, d, 8), cudaSuccess);
+  assert_int_equal(load_a(d, d + 8, 8), cudaSuccess);
+  assert_int_equal(load_a(d, d + 1, 8), cudaErrorMisalignedAddress);
+  reset(nullptr);
+  // a leading dimension of 10 floats: rows 40 bytes apart, not a multiple of 16
+  d = device_counting(16 * 12);
+  assert_int_equal(load_a(d, d, 12), cudaSuccess);
+  assert_int_equal(load_a(d, d, 10), cudaErrorMisalignedAddress);
+  reset(nullptr);
+  // 16 rows 12 apart reach 15 x 12 + 8 = 188 floats: past 187, inside 188
+  d = device_counting(187);
+  assert_int_equal(load_a(d, d, 12), cudaErrorIllegalAddress);
+  reset(nullptr);
+  d = device_counting(188);
+  assert_int_equal(load_a(d, d, 12), cudaSuccess);
+  // dynamic shared memory: a 16x16 tile 8 floats on needs 264 of them
+  assert_int_equal(shared_tile(264, 8), cudaSuccess);
+  assert_int_equal(shared_tile(256, 0), cudaSuccess);
+  assert_int_equal(shared_tile(263, 8), cudaErrorIllegalAddress);
+}
+
 } // namespace
 
 int main() {
@@ -273,6 +656,12 @@ int main() {
       cmocka_unit_test_setup(test_refusals, reset),
       cmocka_unit_test_setup(test_memory_starts_nan, reset),
       cmocka_unit_test_setup(test_gemm, reset),
+      cmocka_unit_test_setup(test_malloc_aligned, reset),
+      cmocka_unit_test_setup(test_mma, reset),
+      cmocka_unit_test_setup(test_tf32_rounding, reset),
+      cmocka_unit_test_setup(test_mma_truncates, reset),
+      cmocka_unit_test_setup(test_accumulator_lanes, reset),
+      cmocka_unit_test_setup(test_mma_refusals, reset),
   };
   return cmocka_run_group_tests(tests, nullptr, nullptr);
 }
