@@ -10,14 +10,15 @@
  *     (fp32 SGEMM, no TF32) and matmul_bf16 (bf16 weights, x rounded by the
  *     backend, cublasGemmEx with fp32 accumulation: what the forward pass
  *     runs with --weights bf16, the default on a GPU);
- *  3. the backend's attention on that prefill (32 heads, 8 kv heads,
- *     head_dim 128, causal), by each of its kernels (PALIGN_CUDA_ATTENTION:
- *     the simple one, the baseline, then the tiled one, the default): time,
- *     the share of the layer's products, and the tiled one's time as a
- *     ratio of the simple one's.
+ *  3. the backend's attention (32 heads, 8 kv heads, head_dim 128, causal)
+ *     by each of its kernels (pa_cuda_attention_kernel: the simple one, the
+ *     baseline, the tiled one and the tensor cores' one, the default) on
+ *     that prefill and on a pass of PAS's grid (180 items of 70 tokens after
+ *     a 2,400-token prefix): time, TFLOP/s, and the ratio to the simple
+ *     one's time; the default's time on the prefill as a share of the
+ *     layer's products.
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
  * a device. */
-#define _POSIX_C_SOURCE 200112L /* setenv */
 #include "backend.h"
 #include "cuda_backend.h"
 
@@ -136,34 +137,72 @@ int main(int argc, char **argv) {
   const int T = 1024;
   const double layer_flops = 2.0 * T * (2.0 * 4096 * 4096 + 2.0 * 1024 * 4096 + 3.0 * 14336 * 4096);
   const double secs = layer_products(be, false, T, peak), secs16 = layer_products(be, true, T, peak);
+
+  /* attention by each kernel (cuda_ops.cu; the simple one the baseline) on
+   * two shapes of a Llama-3-8B layer: the prefill above, and an evaluation
+   * pass of PAS's grid (180 items of 70 tokens after a 2,400-token shared
+   * prefix, about what the ICL prompts make: docs/EVALUATION.md) */
+  const int H = 32, KH = 8, hd = 128, n_items = 180, item = 70, prefix = 2400;
   cudaEvent_t t0, t1;
   CHECK(cudaEventCreate(&t0));
   CHECK(cudaEventCreate(&t1));
-
-  /* attention over the prefill: one sequence of T new tokens, no prefix */
-  const int H = 32, KH = 8, hd = 128;
-  float *q = dev_zero((size_t)T * H * hd * 4), *z = dev_zero((size_t)T * H * hd * 4);
-  float *k = dev_zero((size_t)KH * T * hd * 4), *v = dev_zero((size_t)KH * T * hd * 4);
-  pa_attn_seq seq = {.row0 = 0, .n = T, .past = 0, .k_own = k, .v_own = v, .stride = T};
-  pa_attn_args a = {.n_heads = H, .n_kv_heads = KH, .head_dim = hd, .q = q, .z = z, .seqs = &seq, .n_seqs = 1};
-  /* both kernels (cuda_ops.cu): the simple one first, the baseline */
-  double att_kernel[2];
-  static const char *const kernel[2] = {"simple", "tiled"};
-  for (int kk = 0; kk < 2; kk++) {
-    setenv("PALIGN_CUDA_ATTENTION", kernel[kk], 1);
-    for (int r = -1; r < 5; r++) {
-      if (r == 0)
-        CHECK(cudaEventRecord(t0, 0));
-      be->attention(&a, NULL);
+  const size_t rows = (size_t)n_items * item;
+  float *q = dev_zero(rows * H * hd * 4), *z = dev_zero(rows * H * hd * 4);
+  float *k = dev_zero(rows * KH * hd * 4), *v = dev_zero(rows * KH * hd * 4);
+  float *kp = dev_zero((size_t)prefix * KH * hd * 4), *vp = dev_zero((size_t)prefix * KH * hd * 4);
+  pa_attn_seq one = {.row0 = 0, .n = T, .past = 0, .k_own = k, .v_own = v, .stride = T};
+  pa_attn_seq *items = malloc(n_items * sizeof *items);
+  if (!items)
+    return 1;
+  for (int i = 0; i < n_items; i++)
+    items[i] = (pa_attn_seq){.row0 = i * item,
+                             .n = item,
+                             .past = 0,
+                             .k_own = k + (size_t)i * KH * item * hd,
+                             .v_own = v + (size_t)i * KH * item * hd,
+                             .stride = item};
+  const struct {
+    const char *name;
+    pa_attn_args a;
+    double flops; /* the two products over the keys each row sees */
+  } shape[2] = {
+      {"prefill",
+       {.n_heads = H, .n_kv_heads = KH, .head_dim = hd, .q = q, .z = z, .seqs = &one, .n_seqs = 1},
+       4.0 * H * hd * (T * (T + 1) / 2.0)},
+      {"pas pass",
+       {.n_heads = H,
+        .n_kv_heads = KH,
+        .head_dim = hd,
+        .q = q,
+        .z = z,
+        .k_prefix = kp,
+        .v_prefix = vp,
+        .prefix_len = prefix,
+        .prefix_stride = prefix,
+        .seqs = items,
+        .n_seqs = n_items},
+       4.0 * H * hd * n_items * (item * (double)prefix + item * (item + 1) / 2.0)},
+  };
+  static const char *const kernel[3] = {"simple", "tiled", "mma"};
+  double att[2][3];
+  for (int sh = 0; sh < 2; sh++) {
+    for (int kk = 0; kk < 3; kk++) {
+      if (pa_cuda_attention_kernel(kernel[kk]) != 0)
+        return 1;
+      for (int r = -1; r < 5; r++) {
+        if (r == 0)
+          CHECK(cudaEventRecord(t0, 0));
+        be->attention(&shape[sh].a, NULL);
+      }
+      CHECK(cudaEventRecord(t1, 0));
+      att[sh][kk] = ms_between(t0, t1) / 1e3 / 5;
+      printf("attention (%s) %s: %.3f ms, %.1f TFLOP/s, %.2fx the simple kernel's time\n", kernel[kk], shape[sh].name,
+             att[sh][kk] * 1e3, shape[sh].flops / att[sh][kk] / 1e12, att[sh][kk] / att[sh][0]);
     }
-    CHECK(cudaEventRecord(t1, 0));
-    att_kernel[kk] = ms_between(t0, t1) / 1e3 / 5;
-    printf("attention (%s) %d tokens, %d heads (%d kv), head_dim %d: %.3f ms (%.2fx the layer's bf16 products)\n",
-           kernel[kk], T, H, KH, hd, att_kernel[kk] * 1e3, att_kernel[kk] / secs16);
   }
-  unsetenv("PALIGN_CUDA_ATTENTION");
-  const double att = att_kernel[1];
-  printf("the tiled attention kernel takes %.2fx the simple one's time\n", att_kernel[1] / att_kernel[0]);
+  printf("attention on the prefill (mma, the default): %.2fx the layer's bf16 products\n", att[0][2] / secs16);
+  pa_cuda_attention_kernel("mma");
+  free(items);
   if (pa_cuda_error()[0]) {
     fprintf(stderr, "bench_cuda: %s\n", pa_cuda_error());
     return 1;
@@ -173,10 +212,12 @@ int main(int argc, char **argv) {
     if (f) {
       fprintf(f,
               "{\"device\": \"%s\", \"bf16_peak_tflops\": %.2f, \"layer_matmul_ms\": %.4f, \"layer_matmul_tflops\": "
-              "%.2f, \"layer_matmul_bf16_ms\": %.4f, \"layer_matmul_bf16_tflops\": %.2f, \"attention_ms\": %.4f, "
-              "\"attention_simple_ms\": %.4f, \"tokens\": %d}\n",
-              prop.name, peak, secs * 1e3, layer_flops / secs / 1e12, secs16 * 1e3, layer_flops / secs16 / 1e12,
-              att * 1e3, att_kernel[0] * 1e3, T);
+              "%.2f, \"layer_matmul_bf16_ms\": %.4f, \"layer_matmul_bf16_tflops\": %.2f, \"tokens\": %d",
+              prop.name, peak, secs * 1e3, layer_flops / secs / 1e12, secs16 * 1e3, layer_flops / secs16 / 1e12, T);
+      for (int sh = 0; sh < 2; sh++)
+        for (int kk = 0; kk < 3; kk++)
+          fprintf(f, ", \"attention_%s_%s_ms\": %.4f", sh ? "pas" : "prefill", kernel[kk], att[sh][kk] * 1e3);
+      fprintf(f, "}\n");
       fclose(f);
     }
   }

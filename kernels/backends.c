@@ -93,12 +93,15 @@ const pa_backend *pa_backend_named(const char *name, int device, char *err, size
   const int devices = m ? m->devices() : 0;
   if (devices > 0 && m->select((device < 0 ? 0 : device) % devices) == 0)
     return m->backend();
-  if (devices < 0) { /* a GPU's driver that cannot serve: not a machine without one, even for auto */
+  /* a GPU's driver that cannot serve, or a device there that cannot be
+   * used as asked (PALIGN_CUDA_ATTENTION naming no kernel, say): not a
+   * machine without one, even for auto */
+  if (devices != 0) {
     snprintf(err, n, "--backend %s: %s (--backend cpu runs without it)", name, m->error());
     return NULL;
   }
   if (!want_cuda)
     return pa_backend_cpu();
-  snprintf(err, n, "--backend cuda: %s", !m ? why : devices > 0 ? m->error() : "no CUDA device is visible");
+  snprintf(err, n, "--backend cuda: %s", !m ? why : "no CUDA device is visible");
   return NULL;
 }

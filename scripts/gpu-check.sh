@@ -12,8 +12,9 @@
 #   build.log, gpu-tests.log
 #   bench.txt, bench.json   bench/bench_cuda: the card's bf16 GEMM peak by
 #                           cuBLAS, the backend's products of a Llama-3-8B
-#                           layer (fp32 and bf16 weights) and its attention on
-#                           a 1,024-token prefill
+#                           layer (fp32 and bf16 weights) and its attention
+#                           kernels on a 1,024-token prefill and on a pass of
+#                           PAS's grid
 #   forward-8b4.txt,        bench/bench_forward --backend cuda --quick on a
 #   forward-8b4-fp32.txt    generated model of Llama-3-8B's layer shape with 4
 #                           of its 32 layers (random weights), with bf16
@@ -30,6 +31,9 @@
 #   dpo-8b4.txt, .json      palign eval --methods dpo --backend cuda on the
 #                           same subject and model: DPO seconds per subject
 #                           for 4 layers
+#   sanitizer.log           compute-sanitizer's memcheck, racecheck (shared
+#                           memory hazards between a block's threads) and
+#                           initcheck on test_cuda_ops
 # The steps run in that order, most wanted first, each under a time limit of
 # its own; --budget SECONDS (default: none) also stops the whole run by then
 # (give 15 s more: a stopped step may take 5 s to be killed, and the unpacking
@@ -75,7 +79,7 @@ status=0
 cmake_args=()
 (cd "$OUT" && rm -f steps.txt env.txt build.log gpu-tests.log bench.txt bench.json mkmodel-8b4.log forward-8b4.txt \
   forward-8b4-fp32.txt pas-8b4.txt pas-8b4.json nccl-mkmodel.log nccl-1.log nccl-0.log nccl-compare.txt dpo-8b4.txt \
-  dpo-8b4.json)
+  dpo-8b4.json sanitizer.log)
 : >"$OUT/steps.txt"
 
 # step NAME LIMIT LOG COMMAND...: runs COMMAND with its output in LOG, stopped
@@ -255,6 +259,17 @@ if ok mkmodel-8b4; then
     --methods dpo --subjects 1 --backend cuda --json "$OUT/dpo-8b4.json"
 fi
 rm -f "$M"
+
+# the kernels under compute-sanitizer (the toolkit's, beside nvcc when not on PATH)
+sanitizer=$(command -v compute-sanitizer || echo "$(dirname "$(command -v nvcc)")/compute-sanitizer")
+if [ $DRY -eq 0 ] && [ -x "$sanitizer" ]; then
+  for tool in memcheck racecheck initcheck; do
+    step "sanitizer-$tool" 150 "$OUT/sanitizer.log" "$sanitizer" --tool "$tool" --error-exitcode 1 \
+      "$BUILD/tests/test_cuda_ops"
+  done
+else
+  echo "sanitizer skipped" >>"$OUT/steps.txt"
+fi
 
 tail -30 "$OUT/gpu-tests.log" 2>/dev/null || true
 cat "$OUT"/bench.txt "$OUT"/forward-8b4*.txt 2>/dev/null || true

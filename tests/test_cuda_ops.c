@@ -28,8 +28,12 @@
  *    the rounded operand is checked too: the GPU's result with x already
  *    bf16 (rounding again changes nothing) must be the same bits;
  *  - embed_bf16: exact (widening is exact).
- * Both attention kernels are checked (PALIGN_CUDA_ATTENTION), the tiled one
- * also over 70,000 keys (2e-5: see there). And a failing operation (the
+ * The three attention kernels are checked (pa_cuda_attention_kernel), at
+ * the same tolerance: the tensor cores' one makes each product of three
+ * tf32 products of split operands, which leaves about 2^-22 of each term
+ * (3 ulp of fp32) where the others leave 1 ulp, inside the exponentials'
+ * 2 ulp and the 2e-6 floor; the tiled and tensor-core ones also over 70,000
+ * keys (2e-5: see there). And a failing operation (the
  * simple attention kernel over more keys than shared memory holds) is
  * reported by status(), once. A machine whose driver cannot serve
  * fails rather than skips (tu_cuda.h). */
@@ -40,6 +44,7 @@
 #include <cmocka.h>
 
 #include <float.h>
+#include <stdbool.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -348,17 +353,17 @@ static void test_backward(void **s) {
 /* Attention with grouped heads over a shared prefix and four sequences of
  * their own: 3 rows after 5 cached, 37 (more than two of the tiled kernel's
  * 16-row tiles), 16 (one whole tile) after 20 cached, and 1 after 46 cached
- * (a decoding step); or without a prefix; by the kernel
- * PALIGN_CUDA_ATTENTION chooses. */
+ * (a decoding step); or without a prefix; by the kernel named (or, for a
+ * head it does not hold, the next: see cuda_backend.h). */
 enum { kSeqs = 4 };
-static void check_attention(int prefix_len, int hd, const char *kernel) {
-  const int H = 6, KV = 2, stride = 48, P = prefix_len;
+static void check_attention(int prefix_len, int hd, int H, int KV, const char *kernel) {
+  assert_int_equal(pa_cuda_attention_kernel(kernel), 0);
+  const int stride = 48, P = prefix_len;
   static const int n[kSeqs] = {3, 37, 16, 1}, past[kSeqs] = {5, 0, 20, 46};
   const size_t cache = (size_t)KV * stride * hd;
   int rows = 0;
   for (int i = 0; i < kSeqs; i++)
     rows += n[i];
-  setenv("PALIGN_CUDA_ATTENTION", kernel, 1);
   float *q = tu_rand_vec(&rng, (size_t)rows * H * hd);
   float *kp = tu_rand_vec(&rng, (size_t)KV * 40 * hd), *vp = tu_rand_vec(&rng, (size_t)KV * 40 * hd);
   float *k[kSeqs], *v[kSeqs], *dk[kSeqs], *dv[kSeqs];
@@ -394,9 +399,9 @@ static void check_attention(int prefix_len, int hd, const char *kernel) {
   gpu->attention(&da, dscratch);
   float *got = back(dz, (size_t)rows * H * hd);
   char what[96];
-  snprintf(what, sizeof what, "attention (%s), prefix %d, head_dim %d", kernel, P, hd);
+  snprintf(what, sizeof what, "attention (%s), prefix %d, head_dim %d, %d/%d heads", kernel, P, hd, H, KV);
   expect_close(what, got, want, (size_t)rows * H * hd, 2e-6 + 1e-6 * fabs(want[i]));
-  unsetenv("PALIGN_CUDA_ATTENTION");
+  assert_int_equal(pa_cuda_attention_kernel("mma"), 0); /* the default again */
   gpu->release(dscratch), gpu->release(dq), gpu->release(dz), gpu->release(dkp), gpu->release(dvp);
   for (int i = 0; i < kSeqs; i++)
     gpu->release(dk[i]), gpu->release(dv[i]), free(k[i]), free(v[i]);
@@ -468,18 +473,118 @@ static void test_attention_train(void **s) {
 
 static void test_attention(void **s) {
   (void)s;
-  static const char *const kernels[] = {"tiled", "simple"};
-  for (int k = 0; k < 2; k++) {
-    check_attention(23, 40, kernels[k]);
-    check_attention(0, 40, kernels[k]);
-    check_attention(37, 128, kernels[k]); /* the tiled kernel's widest head */
+  static const char *const kernels[] = {"mma", "tiled", "simple"};
+  for (int k = 0; k < 3; k++) {
+    check_attention(23, 40, 6, 2, kernels[k]);
+    check_attention(0, 40, 6, 2, kernels[k]);
+    check_attention(37, 128, 6, 2, kernels[k]); /* the tiled and tensor-core kernels' widest head */
   }
-  check_attention(23, 136, "tiled"); /* wider: the simple kernel runs */
+  /* the tensor cores' kernel takes up to 4 query heads of a kv head a block: 4, 1, and 7 (4 + 3, a warp idle) */
+  check_attention(23, 40, 8, 2, "mma");
+  check_attention(23, 40, 3, 3, "mma");
+  check_attention(23, 64, 14, 2, "mma");
+  check_attention(11, 8, 6, 2, "mma");   /* narrower than an output block (16): v padded with zeros */
+  check_attention(23, 136, 6, 2, "mma"); /* wider: the simple kernel runs */
+  assert_int_equal(pa_cuda_attention_kernel("flash"), -1);
+  assert_non_null(strstr(pa_cuda_error(), "\"flash\""));
 }
 
-/* The tiled kernel's shared memory does not grow with the keys: one row
- * over 70,000 prefix keys (which the simple kernel refuses, below) against
- * the CPU's. The output is a weighted mean of values in [-1, 1] whose
+/* Scores that grow along the keys, so that rows' maxima move by far (more
+ * than 8, a factor e^8 on the outputs so far) after their first key tile,
+ * in some rows of a tile and not in others (the test checks that the data
+ * do this): the online softmax's rescaling, which the tensor cores' kernel
+ * does on its accumulators by the rows it finds for their elements, cannot
+ * be wrong by a little. Prefix
+ * key j scaled by 1/4 + j/16 over 96 keys (three key tiles), then 16 rows
+ * of their own. Large scores magnify their rounding: an error d in a score
+ * moves the weights by d relative, and the output by up to d max|v|, with d
+ * under 2^-19 of the score's terms' magnitude sum_d |q_d k_d| / sqrt(hd)
+ * (three tf32 products leave 2^-22 of each term; the sums and the
+ * exponentials add a few ulp). So the tolerance is that, over the 2e-6 of
+ * check_attention, for every kernel. */
+static void test_attention_rescaled(void **s) {
+  (void)s;
+  enum { H = 2, hd = 128, P = 96, N = 16 };
+  const float scale = 1.0f / sqrtf((float)hd);
+  float *q = tu_rand_vec(&rng, (size_t)N * H * hd), *kp = tu_rand_vec(&rng, (size_t)P * hd);
+  float *vp = tu_rand_vec(&rng, (size_t)P * hd), *k = tu_rand_vec(&rng, (size_t)N * hd),
+        *v = tu_rand_vec(&rng, (size_t)N * hd);
+  for (size_t e = 0; e < (size_t)N * H * hd; e++)
+    q[e] *= 4;
+  for (int j = 0; j < P; j++)
+    for (int d = 0; d < hd; d++)
+      kp[j * hd + d] *= 0.25f + j / 16.0f;
+  /* which (row, head) pairs move their max after their first tile, and the scores' largest terms */
+  int moved = 0;
+  double terms = 0;
+  for (int i = 0; i < N; i++)
+    for (int h = 0; h < H; h++) {
+      double used = -INFINITY;
+      bool moves = false;
+      for (int t0 = 0; t0 < P + i + 1; t0 += 32) {
+        double m = -INFINITY;
+        for (int t = t0; t < t0 + 32 && t < P + i + 1; t++) {
+          const float *kt = t < P ? kp + (size_t)t * hd : k + (size_t)(t - P) * hd;
+          double sc = 0, abs_sum = 0;
+          for (int d = 0; d < hd; d++)
+            sc += (double)q[(i * H + h) * hd + d] * kt[d], abs_sum += fabs((double)q[(i * H + h) * hd + d] * kt[d]);
+          m = fmax(m, sc * scale);
+          terms = fmax(terms, abs_sum * scale);
+        }
+        if (m > used + 8) {
+          moves = moves || used > -INFINITY;
+          used = m;
+        }
+      }
+      moved += moves;
+    }
+  fprintf(stderr, "    %d of %d rows and heads move their max; the largest score's terms sum to %.1f\n", moved, N * H,
+          terms);
+  assert_true(moved > 0 && moved < N * H);
+  float *want = calloc((size_t)N * H * hd, 4);
+  pa_attn_seq seq = {.row0 = 0, .n = N, .past = 0, .k_own = k, .v_own = v, .stride = N};
+  pa_attn_args a = {.n_heads = H,
+                    .n_kv_heads = 1,
+                    .head_dim = hd,
+                    .q = q,
+                    .z = want,
+                    .k_prefix = kp,
+                    .v_prefix = vp,
+                    .prefix_len = P,
+                    .prefix_stride = P,
+                    .seqs = &seq,
+                    .n_seqs = 1};
+  float *scratch = malloc(cpu->attention_scratch(&a) * 4 + 4);
+  cpu->attention(&a, scratch);
+  free(scratch);
+  float *d_q = dev_floats(q, (size_t)N * H * hd), *d_z = gpu->alloc((size_t)N * H * hd * 4);
+  float *d_kp = dev_floats(kp, (size_t)P * hd), *d_vp = dev_floats(vp, (size_t)P * hd);
+  float *d_k = dev_floats(k, (size_t)N * hd), *d_v = dev_floats(v, (size_t)N * hd);
+  pa_attn_seq dseq = seq;
+  dseq.k_own = d_k, dseq.v_own = d_v;
+  pa_attn_args da = a;
+  da.q = d_q, da.z = d_z, da.k_prefix = d_kp, da.v_prefix = d_vp, da.seqs = &dseq;
+  float *d_scratch = gpu->alloc(gpu->attention_scratch(&da) * sizeof(float) + 4);
+  static const char *const kernels[] = {"mma", "tiled", "simple"};
+  for (int kk = 0; kk < 3; kk++) {
+    assert_int_equal(pa_cuda_attention_kernel(kernels[kk]), 0);
+    gpu->attention(&da, d_scratch);
+    float *got = back(d_z, (size_t)N * H * hd);
+    char what[64];
+    snprintf(what, sizeof what, "attention (%s), growing scores", kernels[kk]);
+    /* |v| <= 1 */
+    expect_close(what, got, want, (size_t)N * H * hd, 2e-6 + 1e-6 * fabs(want[i]) + ldexp(terms, -19));
+    free(got);
+  }
+  assert_int_equal(pa_cuda_attention_kernel("mma"), 0);
+  gpu->release(d_q), gpu->release(d_z), gpu->release(d_kp), gpu->release(d_vp), gpu->release(d_k), gpu->release(d_v);
+  gpu->release(d_scratch);
+  free(q), free(kp), free(vp), free(k), free(v), free(want);
+}
+
+/* The tiled and tensor-core kernels' shared memory does not grow with the
+ * keys: one row over 70,000 prefix keys (which the simple kernel refuses,
+ * below) against the CPU's, by each. The output is a weighted mean of values in [-1, 1] whose
  * weights are sums over 70,000 keys taken in other orders: about sqrt(n)
  * eps = 1.6e-5 of it, so 2e-5 (seen: 8.4e-7 in Release, 4.5e-6 under the
  * sanitizers, whose build rounds the CPU's sums otherwise). */
@@ -503,13 +608,20 @@ static void test_attention_long_row(void **s) {
   pa_attn_args da = a;
   da.q = d_q, da.z = d_z, da.k_prefix = d_kp, da.v_prefix = d_vp, da.seqs = &dseq;
   float *d_scratch = gpu->alloc(gpu->attention_scratch(&da) * sizeof(float) + 4);
-  gpu->attention(&da, d_scratch);
-  assert_int_equal(gpu->status(), 0);
-  float *got = back(d_z, hd);
-  expect_close("attention (tiled), 70,000 keys", got, want, (size_t)hd, 2e-5);
+  static const char *const kernels[] = {"tiled", "mma"};
+  for (int k = 0; k < 2; k++) {
+    assert_int_equal(pa_cuda_attention_kernel(kernels[k]), 0);
+    gpu->attention(&da, d_scratch);
+    assert_int_equal(gpu->status(), 0);
+    float *got = back(d_z, hd);
+    char what[64];
+    snprintf(what, sizeof what, "attention (%s), 70,000 keys", kernels[k]);
+    expect_close(what, got, want, (size_t)hd, 2e-5);
+    free(got);
+  }
   gpu->release(d_kp), gpu->release(d_vp), gpu->release(d_q), gpu->release(d_k0), gpu->release(d_v0);
   gpu->release(d_z), gpu->release(d_scratch);
-  free(kp), free(vp), free(q), free(k0), free(v0), free(got);
+  free(kp), free(vp), free(q), free(k0), free(v0);
 }
 
 /* A failed operation is reported by status() (backend.h), once: the simple
@@ -528,9 +640,9 @@ static void test_failure_reported(void **s) {
   pa_attn_args a = {.n_heads = 1, .n_kv_heads = 1, .head_dim = hd, .q = q, .z = z, .k_prefix = kp, .v_prefix = vp,
                     .prefix_len = P, .prefix_stride = P, .seqs = &seq, .n_seqs = 1};
   float *scratch = gpu->alloc(gpu->attention_scratch(&a) * sizeof(float) + 4);
-  setenv("PALIGN_CUDA_ATTENTION", "simple", 1);
+  assert_int_equal(pa_cuda_attention_kernel("simple"), 0);
   gpu->attention(&a, scratch);
-  unsetenv("PALIGN_CUDA_ATTENTION");
+  assert_int_equal(pa_cuda_attention_kernel("mma"), 0);
   assert_int_equal(gpu->status(), -1);
   fprintf(stderr, "    reported: %s\n", gpu->error());
   assert_non_null(strstr(gpu->error(), "shared memory"));
@@ -556,7 +668,8 @@ int main(void) {
       cmocka_unit_test(test_matmul),    cmocka_unit_test(test_matmul_bf16), cmocka_unit_test(test_matmul_tn_acc),
       cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),        cmocka_unit_test(test_elementwise),
       cmocka_unit_test(test_attention), cmocka_unit_test(test_backward),    cmocka_unit_test(test_attention_train),
-      cmocka_unit_test(test_attention_long_row), cmocka_unit_test(test_failure_reported),
+      cmocka_unit_test(test_attention_rescaled), cmocka_unit_test(test_attention_long_row),
+      cmocka_unit_test(test_failure_reported),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -14,6 +14,9 @@
 #      cpu --weights bf16): at least 99% of them the same (the sums' order
 #      differs, so a near tie may go either way), every option probability
 #      within 1e-3, and PAS's chosen alphas the same.
+#   4. PALIGN_CUDA_ATTENTION naming no kernel is an error for --backend auto
+#      too (a device that cannot be used as asked is no machine without one),
+#      naming the variable; a kernel it names runs.
 # Exit 0 when every check passed, 1 otherwise, 77 (skipped) without mpirun,
 # the PAPI data or the emulated module.
 set -euo pipefail
@@ -83,4 +86,15 @@ for name, em in cpu["methods"].items():
 print(f"{same}/{total} answers the same as the CPU's, option probabilities within {worst:.2g}, PAS alphas {chosen}")
 assert total >= 300 and same >= 0.99 * total and worst <= 1e-3
 EOF
+
+# 4. the attention kernel as the environment names it
+export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0"
+if PALIGN_CUDA_MODULE=$MODULE PALIGN_CUDA_ATTENTION=flash "$BUILD/palign" generate --model "$S/m.gguf" --prompt Hi \
+  --max-tokens 2 --backend auto >"$S/bad.log" 2>&1; then
+  fail "PALIGN_CUDA_ATTENTION=flash with --backend auto ran: $(cat "$S/bad.log")"
+fi
+grep -q "PALIGN_CUDA_ATTENTION=flash: not one of mma, tiled, simple" "$S/bad.log" ||
+  fail "PALIGN_CUDA_ATTENTION=flash: $(cat "$S/bad.log")"
+PALIGN_CUDA_MODULE=$MODULE PALIGN_CUDA_ATTENTION=tiled "$BUILD/palign" generate --model "$S/m.gguf" --prompt Hi \
+  --max-tokens 2 --backend auto >"$S/tiled.log" 2>&1 || fail "PALIGN_CUDA_ATTENTION=tiled: $(cat "$S/tiled.log")"
 echo "test_cuda_service_emu: passed"

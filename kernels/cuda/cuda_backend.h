@@ -8,9 +8,12 @@
  * TF32 (the CPU reference's precision), and with bf16 weights cublasGemmEx
  * on bf16 operands (x rounded by a kernel into a buffer the backend keeps)
  * accumulating in fp32 on the tensor cores; the rest are this directory's
- * kernels, every training operation included (the training attention in
- * simple kernels: a block per query row and head, and per key row and kv
- * head for dK and dV, without atomics, so the sums are the same every run).
+ * kernels (the inference attention's products on the tensor cores too, in
+ * tf32 with every operand split in two for fp32's accuracy: see
+ * pa_cuda_attention_kernel), every training operation included (the
+ * training attention in simple kernels: a block per query row and head,
+ * and per key row and kv head for dK and dV, without atomics, so the sums
+ * are the same every run).
  * As for the CPU, the attention calls' sequence tables (pa_attn_seq,
  * seq_row0, seq_len) are host memory; every tensor is device memory.
  *
@@ -42,6 +45,13 @@ int pa_cuda_select(int device);
 /* The backend on the selected device (device 0 if none was selected), or
  * NULL when there is none (pa_cuda_error says why). */
 const pa_backend *pa_backend_cuda(void);
+
+/* The attention kernel to use first: "mma" (the default: the tensor cores,
+ * head dimensions that are multiples of 8 up to 128), "tiled" (up to 128)
+ * or "simple" (any); a head the kernel does not hold takes the next that
+ * does. Read from PALIGN_CUDA_ATTENTION when a device is selected. 0, or
+ * -1 for another name (pa_cuda_error says so). */
+int pa_cuda_attention_kernel(const char *name);
 
 /* The last CUDA or cuBLAS error of this process, as text ("" if none). */
 const char *pa_cuda_error(void);

@@ -6,6 +6,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #ifdef PALIGN_HAVE_NCCL
 #include <nccl.h>
 #endif
@@ -34,7 +35,7 @@ constexpr int kBlock = 256;
 // (a C++ compiler has no <<< >>>).
 #ifndef PA_LAUNCH
 #define PA_LAUNCH(kernel, grid, block, shared) kernel<<<(grid), (block), (shared), stream>>>
-#define PA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define PA_DYNAMIC_SHARED(type, name) extern __shared__ __align__(128) type name[] // 32 for the matrix functions
 #endif
 // A loop nvcc unrolls whole, so that a small array indexed by its counter
 // stays in registers (nothing for another compiler).
@@ -293,9 +294,11 @@ __global__ void k_store_new(int n_kv_heads, int hd, const float *k_new, const fl
 // when the max grows). Its shared memory does not grow with the keys, so
 // rows of any length run. The simple kernel above reads every key once per
 // query row and head and keeps a row's scores in shared memory (at most
-// about 58,000 keys on an H100); it stays as the reference and for head
-// dimensions over kTiledMaxHd (PALIGN_CUDA_ATTENTION=simple chooses it, as
-// bench_cuda does to time the two).
+// about 58,000 keys on an H100); it stays as the baseline and for head
+// dimensions over kTiledMaxHd. The tensor cores' kernel below takes these
+// tiles and runs their products on the tensor cores; this one runs where
+// it cannot (head dimensions not multiples of 8) or is asked to
+// (pa_cuda_attention_kernel, as bench_cuda does to time the three).
 constexpr int kTileQ = 16, kTileK = 32, kTiledThreads = 128, kTiledMaxHd = 128;
 constexpr int kRowThreads = kTiledThreads / kTileQ;  // threads per query row in the value sums: 8
 constexpr int kDimsPerThread = kTiledMaxHd / kRowThreads; // output dimensions per thread: 16
@@ -414,6 +417,242 @@ __global__ void k_attention_tiled(int n_heads, int n_kv_heads, int hd, const flo
         zh[d] = acc[c] * inv;
     }
   }
+}
+
+// The tensor-core attention, the default: the tiled kernel's tiles (up to
+// kTileQ query rows of a sequence, the keys kTileK at a time through shared
+// memory, the softmax online) with both products, the scores Q K^T and the
+// outputs P V, on the tensor cores through the warp matrix functions
+// (m16n16k8, tf32 operands, fp32 accumulation). The other kernels'
+// arithmetic is one fp32 multiply-add per two shared-memory loads, bound by
+// shared memory's bandwidth at a few TFLOP/s, where an 8B model's prefill
+// products run at hundreds (docs/CUDA.md).
+//
+// tf32 keeps 10 of fp32's 23 mantissa bits, which alone would move the
+// outputs by about 1e-3 of their size. So every operand x is split in two
+// tf32 values, hi = tf32(x) and lo = tf32(x - hi), and every product made
+// of three (lo hi + hi lo + hi hi; lo lo is under 2^-22 of it): within a
+// few ulps of fp32, the CPU reference's precision, at three tensor-core
+// products for one.
+//
+// A block takes a tile for up to kMmaMaxWarps query heads that share a kv
+// head, a warp each, so that they share its key and value tiles (read from
+// global memory once for all of them). A warp computes its head's 16 x 32
+// scores, its rows' softmax (a lane a row), and its 16 x head_dim outputs,
+// which stay in its accumulators from one key tile to the next, rescaled
+// there by rows as the max grows: the row of each accumulator element is
+// the GPU's own mapping, found once by loading a tile whose elements are
+// their row numbers.
+constexpr int kMmaMaxHd = 128, kMmaMaxWarps = 4;
+constexpr int kMmaOutBlocks = kMmaMaxHd / 16; // a warp's 16-column output blocks
+constexpr int kScoreLd = kTileK + 4;          // a row of scores in shared memory
+
+namespace wmma = nvcuda::wmma;
+using frag_rows = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>; // q, p
+using frag_keys = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>; // k^T
+using frag_vals = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>; // v
+using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+// A row of q, k or v in shared memory, in floats: the head dimension
+// rounded up to 16 (the output blocks; v's extra columns are zeros), and 4
+// more so that rows start in different banks. Every fragment's start is
+// then 32-byte aligned, as the warp matrix functions require.
+__host__ __device__ inline int mma_ld(int hd) { return (hd + 15) / 16 * 16 + 4; }
+
+// Warps (query heads) per block for `group` query heads per kv head.
+__host__ __device__ inline int mma_warps(int group) { return group < kMmaMaxWarps ? group : kMmaMaxWarps; }
+
+// Shared memory of k_attention_mma, in floats: q [warps][kTileQ][ld]
+// (scaled), k and v [kTileK][ld], and scores [warps][kTileQ][kScoreLd]
+// (then p), whose 4 columns past the keys hold the row's running max, sum
+// and correction.
+__host__ __device__ inline size_t mma_shared_floats(int hd, int warps) {
+  return (size_t)(warps * kTileQ + 2 * kTileK) * mma_ld(hd) + (size_t)warps * kTileQ * kScoreLd;
+}
+
+// x rounded to tf32 (10 mantissa bits; to nearest, ties away from zero, as
+// cvt.rna.tf32.f32 rounds) as an fp32 value whose 13 low bits are zero, so
+// that x - tf32_round(x) is exact: done on the bits, since the layout of
+// what __float_to_tf32 returns is left unspecified.
+__device__ inline float tf32_round(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  if ((u & 0x7F800000u) != 0x7F800000u) // Inf and NaN stay
+    u = (u + 0x1000u) & 0xFFFFE000u;
+  memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// hi's elements x become tf32(x), and lo's tf32(x - tf32(x)).
+template <class F> __device__ inline void split_tf32(F &hi, F &lo) {
+  for (int i = 0; i < hi.num_elements; i++) {
+    const float x = hi.x[i];
+    hi.x[i] = tf32_round(x);
+    lo.x[i] = tf32_round(x - hi.x[i]);
+  }
+}
+
+// acc = a b (acc zero before) from the split parts, the small products first.
+template <class A, class B>
+__device__ inline void mma_split(frag_acc &acc, const A &a_hi, const A &a_lo, const B &b_hi, const B &b_lo) {
+  wmma::mma_sync(acc, a_lo, b_hi, acc);
+  wmma::mma_sync(acc, a_hi, b_lo, acc);
+  wmma::mma_sync(acc, a_hi, b_hi, acc);
+}
+
+// Grid: (tiles, kv heads x chunks of a kv head's query heads), blocks of 32
+// mma_warps(n_heads / n_kv_heads) threads.
+//
+// The tensor cores' own sums are truncated (docs/CUDA.md), so no
+// accumulator takes more than one 8-wide step's three products: each
+// step's are added to the running sums (scores over the head dimension,
+// outputs over the keys) in fp32, rounded to nearest.
+__global__ void __launch_bounds__(32 * kMmaMaxWarps)
+    k_attention_mma(int n_heads, int n_kv_heads, int hd, const float *q, float *z, const float *k_prefix,
+                    const float *v_prefix, int prefix_len, int prefix_stride, const tile_desc *tiles) {
+  PA_DYNAMIC_SHARED(float, sh);
+  const tile_desc tl = tiles[blockIdx.x];
+  const int group = n_heads / n_kv_heads, warps = (int)blockDim.x / 32, chunks = (group + warps - 1) / warps;
+  const int kh = (int)blockIdx.y / chunks, head0 = kh * group + (int)blockIdx.y % chunks * warps;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nt = (int)blockDim.x;
+  const int ld = mma_ld(hd), hd16 = ld - 4, n_blocks = hd16 / 16;
+  // the last chunk of a group that warps do not divide has warps without a head: they only meet the barriers
+  const int heads = head0 + warps <= (kh + 1) * group ? warps : (kh + 1) * group - head0;
+  const bool live = warp < heads;
+  float *qs = sh, *ks = qs + warps * kTileQ * ld, *vs = ks + kTileK * ld, *ss = vs + kTileK * ld;
+  float *qw = qs + warp * kTileQ * ld, *sw = ss + warp * kTileQ * kScoreLd;
+  // row i's running max, sum and correction: [i * kScoreLd] of these, past its scores
+  float *row_max = sw + kTileK, *row_sum = sw + kTileK + 1, *row_corr = sw + kTileK + 2;
+  const float scale = rsqrtf((float)hd);
+  const float *kp = k_prefix ? k_prefix + (size_t)kh * prefix_stride * hd : nullptr;
+  const float *vp = v_prefix ? v_prefix + (size_t)kh * prefix_stride * hd : nullptr;
+  const float *ko = tl.k_own + (size_t)kh * tl.stride * hd, *vo = tl.v_own + (size_t)kh * tl.stride * hd;
+  const int keys = prefix_len + tl.n_own0 + tl.n_rows - 1; // the tile's last row sees the most
+  for (int e = tid; e < warps * kTileQ * hd; e += nt) {
+    const int w = e / (kTileQ * hd), i = e / hd % kTileQ, d = e % hd;
+    qs[(w * kTileQ + i) * ld + d] =
+        w < heads && i < tl.n_rows ? q[((size_t)(tl.row + i) * n_heads + head0 + w) * hd + d] * scale : 0.0f;
+  }
+  // which of the 16 rows each of this lane's accumulator elements holds
+  for (int e = tid; e < 16 * 16; e += nt)
+    ss[e] = (float)(e / 16);
+  __syncthreads();
+  frag_acc row_of;
+  wmma::load_matrix_sync(row_of, ss, 16, wmma::mem_row_major);
+  frag_acc out[kMmaOutBlocks]; // blocks n_blocks and on unused
+  PA_UNROLL
+  for (int b = 0; b < kMmaOutBlocks; b++)
+    wmma::fill_fragment(out[b], 0.0f);
+  __syncthreads(); // row_of read before the rows' figures overwrite its tile
+  if (live && lane < kTileQ)
+    row_max[lane * kScoreLd] = -INFINITY, row_sum[lane * kScoreLd] = 0.0f;
+  for (int t0 = 0; t0 < keys; t0 += kTileK) {
+    for (int e = tid; e < kTileK * hd16; e += nt) {
+      const int j = e / hd16, d = e % hd16, t = t0 + j;
+      float kv = 0.0f, vv = 0.0f;
+      if (t < keys && d < hd) {
+        const size_t at = (t < prefix_len ? (size_t)t : (size_t)(t - prefix_len)) * hd + d;
+        kv = t < prefix_len ? kp[at] : ko[at];
+        vv = t < prefix_len ? vp[at] : vo[at];
+      }
+      ks[j * ld + d] = kv;
+      vs[j * ld + d] = vv;
+    }
+    __syncthreads();
+    if (live) { // the scores of this warp's head: keys 0-15 and 16-31 of the tile
+      frag_acc sc[2];
+      wmma::fill_fragment(sc[0], 0.0f);
+      wmma::fill_fragment(sc[1], 0.0f);
+      for (int step = 0; step < hd / 8; step++) {
+        frag_rows q_hi, q_lo;
+        wmma::load_matrix_sync(q_hi, qw + 8 * step, ld);
+        split_tf32(q_hi, q_lo);
+        PA_UNROLL
+        for (int kb = 0; kb < 2; kb++) {
+          frag_keys k_hi, k_lo;
+          wmma::load_matrix_sync(k_hi, ks + 16 * kb * ld + 8 * step, ld);
+          split_tf32(k_hi, k_lo);
+          frag_acc part;
+          wmma::fill_fragment(part, 0.0f);
+          mma_split(part, q_hi, q_lo, k_hi, k_lo);
+          for (int e = 0; e < part.num_elements; e++)
+            sc[kb].x[e] += part.x[e];
+        }
+      }
+      wmma::store_matrix_sync(sw, sc[0], kScoreLd, wmma::mem_row_major);
+      wmma::store_matrix_sync(sw + 16, sc[1], kScoreLd, wmma::mem_row_major);
+    }
+    __syncthreads();
+    // row i sees the keys t < prefix_len + n_own0 + i: its new max, and how much its sums so far shrink by
+    if (live && lane < kTileQ) {
+      const int i = lane, seen = i < tl.n_rows ? prefix_len + tl.n_own0 + i - t0 : 0;
+      const float was = row_max[i * kScoreLd];
+      float m = was;
+      for (int j = 0; j < kTileK && j < seen; j++)
+        m = fmaxf(m, sw[i * kScoreLd + j]);
+      // a row's first tile always holds a key it sees (key 0), so m is finite once the row has begun
+      row_corr[i * kScoreLd] = m == -INFINITY ? 1.0f : expf(was - m);
+      row_max[i * kScoreLd] = m;
+    }
+    __syncthreads();
+    if (live)
+      for (int e = lane; e < kTileQ * kTileK; e += 32) {
+        const int i = e / kTileK, j = e % kTileK;
+        float *pe = &sw[i * kScoreLd + j];
+        *pe = i < tl.n_rows && t0 + j < prefix_len + tl.n_own0 + i ? expf(*pe - row_max[i * kScoreLd]) : 0.0f;
+      }
+    __syncthreads();
+    if (live) {
+      if (lane < kTileQ) {
+        float sum = 0.0f;
+        for (int j = 0; j < kTileK; j++)
+          sum += sw[lane * kScoreLd + j];
+        row_sum[lane * kScoreLd] = row_sum[lane * kScoreLd] * row_corr[lane * kScoreLd] + sum;
+      }
+      // out = out corr + p v over the tile's keys, 8 at a time: the rows' corrections for
+      // this lane's elements, and p's four steps, first
+      float corr[frag_acc::num_elements];
+      for (int e = 0; e < frag_acc::num_elements; e++)
+        corr[e] = row_corr[(int)row_of.x[e] * kScoreLd];
+      frag_rows p_hi[kTileK / 8], p_lo[kTileK / 8];
+      PA_UNROLL
+      for (int step = 0; step < kTileK / 8; step++) {
+        wmma::load_matrix_sync(p_hi[step], sw + 8 * step, kScoreLd);
+        split_tf32(p_hi[step], p_lo[step]);
+      }
+      PA_UNROLL
+      for (int b = 0; b < kMmaOutBlocks; b++)
+        if (b < n_blocks) {
+          PA_UNROLL
+          for (int step = 0; step < kTileK / 8; step++) {
+            frag_vals v_hi, v_lo;
+            wmma::load_matrix_sync(v_hi, vs + 8 * step * ld + 16 * b, ld);
+            split_tf32(v_hi, v_lo);
+            frag_acc part;
+            wmma::fill_fragment(part, 0.0f);
+            mma_split(part, p_hi[step], p_lo[step], v_hi, v_lo);
+            for (int e = 0; e < part.num_elements; e++)
+              out[b].x[e] = (step == 0 ? out[b].x[e] * corr[e] : out[b].x[e]) + part.x[e];
+          }
+        }
+    }
+    __syncthreads();
+  }
+  // the outputs through shared memory (k's and v's place, free now: warps x 16 rows fit) to be divided and written
+  float *ow = ks + warp * kTileQ * ld;
+  if (live) {
+    PA_UNROLL
+    for (int b = 0; b < kMmaOutBlocks; b++)
+      if (b < n_blocks)
+        wmma::store_matrix_sync(ow + 16 * b, out[b], ld, wmma::mem_row_major);
+  }
+  __syncthreads();
+  if (live)
+    for (int e = lane; e < kTileQ * hd; e += 32) {
+      const int i = e / hd, d = e % hd;
+      if (i < tl.n_rows)
+        z[((size_t)(tl.row + i) * n_heads + head0 + warp) * hd + d] = ow[i * ld + d] * (1.0f / row_sum[i * kScoreLd]);
+    }
 }
 
 // The row descriptors of a call, in device memory kept between calls; the
@@ -607,7 +846,7 @@ const train_row *train_upload(const pa_attn_train_args *a, int rows, int *max_ke
 // device's opt-in limit (227 KB on H100/H200: about 58,000 keys). Longer
 // rows are refused (the operation fails, status() says so) rather than
 // launched. What each kernel is allowed, for the device in use:
-enum { kShAttention, kShTrainFwd, kShTrainDq, kShKernels };
+enum { kShAttention, kShAttentionMma, kShTrainFwd, kShTrainDq, kShKernels };
 size_t shared_set[kShKernels];
 int shared_max; // the device's opt-in limit, bytes
 
@@ -615,8 +854,7 @@ bool shared_for(const void *kernel, int which, size_t bytes, const char *what) {
   if (bytes <= 48 << 10 || bytes <= shared_set[which])
     return true;
   if (bytes > (size_t)shared_max) {
-    failed("%s: the longest row's %zu keys need %zu bytes of shared memory, the device allows %d", what,
-           bytes / sizeof(float), bytes, shared_max);
+    failed("%s: %zu bytes of shared memory a block, the device allows %d", what, bytes, shared_max);
     return false;
   }
   if (!check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), what))
@@ -814,12 +1052,20 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
 
 size_t cu_attention_scratch(const pa_attn_args *a) { return 0; }
 
-// Which attention kernel runs: the tiled one, unless the environment's
-// PALIGN_CUDA_ATTENTION is "simple" (read at every call, so that a benchmark
-// can time both) or the head is wider than the tiled one holds.
-bool tiled_attention(int hd) {
-  const char *e = getenv("PALIGN_CUDA_ATTENTION");
-  return hd <= kTiledMaxHd && !(e && !strcmp(e, "simple"));
+// The attention kernels, in the order of preference: the tensor cores'
+// (head dimensions that are multiples of 8, up to 128), the tiled one (up
+// to 128), the simple one (any). pa_cuda_attention_kernel chooses where to
+// start, by default from PALIGN_CUDA_ATTENTION when the device is selected.
+enum attention_kernel { kAttnMma, kAttnTiled, kAttnSimple };
+const char *const kAttentionNames[] = {"mma", "tiled", "simple"};
+attention_kernel attention_first = kAttnMma;
+
+attention_kernel attention_for(int hd) {
+  if (attention_first == kAttnMma && hd % 8 == 0 && hd <= kMmaMaxHd)
+    return kAttnMma;
+  if (attention_first != kAttnSimple && hd <= kTiledMaxHd)
+    return kAttnTiled;
+  return kAttnSimple;
 }
 
 // A device buffer kept between calls, grown to hold bytes.
@@ -845,7 +1091,8 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   }
   if (!n_rows)
     return;
-  const bool tiled = tiled_attention(a->head_dim);
+  const attention_kernel kernel = attention_for(a->head_dim);
+  const bool tiled = kernel != kAttnSimple; // the tensor cores' kernel takes the tiled one's tiles
   // the rows (for the new keys' store and the simple kernel), then the tiles, uploaded with one wait
   row_desc *host = (row_desc *)malloc(n_rows * sizeof(row_desc) + n_tiles * sizeof(tile_desc));
   if (!host) {
@@ -858,7 +1105,7 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
     const pa_attn_seq *s = &a->seqs[i];
     for (int j = 0; j < s->n; j++)
       host[k++] = row_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->row0 + j};
-    for (int j = 0; j < s->n; j += kTileQ)
+    for (int j = s->n > 0 ? (s->n - 1) / kTileQ * kTileQ : -1; j >= 0; j -= kTileQ) // the longest first: no tail
       host_tiles[t++] =
           tile_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->n - j < kTileQ ? s->n - j : kTileQ, s->row0 + j};
   }
@@ -879,11 +1126,20 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   if (!placed)
     return;
   const size_t shared = ((size_t)max_keys + kBlock) * sizeof(float);
-  if (!tiled && !shared_for((const void *)k_attention, kShAttention, shared, "attention"))
+  char what[64];
+  snprintf(what, sizeof what, "attention over the longest row's %d keys", max_keys);
+  if (!tiled && !shared_for((const void *)k_attention, kShAttention, shared, what))
     return;
   if (a->k_new)
     PA_LAUNCH(k_store_new, (unsigned)n_rows, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, desc_dev);
-  if (tiled)
+  if (kernel == kAttnMma) {
+    const int group = a->n_heads / a->n_kv_heads, warps = mma_warps(group), chunks = (group + warps - 1) / warps;
+    const size_t bytes = mma_shared_floats(a->head_dim, warps) * sizeof(float);
+    if (shared_for((const void *)k_attention_mma, kShAttentionMma, bytes, "attention (tensor cores)"))
+      PA_LAUNCH(k_attention_mma, dim3((unsigned)n_tiles, (unsigned)(a->n_kv_heads * chunks)), 32 * warps, bytes)(
+          a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len,
+          a->prefix_stride, tile_dev);
+  } else if (tiled)
     PA_LAUNCH(k_attention_tiled, dim3((unsigned)n_tiles, (unsigned)a->n_heads), kTiledThreads,
               tiled_shared_floats(a->head_dim) * sizeof(float))(a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z,
                                                                 a->k_prefix, a->v_prefix, a->prefix_len,
@@ -1079,6 +1335,11 @@ int pa_cuda_select(int device) {
     xb16 = nullptr, xb16_cap = 0;
   }
   memset(shared_set, 0, sizeof shared_set); // a kernel's allowance is the device's
+  const char *kernel = getenv("PALIGN_CUDA_ATTENTION");
+  if (kernel && pa_cuda_attention_kernel(kernel) != 0) {
+    snprintf(last_error, sizeof last_error, "PALIGN_CUDA_ATTENTION=%.64s: not one of mma, tiled, simple", kernel);
+    return -1;
+  }
   if (!check(cudaSetDevice(device), "cudaSetDevice") || !check(cudaStreamCreate(&stream), "cudaStreamCreate") ||
       !check(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute"))
@@ -1100,5 +1361,15 @@ const pa_backend *pa_backend_cuda(void) {
 }
 
 const char *pa_cuda_error(void) { return last_error; }
+
+int pa_cuda_attention_kernel(const char *name) {
+  for (int k = 0; k < (int)(sizeof kAttentionNames / sizeof *kAttentionNames); k++)
+    if (!strcmp(name, kAttentionNames[k])) {
+      attention_first = (attention_kernel)k;
+      return 0;
+    }
+  snprintf(last_error, sizeof last_error, "no attention kernel \"%s\" (mma, tiled or simple)", name);
+  return -1;
+}
 
 } // extern "C"
