@@ -841,20 +841,26 @@ const train_row *train_upload(const pa_attn_train_args *a, int rows, int *max_ke
   return (const train_row *)train_dev;
 }
 
-// The attention kernels keep a row's scores (one float a key) in dynamic
-// shared memory: above 48 KB a kernel must be allowed more, up to the
-// device's opt-in limit (227 KB on H100/H200: about 58,000 keys). Longer
-// rows are refused (the operation fails, status() says so) rather than
-// launched. What each kernel is allowed, for the device in use:
+// The simple and training attention kernels keep a row's scores (one float
+// a key) in dynamic shared memory, and the tensor cores' one its tiles for
+// 4 heads: above 48 KB a kernel must be allowed more, up to the device's
+// opt-in limit (227 KB on H100/H200: about 58,000 keys). Longer rows are
+// refused (the operation fails, status() says so) rather than launched;
+// `keys`, where not 0, says how many the refused row had. What each kernel
+// is allowed, for the device in use:
 enum { kShAttention, kShAttentionMma, kShTrainFwd, kShTrainDq, kShKernels };
 size_t shared_set[kShKernels];
 int shared_max; // the device's opt-in limit, bytes
 
-bool shared_for(const void *kernel, int which, size_t bytes, const char *what) {
+bool shared_for(const void *kernel, int which, size_t bytes, const char *what, int keys) {
   if (bytes <= 48 << 10 || bytes <= shared_set[which])
     return true;
   if (bytes > (size_t)shared_max) {
-    failed("%s: %zu bytes of shared memory a block, the device allows %d", what, bytes, shared_max);
+    if (keys)
+      failed("%s: the longest row's %d keys need %zu bytes of shared memory, the device allows %d", what, keys, bytes,
+             shared_max);
+    else
+      failed("%s: %zu bytes of shared memory a block, the device allows %d", what, bytes, shared_max);
     return false;
   }
   if (!check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), what))
@@ -1018,7 +1024,7 @@ void cu_attention_train(const pa_attn_train_args *a, float *scratch) {
   if (!d)
     return;
   const size_t shared = ((size_t)max_keys + kBlock) * sizeof(float);
-  if (!shared_for((const void *)k_train_fwd, kShTrainFwd, shared, "attention_train"))
+  if (!shared_for((const void *)k_train_fwd, kShTrainFwd, shared, "attention_train", max_keys))
     return;
   PA_LAUNCH(k_train_fwd, dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared)(
       a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->k, a->v, a->z, a->lse, d);
@@ -1041,7 +1047,7 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
   const size_t n = (size_t)rows * a->n_heads;
   PA_LAUNCH(k_train_rowdot, blocks(n), kBlock, 0)(n, hd, dz, a->z, D);
   const size_t shared = (size_t)max_keys * sizeof(float);
-  if (!shared_for((const void *)k_train_dq, kShTrainDq, shared, "attention_backward"))
+  if (!shared_for((const void *)k_train_dq, kShTrainDq, shared, "attention_backward", max_keys))
     return;
   PA_LAUNCH(k_train_dq, dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared)(
       a->n_heads, a->n_kv_heads, hd, a->q, a->k, a->v, dz, a->lse, D, dq, d);
@@ -1126,16 +1132,14 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   if (!placed)
     return;
   const size_t shared = ((size_t)max_keys + kBlock) * sizeof(float);
-  char what[64];
-  snprintf(what, sizeof what, "attention over the longest row's %d keys", max_keys);
-  if (!tiled && !shared_for((const void *)k_attention, kShAttention, shared, what))
+  if (!tiled && !shared_for((const void *)k_attention, kShAttention, shared, "attention", max_keys))
     return;
   if (a->k_new)
     PA_LAUNCH(k_store_new, (unsigned)n_rows, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, desc_dev);
   if (kernel == kAttnMma) {
     const int group = a->n_heads / a->n_kv_heads, warps = mma_warps(group), chunks = (group + warps - 1) / warps;
     const size_t bytes = mma_shared_floats(a->head_dim, warps) * sizeof(float);
-    if (shared_for((const void *)k_attention_mma, kShAttentionMma, bytes, "attention (tensor cores)"))
+    if (shared_for((const void *)k_attention_mma, kShAttentionMma, bytes, "attention (tensor cores)", 0))
       PA_LAUNCH(k_attention_mma, dim3((unsigned)n_tiles, (unsigned)(a->n_kv_heads * chunks)), 32 * warps, bytes)(
           a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len,
           a->prefix_stride, tile_dev);
@@ -1364,11 +1368,11 @@ const char *pa_cuda_error(void) { return last_error; }
 
 int pa_cuda_attention_kernel(const char *name) {
   for (int k = 0; k < (int)(sizeof kAttentionNames / sizeof *kAttentionNames); k++)
-    if (!strcmp(name, kAttentionNames[k])) {
+    if (name && !strcmp(name, kAttentionNames[k])) {
       attention_first = (attention_kernel)k;
       return 0;
     }
-  snprintf(last_error, sizeof last_error, "no attention kernel \"%s\" (mma, tiled or simple)", name);
+  snprintf(last_error, sizeof last_error, "no attention kernel \"%.64s\" (mma, tiled or simple)", name ? name : "");
   return -1;
 }
 
