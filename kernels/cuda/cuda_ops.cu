@@ -437,7 +437,9 @@ __global__ void k_attention_tiled(int n_heads, int n_kv_heads, int hd, const flo
 //
 // A block takes a tile for up to kMmaMaxWarps query heads that share a kv
 // head, a warp each, so that they share its key and value tiles (read from
-// global memory once for all of them). A warp computes its head's 16 x 32
+// global memory once for all of them, and split into tf32 parts once: the
+// splitting, a few integer operations an element, would otherwise cost the
+// warps more issue slots than their products). A warp computes its head's 16 x 32
 // scores, its rows' softmax (a lane a row), and its 16 x head_dim outputs,
 // which stay in its accumulators from one key tile to the next, rescaled
 // there by rows as the max grows: the row of each accumulator element is
@@ -463,11 +465,11 @@ __host__ __device__ inline int mma_ld(int hd) { return (hd + 15) / 16 * 16 + 4; 
 __host__ __device__ inline int mma_warps(int group) { return group < kMmaMaxWarps ? group : kMmaMaxWarps; }
 
 // Shared memory of k_attention_mma, in floats: q [warps][kTileQ][ld]
-// (scaled), k and v [kTileK][ld], and scores [warps][kTileQ][kScoreLd]
-// (then p), whose 4 columns past the keys hold the row's running max, sum
-// and correction.
+// (scaled), k's and v's tf32 high and low parts [4][kTileK][ld], and scores
+// [warps][kTileQ][kScoreLd] (then p), whose 4 columns past the keys hold
+// the row's running max, sum and correction.
 __host__ __device__ inline size_t mma_shared_floats(int hd, int warps) {
-  return (size_t)(warps * kTileQ + 2 * kTileK) * mma_ld(hd) + (size_t)warps * kTileQ * kScoreLd;
+  return (size_t)(warps * kTileQ + 4 * kTileK) * mma_ld(hd) + (size_t)warps * kTileQ * kScoreLd;
 }
 
 // x rounded to tf32 (10 mantissa bits; to nearest, ties away from zero, as
@@ -519,7 +521,9 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
   // the last chunk of a group that warps do not divide has warps without a head: they only meet the barriers
   const int heads = head0 + warps <= (kh + 1) * group ? warps : (kh + 1) * group - head0;
   const bool live = warp < heads;
-  float *qs = sh, *ks = qs + warps * kTileQ * ld, *vs = ks + kTileK * ld, *ss = vs + kTileK * ld;
+  // k and v split into tf32 parts once, as they are loaded, for every warp
+  float *qs = sh, *k_hi = qs + warps * kTileQ * ld, *k_lo = k_hi + kTileK * ld, *v_hi = k_lo + kTileK * ld;
+  float *v_lo = v_hi + kTileK * ld, *ss = v_lo + kTileK * ld;
   float *qw = qs + warp * kTileQ * ld, *sw = ss + warp * kTileQ * kScoreLd;
   // row i's running max, sum and correction: [i * kScoreLd] of these, past its scores
   float *row_max = sw + kTileK, *row_sum = sw + kTileK + 1, *row_corr = sw + kTileK + 2;
@@ -555,8 +559,8 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
         kv = t < prefix_len ? kp[at] : ko[at];
         vv = t < prefix_len ? vp[at] : vo[at];
       }
-      ks[j * ld + d] = kv;
-      vs[j * ld + d] = vv;
+      k_hi[j * ld + d] = tf32_round(kv), k_lo[j * ld + d] = tf32_round(kv - k_hi[j * ld + d]);
+      v_hi[j * ld + d] = tf32_round(vv), v_lo[j * ld + d] = tf32_round(vv - v_hi[j * ld + d]);
     }
     __syncthreads();
     if (live) { // the scores of this warp's head: keys 0-15 and 16-31 of the tile
@@ -569,12 +573,12 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
         split_tf32(q_hi, q_lo);
         PA_UNROLL
         for (int kb = 0; kb < 2; kb++) {
-          frag_keys k_hi, k_lo;
-          wmma::load_matrix_sync(k_hi, ks + 16 * kb * ld + 8 * step, ld);
-          split_tf32(k_hi, k_lo);
+          frag_keys kf_hi, kf_lo;
+          wmma::load_matrix_sync(kf_hi, k_hi + 16 * kb * ld + 8 * step, ld);
+          wmma::load_matrix_sync(kf_lo, k_lo + 16 * kb * ld + 8 * step, ld);
           frag_acc part;
           wmma::fill_fragment(part, 0.0f);
-          mma_split(part, q_hi, q_lo, k_hi, k_lo);
+          mma_split(part, q_hi, q_lo, kf_hi, kf_lo);
           for (int e = 0; e < part.num_elements; e++)
             sc[kb].x[e] += part.x[e];
         }
@@ -625,12 +629,12 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
         if (b < n_blocks) {
           PA_UNROLL
           for (int step = 0; step < kTileK / 8; step++) {
-            frag_vals v_hi, v_lo;
-            wmma::load_matrix_sync(v_hi, vs + 8 * step * ld + 16 * b, ld);
-            split_tf32(v_hi, v_lo);
+            frag_vals vf_hi, vf_lo;
+            wmma::load_matrix_sync(vf_hi, v_hi + 8 * step * ld + 16 * b, ld);
+            wmma::load_matrix_sync(vf_lo, v_lo + 8 * step * ld + 16 * b, ld);
             frag_acc part;
             wmma::fill_fragment(part, 0.0f);
-            mma_split(part, p_hi[step], p_lo[step], v_hi, v_lo);
+            mma_split(part, p_hi[step], p_lo[step], vf_hi, vf_lo);
             for (int e = 0; e < part.num_elements; e++)
               out[b].x[e] = (step == 0 ? out[b].x[e] * corr[e] : out[b].x[e]) + part.x[e];
           }
@@ -639,7 +643,7 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     __syncthreads();
   }
   // the outputs through shared memory (k's and v's place, free now: warps x 16 rows fit) to be divided and written
-  float *ow = ks + warp * kTileQ * ld;
+  float *ow = k_hi + warp * kTileQ * ld;
   if (live) {
     PA_UNROLL
     for (int b = 0; b < kMmaOutBlocks; b++)

@@ -101,11 +101,16 @@ inline float at(const float *p, unsigned ldm, bool row_major, unsigned r, unsign
   return row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
 }
 inline float add_toward_zero(float a, float b) {
-  const double exact = (double)a + (double)b; // two floats' sum, exact in double but for far-apart exponents
-  float f = (float)exact;
-  if (fabs((double)f) > fabs(exact))
-    f = nextafterf(f, 0.0f);
-  return f;
+  // s + err = a + b exactly (Knuth's two-sum, in round-to-nearest fp32)
+  const float s = a + b, bb = s - a, err = (a - (s - bb)) + (b - bb);
+  if (err == 0.0f || (err < 0.0f) == (s < 0.0f) || isinf(s))
+    return s;
+  uint32_t u; // s rounded away from zero: the float one step nearer zero
+  memcpy(&u, &s, sizeof u);
+  u -= 1;
+  float t;
+  memcpy(&t, &u, sizeof t);
+  return t;
 }
 inline float tf32_bits(float v) { // what the tensor cores read of an operand
   uint32_t u;
@@ -169,11 +174,13 @@ template <class LA, class LB>
 void mma_sync(fragment<accumulator, 16, 16, 8, float> &d, const fragment<matrix_a, 16, 16, 8, precision::tf32, LA> &a,
               const fragment<matrix_b, 16, 16, 8, precision::tf32, LB> &b,
               const fragment<accumulator, 16, 16, 8, float> &c) {
-  float out[8]; // element e: row lane / 16 + 2 e (a's row e), column lane % 16 (b's)
+  float out[8], bk[8]; // element e: row lane / 16 + 2 e (a's row e), column lane % 16 (b's)
+  for (unsigned k = 0; k < 8; k++)
+    bk[k] = detail::tf32_bits(b.x[k]);
   for (unsigned e = 0; e < 8; e++) {
     float s = c.x[e];
     for (unsigned k = 0; k < 8; k++)
-      s = detail::add_toward_zero(s, detail::tf32_bits(a.x[e * 8 + k]) * detail::tf32_bits(b.x[k]));
+      s = detail::add_toward_zero(s, detail::tf32_bits(a.x[e * 8 + k]) * bk[k]);
     out[e] = s;
   }
   memcpy(d.x, out, sizeof out); // d may be c
