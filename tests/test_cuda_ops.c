@@ -355,9 +355,51 @@ static void test_backward(void **s) {
  * 16-row tiles), 16 (one whole tile) after 20 cached, and 1 after 46 cached
  * (a decoding step); or without a prefix; by the kernel named (or, for a
  * head it does not hold, the next: see cuda_backend.h). */
+/* The attention a (host memory: q, the prefix and each sequence's caches,
+ * of kv heads x prefix_stride or stride positions) on the CPU, then on the
+ * device, on copies of its inputs, by each of the kernels named: its rows'
+ * outputs within tol + rel |want| of the CPU's. */
+static void compare_attention(const pa_attn_args *a, int rows, const char *const *kernels, int n_kernels,
+                              const char *label, double tol, double rel) {
+  const int hd = a->head_dim, KV = a->n_kv_heads;
+  const size_t nz = (size_t)rows * a->n_heads * hd, np = (size_t)KV * a->prefix_stride * hd;
+  float *want = calloc(nz, sizeof *want);
+  pa_attn_args c = *a;
+  c.z = want;
+  float *scratch = malloc(cpu->attention_scratch(&c) * sizeof(float) + 4);
+  cpu->attention(&c, scratch);
+  free(scratch);
+  pa_attn_seq *dseqs = malloc((size_t)a->n_seqs * sizeof *dseqs);
+  assert_true(want && dseqs);
+  for (int i = 0; i < a->n_seqs; i++) {
+    const size_t cache = (size_t)KV * a->seqs[i].stride * hd;
+    dseqs[i] = a->seqs[i];
+    dseqs[i].k_own = dev_floats(a->seqs[i].k_own, cache), dseqs[i].v_own = dev_floats(a->seqs[i].v_own, cache);
+  }
+  pa_attn_args da = *a;
+  da.q = dev_floats(a->q, nz), da.z = gpu->alloc(nz * sizeof(float)), da.seqs = dseqs;
+  da.k_prefix = a->k_prefix ? dev_floats(a->k_prefix, np) : NULL;
+  da.v_prefix = a->v_prefix ? dev_floats(a->v_prefix, np) : NULL;
+  float *d_scratch = gpu->alloc(gpu->attention_scratch(&da) * sizeof(float) + 4);
+  for (int k = 0; k < n_kernels; k++) {
+    assert_int_equal(pa_cuda_attention_kernel(kernels[k]), 0);
+    gpu->attention(&da, d_scratch);
+    float *got = back(da.z, nz);
+    char what[128];
+    snprintf(what, sizeof what, "attention (%s), %s", kernels[k], label);
+    expect_close(what, got, want, nz, tol + rel * fabs(want[i]));
+    free(got);
+  }
+  assert_int_equal(pa_cuda_attention_kernel("mma"), 0); /* the default again */
+  gpu->release((void *)da.q), gpu->release(da.z), gpu->release((void *)da.k_prefix), gpu->release((void *)da.v_prefix);
+  gpu->release(d_scratch);
+  for (int i = 0; i < a->n_seqs; i++)
+    gpu->release(dseqs[i].k_own), gpu->release(dseqs[i].v_own);
+  free(dseqs), free(want);
+}
+
 enum { kSeqs = 4 };
 static void check_attention(int prefix_len, int hd, int H, int KV, const char *kernel) {
-  assert_int_equal(pa_cuda_attention_kernel(kernel), 0);
   const int stride = 48, P = prefix_len;
   static const int n[kSeqs] = {3, 37, 16, 1}, past[kSeqs] = {5, 0, 20, 46};
   const size_t cache = (size_t)KV * stride * hd;
@@ -366,46 +408,28 @@ static void check_attention(int prefix_len, int hd, int H, int KV, const char *k
     rows += n[i];
   float *q = tu_rand_vec(&rng, (size_t)rows * H * hd);
   float *kp = tu_rand_vec(&rng, (size_t)KV * 40 * hd), *vp = tu_rand_vec(&rng, (size_t)KV * 40 * hd);
-  float *k[kSeqs], *v[kSeqs], *dk[kSeqs], *dv[kSeqs];
-  pa_attn_seq seqs[kSeqs], dseqs[kSeqs];
+  float *k[kSeqs], *v[kSeqs];
+  pa_attn_seq seqs[kSeqs];
   for (int i = 0, row0 = 0; i < kSeqs; row0 += n[i], i++) {
     k[i] = tu_rand_vec(&rng, cache), v[i] = tu_rand_vec(&rng, cache);
-    dk[i] = dev_floats(k[i], cache), dv[i] = dev_floats(v[i], cache);
     seqs[i] = (pa_attn_seq){.row0 = row0, .n = n[i], .past = past[i], .k_own = k[i], .v_own = v[i], .stride = stride};
-    dseqs[i] = seqs[i];
-    dseqs[i].k_own = dk[i], dseqs[i].v_own = dv[i];
   }
-  float *want = calloc((size_t)rows * H * hd, 4);
   pa_attn_args a = {.n_heads = H,
                     .n_kv_heads = KV,
                     .head_dim = hd,
                     .q = q,
-                    .z = want,
                     .k_prefix = P ? kp : NULL,
                     .v_prefix = P ? vp : NULL,
                     .prefix_len = P,
                     .prefix_stride = 40,
                     .seqs = seqs,
                     .n_seqs = kSeqs};
-  float *scratch = malloc(cpu->attention_scratch(&a) * 4 + 4);
-  cpu->attention(&a, scratch);
-  free(scratch);
-  /* the same on the device */
-  float *dq = dev_floats(q, (size_t)rows * H * hd), *dz = gpu->alloc((size_t)rows * H * hd * 4);
-  float *dkp = dev_floats(kp, (size_t)KV * 40 * hd), *dvp = dev_floats(vp, (size_t)KV * 40 * hd);
-  pa_attn_args da = a;
-  da.q = dq, da.z = dz, da.k_prefix = P ? dkp : NULL, da.v_prefix = P ? dvp : NULL, da.seqs = dseqs;
-  float *dscratch = gpu->alloc(gpu->attention_scratch(&da) * 4 + 4);
-  gpu->attention(&da, dscratch);
-  float *got = back(dz, (size_t)rows * H * hd);
-  char what[96];
-  snprintf(what, sizeof what, "attention (%s), prefix %d, head_dim %d, %d/%d heads", kernel, P, hd, H, KV);
-  expect_close(what, got, want, (size_t)rows * H * hd, 2e-6 + 1e-6 * fabs(want[i]));
-  assert_int_equal(pa_cuda_attention_kernel("mma"), 0); /* the default again */
-  gpu->release(dscratch), gpu->release(dq), gpu->release(dz), gpu->release(dkp), gpu->release(dvp);
+  char label[64];
+  snprintf(label, sizeof label, "prefix %d, head_dim %d, %d/%d heads", P, hd, H, KV);
+  compare_attention(&a, rows, &kernel, 1, label, 2e-6, 1e-6);
   for (int i = 0; i < kSeqs; i++)
-    gpu->release(dk[i]), gpu->release(dv[i]), free(k[i]), free(v[i]);
-  free(q), free(kp), free(vp), free(want), free(got);
+    free(k[i]), free(v[i]);
+  free(q), free(kp), free(vp);
 }
 
 /* The training attention: a 7-token prefix and sequences of 5 and 9 tokens
@@ -494,9 +518,8 @@ static void test_attention(void **s) {
  * in some rows of a tile and not in others (the test checks that the data
  * do this): the online softmax's rescaling, which the tensor cores' kernel
  * does on its accumulators by the rows it finds for their elements, cannot
- * be wrong by a little. Prefix
- * key j scaled by 1/4 + j/16 over 96 keys (three key tiles), then 16 rows
- * of their own. Large scores magnify their rounding: an error d in a score
+ * be wrong by a little. Prefix key j scaled by 1/4 + j/16 over 96 keys
+ * (three key tiles), then 16 rows of their own. Large scores magnify their rounding: an error d in a score
  * moves the weights by d relative, and the output by up to d max|v|, with d
  * under 2^-19 of the score's terms' magnitude sum_d |q_d k_d| / sqrt(hd)
  * (three tf32 products leave 2^-22 of each term; the sums and the
@@ -541,53 +564,21 @@ static void test_attention_rescaled(void **s) {
   fprintf(stderr, "    %d of %d rows and heads move their max; the largest score's terms sum to %.1f\n", moved, N * H,
           terms);
   assert_true(moved > 0 && moved < N * H);
-  float *want = calloc((size_t)N * H * hd, 4);
   pa_attn_seq seq = {.row0 = 0, .n = N, .past = 0, .k_own = k, .v_own = v, .stride = N};
-  pa_attn_args a = {.n_heads = H,
-                    .n_kv_heads = 1,
-                    .head_dim = hd,
-                    .q = q,
-                    .z = want,
-                    .k_prefix = kp,
-                    .v_prefix = vp,
-                    .prefix_len = P,
-                    .prefix_stride = P,
-                    .seqs = &seq,
-                    .n_seqs = 1};
-  float *scratch = malloc(cpu->attention_scratch(&a) * 4 + 4);
-  cpu->attention(&a, scratch);
-  free(scratch);
-  float *d_q = dev_floats(q, (size_t)N * H * hd), *d_z = gpu->alloc((size_t)N * H * hd * 4);
-  float *d_kp = dev_floats(kp, (size_t)P * hd), *d_vp = dev_floats(vp, (size_t)P * hd);
-  float *d_k = dev_floats(k, (size_t)N * hd), *d_v = dev_floats(v, (size_t)N * hd);
-  pa_attn_seq dseq = seq;
-  dseq.k_own = d_k, dseq.v_own = d_v;
-  pa_attn_args da = a;
-  da.q = d_q, da.z = d_z, da.k_prefix = d_kp, da.v_prefix = d_vp, da.seqs = &dseq;
-  float *d_scratch = gpu->alloc(gpu->attention_scratch(&da) * sizeof(float) + 4);
+  pa_attn_args a = {.n_heads = H, .n_kv_heads = 1, .head_dim = hd, .q = q, .k_prefix = kp, .v_prefix = vp,
+                    .prefix_len = P, .prefix_stride = P, .seqs = &seq, .n_seqs = 1};
   static const char *const kernels[] = {"mma", "tiled", "simple"};
-  for (int kk = 0; kk < 3; kk++) {
-    assert_int_equal(pa_cuda_attention_kernel(kernels[kk]), 0);
-    gpu->attention(&da, d_scratch);
-    float *got = back(d_z, (size_t)N * H * hd);
-    char what[64];
-    snprintf(what, sizeof what, "attention (%s), growing scores", kernels[kk]);
-    /* |v| <= 1 */
-    expect_close(what, got, want, (size_t)N * H * hd, 2e-6 + 1e-6 * fabs(want[i]) + ldexp(terms, -19));
-    free(got);
-  }
-  assert_int_equal(pa_cuda_attention_kernel("mma"), 0);
-  gpu->release(d_q), gpu->release(d_z), gpu->release(d_kp), gpu->release(d_vp), gpu->release(d_k), gpu->release(d_v);
-  gpu->release(d_scratch);
-  free(q), free(kp), free(vp), free(k), free(v), free(want);
+  compare_attention(&a, N, kernels, 3, "growing scores", 2e-6 + ldexp(terms, -19), 1e-6); /* |v| <= 1 */
+  free(q), free(kp), free(vp), free(k), free(v);
 }
 
 /* The tiled and tensor-core kernels' shared memory does not grow with the
  * keys: one row over 70,000 prefix keys (which the simple kernel refuses,
- * below) against the CPU's, by each. The output is a weighted mean of values in [-1, 1] whose
- * weights are sums over 70,000 keys taken in other orders: about sqrt(n)
- * eps = 1.6e-5 of it, so 2e-5 (seen: 8.4e-7 in Release, 4.5e-6 under the
- * sanitizers, whose build rounds the CPU's sums otherwise). */
+ * below) against the CPU's, by each. The output is a weighted mean of
+ * values in [-1, 1] whose weights are sums over 70,000 keys taken in other
+ * orders: about sqrt(n) eps = 1.6e-5 of it, so 2e-5 (seen on the
+ * emulation: 5.2e-8 and 4.2e-8 in Release, 4.6e-7 under the sanitizers,
+ * whose build rounds the CPU's sums otherwise). */
 static void test_attention_long_row(void **s) {
   (void)s;
   const int P = 70000, hd = 8;
@@ -595,32 +586,11 @@ static void test_attention_long_row(void **s) {
   float *q = tu_rand_vec(&rng, hd), *k0 = tu_rand_vec(&rng, hd), *v0 = tu_rand_vec(&rng, hd);
   for (int d = 0; d < hd; d++)
     q[d] *= 8; /* scores of a few units: a softmax far from uniform */
-  float want[8], *scratch;
   pa_attn_seq seq = {.row0 = 0, .n = 1, .past = 0, .k_own = k0, .v_own = v0, .stride = 1};
-  pa_attn_args a = {.n_heads = 1, .n_kv_heads = 1, .head_dim = hd, .q = q, .z = want, .k_prefix = kp, .v_prefix = vp,
+  pa_attn_args a = {.n_heads = 1, .n_kv_heads = 1, .head_dim = hd, .q = q, .k_prefix = kp, .v_prefix = vp,
                     .prefix_len = P, .prefix_stride = P, .seqs = &seq, .n_seqs = 1};
-  scratch = malloc(cpu->attention_scratch(&a) * 4 + 4);
-  cpu->attention(&a, scratch);
-  free(scratch);
-  float *d_kp = dev_floats(kp, (size_t)P * hd), *d_vp = dev_floats(vp, (size_t)P * hd), *d_q = dev_floats(q, hd);
-  float *d_k0 = dev_floats(k0, hd), *d_v0 = dev_floats(v0, hd), *d_z = gpu->alloc(hd * sizeof(float));
-  pa_attn_seq dseq = {.row0 = 0, .n = 1, .past = 0, .k_own = d_k0, .v_own = d_v0, .stride = 1};
-  pa_attn_args da = a;
-  da.q = d_q, da.z = d_z, da.k_prefix = d_kp, da.v_prefix = d_vp, da.seqs = &dseq;
-  float *d_scratch = gpu->alloc(gpu->attention_scratch(&da) * sizeof(float) + 4);
   static const char *const kernels[] = {"tiled", "mma"};
-  for (int k = 0; k < 2; k++) {
-    assert_int_equal(pa_cuda_attention_kernel(kernels[k]), 0);
-    gpu->attention(&da, d_scratch);
-    assert_int_equal(gpu->status(), 0);
-    float *got = back(d_z, hd);
-    char what[64];
-    snprintf(what, sizeof what, "attention (%s), 70,000 keys", kernels[k]);
-    expect_close(what, got, want, (size_t)hd, 2e-5);
-    free(got);
-  }
-  gpu->release(d_kp), gpu->release(d_vp), gpu->release(d_q), gpu->release(d_k0), gpu->release(d_v0);
-  gpu->release(d_z), gpu->release(d_scratch);
+  compare_attention(&a, 1, kernels, 2, "70,000 keys", 2e-5, 0);
   free(kp), free(vp), free(q), free(k0), free(v0);
 }
 

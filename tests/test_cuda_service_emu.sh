@@ -16,7 +16,7 @@
 #      within 1e-3, and PAS's chosen alphas the same.
 #   4. PALIGN_CUDA_ATTENTION naming no kernel is an error for --backend auto
 #      too (a device that cannot be used as asked is no machine without one),
-#      naming the variable; a kernel it names runs.
+#      naming the variable; a kernel it names runs, and so does an empty one.
 # Exit 0 when every check passed, 1 otherwise, 77 (skipped) without mpirun,
 # the PAPI data or the emulated module.
 set -euo pipefail
@@ -97,4 +97,6 @@ grep -q "PALIGN_CUDA_ATTENTION=flash: not one of mma, tiled, simple" "$S/bad.log
   fail "PALIGN_CUDA_ATTENTION=flash: $(cat "$S/bad.log")"
 PALIGN_CUDA_MODULE=$MODULE PALIGN_CUDA_ATTENTION=tiled "$BUILD/palign" generate --model "$S/m.gguf" --prompt Hi \
   --max-tokens 2 --backend auto >"$S/tiled.log" 2>&1 || fail "PALIGN_CUDA_ATTENTION=tiled: $(cat "$S/tiled.log")"
+PALIGN_CUDA_MODULE=$MODULE PALIGN_CUDA_ATTENTION= "$BUILD/palign" generate --model "$S/m.gguf" --prompt Hi \
+  --max-tokens 2 --backend auto >"$S/empty.log" 2>&1 || fail "PALIGN_CUDA_ATTENTION empty: $(cat "$S/empty.log")"
 echo "test_cuda_service_emu: passed"

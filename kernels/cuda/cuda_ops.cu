@@ -1343,8 +1343,8 @@ int pa_cuda_select(int device) {
     xb16 = nullptr, xb16_cap = 0;
   }
   memset(shared_set, 0, sizeof shared_set); // a kernel's allowance is the device's
-  const char *kernel = getenv("PALIGN_CUDA_ATTENTION");
-  if (kernel && pa_cuda_attention_kernel(kernel) != 0) {
+  const char *kernel = getenv("PALIGN_CUDA_ATTENTION"); // set and empty: as unset
+  if (kernel && *kernel && pa_cuda_attention_kernel(kernel) != 0) {
     snprintf(last_error, sizeof last_error, "PALIGN_CUDA_ATTENTION=%.64s: not one of mma, tiled, simple", kernel);
     return -1;
   }

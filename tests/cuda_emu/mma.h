@@ -119,15 +119,23 @@ inline float tf32_bits(float v) { // what the tensor cores read of an operand
   memcpy(&v, &u, sizeof v);
   return v;
 }
+// Whether a load may read its tile; if not (a fault, said and recorded), f
+// is NaN: the launch has failed, and what the kernel goes on to compute is
+// garbage.
+template <class F>
+bool readable(F &f, const char *call, const float *p, unsigned ldm, unsigned rows, unsigned cols, bool row_major) {
+  if (emu::wmma_tile_ok(call, p, ldm, rows, cols, row_major))
+    return true;
+  fill_fragment(f, NAN);
+  return false;
+}
 } // namespace detail
 
 template <class L>
 void load_matrix_sync(fragment<matrix_a, 16, 16, 8, precision::tf32, L> &a, const float *p, unsigned ldm) {
   constexpr bool rm = detail::is_row_major<L>();
-  if (!emu::wmma_tile_ok("load_matrix_sync(matrix_a)", p, ldm, 16, 8, rm)) {
-    fill_fragment(a, NAN); // the launch has failed; what the kernel goes on to compute is garbage
+  if (!detail::readable(a, "load_matrix_sync(matrix_a)", p, ldm, 16, 8, rm))
     return;
-  }
   const unsigned r0 = emu::lane() / 16;
   for (unsigned e = 0; e < 8; e++)
     for (unsigned k = 0; k < 8; k++)
@@ -137,10 +145,8 @@ void load_matrix_sync(fragment<matrix_a, 16, 16, 8, precision::tf32, L> &a, cons
 template <class L>
 void load_matrix_sync(fragment<matrix_b, 16, 16, 8, precision::tf32, L> &b, const float *p, unsigned ldm) {
   constexpr bool rm = detail::is_row_major<L>();
-  if (!emu::wmma_tile_ok("load_matrix_sync(matrix_b)", p, ldm, 8, 16, rm)) {
-    fill_fragment(b, NAN); // the launch has failed; what the kernel goes on to compute is garbage
+  if (!detail::readable(b, "load_matrix_sync(matrix_b)", p, ldm, 8, 16, rm))
     return;
-  }
   const unsigned n = emu::lane() % 16;
   for (unsigned k = 0; k < 8; k++)
     b.x[k] = detail::at(p, ldm, rm, k, n);
@@ -149,10 +155,8 @@ void load_matrix_sync(fragment<matrix_b, 16, 16, 8, precision::tf32, L> &b, cons
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 8, float> &c, const float *p, unsigned ldm,
                              layout_t layout) {
   const bool rm = layout == mem_row_major;
-  if (!emu::wmma_tile_ok("load_matrix_sync(accumulator)", p, ldm, 16, 16, rm)) {
-    fill_fragment(c, NAN); // the launch has failed; what the kernel goes on to compute is garbage
+  if (!detail::readable(c, "load_matrix_sync(accumulator)", p, ldm, 16, 16, rm))
     return;
-  }
   for (unsigned e = 0; e < 8; e++) {
     const unsigned f = emu::lane() + 32 * e;
     c.x[e] = detail::at(p, ldm, rm, f / 16, f % 16);
