@@ -350,11 +350,6 @@ static void test_backward(void **s) {
   free(wg), free(wu);
 }
 
-/* Attention with grouped heads over a shared prefix and four sequences of
- * their own: 3 rows after 5 cached, 37 (more than two of the tiled kernel's
- * 16-row tiles), 16 (one whole tile) after 20 cached, and 1 after 46 cached
- * (a decoding step); or without a prefix; by the kernel named (or, for a
- * head it does not hold, the next: see cuda_backend.h). */
 /* The attention a (host memory: q, the prefix and each sequence's caches,
  * of kv heads x prefix_stride or stride positions) on the CPU, then on the
  * device, on copies of its inputs, by each of the kernels named: its rows'
@@ -398,7 +393,23 @@ static void compare_attention(const pa_attn_args *a, int rows, const char *const
   free(dseqs), free(want);
 }
 
+/* A cache's positions from `used` to `stride` (of each of KV heads) set to
+ * NaN: what a cache holds past its keys is no number, and a kernel that
+ * lets it into a sum (a key tile's tail weighted by 0 still gives NaN)
+ * fails. */
+static void unused_nan(float *cache, int KV, int stride, int hd, int used) {
+  for (int h = 0; h < KV; h++)
+    for (size_t i = ((size_t)h * stride + used) * hd; i < (size_t)(h + 1) * stride * hd; i++)
+      cache[i] = NAN;
+}
+
 enum { kSeqs = 4 };
+/* Attention with grouped heads over a shared prefix and four sequences of
+ * their own: 3 rows after 5 cached, 37 (more than two of the tiled kernel's
+ * 16-row tiles), 16 (one whole tile) after 20 cached, and 1 after 46 cached
+ * (a decoding step); or without a prefix; by the kernel named (or, for a
+ * head it does not hold, the next: see cuda_backend.h). The caches' and the
+ * prefix's positions past their keys hold NaN. */
 static void check_attention(int prefix_len, int hd, int H, int KV, const char *kernel) {
   const int stride = 48, P = prefix_len;
   static const int n[kSeqs] = {3, 37, 16, 1}, past[kSeqs] = {5, 0, 20, 46};
@@ -408,10 +419,12 @@ static void check_attention(int prefix_len, int hd, int H, int KV, const char *k
     rows += n[i];
   float *q = tu_rand_vec(&rng, (size_t)rows * H * hd);
   float *kp = tu_rand_vec(&rng, (size_t)KV * 40 * hd), *vp = tu_rand_vec(&rng, (size_t)KV * 40 * hd);
+  unused_nan(kp, KV, 40, hd, P), unused_nan(vp, KV, 40, hd, P);
   float *k[kSeqs], *v[kSeqs];
   pa_attn_seq seqs[kSeqs];
   for (int i = 0, row0 = 0; i < kSeqs; row0 += n[i], i++) {
     k[i] = tu_rand_vec(&rng, cache), v[i] = tu_rand_vec(&rng, cache);
+    unused_nan(k[i], KV, stride, hd, past[i] + n[i]), unused_nan(v[i], KV, stride, hd, past[i] + n[i]);
     seqs[i] = (pa_attn_seq){.row0 = row0, .n = n[i], .past = past[i], .k_own = k[i], .v_own = v[i], .stride = stride};
   }
   pa_attn_args a = {.n_heads = H,
@@ -594,6 +607,14 @@ static void test_attention_long_row(void **s) {
   free(kp), free(vp), free(q), free(k0), free(v0);
 }
 
+/* A head_dim the tensor cores' kernel does not hold (not a multiple of 8,
+ * its k-step): the tiled kernel runs in its place. (Last, so that the other
+ * tests draw the same random numbers as before it.) */
+static void test_attention_head_dim_36(void **s) {
+  (void)s;
+  check_attention(23, 36, 6, 2, "mma");
+}
+
 /* A failed operation is reported by status() (backend.h), once: the simple
  * attention kernel over 70,000 keys (a row's scores would need 280 KB of
  * shared memory, more than a GPU allows a block) is refused, and the next
@@ -639,7 +660,7 @@ int main(void) {
       cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),        cmocka_unit_test(test_elementwise),
       cmocka_unit_test(test_attention), cmocka_unit_test(test_backward),    cmocka_unit_test(test_attention_train),
       cmocka_unit_test(test_attention_rescaled), cmocka_unit_test(test_attention_long_row),
-      cmocka_unit_test(test_failure_reported),
+      cmocka_unit_test(test_failure_reported),  cmocka_unit_test(test_attention_head_dim_36),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

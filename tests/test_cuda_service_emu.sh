@@ -6,15 +6,22 @@
 # (device selection per worker, --weights auto on a GPU, the bank on the
 # device and its exchange, PAS's grid, the store's records). On a tiny
 # random model and one PAPI subject, methods none and pas_only:
-#   1. mpirun -np 2 palign-worker --backend cuda with PALIGN_NCCL=1 finishes;
-#      the log says why the bank went over MPI (the emulation has no NCCL);
+#   1. mpirun -np 4 palign-worker --backend cuda, three workers each on a
+#      device of its own (PALIGN_EMU_DEVICES=3), finishes, and the bank's
+#      slices (64, 64 and 112 of 240 sequences: batches of 64, two shorter
+#      slices padded to the longest) went over NCCL (its emulation,
+#      tests/cuda_emu/nccl_emu.cc), which left nothing behind;
 #   2. the store's settings say weights bf16 (auto on a GPU), the record
 #      backend cuda;
 #   3. its answers are the CPU's with bf16 weights (palign eval --backend
 #      cpu --weights bf16): at least 99% of them the same (the sums' order
 #      differs, so a near tie may go either way), every option probability
-#      within 1e-3, and PAS's chosen alphas the same.
-#   4. PALIGN_CUDA_ATTENTION naming no kernel is an error for --backend auto
+#      within 1e-3, and PAS's chosen alphas the same;
+#   4. the same bank gathered over MPI (two devices for three workers, so
+#      PALIGN_NCCL=1 cannot have NCCL, and the log says why) is the same
+#      file, byte for byte; on the CPU backend PALIGN_NCCL=1 says it has no
+#      collectives;
+#   5. PALIGN_CUDA_ATTENTION naming no kernel is an error for --backend auto
 #      too (a device that cannot be used as asked is no machine without one),
 #      naming the variable; a kernel it names runs, and so does an empty one.
 # Exit 0 when every check passed, 1 otherwise, 77 (skipped) without mpirun,
@@ -38,20 +45,28 @@ command -v mpirun >/dev/null || skip "no mpirun"
 [ -f "$MODULE" ] || skip "no emulated CUDA module at $MODULE"
 
 S=$(mktemp -d /tmp/palign-cudaemu-XXXXXX)
-trap 'rm -rf "$S"' EXIT
+[ -n "${KEEP:-}" ] && echo "keeping $S"
+[ -n "${KEEP:-}" ] || trap 'rm -rf "$S"' EXIT
 export PALIGN_CACHE=$S/cache # the bank of each run its own
 mkdir -p "$PALIGN_CACHE"
 
 "$BUILD/palign" mkmodel "$S/m.gguf" --ctx 4096 --layers 1 --dim 32 --heads 2 --kv-heads 1 --ffn 64 --seed 7 \
   >"$S/mkmodel.log" 2>&1 || fail "mkmodel: $(cat "$S/mkmodel.log")"
-ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" PALIGN_CUDA_MODULE=$MODULE PALIGN_NCCL=1 \
-  mpirun --allow-run-as-root --oversubscribe -np 2 -x PALIGN_CUDA_MODULE -x PALIGN_NCCL -x PALIGN_CACHE -x ASAN_OPTIONS \
-  "$BUILD/palign-worker" --model "$S/m.gguf" --papi "$PAPI" --store "$S/store" --subjects 1 --threads 1 \
-  --methods none,pas_only --alphas 0,4 --backend cuda >"$S/worker.log" 2>&1 ||
-  fail "palign-worker --backend cuda: $(tail -20 "$S/worker.log")"
-grep -q "PALIGN_NCCL=1, but this backend has no collectives" "$S/worker.log" ||
-  fail "the log does not say why the bank did not go over NCCL: $(grep -i bank "$S/worker.log")"
-grep -q "gathered over MPI" "$S/worker.log" || fail "no bank line: $(tail -5 "$S/worker.log")"
+export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" PALIGN_CUDA_MODULE=$MODULE
+export TMPDIR=$S # NCCL's emulation keeps its groups there
+# the service on WORKERS workers over DEVICES emulated devices: worker WORKERS DEVICES LOG ARGS...
+worker() {
+  local workers=$1 devices=$2 log=$3
+  shift 3
+  PALIGN_EMU_DEVICES=$devices mpirun --allow-run-as-root --oversubscribe -np $((workers + 1)) \
+    -x PALIGN_CUDA_MODULE -x PALIGN_EMU_DEVICES -x PALIGN_NCCL -x PALIGN_CACHE -x ASAN_OPTIONS -x TMPDIR \
+    "$BUILD/palign-worker" --model "$S/m.gguf" --papi "$PAPI" --subjects 1 --threads 1 "$@" >"$log" 2>&1 ||
+    fail "palign-worker $*: $(tail -20 "$log")"
+}
+worker 3 3 "$S/worker.log" --store "$S/store" --methods none,pas_only --alphas 0,4 --backend cuda
+grep -q "computed by 3 worker(s) .*gathered over NCCL" "$S/worker.log" ||
+  fail "the bank did not go over NCCL: $(grep -i -e bank -e nccl "$S/worker.log")"
+ls "$S" | grep -q palign-nccl && fail "NCCL's emulation left its group behind: $(ls "$S")"
 
 "$BUILD/palign" query "$S/store" summary >"$S/summary.txt" 2>&1 || fail "query summary: $(cat "$S/summary.txt")"
 grep -q "weights bf16" "$S/summary.txt" || fail "the store's settings: $(grep settings "$S/summary.txt")"
@@ -87,8 +102,27 @@ print(f"{same}/{total} answers the same as the CPU's, option probabilities withi
 assert total >= 300 and same >= 0.99 * total and worst <= 1e-3
 EOF
 
-# 4. the attention kernel as the environment names it
-export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0"
+# 4. the bank over MPI: the same bytes
+PALIGN_NCCL=1 worker 3 2 "$S/mpi.log" --store "$S/store-mpi" --methods pas_only --alphas 0 --backend cuda
+grep -q "PALIGN_NCCL=1, but a node has more workers than GPUs" "$S/mpi.log" ||
+  fail "the log does not say why the bank did not go over NCCL: $(grep -i -e bank -e nccl "$S/mpi.log")"
+grep -q "gathered over MPI" "$S/mpi.log" || fail "no bank line: $(tail -5 "$S/mpi.log")"
+python3 - "$S"/store/bank-*.bin "$S"/store-mpi/bank-*.bin <<'EOF' || fail "the bank gathered over NCCL is not the one over MPI"
+import json, struct, sys
+def data(path):  # the bank's floats: after 16 fixed bytes and the JSON header (worker/bank.c, pa_bank_save)
+    raw = open(path, "rb").read()
+    hlen = struct.unpack_from("<I", raw, 12)[0]
+    n = json.loads(raw[16:16 + hlen])["data"]["bytes"]
+    return raw[16 + hlen:16 + hlen + n]
+a, b = (data(p) for p in sys.argv[1:3])
+assert len(a) == 240 * 2 * 16 * 4 and a == b, (len(a), len(b))  # sequences x heads x head_dim floats
+print(f"the bank over NCCL and over MPI: {len(a)} bytes, the same")
+EOF
+PALIGN_NCCL=1 worker 1 1 "$S/cpu-worker.log" --store "$S/store-cpu" --methods pas_only --alphas 0 --backend cpu
+grep -q "PALIGN_NCCL=1, but this backend has no collectives" "$S/cpu-worker.log" ||
+  fail "the CPU's log does not say why the bank did not go over NCCL: $(grep -i bank "$S/cpu-worker.log")"
+
+# 5. the attention kernel as the environment names it
 if PALIGN_CUDA_MODULE=$MODULE PALIGN_CUDA_ATTENTION=flash "$BUILD/palign" generate --model "$S/m.gguf" --prompt Hi \
   --max-tokens 2 --backend auto >"$S/bad.log" 2>&1; then
   fail "PALIGN_CUDA_ATTENTION=flash with --backend auto ran: $(cat "$S/bad.log")"

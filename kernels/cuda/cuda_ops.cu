@@ -540,7 +540,7 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
   // which of the 16 rows each of this lane's accumulator elements holds
   for (int e = tid; e < 16 * 16; e += nt)
     ss[e] = (float)(e / 16);
-  __syncthreads();
+  __syncthreads(); // q's tile and the row numbers in place
   frag_acc row_of;
   wmma::load_matrix_sync(row_of, ss, 16, wmma::mem_row_major);
   frag_acc out[kMmaOutBlocks]; // blocks n_blocks and on unused
@@ -562,7 +562,7 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
       k_hi[j * ld + d] = tf32_round(kv), k_lo[j * ld + d] = tf32_round(kv - k_hi[j * ld + d]);
       v_hi[j * ld + d] = tf32_round(vv), v_lo[j * ld + d] = tf32_round(vv - v_hi[j * ld + d]);
     }
-    __syncthreads();
+    __syncthreads(); // the key and value tiles loaded and split
     if (live) { // the scores of this warp's head: keys 0-15 and 16-31 of the tile
       frag_acc sc[2];
       wmma::fill_fragment(sc[0], 0.0f);
@@ -586,7 +586,7 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
       wmma::store_matrix_sync(sw, sc[0], kScoreLd, wmma::mem_row_major);
       wmma::store_matrix_sync(sw + 16, sc[1], kScoreLd, wmma::mem_row_major);
     }
-    __syncthreads();
+    __syncthreads(); // the scores stored
     // row i sees the keys t < prefix_len + n_own0 + i: its new max, and how much its sums so far shrink by
     if (live && lane < kTileQ) {
       const int i = lane, seen = i < tl.n_rows ? prefix_len + tl.n_own0 + i - t0 : 0;
@@ -598,14 +598,14 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
       row_corr[i * kScoreLd] = m == -INFINITY ? 1.0f : expf(was - m);
       row_max[i * kScoreLd] = m;
     }
-    __syncthreads();
+    __syncthreads(); // the rows' maxima and corrections set
     if (live)
       for (int e = lane; e < kTileQ * kTileK; e += 32) {
         const int i = e / kTileK, j = e % kTileK;
         float *pe = &sw[i * kScoreLd + j];
         *pe = i < tl.n_rows && t0 + j < prefix_len + tl.n_own0 + i ? expf(*pe - row_max[i * kScoreLd]) : 0.0f;
       }
-    __syncthreads();
+    __syncthreads(); // the exponentials in the scores' place
     if (live) {
       if (lane < kTileQ) {
         float sum = 0.0f;
@@ -640,7 +640,7 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
           }
         }
     }
-    __syncthreads();
+    __syncthreads(); // every warp done with the tile before the next one is loaded
   }
   // the outputs through shared memory (k's and v's place, free now: warps x 16 rows fit) to be divided and written
   float *ow = k_hi + warp * kTileQ * ld;
@@ -650,7 +650,7 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
       if (b < n_blocks)
         wmma::store_matrix_sync(ow + 16 * b, out[b], ld, wmma::mem_row_major);
   }
-  __syncthreads();
+  __syncthreads(); // the outputs stored
   if (live)
     for (int e = lane; e < kTileQ * hd; e += 32) {
       const int i = e / hd, d = e % hd;

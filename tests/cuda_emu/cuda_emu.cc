@@ -45,13 +45,27 @@ std::set<cublasHandle_t> &handles = *new std::set<cublasHandle_t>;
 std::map<const void *, int> &shared_allowed = *new std::map<const void *, int>; // cudaFuncSetAttribute's, per kernel
 uint64_t order_seed = 0x9E3779B97F4A7C15ull;
 
-__attribute__((format(printf, 1, 2))) void report(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  fputs("cuda emulation: ", stderr);
-  vfprintf(stderr, fmt, ap);
-  fputc('\n', stderr);
-  va_end(ap);
+int device = 0; // cudaSetDevice's
+
+using emu::report; // an error's detail (below)
+
+// The devices a process sees: PALIGN_EMU_DEVICES (1 to 16), else 1. They
+// share one memory (the host's); what differs is the number a process is on,
+// which NCCL's emulation checks as NCCL does (no two members on one device).
+int device_count() {
+  static const int n = [] {
+    const char *env = getenv("PALIGN_EMU_DEVICES");
+    if (!env || !*env)
+      return 1;
+    char *end;
+    const long v = strtol(env, &end, 10);
+    if (*end || v < 1 || v > 16) {
+      report("PALIGN_EMU_DEVICES=%s: not a number of devices from 1 to 16; 1 device", env);
+      return 1;
+    }
+    return (int)v;
+  }();
+  return n;
 }
 
 cudaError_t error(cudaError_t e) {
@@ -425,19 +439,38 @@ void run_grid(const char *name, dim3 grid, dim3 block, size_t shared, void (*bod
     kernel_fault(cudaErrorLaunchFailure);
 }
 
+bool device_range(const void *p, size_t bytes) { return in_device(p, bytes); }
+bool stream_valid(cudaStream_t s) { return stream_ok(s); }
+cudaError_t pending_fault() { return fault; }
+int current_device() { return device; }
+
+void report(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fputs("cuda emulation: ", stderr);
+  vfprintf(stderr, fmt, ap);
+  fputc('\n', stderr);
+  va_end(ap);
+}
+
 } // namespace emu
 
 // ---- the runtime -------------------------------------------------------------------------
 
 cudaError_t cudaGetDeviceCount(int *n) {
-  *n = 1;
+  *n = device_count();
   return cudaSuccess;
 }
 
-cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : error(cudaErrorInvalidDevice); }
+cudaError_t cudaSetDevice(int d) {
+  if (d < 0 || d >= device_count())
+    return error(cudaErrorInvalidDevice);
+  device = d;
+  return cudaSuccess;
+}
 
-cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device) {
-  if (device != 0)
+cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int d) {
+  if (d < 0 || d >= device_count())
     return error(cudaErrorInvalidDevice);
   if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin)
     return error(cudaErrorInvalidValue);

@@ -38,6 +38,12 @@
 //  - the warp matrix functions (mma.h): m16n16k8 tf32 products, their sums
 //    truncated as the tensor cores' are, their pointers' alignment and
 //    leading dimensions checked.
+//  - devices: one, or PALIGN_EMU_DEVICES (1 to 16) sharing the host's
+//    memory; cudaSetDevice records which a process is on.
+//  - NCCL's communicators and all-gather between processes on one machine
+//    (nccl_emu.cc), refusing what NCCL would refuse or get wrong: two
+//    members on one device, members disagreeing on the group's size or the
+//    count, buffers outside device memory.
 // What it cannot show: speed, warp-level behaviour other than the matrix
 // functions' (cuda_ops.cu uses no other), races inside a stretch between
 // barriers finer than a whole thread's run, and cuBLAS's and the tensor
@@ -171,6 +177,59 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
                             const void *alpha, const void *A, cudaDataType Atype, int lda, const void *B,
                             cudaDataType Btype, int ldb, const void *beta, void *C, cudaDataType Ctype, int ldc,
                             cublasComputeType_t compute, cublasGemmAlgo_t algo);
+
+// ---- NCCL (nccl_emu.cc) -------------------------------------------------------------------
+
+enum ncclResult_t {
+  ncclSuccess = 0,
+  ncclUnhandledCudaError = 1,
+  ncclSystemError = 2,
+  ncclInternalError = 3,
+  ncclInvalidArgument = 4,
+  ncclInvalidUsage = 5,
+};
+enum ncclDataType_t {
+  ncclInt8 = 0,
+  ncclUint8 = 1,
+  ncclInt32 = 2,
+  ncclUint32 = 3,
+  ncclInt64 = 4,
+  ncclUint64 = 5,
+  ncclFloat16 = 6,
+  ncclFloat32 = 7,
+  ncclFloat = 7,
+  ncclFloat64 = 8,
+  ncclBfloat16 = 9,
+};
+#define NCCL_UNIQUE_ID_BYTES 128
+struct ncclUniqueId {
+  char internal[NCCL_UNIQUE_ID_BYTES];
+};
+typedef struct emu_nccl_comm *ncclComm_t;
+
+ncclResult_t ncclGetUniqueId(ncclUniqueId *id);
+ncclResult_t ncclCommInitRank(ncclComm_t *comm, int n, ncclUniqueId id, int rank);
+ncclResult_t ncclAllGather(const void *send, void *recv, size_t count, ncclDataType_t type, ncclComm_t comm,
+                           cudaStream_t s);
+ncclResult_t ncclCommDestroy(ncclComm_t comm);
+const char *ncclGetErrorString(ncclResult_t r);
+
+// ---- the emulation's parts, for one another ------------------------------------------------
+
+namespace emu {
+
+// Whether [p, p + bytes) lies inside one device allocation.
+bool device_range(const void *p, size_t bytes);
+// Whether s is the default stream or one created and not destroyed.
+bool stream_valid(cudaStream_t s);
+// A kernel's fault, which every later call returns, or cudaSuccess.
+cudaError_t pending_fault();
+// The device cudaSetDevice chose (0 until it is called).
+int current_device();
+// An error's detail, on standard error after "cuda emulation: ".
+__attribute__((format(printf, 1, 2))) void report(const char *fmt, ...);
+
+} // namespace emu
 
 // ---- launching a kernel ------------------------------------------------------------------
 

@@ -5,7 +5,8 @@
 //  - threads and blocks get the indices of their grid, in 1, 2 and 3 dimensions;
 //  - a barrier orders the writes before it for every thread after it, and a
 //    read of another thread's write without one gives a wrong answer (the
-//    shuffled order), so a missing barrier cannot pass by luck;
+//    shuffled order), the next thread's or the one before's, so a missing
+//    barrier cannot pass by luck;
 //  - a __syncthreads() that not every thread reaches fails the launch, and the
 //    fault stays until the device is reset;
 //  - a host pointer given to a kernel, a copy in the wrong direction or past
@@ -24,13 +25,22 @@
 //    dimensions over the tile's, four warps of two blocks each on its own
 //    tile, against a plain loop in double within the bound of truncated
 //    fp32 sums; __float_to_tf32 rounds to nearest at 10 mantissa bits with
-//    ties away from zero, in a kernel and on the host; mma_sync truncates an operand not rounded to tf32, as the tensor
-//    cores do, and keeps the accumulator's fp32; an accumulator is spread
-//    over the warp, each of a tile's 256 elements one lane's element, and
-//    fill_fragment reaches all of them; a tile at a pointer not 32-byte
-//    aligned, with a leading dimension not a multiple of 4, or reaching past
-//    its device allocation or the launch's dynamic shared memory is a fault
-//    that stays until the device is reset, and one just inside works.
+//    ties away from zero, in a kernel and on the host; mma_sync truncates
+//    an operand not rounded to tf32, as the tensor cores do, keeps the
+//    accumulator's fp32, and truncates its sums (3/4 of an ulp dropped);
+//    an accumulator is spread over the warp, each of a tile's 256 elements
+//    one lane's element, and fill_fragment reaches all of them; a tile at a
+//    pointer not 32-byte aligned (4 or 16 bytes on), with a leading
+//    dimension not a multiple of 4, or reaching past its device allocation
+//    or the launch's dynamic shared memory is a fault that stays until the
+//    device is reset, and one just inside works;
+//  - NCCL's all-gather between processes (nccl_emu.cc), each on a device of
+//    its own: every member's values in their place, in place or not, twice
+//    in a row, and the group's files gone after; two members on one device,
+//    members that disagree on the group's size or on the count, a rank
+//    outside the group, an id NCCL did not make, host memory, a recv too
+//    small, send overlapping recv other than in place, and a destroyed
+//    communicator are refused.
 #include <float.h>
 #include <math.h>
 #include <setjmp.h>
@@ -40,6 +50,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <string>
+#include <vector>
 
 extern "C" {
 #include <cmocka.h>
@@ -74,15 +89,15 @@ __global__ void k_indices(unsigned *out) {
   o[3] = threadIdx.x, o[4] = threadIdx.y, o[5] = threadIdx.z;
 }
 
-// out[t] = the value thread t + 1 wrote (salt + 3 (t + 1)), with or without a
-// barrier between.
-__global__ void k_neighbour(bool barrier, int salt, int *out) {
+// out[t] = the value thread t + step wrote (salt + 3 (t + step), modulo the
+// block), with or without a barrier between.
+__global__ void k_neighbour(bool barrier, int salt, unsigned step, int *out) {
   __shared__ int sh[256];
   const unsigned t = threadIdx.x;
   sh[t] = salt + (int)t * 3;
   if (barrier)
     __syncthreads();
-  out[t] = sh[(t + 1) % blockDim.x];
+  out[t] = sh[(t + step) % blockDim.x];
   if (!barrier) // every thread meets the same number of barriers
     __syncthreads();
 }
@@ -205,22 +220,28 @@ void test_indices(void **) {
   }
 }
 
+// Each thread reads the next thread's write and, in another launch, the one
+// before's: in the threads' index order the first would be wrong and the
+// second right (but thread 0's), so only a shuffled order makes both wrong
+// without a barrier, about half of the reads.
 void test_barrier_orders(void **) {
   int *d = device<int>(256), h[256];
-  for (int barrier = 1; barrier >= 0; barrier--) {
-    const int salt = 1000 * barrier; // what the launch before left in shared memory is not the answer
-    PA_LAUNCH(k_neighbour, 1, 256, 0)(barrier == 1, salt, d);
-    assert_int_equal(cudaGetLastError(), cudaSuccess);
-    cudaMemcpyAsync(h, d, sizeof h, cudaMemcpyDeviceToHost, stream);
-    int wrong = 0;
-    for (int t = 0; t < 256; t++)
-      wrong += h[t] != salt + (t + 1) % 256 * 3;
-    if (barrier)
-      assert_int_equal(wrong, 0);
-    else // without it, the threads that ran before their neighbour read its old value
-      assert_true(wrong > 0);
-    fprintf(stderr, "    %s a barrier: %d of 256 reads wrong\n", barrier ? "with" : "without", wrong);
-  }
+  for (unsigned step : {1u, 255u})
+    for (int barrier = 1; barrier >= 0; barrier--) {
+      const int salt = 1000 * barrier + (int)step; // what the launch before left in shared memory is not the answer
+      PA_LAUNCH(k_neighbour, 1, 256, 0)(barrier == 1, salt, step, d);
+      assert_int_equal(cudaGetLastError(), cudaSuccess);
+      cudaMemcpyAsync(h, d, sizeof h, cudaMemcpyDeviceToHost, stream);
+      int wrong = 0;
+      for (unsigned t = 0; t < 256; t++)
+        wrong += h[t] != salt + (int)((t + step) % 256) * 3;
+      if (barrier)
+        assert_int_equal(wrong, 0);
+      else // without it, the threads that ran before their neighbour read its old value: about half
+        assert_true(wrong > 64);
+      fprintf(stderr, "    thread t reading t %s 1, %s a barrier: %d of 256 reads wrong\n", step == 1 ? "+" : "-",
+              barrier ? "with" : "without", wrong);
+    }
 }
 
 void test_divergent_barrier(void **) {
@@ -242,6 +263,8 @@ void test_refusals(void **) {
   // copies: direction and bounds
   assert_int_equal(cudaMemcpyAsync(host, d, sizeof host, cudaMemcpyHostToDevice, stream), cudaErrorInvalidValue);
   assert_int_equal(cudaMemcpyAsync(d, host, sizeof host, cudaMemcpyDeviceToHost, stream), cudaErrorInvalidValue);
+  assert_int_equal(cudaMemcpyAsync(d, e, sizeof host, cudaMemcpyDeviceToHost, stream), cudaErrorInvalidValue);
+  assert_int_equal(cudaMemcpyAsync(host, d + 1, sizeof host, cudaMemcpyDeviceToHost, stream), cudaErrorInvalidValue);
   assert_int_equal(cudaMemcpyAsync(d, host, sizeof host + 4, cudaMemcpyHostToDevice, stream), cudaErrorInvalidValue);
   assert_int_equal(cudaMemcpyAsync(d + 1, e, sizeof host, cudaMemcpyDeviceToDevice, stream), cudaErrorInvalidValue);
   assert_int_equal(cudaMemcpy2DAsync(d, 16, e, 16, 16, 3, cudaMemcpyDeviceToDevice, stream), cudaErrorInvalidValue);
@@ -516,6 +539,8 @@ void test_mma_truncates(void **) {
   A[mc.a(0, 0)] = odd, A[mc.a(1, 0)] = 1, A[mc.a(2, 0)] = -odd;
   B[mc.b(0, 0)] = 1, B[mc.b(0, 1)] = odd;
   C[mc.c(3, 3)] = 1 + 0x1p-12f; // the accumulator keeps fp32's bits
+  // 1 + 1.5 2^-24 is 3/4 of an ulp over 1: the sum truncated is 1 (rounded to nearest, 1 + 2^-23)
+  A[mc.a(4, 1)] = 0x1.8p-24f, B[mc.b(1, 4)] = 1, C[mc.c(4, 4)] = 1;
   mc.run(A, B, C, D);
   for (unsigned r = 0; r < 32; r++)
     for (unsigned n = 0; n < 32; n++) {
@@ -524,6 +549,8 @@ void test_mma_truncates(void **) {
         want = r == 2 ? -1.0f : 1.0f; // -odd reads as -1: the magnitude is truncated
       if (r == 3 && n == 3)
         want = 1 + 0x1p-12f;
+      if (r == 4 && n == 4)
+        want = 1;
       if (float_bits(D[mc.c(r, n)]) != float_bits(want))
         fail_msg("D(%u, %u) = %a, want %a", r, n, D[mc.c(r, n)], want);
     }
@@ -629,6 +656,9 @@ void test_mma_refusals(void **) {
   assert_int_equal(load_a(d, d + 8, 8), cudaSuccess);
   assert_int_equal(load_a(d, d + 1, 8), cudaErrorMisalignedAddress);
   reset(nullptr);
+  d = device_counting(16 * 8 + 8); // 16 bytes on: aligned for a float4, not for a tile
+  assert_int_equal(load_a(d, d + 4, 8), cudaErrorMisalignedAddress);
+  reset(nullptr);
   // a leading dimension of 10 floats: rows 40 bytes apart, not a multiple of 16
   d = device_counting(16 * 12);
   assert_int_equal(load_a(d, d, 12), cudaSuccess);
@@ -646,9 +676,132 @@ void test_mma_refusals(void **) {
   assert_int_equal(shared_tile(263, 8), cudaErrorIllegalAddress);
 }
 
+
+// ---- NCCL between processes ------------------------------------------------------------------
+
+char group_dir[] = "/tmp/palign-test-nccl-XXXXXX"; // TMPDIR while the tests run: the groups' files
+
+// Whether the groups left nothing in group_dir.
+bool groups_gone() {
+  const std::string ls = std::string("ls -A ") + group_dir + " | grep -q .";
+  return system(ls.c_str()) != 0;
+}
+
+// Runs body(rank) in n forked processes; each one's exit status, 99 where it did not exit.
+template <class F> std::vector<int> members(int n, F body) {
+  fflush(stdout), fflush(stderr);
+  std::vector<pid_t> pids;
+  for (int r = 0; r < n; r++) {
+    const pid_t p = fork();
+    if (p == 0)
+      _exit(body(r));
+    pids.push_back(p);
+  }
+  std::vector<int> codes;
+  for (pid_t p : pids) {
+    int st = 0;
+    codes.push_back(waitpid(p, &st, 0) == p && WIFEXITED(st) ? WEXITSTATUS(st) : 99);
+  }
+  return codes;
+}
+
+// Member `rank` of a group of n, on `device`: `gathers` all-gathers of `count`
+// floats (rank's own, or count + rank where `uneven`), member r's value i of
+// gather g being 1000 r + 100 g + i. 0 when every call worked and every
+// value is in its place; 10 + the result where joining failed, 20 + it where
+// a gather did, 1 for a wrong value.
+int gather_member(const ncclUniqueId &id, int n, int rank, int device, size_t count, bool in_place, int gathers,
+                  bool uneven = false) {
+  if (cudaSetDevice(device) != cudaSuccess)
+    return 2;
+  ncclComm_t comm;
+  ncclResult_t r = ncclCommInitRank(&comm, n, id, rank);
+  if (r != ncclSuccess)
+    return 10 + r;
+  const size_t mine = uneven ? count + rank : count;
+  float *recv = nullptr, *send = nullptr;
+  if (cudaMalloc(&recv, mine * n * sizeof(float)) || cudaMalloc(&send, mine * sizeof(float)))
+    return 3;
+  float *from = in_place ? recv + mine * rank : send;
+  int code = 0;
+  std::vector<float> v(mine * n);
+  for (int g = 0; g < gathers && !code; g++) {
+    for (size_t i = 0; i < mine; i++)
+      v[i] = (float)(1000 * rank + 100 * g + (int)i);
+    cudaMemcpyAsync(from, v.data(), mine * sizeof(float), cudaMemcpyHostToDevice, stream);
+    if ((r = ncclAllGather(from, recv, mine, ncclFloat, comm, stream)) != ncclSuccess) {
+      code = 20 + r;
+      break;
+    }
+    cudaMemcpyAsync(v.data(), recv, mine * n * sizeof(float), cudaMemcpyDeviceToHost, stream);
+    for (int m = 0; m < n; m++)
+      for (size_t i = 0; i < mine; i++)
+        code |= v[m * mine + i] != (float)(1000 * m + 100 * g + (int)i);
+  }
+  ncclCommDestroy(comm);
+  return code;
+}
+
+ncclUniqueId new_id() {
+  ncclUniqueId id;
+  assert_int_equal(ncclGetUniqueId(&id), ncclSuccess);
+  return id;
+}
+
+void test_nccl_allgather(void **) {
+  for (bool in_place : {false, true}) {
+    const ncclUniqueId id = new_id();
+    const std::vector<int> codes = members(3, [&](int r) { return gather_member(id, 3, r, r, 5, in_place, 2); });
+    for (int c : codes)
+      assert_int_equal(c, 0);
+    assert_true(groups_gone());
+  }
+  const ncclUniqueId id = new_id(); // a group of one: no other process
+  assert_int_equal(gather_member(id, 1, 0, 0, 7, false, 3), 0);
+  assert_true(groups_gone());
+}
+
+void test_nccl_refusals(void **) {
+  ncclUniqueId id = new_id();
+  std::vector<int> codes = members(2, [&](int r) { return gather_member(id, 2, r, 1, 5, false, 1); });
+  assert_int_equal(codes[0], 10 + ncclInvalidUsage); // both on device 1: NCCL's duplicate GPU
+  assert_int_equal(codes[1], 10 + ncclInvalidUsage);
+  id = new_id();
+  codes = members(2, [&](int r) { return gather_member(id, 2 + r, r, r, 5, false, 1); });
+  assert_int_equal(codes[0], 10 + ncclInvalidUsage); // a group of 2 and one of 3
+  assert_int_equal(codes[1], 10 + ncclInvalidUsage);
+  id = new_id();
+  codes = members(2, [&](int r) { return gather_member(id, 2, r, r, 5, false, 1, true); });
+  assert_int_equal(codes[0], 20 + ncclInvalidUsage); // 5 floats and 6
+  assert_int_equal(codes[1], 20 + ncclInvalidUsage);
+  assert_true(groups_gone());
+
+  ncclComm_t comm;
+  id = new_id();
+  assert_int_equal(ncclCommInitRank(&comm, 1, id, 1), ncclInvalidArgument);
+  ncclUniqueId forged = {};
+  strcpy(forged.internal, "/tmp/somewhere");
+  assert_int_equal(ncclCommInitRank(&comm, 1, forged, 0), ncclInvalidArgument);
+  assert_int_equal(ncclCommInitRank(&comm, 1, id, 0), ncclSuccess);
+  float *buf = device<float>(8), host[8] = {0};
+  assert_int_equal(ncclAllGather(host, buf, 8, ncclFloat, comm, stream), ncclInvalidArgument);
+  assert_int_equal(ncclAllGather(buf, host, 8, ncclFloat, comm, stream), ncclInvalidArgument);
+  assert_int_equal(ncclAllGather(buf, buf, 9, ncclFloat, comm, stream), ncclInvalidArgument); // past recv
+  assert_int_equal(ncclAllGather(buf + 1, buf, 4, ncclFloat, comm, stream), ncclInvalidArgument); // overlap
+  assert_int_equal(ncclAllGather(buf, buf, 4, (ncclDataType_t)42, comm, stream), ncclInvalidArgument);
+  assert_int_equal(ncclAllGather(buf, buf, 8, ncclFloat, comm, stream), ncclSuccess); // in place
+  assert_int_equal(ncclCommDestroy(comm), ncclSuccess);
+  assert_int_equal(ncclAllGather(buf, buf, 8, ncclFloat, comm, stream), ncclInvalidArgument);
+  assert_int_equal(ncclCommDestroy(comm), ncclInvalidArgument);
+  assert_true(groups_gone());
+}
+
 } // namespace
 
 int main() {
+  // NCCL's groups in a directory of the tests' own, on four emulated devices
+  if (!mkdtemp(group_dir) || setenv("TMPDIR", group_dir, 1) || setenv("PALIGN_EMU_DEVICES", "4", 1))
+    return 1;
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup(test_indices, reset),
       cmocka_unit_test_setup(test_barrier_orders, reset),
@@ -662,6 +815,10 @@ int main() {
       cmocka_unit_test_setup(test_mma_truncates, reset),
       cmocka_unit_test_setup(test_accumulator_lanes, reset),
       cmocka_unit_test_setup(test_mma_refusals, reset),
+      cmocka_unit_test_setup(test_nccl_allgather, reset),
+      cmocka_unit_test_setup(test_nccl_refusals, reset),
   };
-  return cmocka_run_group_tests(tests, nullptr, nullptr);
+  const int failed = cmocka_run_group_tests(tests, nullptr, nullptr);
+  rmdir(group_dir);
+  return failed;
 }
