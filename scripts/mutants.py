@@ -56,7 +56,11 @@ def read_lists(paths):
                 sys.exit(f"mutants: {path}: [{name}] lacks {', '.join(sorted(missing))}")
             if "\n" in m["from"] or "\n" in m["to"]:
                 sys.exit(f"mutants: {path}: [{name}]: from and to are one line each")
-            m.update(name=name, list=os.path.basename(path), tests=m["tests"].split(), timeout=int(m.get("timeout", 600)))
+            try:
+                timeout = int(m.get("timeout", 600))
+            except ValueError:
+                sys.exit(f"mutants: {path}: [{name}]: timeout {m['timeout']!r} is not a number of seconds")
+            m.update(name=name, list=os.path.basename(path), tests=m["tests"].split(), timeout=timeout)
             mutants.append(m)
     return mutants
 
@@ -131,10 +135,12 @@ def main():
     bad, start = 0, time.time()
     for i, m in enumerate(mutants):
         path = os.path.join(src, m["file"])
-        text = open(path).read()
+        text = open(path).read() if os.path.isfile(path) else ""
         log = os.path.join(logs, f"{i:03d}.log")
         t0 = time.time()
-        if text.count(m["from"]) != 1:
+        if not os.path.isfile(path):
+            got = f"no longer fits: no file {m['file']}"
+        elif text.count(m["from"]) != 1:
             got = f"no longer fits: `from` occurs {text.count(m['from'])} times in {m['file']}"
         else:
             with open(path, "w") as f:

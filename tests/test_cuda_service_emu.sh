@@ -24,6 +24,7 @@
 #   5. PALIGN_CUDA_ATTENTION naming no kernel is an error for --backend auto
 #      too (a device that cannot be used as asked is no machine without one),
 #      naming the variable; a kernel it names runs, and so does an empty one.
+# KEEP=1 keeps the scratch directory (its path printed) for a look after.
 # Exit 0 when every check passed, 1 otherwise, 77 (skipped) without mpirun,
 # the PAPI data or the emulated module.
 set -euo pipefail
@@ -44,6 +45,7 @@ command -v mpirun >/dev/null || skip "no mpirun"
 [ -f "$PAPI/Test-set.json" ] || skip "no PAPI data at $PAPI"
 [ -f "$MODULE" ] || skip "no emulated CUDA module at $MODULE"
 
+unset PALIGN_NCCL PALIGN_EMU_DEVICES # each run below sets its own
 S=$(mktemp -d /tmp/palign-cudaemu-XXXXXX)
 [ -n "${KEEP:-}" ] && echo "keeping $S"
 [ -n "${KEEP:-}" ] || trap 'rm -rf "$S"' EXIT
@@ -66,7 +68,7 @@ worker() {
 worker 3 3 "$S/worker.log" --store "$S/store" --methods none,pas_only --alphas 0,4 --backend cuda
 grep -q "computed by 3 worker(s) .*gathered over NCCL" "$S/worker.log" ||
   fail "the bank did not go over NCCL: $(grep -i -e bank -e nccl "$S/worker.log")"
-ls "$S" | grep -q palign-nccl && fail "NCCL's emulation left its group behind: $(ls "$S")"
+! compgen -G "$S/palign-nccl-*" >/dev/null || fail "NCCL's emulation left its group behind: $(ls "$S")"
 
 "$BUILD/palign" query "$S/store" summary >"$S/summary.txt" 2>&1 || fail "query summary: $(cat "$S/summary.txt")"
 grep -q "weights bf16" "$S/summary.txt" || fail "the store's settings: $(grep settings "$S/summary.txt")"
