@@ -76,6 +76,10 @@ def run(cmd, log, timeout=None):
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             return None
+        except KeyboardInterrupt:  # its own session does not get the terminal's ^C: stop it too
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            raise
 
 
 def sync_tree(src):
@@ -164,4 +168,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the mutated file is put back, and what ran stopped
+        sys.exit("mutants: stopped")

@@ -41,6 +41,7 @@
 //    outside the group, an id NCCL did not make, host memory, a recv too
 //    small, send overlapping recv other than in place, and a destroyed
 //    communicator are refused.
+#include <dirent.h>
 #include <float.h>
 #include <math.h>
 #include <setjmp.h>
@@ -683,8 +684,14 @@ char group_dir[] = "/tmp/palign-test-nccl-XXXXXX"; // TMPDIR while the tests run
 
 // Whether the groups left nothing in group_dir.
 bool groups_gone() {
-  const std::string ls = std::string("ls -A ") + group_dir + " | grep -q .";
-  return system(ls.c_str()) != 0;
+  DIR *d = opendir(group_dir);
+  bool empty = d != nullptr;
+  while (const dirent *e = d ? readdir(d) : nullptr)
+    if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+      empty = false;
+  if (d)
+    closedir(d);
+  return empty;
 }
 
 // Runs body(rank) in n forked processes; each one's exit status, 99 where it did not exit.
