@@ -3,7 +3,8 @@
  * Every pointer an operation takes is device memory from the backend's
  * alloc (upload and download move data across); the operations run on one
  * stream of the device pa_cuda_select chose and return without waiting, so
- * a sequence of them runs back to back; download waits for them. Matrix
+ * a sequence of them runs back to back; upload queues its copy from a ring
+ * of pinned memory without waiting either, and download waits for them. Matrix
  * products are cuBLAS SGEMMs with fp32 inputs, fp32 accumulation and no
  * TF32 (the CPU reference's precision), and with bf16 weights cublasGemmEx
  * on bf16 operands (x rounded by a kernel into a buffer the backend keeps)
@@ -52,6 +53,13 @@ const pa_backend *pa_backend_cuda(void);
  * does. Read from PALIGN_CUDA_ATTENTION when a device is selected. 0, or
  * -1 for another name (pa_cuda_error says so). */
 int pa_cuda_attention_kernel(const char *name);
+
+/* The times this process has waited for the device: for a download, for
+ * status(), for a collective, and for a staging chunk the device had not yet
+ * read (uploads go through a ring of pinned memory and do not wait
+ * otherwise). A forward pass waits once for each download and once for its
+ * status, however many layers it has (tests/test_cuda_forward.c). */
+unsigned long pa_cuda_host_waits(void);
 
 /* The last CUDA or cuBLAS error of this process, as text ("" if none). */
 const char *pa_cuda_error(void);

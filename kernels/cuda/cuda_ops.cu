@@ -77,6 +77,108 @@ void launched(const char *what) { check(cudaGetLastError(), what); }
 
 unsigned blocks(size_t n) { return (unsigned)((n + kBlock - 1) / kBlock); }
 
+// ---- the host's waits, and copies to the device through pinned memory -----------------
+//
+// The host waits for the stream only where it must: a download (its data),
+// status() (its errors), a collective, and a staging chunk still being read
+// (below). host_waits counts them (pa_cuda_host_waits), so the tests can
+// hold a forward pass to one wait per download and one for its status.
+unsigned long host_waits;
+
+bool wait_stream(const char *what) {
+  host_waits++;
+  return check(cudaStreamSynchronize(stream), what);
+}
+
+// Every upload goes through a ring of pinned host memory: the source is
+// copied into the ring and the copy to the device queued from there, so
+// the caller may reuse the source at once and the host does not wait for
+// the stream (a forward pass's tokens and each layer's attention tables
+// are queued behind the work before them). The ring is kStageChunks chunks;
+// leaving a chunk records an event, and a chunk is written again only
+// after its event, a wait only when the device is a whole ring behind. An
+// upload larger than a chunk goes through chunk by chunk. Where pinned
+// memory cannot be had, uploads are pageable copies, each waited for. The
+// tests' build makes the chunks small (PA_STAGE_CHUNK) so that the ring
+// turns over in every test.
+#ifdef PA_STAGE_CHUNK
+constexpr size_t kStageChunk = PA_STAGE_CHUNK;
+#else
+constexpr size_t kStageChunk = 4 << 20;
+#endif
+constexpr int kStageChunks = 4;
+constexpr size_t kStageAlign = 256;   // each copy's start in a chunk
+char *stage;                          // kStageChunks chunks of kStageChunk bytes, pinned; null without
+cudaEvent_t stage_read[kStageChunks]; // recorded when the ring leaves the chunk: its copies are queued before it
+int stage_at;                         // the chunk being filled
+size_t stage_used;                    // its bytes taken
+
+// The ring and its events (false, and no ring, where they cannot be had).
+bool stage_open() {
+  if (cudaHostAlloc((void **)&stage, kStageChunks * kStageChunk, cudaHostAllocDefault) != cudaSuccess) {
+    cudaGetLastError();
+    stage = nullptr;
+    return false;
+  }
+  for (int c = 0; c < kStageChunks; c++)
+    if (cudaEventCreateWithFlags(&stage_read[c], cudaEventDisableTiming) != cudaSuccess) {
+      cudaGetLastError();
+      while (c-- > 0)
+        cudaEventDestroy(stage_read[c]);
+      cudaFreeHost(stage);
+      stage = nullptr;
+      return false;
+    }
+  stage_at = 0, stage_used = 0;
+  return true;
+}
+
+void stage_close() {
+  if (!stage)
+    return;
+  for (int c = 0; c < kStageChunks; c++)
+    cudaEventDestroy(stage_read[c]);
+  cudaFreeHost(stage); // waits for the copies still reading it
+  stage = nullptr;
+}
+
+// Moves the ring to its next chunk, waiting until the copies queued from
+// it the last time round have read it.
+bool stage_turn() {
+  if (!check(cudaEventRecord(stage_read[stage_at], stream), "upload: the staging event"))
+    return false;
+  stage_at = (stage_at + 1) % kStageChunks, stage_used = 0;
+  const cudaError_t e = cudaEventQuery(stage_read[stage_at]);
+  if (e == cudaSuccess)
+    return true;
+  if (e != cudaErrorNotReady)
+    return check(e, "upload: the staging event");
+  cudaGetLastError(); // "not ready" is no error, and must not pass for one at the next launch
+  host_waits++;
+  return check(cudaEventSynchronize(stage_read[stage_at]), "upload: the staging event");
+}
+
+// Queues a copy of bytes from host src to device dst; src may be reused at once.
+void stage_copy(void *dst, const void *src, size_t bytes, const char *what) {
+  if (!stage) {
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), what);
+    wait_stream(what); // the source may be reused on return
+    return;
+  }
+  for (size_t off = 0; off < bytes;) {
+    if (stage_used == kStageChunk && !stage_turn())
+      return;
+    const size_t n = bytes - off < kStageChunk - stage_used ? bytes - off : kStageChunk - stage_used;
+    char *at = stage + (size_t)stage_at * kStageChunk + stage_used;
+    memcpy(at, (const char *)src + off, n);
+    if (!check(cudaMemcpyAsync((char *)dst + off, at, n, cudaMemcpyHostToDevice, stream), what))
+      return;
+    off += n;
+    stage_used += (n + kStageAlign - 1) / kStageAlign * kStageAlign;
+    stage_used = stage_used < kStageChunk ? stage_used : kStageChunk;
+  }
+}
+
 // ---- elementwise and row kernels ---------------------------------------------------
 
 __global__ void k_rmsnorm(int D, const float *x, const float *w, float eps, float *y) {
@@ -274,18 +376,6 @@ __global__ void k_attention(int n_heads, int n_kv_heads, int hd, const float *q,
   }
 }
 
-// Each new token's keys and values (a row of k_new, v_new) into its
-// sequence's cache at its position: one block per row.
-__global__ void k_store_new(int n_kv_heads, int hd, const float *k_new, const float *v_new, const row_desc *rows) {
-  const row_desc r = rows[blockIdx.x];
-  const int width = n_kv_heads * hd, pos = r.n_own - 1;
-  for (int t = threadIdx.x; t < width; t += blockDim.x) {
-    const size_t dst = ((size_t)(t / hd) * r.stride + pos) * hd + t % hd, src = (size_t)r.row * width + t;
-    r.k_own[dst] = k_new[src];
-    r.v_own[dst] = v_new[src];
-  }
-}
-
 // The tiled attention: a block takes kTileQ consecutive query rows of one
 // sequence and one head, and walks their keys kTileK at a time, each key
 // tile read once from global memory (coalesced, a key's head_dim floats
@@ -312,6 +402,22 @@ struct tile_desc {
   int n_rows; // 1 .. kTileQ
   int row;    // the first row of q and z
 };
+
+// Each new token's keys and values (a row of k_new, v_new) into its
+// sequence's cache at its position: one block per tile of rows.
+__global__ void k_store_new(int n_kv_heads, int hd, const float *k_new, const float *v_new, const tile_desc *tiles) {
+  const tile_desc tl = tiles[blockIdx.x];
+  const int width = n_kv_heads * hd;
+  for (int i = 0; i < tl.n_rows; i++) {
+    const int pos = tl.n_own0 - 1 + i;
+    const float *kn = k_new + (size_t)(tl.row + i) * width, *vn = v_new + (size_t)(tl.row + i) * width;
+    for (int t = threadIdx.x; t < width; t += blockDim.x) {
+      const size_t dst = ((size_t)(t / hd) * tl.stride + pos) * hd + t % hd;
+      tl.k_own[dst] = kn[t];
+      tl.v_own[dst] = vn[t];
+    }
+  }
+}
 
 // Shared memory of k_attention_tiled, in floats, for head dimension hd: q
 // [kTileQ][hd] (scaled), k [kTileK][hd + 1] (padded: the score threads read
@@ -837,8 +943,7 @@ const train_row *train_upload(const pa_attn_train_args *a, int rows, int *max_ke
       *max_keys = a->prefix_len + t + 1 > *max_keys ? a->prefix_len + t + 1 : *max_keys;
     }
   }
-  check(cudaMemcpyAsync(train_dev, host, bytes, cudaMemcpyHostToDevice, stream), "attention_train: upload");
-  check(cudaStreamSynchronize(stream), "attention_train: upload");
+  stage_copy(train_dev, host, bytes, "attention_train: upload");
   free(host);
   *row0 = (const int *)((train_row *)train_dev + rows);
   *len = *row0 + a->n_seqs;
@@ -1102,44 +1207,40 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   if (!n_rows)
     return;
   const attention_kernel kernel = attention_for(a->head_dim);
-  const bool tiled = kernel != kAttnSimple; // the tensor cores' kernel takes the tiled one's tiles
-  // the rows (for the new keys' store and the simple kernel), then the tiles, uploaded with one wait
-  row_desc *host = (row_desc *)malloc(n_rows * sizeof(row_desc) + n_tiles * sizeof(tile_desc));
-  if (!host) {
-    failed("attention: no host memory for %zu row descriptors", n_rows);
+  const bool rows_used = kernel == kAttnSimple; // the others, and the new keys' store, take tiles
+  // the tiles, then (for the simple kernel) the rows, staged: no wait
+  tile_desc *host_tiles =
+      (tile_desc *)malloc(n_tiles * sizeof(tile_desc) + (rows_used ? n_rows * sizeof(row_desc) : 0));
+  if (!host_tiles) {
+    failed("attention: no host memory for %zu tile descriptors", n_tiles);
     return;
   }
-  tile_desc *host_tiles = (tile_desc *)(host + n_rows);
+  row_desc *host_rows = (row_desc *)(host_tiles + n_tiles);
   size_t k = 0, t = 0;
   for (int i = 0; i < a->n_seqs; i++) {
     const pa_attn_seq *s = &a->seqs[i];
-    for (int j = 0; j < s->n; j++)
-      host[k++] = row_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->row0 + j};
+    for (int j = 0; rows_used && j < s->n; j++)
+      host_rows[k++] = row_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->row0 + j};
     for (int j = s->n > 0 ? (s->n - 1) / kTileQ * kTileQ : -1; j >= 0; j -= kTileQ) // the longest first: no tail
       host_tiles[t++] =
           tile_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->n - j < kTileQ ? s->n - j : kTileQ, s->row0 + j};
   }
-  const bool rows_used = !tiled || a->k_new; // the row descriptors serve the store and the simple kernel
   const bool placed =
-      (!rows_used || reserve((void **)&desc_dev, &desc_cap, n_rows * sizeof(row_desc), "attention: row descriptors")) &&
-      (!tiled || reserve((void **)&tile_dev, &tile_cap, n_tiles * sizeof(tile_desc), "attention: tile descriptors"));
+      reserve((void **)&tile_dev, &tile_cap, n_tiles * sizeof(tile_desc), "attention: tile descriptors") &&
+      (!rows_used || reserve((void **)&desc_dev, &desc_cap, n_rows * sizeof(row_desc), "attention: row descriptors"));
   if (placed) {
+    stage_copy(tile_dev, host_tiles, n_tiles * sizeof(tile_desc), "attention: upload");
     if (rows_used)
-      check(cudaMemcpyAsync(desc_dev, host, n_rows * sizeof(row_desc), cudaMemcpyHostToDevice, stream),
-            "attention: upload");
-    if (tiled)
-      check(cudaMemcpyAsync(tile_dev, host_tiles, n_tiles * sizeof(tile_desc), cudaMemcpyHostToDevice, stream),
-            "attention: upload");
-    check(cudaStreamSynchronize(stream), "attention: upload"); /* host may be freed now */
+      stage_copy(desc_dev, host_rows, n_rows * sizeof(row_desc), "attention: upload");
   }
-  free(host);
+  free(host_tiles);
   if (!placed)
     return;
   const size_t shared = ((size_t)max_keys + kBlock) * sizeof(float);
-  if (!tiled && !shared_for((const void *)k_attention, kShAttention, shared, "attention", max_keys))
+  if (rows_used && !shared_for((const void *)k_attention, kShAttention, shared, "attention", max_keys))
     return;
   if (a->k_new)
-    PA_LAUNCH(k_store_new, (unsigned)n_rows, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, desc_dev);
+    PA_LAUNCH(k_store_new, (unsigned)n_tiles, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, tile_dev);
   if (kernel == kAttnMma) {
     const int group = a->n_heads / a->n_kv_heads, warps = mma_warps(group), chunks = (group + warps - 1) / warps;
     const size_t bytes = mma_shared_floats(a->head_dim, warps) * sizeof(float);
@@ -1147,7 +1248,7 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
       PA_LAUNCH(k_attention_mma, dim3((unsigned)n_tiles, (unsigned)(a->n_kv_heads * chunks)), 32 * warps, bytes)(
           a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len,
           a->prefix_stride, tile_dev);
-  } else if (tiled)
+  } else if (kernel == kAttnTiled)
     PA_LAUNCH(k_attention_tiled, dim3((unsigned)n_tiles, (unsigned)a->n_heads), kTiledThreads,
               tiled_shared_floats(a->head_dim) * sizeof(float))(a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z,
                                                                 a->k_prefix, a->v_prefix, a->prefix_len,
@@ -1176,14 +1277,11 @@ void cu_release(void *p) {
     check(cudaFree(p), "free");
 }
 
-void cu_upload(void *dst, const void *src, size_t bytes) {
-  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), "upload");
-  check(cudaStreamSynchronize(stream), "upload"); /* the caller may reuse src at once */
-}
+void cu_upload(void *dst, const void *src, size_t bytes) { stage_copy(dst, src, bytes, "upload"); }
 
 void cu_download(void *dst, const void *src, size_t bytes) {
   check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream), "download");
-  check(cudaStreamSynchronize(stream), "download");
+  wait_stream("download");
 }
 
 void cu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height) {
@@ -1225,7 +1323,7 @@ int cu_group_join(const void *id, int n, int rank, pa_group **out) {
 
 int cu_group_allgather(pa_group *g, const float *send, size_t count, float *recv) {
   if (!check_nccl(ncclAllGather(send, recv, count, ncclFloat, (ncclComm_t)g, stream), "ncclAllGather") ||
-      !check(cudaStreamSynchronize(stream), "ncclAllGather"))
+      !wait_stream("ncclAllGather"))
     return -1;
   return 0;
 }
@@ -1246,7 +1344,7 @@ void (*const cu_group_leave)(pa_group *) = nullptr;
 const char *cu_error() { return last_error; }
 
 int cu_status() {
-  check(cudaStreamSynchronize(stream), "the queued operations");
+  wait_stream("the queued operations");
   const bool f = op_failed;
   op_failed = false;
   return f ? -1 : 0;
@@ -1331,6 +1429,7 @@ int pa_cuda_select(int device) {
   if (ready && device == device_used)
     return 0;
   if (ready) {
+    stage_close();
     cublasDestroy(blas);
     cublasDestroy(blas16);
     cudaStreamDestroy(stream);
@@ -1358,6 +1457,7 @@ int pa_cuda_select(int device) {
       !check_blas(cublasCreate(&blas16), "cublasCreate") ||
       !check_blas(cublasSetStream(blas16, stream), "cublasSetStream"))
     return -1;
+  stage_open(); // without it, uploads wait for their copies
   device_used = device, ready = true, op_failed = false;
   return 0;
 }
@@ -1369,6 +1469,8 @@ const pa_backend *pa_backend_cuda(void) {
 }
 
 const char *pa_cuda_error(void) { return last_error; }
+
+unsigned long pa_cuda_host_waits(void) { return host_waits; }
 
 int pa_cuda_attention_kernel(const char *name) {
   for (int k = 0; k < (int)(sizeof kAttentionNames / sizeof *kAttentionNames); k++)

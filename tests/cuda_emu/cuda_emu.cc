@@ -24,6 +24,13 @@ struct emu_blas {
   cublasMath_t math;
 };
 
+// An event: recorded counts its cudaEventRecord calls, reached the last of
+// them the stream has run (it is complete when the two agree).
+struct emu_event {
+  uint64_t id;
+  uint64_t recorded, reached;
+};
+
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
 
@@ -43,6 +50,10 @@ std::map<uintptr_t, size_t> &allocations = *new std::map<uintptr_t, size_t>;
 std::set<cudaStream_t> &streams = *new std::set<cudaStream_t>;
 std::set<cublasHandle_t> &handles = *new std::set<cublasHandle_t>;
 std::map<const void *, int> &shared_allowed = *new std::map<const void *, int>; // cudaFuncSetAttribute's, per kernel
+std::map<uintptr_t, size_t> &pinned = *new std::map<uintptr_t, size_t>;         // cudaHostAlloc's
+std::vector<std::function<void()>> &queued = *new std::vector<std::function<void()>>; // the stream's work, in order
+std::map<uint64_t, emu_event *> &events = *new std::map<uint64_t, emu_event *>;       // by id, never reused
+uint64_t last_event_id = 0;
 uint64_t order_seed = 0x9E3779B97F4A7C15ull;
 
 int device = 0; // cudaSetDevice's
@@ -78,15 +89,18 @@ cudaError_t kernel_fault(cudaError_t e) {
   return error(e);
 }
 
-// Whether [p, p + bytes) lies inside one device allocation.
-bool in_device(const void *p, size_t bytes) {
-  auto it = allocations.upper_bound((uintptr_t)p);
-  if (it == allocations.begin())
+// Whether [p, p + bytes) lies inside one of the allocations of m.
+bool inside(const std::map<uintptr_t, size_t> &m, const void *p, size_t bytes) {
+  auto it = m.upper_bound((uintptr_t)p);
+  if (it == m.begin())
     return false;
   --it;
   const uintptr_t off = (uintptr_t)p - it->first;
   return off <= it->second && bytes <= it->second - off;
 }
+
+bool in_device(const void *p, size_t bytes) { return inside(allocations, p, bytes); }
+bool in_pinned(const void *p, size_t bytes) { return inside(pinned, p, bytes); }
 
 bool is_device(const void *p) { return in_device(p, 0); }
 
@@ -439,6 +453,18 @@ void run_grid(const char *name, dim3 grid, dim3 block, size_t shared, void (*bod
     kernel_fault(cudaErrorLaunchFailure);
 }
 
+void enqueue(std::function<void()> op) { queued.push_back(std::move(op)); }
+
+void run_queued() {
+  std::vector<std::function<void()>> ops;
+  ops.swap(queued);
+  for (const auto &op : ops) {
+    if (fault)
+      break;
+    op();
+  }
+}
+
 bool device_range(const void *p, size_t bytes) { return in_device(p, bytes); }
 bool stream_valid(cudaStream_t s) { return stream_ok(s); }
 cudaError_t pending_fault() { return fault; }
@@ -502,9 +528,10 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-  if (fault)
-    return fault;
-  return stream_ok(s) ? cudaSuccess : error(cudaErrorInvalidResourceHandle);
+  if (!stream_ok(s))
+    return error(cudaErrorInvalidResourceHandle);
+  emu::run_queued();
+  return fault;
 }
 
 cudaError_t cudaMalloc(void **p, size_t bytes) {
@@ -523,6 +550,7 @@ cudaError_t cudaMalloc(void **p, size_t bytes) {
 cudaError_t cudaFree(void *p) {
   if (!p)
     return cudaSuccess;
+  emu::run_queued(); // as CUDA's, which waits for the device's work first
   auto it = allocations.find((uintptr_t)p);
   if (it == allocations.end()) {
     report("cudaFree: %p is not the start of a device allocation", p);
@@ -533,11 +561,117 @@ cudaError_t cudaFree(void *p) {
   return fault ? fault : cudaSuccess;
 }
 
+cudaError_t cudaHostAlloc(void **p, size_t bytes, unsigned flags) {
+  *p = nullptr;
+  if (fault)
+    return fault;
+  if (flags != cudaHostAllocDefault)
+    return error(cudaErrorInvalidValue);
+  void *m = aligned_alloc(4096, (bytes / 4096 + 1) * 4096); // page-locked memory is whole pages
+  if (!m)
+    return error(cudaErrorMemoryAllocation);
+  memset(m, 0xFF, bytes);
+  pinned[(uintptr_t)m] = bytes;
+  *p = m;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFreeHost(void *p) {
+  if (!p)
+    return cudaSuccess;
+  emu::run_queued();
+  auto it = pinned.find((uintptr_t)p);
+  if (it == pinned.end()) {
+    report("cudaFreeHost: %p is not the start of memory cudaHostAlloc gave", p);
+    return error(cudaErrorInvalidValue);
+  }
+  pinned.erase(it);
+  free(p);
+  return fault;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
+  if (flags & ~cudaEventDisableTiming)
+    return error(cudaErrorInvalidValue);
+  *e = new emu_event{++last_event_id, 0, 0};
+  events[(*e)->id] = *e;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  if (!e || !events.erase(e->id))
+    return error(cudaErrorInvalidResourceHandle);
+  delete e; // a record still queued finds no event by its id, and does nothing
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+  if (!e || !events.count(e->id) || !stream_ok(s))
+    return error(cudaErrorInvalidResourceHandle);
+  if (fault)
+    return fault;
+  emu::enqueue([id = e->id, n = ++e->recorded] {
+    const auto it = events.find(id);
+    if (it != events.end())
+      it->second->reached = n;
+  });
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventQuery(cudaEvent_t e) {
+  if (!e || !events.count(e->id))
+    return error(cudaErrorInvalidResourceHandle);
+  if (fault)
+    return fault;
+  return e->reached == e->recorded ? cudaSuccess : cudaErrorNotReady; // not an error: not kept for cudaGetLastError
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  if (!e || !events.count(e->id))
+    return error(cudaErrorInvalidResourceHandle);
+  emu::run_queued(); // all of the stream: a GPU may have run past the event too
+  return fault;
+}
+
+namespace {
+
+// A checked copy of height rows of width bytes, run when CUDA would run it:
+// into pageable host memory and between host buffers at once, after what
+// the stream holds (the call returns when the copy is done); from pageable
+// host memory queued with its source taken now (CUDA stages it); everything
+// else (device to device, from or into pinned memory) queued as it is.
+cudaError_t copy(const char *call, void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
+                 size_t height, cudaMemcpyKind kind, cudaStream_t s) {
+  const size_t dst_bytes = height ? dpitch * (height - 1) + width : 0,
+               src_bytes = height ? spitch * (height - 1) + width : 0;
+  const cudaError_t e = copy_sides(call, dst, dst_bytes, src, src_bytes, kind, s);
+  if (e != cudaSuccess || !width || !height)
+    return e;
+  auto rows = [=](void *to, size_t to_pitch, const void *from, size_t from_pitch) {
+    for (size_t r = 0; r < height; r++)
+      memmove((char *)to + r * to_pitch, (const char *)from + r * from_pitch, width);
+  };
+  const bool to_host = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyHostToHost;
+  const bool from_host = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyHostToHost;
+  if (to_host && (kind == cudaMemcpyHostToHost || !in_pinned(dst, dst_bytes))) {
+    emu::run_queued();
+    if (fault)
+      return fault;
+    rows(dst, dpitch, src, spitch);
+  } else if (from_host && !in_pinned(src, src_bytes)) {
+    std::vector<char> staged(width * height);
+    rows(staged.data(), width, src, spitch);
+    emu::enqueue([=, staged = std::move(staged)] { rows(dst, dpitch, staged.data(), width); });
+  } else {
+    emu::enqueue([=] { rows(dst, dpitch, src, spitch); });
+  }
+  return cudaSuccess;
+}
+
+} // namespace
+
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s) {
-  const cudaError_t e = copy_sides("cudaMemcpyAsync", dst, bytes, src, bytes, kind, s);
-  if (e == cudaSuccess && bytes)
-    memmove(dst, src, bytes);
-  return e;
+  return copy("cudaMemcpyAsync", dst, bytes, src, bytes, bytes, 1, kind, s);
 }
 
 cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
@@ -546,12 +680,7 @@ cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t 
     report("cudaMemcpy2DAsync: width %zu over a pitch (%zu, %zu)", width, dpitch, spitch);
     return error(cudaErrorInvalidValue);
   }
-  const size_t dst_bytes = height ? dpitch * (height - 1) + width : 0, src_bytes = height ? spitch * (height - 1) + width : 0;
-  const cudaError_t e = copy_sides("cudaMemcpy2DAsync", dst, dst_bytes, src, src_bytes, kind, s);
-  if (e == cudaSuccess)
-    for (size_t r = 0; r < height; r++)
-      memmove((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
-  return e;
+  return copy("cudaMemcpy2DAsync", dst, dpitch, src, spitch, width, height, kind, s);
 }
 
 cudaError_t cudaFuncSetAttribute(const void *kernel, cudaFuncAttribute attr, int value) {
@@ -565,9 +694,16 @@ cudaError_t cudaFuncSetAttribute(const void *kernel, cudaFuncAttribute attr, int
 }
 
 cudaError_t cudaDeviceReset() {
+  queued.clear(); // the device's work is dropped with its memory
   for (const auto &a : allocations)
     free((void *)a.first);
   allocations.clear();
+  for (const auto &a : pinned)
+    free((void *)a.first);
+  pinned.clear();
+  for (const auto &ev : events)
+    delete ev.second;
+  events.clear();
   for (cudaStream_t st : streams)
     delete reinterpret_cast<char *>(st);
   streams.clear();
@@ -596,6 +732,7 @@ const char *cudaGetErrorString(cudaError_t e) {
   case cudaErrorNoDevice: return "no CUDA-capable device is detected";
   case cudaErrorInvalidDevice: return "invalid device ordinal";
   case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+  case cudaErrorNotReady: return "device not ready";
   case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
   case cudaErrorMisalignedAddress: return "misaligned address";
   case cudaErrorLaunchFailure: return "unspecified launch failure";
@@ -733,7 +870,7 @@ cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperati
       gemm_args("cublasSgemm", h, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, sizeof(float));
   if (s != CUBLAS_STATUS_SUCCESS || !m || !n)
     return s;
-  sgemm(ta, tb, m, n, k, *alpha, A, lda, B, ldb, *beta, C, ldc);
+  emu::enqueue([=, a = *alpha, b = *beta] { sgemm(ta, tb, m, n, k, a, A, lda, B, ldb, b, C, ldc); });
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -752,13 +889,16 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
   const cublasStatus_t s = gemm_args("cublasGemmEx", h, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, elem);
   if (s != CUBLAS_STATUS_SUCCESS || !m || !n)
     return s;
+  // alpha and beta are read now (the host pointer mode), the operands when the stream runs
   const float a = *static_cast<const float *>(alpha), b = *static_cast<const float *>(beta);
   float *c = static_cast<float *>(C);
-  if (Atype == CUDA_R_32F) {
-    sgemm(ta, tb, m, n, k, a, static_cast<const float *>(A), lda, static_cast<const float *>(B), ldb, b, c, ldc);
-  } else {
-    const std::vector<float> a32 = widened(ta, m, k, A, lda), b32 = widened(tb, k, n, B, ldb);
-    sgemm(ta, tb, m, n, k, a, a32.data(), lda, b32.data(), ldb, b, c, ldc);
-  }
+  emu::enqueue([=] {
+    if (Atype == CUDA_R_32F) {
+      sgemm(ta, tb, m, n, k, a, static_cast<const float *>(A), lda, static_cast<const float *>(B), ldb, b, c, ldc);
+    } else {
+      const std::vector<float> a32 = widened(ta, m, k, A, lda), b32 = widened(tb, k, n, B, ldb);
+      sgemm(ta, tb, m, n, k, a, a32.data(), lda, b32.data(), ldb, b, c, ldc);
+    }
+  });
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -30,8 +30,15 @@
 //    static __shared__ array is a static here and keeps what the last block
 //    left (cuda_ops.cu's kernels write theirs whole before reading them).
 //    A kernel's pointer arguments must all be device memory, used or not.
-//  - one stream, run at once: the asynchronous calls complete before they
-//    return, so a hazard between the host and queued work is not seen.
+//  - one stream, run as late as CUDA allows: kernels, cuBLAS's products,
+//    copies between device buffers and copies from pinned host memory
+//    (cudaHostAlloc) are queued and run, in order, only when the host waits
+//    for them (cudaStreamSynchronize, cudaEventSynchronize, a copy into
+//    pageable host memory, cudaFree, cudaFreeHost, an NCCL collective). A
+//    copy from pageable memory takes its source when it is called, as
+//    CUDA's staging does. So a host that reuses pinned memory before the
+//    stream has read it, or reads a result it did not wait for, sees the
+//    wrong data. A kernel's fault shows when the host waits, as on a GPU.
 //  - cuBLAS's column-major products through OpenBLAS (its sgemm, on fp32
 //    copies of bf16 operands, which are exact), with cuBLAS's checks of the
 //    arguments.
@@ -44,7 +51,8 @@
 //    (nccl_emu.cc), refusing what NCCL would refuse or get wrong: two
 //    members on one device, members disagreeing on the group's size or the
 //    count, buffers outside device memory.
-// What it cannot show: speed, warp-level behaviour other than the matrix
+// What it cannot show: speed, a GPU running work sooner than the emulation
+// does (legal, and harmless to code that waits), warp-level behaviour other than the matrix
 // functions' (cuda_ops.cu uses no other), races inside a stretch between
 // barriers finer than a whole thread's run, and cuBLAS's and the tensor
 // cores' own order of sums.
@@ -59,6 +67,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <functional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -116,6 +125,7 @@ enum cudaError_t {
   cudaErrorNoDevice = 100,
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
+  cudaErrorNotReady = 600,
   cudaErrorIllegalAddress = 700,
   cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
@@ -129,6 +139,9 @@ enum cudaMemcpyKind {
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 typedef struct emu_stream *cudaStream_t;
+typedef struct emu_event *cudaEvent_t;
+#define cudaEventDisableTiming 0x02u
+#define cudaHostAllocDefault   0x00u
 
 cudaError_t cudaGetDeviceCount(int *n);
 cudaError_t cudaSetDevice(int device);
@@ -140,12 +153,20 @@ cudaError_t cudaStreamDestroy(cudaStream_t s);
 cudaError_t cudaStreamSynchronize(cudaStream_t s);
 cudaError_t cudaMalloc(void **p, size_t bytes);
 template <class T> cudaError_t cudaMalloc(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
-cudaError_t cudaFree(void *p);
+cudaError_t cudaFree(void *p);                                     // waits for the stream first, as CUDA's does
+cudaError_t cudaHostAlloc(void **p, size_t bytes, unsigned flags); // pinned host memory
+cudaError_t cudaFreeHost(void *p);                                 // waits for the stream first
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s);
+cudaError_t cudaEventQuery(cudaEvent_t e); // cudaErrorNotReady until the stream has run up to it
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s);
 cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind kind, cudaStream_t s);
 cudaError_t cudaFuncSetAttribute(const void *kernel, cudaFuncAttribute attr, int value);
-cudaError_t cudaDeviceReset(); // ends the device's state: allocations, streams, handles, a fault
+cudaError_t
+cudaDeviceReset(); // ends the device's state: allocations (pinned too), streams, events, handles, queued work, a fault
 cudaError_t cudaGetLastError();
 const char *cudaGetErrorString(cudaError_t e);
 
@@ -228,6 +249,11 @@ cudaError_t pending_fault();
 int current_device();
 // An error's detail, on standard error after "cuda emulation: ".
 __attribute__((format(printf, 1, 2))) void report(const char *fmt, ...);
+// Queues op on the stream, to run when the host next waits for it.
+void enqueue(std::function<void()> op);
+// Runs what the stream holds (the host waits for it); after a fault the
+// rest is dropped, as a GPU's context drops it.
+void run_queued();
 
 } // namespace emu
 
@@ -266,8 +292,11 @@ template <class... P> struct launcher {
     if (!launch_ok((const void *)kernel, name, grid, block, shared, stream) ||
         !check(args, std::index_sequence_for<P...>{}))
       return;
-    auto body = [&] { std::apply(kernel, args); };
-    run_grid(name, grid, block, shared, [](void *c) { (*static_cast<decltype(body) *>(c))(); }, &body);
+    enqueue([kernel = kernel, name = name, grid = grid, block = block, shared = shared, args] {
+      auto body = [&] { std::apply(kernel, args); };
+      run_grid(
+          name, grid, block, shared, [](void *c) { (*static_cast<decltype(body) *>(c))(); }, &body);
+    });
   }
 
   template <class Tuple, size_t... I> bool check(const Tuple &args, std::index_sequence<I...>) const {

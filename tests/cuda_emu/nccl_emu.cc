@@ -25,8 +25,9 @@
 // waits over 10 minutes for the others fails with ncclSystemError (NCCL
 // would wait for ever).
 //
-// It is not fast: every byte goes through a file. Streams are run at once,
-// as the rest of the emulation's are.
+// It is not fast: every byte goes through a file. A gather runs when it is
+// called, after the work its stream holds (as if the host had waited for
+// the stream): a legal order of NCCL's, which queues it on the stream.
 #include "cuda_emu.h"
 
 #include <dirent.h>
@@ -266,6 +267,9 @@ ncclResult_t ncclAllGather(const void *send, void *recv, size_t count, ncclDataT
                 bytes * c->n);
     return ncclInvalidArgument;
   }
+  emu::run_queued(); // what computes send, before it is sent
+  if (emu::pending_fault())
+    return ncclUnhandledCudaError;
   const char *in = static_cast<const char *>(send);
   char *to = static_cast<char *>(recv);
   if (in + bytes > to && in < to + bytes * c->n && in != to + bytes * c->rank) {

@@ -13,6 +13,10 @@
 //    an allocation, a block of 1,025 threads, and dynamic shared memory over
 //    what the kernel was allowed are refused;
 //  - device and dynamic shared memory start as NaN;
+//  - the stream runs its work only when the host waits for it: a copy from
+//    pinned memory reads it then, one into pinned memory writes it then, an
+//    event is not ready before; a copy from pageable memory takes its
+//    source at the call, one into it runs the queue first; cudaFree waits;
 //  - cuBLAS's products, all four transpose combinations, with leading
 //    dimensions larger than the rows and beta 0 over NaN, fp32 and bf16,
 //    against a plain loop over the column-major definition, in double;
@@ -248,9 +252,10 @@ void test_barrier_orders(void **) {
 void test_divergent_barrier(void **) {
   int *d = device<int>(64);
   PA_LAUNCH(k_divergent, 1, 64, 0)(d);
-  assert_int_equal(cudaGetLastError(), cudaErrorLaunchFailure);
-  assert_int_equal(cudaStreamSynchronize(stream), cudaErrorLaunchFailure); // a fault stays
-  assert_int_equal(cudaGetLastError(), cudaErrorLaunchFailure);
+  assert_int_equal(cudaGetLastError(), cudaSuccess); // launched; it runs, and faults, when the host waits
+  assert_int_equal(cudaStreamSynchronize(stream), cudaErrorLaunchFailure);
+  assert_int_equal(cudaGetLastError(), cudaErrorLaunchFailure); // a fault stays
+  assert_int_equal(cudaStreamSynchronize(stream), cudaErrorLaunchFailure);
 }
 
 void test_refusals(void **) {
@@ -301,6 +306,61 @@ void test_memory_starts_nan(void **) {
   cudaMemcpyAsync(h, e, sizeof h, cudaMemcpyDeviceToHost, stream);
   for (float v : h)
     assert_true(isnan(v));
+}
+
+__global__ void k_add_one(float *x) { x[threadIdx.x] += 1; }
+
+// What the stream holds runs when the host waits for it, and not before:
+// kernels, copies from and into pinned memory, products; a copy from
+// pageable memory takes its source when called; events complete when the
+// stream reaches them.
+void test_stream_order(void **) {
+  float *d = device<float>(8), *pin = nullptr, h[8];
+  assert_int_equal(cudaHostAlloc((void **)&pin, 8 * sizeof(float), cudaHostAllocDefault), cudaSuccess);
+  cudaEvent_t ev;
+  assert_int_equal(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), cudaSuccess);
+  assert_int_equal(cudaEventQuery(ev), cudaSuccess); // never recorded
+  // from pinned memory: read when the stream runs, so a write after the call shows
+  for (int i = 0; i < 8; i++)
+    pin[i] = 1;
+  cudaMemcpyAsync(d, pin, 8 * sizeof(float), cudaMemcpyHostToDevice, stream);
+  PA_LAUNCH(k_add_one, 1, 8, 0)(d);
+  assert_int_equal(cudaEventRecord(ev, stream), cudaSuccess);
+  assert_int_equal(cudaEventQuery(ev), cudaErrorNotReady);
+  assert_int_equal(cudaGetLastError(), cudaSuccess); // "not ready" is no error
+  for (int i = 0; i < 8; i++)
+    pin[i] = 5;
+  // into pinned memory: written when the stream runs
+  cudaMemcpyAsync(pin, d, 8 * sizeof(float), cudaMemcpyDeviceToHost, stream);
+  assert_true(pin[0] == 5 && pin[7] == 5);
+  assert_int_equal(cudaEventSynchronize(ev), cudaSuccess);
+  assert_int_equal(cudaEventQuery(ev), cudaSuccess);
+  assert_true(pin[0] == 6 && pin[7] == 6);
+  // from pageable memory: taken at the call; into it: done, the queue first, when the call returns
+  for (int i = 0; i < 8; i++)
+    h[i] = 2;
+  cudaMemcpyAsync(d, h, sizeof h, cudaMemcpyHostToDevice, stream);
+  PA_LAUNCH(k_add_one, 1, 8, 0)(d);
+  for (int i = 0; i < 8; i++)
+    h[i] = 9;
+  cudaMemcpyAsync(h, d, sizeof h, cudaMemcpyDeviceToHost, stream);
+  assert_true(h[0] == 3 && h[7] == 3);
+  // cudaFree and cudaFreeHost wait for the stream; an event's record queued past its destruction is harmless
+  PA_LAUNCH(k_add_one, 1, 8, 0)(d);
+  assert_int_equal(cudaEventRecord(ev, stream), cudaSuccess);
+  cudaMemcpyAsync(pin, d, 8 * sizeof(float), cudaMemcpyDeviceToHost, stream);
+  float *other = device<float>(1);
+  assert_int_equal(cudaFree(other), cudaSuccess);
+  assert_int_equal(cudaEventQuery(ev), cudaSuccess);
+  assert_true(pin[0] == 4 && pin[7] == 4);
+  assert_int_equal(cudaEventRecord(ev, stream), cudaSuccess);
+  assert_int_equal(cudaEventDestroy(ev), cudaSuccess);
+  PA_LAUNCH(k_add_one, 1, 8, 0)(d);
+  cudaMemcpyAsync(pin, d, 8 * sizeof(float), cudaMemcpyDeviceToHost, stream);
+  assert_int_equal(cudaStreamSynchronize(stream), cudaSuccess);
+  assert_true(pin[0] == 5 && pin[7] == 5);
+  assert_int_equal(cudaFreeHost(pin), cudaSuccess);
+  assert_int_equal(cudaFreeHost(h), cudaErrorInvalidValue);
 }
 
 uint64_t rng = 0x853C49E6748FEA9Bull;
@@ -604,10 +664,10 @@ float *device_eye() {
 cudaError_t load_a(const float *base, const float *p, unsigned ldm) {
   float *eye = device_eye(), *out = device<float>(256), h[256];
   PA_LAUNCH(k_load_a, 1, 32, 0)(p, ldm, eye, out);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e = cudaStreamSynchronize(stream);
   if (e != cudaSuccess) {
-    assert_int_equal(cudaStreamSynchronize(stream), e); // a fault stays
-    assert_int_equal(cudaGetLastError(), e);
+    assert_int_equal(cudaGetLastError(), e); // a fault stays
+    assert_int_equal(cudaStreamSynchronize(stream), e);
     return e;
   }
   cudaMemcpyAsync(h, out, sizeof h, cudaMemcpyDeviceToHost, stream);
@@ -636,9 +696,9 @@ float *device_counting(size_t n) {
 cudaError_t shared_tile(unsigned n, unsigned at) {
   float *out = device<float>(256), h[256];
   PA_LAUNCH(k_shared_tile, 1, 64, n * sizeof(float))(n, at, out);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e = cudaStreamSynchronize(stream);
   if (e != cudaSuccess) {
-    assert_int_equal(cudaStreamSynchronize(stream), e);
+    assert_int_equal(cudaGetLastError(), e);
     return e;
   }
   cudaMemcpyAsync(h, out, sizeof h, cudaMemcpyDeviceToHost, stream);
@@ -815,6 +875,7 @@ int main() {
       cmocka_unit_test_setup(test_divergent_barrier, reset),
       cmocka_unit_test_setup(test_refusals, reset),
       cmocka_unit_test_setup(test_memory_starts_nan, reset),
+      cmocka_unit_test_setup(test_stream_order, reset),
       cmocka_unit_test_setup(test_gemm, reset),
       cmocka_unit_test_setup(test_malloc_aligned, reset),
       cmocka_unit_test_setup(test_mma, reset),
