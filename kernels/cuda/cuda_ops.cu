@@ -136,26 +136,32 @@ bool stage_open() {
 void stage_close() {
   if (!stage)
     return;
+  cudaStreamSynchronize(stream); // the copies still reading it
   for (int c = 0; c < kStageChunks; c++)
     cudaEventDestroy(stage_read[c]);
-  cudaFreeHost(stage); // waits for the copies still reading it
+  cudaFreeHost(stage);
   stage = nullptr;
 }
 
-// Moves the ring to its next chunk, waiting until the copies queued from
-// it the last time round have read it.
-bool stage_turn() {
-  if (!check(cudaEventRecord(stage_read[stage_at], stream), "upload: the staging event"))
+// Moves the ring to its next chunk once the copies queued from it the last
+// time round have read it (waiting for them if need be); false, the ring
+// where it was, on an error.
+bool stage_turn(const char *what) {
+  const int next = (stage_at + 1) % kStageChunks;
+  if (!check(cudaEventRecord(stage_read[stage_at], stream), what))
     return false;
-  stage_at = (stage_at + 1) % kStageChunks, stage_used = 0;
-  const cudaError_t e = cudaEventQuery(stage_read[stage_at]);
-  if (e == cudaSuccess)
-    return true;
-  if (e != cudaErrorNotReady)
-    return check(e, "upload: the staging event");
-  cudaGetLastError(); // "not ready" is no error, and must not pass for one at the next launch
-  host_waits++;
-  return check(cudaEventSynchronize(stage_read[stage_at]), "upload: the staging event");
+  const cudaError_t e = cudaEventQuery(stage_read[next]);
+  if (e == cudaErrorNotReady) {
+    // no error, but the runtime may keep it as the last one, which the next launch's check would take for its own
+    (void)cudaGetLastError();
+    host_waits++;
+    if (!check(cudaEventSynchronize(stage_read[next]), what))
+      return false;
+  } else if (!check(e, what)) {
+    return false;
+  }
+  stage_at = next, stage_used = 0;
+  return true;
 }
 
 // Queues a copy of bytes from host src to device dst; src may be reused at once.
@@ -166,7 +172,7 @@ void stage_copy(void *dst, const void *src, size_t bytes, const char *what) {
     return;
   }
   for (size_t off = 0; off < bytes;) {
-    if (stage_used == kStageChunk && !stage_turn())
+    if (stage_used == kStageChunk && !stage_turn(what))
       return;
     const size_t n = bytes - off < kStageChunk - stage_used ? bytes - off : kStageChunk - stage_used;
     char *at = stage + (size_t)stage_at * kStageChunk + stage_used;

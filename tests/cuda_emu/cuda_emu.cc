@@ -10,6 +10,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <deque>
 #include <map>
 #include <set>
 #include <vector>
@@ -51,7 +52,7 @@ std::set<cudaStream_t> &streams = *new std::set<cudaStream_t>;
 std::set<cublasHandle_t> &handles = *new std::set<cublasHandle_t>;
 std::map<const void *, int> &shared_allowed = *new std::map<const void *, int>; // cudaFuncSetAttribute's, per kernel
 std::map<uintptr_t, size_t> &pinned = *new std::map<uintptr_t, size_t>;         // cudaHostAlloc's
-std::vector<std::function<void()>> &queued = *new std::vector<std::function<void()>>; // the stream's work, in order
+std::deque<std::function<void()>> &queued = *new std::deque<std::function<void()>>;   // the stream's work, in order
 std::map<uint64_t, emu_event *> &events = *new std::map<uint64_t, emu_event *>;       // by id, never reused
 uint64_t last_event_id = 0;
 uint64_t order_seed = 0x9E3779B97F4A7C15ull;
@@ -456,12 +457,15 @@ void run_grid(const char *name, dim3 grid, dim3 block, size_t shared, void (*bod
 void enqueue(std::function<void()> op) { queued.push_back(std::move(op)); }
 
 void run_queued() {
-  std::vector<std::function<void()>> ops;
-  ops.swap(queued);
-  for (const auto &op : ops) {
-    if (fault)
-      break;
-    op();
+  run_until([] { return false; });
+}
+
+void run_until(const std::function<bool()> &reached) {
+  while (!queued.empty() && !reached()) {
+    const std::function<void()> op = std::move(queued.front());
+    queued.pop_front();
+    if (!fault) // after a fault the rest is dropped
+      op();
   }
 }
 
@@ -623,13 +627,14 @@ cudaError_t cudaEventQuery(cudaEvent_t e) {
     return error(cudaErrorInvalidResourceHandle);
   if (fault)
     return fault;
-  return e->reached == e->recorded ? cudaSuccess : cudaErrorNotReady; // not an error: not kept for cudaGetLastError
+  // not an error, but kept as the last one, as the runtime has been seen to keep it
+  return e->reached == e->recorded ? cudaSuccess : error(cudaErrorNotReady);
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   if (!e || !events.count(e->id))
     return error(cudaErrorInvalidResourceHandle);
-  emu::run_queued(); // all of the stream: a GPU may have run past the event too
+  emu::run_until([e] { return e->reached == e->recorded; }); // up to the event, no further
   return fault;
 }
 

@@ -33,12 +33,15 @@
 //  - one stream, run as late as CUDA allows: kernels, cuBLAS's products,
 //    copies between device buffers and copies from pinned host memory
 //    (cudaHostAlloc) are queued and run, in order, only when the host waits
-//    for them (cudaStreamSynchronize, cudaEventSynchronize, a copy into
-//    pageable host memory, cudaFree, cudaFreeHost, an NCCL collective). A
-//    copy from pageable memory takes its source when it is called, as
-//    CUDA's staging does. So a host that reuses pinned memory before the
-//    stream has read it, or reads a result it did not wait for, sees the
-//    wrong data. A kernel's fault shows when the host waits, as on a GPU.
+//    for them (cudaStreamSynchronize; cudaEventSynchronize, up to the
+//    event; a copy into pageable host memory; cudaFree; cudaFreeHost; an
+//    NCCL collective, which runs at the call). A copy from pageable memory
+//    takes its source when it is called (one of the ways CUDA's staging
+//    may go). So a host that reuses pinned memory before the stream has
+//    read it, or reads a result it did not wait for, sees the wrong data.
+//    A kernel's fault shows when the host waits, as on a GPU; an event's
+//    "not ready" is kept as the last error, as the runtime has been seen
+//    to keep it.
 //  - cuBLAS's column-major products through OpenBLAS (its sgemm, on fp32
 //    copies of bf16 operands, which are exact), with cuBLAS's checks of the
 //    arguments.
@@ -159,8 +162,10 @@ cudaError_t cudaFreeHost(void *p);                                 // waits for 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s);
-cudaError_t cudaEventQuery(cudaEvent_t e); // cudaErrorNotReady until the stream has run up to it
-cudaError_t cudaEventSynchronize(cudaEvent_t e);
+// cudaErrorNotReady until the stream has run up to it, which cudaGetLastError
+// then returns too (as the runtime has been seen to)
+cudaError_t cudaEventQuery(cudaEvent_t e);
+cudaError_t cudaEventSynchronize(cudaEvent_t e); // runs the stream up to the event
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s);
 cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind kind, cudaStream_t s);
@@ -254,6 +259,8 @@ void enqueue(std::function<void()> op);
 // Runs what the stream holds (the host waits for it); after a fault the
 // rest is dropped, as a GPU's context drops it.
 void run_queued();
+// The same, as far as the first point at which reached() holds.
+void run_until(const std::function<bool()> &reached);
 
 } // namespace emu
 

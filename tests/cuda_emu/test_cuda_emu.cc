@@ -15,8 +15,10 @@
 //  - device and dynamic shared memory start as NaN;
 //  - the stream runs its work only when the host waits for it: a copy from
 //    pinned memory reads it then, one into pinned memory writes it then, an
-//    event is not ready before; a copy from pageable memory takes its
-//    source at the call, one into it runs the queue first; cudaFree waits;
+//    event is not ready before (and cudaGetLastError says so once), waiting
+//    for an event runs the stream that far and no further; a copy from
+//    pageable memory takes its source at the call, one into it runs the
+//    queue first; cudaFree waits;
 //  - cuBLAS's products, all four transpose combinations, with leading
 //    dimensions larger than the rows and beta 0 over NaN, fp32 and bf16,
 //    against a plain loop over the column-major definition, in double;
@@ -254,8 +256,9 @@ void test_divergent_barrier(void **) {
   PA_LAUNCH(k_divergent, 1, 64, 0)(d);
   assert_int_equal(cudaGetLastError(), cudaSuccess); // launched; it runs, and faults, when the host waits
   assert_int_equal(cudaStreamSynchronize(stream), cudaErrorLaunchFailure);
-  assert_int_equal(cudaGetLastError(), cudaErrorLaunchFailure); // a fault stays
+  assert_int_equal(cudaGetLastError(), cudaErrorLaunchFailure); // a fault stays, read or not
   assert_int_equal(cudaStreamSynchronize(stream), cudaErrorLaunchFailure);
+  assert_int_equal(cudaGetLastError(), cudaErrorLaunchFailure);
 }
 
 void test_refusals(void **) {
@@ -327,14 +330,17 @@ void test_stream_order(void **) {
   PA_LAUNCH(k_add_one, 1, 8, 0)(d);
   assert_int_equal(cudaEventRecord(ev, stream), cudaSuccess);
   assert_int_equal(cudaEventQuery(ev), cudaErrorNotReady);
-  assert_int_equal(cudaGetLastError(), cudaSuccess); // "not ready" is no error
+  assert_int_equal(cudaGetLastError(), cudaErrorNotReady); // kept, as the runtime may keep it
+  assert_int_equal(cudaGetLastError(), cudaSuccess);
   for (int i = 0; i < 8; i++)
     pin[i] = 5;
   // into pinned memory: written when the stream runs
   cudaMemcpyAsync(pin, d, 8 * sizeof(float), cudaMemcpyDeviceToHost, stream);
   assert_true(pin[0] == 5 && pin[7] == 5);
-  assert_int_equal(cudaEventSynchronize(ev), cudaSuccess);
+  assert_int_equal(cudaEventSynchronize(ev), cudaSuccess); // the stream run up to the event, not past it
   assert_int_equal(cudaEventQuery(ev), cudaSuccess);
+  assert_true(pin[0] == 5 && pin[7] == 5);
+  assert_int_equal(cudaStreamSynchronize(stream), cudaSuccess);
   assert_true(pin[0] == 6 && pin[7] == 6);
   // from pageable memory: taken at the call; into it: done, the queue first, when the call returns
   for (int i = 0; i < 8; i++)
