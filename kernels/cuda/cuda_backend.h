@@ -57,8 +57,10 @@ int pa_cuda_attention_kernel(const char *name);
 /* The times this process has waited for the device: for a download, for
  * status(), for a collective, and for a staging chunk the device had not yet
  * read (uploads go through a ring of pinned memory and do not wait
- * otherwise). A forward pass waits once for each download and once for its
- * status, however many layers it has (tests/test_cuda_forward.c). */
+ * otherwise). Not counted: cudaFree's own wait, where a buffer is released
+ * or grown. A forward pass with its buffers grown waits once for each
+ * download and once for its status, however many layers it has
+ * (tests/test_cuda_forward.c). */
 unsigned long pa_cuda_host_waits(void);
 
 /* The last CUDA or cuBLAS error of this process, as text ("" if none). */

@@ -95,12 +95,13 @@ bool wait_stream(const char *what) {
 // the caller may reuse the source at once and the host does not wait for
 // the stream (a forward pass's tokens and each layer's attention tables
 // are queued behind the work before them). The ring is kStageChunks chunks;
-// leaving a chunk records an event, and a chunk is written again only
-// after its event, a wait only when the device is a whole ring behind. An
-// upload larger than a chunk goes through chunk by chunk. Where pinned
-// memory cannot be had, uploads are pageable copies, each waited for. The
-// tests' build makes the chunks small (PA_STAGE_CHUNK) so that the ring
-// turns over in every test.
+// leaving a chunk records an event (after all the work queued so far), and
+// a chunk is written again only after its event: a wait only when the
+// device is kStageChunks - 1 chunks' turns behind. An upload larger than a
+// chunk goes through chunk by chunk. Where pinned memory cannot be had,
+// uploads are pageable copies, each waited for. The tests' build makes the
+// chunks small (PA_STAGE_CHUNK), so that a model's weights turn the ring
+// onto chunks still being read.
 #ifdef PA_STAGE_CHUNK
 constexpr size_t kStageChunk = PA_STAGE_CHUNK;
 #else
