@@ -538,60 +538,59 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   return fault;
 }
 
-cudaError_t cudaMalloc(void **p, size_t bytes) {
+namespace {
+
+// A new allocation of bytes in m (device or pinned memory), align-byte
+// aligned, in *p.
+cudaError_t allocate(std::map<uintptr_t, size_t> &m, void **p, size_t bytes, size_t align) {
   *p = nullptr;
   if (fault)
     return fault;
-  void *m = aligned_alloc(256, (bytes / 256 + 1) * 256); // as a GPU's allocations are
-  if (!m)
+  void *a = aligned_alloc(align, (bytes / align + 1) * align);
+  if (!a)
     return error(cudaErrorMemoryAllocation);
-  memset(m, 0xFF, bytes); // NaN floats: what is read before it is written shows
-  allocations[(uintptr_t)m] = bytes;
-  *p = m;
+  memset(a, 0xFF, bytes); // NaN floats: what is read before it is written shows
+  m[(uintptr_t)a] = bytes;
+  *p = a;
   return cudaSuccess;
 }
 
-cudaError_t cudaFree(void *p) {
+// Frees p, the start of an allocation in m (what names such an allocation
+// in the refusal), once the stream has run.
+cudaError_t release(std::map<uintptr_t, size_t> &m, void *p, const char *call, const char *what, cudaError_t refusal) {
   if (!p)
     return cudaSuccess;
   emu::run_queued(); // as CUDA's, which waits for the device's work first
-  auto it = allocations.find((uintptr_t)p);
-  if (it == allocations.end()) {
-    report("cudaFree: %p is not the start of a device allocation", p);
-    return error(cudaErrorInvalidDevicePointer);
+  auto it = m.find((uintptr_t)p);
+  if (it == m.end()) {
+    report("%s: %p is not the start of %s", call, p, what);
+    return error(refusal);
   }
-  allocations.erase(it);
+  m.erase(it);
   free(p);
-  return fault ? fault : cudaSuccess;
+  return fault;
+}
+
+} // namespace
+
+cudaError_t cudaMalloc(void **p, size_t bytes) {
+  return allocate(allocations, p, bytes, 256); // as a GPU's allocations are
+}
+
+cudaError_t cudaFree(void *p) {
+  return release(allocations, p, "cudaFree", "a device allocation", cudaErrorInvalidDevicePointer);
 }
 
 cudaError_t cudaHostAlloc(void **p, size_t bytes, unsigned flags) {
-  *p = nullptr;
-  if (fault)
-    return fault;
-  if (flags != cudaHostAllocDefault)
+  if (flags != cudaHostAllocDefault) {
+    *p = nullptr;
     return error(cudaErrorInvalidValue);
-  void *m = aligned_alloc(4096, (bytes / 4096 + 1) * 4096); // page-locked memory is whole pages
-  if (!m)
-    return error(cudaErrorMemoryAllocation);
-  memset(m, 0xFF, bytes);
-  pinned[(uintptr_t)m] = bytes;
-  *p = m;
-  return cudaSuccess;
+  }
+  return allocate(pinned, p, bytes, 4096); // page-locked memory is whole pages
 }
 
 cudaError_t cudaFreeHost(void *p) {
-  if (!p)
-    return cudaSuccess;
-  emu::run_queued();
-  auto it = pinned.find((uintptr_t)p);
-  if (it == pinned.end()) {
-    report("cudaFreeHost: %p is not the start of memory cudaHostAlloc gave", p);
-    return error(cudaErrorInvalidValue);
-  }
-  pinned.erase(it);
-  free(p);
-  return fault;
+  return release(pinned, p, "cudaFreeHost", "memory cudaHostAlloc gave", cudaErrorInvalidValue);
 }
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
