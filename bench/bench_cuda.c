@@ -13,10 +13,13 @@
  *  3. the backend's attention (32 heads, 8 kv heads, head_dim 128, causal)
  *     by each of its kernels (pa_cuda_attention_kernel: the simple one, the
  *     baseline, the tiled one and the tensor cores' one, the default) on
- *     that prefill and on a pass of PAS's grid (180 items of 70 tokens after
- *     a 2,400-token prefix): time, TFLOP/s, and the ratio to the simple
- *     one's time; the default's time on the prefill as a share of the
- *     layer's products.
+ *     that prefill, on a pass of PAS's grid (180 items of 70 tokens after
+ *     a 2,400-token prefix) and on two decoding steps (one new token of one
+ *     sequence after 2,400 cached, as `palign generate` after a long
+ *     prompt; one new token of each of those 180 items, as the generate
+ *     answer mode): time, TFLOP/s, the keys and values read per second (what
+ *     bounds decoding), and the ratio to the simple one's time; the
+ *     default's time on the prefill as a share of the layer's products.
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
  * a device. */
 #include "backend.h"
@@ -139,9 +142,12 @@ int main(int argc, char **argv) {
   const double secs = layer_products(be, false, T, peak), secs16 = layer_products(be, true, T, peak);
 
   /* attention by each kernel (cuda_ops.cu; the simple one the baseline) on
-   * two shapes of a Llama-3-8B layer: the prefill above, and an evaluation
-   * pass of PAS's grid (180 items of 70 tokens after a 2,400-token shared
-   * prefix, about what the ICL prompts make: docs/EVALUATION.md) */
+   * shapes of a Llama-3-8B layer: the prefill above, an evaluation pass of
+   * PAS's grid (180 items of 70 tokens after a 2,400-token shared prefix,
+   * about what the ICL prompts make: docs/EVALUATION.md), and decoding: a
+   * row of one sequence after 2,400 keys of its own, and a row of each of
+   * the 180 items, the last of its 70 (the keys of the caches are zero: the
+   * time does not depend on them) */
   const int H = 32, KH = 8, hd = 128, n_items = 180, item = 70, prefix = 2400;
   cudaEvent_t t0, t1;
   CHECK(cudaEventCreate(&t0));
@@ -152,24 +158,36 @@ int main(int argc, char **argv) {
   float *kp = dev_zero((size_t)prefix * KH * hd * 4), *vp = dev_zero((size_t)prefix * KH * hd * 4);
   pa_attn_seq one = {.row0 = 0, .n = T, .past = 0, .k_own = k, .v_own = v, .stride = T};
   pa_attn_seq *items = malloc(n_items * sizeof *items);
-  if (!items)
+  pa_attn_seq *steps = malloc(n_items * sizeof *steps);
+  if (!items || !steps)
     return 1;
-  for (int i = 0; i < n_items; i++)
+  for (int i = 0; i < n_items; i++) {
     items[i] = (pa_attn_seq){.row0 = i * item,
                              .n = item,
                              .past = 0,
                              .k_own = k + (size_t)i * KH * item * hd,
                              .v_own = v + (size_t)i * KH * item * hd,
                              .stride = item};
+    steps[i] = items[i];
+    steps[i].row0 = i, steps[i].n = 1, steps[i].past = item - 1;
+  }
+  /* one sequence's own cache: 2,401 rows a kv head, the 2,400 keys before its new row and the row's own */
+  float *k_gen = dev_zero(((size_t)prefix + 1) * KH * hd * 4), *v_gen = dev_zero(((size_t)prefix + 1) * KH * hd * 4);
+  pa_attn_seq gen = {.row0 = 0, .n = 1, .past = prefix, .k_own = k_gen, .v_own = v_gen, .stride = prefix + 1};
+  enum { N_SHAPES = 4 };
   const struct {
-    const char *name;
+    const char *name, *key; /* key: its name in bench.json */
     pa_attn_args a;
     double flops; /* the two products over the keys each row sees */
-  } shape[2] = {
+    double bytes; /* the keys and values it reads, once each */
+  } shape[N_SHAPES] = {
       {"prefill",
+       "prefill",
        {.n_heads = H, .n_kv_heads = KH, .head_dim = hd, .q = q, .z = z, .seqs = &one, .n_seqs = 1},
-       4.0 * H * hd * (T * (T + 1) / 2.0)},
+       4.0 * H * hd * (T * (T + 1) / 2.0),
+       8.0 * KH * hd * T},
       {"pas pass",
+       "pas",
        {.n_heads = H,
         .n_kv_heads = KH,
         .head_dim = hd,
@@ -181,11 +199,32 @@ int main(int argc, char **argv) {
         .prefix_stride = prefix,
         .seqs = items,
         .n_seqs = n_items},
-       4.0 * H * hd * n_items * (item * (double)prefix + item * (item + 1) / 2.0)},
+       4.0 * H * hd * n_items * (item * (double)prefix + item * (item + 1) / 2.0),
+       8.0 * KH * hd * (prefix + (double)n_items * item)},
+      {"decode, 1 sequence",
+       "decode1",
+       {.n_heads = H, .n_kv_heads = KH, .head_dim = hd, .q = q, .z = z, .seqs = &gen, .n_seqs = 1},
+       4.0 * H * hd * (prefix + 1.0),
+       8.0 * KH * hd * (prefix + 1.0)},
+      {"decode, 180 items",
+       "decode180",
+       {.n_heads = H,
+        .n_kv_heads = KH,
+        .head_dim = hd,
+        .q = q,
+        .z = z,
+        .k_prefix = kp,
+        .v_prefix = vp,
+        .prefix_len = prefix,
+        .prefix_stride = prefix,
+        .seqs = steps,
+        .n_seqs = n_items},
+       4.0 * H * hd * n_items * ((double)prefix + item),
+       8.0 * KH * hd * (prefix + (double)n_items * item)},
   };
   static const char *const kernel[3] = {"simple", "tiled", "mma"};
-  double att[2][3];
-  for (int sh = 0; sh < 2; sh++) {
+  double att[N_SHAPES][3];
+  for (int sh = 0; sh < N_SHAPES; sh++) {
     for (int kk = 0; kk < 3; kk++) {
       if (pa_cuda_attention_kernel(kernel[kk]) != 0)
         return 1;
@@ -196,13 +235,15 @@ int main(int argc, char **argv) {
       }
       CHECK(cudaEventRecord(t1, 0));
       att[sh][kk] = ms_between(t0, t1) / 1e3 / 5;
-      printf("attention (%s) %s: %.3f ms, %.1f TFLOP/s, %.2fx the simple kernel's time\n", kernel[kk], shape[sh].name,
-             att[sh][kk] * 1e3, shape[sh].flops / att[sh][kk] / 1e12, att[sh][kk] / att[sh][0]);
+      printf("attention (%s) %s: %.3f ms, %.1f TFLOP/s, keys and values read at %.0f GB/s, %.2fx the simple kernel's "
+             "time\n",
+             kernel[kk], shape[sh].name, att[sh][kk] * 1e3, shape[sh].flops / att[sh][kk] / 1e12,
+             shape[sh].bytes / att[sh][kk] / 1e9, att[sh][kk] / att[sh][0]);
     }
   }
   printf("attention on the prefill (mma, the default): %.2fx the layer's bf16 products\n", att[0][2] / secs16);
   pa_cuda_attention_kernel("mma");
-  free(items);
+  free(items), free(steps);
   if (pa_cuda_error()[0]) {
     fprintf(stderr, "bench_cuda: %s\n", pa_cuda_error());
     return 1;
@@ -214,9 +255,9 @@ int main(int argc, char **argv) {
               "{\"device\": \"%s\", \"bf16_peak_tflops\": %.2f, \"layer_matmul_ms\": %.4f, \"layer_matmul_tflops\": "
               "%.2f, \"layer_matmul_bf16_ms\": %.4f, \"layer_matmul_bf16_tflops\": %.2f, \"tokens\": %d",
               prop.name, peak, secs * 1e3, layer_flops / secs / 1e12, secs16 * 1e3, layer_flops / secs16 / 1e12, T);
-      for (int sh = 0; sh < 2; sh++)
+      for (int sh = 0; sh < N_SHAPES; sh++)
         for (int kk = 0; kk < 3; kk++)
-          fprintf(f, ", \"attention_%s_%s_ms\": %.4f", sh ? "pas" : "prefill", kernel[kk], att[sh][kk] * 1e3);
+          fprintf(f, ", \"attention_%s_%s_ms\": %.4f", shape[sh].key, kernel[kk], att[sh][kk] * 1e3);
       fprintf(f, "}\n");
       fclose(f);
     }
