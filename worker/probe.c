@@ -3,6 +3,7 @@
 #include "rng.h"
 #include "status.h"
 
+#include <cblas.h>
 #include <float.h>
 #include <math.h>
 #include <omp.h>
@@ -121,25 +122,18 @@ static double sum_abs(const double *v, int n) {
   return a;
 }
 
-/* In-place Cholesky of the lower triangle of the p x p matrix A; false if not
- * positive definite (then A is garbage). */
+/* LAPACK's Cholesky factorisation, as OpenBLAS provides it (its own code,
+ * no Fortran string lengths). Column-major; palign's matrices are row-major,
+ * whose lower triangle is the column-major upper one. */
+void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info);
+
+/* In-place Cholesky of the lower triangle of the row-major p x p matrix A
+ * (L with L L^T = A, in that triangle); false if A is not positive definite
+ * (then A is garbage). */
 static bool cholesky(double *A, int p) {
-  for (int j = 0; j < p; j++) {
-    double s = A[(size_t)j * p + j];
-    for (int k = 0; k < j; k++)
-      s -= A[(size_t)j * p + k] * A[(size_t)j * p + k];
-    if (!(s > 0))
-      return false;
-    double ljj = sqrt(s);
-    A[(size_t)j * p + j] = ljj;
-    for (int i = j + 1; i < p; i++) {
-      double t = A[(size_t)i * p + j];
-      for (int k = 0; k < j; k++)
-        t -= A[(size_t)i * p + k] * A[(size_t)j * p + k];
-      A[(size_t)i * p + j] = t / ljj;
-    }
-  }
-  return true;
+  int info = 0;
+  dpotrf_("U", &p, A, &p, &info);
+  return info == 0;
 }
 
 /* Solves L L^T x = v in place. */
@@ -159,23 +153,26 @@ static void cholesky_solve(const double *L, int p, double *v) {
 }
 
 /* The Hessian's lower triangle: [I + C X^T D X, C X^T D 1; ., C 1^T D 1] with
- * D = sigmoid(m) sigmoid(-m), accumulated one sample (rank-1 update) at a time. */
-static void hessian(const double *X, int n, int d, double C, const double *m, double *H) {
-  int p = d + 1;
-  memset(H, 0, (size_t)p * p * sizeof *H);
+ * D = sigmoid(m) sigmoid(-m). The d x d block is one product, OpenBLAS's
+ * dsyrk of the samples scaled by sqrt(C D) (xs, [n][d] scratch; dw [n]). */
+static void hessian(const double *X, int n, int d, double C, const double *m, double *H, double *dw, double *xs) {
+  const int p = d + 1;
+  double *last = H + (size_t)d * p;
+  memset(last, 0, (size_t)p * sizeof *last);
+  for (int i = 0; i < n; i++) {
+    const double e = exp(-fabs(m[i]));
+    dw[i] = C * e / ((1 + e) * (1 + e));
+    const double r = sqrt(dw[i]);
+    const double *x = X + (size_t)i * d;
+    for (int c = 0; c < d; c++)
+      xs[(size_t)i * d + c] = r * x[c];
+  }
+  cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, d, n, 1.0, xs, d, 0.0, H, p);
   for (int i = 0; i < n; i++) {
     const double *x = X + (size_t)i * d;
-    double e = exp(-fabs(m[i])), di = C * e / ((1 + e) * (1 + e));
-    for (int a = 0; a < d; a++) {
-      double s = di * x[a];
-      double *row = H + (size_t)a * p;
-      for (int c = 0; c <= a; c++)
-        row[c] += s * x[c];
-    }
-    double *last = H + (size_t)d * p;
     for (int c = 0; c < d; c++)
-      last[c] += di * x[c];
-    last[d] += di;
+      last[c] += dw[i] * x[c];
+    last[d] += dw[i];
   }
   for (int a = 0; a < d; a++)
     H[(size_t)a * p + a] += 1; /* the L2 term; the intercept has none */
@@ -183,7 +180,7 @@ static void hessian(const double *X, int n, int d, double C, const double *m, do
 
 size_t pa_pas_logreg_scratch(int n, int d) {
   size_t p = (size_t)d + 1;
-  return p * p + 4 * p + 2 * (size_t)n + (size_t)d;
+  return p * p + 4 * p + 3 * (size_t)n + (size_t)d + (size_t)n * d;
 }
 
 int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int max_iter, double *wb,
@@ -204,7 +201,7 @@ int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int
   }
   int p = d + 1;
   double *H = scratch, *g = H + (size_t)p * p, *step = g + p, *cand = step + p, *gc = cand + p, *m = gc + p,
-         *mc = m + n, *acc = mc + n;
+         *mc = m + n, *acc = mc + n, *dw = acc + d, *xs = dw + n;
 
   /* Convergence is judged against the gradient's natural size, C sum_i |x_i|_inf
    * (what a residual of one on every sample would give): rounding alone leaves
@@ -230,14 +227,14 @@ int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int
     }
     if (it == max_iter)
       break;
-    hessian(X, n, d, C, m, H);
+    hessian(X, n, d, C, m, H, dw, xs);
     /* H is positive definite in exact arithmetic (the L2 term, and both classes
      * present make the intercept's curvature positive), but sigmoid(m)sigmoid(-m)
      * underflows for margins beyond ~700: then a small ridge keeps the step
      * defined. */
     bool ok = cholesky(H, p);
     for (double ridge = 1e-12; !ok && ridge <= 1; ridge *= 100) {
-      hessian(X, n, d, C, m, H);
+      hessian(X, n, d, C, m, H, dw, xs);
       for (int a = 0; a < p; a++)
         H[(size_t)a * p + a] += ridge * (1 + H[(size_t)a * p + a]);
       ok = cholesky(H, p);
@@ -510,9 +507,13 @@ int pa_pas_fit_subject(const pa_pas_bank *bank, const uint8_t *answers, const ch
       }
   }
 
-  /* step 3: every head's probe, one head per thread at a time */
+  /* step 3: every head's probe, one head per thread at a time. OpenBLAS
+   * (the Hessian's product and its factorisation) runs on the calling thread,
+   * as everywhere in palign: the threads are ours, and a product split by
+   * OpenBLAS's thread count could change the results' last bits with it. */
   int nt = out->n_train, nv = out->n_val, failed = 0;
   int n_threads = o.n_threads > 0 ? o.n_threads : omp_get_max_threads();
+  openblas_set_num_threads(1);
 #pragma omp parallel num_threads(n_threads) reduction(| : failed)
   {
     double *X = malloc((size_t)n * d * sizeof *X);

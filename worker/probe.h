@@ -156,8 +156,10 @@ int pa_pas_n_val(int n);
  * with both values present (else PA_EINVAL), C > 0, max_iter >= 1. wb [d + 1]
  * receives w, then b. info may be NULL; only its iterations, grad_max and
  * converged are written. scratch holds pa_pas_logreg_scratch(n, d) doubles,
- * or is NULL (then it is allocated). Serial and deterministic: the same
- * inputs give the same bits. */
+ * or is NULL (then it is allocated). The Hessian's product and its
+ * factorisation are OpenBLAS's: with OpenBLAS on one thread (as
+ * pa_pas_fit_subject and pa_lm_create set it) the call runs on the calling
+ * thread and the same inputs give the same bits. */
 int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int max_iter, double *wb,
                   pa_pas_probe *info, double *scratch);
 size_t pa_pas_logreg_scratch(int n, int d);
