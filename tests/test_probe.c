@@ -187,6 +187,71 @@ static void test_logreg_optimum(void **state) {
   }
 }
 
+/* Fewer samples than dimensions (a 128-dim head of an 8B model has about 110
+ * to train on): the steps go through the samples' system (probe.c,
+ * newton_dual). Activations of a few factors each, as a head's are, and the
+ * same data times 1e6, where that system's w step would be the difference of
+ * terms up to 1e12 times larger than it and the solver takes H's way: each
+ * must reach the optimum (the plain gradient below its tolerance). */
+static void test_logreg_wide(void **state) {
+  (void)state;
+  enum { N = 40, D = 100, R = 6 };
+  static double X[N * D], F[R * D];
+  uint8_t y[N];
+  double wb[D + 1];
+  pa_pas_probe info = {0};
+  rng_state = 7;
+  for (int k = 0; k < R * D; k++)
+    F[k] = nrand();
+  for (double size = 1; size <= 1e6; size *= 1e6)
+    for (int C10 = 1; C10 <= 1000; C10 *= 10) { /* C = 0.1, 1, 10, 100 */
+      const double C = C10 / 10.0;
+      for (int i = 0; i < N; i++) {
+        y[i] = urand() < 0.5;
+        double f[R];
+        for (int r = 0; r < R; r++)
+          f[r] = nrand();
+        for (int k = 0; k < D; k++) {
+          double x = 0.05 * nrand() + (y[i] ? 0.3 : -0.3) * (k % 7 == 0);
+          for (int r = 0; r < R; r++)
+            x += F[r * D + k] * f[r];
+          X[i * D + k] = size * x;
+        }
+      }
+      assert_int_equal(pa_pas_logreg(X, y, N, D, C, 100, wb, &info, NULL), PA_OK);
+      assert_true(info.converged);
+      assert_in_range(info.iterations, 1, 30);
+      assert_int_equal(info.dual_steps, size == 1 ? info.iterations : 0);
+      double scale = 0;
+      for (int i = 0; i < N * D; i += D) {
+        double mx = 0;
+        for (int k = 0; k < D; k++)
+          mx = fmax(mx, fabs(X[i + k]));
+        scale += C * mx;
+      }
+      assert_true(grad_max(X, y, N, D, C, wb) <= 1e-10 * scale);
+      /* every step through H instead: the same Newton steps, so as many of
+       * them, and the same optimum up to rounding (measured: within 1.1e-15
+       * of the largest coefficient) */
+      double wh[D + 1];
+      pa_pas_probe ih = {0};
+      setenv("PALIGN_PROBE_NEWTON", "hessian", 1);
+      assert_int_equal(pa_pas_logreg(X, y, N, D, C, 100, wh, &ih, NULL), PA_OK);
+      unsetenv("PALIGN_PROBE_NEWTON");
+      assert_int_equal(ih.iterations, info.iterations);
+      assert_int_equal(ih.dual_steps, 0);
+      double big = 1;
+      for (int k = 0; k <= D; k++)
+        big = fmax(big, fabs(wh[k]));
+      for (int k = 0; k <= D; k++)
+        assert_true(fabs(wb[k] - wh[k]) <= 1e-12 * big);
+    }
+  setenv("PALIGN_PROBE_NEWTON", "cholesky", 1); /* anything else is refused, naming it */
+  assert_int_equal(pa_pas_logreg(X, y, N, D, 1.0, 100, wb, &info, NULL), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "PALIGN_PROBE_NEWTON is 'cholesky'"));
+  unsetenv("PALIGN_PROBE_NEWTON");
+}
+
 /* Two points x = +1 (label 1) and x = -1 (label 0): by symmetry b = 0 and
  * w = 2 C sigmoid(-w), solved here by bisection. */
 static void test_logreg_closed_form(void **state) {
@@ -293,6 +358,11 @@ static void test_determinism_and_threads(void **state) {
   assert_int_equal(pa_pas_fit_subject(&t.b, t.answers, "s1", &o, &b), PA_OK);
   assert_int_equal(b.n_selected, 4);
   assert_all_finite(&b);
+  /* a PALIGN_PROBE_NEWTON it does not know: refused before any head, naming it */
+  setenv("PALIGN_PROBE_NEWTON", "dual", 1);
+  assert_int_equal(pa_pas_fit_subject(&t.b, t.answers, "s1", &o, &b), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "PALIGN_PROBE_NEWTON is 'dual'"));
+  unsetenv("PALIGN_PROBE_NEWTON");
   pa_pas_fit_free(&a);
   pa_pas_fit_free(&b);
   free_synth(&s);
@@ -601,6 +671,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_split),
       cmocka_unit_test(test_logreg_optimum),
+      cmocka_unit_test(test_logreg_wide),
       cmocka_unit_test(test_logreg_closed_form),
       cmocka_unit_test(test_logreg_separable_and_bad),
       cmocka_unit_test(test_fit_synthetic),

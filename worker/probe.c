@@ -178,9 +178,129 @@ static void hessian(const double *X, int n, int d, double C, const double *m, do
     H[(size_t)a * p + a] += 1; /* the L2 term; the intercept has none */
 }
 
+/* The Newton step -H^{-1} g through the samples' n x n system rather than
+ * H's (d+1) x (d+1) one, for fewer samples than dimensions (a probe of a
+ * 128-dim head of an 8B model fits about 110). With S = diag(sqrt(D)),
+ * t = S 1, X_S = S X and M = I + X_S X_S^T = I + S G S (G = X X^T, made once
+ * a solve: X does not change), the block I + X^T D X has the inverse
+ * I - X_S^T M^{-1} X_S (Woodbury), and the intercept's row is eliminated by
+ * its Schur complement, which comes out as t^T M^{-1} t. For r = -g: with
+ * a = M^{-1} t and e = M^{-1} X_S r_w, the step is b = (r_b - t^T e) / (t^T a)
+ * and w = r_w - X_S^T (e + b a). That last difference makes a w step that may
+ * be smaller than its terms by up to the largest eigenvalue of X^T D X, and
+ * loses that many times the rounding: so this way is taken only while the
+ * trace of X_S X_S^T (at least that eigenvalue) is at most kDualMaxTrace, the
+ * step then within about 1e-10 of itself, and false sends the caller H's way
+ * (newton_primal) otherwise: activations far above 1. False also when t^T a
+ * is not positive (D has underflowed: H's way has its ridge for that). M's
+ * eigenvalues are at least 1, so its factorisation does not fail. t, a, e: [n]. */
+enum { kDualMaxTrace = 1000000 };
+
+static bool newton_dual(const double *X, int n, int d, double C, const double *m, const double *G, const double *g,
+                        double *step, double *M, double *t, double *a, double *e) {
+  for (int i = 0; i < n; i++) {
+    const double x = exp(-fabs(m[i]));
+    t[i] = sqrt(C * x / ((1 + x) * (1 + x)));
+  }
+  double trace = 0; /* of X_S X_S^T: at least its largest eigenvalue */
+  for (int i = 0; i < n; i++) {
+    for (int j = 0; j < i; j++)
+      M[(size_t)i * n + j] = t[i] * G[(size_t)i * n + j] * t[j];
+    trace += t[i] * G[(size_t)i * n + i] * t[i];
+    M[(size_t)i * n + i] = 1 + t[i] * G[(size_t)i * n + i] * t[i];
+  }
+  if (trace > kDualMaxTrace || !cholesky(M, n))
+    return false;
+  cblas_dgemv(CblasRowMajor, CblasNoTrans, n, d, -1.0, X, d, g, 1, 0.0, e, 1); /* X r_w */
+  for (int i = 0; i < n; i++) {
+    e[i] *= t[i];
+    a[i] = t[i];
+  }
+  cholesky_solve(M, n, a);
+  cholesky_solve(M, n, e);
+  double den = 0, te = 0;
+  for (int i = 0; i < n; i++) {
+    den += t[i] * a[i];
+    te += t[i] * e[i];
+  }
+  const double b = (-g[d] - te) / den;
+  if (!(den > 0) || !isfinite(b))
+    return false;
+  for (int i = 0; i < n; i++)
+    e[i] = t[i] * (e[i] + b * a[i]);
+  for (int k = 0; k < d; k++)
+    step[k] = -g[k];
+  cblas_dgemv(CblasRowMajor, CblasTrans, n, d, -1.0, X, d, e, 1, 1.0, step, 1);
+  step[d] = b;
+  return true;
+}
+
+/* The Newton step -H^{-1} g through H itself. H is positive definite in
+ * exact arithmetic (the L2 term, and both classes present make the
+ * intercept's curvature positive), but sigmoid(m)sigmoid(-m) underflows for
+ * margins beyond ~700: then a small ridge keeps the step defined, and where
+ * even that fails the step is -g. H [p][p], dw [n], xs [n][d]: scratch. */
+static void newton_primal(const double *X, int n, int d, double C, const double *m, const double *g, double *step,
+                          double *H, double *dw, double *xs) {
+  const int p = d + 1;
+  hessian(X, n, d, C, m, H, dw, xs);
+  bool ok = cholesky(H, p);
+  for (double ridge = 1e-12; !ok && ridge <= 1; ridge *= 100) {
+    hessian(X, n, d, C, m, H, dw, xs);
+    for (int a = 0; a < p; a++)
+      H[(size_t)a * p + a] += ridge * (1 + H[(size_t)a * p + a]);
+    ok = cholesky(H, p);
+  }
+  for (int a = 0; a < p; a++)
+    step[a] = -g[a];
+  if (ok)
+    cholesky_solve(H, p, step); /* else steepest descent */
+}
+
+/* Backtracking (Armijo) from wb along step, for f and g at wb. Near the
+ * optimum f changes by less than its rounding error; there, as in sklearn's
+ * newton-cholesky, a step is taken if f does not rise beyond rounding and the
+ * gradient shrinks. True with the point taken in cand, its objective in *fc,
+ * its margins in mc and its gradient in gc; false when no step lowers f. */
+static bool line_search(const double *X, const uint8_t *y, int n, int d, double C, const double *wb, double f,
+                        const double *g, const double *step, double *cand, double *mc, double *gc, double *acc,
+                        double *fc) {
+  const int p = d + 1;
+  double slope = 0;
+  for (int a = 0; a < p; a++)
+    slope += g[a] * step[a];
+  const double g1 = sum_abs(g, p);
+  double t = 1;
+  for (int k = 0; k < 60; k++, t *= 0.5) {
+    for (int a = 0; a < p; a++)
+      cand[a] = wb[a] + t * step[a];
+    *fc = objective(X, y, n, d, C, cand, mc, gc, acc);
+    if (!isfinite(*fc))
+      continue;
+    if (*fc <= f + 1e-4 * t * slope)
+      return true;
+    if (*fc - f <= 16 * DBL_EPSILON * fabs(f) && sum_abs(gc, p) < g1)
+      return true;
+  }
+  return false;
+}
+
+/* PALIGN_PROBE_NEWTON: unset, empty or "auto" (each step the cheaper way),
+ * or "hessian" (every step through H, newton_primal: to compare the two). */
+static int newton_way(bool *hessian_only) {
+  const char *way = getenv("PALIGN_PROBE_NEWTON");
+  *hessian_only = way && !strcmp(way, "hessian");
+  if (way && *way && strcmp(way, "auto") && !*hessian_only)
+    return pa_error(PA_EINVAL, "PALIGN_PROBE_NEWTON is '%s': expected auto or hessian", way);
+  return PA_OK;
+}
+
 size_t pa_pas_logreg_scratch(int n, int d) {
-  size_t p = (size_t)d + 1;
-  return p * p + 4 * p + 3 * (size_t)n + (size_t)d + (size_t)n * d;
+  const size_t p = (size_t)d + 1, N = (size_t)n;
+  return p * p + 4 * p        /* H; g, step, cand, gc */
+         + 3 * N + d          /* m, mc, dw; acc */
+         + N * d              /* xs: the scaled samples */
+         + 2 * N * N + 3 * N; /* G, M; t, a, e (newton_dual) */
 }
 
 int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int max_iter, double *wb,
@@ -193,6 +313,10 @@ int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int
   if (n1 == 0 || n1 == n)
     return pa_error(PA_EINVAL, "logistic regression: all %d samples have label %d; the intercept is unbounded", n,
                     n1 ? 1 : 0);
+  bool hessian_only;
+  int rc = newton_way(&hessian_only);
+  if (rc)
+    return rc;
   double *own = NULL;
   if (!scratch) {
     own = scratch = malloc(pa_pas_logreg_scratch(n, d) * sizeof *scratch);
@@ -201,7 +325,12 @@ int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int
   }
   int p = d + 1;
   double *H = scratch, *g = H + (size_t)p * p, *step = g + p, *cand = step + p, *gc = cand + p, *m = gc + p,
-         *mc = m + n, *acc = mc + n, *dw = acc + d, *xs = dw + n;
+         *mc = m + n, *acc = mc + n, *dw = acc + d, *xs = dw + n, *G = xs + (size_t)n * d, *M = G + (size_t)n * n,
+         *ts = M + (size_t)n * n, *ta = ts + n, *te = ta + n;
+  /* fewer samples than dimensions: the steps through the samples' system (newton_dual) */
+  const bool dual = n < d && !hessian_only;
+  if (dual)
+    cblas_dsyrk(CblasRowMajor, CblasLower, CblasNoTrans, n, d, 1.0, X, d, 0.0, G, n);
 
   /* Convergence is judged against the gradient's natural size, C sum_i |x_i|_inf
    * (what a residual of one on every sample would give): rounding alone leaves
@@ -214,7 +343,7 @@ int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int
 
   memset(wb, 0, (size_t)p * sizeof *wb);
   double f = objective(X, y, n, d, C, wb, m, g, acc);
-  int it = 0;
+  int it = 0, dual_steps = 0;
   bool converged = false;
   for (;;) {
     /* Below the threshold one more Newton step is taken: convergence is
@@ -227,41 +356,12 @@ int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int
     }
     if (it == max_iter)
       break;
-    hessian(X, n, d, C, m, H, dw, xs);
-    /* H is positive definite in exact arithmetic (the L2 term, and both classes
-     * present make the intercept's curvature positive), but sigmoid(m)sigmoid(-m)
-     * underflows for margins beyond ~700: then a small ridge keeps the step
-     * defined. */
-    bool ok = cholesky(H, p);
-    for (double ridge = 1e-12; !ok && ridge <= 1; ridge *= 100) {
-      hessian(X, n, d, C, m, H, dw, xs);
-      for (int a = 0; a < p; a++)
-        H[(size_t)a * p + a] += ridge * (1 + H[(size_t)a * p + a]);
-      ok = cholesky(H, p);
-    }
-    for (int a = 0; a < p; a++)
-      step[a] = -g[a];
-    if (ok)
-      cholesky_solve(H, p, step); /* else steepest descent */
-    double slope = 0;
-    for (int a = 0; a < p; a++)
-      slope += g[a] * step[a];
-    /* Backtracking (Armijo). Near the optimum f changes by less than its
-     * rounding error; there, as in sklearn's newton-cholesky, a step is taken
-     * if f does not rise beyond rounding and the gradient shrinks. */
-    bool accepted = false;
-    double t = 1, fc = 0, g1 = sum_abs(g, p);
-    for (int k = 0; k < 60 && !accepted; k++, t *= 0.5) {
-      for (int a = 0; a < p; a++)
-        cand[a] = wb[a] + t * step[a];
-      fc = objective(X, y, n, d, C, cand, mc, gc, acc);
-      if (!isfinite(fc))
-        continue;
-      if (fc <= f + 1e-4 * t * slope)
-        accepted = true;
-      else if (fc - f <= 16 * DBL_EPSILON * fabs(f) && sum_abs(gc, p) < g1)
-        accepted = true;
-    }
+    if (dual && newton_dual(X, n, d, C, m, G, g, step, M, ts, ta, te))
+      dual_steps++;
+    else
+      newton_primal(X, n, d, C, m, g, step, H, dw, xs);
+    double fc = 0;
+    const bool accepted = line_search(X, y, n, d, C, wb, f, g, step, cand, mc, gc, acc, &fc);
     it++;
     if (!accepted)
       break; /* no decrease is possible any more: the gradient is at its rounding floor */
@@ -272,6 +372,7 @@ int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int
   }
   if (info) {
     info->iterations = it;
+    info->dual_steps = dual_steps;
     info->grad_max = max_abs(g, p);
     info->converged = converged;
   }
@@ -422,7 +523,8 @@ static int check_args(const pa_pas_bank *b, const uint8_t *answers, const char *
   if (o && (o->top_k < 0 || o->max_iter < 0 || o->n_threads < 0 || o->C < 0 || !isfinite(o->C)))
     return pa_error(PA_EINVAL, "PAS fit: options top_k %d, C %g, max_iter %d, n_threads %d are not usable", o->top_k,
                     o->C, o->max_iter, o->n_threads);
-  return PA_OK;
+  bool hessian_only;
+  return newton_way(&hessian_only); /* checked here, before the heads' solves would each fail on it */
 }
 
 int pa_pas_fit_subject(const pa_pas_bank *bank, const uint8_t *answers, const char *subject_id, const pa_pas_opts *opts,

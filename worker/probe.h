@@ -75,6 +75,7 @@ typedef struct {
   double score, train_acc, val_acc;
   int train_correct, val_correct; /* samples classified right (predict 1 iff w.x + b > 0) */
   int iterations;                 /* Newton steps taken */
+  int dual_steps;                 /* of which solved through the samples' system (fewer samples than dimensions) */
   double grad_max;                /* largest |gradient component| of the objective at the end */
   int converged;                  /* 1: the gradient fell to <= 1e-10 * max(1, C sum_i max_d |x_id|), after which one
                                      more Newton step was taken; 0: max_iter, or no step could lower the objective */
@@ -154,8 +155,8 @@ int pa_pas_n_val(int n);
 /* One L2 logistic regression, as above: Newton's method from w = 0, b = 0
  * with a Cholesky solve and backtracking. X [n][d] row-major, y[i] in {0, 1}
  * with both values present (else PA_EINVAL), C > 0, max_iter >= 1. wb [d + 1]
- * receives w, then b. info may be NULL; only its iterations, grad_max and
- * converged are written. scratch holds pa_pas_logreg_scratch(n, d) doubles,
+ * receives w, then b. info may be NULL; only its iterations, dual_steps,
+ * grad_max and converged are written. scratch holds pa_pas_logreg_scratch(n, d) doubles,
  * or is NULL (then it is allocated). The Hessian's product and its
  * factorisation are OpenBLAS's: with OpenBLAS on one thread (as
  * pa_pas_fit_subject and pa_lm_create set it) the call runs on the calling
