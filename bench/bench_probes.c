@@ -17,10 +17,11 @@
  *
  * Prints seconds per subject and per probe, the Newton steps a probe took,
  * and, as the baseline measured in the same run, the time of one Newton
- * step's two library calls (OpenBLAS's dsyrk for the Hessian, dpotrf for its
- * factorisation) at the probe's size: a fit's time in those units is its
- * steps plus what the rest of a step costs, a figure the machine's speed on
- * the day does not move. */
+ * step's two library calls through the Hessian (OpenBLAS's dsyrk, LAPACK's
+ * dpotrf) at the probe's size (the last subject's training samples): a
+ * probe's time in those units (on T threads, its thread-seconds) is a figure
+ * the machine's speed on the day does not move, and shows what a step costs
+ * against that way of making it. */
 #include "probe.h"
 #include "rng.h"
 #include "status.h"
@@ -93,7 +94,7 @@ int main(int argc, char **argv) {
   if (!z || !dir || !size || !answers)
     return 1;
   uint64_t s = 1;
-  for (int lh = 0; lh < n_lh; lh++) { /* a unit direction and a signal of 0 to 2 noise deviations */
+  for (int lh = 0; lh < n_lh; lh++) { /* a unit direction, and a signal of 0 to 2 along it */
     double *u = dir + (size_t)lh * hd, nn = 0;
     for (int k = 0; k < hd; k++) {
       u[k] = gauss(&s);

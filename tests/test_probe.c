@@ -236,8 +236,9 @@ static void test_logreg_wide(void **state) {
       double wh[D + 1];
       pa_pas_probe ih = {0};
       setenv("PALIGN_PROBE_NEWTON", "hessian", 1);
-      assert_int_equal(pa_pas_logreg(X, y, N, D, C, 100, wh, &ih, NULL), PA_OK);
-      unsetenv("PALIGN_PROBE_NEWTON");
+      const int rc = pa_pas_logreg(X, y, N, D, C, 100, wh, &ih, NULL);
+      unsetenv("PALIGN_PROBE_NEWTON"); /* before any assertion, which would leave it set for the next tests */
+      assert_int_equal(rc, PA_OK);
       assert_int_equal(ih.iterations, info.iterations);
       assert_int_equal(ih.dual_steps, 0);
       double big = 1;
@@ -247,9 +248,10 @@ static void test_logreg_wide(void **state) {
         assert_true(fabs(wb[k] - wh[k]) <= 1e-12 * big);
     }
   setenv("PALIGN_PROBE_NEWTON", "cholesky", 1); /* anything else is refused, naming it */
-  assert_int_equal(pa_pas_logreg(X, y, N, D, 1.0, 100, wb, &info, NULL), PA_EINVAL);
-  assert_non_null(strstr(pa_errmsg(), "PALIGN_PROBE_NEWTON is 'cholesky'"));
+  const int rc = pa_pas_logreg(X, y, N, D, 1.0, 100, wb, &info, NULL);
   unsetenv("PALIGN_PROBE_NEWTON");
+  assert_int_equal(rc, PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "PALIGN_PROBE_NEWTON is 'cholesky'"));
 }
 
 /* Two points x = +1 (label 1) and x = -1 (label 0): by symmetry b = 0 and
@@ -353,16 +355,24 @@ static void test_determinism_and_threads(void **state) {
   assert_int_equal(a.n_samples, b.n_samples);
   assert_memory_not_equal(a.sample_val, b.sample_val, (size_t)a.n_samples);
   assert_true(a.split_seed != b.split_seed);
-  /* reuse with another shape */
+  /* reuse with another shape, with fewer training samples than dimensions
+   * (the steps through the samples' system): as many threads, the same bits */
   synth t = make_synth(30, 2, 2, 40, 7);
   assert_int_equal(pa_pas_fit_subject(&t.b, t.answers, "s1", &o, &b), PA_OK);
   assert_int_equal(b.n_selected, 4);
+  assert_true(b.n_train < 40);
+  for (int lh = 0; lh < 4; lh++)
+    assert_int_equal(b.probes[lh].dual_steps, b.probes[lh].iterations);
   assert_all_finite(&b);
+  o.n_threads = 1;
+  assert_int_equal(pa_pas_fit_subject(&t.b, t.answers, "s1", &o, &a), PA_OK);
+  assert_fits_identical(&a, &b);
   /* a PALIGN_PROBE_NEWTON it does not know: refused before any head, naming it */
   setenv("PALIGN_PROBE_NEWTON", "dual", 1);
-  assert_int_equal(pa_pas_fit_subject(&t.b, t.answers, "s1", &o, &b), PA_EINVAL);
-  assert_non_null(strstr(pa_errmsg(), "PALIGN_PROBE_NEWTON is 'dual'"));
+  const int rc = pa_pas_fit_subject(&t.b, t.answers, "s1", &o, &b);
   unsetenv("PALIGN_PROBE_NEWTON");
+  assert_int_equal(rc, PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "PALIGN_PROBE_NEWTON is 'dual'"));
   pa_pas_fit_free(&a);
   pa_pas_fit_free(&b);
   free_synth(&s);
@@ -668,6 +678,7 @@ static void test_golden(void **state) {
 }
 
 int main(void) {
+  unsetenv("PALIGN_PROBE_NEWTON"); /* the tests set it where they want it */
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_split),
       cmocka_unit_test(test_logreg_optimum),

@@ -123,16 +123,22 @@ static double sum_abs(const double *v, int n) {
 }
 
 /* LAPACK's Cholesky factorisation, as OpenBLAS provides it (its own code,
- * no Fortran string lengths). Column-major; palign's matrices are row-major,
- * whose lower triangle is the column-major upper one. */
+ * no Fortran string lengths; Debian's OpenBLAS has 32-bit integers, as
+ * declared here). Column-major; palign's matrices are row-major, whose lower
+ * triangle is the column-major upper one. */
 void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info);
 
 /* In-place Cholesky of the lower triangle of the row-major p x p matrix A
  * (L with L L^T = A, in that triangle); false if A is not positive definite
- * (then A is garbage). */
+ * or not finite (then A is garbage): dpotrf reports a pivot that is not
+ * positive, but a NaN or infinite one passes it, so the factor's diagonal
+ * is checked too. */
 static bool cholesky(double *A, int p) {
   int info = 0;
   dpotrf_("U", &p, A, &p, &info);
+  for (int j = 0; j < p && info == 0; j++)
+    if (!(A[(size_t)j * p + j] > 0) || !isfinite(A[(size_t)j * p + j]))
+      info = j + 1;
   return info == 0;
 }
 
@@ -209,7 +215,7 @@ static bool newton_dual(const double *X, int n, int d, double C, const double *m
     trace += t[i] * G[(size_t)i * n + i] * t[i];
     M[(size_t)i * n + i] = 1 + t[i] * G[(size_t)i * n + i] * t[i];
   }
-  if (trace > kDualMaxTrace || !cholesky(M, n))
+  if (!(trace <= kDualMaxTrace) || !cholesky(M, n))
     return false;
   cblas_dgemv(CblasRowMajor, CblasNoTrans, n, d, -1.0, X, d, g, 1, 0.0, e, 1); /* X r_w */
   for (int i = 0; i < n; i++) {
@@ -297,10 +303,10 @@ static int newton_way(bool *hessian_only) {
 
 size_t pa_pas_logreg_scratch(int n, int d) {
   const size_t p = (size_t)d + 1, N = (size_t)n;
-  return p * p + 4 * p        /* H; g, step, cand, gc */
-         + 3 * N + d          /* m, mc, dw; acc */
-         + N * d              /* xs: the scaled samples */
-         + 2 * N * N + 3 * N; /* G, M; t, a, e (newton_dual) */
+  return p * p + 4 * p                      /* H; g, step, cand, gc */
+         + 3 * N + d                        /* m, mc, dw; acc */
+         + N * d                            /* xs: the scaled samples */
+         + (n < d ? 2 * N * N + 3 * N : 0); /* G, M; t, a, e: newton_dual, for fewer samples than dimensions */
 }
 
 int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int max_iter, double *wb,
@@ -325,10 +331,17 @@ int pa_pas_logreg(const double *X, const uint8_t *y, int n, int d, double C, int
   }
   int p = d + 1;
   double *H = scratch, *g = H + (size_t)p * p, *step = g + p, *cand = step + p, *gc = cand + p, *m = gc + p,
-         *mc = m + n, *acc = mc + n, *dw = acc + d, *xs = dw + n, *G = xs + (size_t)n * d, *M = G + (size_t)n * n,
-         *ts = M + (size_t)n * n, *ta = ts + n, *te = ta + n;
+         *mc = m + n, *acc = mc + n, *dw = acc + d, *xs = dw + n;
   /* fewer samples than dimensions: the steps through the samples' system (newton_dual) */
   const bool dual = n < d && !hessian_only;
+  double *G = NULL, *M = NULL, *ts = NULL, *ta = NULL, *te = NULL;
+  if (n < d) {
+    G = xs + (size_t)n * d;
+    M = G + (size_t)n * n;
+    ts = M + (size_t)n * n;
+    ta = ts + n;
+    te = ta + n;
+  }
   if (dual)
     cblas_dsyrk(CblasRowMajor, CblasLower, CblasNoTrans, n, d, 1.0, X, d, 0.0, G, n);
 
