@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* LAPACK's Cholesky factorisation, as worker/probe.c declares it (OpenBLAS provides it) */
 void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info);
 
 enum { N_ITEMS = 120, RANK = 8 };

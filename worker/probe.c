@@ -158,6 +158,12 @@ static void cholesky_solve(const double *L, int p, double *v) {
   }
 }
 
+/* C D_i, a sample's curvature in the Hessian: D = sigmoid(m) sigmoid(-m). */
+static double curvature(double C, double m) {
+  const double e = exp(-fabs(m));
+  return C * e / ((1 + e) * (1 + e));
+}
+
 /* The Hessian's lower triangle: [I + C X^T D X, C X^T D 1; ., C 1^T D 1] with
  * D = sigmoid(m) sigmoid(-m). The d x d block is one product, OpenBLAS's
  * dsyrk of the samples scaled by sqrt(C D) (xs, [n][d] scratch; dw [n]). */
@@ -166,8 +172,7 @@ static void hessian(const double *X, int n, int d, double C, const double *m, do
   double *last = H + (size_t)d * p;
   memset(last, 0, (size_t)p * sizeof *last);
   for (int i = 0; i < n; i++) {
-    const double e = exp(-fabs(m[i]));
-    dw[i] = C * e / ((1 + e) * (1 + e));
+    dw[i] = curvature(C, m[i]);
     const double r = sqrt(dw[i]);
     const double *x = X + (size_t)i * d;
     for (int c = 0; c < d; c++)
@@ -186,28 +191,26 @@ static void hessian(const double *X, int n, int d, double C, const double *m, do
 
 /* The Newton step -H^{-1} g through the samples' n x n system rather than
  * H's (d+1) x (d+1) one, for fewer samples than dimensions (a probe of a
- * 128-dim head of an 8B model fits about 110). With S = diag(sqrt(D)),
+ * 128-dim head of an 8B model fits about 110). With S = diag(sqrt(C D)),
  * t = S 1, X_S = S X and M = I + X_S X_S^T = I + S G S (G = X X^T, made once
- * a solve: X does not change), the block I + X^T D X has the inverse
+ * a solve: X does not change), the block I + X^T C D X has the inverse
  * I - X_S^T M^{-1} X_S (Woodbury), and the intercept's row is eliminated by
  * its Schur complement, which comes out as t^T M^{-1} t. For r = -g: with
  * a = M^{-1} t and e = M^{-1} X_S r_w, the step is b = (r_b - t^T e) / (t^T a)
  * and w = r_w - X_S^T (e + b a). That last difference makes a w step that may
- * be smaller than its terms by up to the largest eigenvalue of X^T D X, and
+ * be smaller than its terms by up to the largest eigenvalue of X^T C D X, and
  * loses that many times the rounding: so this way is taken only while the
- * trace of X_S X_S^T (at least that eigenvalue) is at most kDualMaxTrace, the
- * step then within about 1e-10 of itself, and false sends the caller H's way
- * (newton_primal) otherwise: activations far above 1. False also when t^T a
+ * trace of X_S X_S^T (at least that eigenvalue) is at most kDualMaxTrace,
+ * the step then right to about 1e-10 of its size; false sends the caller H's
+ * way (newton_primal) otherwise (activations far above 1), and where t^T a
  * is not positive (D has underflowed: H's way has its ridge for that). M's
  * eigenvalues are at least 1, so its factorisation does not fail. t, a, e: [n]. */
 enum { kDualMaxTrace = 1000000 };
 
 static bool newton_dual(const double *X, int n, int d, double C, const double *m, const double *G, const double *g,
                         double *step, double *M, double *t, double *a, double *e) {
-  for (int i = 0; i < n; i++) {
-    const double x = exp(-fabs(m[i]));
-    t[i] = sqrt(C * x / ((1 + x) * (1 + x)));
-  }
+  for (int i = 0; i < n; i++)
+    t[i] = sqrt(curvature(C, m[i]));
   double trace = 0; /* of X_S X_S^T: at least its largest eigenvalue */
   for (int i = 0; i < n; i++) {
     for (int j = 0; j < i; j++)
