@@ -1,7 +1,7 @@
 /* bench_probes: PAS's probes for one subject (worker/probe.h) on a bank of a
  * given shape, for docs/PROBES.md.
  *
- *   bench_probes [--shape LAYERS,HEADS,HEAD_DIM] [--subjects N] [--threads T]
+ *   bench_probes [--shape LAYERS,HEADS,HEAD_DIM] [--bank FILE] [--subjects N] [--threads T]
  *
  * The shape defaults to Llama-3-8B's (32,32,128: 1,024 probes of 128
  * dimensions); SmolLM2-135M's is 30,9,64 and Qwen2.5-0.5B's 24,14,64. The
@@ -12,8 +12,11 @@
  * answer letter, of a size that differs by head (as in a real bank, where the
  * letter is read by most heads and the subject's answers decide how well);
  * its probes take about as many Newton steps as a real bank's (5 here, 4 on
- * Qwen2.5-0.5B's). N subjects with random answers 1..5 are fitted on 1
- * thread, then on T threads (default: all cores).
+ * Qwen2.5-0.5B's). --bank FILE takes a real bank's activations instead (a
+ * palign cache file, e.g. ~/.cache/palign/bank-*.bin), its heads side by
+ * side where the shape's are wider (bank_from_file). N subjects with random
+ * answers 1..5 are fitted on 1 thread, then on T threads (default: all
+ * cores).
  *
  * Prints seconds per subject and per probe, the Newton steps a probe took,
  * and, as the baseline measured in the same run, the time of one Newton
@@ -26,8 +29,11 @@
 #include "rng.h"
 #include "status.h"
 
+#include <cJSON.h>
 #include <cblas.h>
 #include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,28 +78,15 @@ static double library_step(int n, int d) {
   return best;
 }
 
-int main(int argc, char **argv) {
-  int L = 32, H = 32, hd = 128, subjects = 3, threads = omp_get_num_procs();
-  for (int i = 1; i < argc; i++) {
-    if (!strcmp(argv[i], "--shape") && i + 1 < argc && sscanf(argv[i + 1], "%d,%d,%d", &L, &H, &hd) == 3 && L > 0 &&
-        H > 0 && hd > 0)
-      i++;
-    else if (!strcmp(argv[i], "--subjects") && i + 1 < argc && (subjects = atoi(argv[i + 1])) > 0)
-      i++;
-    else if (!strcmp(argv[i], "--threads") && i + 1 < argc && (threads = atoi(argv[i + 1])) > 0)
-      i++;
-    else {
-      fprintf(stderr, "usage: bench_probes [--shape LAYERS,HEADS,HEAD_DIM] [--subjects N] [--threads T]\n");
-      return 2;
-    }
-  }
+/* The made-up bank: [2 N_ITEMS][L][H][hd] (the header says how it is made). */
+static float *made_up_bank(int L, int H, int hd) {
   const int n_lh = L * H;
   const size_t per_seq = (size_t)n_lh * hd;
   float *z = malloc(2 * N_ITEMS * per_seq * sizeof *z);
   double *dir = malloc(per_seq * sizeof *dir), *size = malloc((size_t)n_lh * sizeof *size);
-  uint8_t *answers = malloc(N_ITEMS);
-  if (!z || !dir || !size || !answers)
-    return 1;
+  double *basis = malloc(per_seq * RANK * sizeof *basis);
+  if (!z || !dir || !size || !basis)
+    exit(1);
   uint64_t s = 1;
   for (int lh = 0; lh < n_lh; lh++) { /* a unit direction, and a signal of 0 to 2 along it */
     double *u = dir + (size_t)lh * hd, nn = 0;
@@ -107,9 +100,6 @@ int main(int argc, char **argv) {
   }
   /* the rest of a sample: RANK factors of its head's own (a real head's
    * activations fill few of its dimensions) and a little isotropic noise */
-  double *basis = malloc(per_seq * RANK * sizeof *basis);
-  if (!basis)
-    return 1;
   for (size_t i = 0; i < per_seq * RANK; i++)
     basis[i] = gauss(&s);
   for (int q = 0; q < 2 * N_ITEMS; q++) /* sequence 2i ends in A, 2i + 1 in E */
@@ -124,10 +114,96 @@ int main(int argc, char **argv) {
         z[q * per_seq + (size_t)lh * hd + k] = (float)x;
       }
     }
-  free(basis);
+  free(dir), free(size), free(basis);
+  return z;
+}
+
+/* A bank of the shape L x H x hd made of a real one's heads (a cache file of
+ * palign's, docs/BANK.md; its checksum is not checked: this is a
+ * benchmark's input): each head is hd / (the file's head_dim) of the file's
+ * heads side by side, taken in turn, so that Qwen2.5-0.5B's 64-dim heads
+ * make 128-dim ones of an 8B shape. NULL, with the reason on stderr, when
+ * the file is not such a bank or its head_dim does not divide hd. */
+static float *bank_from_file(const char *path, int L, int H, int hd) {
+  FILE *f = fopen(path, "rb");
+  unsigned char head[16];
+  if (!f || fread(head, 1, 16, f) != 16 || memcmp(head, "PALIGNBK", 8)) {
+    fprintf(stderr, "bench_probes: %s: not an activation bank (docs/BANK.md)\n", path);
+    if (f)
+      fclose(f);
+    return NULL;
+  }
+  const uint32_t hl = head[12] | head[13] << 8 | head[14] << 16 | (uint32_t)head[15] << 24;
+  char *json = hl < (1u << 26) ? malloc((size_t)hl + 1) : NULL;
+  cJSON *h = NULL;
+  if (json && fread(json, 1, hl, f) == hl) {
+    json[hl] = 0;
+    h = cJSON_Parse(json);
+  }
+  free(json);
+  const cJSON *d = cJSON_GetObjectItemCaseSensitive(h, "dims");
+  int dims[4] = {0, 0, 0, 0};
+  const char *names[4] = {"n_items", "n_layers", "n_heads", "head_dim"};
+  for (int i = 0; i < 4; i++) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(d, names[i]);
+    dims[i] = cJSON_IsNumber(v) && v->valuedouble >= 1 && v->valuedouble <= 1e6 ? v->valueint : 0;
+  }
+  cJSON_Delete(h);
+  const int fn = dims[1] * dims[2], fd = dims[3];
+  if (!dims[0] || !fn || !fd || dims[0] != N_ITEMS || hd % fd) {
+    fprintf(stderr,
+            "bench_probes: %s: its header's dims (%d items, %d x %d heads of %d) are not PAPI's %d items with a "
+            "head_dim dividing %d\n",
+            path, dims[0], dims[1], dims[2], fd, N_ITEMS, hd);
+    fclose(f);
+    return NULL;
+  }
+  const size_t nf = (size_t)2 * N_ITEMS * fn * fd;
+  float *src = malloc(nf * sizeof *src), *z = malloc((size_t)2 * N_ITEMS * L * H * hd * sizeof *z);
+  const bool read = src && z && fread(src, sizeof *src, nf, f) == nf;
+  fclose(f);
+  if (!read) {
+    fprintf(stderr, "bench_probes: %s: truncated (its header describes %zu floats)\n", path, nf);
+    free(src), free(z);
+    return NULL;
+  }
+  const int parts = hd / fd;
+  for (int q = 0; q < 2 * N_ITEMS; q++)
+    for (int lh = 0; lh < L * H; lh++)
+      for (int k = 0; k < hd; k++)
+        z[((size_t)q * L * H + lh) * hd + k] = src[((size_t)q * fn + (lh * parts + k / fd) % fn) * fd + k % fd];
+  free(src);
+  return z;
+}
+
+int main(int argc, char **argv) {
+  int L = 32, H = 32, hd = 128, subjects = 3, threads = omp_get_num_procs();
+  const char *bank_path = NULL;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--shape") && i + 1 < argc && sscanf(argv[i + 1], "%d,%d,%d", &L, &H, &hd) == 3 && L > 0 &&
+        H > 0 && hd > 0)
+      i++;
+    else if (!strcmp(argv[i], "--subjects") && i + 1 < argc && (subjects = atoi(argv[i + 1])) > 0)
+      i++;
+    else if (!strcmp(argv[i], "--threads") && i + 1 < argc && (threads = atoi(argv[i + 1])) > 0)
+      i++;
+    else if (!strcmp(argv[i], "--bank") && i + 1 < argc)
+      bank_path = argv[++i];
+    else {
+      fprintf(stderr,
+              "usage: bench_probes [--shape LAYERS,HEADS,HEAD_DIM] [--bank FILE] [--subjects N] [--threads T]\n");
+      return 2;
+    }
+  }
+  const int n_lh = L * H;
+  float *z = bank_path ? bank_from_file(bank_path, L, H, hd) : made_up_bank(L, H, hd);
+  uint8_t *answers = malloc(N_ITEMS);
+  if (!z || !answers)
+    return 1;
   const pa_pas_bank bank = {z, N_ITEMS, L, H, hd};
 
-  printf("bank: %d layers x %d heads, head_dim %d (%d probes), %d items\n", L, H, hd, n_lh, N_ITEMS);
+  printf("bank: %d layers x %d heads, head_dim %d (%d probes), %d items, %s\n", L, H, hd, n_lh, N_ITEMS,
+         bank_path ? bank_path : "made up");
   double step = 0;
   int n_train = 0;
   for (int pass = 0; pass < 2; pass++) {
@@ -163,6 +239,6 @@ int main(int argc, char **argv) {
            "probe\n",
            t, t > 1 ? "s" : "", per, per / n_lh * 1e6, (double)steps / subjects / n_lh, per / n_lh / step * t);
   }
-  free(z), free(dir), free(size), free(answers);
+  free(z), free(answers);
   return 0;
 }
