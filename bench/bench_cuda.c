@@ -12,14 +12,16 @@
  *     runs with --weights bf16, the default on a GPU);
  *  3. the backend's attention (32 heads, 8 kv heads, head_dim 128, causal)
  *     by each of its kernels (pa_cuda_attention_kernel: the simple one, the
- *     baseline, the tiled one and the tensor cores' one, the default) on
+ *     baseline, the tiled one, the tensor cores' one on tf32 parts, the
+ *     default, and the tensor cores' one on bf16 operands) on
  *     that prefill, on a pass of PAS's grid (180 items of 70 tokens after
  *     a 2,400-token prefix) and on two decoding steps (one new token of one
  *     sequence after 2,400 cached, as `palign generate` after a long
  *     prompt; one new token of each of those 180 items, as the generate
  *     answer mode): time, TFLOP/s, the keys and values read per second (what
  *     bounds decoding), and the ratio to the simple one's time; the
- *     default's time on the prefill as a share of the layer's products.
+ *     default's time on the prefill as a share of the layer's products, and
+ *     the bf16 operands' time as a share of the tf32 parts' on each shape.
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
  * a device. */
 #include "backend.h"
@@ -210,10 +212,11 @@ int main(int argc, char **argv) {
       {"decode, 180 items", "decode180", on_prefix_steps, 4.0 * H * hd * n_items * ((double)prefix + item),
        8.0 * KH * hd * (prefix + (double)n_items * item)},
   };
-  static const char *const kernel[3] = {"simple", "tiled", "mma"};
-  double att[N_SHAPES][3];
+  enum { N_KERNELS = 4, MMA = 2, MMA_BF16 = 3 };
+  static const char *const kernel[N_KERNELS] = {"simple", "tiled", "mma", "mma_bf16"};
+  double att[N_SHAPES][N_KERNELS];
   for (int sh = 0; sh < N_SHAPES; sh++) {
-    for (int kk = 0; kk < 3; kk++) {
+    for (int kk = 0; kk < N_KERNELS; kk++) {
       if (pa_cuda_attention_kernel(kernel[kk]) != 0)
         return 1;
       for (int r = -1; r < 5; r++) {
@@ -229,7 +232,9 @@ int main(int argc, char **argv) {
              shape[sh].bytes / att[sh][kk] / 1e9, att[sh][kk] / att[sh][0]);
     }
   }
-  printf("attention on the prefill (mma, the default): %.2fx the layer's bf16 products\n", att[0][2] / secs16);
+  printf("attention on the prefill (mma, the default): %.2fx the layer's bf16 products\n", att[0][MMA] / secs16);
+  for (int sh = 0; sh < N_SHAPES; sh++)
+    printf("attention (mma_bf16) %s: %.2fx the time of mma's\n", shape[sh].name, att[sh][MMA_BF16] / att[sh][MMA]);
   pa_cuda_attention_kernel("mma");
   free(items), free(steps);
   if (pa_cuda_error()[0]) {
@@ -244,7 +249,7 @@ int main(int argc, char **argv) {
               "%.2f, \"layer_matmul_bf16_ms\": %.4f, \"layer_matmul_bf16_tflops\": %.2f, \"tokens\": %d",
               prop.name, peak, secs * 1e3, layer_flops / secs / 1e12, secs16 * 1e3, layer_flops / secs16 / 1e12, T);
       for (int sh = 0; sh < N_SHAPES; sh++)
-        for (int kk = 0; kk < 3; kk++)
+        for (int kk = 0; kk < N_KERNELS; kk++)
           fprintf(f, ", \"attention_%s_%s_ms\": %.4f", shape[sh].key, kernel[kk], att[sh][kk] * 1e3);
       fprintf(f, "}\n");
       fclose(f);

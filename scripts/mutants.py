@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""scripts/mutants.py [--work DIR] [--only TEXT] LIST...: whether the tests
+"""scripts/mutants.py [--work DIR] [--only TEXT]... LIST...: whether the tests
 catch the breakages a list describes (tests/mutants/*.txt).
 
 Each breakage (a mutant) replaces one line's text in one source file with
@@ -121,9 +121,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("lists", nargs="+")
     ap.add_argument("--work", default="/tmp/palign-mutants")
-    ap.add_argument("--only", help="only the mutants whose name contains this text")
+    ap.add_argument("--only", action="append",
+                    help="only the mutants whose name contains this text (given again: any of the texts)")
     a = ap.parse_args()
-    mutants = [m for m in read_lists(a.lists) if not a.only or a.only in m["name"]]
+    mutants = [m for m in read_lists(a.lists) if not a.only or any(t in m["name"] for t in a.only)]
     src, build, logs = (os.path.join(a.work, d) for d in ("src", "build", "logs"))
     os.makedirs(logs, exist_ok=True)
     sync_tree(src)

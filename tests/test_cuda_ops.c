@@ -28,12 +28,17 @@
  *    the rounded operand is checked too: the GPU's result with x already
  *    bf16 (rounding again changes nothing) must be the same bits;
  *  - embed_bf16: exact (widening is exact).
- * The three attention kernels are checked (pa_cuda_attention_kernel), at
- * the same tolerance: the tensor cores' one makes each product of three
+ * The three fp32 attention kernels are checked (pa_cuda_attention_kernel),
+ * at the same tolerance: the tensor cores' one makes each product of three
  * tf32 products of split operands, which leaves about 2^-22 of each term
  * (3 ulp of fp32) where the others leave 1 ulp, inside the exponentials'
  * 2 ulp and the 2e-6 floor; the tiled and tensor-core ones also over 70,000
- * keys (2e-5: see there). And a failing operation (the
+ * keys (2e-5: see there). The tensor cores' kernel on bf16 operands
+ * ("mma_bf16") is checked against the CPU's attention on q, k and v
+ * rounded to bf16 first (as the kernel rounds them), at the same
+ * tolerances plus 2^-18 of the largest |v| (1 in these tests): its scores
+ * are exact products summed in fp32, and it multiplies p by v in two bf16
+ * parts, which hold p to 2^-18 of itself. And a failing operation (the
  * simple attention kernel over more keys than shared memory holds) is
  * reported by status(), once. A machine whose driver cannot serve
  * fails rather than skips (tu_cuda.h). */
@@ -350,22 +355,61 @@ static void test_backward(void **s) {
   free(wg), free(wu);
 }
 
+/* n floats of x (NULL: NULL), each rounded to bf16 (ties to even), in a new array. */
+static float *rounded_bf16(const float *x, size_t n) {
+  if (!x)
+    return NULL;
+  float *r = malloc(n * sizeof *r);
+  assert_non_null(r);
+  for (size_t i = 0; i < n; i++)
+    r[i] = pa_bf16_to_f32(pa_bf16_from_f32(x[i]));
+  return r;
+}
+
+/* The CPU's attention a over `rows` rows, on its inputs or (bf16) on them
+ * rounded to bf16: a new array. */
+static float *cpu_attention(const pa_attn_args *a, int rows, bool bf16) {
+  const int hd = a->head_dim, KV = a->n_kv_heads;
+  const size_t nz = (size_t)rows * a->n_heads * hd, np = (size_t)KV * a->prefix_stride * hd;
+  float *want = calloc(nz, sizeof *want);
+  pa_attn_seq *seqs = malloc((size_t)a->n_seqs * sizeof *seqs);
+  assert_true(want && seqs);
+  pa_attn_args c = *a;
+  c.z = want, c.seqs = seqs;
+  memcpy(seqs, a->seqs, (size_t)a->n_seqs * sizeof *seqs);
+  if (bf16) {
+    c.q = rounded_bf16(a->q, nz), c.k_prefix = rounded_bf16(a->k_prefix, np);
+    c.v_prefix = rounded_bf16(a->v_prefix, np);
+    for (int i = 0; i < a->n_seqs; i++) {
+      const size_t cache = (size_t)KV * seqs[i].stride * hd;
+      seqs[i].k_own = rounded_bf16(seqs[i].k_own, cache), seqs[i].v_own = rounded_bf16(seqs[i].v_own, cache);
+    }
+  }
+  float *scratch = malloc(cpu->attention_scratch(&c) * sizeof(float) + 4);
+  cpu->attention(&c, scratch);
+  free(scratch);
+  if (bf16) {
+    free((void *)c.q), free((void *)c.k_prefix), free((void *)c.v_prefix);
+    for (int i = 0; i < a->n_seqs; i++)
+      free(seqs[i].k_own), free(seqs[i].v_own);
+  }
+  free(seqs);
+  return want;
+}
+
 /* The attention a (host memory: q, the prefix and each sequence's caches,
  * of kv heads x prefix_stride or stride positions) on the CPU, then on the
  * device, on copies of its inputs, by each of the kernels named: its rows'
- * outputs within tol + rel |want| of the CPU's. */
+ * outputs within tol + rel |want| of the CPU's (for "mma_bf16": of the
+ * CPU's on the inputs rounded to bf16, within 2^-18 more; |v| <= 1). */
 static void compare_attention(const pa_attn_args *a, int rows, const char *const *kernels, int n_kernels,
                               const char *label, double tol, double rel) {
   const int hd = a->head_dim, KV = a->n_kv_heads;
   const size_t nz = (size_t)rows * a->n_heads * hd, np = (size_t)KV * a->prefix_stride * hd;
-  float *want = calloc(nz, sizeof *want);
-  pa_attn_args c = *a;
-  c.z = want;
-  float *scratch = malloc(cpu->attention_scratch(&c) * sizeof(float) + 4);
-  cpu->attention(&c, scratch);
-  free(scratch);
+  float *const want32 = cpu_attention(a, rows, false);
+  float *want16 = NULL;
   pa_attn_seq *dseqs = malloc((size_t)a->n_seqs * sizeof *dseqs);
-  assert_true(want && dseqs);
+  assert_non_null(dseqs);
   for (int i = 0; i < a->n_seqs; i++) {
     const size_t cache = (size_t)KV * a->seqs[i].stride * hd;
     dseqs[i] = a->seqs[i];
@@ -377,12 +421,22 @@ static void compare_attention(const pa_attn_args *a, int rows, const char *const
   da.v_prefix = a->v_prefix ? dev_floats(a->v_prefix, np) : NULL;
   float *d_scratch = gpu->alloc(gpu->attention_scratch(&da) * sizeof(float) + 4);
   for (int k = 0; k < n_kernels; k++) {
+    const bool bf16 = !strcmp(kernels[k], "mma_bf16") && hd <= 128; /* wider heads: the simple kernel, fp32 */
+    if (bf16 && !want16)
+      want16 = cpu_attention(a, rows, true);
+    const float *want = bf16 ? want16 : want32;
     assert_int_equal(pa_cuda_attention_kernel(kernels[k]), 0);
     gpu->attention(&da, d_scratch);
     float *got = back(da.z, nz);
     char what[128];
     snprintf(what, sizeof what, "attention (%s), %s", kernels[k], label);
-    expect_close(what, got, want, nz, tol + rel * fabs(want[i]));
+    expect_close(what, got, want, nz, tol + (bf16 ? 0x1p-18 : 0) + rel * fabs(want[i]));
+    if (bf16) { /* what the rounding costs, for the docs: no bound to hold it to but the rounded reference's */
+      double off = 0;
+      for (size_t i = 0; i < nz; i++)
+        off = fmax(off, fabs((double)got[i] - want32[i]));
+      fprintf(stderr, "    %-16s from the CPU's fp32 attention: %.3g\n", "", off);
+    }
     free(got);
   }
   assert_int_equal(pa_cuda_attention_kernel("mma"), 0); /* the default again */
@@ -390,7 +444,7 @@ static void compare_attention(const pa_attn_args *a, int rows, const char *const
   gpu->release(d_scratch);
   for (int i = 0; i < a->n_seqs; i++)
     gpu->release(dseqs[i].k_own), gpu->release(dseqs[i].v_own);
-  free(dseqs), free(want);
+  free(dseqs), free(want32), free(want16);
 }
 
 /* A cache's positions from `used` to `stride` (of each of KV heads) set to
@@ -580,8 +634,9 @@ static void test_attention_rescaled(void **s) {
   pa_attn_seq seq = {.row0 = 0, .n = N, .past = 0, .k_own = k, .v_own = v, .stride = N};
   pa_attn_args a = {.n_heads = H, .n_kv_heads = 1, .head_dim = hd, .q = q, .k_prefix = kp, .v_prefix = vp,
                     .prefix_len = P, .prefix_stride = P, .seqs = &seq, .n_seqs = 1};
-  static const char *const kernels[] = {"mma", "tiled", "simple"};
-  compare_attention(&a, N, kernels, 3, "growing scores", 2e-6 + ldexp(terms, -19), 1e-6); /* |v| <= 1 */
+  /* mma_bf16: its scores' exact products in sums of 16, each truncated: 2^-19 of the terms too */
+  static const char *const kernels[] = {"mma", "tiled", "simple", "mma_bf16"};
+  compare_attention(&a, N, kernels, 4, "growing scores", 2e-6 + ldexp(terms, -19), 1e-6); /* |v| <= 1 */
   free(q), free(kp), free(vp), free(k), free(v);
 }
 
@@ -602,8 +657,8 @@ static void test_attention_long_row(void **s) {
   pa_attn_seq seq = {.row0 = 0, .n = 1, .past = 0, .k_own = k0, .v_own = v0, .stride = 1};
   pa_attn_args a = {.n_heads = 1, .n_kv_heads = 1, .head_dim = hd, .q = q, .k_prefix = kp, .v_prefix = vp,
                     .prefix_len = P, .prefix_stride = P, .seqs = &seq, .n_seqs = 1};
-  static const char *const kernels[] = {"tiled", "mma"};
-  compare_attention(&a, 1, kernels, 2, "70,000 keys", 2e-5, 0);
+  static const char *const kernels[] = {"tiled", "mma", "mma_bf16"};
+  compare_attention(&a, 1, kernels, 3, "70,000 keys", 2e-5, 0);
   free(kp), free(vp), free(q), free(k0), free(v0);
 }
 
@@ -613,6 +668,24 @@ static void test_attention_long_row(void **s) {
 static void test_attention_head_dim_36(void **s) {
   (void)s;
   check_attention(23, 36, 6, 2, "mma");
+}
+
+/* The tensor cores' kernel on bf16 operands at check_attention's shapes:
+ * head dims 40, 128 and 8 (rounded up to 16, its k-step, with zeros), 36
+ * (not a multiple of 8: it takes every head up to 128, where the tf32
+ * one hands such heads to the tiled kernel), and 136 (wider: the simple
+ * kernel runs); blocks of 3, 4 and 4 + 3 heads (a warp idle). (After the
+ * others: their random numbers stay as they were.) */
+static void test_attention_bf16(void **s) {
+  (void)s;
+  check_attention(23, 40, 6, 2, "mma_bf16");
+  check_attention(0, 40, 6, 2, "mma_bf16");
+  check_attention(37, 128, 6, 2, "mma_bf16");
+  check_attention(23, 40, 8, 2, "mma_bf16");
+  check_attention(23, 64, 14, 2, "mma_bf16");
+  check_attention(11, 8, 6, 2, "mma_bf16");
+  check_attention(23, 36, 6, 2, "mma_bf16");
+  check_attention(23, 136, 6, 2, "mma_bf16");
 }
 
 /* A failed operation is reported by status() (backend.h), once: the simple
@@ -656,11 +729,20 @@ int main(void) {
     return ready;
   gpu = pa_backend_cuda();
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_matmul),    cmocka_unit_test(test_matmul_bf16), cmocka_unit_test(test_matmul_tn_acc),
-      cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope),        cmocka_unit_test(test_elementwise),
-      cmocka_unit_test(test_attention), cmocka_unit_test(test_backward),    cmocka_unit_test(test_attention_train),
-      cmocka_unit_test(test_attention_rescaled), cmocka_unit_test(test_attention_long_row),
-      cmocka_unit_test(test_failure_reported),  cmocka_unit_test(test_attention_head_dim_36),
+      cmocka_unit_test(test_matmul),
+      cmocka_unit_test(test_matmul_bf16),
+      cmocka_unit_test(test_matmul_tn_acc),
+      cmocka_unit_test(test_rmsnorm),
+      cmocka_unit_test(test_rope),
+      cmocka_unit_test(test_elementwise),
+      cmocka_unit_test(test_attention),
+      cmocka_unit_test(test_backward),
+      cmocka_unit_test(test_attention_train),
+      cmocka_unit_test(test_attention_rescaled),
+      cmocka_unit_test(test_attention_long_row),
+      cmocka_unit_test(test_failure_reported),
+      cmocka_unit_test(test_attention_head_dim_36),
+      cmocka_unit_test(test_attention_bf16),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

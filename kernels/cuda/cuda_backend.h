@@ -47,11 +47,15 @@ int pa_cuda_select(int device);
  * NULL when there is none (pa_cuda_error says why). */
 const pa_backend *pa_backend_cuda(void);
 
-/* The attention kernel to use first: "mma" (the default: the tensor cores,
- * head dimensions that are multiples of 8 up to 128), "tiled" (up to 128)
+/* The attention kernel to use first: "mma" (the default: the tensor cores
+ * on tf32 parts, fp32's precision, head dimensions that are multiples of 8
+ * up to 128), "mma_bf16" (the tensor cores on q, k and v rounded to bf16,
+ * up to 128: not the CPU's fp32 attention but its attention on the rounded
+ * values; for bench_cuda and the tests, docs/CUDA.md), "tiled" (up to 128)
  * or "simple" (any); a head the kernel does not hold takes the next that
- * does. Read from PALIGN_CUDA_ATTENTION when a device is selected. 0, or
- * -1 for another name (pa_cuda_error says so). */
+ * does. Read from PALIGN_CUDA_ATTENTION when a device is selected (which
+ * refuses mma_bf16: a bank or a store made with it would pass for the
+ * CPU's). 0, or -1 for another name (pa_cuda_error says so). */
 int pa_cuda_attention_kernel(const char *name);
 
 /* The times this process has waited for the device: for a download, for

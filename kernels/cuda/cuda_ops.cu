@@ -535,55 +535,38 @@ __global__ void k_attention_tiled(int n_heads, int n_kv_heads, int hd, const flo
 // The tensor-core attention, the default: the tiled kernel's tiles (up to
 // kTileQ query rows of a sequence, the keys kTileK at a time through shared
 // memory, the softmax online) with both products, the scores Q K^T and the
-// outputs P V, on the tensor cores through the warp matrix functions
-// (m16n16k8, tf32 operands, fp32 accumulation). The other kernels'
-// arithmetic is one fp32 multiply-add per two shared-memory loads, bound by
-// shared memory's bandwidth at a few TFLOP/s, where an 8B model's prefill
-// products run at hundreds (docs/CUDA.md).
-//
-// tf32 keeps 10 of fp32's 23 mantissa bits, which alone would move the
-// outputs by about 1e-3 of their size. So every operand x is split in two
-// tf32 values, hi = tf32(x) and lo = tf32(x - hi), and every product made
-// of three (lo hi + hi lo + hi hi; lo lo is under 2^-22 of it): within a
-// few ulps of fp32, the CPU reference's precision, at three tensor-core
-// products for one.
+// outputs P V, on the tensor cores through the warp matrix functions, in
+// fp32 accumulators. The other kernels' arithmetic is one fp32 multiply-add
+// per two shared-memory loads, bound by shared memory's bandwidth at a few
+// TFLOP/s, where an 8B model's prefill products run at hundreds
+// (docs/CUDA.md).
 //
 // A block takes a tile for up to kMmaMaxWarps query heads that share a kv
 // head, a warp each, so that they share its key and value tiles (read from
-// global memory once for all of them, and split into tf32 parts once: the
-// splitting, a few integer operations an element, would otherwise cost the
-// warps more issue slots than their products). A warp computes its head's 16 x 32
-// scores, its rows' softmax (a lane a row), and its 16 x head_dim outputs,
-// which stay in its accumulators from one key tile to the next, rescaled
-// there by rows as the max grows: the row of each accumulator element is
-// the GPU's own mapping, found once by loading a tile whose elements are
-// their row numbers.
+// global memory once for all of them, and brought into the products'
+// operands once: the splitting into tf32 parts, a few integer operations
+// an element, would otherwise cost the warps more issue slots than their
+// products). A warp computes its head's 16 x 32 scores, its rows' softmax
+// (a lane a row), and its 16 x head_dim outputs, which stay in its
+// accumulators from one key tile to the next, rescaled there by rows as the
+// max grows: the row of each accumulator element is the GPU's own mapping,
+// found once by loading a tile whose elements are their row numbers.
+//
+// The operands come in one of two ways (Ops, below): tf32 parts, fp32's
+// precision and the default; or bf16, the CPU's attention on q, k and v
+// rounded to bf16 (pa_cuda_attention_kernel("mma_bf16")), for bench_cuda
+// to weigh against it.
 constexpr int kMmaMaxHd = 128, kMmaMaxWarps = 4;
 constexpr int kMmaOutBlocks = kMmaMaxHd / 16; // a warp's 16-column output blocks
 constexpr int kScoreLd = kTileK + 4;          // a row of scores in shared memory
 
 namespace wmma = nvcuda::wmma;
-using frag_rows = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>; // q, p
-using frag_keys = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>; // k^T
-using frag_vals = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>; // v
-using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 
-// A row of q, k or v in shared memory, in floats: the head dimension
-// rounded up to 16 (the output blocks; v's extra columns are zeros), and 4
-// more so that rows start in different banks. Every fragment's start is
-// then 32-byte aligned, as the warp matrix functions require.
-__host__ __device__ inline int mma_ld(int hd) { return (hd + 15) / 16 * 16 + 4; }
+// The head dimension rounded up to the output blocks' 16 columns.
+__host__ __device__ inline int round16(int hd) { return (hd + 15) / 16 * 16; }
 
 // Warps (query heads) per block for `group` query heads per kv head.
 __host__ __device__ inline int mma_warps(int group) { return group < kMmaMaxWarps ? group : kMmaMaxWarps; }
-
-// Shared memory of k_attention_mma, in floats: q [warps][kTileQ][ld]
-// (scaled), k's and v's tf32 high and low parts [4][kTileK][ld], and scores
-// [warps][kTileQ][kScoreLd] (then p), whose 4 columns past the keys hold
-// the row's running max, sum and correction.
-__host__ __device__ inline size_t mma_shared_floats(int hd, int warps) {
-  return (size_t)(warps * kTileQ + 4 * kTileK) * mma_ld(hd) + (size_t)warps * kTileQ * kScoreLd;
-}
 
 // x rounded to tf32 (10 mantissa bits; to nearest, ties away from zero, as
 // cvt.rna.tf32.f32 rounds) as an fp32 value whose 13 low bits are zero, so
@@ -607,56 +590,226 @@ template <class F> __device__ inline void split_tf32(F &hi, F &lo) {
   }
 }
 
-// acc = a b (acc zero before) from the split parts, the small products first.
-template <class A, class B>
-__device__ inline void mma_split(frag_acc &acc, const A &a_hi, const A &a_lo, const B &b_hi, const B &b_lo) {
-  wmma::mma_sync(acc, a_lo, b_hi, acc);
-  wmma::mma_sync(acc, a_hi, b_lo, acc);
-  wmma::mma_sync(acc, a_hi, b_hi, acc);
+// The tf32 operands: tf32 keeps 10 of fp32's 23 mantissa bits, which alone
+// would move the outputs by about 1e-3 of their size. So every operand x is
+// split in two tf32 values, hi = tf32(x) and lo = tf32(x - hi), and every
+// product made of three m16n16k8 ones (lo hi + hi lo + hi hi; lo lo is
+// under 2^-22 of it): within a few ulps of fp32, the CPU reference's
+// precision, at three tensor-core products for one. k and v are split as
+// they are loaded, q and p in each warp's fragments.
+//
+// Shared memory after the scores: q [warps][kTileQ][ld] (scaled), then k's
+// and v's high and low parts [4][kTileK][ld]; the outputs pass through
+// k's and v's place at the end.
+struct mma_tf32 {
+  using acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  using rows = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>; // q, p
+  using keys = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>; // k^T
+  using vals = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>; // v
+  struct q_frag {
+    rows hi, lo;
+  };
+  static constexpr int kDimStep = 8, kKeyStep = 8; // the products' k, over the head and over the keys
+
+  // A row of q, k or v in shared memory, in floats: the head dimension
+  // rounded up to 16 (v's extra columns are zeros), and 4 more so that rows
+  // start in different banks. Every fragment's start is then 32-byte
+  // aligned, as the warp matrix functions require.
+  __host__ __device__ static int ld(int hd) { return round16(hd) + 4; }
+  __host__ __device__ static size_t shared_bytes(int hd, int warps) {
+    return (size_t)(warps * kTileQ + 4 * kTileK) * ld(hd) * sizeof(float);
+  }
+  // The scores' steps over the head dimension: a multiple of 8 (the host's choice).
+  __device__ static int dim_steps(int hd) { return hd / kDimStep; }
+
+  float *qs, *qw, *k_hi, *k_lo, *v_hi, *v_lo, *out;
+  int ld_;
+  float scale;
+  rows p_hi[kTileK / kKeyStep], p_lo[kTileK / kKeyStep];
+
+  __device__ mma_tf32(float *sh, int hd, int warps, int warp, float scale) : qs(sh), ld_(ld(hd)), scale(scale) {
+    k_hi = qs + warps * kTileQ * ld_, k_lo = k_hi + kTileK * ld_, v_hi = k_lo + kTileK * ld_;
+    v_lo = v_hi + kTileK * ld_;
+    qw = qs + warp * kTileQ * ld_, out = k_hi + warp * kTileQ * ld_;
+  }
+  // q's row `row` of the block's warps x kTileQ, dimension d: scaled here, before it is split
+  __device__ void put_q(int row, int d, float x) { qs[row * ld_ + d] = x * scale; }
+  __device__ void put_kv(int j, int d, float kv, float vv) {
+    k_hi[j * ld_ + d] = tf32_round(kv), k_lo[j * ld_ + d] = tf32_round(kv - k_hi[j * ld_ + d]);
+    v_hi[j * ld_ + d] = tf32_round(vv), v_lo[j * ld_ + d] = tf32_round(vv - v_hi[j * ld_ + d]);
+  }
+  __device__ void load_q(q_frag &f, int step) const {
+    wmma::load_matrix_sync(f.hi, qw + kDimStep * step, ld_);
+    split_tf32(f.hi, f.lo);
+  }
+  // part = (the warp's q) (keys 16 kb to 16 kb + 15)^T over dimensions 8 step to 8 step + 7; part zero before
+  __device__ void qk(acc &part, const q_frag &q, int kb, int step) const {
+    keys kf_hi, kf_lo;
+    wmma::load_matrix_sync(kf_hi, k_hi + 16 * kb * ld_ + kDimStep * step, ld_);
+    wmma::load_matrix_sync(kf_lo, k_lo + 16 * kb * ld_ + kDimStep * step, ld_);
+    mma_split(part, q.hi, q.lo, kf_hi, kf_lo);
+  }
+  __device__ void finish_scores(acc (&)[2]) const {} // q came scaled
+  __device__ void put_p(int, int, float) {}          // p is read from the scores' place
+  __device__ void load_p(const float *sw) {
+    PA_UNROLL
+    for (int step = 0; step < kTileK / kKeyStep; step++) {
+      wmma::load_matrix_sync(p_hi[step], sw + kKeyStep * step, kScoreLd);
+      split_tf32(p_hi[step], p_lo[step]);
+    }
+  }
+  // part = p (keys 8 step to 8 step + 7) v (the same keys, columns 16 b to 16 b + 15); part zero before
+  __device__ void pv(acc &part, int step, int b) const {
+    vals vf_hi, vf_lo;
+    wmma::load_matrix_sync(vf_hi, v_hi + kKeyStep * step * ld_ + 16 * b, ld_);
+    wmma::load_matrix_sync(vf_lo, v_lo + kKeyStep * step * ld_ + 16 * b, ld_);
+    mma_split(part, p_hi[step], p_lo[step], vf_hi, vf_lo);
+  }
+
+  // acc = a b (acc zero before) from the split parts, the small products first.
+  template <class A, class B>
+  __device__ static void mma_split(acc &c, const A &a_hi, const A &a_lo, const B &b_hi, const B &b_lo) {
+    wmma::mma_sync(c, a_lo, b_hi, c);
+    wmma::mma_sync(c, a_hi, b_lo, c);
+    wmma::mma_sync(c, a_hi, b_hi, c);
+  }
+};
+
+// The bf16 operands: q, k and v rounded to bf16 (to nearest, ties to even)
+// as they are loaded, and m16n16k16 products. The product of two bf16
+// values is exact in fp32, so the scores are those of the rounded q and k
+// up to the order of the sums (scaled after, in fp32, so that q is the
+// CPU's q rounded); p, in [0, 1], is split in two bf16 parts (hi =
+// bf16(p), lo = bf16(p - hi): p within 2^-18 of itself), two products in
+// place of one. So the outputs are the CPU's attention on q, k and v
+// rounded to bf16, within its tolerance and 2^-18 of the largest |v|.
+// Against the tf32 parts: one product for three in the scores and two for
+// three in the outputs, at twice tf32's rate on the tensor cores, no
+// splitting of k and v, and half the shared memory a key.
+//
+// Shared memory after the scores: q [warps][kTileQ][ld], k and v
+// [kTileK][ld], and p's parts [2][warps][kTileQ][kPLd], all bf16; the
+// outputs pass through its start at the end.
+struct mma_bf16 {
+  using acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  using rows = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>; // q, p
+  using keys = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>; // k^T
+  using vals = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>; // v
+  using q_frag = rows;
+  static constexpr int kDimStep = 16, kKeyStep = 16;
+  static constexpr int kPLd = kTileK + 8; // a row of p's parts: 80 bytes
+
+  // A row of q, k or v in shared memory, in bf16 values: the head
+  // dimension rounded up to 16 (the extra columns zeros), and 8 more (16
+  // bytes) so that rows start in different banks; fragments start 32-byte
+  // aligned.
+  __host__ __device__ static int ld(int hd) { return round16(hd) + 8; }
+  __host__ __device__ static size_t operand_bytes(int hd, int warps) {
+    return ((size_t)(warps * kTileQ + 2 * kTileK) * ld(hd) + 2 * (size_t)warps * kTileQ * kPLd) * sizeof(__nv_bfloat16);
+  }
+  __host__ __device__ static size_t shared_bytes(int hd, int warps) {
+    const size_t outputs = (size_t)warps * kTileQ * (round16(hd) + 4) * sizeof(float);
+    return operand_bytes(hd, warps) > outputs ? operand_bytes(hd, warps) : outputs;
+  }
+  // Every step over the head dimension rounded up to 16: q's and k's extra columns are zeros.
+  __device__ static int dim_steps(int hd) { return round16(hd) / kDimStep; }
+
+  __nv_bfloat16 *qs, *qw, *ks, *vs, *pw_hi, *pw_lo;
+  float *out;
+  int ld_;
+  float scale;
+  rows p_hi[kTileK / kKeyStep], p_lo[kTileK / kKeyStep];
+
+  __device__ mma_bf16(float *sh, int hd, int warps, int warp, float scale)
+      : qs((__nv_bfloat16 *)sh), ld_(ld(hd)), scale(scale) {
+    ks = qs + warps * kTileQ * ld_, vs = ks + kTileK * ld_;
+    pw_hi = vs + kTileK * ld_ + warp * kTileQ * kPLd, pw_lo = pw_hi + warps * kTileQ * kPLd;
+    qw = qs + warp * kTileQ * ld_, out = sh + warp * kTileQ * (round16(hd) + 4);
+  }
+  // unscaled: the scores are scaled in fp32, so that q is the CPU's q rounded
+  __device__ void put_q(int row, int d, float x) { qs[row * ld_ + d] = __float2bfloat16_rn(x); }
+  __device__ void put_kv(int j, int d, float kv, float vv) {
+    ks[j * ld_ + d] = __float2bfloat16_rn(kv);
+    vs[j * ld_ + d] = __float2bfloat16_rn(vv);
+  }
+  __device__ void load_q(q_frag &f, int step) const { wmma::load_matrix_sync(f, qw + kDimStep * step, ld_); }
+  __device__ void qk(acc &part, const q_frag &q, int kb, int step) const {
+    keys kf;
+    wmma::load_matrix_sync(kf, ks + 16 * kb * ld_ + kDimStep * step, ld_);
+    wmma::mma_sync(part, q, kf, part);
+  }
+  __device__ void finish_scores(acc (&sc)[2]) const {
+    for (int kb = 0; kb < 2; kb++)
+      for (int e = 0; e < sc[kb].num_elements; e++)
+        sc[kb].x[e] *= scale;
+  }
+  __device__ void put_p(int i, int j, float p) {
+    const __nv_bfloat16 hi = __float2bfloat16_rn(p);
+    pw_hi[i * kPLd + j] = hi, pw_lo[i * kPLd + j] = __float2bfloat16_rn(p - __bfloat162float(hi));
+  }
+  __device__ void load_p(const float *) {
+    PA_UNROLL
+    for (int step = 0; step < kTileK / kKeyStep; step++) {
+      wmma::load_matrix_sync(p_hi[step], pw_hi + kKeyStep * step, kPLd);
+      wmma::load_matrix_sync(p_lo[step], pw_lo + kKeyStep * step, kPLd);
+    }
+  }
+  __device__ void pv(acc &part, int step, int b) const {
+    vals vf;
+    wmma::load_matrix_sync(vf, vs + kKeyStep * step * ld_ + 16 * b, ld_);
+    wmma::mma_sync(part, p_lo[step], vf, part);
+    wmma::mma_sync(part, p_hi[step], vf, part);
+  }
+};
+
+// Shared memory of k_attention_mma<Ops>, in bytes: the scores
+// [warps][kTileQ][kScoreLd] (then p), whose 4 columns past the keys hold
+// the row's running max, sum and correction, then the operands' (Ops).
+template <class Ops> __host__ __device__ inline size_t mma_shared_bytes(int hd, int warps) {
+  return (size_t)warps * kTileQ * kScoreLd * sizeof(float) + Ops::shared_bytes(hd, warps);
 }
 
 // Grid: (tiles, kv heads x chunks of a kv head's query heads), blocks of 32
 // mma_warps(n_heads / n_kv_heads) threads.
 //
 // The tensor cores' own sums are truncated (docs/CUDA.md), so no
-// accumulator takes more than one 8-wide step's three products: each
-// step's are added to the running sums (scores over the head dimension,
-// outputs over the keys) in fp32, rounded to nearest.
+// accumulator takes more than one step's products: each step's are added
+// to the running sums (scores over the head dimension, outputs over the
+// keys) in fp32, rounded to nearest.
+template <class Ops>
 __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     k_attention_mma(int n_heads, int n_kv_heads, int hd, const float *q, float *z, const float *k_prefix,
                     const float *v_prefix, int prefix_len, int prefix_stride, const tile_desc *tiles) {
+  using acc = typename Ops::acc;
   PA_DYNAMIC_SHARED(float, sh);
   const tile_desc tl = tiles[blockIdx.x];
   const int group = n_heads / n_kv_heads, warps = (int)blockDim.x / 32, chunks = (group + warps - 1) / warps;
   const int kh = (int)blockIdx.y / chunks, head0 = kh * group + (int)blockIdx.y % chunks * warps;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, nt = (int)blockDim.x;
-  const int ld = mma_ld(hd), hd16 = ld - 4, n_blocks = hd16 / 16;
+  const int hd16 = round16(hd), n_blocks = hd16 / 16;
   // the last chunk of a group that warps do not divide has warps without a head: they only meet the barriers
   const int heads = head0 + warps <= (kh + 1) * group ? warps : (kh + 1) * group - head0;
   const bool live = warp < heads;
-  // k and v split into tf32 parts once, as they are loaded, for every warp
-  float *qs = sh, *k_hi = qs + warps * kTileQ * ld, *k_lo = k_hi + kTileK * ld, *v_hi = k_lo + kTileK * ld;
-  float *v_lo = v_hi + kTileK * ld, *ss = v_lo + kTileK * ld;
-  float *qw = qs + warp * kTileQ * ld, *sw = ss + warp * kTileQ * kScoreLd;
+  float *ss = sh, *sw = ss + warp * kTileQ * kScoreLd, *operands = ss + warps * kTileQ * kScoreLd;
+  Ops ops(operands, hd, warps, warp, rsqrtf((float)hd));
   // row i's running max, sum and correction: [i * kScoreLd] of these, past its scores
   float *row_max = sw + kTileK, *row_sum = sw + kTileK + 1, *row_corr = sw + kTileK + 2;
-  const float scale = rsqrtf((float)hd);
   const float *kp = k_prefix ? k_prefix + (size_t)kh * prefix_stride * hd : nullptr;
   const float *vp = v_prefix ? v_prefix + (size_t)kh * prefix_stride * hd : nullptr;
   const float *ko = tl.k_own + (size_t)kh * tl.stride * hd, *vo = tl.v_own + (size_t)kh * tl.stride * hd;
   const int keys = prefix_len + tl.n_own0 + tl.n_rows - 1; // the tile's last row sees the most
-  for (int e = tid; e < warps * kTileQ * hd; e += nt) {
-    const int w = e / (kTileQ * hd), i = e / hd % kTileQ, d = e % hd;
-    qs[(w * kTileQ + i) * ld + d] =
-        w < heads && i < tl.n_rows ? q[((size_t)(tl.row + i) * n_heads + head0 + w) * hd + d] * scale : 0.0f;
+  for (int e = tid; e < warps * kTileQ * hd16; e += nt) {
+    const int w = e / (kTileQ * hd16), i = e / hd16 % kTileQ, d = e % hd16;
+    ops.put_q(w * kTileQ + i, d,
+              w < heads && i < tl.n_rows && d < hd ? q[((size_t)(tl.row + i) * n_heads + head0 + w) * hd + d] : 0.0f);
   }
   // which of the 16 rows each of this lane's accumulator elements holds
   for (int e = tid; e < 16 * 16; e += nt)
     ss[e] = (float)(e / 16);
   __syncthreads(); // q's tile and the row numbers in place
-  frag_acc row_of;
+  acc row_of;
   wmma::load_matrix_sync(row_of, ss, 16, wmma::mem_row_major);
-  frag_acc out[kMmaOutBlocks]; // blocks n_blocks and on unused
+  acc out[kMmaOutBlocks]; // blocks n_blocks and on unused
   PA_UNROLL
   for (int b = 0; b < kMmaOutBlocks; b++)
     wmma::fill_fragment(out[b], 0.0f);
@@ -672,30 +825,26 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
         kv = t < prefix_len ? kp[at] : ko[at];
         vv = t < prefix_len ? vp[at] : vo[at];
       }
-      k_hi[j * ld + d] = tf32_round(kv), k_lo[j * ld + d] = tf32_round(kv - k_hi[j * ld + d]);
-      v_hi[j * ld + d] = tf32_round(vv), v_lo[j * ld + d] = tf32_round(vv - v_hi[j * ld + d]);
+      ops.put_kv(j, d, kv, vv);
     }
-    __syncthreads(); // the key and value tiles loaded and split
+    __syncthreads(); // the key and value tiles in the products' operands
     if (live) { // the scores of this warp's head: keys 0-15 and 16-31 of the tile
-      frag_acc sc[2];
+      acc sc[2];
       wmma::fill_fragment(sc[0], 0.0f);
       wmma::fill_fragment(sc[1], 0.0f);
-      for (int step = 0; step < hd / 8; step++) {
-        frag_rows q_hi, q_lo;
-        wmma::load_matrix_sync(q_hi, qw + 8 * step, ld);
-        split_tf32(q_hi, q_lo);
+      for (int step = 0; step < Ops::dim_steps(hd); step++) {
+        typename Ops::q_frag qf;
+        ops.load_q(qf, step);
         PA_UNROLL
         for (int kb = 0; kb < 2; kb++) {
-          frag_keys kf_hi, kf_lo;
-          wmma::load_matrix_sync(kf_hi, k_hi + 16 * kb * ld + 8 * step, ld);
-          wmma::load_matrix_sync(kf_lo, k_lo + 16 * kb * ld + 8 * step, ld);
-          frag_acc part;
+          acc part;
           wmma::fill_fragment(part, 0.0f);
-          mma_split(part, q_hi, q_lo, kf_hi, kf_lo);
+          ops.qk(part, qf, kb, step);
           for (int e = 0; e < part.num_elements; e++)
             sc[kb].x[e] += part.x[e];
         }
       }
+      ops.finish_scores(sc);
       wmma::store_matrix_sync(sw, sc[0], kScoreLd, wmma::mem_row_major);
       wmma::store_matrix_sync(sw + 16, sc[1], kScoreLd, wmma::mem_row_major);
     }
@@ -717,6 +866,7 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
         const int i = e / kTileK, j = e % kTileK;
         float *pe = &sw[i * kScoreLd + j];
         *pe = i < tl.n_rows && t0 + j < prefix_len + tl.n_own0 + i ? expf(*pe - row_max[i * kScoreLd]) : 0.0f;
+        ops.put_p(i, j, *pe);
       }
     __syncthreads(); // the exponentials in the scores' place
     if (live) {
@@ -726,28 +876,20 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
           sum += sw[lane * kScoreLd + j];
         row_sum[lane * kScoreLd] = row_sum[lane * kScoreLd] * row_corr[lane * kScoreLd] + sum;
       }
-      // out = out corr + p v over the tile's keys, 8 at a time: the rows' corrections for
-      // this lane's elements, and p's four steps, first
-      float corr[frag_acc::num_elements];
-      for (int e = 0; e < frag_acc::num_elements; e++)
+      // out = out corr + p v over the tile's keys, a step at a time: the rows' corrections for
+      // this lane's elements, and p's steps, first
+      float corr[acc::num_elements];
+      for (int e = 0; e < acc::num_elements; e++)
         corr[e] = row_corr[(int)row_of.x[e] * kScoreLd];
-      frag_rows p_hi[kTileK / 8], p_lo[kTileK / 8];
-      PA_UNROLL
-      for (int step = 0; step < kTileK / 8; step++) {
-        wmma::load_matrix_sync(p_hi[step], sw + 8 * step, kScoreLd);
-        split_tf32(p_hi[step], p_lo[step]);
-      }
+      ops.load_p(sw);
       PA_UNROLL
       for (int b = 0; b < kMmaOutBlocks; b++)
         if (b < n_blocks) {
           PA_UNROLL
-          for (int step = 0; step < kTileK / 8; step++) {
-            frag_vals vf_hi, vf_lo;
-            wmma::load_matrix_sync(vf_hi, v_hi + 8 * step * ld + 16 * b, ld);
-            wmma::load_matrix_sync(vf_lo, v_lo + 8 * step * ld + 16 * b, ld);
-            frag_acc part;
+          for (int step = 0; step < kTileK / Ops::kKeyStep; step++) {
+            acc part;
             wmma::fill_fragment(part, 0.0f);
-            mma_split(part, p_hi[step], p_lo[step], vf_hi, vf_lo);
+            ops.pv(part, step, b);
             for (int e = 0; e < part.num_elements; e++)
               out[b].x[e] = (step == 0 ? out[b].x[e] * corr[e] : out[b].x[e]) + part.x[e];
           }
@@ -755,20 +897,21 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     }
     __syncthreads(); // every warp done with the tile before the next one is loaded
   }
-  // the outputs through shared memory (k's and v's place, free now: warps x 16 rows fit) to be divided and written
-  float *ow = k_hi + warp * kTileQ * ld;
+  // the outputs through shared memory (where the operands were; warps x 16 rows fit) to be divided and written
+  const int ldo = hd16 + 4;
   if (live) {
     PA_UNROLL
     for (int b = 0; b < kMmaOutBlocks; b++)
       if (b < n_blocks)
-        wmma::store_matrix_sync(ow + 16 * b, out[b], ld, wmma::mem_row_major);
+        wmma::store_matrix_sync(ops.out + 16 * b, out[b], ldo, wmma::mem_row_major);
   }
   __syncthreads(); // the outputs stored
   if (live)
     for (int e = lane; e < kTileQ * hd; e += 32) {
       const int i = e / hd, d = e % hd;
       if (i < tl.n_rows)
-        z[((size_t)(tl.row + i) * n_heads + head0 + warp) * hd + d] = ow[i * ld + d] * (1.0f / row_sum[i * kScoreLd]);
+        z[((size_t)(tl.row + i) * n_heads + head0 + warp) * hd + d] =
+            ops.out[i * ldo + d] * (1.0f / row_sum[i * kScoreLd]);
     }
 }
 
@@ -964,7 +1107,7 @@ const train_row *train_upload(const pa_attn_train_args *a, int rows, int *max_ke
 // refused (the operation fails, status() says so) rather than launched;
 // `keys`, where not 0, says how many the refused row had. What each kernel
 // is allowed, for the device in use:
-enum { kShAttention, kShAttentionMma, kShTrainFwd, kShTrainDq, kShKernels };
+enum { kShAttention, kShAttentionMma, kShAttentionMmaBf16, kShTrainFwd, kShTrainDq, kShKernels };
 size_t shared_set[kShKernels];
 int shared_max; // the device's opt-in limit, bytes
 
@@ -1175,15 +1318,18 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
 size_t cu_attention_scratch(const pa_attn_args *a) { return 0; }
 
 // The attention kernels, in the order of preference: the tensor cores'
-// (head dimensions that are multiples of 8, up to 128), the tiled one (up
-// to 128), the simple one (any). pa_cuda_attention_kernel chooses where to
-// start, by default from PALIGN_CUDA_ATTENTION when the device is selected.
-enum attention_kernel { kAttnMma, kAttnTiled, kAttnSimple };
-const char *const kAttentionNames[] = {"mma", "tiled", "simple"};
+// with bf16 operands (head dimensions up to 128; only when a program asks), with
+// tf32 parts (multiples of 8 up to 128), the tiled one (up to 128), the
+// simple one (any). pa_cuda_attention_kernel chooses where to start, by
+// default from PALIGN_CUDA_ATTENTION when the device is selected.
+enum attention_kernel { kAttnMmaBf16, kAttnMma, kAttnTiled, kAttnSimple };
+const char *const kAttentionNames[] = {"mma_bf16", "mma", "tiled", "simple"};
 attention_kernel attention_first = kAttnMma;
 
 attention_kernel attention_for(int hd) {
-  if (attention_first == kAttnMma && hd % 8 == 0 && hd <= kMmaMaxHd)
+  if (attention_first == kAttnMmaBf16 && hd <= kMmaMaxHd)
+    return kAttnMmaBf16;
+  if (attention_first <= kAttnMma && hd % 8 == 0 && hd <= kMmaMaxHd)
     return kAttnMma;
   if (attention_first != kAttnSimple && hd <= kTiledMaxHd)
     return kAttnTiled;
@@ -1200,6 +1346,18 @@ bool reserve(void **buf, size_t *cap, size_t bytes, const char *what) {
     return false;
   *cap = bytes;
   return true;
+}
+
+// k_attention_mma<Ops> on the tiles in tile_dev; which: its shared_set entry.
+template <class Ops> void launch_attention_mma(const pa_attn_args *a, size_t n_tiles, int which) {
+  const int group = a->n_heads / a->n_kv_heads, warps = mma_warps(group), chunks = (group + warps - 1) / warps;
+  const size_t bytes = mma_shared_bytes<Ops>(a->head_dim, warps);
+  const dim3 grid((unsigned)n_tiles, (unsigned)(a->n_kv_heads * chunks));
+  if (!shared_for((const void *)k_attention_mma<Ops>, which, bytes, "attention (tensor cores)", 0))
+    return;
+  PA_LAUNCH(k_attention_mma<Ops>, grid, 32 * warps, bytes)
+  (a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len, a->prefix_stride,
+   tile_dev);
 }
 
 void cu_attention(const pa_attn_args *a, float *scratch) {
@@ -1248,14 +1406,11 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
     return;
   if (a->k_new)
     PA_LAUNCH(k_store_new, (unsigned)n_tiles, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, tile_dev);
-  if (kernel == kAttnMma) {
-    const int group = a->n_heads / a->n_kv_heads, warps = mma_warps(group), chunks = (group + warps - 1) / warps;
-    const size_t bytes = mma_shared_floats(a->head_dim, warps) * sizeof(float);
-    if (shared_for((const void *)k_attention_mma, kShAttentionMma, bytes, "attention (tensor cores)", 0))
-      PA_LAUNCH(k_attention_mma, dim3((unsigned)n_tiles, (unsigned)(a->n_kv_heads * chunks)), 32 * warps, bytes)(
-          a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len,
-          a->prefix_stride, tile_dev);
-  } else if (kernel == kAttnTiled)
+  if (kernel == kAttnMma)
+    launch_attention_mma<mma_tf32>(a, n_tiles, kShAttentionMma);
+  else if (kernel == kAttnMmaBf16)
+    launch_attention_mma<mma_bf16>(a, n_tiles, kShAttentionMmaBf16);
+  else if (kernel == kAttnTiled)
     PA_LAUNCH(k_attention_tiled, dim3((unsigned)n_tiles, (unsigned)a->n_heads), kTiledThreads,
               tiled_shared_floats(a->head_dim) * sizeof(float))(a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z,
                                                                 a->k_prefix, a->v_prefix, a->prefix_len,
@@ -1449,9 +1604,12 @@ int pa_cuda_select(int device) {
     xb16 = nullptr, xb16_cap = 0;
   }
   memset(shared_set, 0, sizeof shared_set); // a kernel's allowance is the device's
-  const char *kernel = getenv("PALIGN_CUDA_ATTENTION"); // set and empty: as unset
-  if (kernel && *kernel && pa_cuda_attention_kernel(kernel) != 0) {
-    snprintf(last_error, sizeof last_error, "PALIGN_CUDA_ATTENTION=%.64s: not one of mma, tiled, simple", kernel);
+  // set and empty: as unset. Not mma_bf16: its outputs are not the CPU's fp32 attention, and a bank or a
+  // store made with it would pass for one that is (bench_cuda and the tests choose it by pa_cuda_attention_kernel)
+  const char *kernel = getenv("PALIGN_CUDA_ATTENTION");
+  if (kernel && *kernel && (!strcmp(kernel, "mma_bf16") || pa_cuda_attention_kernel(kernel) != 0)) {
+    snprintf(last_error, sizeof last_error, "PALIGN_CUDA_ATTENTION=%.64s: not one of mma, tiled, simple%s", kernel,
+             strcmp(kernel, "mma_bf16") ? "" : " (mma_bf16, not the CPU's fp32 attention, is for bench_cuda)");
     return -1;
   }
   if (!check(cudaSetDevice(device), "cudaSetDevice") || !check(cudaStreamCreate(&stream), "cudaStreamCreate") ||
@@ -1485,7 +1643,8 @@ int pa_cuda_attention_kernel(const char *name) {
       attention_first = (attention_kernel)k;
       return 0;
     }
-  snprintf(last_error, sizeof last_error, "no attention kernel \"%.64s\" (mma, tiled or simple)", name ? name : "");
+  snprintf(last_error, sizeof last_error, "no attention kernel \"%.64s\" (mma, mma_bf16, tiled or simple)",
+           name ? name : "");
   return -1;
 }
 

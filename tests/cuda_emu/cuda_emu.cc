@@ -359,18 +359,19 @@ void *dynamic_shared() { return shared_block; }
 
 unsigned lane() { return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32; }
 
-bool wmma_tile_ok(const char *call, const float *p, unsigned ldm, unsigned rows, unsigned cols, bool row_major) {
+bool wmma_tile_ok(const char *call, const void *p, size_t size, unsigned ldm, unsigned rows, unsigned cols,
+                  bool row_major) {
   if (fault) // said already, by the first lane (nothing is loaded or stored after a fault)
     return false;
-  if ((uintptr_t)p % 32 || ldm % 4) {
+  if ((uintptr_t)p % 32 || ldm * size % 16) {
     report("%s: pointer %p or leading dimension %u: the pointer must be 32-byte aligned and the leading dimension a "
-           "multiple of 4 floats",
-           call, (const void *)p, ldm);
+           "multiple of 16 bytes (%zu elements)",
+           call, p, ldm, 16 / size);
     kernel_fault(cudaErrorMisalignedAddress);
     return false;
   }
   const unsigned lines = row_major ? rows : cols, width = row_major ? cols : rows;
-  const size_t bytes = ((size_t)(lines - 1) * ldm + width) * sizeof(float);
+  const size_t bytes = ((size_t)(lines - 1) * ldm + width) * size;
   const uintptr_t sh = (uintptr_t)shared_block;
   const bool in_shared = shared_block && (uintptr_t)p >= sh && (uintptr_t)p - sh <= shared_bytes &&
                          bytes <= shared_bytes - ((uintptr_t)p - sh);

@@ -40,6 +40,11 @@
 //    dimension not a multiple of 4, or reaching past its device allocation
 //    or the launch's dynamic shared memory is a fault that stays until the
 //    device is reset, and one just inside works;
+//  - the same for m16n16k16 bf16 tiles: D = A B + C in all four layouts of
+//    A and B and both of C and D, within the bound of sixteen truncated
+//    sums; their accumulator spreads its 256 elements over the warp too, in
+//    another mapping than m16n16k8's; a bf16 tile 16 bytes off 32-byte
+//    alignment, or with a leading dimension of 20 (40 bytes), is a fault;
 //  - NCCL's all-gather between processes (nccl_emu.cc), each on a device of
 //    its own: every member's values in their place, in place or not, twice
 //    in a row, and the group's files gone after; two members on one device,
@@ -197,6 +202,44 @@ __global__ void k_shared_tile(unsigned n, unsigned at, float *out) {
   __syncthreads();
   frag_acc c;
   wmma::load_matrix_sync(c, sh + at, 16, wmma::mem_row_major);
+  wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+
+using frag_acc16 = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// D = A B + C on one m16n16k16 tile of bf16 operands: A and B 16x16 with
+// leading dimension ld, in the layouts a_col and b_col name (column-major
+// when true), C and D with ldc in lc.
+template <class LA, class LB>
+__device__ void mma16_tile(const __nv_bfloat16 *A, const __nv_bfloat16 *B, unsigned ld, const float *C, float *D,
+                           unsigned ldc, wmma::layout_t lc) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, LA> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LB> b;
+  frag_acc16 c;
+  wmma::load_matrix_sync(a, A, ld);
+  wmma::load_matrix_sync(b, B, ld);
+  wmma::load_matrix_sync(c, C, ldc, lc);
+  wmma::mma_sync(c, a, b, c);
+  wmma::store_matrix_sync(D, c, ldc, lc);
+}
+
+__global__ void k_mma16(bool a_col, bool b_col, const __nv_bfloat16 *A, const __nv_bfloat16 *B, unsigned ld,
+                        const float *C, float *D, unsigned ldc, wmma::layout_t lc) {
+  if (!a_col && !b_col)
+    mma16_tile<wmma::row_major, wmma::row_major>(A, B, ld, C, D, ldc, lc);
+  else if (!a_col)
+    mma16_tile<wmma::row_major, wmma::col_major>(A, B, ld, C, D, ldc, lc);
+  else if (!b_col)
+    mma16_tile<wmma::col_major, wmma::row_major>(A, B, ld, C, D, ldc, lc);
+  else
+    mma16_tile<wmma::col_major, wmma::col_major>(A, B, ld, C, D, ldc, lc);
+}
+
+// k_fragment_lanes for the m16n16k16 accumulator, one warp.
+__global__ void k_fragment_lanes16(float *out) {
+  frag_acc16 c;
+  for (int e = 0; e < c.num_elements; e++)
+    c.x[e] = (float)(threadIdx.x * c.num_elements + e);
   wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
 }
 
@@ -715,6 +758,92 @@ cudaError_t shared_tile(unsigned n, unsigned at) {
   return e;
 }
 
+// A 16x16 bf16 matrix's element (r, c) stored with leading dimension ld.
+size_t at16(bool col, unsigned ld, unsigned r, unsigned c) { return col ? (size_t)c * ld + r : (size_t)r * ld + c; }
+
+// k_mma16 on A and B (16 x ld bf16 values each) and C (16 x 20 floats): its
+// error; D where it worked.
+cudaError_t mma16(bool a_col, bool b_col, const __nv_bfloat16 *A, const __nv_bfloat16 *B, unsigned ld, const float *C,
+                  float *D, bool c_col, size_t a_offset = 0) {
+  const size_t n16 = 16 * (size_t)ld + 16;
+  __nv_bfloat16 *dA = device<__nv_bfloat16>(n16), *dB = device<__nv_bfloat16>(n16);
+  float *dC = device<float>(16 * 20), *dD = device<float>(16 * 20);
+  cudaMemcpyAsync(dA + a_offset, A, 16 * ld * sizeof *A, cudaMemcpyHostToDevice, stream);
+  cudaMemcpyAsync(dB, B, 16 * ld * sizeof *B, cudaMemcpyHostToDevice, stream);
+  cudaMemcpyAsync(dC, C, 16 * 20 * sizeof *C, cudaMemcpyHostToDevice, stream);
+  const wmma::layout_t lc = c_col ? wmma::mem_col_major : wmma::mem_row_major;
+  PA_LAUNCH(k_mma16, 1, 32, 0)(a_col, b_col, dA + a_offset, dB, ld, dC, dD, 20, lc);
+  const cudaError_t e = cudaStreamSynchronize(stream);
+  if (e == cudaSuccess)
+    cudaMemcpyAsync(D, dD, 16 * 20 * sizeof *D, cudaMemcpyDeviceToHost, stream);
+  else
+    assert_int_equal(cudaGetLastError(), e); // a fault stays
+  cudaFree(dA), cudaFree(dB), cudaFree(dC), cudaFree(dD);
+  return e;
+}
+
+void test_mma_bf16(void **) {
+  const unsigned ld = 24; // 48 bytes: a multiple of 16
+  __nv_bfloat16 A[16 * ld], B[16 * ld];
+  float a[16][16], b[16][16], C[16 * 20], D[16 * 20];
+  for (int a_col = 0; a_col < 2; a_col++)
+    for (int b_col = 0; b_col < 2; b_col++)
+      for (int c_col = 0; c_col < 2; c_col++) {
+        for (unsigned r = 0; r < 16; r++)
+          for (unsigned c = 0; c < 16; c++) {
+            A[at16(a_col, ld, r, c)] = __float2bfloat16_rn(uniform()),
+                                 a[r][c] = __bfloat162float(A[at16(a_col, ld, r, c)]);
+            B[at16(b_col, ld, r, c)] = __float2bfloat16_rn(uniform()),
+                                 b[r][c] = __bfloat162float(B[at16(b_col, ld, r, c)]);
+          }
+        for (float &c : C) // the accumulator is fp32
+          c = uniform();
+        assert_int_equal(mma16(a_col, b_col, A, B, ld, C, D, c_col), cudaSuccess);
+        for (unsigned r = 0; r < 16; r++)
+          for (unsigned n = 0; n < 16; n++) {
+            const size_t c_at = c_col ? (size_t)n * 20 + r : (size_t)r * 20 + n;
+            double want = C[c_at], magnitude = fabs(want);
+            for (unsigned k = 0; k < 16; k++)
+              want += (double)a[r][k] * b[k][n], magnitude += fabs((double)a[r][k] * b[k][n]);
+            // a product of two bf16 values is exact in fp32; the 16 sums,
+            // each truncated, lose under 2 u of it: at most 32 u sum|term|
+            const double tol = 16 * 0x1p-23 * magnitude;
+            if (!(fabs(D[c_at] - want) <= tol))
+              fail_msg("A %s B %s C %s: D(%u, %u) = %.9g, want %.9g within %.2g", a_col ? "col" : "row",
+                       b_col ? "col" : "row", c_col ? "col" : "row", r, n, D[c_at], want, tol);
+          }
+      }
+  // the sums truncated: 1 + 1.5 2^-24 (3/4 of an ulp over 1) is 1, where rounded it would be 1 + 2^-23
+  memset(A, 0, sizeof A), memset(B, 0, sizeof B), memset(C, 0, sizeof C);
+  A[at16(false, ld, 4, 1)] = __float2bfloat16_rn(0x1.8p-24f), B[at16(false, ld, 1, 4)] = __float2bfloat16_rn(1);
+  C[4 * 20 + 4] = 1;
+  assert_int_equal(mma16(false, false, A, B, ld, C, D, false), cudaSuccess);
+  if (D[4 * 20 + 4] != 1.0f)
+    fail_msg("1 + 1.5 2^-24 summed to %a, want 1 (truncated)", D[4 * 20 + 4]);
+}
+
+void test_accumulator_lanes_bf16(void **) {
+  float *d = device<float>(256), h[256], *d8 = device<float>(512), h8[512];
+  PA_LAUNCH(k_fragment_lanes16, 1, 32, 0)(d);
+  PA_LAUNCH(k_fragment_lanes, 1, 32, 0)(d8);
+  assert_int_equal(cudaGetLastError(), cudaSuccess);
+  cudaMemcpyAsync(h, d, sizeof h, cudaMemcpyDeviceToHost, stream);
+  cudaMemcpyAsync(h8, d8, 256 * sizeof *h8, cudaMemcpyDeviceToHost, stream);
+  int seen[256] = {0}, same = 0;
+  for (int i = 0; i < 256; i++) {
+    if (!(h[i] >= 0 && h[i] < 256 && h[i] == (int)h[i]))
+      fail_msg("tile element %d is %g, no lane's element", i, h[i]);
+    seen[(int)h[i]]++;
+    same += h[i] == h8[i];
+  }
+  for (int v = 0; v < 256; v++)
+    if (seen[v] != 1)
+      fail_msg("lane %d's element %d is in the tile %d times", v / 8, v % 8, seen[v]);
+  // the two shapes' mappings differ: a kernel taking one for the other fails
+  fprintf(stderr, "    %d of 256 elements where m16n16k8's accumulator has them\n", same);
+  assert_true(same < 256);
+}
+
 void test_mma_refusals(void **) {
   // in an allocation of 16x8 floats and 8 more: at its start and 8 floats
   // (32 bytes) on, the tile fits; 1 float (4 bytes) on, it is misaligned
@@ -741,6 +870,15 @@ void test_mma_refusals(void **) {
   assert_int_equal(shared_tile(264, 8), cudaSuccess);
   assert_int_equal(shared_tile(256, 0), cudaSuccess);
   assert_int_equal(shared_tile(263, 8), cudaErrorIllegalAddress);
+  // bf16 tiles: 32 bytes (16 values) on, aligned; 16 bytes (8 values) on, not; a
+  // leading dimension of 20 values (40 bytes) is not a multiple of 16 bytes
+  reset(nullptr);
+  __nv_bfloat16 A[16 * 24] = {}, B[16 * 24] = {};
+  float C[16 * 20] = {}, D[16 * 20];
+  assert_int_equal(mma16(false, false, A, B, 24, C, D, false, 16), cudaSuccess);
+  assert_int_equal(mma16(false, false, A, B, 24, C, D, false, 8), cudaErrorMisalignedAddress);
+  reset(nullptr);
+  assert_int_equal(mma16(false, false, A, B, 20, C, D, false), cudaErrorMisalignedAddress);
 }
 
 
@@ -888,6 +1026,8 @@ int main() {
       cmocka_unit_test_setup(test_tf32_rounding, reset),
       cmocka_unit_test_setup(test_mma_truncates, reset),
       cmocka_unit_test_setup(test_accumulator_lanes, reset),
+      cmocka_unit_test_setup(test_mma_bf16, reset),
+      cmocka_unit_test_setup(test_accumulator_lanes_bf16, reset),
       cmocka_unit_test_setup(test_mma_refusals, reset),
       cmocka_unit_test_setup(test_nccl_allgather, reset),
       cmocka_unit_test_setup(test_nccl_refusals, reset),
