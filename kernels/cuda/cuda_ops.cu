@@ -680,12 +680,12 @@ struct mma_tf32 {
 // values is exact in fp32, so the scores are those of the rounded q and k
 // up to the order of the sums (scaled after, in fp32, so that q is the
 // CPU's q rounded); p, in [0, 1], is split in two bf16 parts (hi =
-// bf16(p), lo = bf16(p - hi): p within 2^-18 of itself), two products in
+// bf16(p), lo = bf16(p - hi): p within 2^-17 of itself), two products in
 // place of one. So the outputs are the CPU's attention on q, k and v
-// rounded to bf16, within its tolerance and 2^-18 of the largest |v|.
+// rounded to bf16, within its tolerance and 2^-17 of the largest |v|.
 // Against the tf32 parts: one product for three in the scores and two for
 // three in the outputs, at twice tf32's rate on the tensor cores, no
-// splitting of k and v, and half the shared memory a key.
+// splitting of k and v, and a quarter of the shared memory a key.
 //
 // Shared memory after the scores: q [warps][kTileQ][ld], k and v
 // [kTileK][ld], and p's parts [2][warps][kTileQ][kPLd], all bf16; the
@@ -1348,12 +1348,12 @@ bool reserve(void **buf, size_t *cap, size_t bytes, const char *what) {
   return true;
 }
 
-// k_attention_mma<Ops> on the tiles in tile_dev; which: its shared_set entry.
-template <class Ops> void launch_attention_mma(const pa_attn_args *a, size_t n_tiles, int which) {
+// k_attention_mma<Ops> on the tiles in tile_dev; which: its shared_set entry; what: its name in a message.
+template <class Ops> void launch_attention_mma(const pa_attn_args *a, size_t n_tiles, int which, const char *what) {
   const int group = a->n_heads / a->n_kv_heads, warps = mma_warps(group), chunks = (group + warps - 1) / warps;
   const size_t bytes = mma_shared_bytes<Ops>(a->head_dim, warps);
   const dim3 grid((unsigned)n_tiles, (unsigned)(a->n_kv_heads * chunks));
-  if (!shared_for((const void *)k_attention_mma<Ops>, which, bytes, "attention (tensor cores)", 0))
+  if (!shared_for((const void *)k_attention_mma<Ops>, which, bytes, what, 0))
     return;
   PA_LAUNCH(k_attention_mma<Ops>, grid, 32 * warps, bytes)
   (a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len, a->prefix_stride,
@@ -1407,9 +1407,9 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   if (a->k_new)
     PA_LAUNCH(k_store_new, (unsigned)n_tiles, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, tile_dev);
   if (kernel == kAttnMma)
-    launch_attention_mma<mma_tf32>(a, n_tiles, kShAttentionMma);
+    launch_attention_mma<mma_tf32>(a, n_tiles, kShAttentionMma, "attention (tensor cores)");
   else if (kernel == kAttnMmaBf16)
-    launch_attention_mma<mma_bf16>(a, n_tiles, kShAttentionMmaBf16);
+    launch_attention_mma<mma_bf16>(a, n_tiles, kShAttentionMmaBf16, "attention (tensor cores, bf16)");
   else if (kernel == kAttnTiled)
     PA_LAUNCH(k_attention_tiled, dim3((unsigned)n_tiles, (unsigned)a->n_heads), kTiledThreads,
               tiled_shared_floats(a->head_dim) * sizeof(float))(a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z,
