@@ -20,8 +20,11 @@
  *     prompt; one new token of each of those 180 items, as the generate
  *     answer mode): time, TFLOP/s, the keys and values read per second (what
  *     bounds decoding), and the ratio to the simple one's time; the
- *     default's time on the prefill as a share of the layer's products, and
- *     the bf16 operands' time as a share of the tf32 parts' on each shape.
+ *     default's time on the prefill as a share of the layer's products, the
+ *     bf16 operands' time as a share of the tf32 parts' on each shape, and
+ *     for the tensor cores' kernels on the decoding step of one sequence,
+ *     the time with its keys in one block a kv head against the backend's
+ *     split (pa_cuda_attention_splits).
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
  * a device. */
 #include "backend.h"
@@ -49,6 +52,26 @@ static float ms_between(cudaEvent_t a, cudaEvent_t b) {
   CHECK(cudaEventSynchronize(b));
   CHECK(cudaEventElapsedTime(&ms, a, b));
   return ms;
+}
+
+/* Seconds a call of the attention a takes, over 5 after a warm-up (its
+ * scratch, where it needs one, allocated here). */
+static double time_attention(const pa_backend *be, const pa_attn_args *a, cudaEvent_t t0, cudaEvent_t t1) {
+  const size_t need = be->attention_scratch(a);
+  float *scratch = need ? be->alloc(need * sizeof(float)) : NULL;
+  if (need && !scratch) {
+    fprintf(stderr, "bench_cuda: attention scratch: %s\n", pa_cuda_error());
+    exit(1);
+  }
+  for (int r = -1; r < 5; r++) {
+    if (r == 0)
+      CHECK(cudaEventRecord(t0, 0));
+    be->attention(a, scratch);
+  }
+  CHECK(cudaEventRecord(t1, 0));
+  const double secs = ms_between(t0, t1) / 1e3 / 5;
+  be->release(scratch);
+  return secs;
 }
 
 static void *dev_zero(size_t bytes) {
@@ -190,7 +213,7 @@ int main(int argc, char **argv) {
                                   .n_seqs = n_items};
   pa_attn_args on_prefix_steps = on_prefix;
   on_prefix_steps.seqs = steps;
-  enum { N_SHAPES = 4 };
+  enum { N_SHAPES = 4, DECODE1 = 2 };
   const struct {
     const char *name, *key; /* key: its name in bench.json */
     pa_attn_args a;
@@ -219,13 +242,7 @@ int main(int argc, char **argv) {
     for (int kk = 0; kk < N_KERNELS; kk++) {
       if (pa_cuda_attention_kernel(kernel[kk]) != 0)
         return 1;
-      for (int r = -1; r < 5; r++) {
-        if (r == 0)
-          CHECK(cudaEventRecord(t0, 0));
-        be->attention(&shape[sh].a, NULL);
-      }
-      CHECK(cudaEventRecord(t1, 0));
-      att[sh][kk] = ms_between(t0, t1) / 1e3 / 5;
+      att[sh][kk] = time_attention(be, &shape[sh].a, t0, t1);
       printf("attention (%s) %s: %.3f ms, %.1f TFLOP/s, keys and values read at %.0f GB/s, %.2fx the simple kernel's "
              "time\n",
              kernel[kk], shape[sh].name, att[sh][kk] * 1e3, shape[sh].flops / att[sh][kk] / 1e12,
@@ -235,6 +252,19 @@ int main(int argc, char **argv) {
   printf("attention on the prefill (mma, the default): %.2fx the layer's bf16 products\n", att[0][MMA] / secs16);
   for (int sh = 0; sh < N_SHAPES; sh++)
     printf("attention (mma_bf16) %s: %.2fx the time of mma's\n", shape[sh].name, att[sh][MMA_BF16] / att[sh][MMA]);
+  /* decoding one sequence: its keys split across blocks, as timed above, against one block a kv head */
+  double whole[N_KERNELS] = {0};
+  int shares = 1;
+  for (int kk = MMA; kk < N_KERNELS; kk++) {
+    pa_cuda_attention_kernel(kernel[kk]);
+    pa_cuda_attention_splits(0);
+    time_attention(be, &shape[DECODE1].a, t0, t1);
+    shares = pa_cuda_attention_splits(1); /* what the timed calls used */
+    whole[kk] = time_attention(be, &shape[DECODE1].a, t0, t1);
+    pa_cuda_attention_splits(0);
+    printf("attention (%s) %s: its keys in %d shares a row %.3f ms, in one %.3f ms (%.2fx)\n", kernel[kk],
+           shape[DECODE1].name, shares, att[DECODE1][kk] * 1e3, whole[kk] * 1e3, whole[kk] / att[DECODE1][kk]);
+  }
   pa_cuda_attention_kernel("mma");
   free(items), free(steps);
   if (pa_cuda_error()[0]) {
@@ -251,6 +281,9 @@ int main(int argc, char **argv) {
       for (int sh = 0; sh < N_SHAPES; sh++)
         for (int kk = 0; kk < N_KERNELS; kk++)
           fprintf(f, ", \"attention_%s_%s_ms\": %.4f", shape[sh].key, kernel[kk], att[sh][kk] * 1e3);
+      fprintf(f, ", \"decode1_shares\": %d", shares);
+      for (int kk = MMA; kk < N_KERNELS; kk++)
+        fprintf(f, ", \"attention_decode1_%s_unsplit_ms\": %.4f", kernel[kk], whole[kk] * 1e3);
       fprintf(f, "}\n");
       fclose(f);
     }

@@ -419,15 +419,16 @@ static void compare_attention(const pa_attn_args *a, int rows, const char *const
   da.q = dev_floats(a->q, nz), da.z = gpu->alloc(nz * sizeof(float)), da.seqs = dseqs;
   da.k_prefix = a->k_prefix ? dev_floats(a->k_prefix, np) : NULL;
   da.v_prefix = a->v_prefix ? dev_floats(a->v_prefix, np) : NULL;
-  float *d_scratch = gpu->alloc(gpu->attention_scratch(&da) * sizeof(float) + 4);
   for (int k = 0; k < n_kernels; k++) {
     const bool bf16 = !strcmp(kernels[k], "mma_bf16") && hd <= 128; /* wider heads: the simple kernel, fp32 */
     if (bf16 && !want16)
       want16 = cpu_attention(a, rows, true);
     const float *want = bf16 ? want16 : want32;
     assert_int_equal(pa_cuda_attention_kernel(kernels[k]), 0);
+    float *d_scratch = gpu->alloc(gpu->attention_scratch(&da) * sizeof(float) + 4); /* the kernel's, split or not */
     gpu->attention(&da, d_scratch);
     float *got = back(da.z, nz);
+    gpu->release(d_scratch);
     char what[128];
     snprintf(what, sizeof what, "attention (%s), %s", kernels[k], label);
     expect_close(what, got, want, nz, tol + (bf16 ? 0x1p-17 : 0) + rel * fabs(want[i]));
@@ -441,7 +442,6 @@ static void compare_attention(const pa_attn_args *a, int rows, const char *const
   }
   assert_int_equal(pa_cuda_attention_kernel("mma"), 0); /* the default again */
   gpu->release((void *)da.q), gpu->release(da.z), gpu->release((void *)da.k_prefix), gpu->release((void *)da.v_prefix);
-  gpu->release(d_scratch);
   for (int i = 0; i < a->n_seqs; i++)
     gpu->release(dseqs[i].k_own), gpu->release(dseqs[i].v_own);
   free(dseqs), free(want32), free(want16);
@@ -642,7 +642,8 @@ static void test_attention_rescaled(void **s) {
 
 /* The tiled and tensor-core kernels' shared memory does not grow with the
  * keys: one row over 70,000 prefix keys (which the simple kernel refuses,
- * below) against the CPU's, by each. The output is a weighted mean of
+ * below) against the CPU's, by each, in one block (pa_cuda_attention_splits)
+ * and, for the tensor cores' kernels, in the backend's 32 shares. The output is a weighted mean of
  * values in [-1, 1] whose weights are sums over 70,000 keys taken in other
  * orders: about sqrt(n) eps = 1.6e-5 of it, so 2e-5 (seen on the
  * emulation: 5.2e-8 and 4.2e-8 in Release, 4.6e-7 under the sanitizers,
@@ -657,8 +658,13 @@ static void test_attention_long_row(void **s) {
   pa_attn_seq seq = {.row0 = 0, .n = 1, .past = 0, .k_own = k0, .v_own = v0, .stride = 1};
   pa_attn_args a = {.n_heads = 1, .n_kv_heads = 1, .head_dim = hd, .q = q, .k_prefix = kp, .v_prefix = vp,
                     .prefix_len = P, .prefix_stride = P, .seqs = &seq, .n_seqs = 1};
+  /* in one block a row (its sums over 2,188 key tiles), then as the backend splits it (a block: 32 shares) */
   static const char *const kernels[] = {"tiled", "mma", "mma_bf16"};
-  compare_attention(&a, 1, kernels, 3, "70,000 keys", 2e-5, 0);
+  pa_cuda_attention_splits(1);
+  compare_attention(&a, 1, kernels, 3, "70,000 keys in one block", 2e-5, 0);
+  pa_cuda_attention_splits(0);
+  compare_attention(&a, 1, kernels + 1, 2, "70,000 keys in shares", 2e-5, 0);
+  assert_int_equal(pa_cuda_attention_splits(-1), 32);
   free(kp), free(vp), free(q), free(k0), free(v0);
 }
 
@@ -686,6 +692,48 @@ static void test_attention_bf16(void **s) {
   check_attention(11, 8, 6, 2, "mma_bf16");
   check_attention(23, 36, 6, 2, "mma_bf16");
   check_attention(23, 136, 6, 2, "mma_bf16");
+}
+
+/* The tensor cores' kernels with a row's keys split across blocks
+ * (pa_cuda_attention_splits), their shares combined after: at
+ * check_attention's shapes in 2 and 3 shares (tiles of 16 rows whose first
+ * rows see no key of the last share: their shares weigh 0) and in as many
+ * as a tile has key tiles; and by the backend's own choice on a decoding
+ * step, one row after 2,400 keys, 8 heads on 2 kv heads (2 blocks where
+ * the device has 132 SMs: 19 shares of its 76 key tiles, 4 each). Combining
+ * shares reorders the sums over the keys: the same tolerances. (Last: the
+ * other tests draw the same random numbers as before it.) */
+static void test_attention_split(void **s) {
+  (void)s;
+  static const char *const mma[] = {"mma", "mma_bf16"};
+  for (int k = 0; k < 2; k++)
+    for (int n = 2; n <= 4; n++) {
+      assert_int_equal(pa_cuda_attention_splits(n == 4 ? 1000 : n), 1);
+      check_attention(23, 40, 6, 2, mma[k]);
+      assert_int_equal(pa_cuda_attention_splits(0), n == 4 ? 3 : n); /* 72 keys: 3 key tiles at most */
+      check_attention(37, 128, 14, 2, mma[k]);
+      assert_int_equal(pa_cuda_attention_splits(-1), 1); /* by the backend's choice: too few keys */
+    }
+  enum { P = 2400, H = 8, KV = 2, hd = 64 };
+  float *kp = tu_rand_vec(&rng, (size_t)KV * P * hd), *vp = tu_rand_vec(&rng, (size_t)KV * P * hd);
+  float *q = tu_rand_vec(&rng, (size_t)H * hd), *k = tu_rand_vec(&rng, (size_t)KV * hd);
+  float *v = tu_rand_vec(&rng, (size_t)KV * hd);
+  pa_attn_seq seq = {.row0 = 0, .n = 1, .past = 0, .k_own = k, .v_own = v, .stride = 1};
+  pa_attn_args a = {.n_heads = H,
+                    .n_kv_heads = KV,
+                    .head_dim = hd,
+                    .q = q,
+                    .k_prefix = kp,
+                    .v_prefix = vp,
+                    .prefix_len = P,
+                    .prefix_stride = P,
+                    .seqs = &seq,
+                    .n_seqs = 1};
+  compare_attention(&a, 1, mma, 2, "a decoding step after 2,400 keys", 2e-6, 1e-6);
+  const int used = pa_cuda_attention_splits(-1);
+  fprintf(stderr, "    split in %d shares\n", used);
+  assert_int_equal(used, 19);
+  free(kp), free(vp), free(q), free(k), free(v);
 }
 
 /* A failed operation is reported by status() (backend.h), once: the simple
@@ -743,6 +791,7 @@ int main(void) {
       cmocka_unit_test(test_failure_reported),
       cmocka_unit_test(test_attention_head_dim_36),
       cmocka_unit_test(test_attention_bf16),
+      cmocka_unit_test(test_attention_split),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -58,6 +58,15 @@ const pa_backend *pa_backend_cuda(void);
  * CPU's). 0, or -1 for another name (pa_cuda_error says so). */
 int pa_cuda_attention_kernel(const char *name);
 
+/* How many blocks share a row's keys in the tensor cores' attention (as
+ * flash-decoding splits them; docs/CUDA.md): n = 0, the default, lets the
+ * backend choose (more than one only where a call would make fewer blocks
+ * than the device has SMs, as a decoding step of one sequence does, and
+ * its rows have 4 key tiles a share); n >= 1 asks for n (1: never split),
+ * at most one a key tile; n < 0 leaves the setting. Returns how many the
+ * last attention call used. */
+int pa_cuda_attention_splits(int n);
+
 /* The times this process has waited for the device: for a download, for
  * status(), for a collective, and for a staging chunk the device had not yet
  * read (uploads go through a ring of pinned memory and do not wait

@@ -769,8 +769,12 @@ template <class Ops> __host__ __device__ inline size_t mma_shared_bytes(int hd, 
   return (size_t)warps * kTileQ * kScoreLd * sizeof(float) + Ops::shared_bytes(hd, warps);
 }
 
-// Grid: (tiles, kv heads x chunks of a kv head's query heads), blocks of 32
-// mma_warps(n_heads / n_kv_heads) threads.
+// Grid: (tiles, kv heads x chunks of a kv head's query heads, splits),
+// blocks of 32 mma_warps(n_heads / n_kv_heads) threads. With one split a
+// block walks all its tile's keys and writes z; with several (part not
+// null), split s takes the s-th share of the tile's key tiles and writes
+// its rows' unnormalised outputs, max and sum into part for
+// k_attention_combine (a share past the tile's keys writes a max of -Inf).
 //
 // The tensor cores' own sums are truncated (docs/CUDA.md), so no
 // accumulator takes more than one step's products: each step's are added
@@ -779,7 +783,7 @@ template <class Ops> __host__ __device__ inline size_t mma_shared_bytes(int hd, 
 template <class Ops>
 __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     k_attention_mma(int n_heads, int n_kv_heads, int hd, const float *q, float *z, const float *k_prefix,
-                    const float *v_prefix, int prefix_len, int prefix_stride, const tile_desc *tiles) {
+                    const float *v_prefix, int prefix_len, int prefix_stride, const tile_desc *tiles, float *part) {
   using acc = typename Ops::acc;
   PA_DYNAMIC_SHARED(float, sh);
   const tile_desc tl = tiles[blockIdx.x];
@@ -798,6 +802,9 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
   const float *vp = v_prefix ? v_prefix + (size_t)kh * prefix_stride * hd : nullptr;
   const float *ko = tl.k_own + (size_t)kh * tl.stride * hd, *vo = tl.v_own + (size_t)kh * tl.stride * hd;
   const int keys = prefix_len + tl.n_own0 + tl.n_rows - 1; // the tile's last row sees the most
+  // this split's keys: whole key tiles, the first split's beginning with key 0, which every row sees
+  const int share = ((keys + kTileK - 1) / kTileK + (int)gridDim.z - 1) / (int)gridDim.z * kTileK;
+  const int t_begin = (int)blockIdx.z * share, t_end = t_begin + share < keys ? t_begin + share : keys;
   for (int e = tid; e < warps * kTileQ * hd16; e += nt) {
     const int w = e / (kTileQ * hd16), i = e / hd16 % kTileQ, d = e % hd16;
     ops.put_q(w * kTileQ + i, d,
@@ -816,7 +823,7 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
   __syncthreads(); // row_of read before the rows' figures overwrite its tile
   if (live && lane < kTileQ)
     row_max[lane * kScoreLd] = -INFINITY, row_sum[lane * kScoreLd] = 0.0f;
-  for (int t0 = 0; t0 < keys; t0 += kTileK) {
+  for (int t0 = t_begin; t0 < t_end; t0 += kTileK) {
     for (int e = tid; e < kTileK * hd16; e += nt) {
       const int j = e / hd16, d = e % hd16, t = t0 + j;
       float kv = 0.0f, vv = 0.0f;
@@ -909,10 +916,38 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
   if (live)
     for (int e = lane; e < kTileQ * hd; e += 32) {
       const int i = e / hd, d = e % hd;
-      if (i < tl.n_rows)
-        z[((size_t)(tl.row + i) * n_heads + head0 + warp) * hd + d] =
-            ops.out[i * ldo + d] * (1.0f / row_sum[i * kScoreLd]);
+      if (i >= tl.n_rows)
+        continue;
+      const size_t at = (size_t)(tl.row + i) * n_heads + head0 + warp; // the row's head
+      if (!part)
+        z[at * hd + d] = ops.out[i * ldo + d] * (1.0f / row_sum[i * kScoreLd]);
+      else { // this split's share, [hd outputs, max, sum], for k_attention_combine
+        float *share_of = part + (at * gridDim.z + blockIdx.z) * (hd + 2);
+        share_of[d] = ops.out[i * ldo + d];
+        if (d == 0)
+          share_of[hd] = row_max[i * kScoreLd], share_of[hd + 1] = row_sum[i * kScoreLd];
+      }
     }
+}
+
+// z from the splits' shares of k_attention_mma: a block per (row, head).
+// Each share's outputs and sum were taken against its own max: rescaled to
+// the largest. The first share saw key 0, so the largest is finite, and a
+// share that saw no key (max -Inf, sum and outputs 0) weighs e^-Inf = 0.
+__global__ void k_attention_combine(int n_heads, int hd, int splits, const float *part, float *z) {
+  const size_t at = (size_t)blockIdx.x * n_heads + blockIdx.y;
+  const float *shares = part + at * splits * (hd + 2);
+  float m = -INFINITY, sum = 0.0f;
+  for (int s = 0; s < splits; s++)
+    m = fmaxf(m, shares[s * (hd + 2) + hd]);
+  for (int s = 0; s < splits; s++)
+    sum += expf(shares[s * (hd + 2) + hd] - m) * shares[s * (hd + 2) + hd + 1];
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float out = 0.0f;
+    for (int s = 0; s < splits; s++)
+      out += expf(shares[s * (hd + 2) + hd] - m) * shares[s * (hd + 2) + d];
+    z[at * hd + d] = out / sum;
+  }
 }
 
 // The row descriptors of a call, in device memory kept between calls; the
@@ -1315,8 +1350,6 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
   launched("attention_backward");
 }
 
-size_t cu_attention_scratch(const pa_attn_args *a) { return 0; }
-
 // The attention kernels, in the order of preference: the tensor cores'
 // with bf16 operands (head dimensions up to 128; only when a program asks), with
 // tf32 parts (multiples of 8 up to 128), the tiled one (up to 128), the
@@ -1336,6 +1369,72 @@ attention_kernel attention_for(int hd) {
   return kAttnSimple;
 }
 
+// A call's rows, its tiles (of up to kTileQ rows of a sequence) and the
+// most keys a row sees.
+struct attention_shape {
+  size_t rows, tiles;
+  int max_keys;
+};
+
+attention_shape shape_of(const pa_attn_args *a) {
+  attention_shape sh = {0, 0, 0};
+  for (int i = 0; i < a->n_seqs; i++) {
+    sh.rows += (size_t)a->seqs[i].n;
+    sh.tiles += (size_t)(a->seqs[i].n + kTileQ - 1) / kTileQ;
+    const int keys = a->prefix_len + a->seqs[i].past + a->seqs[i].n;
+    sh.max_keys = keys > sh.max_keys ? keys : sh.max_keys;
+  }
+  return sh;
+}
+
+// The tensor cores' kernel's threads a block (32 for each query head of a
+// kv head it takes) and blocks a tile (the kv heads times the chunks of
+// their query heads).
+struct mma_grid {
+  int threads, blocks_per_tile;
+};
+
+mma_grid mma_grid_of(const pa_attn_args *a) {
+  const int group = a->n_heads / a->n_kv_heads, warps = mma_warps(group), chunks = (group + warps - 1) / warps;
+  return {32 * warps, a->n_kv_heads * chunks};
+}
+
+// Splitting a row's keys across blocks, as flash-decoding does: where the
+// tensor cores' kernel would make fewer blocks than the device has SMs (a
+// decoding step of one sequence makes one per kv head, 8 of an H100's 132
+// for Llama-3-8B), each block would walk its keys alone, a key tile after
+// the other, on an otherwise idle device. Then up to kMaxSplits blocks
+// take a share of each tile's key tiles (at least kMinSplitTiles each),
+// and k_attention_combine merges their shares (kept in the call's
+// scratch). pa_cuda_attention_splits sets a number instead.
+constexpr int kMaxSplits = 32, kMinSplitTiles = 4;
+int sm_count = 1;     // the device's multiprocessors
+int splits_asked = 0; // 0: by the rule above; n: n (1: never split)
+int splits_last = 1;  // what the last call used
+
+int attention_splits(const pa_attn_args *a, const attention_shape &sh) {
+  const attention_kernel kernel = attention_for(a->head_dim);
+  if (!sh.rows || (kernel != kAttnMma && kernel != kAttnMmaBf16))
+    return 1;
+  const int key_tiles = (sh.max_keys + kTileK - 1) / kTileK;
+  int n = splits_asked;
+  if (!n) {
+    const size_t blocks = sh.tiles * mma_grid_of(a).blocks_per_tile;
+    n = blocks >= (size_t)sm_count ? 1 : (int)((sm_count + blocks - 1) / blocks);
+    n = n < kMaxSplits ? n : kMaxSplits;
+    n = n < key_tiles / kMinSplitTiles ? n : key_tiles / kMinSplitTiles;
+  }
+  n = n < key_tiles ? n : key_tiles;
+  return n > 1 ? n : 1;
+}
+
+// The split shares: [rows][heads][splits][head_dim + 2] floats.
+size_t cu_attention_scratch(const pa_attn_args *a) {
+  const attention_shape sh = shape_of(a);
+  const int n = attention_splits(a, sh);
+  return n > 1 ? sh.rows * a->n_heads * n * (a->head_dim + 2) : 0;
+}
+
 // A device buffer kept between calls, grown to hold bytes.
 bool reserve(void **buf, size_t *cap, size_t bytes, const char *what) {
   if (bytes <= *cap)
@@ -1348,27 +1447,30 @@ bool reserve(void **buf, size_t *cap, size_t bytes, const char *what) {
   return true;
 }
 
-// k_attention_mma<Ops> on the tiles in tile_dev; which: its shared_set entry; what: its name in a message.
-template <class Ops> void launch_attention_mma(const pa_attn_args *a, size_t n_tiles, int which, const char *what) {
-  const int group = a->n_heads / a->n_kv_heads, warps = mma_warps(group), chunks = (group + warps - 1) / warps;
-  const size_t bytes = mma_shared_bytes<Ops>(a->head_dim, warps);
-  const dim3 grid((unsigned)n_tiles, (unsigned)(a->n_kv_heads * chunks));
+// k_attention_mma<Ops> on the tiles in tile_dev, its keys in `splits`
+// shares combined from part (the call's scratch) where more than one;
+// which: its shared_set entry; what: its name in a message.
+template <class Ops>
+void launch_attention_mma(const pa_attn_args *a, const attention_shape &sh, int splits, float *part, int which,
+                          const char *what) {
+  const mma_grid g = mma_grid_of(a);
+  const size_t bytes = mma_shared_bytes<Ops>(a->head_dim, g.threads / 32);
+  const dim3 grid((unsigned)sh.tiles, (unsigned)g.blocks_per_tile, (unsigned)splits);
   if (!shared_for((const void *)k_attention_mma<Ops>, which, bytes, what, 0))
     return;
-  PA_LAUNCH(k_attention_mma<Ops>, grid, 32 * warps, bytes)
+  PA_LAUNCH(k_attention_mma<Ops>, grid, g.threads, bytes)
   (a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len, a->prefix_stride,
-   tile_dev);
+   tile_dev, splits > 1 ? part : nullptr);
+  if (splits <= 1)
+    return;
+  const dim3 rows_heads((unsigned)sh.rows, (unsigned)a->n_heads);
+  PA_LAUNCH(k_attention_combine, rows_heads, 128, 0)(a->n_heads, a->head_dim, splits, part, a->z);
 }
 
 void cu_attention(const pa_attn_args *a, float *scratch) {
-  size_t n_rows = 0, n_tiles = 0;
-  int max_keys = 0;
-  for (int i = 0; i < a->n_seqs; i++) {
-    n_rows += (size_t)a->seqs[i].n;
-    n_tiles += (size_t)(a->seqs[i].n + kTileQ - 1) / kTileQ;
-    const int keys = a->prefix_len + a->seqs[i].past + a->seqs[i].n;
-    max_keys = keys > max_keys ? keys : max_keys;
-  }
+  const attention_shape sh = shape_of(a);
+  const size_t n_rows = sh.rows, n_tiles = sh.tiles;
+  const int max_keys = sh.max_keys;
   if (!n_rows)
     return;
   const attention_kernel kernel = attention_for(a->head_dim);
@@ -1406,10 +1508,11 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
     return;
   if (a->k_new)
     PA_LAUNCH(k_store_new, (unsigned)n_tiles, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, tile_dev);
+  splits_last = attention_splits(a, sh); // the scratch holds its shares (cu_attention_scratch)
   if (kernel == kAttnMma)
-    launch_attention_mma<mma_tf32>(a, n_tiles, kShAttentionMma, "attention (tensor cores)");
+    launch_attention_mma<mma_tf32>(a, sh, splits_last, scratch, kShAttentionMma, "attention (tensor cores)");
   else if (kernel == kAttnMmaBf16)
-    launch_attention_mma<mma_bf16>(a, n_tiles, kShAttentionMmaBf16, "attention (tensor cores, bf16)");
+    launch_attention_mma<mma_bf16>(a, sh, splits_last, scratch, kShAttentionMmaBf16, "attention (tensor cores, bf16)");
   else if (kernel == kAttnTiled)
     PA_LAUNCH(k_attention_tiled, dim3((unsigned)n_tiles, (unsigned)a->n_heads), kTiledThreads,
               tiled_shared_floats(a->head_dim) * sizeof(float))(a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z,
@@ -1614,7 +1717,8 @@ int pa_cuda_select(int device) {
   }
   if (!check(cudaSetDevice(device), "cudaSetDevice") || !check(cudaStreamCreate(&stream), "cudaStreamCreate") ||
       !check(cudaDeviceGetAttribute(&shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute"))
+             "cudaDeviceGetAttribute") ||
+      !check(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute"))
     return -1;
   if (!check_blas(cublasCreate(&blas), "cublasCreate") ||
       !check_blas(cublasSetStream(blas, stream), "cublasSetStream") ||
@@ -1636,6 +1740,13 @@ const pa_backend *pa_backend_cuda(void) {
 const char *pa_cuda_error(void) { return last_error; }
 
 unsigned long pa_cuda_host_waits(void) { return host_waits; }
+
+int pa_cuda_attention_splits(int n) {
+  const int last = splits_last;
+  if (n >= 0)
+    splits_asked = n;
+  return last;
+}
 
 int pa_cuda_attention_kernel(const char *name) {
   for (int k = 0; k < (int)(sizeof kAttentionNames / sizeof *kAttentionNames); k++)

@@ -39,6 +39,7 @@ namespace {
 
 constexpr int kSharedDefault = 48 << 10; // dynamic shared memory a kernel may use unless raised
 constexpr int kSharedOptin = 232448;     // the H100's and H200's opt-in limit (227 KiB)
+constexpr int kSMs = 132;                // the H100 SXM's and H200's multiprocessors
 constexpr unsigned kMaxThreads = 1024;
 constexpr size_t kStack = 256 << 10; // a thread's stack (kernels keep little on it; sanitizers more)
 
@@ -503,9 +504,9 @@ cudaError_t cudaSetDevice(int d) {
 cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int d) {
   if (d < 0 || d >= device_count())
     return error(cudaErrorInvalidDevice);
-  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin)
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin && attr != cudaDevAttrMultiProcessorCount)
     return error(cudaErrorInvalidValue);
-  *value = kSharedOptin;
+  *value = attr == cudaDevAttrMultiProcessorCount ? kSMs : kSharedOptin;
   return cudaSuccess;
 }
 

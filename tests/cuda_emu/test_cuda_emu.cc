@@ -11,7 +11,9 @@
 //    fault stays until the device is reset;
 //  - a host pointer given to a kernel, a copy in the wrong direction or past
 //    an allocation, a block of 1,025 threads, and dynamic shared memory over
-//    what the kernel was allowed are refused;
+//    what the kernel was allowed are refused; the device reports an H100
+//    SXM's opt-in shared memory and 132 multiprocessors, and no other
+//    attribute;
 //  - device and dynamic shared memory start as NaN;
 //  - the stream runs its work only when the host waits for it: a copy from
 //    pinned memory reads it then, one into pinned memory writes it then, an
@@ -340,6 +342,13 @@ void test_refusals(void **) {
   assert_int_equal(cudaFuncSetAttribute((const void *)k_shared_first, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         optin + 1),
                    cudaErrorInvalidValue);
+  // the device is an H100 SXM's size: 227 KiB of shared memory a block at most, 132 multiprocessors
+  int sms = 0;
+  assert_int_equal(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+  assert_int_equal(optin, 232448);
+  assert_int_equal(sms, 132);
+  assert_int_equal(cudaDeviceGetAttribute(&sms, (cudaDeviceAttr)1, 0), cudaErrorInvalidValue);
+  cudaGetLastError();
 }
 
 void test_memory_starts_nan(void **) {
