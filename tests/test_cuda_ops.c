@@ -696,9 +696,10 @@ static void test_attention_bf16(void **s) {
 
 /* The tensor cores' kernels with a row's keys split across blocks
  * (pa_cuda_attention_splits), their shares combined after: at
- * check_attention's shapes in 2 and 3 shares (tiles of 16 rows whose first
- * rows see no key of the last share: their shares weigh 0) and in as many
- * as a tile has key tiles; and by the backend's own choice on a decoding
+ * check_attention's shapes (with a prefix and without, head_dim 40 and
+ * 128, a block with an idle warp) in 2 and 3 shares (tiles of 16 rows whose
+ * first rows see no key of the last share: their shares weigh 0) and in as
+ * many as a tile has key tiles; and by the backend's own choice on a decoding
  * step, one row after 2,400 keys, 8 heads on 2 kv heads (2 blocks where
  * the device has 132 SMs: 19 shares of its 76 key tiles, 4 each). Combining
  * shares reorders the sums over the keys: the same tolerances. (Last: the
@@ -708,9 +709,13 @@ static void test_attention_split(void **s) {
   static const char *const mma[] = {"mma", "mma_bf16"};
   for (int k = 0; k < 2; k++)
     for (int n = 2; n <= 4; n++) {
-      assert_int_equal(pa_cuda_attention_splits(n == 4 ? 1000 : n), 1);
+      pa_cuda_attention_splits(n == 4 ? 1000 : n);
       check_attention(23, 40, 6, 2, mma[k]);
-      assert_int_equal(pa_cuda_attention_splits(0), n == 4 ? 3 : n); /* 72 keys: 3 key tiles at most */
+      assert_int_equal(pa_cuda_attention_splits(-1), n == 4 ? 3 : n); /* 70 keys: 3 key tiles */
+      check_attention(0, 40, 6, 2, mma[k]);
+      assert_int_equal(pa_cuda_attention_splits(-1), 2); /* 47 keys: 2 key tiles */
+      check_attention(37, 128, 14, 2, mma[k]);
+      assert_int_equal(pa_cuda_attention_splits(0), n == 4 ? 3 : n); /* 84 keys: 3 key tiles */
       check_attention(37, 128, 14, 2, mma[k]);
       assert_int_equal(pa_cuda_attention_splits(-1), 1); /* by the backend's choice: too few keys */
     }

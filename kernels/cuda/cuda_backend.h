@@ -63,8 +63,10 @@ int pa_cuda_attention_kernel(const char *name);
  * backend choose (more than one only where a call would make fewer blocks
  * than the device has SMs, as a decoding step of one sequence does, and
  * its rows have 4 key tiles a share); n >= 1 asks for n (1: never split),
- * at most one a key tile; n < 0 leaves the setting. Returns how many the
- * last attention call used. */
+ * at most one a key tile and 32; n < 0 leaves the setting. Returns how
+ * many the last attention call used. Neither this nor
+ * pa_cuda_attention_kernel may change between a call's attention_scratch
+ * and its attention: the scratch is sized for the setting. */
 int pa_cuda_attention_splits(int n);
 
 /* The times this process has waited for the device: for a download, for

@@ -863,7 +863,8 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
       float m = was;
       for (int j = 0; j < kTileK && j < seen; j++)
         m = fmaxf(m, sw[i * kScoreLd + j]);
-      // a row's first tile always holds a key it sees (key 0), so m is finite once the row has begun
+      // a row's first tile holds a key it sees (key 0), so m is finite once the row has begun; a later share's
+      // row may see none of its keys: m stays -Inf, and nothing is added
       row_corr[i * kScoreLd] = m == -INFINITY ? 1.0f : expf(was - m);
       row_max[i * kScoreLd] = m;
     }
@@ -930,23 +931,28 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     }
 }
 
-// z from the splits' shares of k_attention_mma: a block per (row, head).
-// Each share's outputs and sum were taken against its own max: rescaled to
-// the largest. The first share saw key 0, so the largest is finite, and a
-// share that saw no key (max -Inf, sum and outputs 0) weighs e^-Inf = 0.
-__global__ void k_attention_combine(int n_heads, int hd, int splits, const float *part, float *z) {
-  const size_t at = (size_t)blockIdx.x * n_heads + blockIdx.y;
-  const float *shares = part + at * splits * (hd + 2);
-  float m = -INFINITY, sum = 0.0f;
-  for (int s = 0; s < splits; s++)
-    m = fmaxf(m, shares[s * (hd + 2) + hd]);
-  for (int s = 0; s < splits; s++)
-    sum += expf(shares[s * (hd + 2) + hd] - m) * shares[s * (hd + 2) + hd + 1];
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float out = 0.0f;
+// z from the splits' shares of k_attention_mma: a block per (tile, head),
+// for the tile's rows. Each share's outputs and sum were taken against its
+// own max: rescaled to the largest. The first share saw key 0, so the
+// largest is finite, and a share that saw no key (max -Inf, sum and
+// outputs 0) weighs e^-Inf = 0.
+__global__ void k_attention_combine(int n_heads, int hd, int splits, const float *part, float *z,
+                                    const tile_desc *tiles) {
+  const tile_desc tl = tiles[blockIdx.x];
+  for (int i = 0; i < tl.n_rows; i++) {
+    const size_t at = (size_t)(tl.row + i) * n_heads + blockIdx.y;
+    const float *shares = part + at * splits * (hd + 2);
+    float m = -INFINITY, sum = 0.0f;
     for (int s = 0; s < splits; s++)
-      out += expf(shares[s * (hd + 2) + hd] - m) * shares[s * (hd + 2) + d];
-    z[at * hd + d] = out / sum;
+      m = fmaxf(m, shares[s * (hd + 2) + hd]);
+    for (int s = 0; s < splits; s++)
+      sum += expf(shares[s * (hd + 2) + hd] - m) * shares[s * (hd + 2) + hd + 1];
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+      float out = 0.0f;
+      for (int s = 0; s < splits; s++)
+        out += expf(shares[s * (hd + 2) + hd] - m) * shares[s * (hd + 2) + d];
+      z[at * hd + d] = out / sum;
+    }
   }
 }
 
@@ -1373,15 +1379,18 @@ attention_kernel attention_for(int hd) {
 // most keys a row sees.
 struct attention_shape {
   size_t rows, tiles;
+  size_t z_rows; // the rows of q and z the call's reach: past the last (row0 + n)
   int max_keys;
 };
 
 attention_shape shape_of(const pa_attn_args *a) {
-  attention_shape sh = {0, 0, 0};
+  attention_shape sh = {0, 0, 0, 0};
   for (int i = 0; i < a->n_seqs; i++) {
-    sh.rows += (size_t)a->seqs[i].n;
-    sh.tiles += (size_t)(a->seqs[i].n + kTileQ - 1) / kTileQ;
-    const int keys = a->prefix_len + a->seqs[i].past + a->seqs[i].n;
+    const pa_attn_seq *s = &a->seqs[i];
+    sh.rows += (size_t)s->n;
+    sh.tiles += (size_t)(s->n + kTileQ - 1) / kTileQ;
+    sh.z_rows = s->n && (size_t)s->row0 + s->n > sh.z_rows ? (size_t)s->row0 + s->n : sh.z_rows;
+    const int keys = a->prefix_len + s->past + s->n;
     sh.max_keys = keys > sh.max_keys ? keys : sh.max_keys;
   }
   return sh;
@@ -1406,33 +1415,47 @@ mma_grid mma_grid_of(const pa_attn_args *a) {
 // the other, on an otherwise idle device. Then up to kMaxSplits blocks
 // take a share of each tile's key tiles (at least kMinSplitTiles each),
 // and k_attention_combine merges their shares (kept in the call's
-// scratch). pa_cuda_attention_splits sets a number instead.
+// scratch). pa_cuda_attention_splits sets a number instead (at most
+// kMaxSplits too).
 constexpr int kMaxSplits = 32, kMinSplitTiles = 4;
 int sm_count = 1;     // the device's multiprocessors
 int splits_asked = 0; // 0: by the rule above; n: n (1: never split)
 int splits_last = 1;  // what the last call used
 
-int attention_splits(const pa_attn_args *a, const attention_shape &sh) {
+// The shares a call's rows take, before the keys limit them (what its
+// scratch is sized for, so that a sequence's decoding steps, whose keys
+// grow, do not grow it: growing frees the old buffer, which waits).
+int attention_split_cap(const pa_attn_args *a, const attention_shape &sh) {
   const attention_kernel kernel = attention_for(a->head_dim);
-  if (!sh.rows || (kernel != kAttnMma && kernel != kAttnMmaBf16))
+  if (!sh.rows || (kernel != kAttnMma && kernel != kAttnMmaBf16) || a->n_kv_heads < 1 || a->n_heads < a->n_kv_heads)
     return 1;
-  const int key_tiles = (sh.max_keys + kTileK - 1) / kTileK;
   int n = splits_asked;
-  if (!n) {
+  if (!n) { // as many as leave no SM idle, and no more
     const size_t blocks = sh.tiles * mma_grid_of(a).blocks_per_tile;
-    n = blocks >= (size_t)sm_count ? 1 : (int)((sm_count + blocks - 1) / blocks);
-    n = n < kMaxSplits ? n : kMaxSplits;
-    n = n < key_tiles / kMinSplitTiles ? n : key_tiles / kMinSplitTiles;
+    n = blocks >= (size_t)sm_count ? 1 : (int)((size_t)sm_count / blocks);
   }
-  n = n < key_tiles ? n : key_tiles;
-  return n > 1 ? n : 1;
+  return n < kMaxSplits ? n : kMaxSplits;
 }
 
-// The split shares: [rows][heads][splits][head_dim + 2] floats.
+// The shares: the cap, at most one a key tile (and by the backend's choice
+// kMinSplitTiles), then as few as take the same key tiles a share, so
+// that none of the longest tile's is empty.
+int attention_splits(const pa_attn_args *a, const attention_shape &sh) {
+  const int key_tiles = (sh.max_keys + kTileK - 1) / kTileK;
+  const int least = splits_asked ? 1 : kMinSplitTiles;
+  int n = attention_split_cap(a, sh);
+  n = n < key_tiles / least ? n : key_tiles / least;
+  if (n <= 1)
+    return 1;
+  const int per = (key_tiles + n - 1) / n;
+  return (key_tiles + per - 1) / per;
+}
+
+// The split shares: [z rows][heads][shares][head_dim + 2] floats.
 size_t cu_attention_scratch(const pa_attn_args *a) {
   const attention_shape sh = shape_of(a);
-  const int n = attention_splits(a, sh);
-  return n > 1 ? sh.rows * a->n_heads * n * (a->head_dim + 2) : 0;
+  const int n = attention_split_cap(a, sh);
+  return n > 1 ? sh.z_rows * a->n_heads * n * (a->head_dim + 2) : 0;
 }
 
 // A device buffer kept between calls, grown to hold bytes.
@@ -1463,8 +1486,8 @@ void launch_attention_mma(const pa_attn_args *a, const attention_shape &sh, int 
    tile_dev, splits > 1 ? part : nullptr);
   if (splits <= 1)
     return;
-  const dim3 rows_heads((unsigned)sh.rows, (unsigned)a->n_heads);
-  PA_LAUNCH(k_attention_combine, rows_heads, 128, 0)(a->n_heads, a->head_dim, splits, part, a->z);
+  const dim3 tiles_heads((unsigned)sh.tiles, (unsigned)a->n_heads);
+  PA_LAUNCH(k_attention_combine, tiles_heads, 128, 0)(a->n_heads, a->head_dim, splits, part, a->z, tile_dev);
 }
 
 void cu_attention(const pa_attn_args *a, float *scratch) {
