@@ -1379,7 +1379,7 @@ attention_kernel attention_for(int hd) {
 // most keys a row sees.
 struct attention_shape {
   size_t rows, tiles;
-  size_t z_rows; // the rows of q and z the call's reach: past the last (row0 + n)
+  size_t z_rows; // the rows of q and z the call reaches: up to the last row0 + n
   int max_keys;
 };
 
