@@ -38,7 +38,7 @@
  * rounded to bf16 first (as the kernel rounds them), at the same
  * tolerances plus 2^-17 of the largest |v| (1 in these tests): its scores
  * are exact products summed in fp32, and it multiplies p by v in two bf16
- * parts, which hold p to 2^-17 of itself (2^-18 of 1, p in (0, 1]). And a failing operation (the
+ * parts, which hold p to 2^-17 of itself. And a failing operation (the
  * simple attention kernel over more keys than shared memory holds) is
  * reported by status(), once. A machine whose driver cannot serve
  * fails rather than skips (tu_cuda.h). */
@@ -664,7 +664,8 @@ static void test_attention_long_row(void **s) {
   compare_attention(&a, 1, kernels, 3, "70,000 keys in one block", 2e-5, 0);
   pa_cuda_attention_splits(0);
   compare_attention(&a, 1, kernels + 1, 2, "70,000 keys in shares", 2e-5, 0);
-  assert_int_equal(pa_cuda_attention_splits(-1), 32);
+  const int used = pa_cuda_attention_splits(-1);
+  assert_true(used > 1 && used <= 32); /* 32 on the emulation and any GPU of 32 SMs or more */
   free(kp), free(vp), free(q), free(k0), free(v0);
 }
 
@@ -737,7 +738,8 @@ static void test_attention_split(void **s) {
   compare_attention(&a, 1, mma, 2, "a decoding step after 2,400 keys", 2e-6, 1e-6);
   const int used = pa_cuda_attention_splits(-1);
   fprintf(stderr, "    split in %d shares\n", used);
-  assert_int_equal(used, 19);
+  /* 19 with 38 SMs or more (the emulation's 132, an A100's 108, an H100's 114 or 132): at least 4 key tiles each */
+  assert_true(used > 1 && used <= 19);
   free(kp), free(vp), free(q), free(k), free(v);
 }
 
