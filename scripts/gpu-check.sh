@@ -24,10 +24,17 @@
 #                           one PAPI subject with that model (bf16 weights):
 #                           PAS seconds per subject for 4 layers (x 8 for the
 #                           whole depth)
+#   profile-pas-8b4.txt     the same run again with the device-time profile
+#                           on (PALIGN_CUDA_PROFILE): the device's time by
+#                           operation and product shape, and its idle time;
+#                           its log in pas-8b4-profiled.txt (its seconds
+#                           against pas-8b4's: what the profile costs)
 #   nccl-1.log, nccl-0.log, the service (mpirun, one worker on the GPU) with
 #   nccl-compare.txt        the activation bank gathered over NCCL
 #                           (PALIGN_NCCL=1) and over MPI (PALIGN_NCCL=0):
 #                           scripts/compare-stores.py finds the same records
+#   profile-forward-8b4.txt bench_forward's run (bf16) under the profile: prefill,
+#                           decoding and steering; log in forward-8b4-profiled.txt
 #   dpo-8b4.txt, .json      palign eval --methods dpo --backend cuda on the
 #                           same subject and model: DPO seconds per subject
 #                           for 4 layers
@@ -77,7 +84,8 @@ START=$SECONDS
 status=0
 cmake_args=()
 (cd "$OUT" && rm -f steps.txt env.txt build.log gpu-tests.log bench.txt bench.json mkmodel-8b4.log forward-8b4.txt \
-  forward-8b4-fp32.txt pas-8b4.txt pas-8b4.json nccl-mkmodel.log nccl-1.log nccl-0.log nccl-compare.txt dpo-8b4.txt \
+  forward-8b4-fp32.txt pas-8b4.txt pas-8b4.json \
+  pas-8b4-profiled.txt profile-pas-8b4.txt forward-8b4-profiled.txt profile-forward-8b4.txt nccl-mkmodel.log nccl-1.log nccl-0.log nccl-compare.txt dpo-8b4.txt \
   dpo-8b4.json sanitizer.log)
 : >"$OUT/steps.txt"
 
@@ -226,6 +234,13 @@ if ok mkmodel-8b4; then
   step forward-8b4 120 "$OUT/forward-8b4.txt" "$BUILD/bench/bench_forward" "$M" "$PAPI" --quick --backend cuda
   step pas-8b4 180 "$OUT/pas-8b4.txt" "${timed[@]}" "$BUILD/palign" eval --model "$M" --papi "$PAPI" \
     --methods pas_only --subjects 1 "${grid[@]}" --backend cuda --json "$OUT/pas-8b4.json"
+  # its own bank file, not the one the run before saved: the same work, the bank computed again
+  PB=${TMPDIR:-/tmp}/palign-8b4-bank.bin
+  rm -f "$PB"
+  step pas-8b4-profiled 180 "$OUT/pas-8b4-profiled.txt" env PALIGN_CUDA_PROFILE="$OUT/profile-pas-8b4.txt" \
+    "${timed[@]}" "$BUILD/palign" eval --model "$M" --papi "$PAPI" --methods pas_only --subjects 1 "${grid[@]}" \
+    --backend cuda --bank "$PB"
+  rm -f "$PB"
 fi
 
 if command -v mpirun >/dev/null; then
@@ -254,6 +269,8 @@ fi
 if ok mkmodel-8b4; then
   step forward-8b4-fp32 120 "$OUT/forward-8b4-fp32.txt" "$BUILD/bench/bench_forward" "$M" "$PAPI" --quick \
     --backend cuda --weights fp32
+  step forward-8b4-profiled 120 "$OUT/forward-8b4-profiled.txt" env PALIGN_CUDA_PROFILE="$OUT/profile-forward-8b4.txt" \
+    "$BUILD/bench/bench_forward" "$M" "$PAPI" --quick --backend cuda
   step dpo-8b4 240 "$OUT/dpo-8b4.txt" "${timed[@]}" "$BUILD/palign" eval --model "$M" --papi "$PAPI" \
     --methods dpo --subjects 1 --backend cuda --json "$OUT/dpo-8b4.json"
 fi
@@ -272,7 +289,8 @@ fi
 
 tail -30 "$OUT/gpu-tests.log" 2>/dev/null || true
 cat "$OUT"/bench.txt "$OUT"/forward-8b4*.txt 2>/dev/null || true
-grep -E "Time per|Elapsed|Maximum resident" "$OUT"/pas-8b4.txt "$OUT"/dpo-8b4.txt 2>/dev/null || true
+grep -E "Time per|Elapsed|Maximum resident" "$OUT"/pas-8b4*.txt "$OUT"/dpo-8b4.txt 2>/dev/null || true
+head -n 16 "$OUT"/profile-*.txt 2>/dev/null || true
 echo "--- steps (name, exit status, seconds) after $((SECONDS - START)) s"
 cat "$OUT/steps.txt"
 exit $status

@@ -2,7 +2,9 @@
  * (tu_forward_compare.h): tiny llama and qwen2 models (palign mkmodel), a
  * shared prefix, two sequences (one continuing from its cache), steering and
  * head capture, greedy generation and a pass with a LoRA adapter, with the
- * weights in fp32 and in bf16 on both. Skips (exit 77) without a device.
+ * weights in fp32 and in bf16 on both; the host's waits in a pass; the
+ * device-time profile's account of a pass's operations. Skips (exit 77)
+ * without a device.
  *
  * Tolerances, of the largest magnitude of the CPU's, with the same argmax
  * and the same generated tokens:
@@ -25,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cuda_backend.h"
 #include "tu_cuda.h"
@@ -102,11 +105,140 @@ static void test_waits(void **s) {
   }
 }
 
+static const pa_cuda_profile_row *row_named(const pa_cuda_profile_row *rows, int n, const char *name) {
+  for (int r = 0; r < n; r++)
+    if (!strcmp(rows[r].name, name))
+      return &rows[r];
+  fail_msg("the profile has no row \"%s\"", name);
+  return NULL;
+}
+
+static void expect_row(const pa_cuda_profile_row *rows, int n, const char *name, unsigned long calls, double flops) {
+  const pa_cuda_profile_row *r = row_named(rows, n, name);
+  if (r->calls != calls || r->flops != flops)
+    fail_msg("%s: %lu calls and %.0f flops, expected %lu and %.0f", name, r->calls, r->flops, calls, flops);
+}
+
+/* The device-time profile (pa_cuda_profile) of two forward passes, a
+ * prefix of 20 tokens and a batch of two sequences (4 and 17 tokens) with
+ * steering, head capture and logits, on 6 layers with bf16 weights: each
+ * product under its weight's shape with its calls and 2MNK flops, each x
+ * rounded to bf16 once a product, the attention's calls and its 4 x heads x
+ * head_dim flops a key a row sees, every row's time non-negative, the
+ * device idle between them (the host launching and waiting), and the two
+ * within the host's time around the passes. The
+ * emulated build keeps 64 spans before it harvests them (PA_PROF_SPANS), so
+ * these passes fill the pool several times: a span lost or counted twice there
+ * shows in the calls. Stopped, it counts what was queued before and
+ * nothing after; started again, it is empty. */
+static void test_profile(void **s) {
+  (void)s;
+  char path[300];
+  pa_mkmodel_opts o = pa_mkmodel_defaults();
+  o.n_layers = 6, o.seed = 9, o.force = true;
+  snprintf(path, sizeof path, "%s/profile.gguf", tu_tmp);
+  pa_model *m;
+  pa_lm *lm;
+  if (pa_mkmodel_write_gguf(&o, path) || pa_model_open(path, &m) ||
+      pa_lm_create(m, &(pa_lm_opts){.max_seq = 64, .backend = pa_backend_cuda(), .weights = PA_WEIGHTS_BF16}, &lm))
+    fail_msg("%s", pa_errmsg());
+  const pa_model_config *c = pa_lm_config(lm);
+  const int L = c->n_layers, D = c->dim, H = c->n_heads, hd = c->head_dim, F = c->ffn_dim, V = c->vocab_size;
+  const int qd = H * hd, kd = c->n_kv_heads * hd;
+  float *logits = calloc(2 * (size_t)V, sizeof *logits), *heads = calloc(2 * (size_t)L * qd, sizeof *heads),
+        *steer = calloc((size_t)L * qd, sizeof *steer);
+  assert_true(logits && heads && steer);
+  int32_t tok[24];
+  for (int i = 0; i < 24; i++)
+    tok[i] = (i * 31 + 5) % V;
+  pa_kv *pre, *a, *b;
+  if (pa_kv_create(lm, 32, &pre) || pa_kv_create(lm, 32, &a) || pa_kv_create(lm, 32, &b))
+    fail_msg("%s", pa_errmsg());
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  assert_int_equal(pa_cuda_profile(1), 0);
+  pa_seq ps = {.tokens = tok, .n_tokens = 20, .kv = pre};
+  assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &ps, .n_seqs = 1}), PA_OK);
+  pa_seq two[2] = {{.tokens = tok + 1, .n_tokens = 4, .kv = a}, {.tokens = tok + 7, .n_tokens = 17, .kv = b}};
+  pa_batch bt = {.prefix = pre, .seqs = two, .n_seqs = 2, .steer = steer, .logits = logits, .heads = heads};
+  if (pa_lm_forward(lm, &bt))
+    fail_msg("%s", pa_errmsg());
+
+  const pa_cuda_profile_row *rows;
+  double idle;
+  const int n = pa_cuda_profile_read(&rows, &idle);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  const double wall_ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) * 1e-6;
+  assert_true(n > 0);
+  const double M = 20 + 21; /* the rows of the two passes */
+  char name[64];
+  snprintf(name, sizeof name, "matmul bf16 %dx%d", qd, D); /* q, and o (D x qd) where D == qd */
+  assert_int_equal(qd, D);
+  expect_row(rows, n, name, 4ul * L, 2.0 * 2 * L * M * qd * D);
+  snprintf(name, sizeof name, "matmul bf16 %dx%d", kd, D); /* k and v */
+  expect_row(rows, n, name, 4ul * L, 2.0 * 2 * L * M * kd * D);
+  snprintf(name, sizeof name, "matmul bf16 %dx%d", F, D); /* gate and up */
+  expect_row(rows, n, name, 4ul * L, 2.0 * 2 * L * M * F * D);
+  snprintf(name, sizeof name, "matmul bf16 %dx%d", D, F); /* down */
+  expect_row(rows, n, name, 2ul * L, 2.0 * L * M * D * F);
+  snprintf(name, sizeof name, "matmul bf16 %dx%d", V, D); /* the logits of the batch's two last rows */
+  expect_row(rows, n, name, 1, 2.0 * 2 * V * D);
+  expect_row(rows, n, "bf16 rounding of x (products)", 14ul * L + 1, 0);
+  /* keys seen: the prefix 1 + ... + 20; a: 4 x 20 + 1 + ... + 4; b: 17 x 20 + 1 + ... + 17 */
+  expect_row(rows, n, "attention (tensor cores)", 2ul * L, 4.0 * H * hd * L * (210 + 90 + 493));
+  expect_row(rows, n, "attention: new keys into the caches", 2ul * L, 0);
+  expect_row(rows, n, "rmsnorm", 4ul * L + 2, 0);
+  expect_row(rows, n, "rope", 4ul * L, 0);
+  expect_row(rows, n, "swiglu", 2ul * L, 0);
+  expect_row(rows, n, "add_bias", (unsigned long)L, 0); /* the steering */
+  expect_row(rows, n, "embed", (unsigned long)L, 0);    /* the heads' last rows gathered */
+  expect_row(rows, n, "embed bf16", 2, 0);
+  expect_row(rows, n, "download", 2, 0); /* heads and logits */
+  double ms = 0;
+  for (int r = 0; r < n; r++) {
+    assert_true(rows[r].ms >= 0);
+    ms += rows[r].ms;
+  }
+  /* the device's busy and idle stretches lie within the host's time around them (events' clocks: 0.5 us) */
+  if (!(ms > 0 && idle > 0 && ms + idle <= wall_ms * 1.001 + 0.01))
+    fail_msg("%.3f ms timed and %.3f ms idle in %.3f ms", ms, idle, wall_ms);
+  FILE *f = tmpfile();
+  assert_non_null(f);
+  pa_cuda_profile_write(f);
+  rewind(f);
+  char line[200];
+  int lines = 0;
+  while (fgets(line, sizeof line, f))
+    fprintf(stderr, "    %s", line), lines++;
+  fclose(f);
+  assert_int_equal(lines, 3 + n); /* a title, the totals, the heading, a line a row */
+
+  /* a prefix again, the profile stopped after it: counted; then one more pass, not counted */
+  pa_kv_clear(pre);
+  assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &ps, .n_seqs = 1}), PA_OK);
+  assert_int_equal(pa_cuda_profile(0), 0);
+  pa_kv_clear(pre);
+  assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &ps, .n_seqs = 1}), PA_OK);
+  assert_int_equal(pa_cuda_profile_read(&rows, &idle), n);
+  expect_row(rows, n, "rmsnorm", 6ul * L + 2, 0);
+  snprintf(name, sizeof name, "matmul bf16 %dx%d", D, F); /* the last in a pass: in the pool when it stopped */
+  expect_row(rows, n, name, 3ul * L, 2.0 * L * (M + 20) * D * F);
+  expect_row(rows, n, "attention (tensor cores)", 3ul * L, 4.0 * H * hd * L * (2 * 210 + 90 + 493));
+  assert_int_equal(pa_cuda_profile(1), 0);
+  assert_int_equal(pa_cuda_profile_read(&rows, &idle), 0);
+  assert_int_equal(pa_cuda_profile(0), 0);
+
+  pa_kv_destroy(pre), pa_kv_destroy(a), pa_kv_destroy(b);
+  free(logits), free(heads), free(steer);
+  pa_lm_destroy(lm);
+  pa_model_close(m);
+}
+
 int main(void) {
   const int ready = tu_cuda_ready();
   if (ready)
     return ready;
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_llama), cmocka_unit_test(test_qwen2),
-                                     cmocka_unit_test(test_waits)};
+                                     cmocka_unit_test(test_waits), cmocka_unit_test(test_profile)};
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

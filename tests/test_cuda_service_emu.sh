@@ -24,6 +24,9 @@
 #   5. PALIGN_CUDA_ATTENTION naming no kernel is an error for --backend auto
 #      too (a device that cannot be used as asked is no machine without one),
 #      naming the variable; a kernel it names runs, and so does an empty one.
+#   6. PALIGN_CUDA_PROFILE: each process appends its table of the device's
+#      time by operation to the file it names at exit; one that cannot be
+#      written is a message, and the run's own result stands.
 # KEEP=1 keeps the scratch directory (its path printed) for a look after.
 # Exit 0 when every check passed, 1 otherwise, 77 (skipped) without mpirun,
 # the PAPI data or the emulated module.
@@ -138,4 +141,18 @@ PALIGN_CUDA_MODULE=$MODULE PALIGN_CUDA_ATTENTION=tiled "$BUILD/palign" generate 
   --max-tokens 2 --backend auto >"$S/tiled.log" 2>&1 || fail "PALIGN_CUDA_ATTENTION=tiled: $(cat "$S/tiled.log")"
 PALIGN_CUDA_MODULE=$MODULE PALIGN_CUDA_ATTENTION= "$BUILD/palign" generate --model "$S/m.gguf" --prompt Hi \
   --max-tokens 2 --backend auto >"$S/empty.log" 2>&1 || fail "PALIGN_CUDA_ATTENTION empty: $(cat "$S/empty.log")"
+
+# 6. the device-time profile: a table a process, appended to the file at exit
+for i in 1 2; do
+  PALIGN_CUDA_PROFILE=$S/profile.txt "$BUILD/palign" generate --model "$S/m.gguf" --prompt Hi --max-tokens 3 \
+    --backend cuda >"$S/profiled.log" 2>&1 || fail "PALIGN_CUDA_PROFILE: $(cat "$S/profiled.log")"
+done
+[ "$(grep -c "^palign: CUDA device time by operation" "$S/profile.txt")" = 2 ] ||
+  fail "PALIGN_CUDA_PROFILE: not a table a run: $(cat "$S/profile.txt")"
+grep -Eq "^  attention \(tensor cores\) +[1-9][0-9]* " "$S/profile.txt" &&
+  grep -Eq "^  matmul bf16 32x32 +[1-9][0-9]* " "$S/profile.txt" || fail "the profile's rows: $(cat "$S/profile.txt")"
+PALIGN_CUDA_PROFILE=$S/no/such/dir/p.txt "$BUILD/palign" generate --model "$S/m.gguf" --prompt Hi --max-tokens 2 \
+  --backend cuda >"$S/unwritable.log" 2>&1 || fail "an unwritable PALIGN_CUDA_PROFILE failed the run: $(cat "$S/unwritable.log")"
+grep -q "PALIGN_CUDA_PROFILE: cannot write $S/no/such/dir/p.txt" "$S/unwritable.log" ||
+  fail "an unwritable PALIGN_CUDA_PROFILE: $(cat "$S/unwritable.log")"
 echo "test_cuda_service_emu: passed"

@@ -28,6 +28,8 @@
 #ifndef PALIGN_CUDA_BACKEND_H
 #define PALIGN_CUDA_BACKEND_H
 
+#include <stdio.h>
+
 #include "backend.h"
 
 #ifdef __cplusplus
@@ -77,6 +79,37 @@ int pa_cuda_attention_splits(int n);
  * download and once for its status, however many layers it has
  * (tests/test_cuda_forward.c). */
 unsigned long pa_cuda_host_waits(void);
+
+/* One row of the device-time profile: an operation (a product with its
+ * weight's shape, N x K: "matmul bf16 4096x14336"), the calls timed, their
+ * time on the device, and the floating-point operations of the products
+ * and the attention (2MNK a product; 4 x heads x head_dim a key a row sees;
+ * 0 for the rest). */
+typedef struct {
+  char name[48];
+  unsigned long calls;
+  double ms;
+  double flops;
+} pa_cuda_profile_row;
+
+/* Starts (on != 0; the table cleared) or stops timing each operation's
+ * work on the device between two events (docs/CUDA.md, "Where the device's
+ * time goes"). It costs two event records an operation and a wait for
+ * every 4,096 operations. Started when the device is selected where
+ * PALIGN_CUDA_PROFILE names a file, to which the table is appended at
+ * the process's exit ("-": standard error). 0, or -1 (pa_cuda_error says
+ * why). */
+int pa_cuda_profile(int on);
+
+/* The table so far (the host waits for the device's timed work): its rows,
+ * in the order first timed, in *rows, and in *idle_ms the device's time
+ * between one operation's end and the next one's start (launches, the
+ * host's own work, its waits). The number of rows, or -1 on an error. */
+int pa_cuda_profile_read(const pa_cuda_profile_row **rows, double *idle_ms);
+
+/* Writes the table to f, the longest first, with each row's share and the
+ * rate of its floating-point operations. */
+void pa_cuda_profile_write(FILE *f);
 
 /* The last CUDA or cuBLAS error of this process, as text ("" if none). */
 const char *pa_cuda_error(void);

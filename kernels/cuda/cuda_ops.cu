@@ -11,12 +11,17 @@
 #include <nccl.h>
 #endif
 
+#include <algorithm>
+
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 namespace {
 
@@ -185,6 +190,150 @@ void stage_copy(void *dst, const void *src, size_t bytes, const char *what) {
     stage_used = stage_used < kStageChunk ? stage_used : kStageChunk;
   }
 }
+
+// ---- the device's time by operation (pa_cuda_profile, PALIGN_CUDA_PROFILE) ---------------
+//
+// With the profile on, each operation's work on the stream lies between two
+// timing events, a span, under a name: the operation's, and a product's
+// weight shape (N x K) with it. The spans wait in a pool of kProfSpans;
+// when it is full, and when the profile is read, the host waits for the
+// last one and adds each span's time to its name's row (and its calls), and
+// the time from a span's end to the next one's start to the idle figure: the
+// device waiting for the host (launching, working or itself waiting). So
+// the profile costs two event records an operation, and a wait for each
+// kProfSpans of them (counted in host_waits). Names beyond kProfRows share
+// the last row.
+#ifdef PA_PROF_SPANS
+constexpr int kProfSpans = PA_PROF_SPANS;
+#else
+constexpr int kProfSpans = 4096;
+#endif
+constexpr int kProfRows = 64;
+
+struct prof_span {
+  cudaEvent_t begin, end;
+  int row;
+  double flops;
+};
+bool profiling;
+bool prof_open_span;  // a span is open: an operation inside another is the outer one's
+prof_span *prof_pool; // kProfSpans, their events made when the profile starts
+int prof_used;
+cudaEvent_t prof_last; // the last harvested span's end, where prof_have_last
+bool prof_have_last;
+pa_cuda_profile_row prof_rows[kProfRows];
+int prof_n_rows;
+double prof_idle_ms;
+char prof_name_buf[sizeof prof_rows[0].name]; // a name being formatted (prof_name)
+
+// The profile's name of an operation with a shape: formatted only while profiling.
+__attribute__((format(printf, 1, 2))) const char *prof_name(const char *fmt, ...) {
+  if (!profiling)
+    return nullptr;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(prof_name_buf, sizeof prof_name_buf, fmt, ap);
+  va_end(ap);
+  return prof_name_buf;
+}
+
+int prof_row(const char *name) {
+  for (int r = 0; r < prof_n_rows; r++)
+    if (!strcmp(prof_rows[r].name, name))
+      return r;
+  if (prof_n_rows == kProfRows)
+    return kProfRows - 1;
+  pa_cuda_profile_row *row = &prof_rows[prof_n_rows];
+  snprintf(row->name, sizeof row->name, "%s", prof_n_rows == kProfRows - 1 ? "(other operations)" : name);
+  return prof_n_rows++;
+}
+
+// The pool's spans into the rows, the host waiting for the last; false on an error.
+bool prof_harvest() {
+  if (!prof_used)
+    return true;
+  host_waits++;
+  if (!check(cudaEventSynchronize(prof_pool[prof_used - 1].end), "profile"))
+    return false;
+  for (int i = 0; i < prof_used; i++) {
+    const prof_span &sp = prof_pool[i];
+    float ms = 0.0f, gap = 0.0f;
+    if (!check(cudaEventElapsedTime(&ms, sp.begin, sp.end), "profile"))
+      return false;
+    const bool after = i > 0 || prof_have_last;
+    if (after && !check(cudaEventElapsedTime(&gap, i > 0 ? prof_pool[i - 1].end : prof_last, sp.begin), "profile"))
+      return false;
+    prof_rows[sp.row].calls++;
+    prof_rows[sp.row].ms += ms;
+    prof_rows[sp.row].flops += sp.flops;
+    prof_idle_ms += gap > 0.0f ? gap : 0.0f;
+  }
+  // the last end stays, as the next span's predecessor; its old handle goes back to the pool
+  const cudaEvent_t last = prof_pool[prof_used - 1].end;
+  prof_pool[prof_used - 1].end = prof_last;
+  prof_last = last, prof_have_last = true;
+  prof_used = 0;
+  return true;
+}
+
+void prof_close() {
+  if (!prof_pool)
+    return;
+  for (int i = 0; i < kProfSpans; i++) {
+    cudaEventDestroy(prof_pool[i].begin);
+    cudaEventDestroy(prof_pool[i].end);
+  }
+  cudaEventDestroy(prof_last);
+  free(prof_pool);
+  prof_pool = nullptr, prof_used = 0, prof_have_last = false;
+}
+
+bool prof_open() {
+  prof_pool = (prof_span *)calloc(kProfSpans, sizeof *prof_pool);
+  if (!prof_pool) {
+    snprintf(last_error, sizeof last_error, "profile: no host memory for %d spans", kProfSpans);
+    return false;
+  }
+  bool ok = cudaEventCreateWithFlags(&prof_last, cudaEventDefault) == cudaSuccess;
+  for (int i = 0; ok && i < kProfSpans; i++)
+    ok = cudaEventCreateWithFlags(&prof_pool[i].begin, cudaEventDefault) == cudaSuccess &&
+         cudaEventCreateWithFlags(&prof_pool[i].end, cudaEventDefault) == cudaSuccess;
+  if (!ok) {
+    snprintf(last_error, sizeof last_error, "profile: cannot make %d timing events: %s", 2 * kProfSpans + 1,
+             cudaGetErrorString(cudaGetLastError()));
+    prof_close();
+    return false;
+  }
+  return true;
+}
+
+// An operation's span: from its construction to its end, while the profile
+// is on. Spans do not nest: one begun inside another is not timed (the
+// outer one holds its work).
+class timed {
+public:
+  explicit timed(const char *name, double flops = 0.0) {
+    if (!profiling || !name || prof_open_span || (prof_used == kProfSpans && !prof_harvest()))
+      return;
+    prof_span &sp = prof_pool[prof_used];
+    if (!check(cudaEventRecord(sp.begin, stream), "profile"))
+      return;
+    sp.row = prof_row(name), sp.flops = flops;
+    span_ = &sp, prof_open_span = true;
+  }
+  ~timed() {
+    if (!span_)
+      return;
+    prof_open_span = false;
+    if (check(cudaEventRecord(span_->end, stream), "profile"))
+      prof_used++;
+  }
+  timed(const timed &) = delete;
+  timed &operator=(const timed &) = delete;
+
+private:
+  prof_span *span_ = nullptr;
+};
 
 // ---- elementwise and row kernels ---------------------------------------------------
 
@@ -1174,17 +1323,20 @@ bool shared_for(const void *kernel, int which, size_t bytes, const char *what, i
 void cu_matmul(int M, int N, int K, const float *x, const float *w, float beta, float *y) {
   // row-major y[M][N] = x . w^T is column-major y^T = w^T(as stored) . x
   const float one = 1.0f;
+  const timed t(prof_name("matmul fp32 %dx%d", N, K), 2.0 * M * N * K);
   check_blas(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, K, x, K, &beta, y, N), "matmul");
 }
 
 void cu_matmul_nn(int M, int N, int K, const float *x, const float *w, float beta, float *y) {
   const float one = 1.0f;
+  const timed t(prof_name("matmul_nn fp32 %dx%d", N, K), 2.0 * M * N * K);
   check_blas(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, w, N, x, K, &beta, y, N), "matmul_nn");
 }
 
 void cu_matmul_tn_acc(int M, int N, int K, const float *a, const float *b, float *g) {
   // g[N][K] += a[M][N]^T . b[M][K]: column-major g^T (K x N) += b^T (K x M) . a (M x N)
   const float one = 1.0f;
+  const timed t(prof_name("matmul_tn_acc fp32 %dx%d", N, K), 2.0 * M * N * K);
   check_blas(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, &one, b, K, a, N, &one, g, K), "matmul_tn_acc");
 }
 
@@ -1210,10 +1362,17 @@ const __nv_bfloat16 *to_bf16(size_t n, const float *x, const char *what) {
 // or [K][N] as it is: column-major, y^T = w^T(as stored) . x^T.
 void matmul_bf16(bool nn, int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y,
                  const char *what) {
-  const __nv_bfloat16 *xb = M > 0 && N > 0 ? to_bf16((size_t)M * K, x, what) : nullptr;
+  if (M <= 0 || N <= 0)
+    return;
+  const __nv_bfloat16 *xb;
+  {
+    const timed t("bf16 rounding of x (products)");
+    xb = to_bf16((size_t)M * K, x, what);
+  }
   if (!xb)
     return;
   const float one = 1.0f;
+  const timed t(prof_name("%s bf16 %dx%d", nn ? "matmul_nn" : "matmul", N, K), 2.0 * M * N * K);
   check_blas(cublasGemmEx(blas16, nn ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF,
                           nn ? N : K, xb, CUDA_R_16BF, K, &beta, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
                           CUBLAS_GEMM_DEFAULT),
@@ -1232,6 +1391,7 @@ void cu_embed_bf16(int M, int D, const int32_t *ids, const pa_bf16 *table, float
   const size_t n = (size_t)M * D;
   if (!n)
     return;
+  const timed t("embed bf16");
   PA_LAUNCH(k_embed_bf16, blocks(n), kBlock, 0)(M, D, ids, (const __nv_bfloat16 *)table, y);
   launched("embed_bf16");
 }
@@ -1239,6 +1399,7 @@ void cu_embed_bf16(int M, int D, const int32_t *ids, const pa_bf16 *table, float
 void cu_rmsnorm(int M, int D, const float *x, const float *w, float eps, float *y) {
   if (M <= 0)
     return;
+  const timed t("rmsnorm");
   PA_LAUNCH(k_rmsnorm, M, kBlock, 0)(D, x, w, eps, y);
   launched("rmsnorm");
 }
@@ -1247,6 +1408,7 @@ void cu_rope(int M, int n_heads, int hd, const int32_t *pos, const float *cos_ta
   const size_t n = (size_t)M * n_heads * (hd / 2);
   if (!n)
     return;
+  const timed t("rope");
   PA_LAUNCH(k_rope, blocks(n), kBlock, 0)(M, n_heads, hd, pos, cos_tab, sin_tab, x, 1.0f);
   launched("rope");
 }
@@ -1255,6 +1417,7 @@ void cu_swiglu(int M, int F, float *gate, const float *up) {
   const size_t n = (size_t)M * F;
   if (!n)
     return;
+  const timed t("swiglu");
   PA_LAUNCH(k_swiglu, blocks(n), kBlock, 0)(n, gate, up);
   launched("swiglu");
 }
@@ -1263,6 +1426,7 @@ void cu_embed(int M, int D, const int32_t *ids, const float *table, float *y) {
   const size_t n = (size_t)M * D;
   if (!n)
     return;
+  const timed t("embed");
   PA_LAUNCH(k_embed, blocks(n), kBlock, 0)(M, D, ids, table, y);
   launched("embed");
 }
@@ -1271,6 +1435,7 @@ void cu_add(int M, int N, const float *x, float *y) {
   const size_t n = (size_t)M * N;
   if (!n)
     return;
+  const timed t("add");
   PA_LAUNCH(k_add, blocks(n), kBlock, 0)(n, x, y);
   launched("add");
 }
@@ -1279,6 +1444,7 @@ void cu_add_bias(int M, int N, const float *b, float *y) {
   const size_t n = (size_t)M * N;
   if (!n)
     return;
+  const timed t("add_bias");
   PA_LAUNCH(k_add_bias, blocks(n), kBlock, 0)(n, N, b, y);
   launched("add_bias");
 }
@@ -1286,6 +1452,7 @@ void cu_add_bias(int M, int N, const float *b, float *y) {
 void cu_scale(size_t n, float a, float *x) {
   if (!n)
     return;
+  const timed t("scale");
   PA_LAUNCH(k_scale, blocks(n), kBlock, 0)(n, a, x);
   launched("scale");
 }
@@ -1293,6 +1460,7 @@ void cu_scale(size_t n, float a, float *x) {
 void cu_rmsnorm_backward(int M, int D, const float *x, const float *w, float eps, const float *dy, float *dx) {
   if (M <= 0)
     return;
+  const timed t("rmsnorm_backward");
   PA_LAUNCH(k_rmsnorm_backward, M, kBlock, 0)(D, x, w, eps, dy, dx);
   launched("rmsnorm_backward");
 }
@@ -1302,6 +1470,7 @@ void cu_rope_backward(int M, int n_heads, int hd, const int32_t *pos, const floa
   const size_t n = (size_t)M * n_heads * (hd / 2);
   if (!n)
     return;
+  const timed t("rope_backward");
   PA_LAUNCH(k_rope, blocks(n), kBlock, 0)(M, n_heads, hd, pos, cos_tab, sin_tab, dx, -1.0f); /* by minus the angle */
   launched("rope_backward");
 }
@@ -1310,6 +1479,7 @@ void cu_swiglu_backward(int M, int F, const float *gate, const float *up, const 
   const size_t n = (size_t)M * F;
   if (!n)
     return;
+  const timed t("swiglu_backward");
   PA_LAUNCH(k_swiglu_backward, blocks(n), kBlock, 0)(n, gate, up, dh, dgate, dup);
   launched("swiglu_backward");
 }
@@ -1317,6 +1487,7 @@ void cu_swiglu_backward(int M, int F, const float *gate, const float *up, const 
 size_t cu_attention_train_scratch(const pa_attn_train_args *a) { return (size_t)train_rows_of(a) * a->n_heads; }
 
 void cu_attention_train(const pa_attn_train_args *a, float *scratch) {
+  const timed t("attention_train");
   const int rows = train_rows_of(a);
   int max_keys;
   const int *row0, *len;
@@ -1333,6 +1504,7 @@ void cu_attention_train(const pa_attn_train_args *a, float *scratch) {
 
 void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *dq, float *dk, float *dv,
                            float *scratch) {
+  const timed t("attention_backward");
   const int rows = train_rows_of(a), hd = a->head_dim;
   if (hd > 2 * kTrainBlock) {
     failed("attention_backward: head_dim %d > %d", hd, 2 * kTrainBlock);
@@ -1475,17 +1647,21 @@ bool reserve(void **buf, size_t *cap, size_t bytes, const char *what) {
 // which: its shared_set entry; what: its name in a message.
 template <class Ops>
 void launch_attention_mma(const pa_attn_args *a, const attention_shape &sh, int splits, float *part, int which,
-                          const char *what) {
+                          const char *what, double flops) {
   const mma_grid g = mma_grid_of(a);
   const size_t bytes = mma_shared_bytes<Ops>(a->head_dim, g.threads / 32);
   const dim3 grid((unsigned)sh.tiles, (unsigned)g.blocks_per_tile, (unsigned)splits);
   if (!shared_for((const void *)k_attention_mma<Ops>, which, bytes, what, 0))
     return;
-  PA_LAUNCH(k_attention_mma<Ops>, grid, g.threads, bytes)
-  (a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len, a->prefix_stride,
-   tile_dev, splits > 1 ? part : nullptr);
+  {
+    const timed t(prof_name("%s", what), flops);
+    PA_LAUNCH(k_attention_mma<Ops>, grid, g.threads, bytes)
+    (a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len, a->prefix_stride,
+     tile_dev, splits > 1 ? part : nullptr);
+  }
   if (splits <= 1)
     return;
+  const timed t("attention: split keys combined");
   const dim3 tiles_heads((unsigned)sh.tiles, (unsigned)a->n_heads);
   PA_LAUNCH(k_attention_combine, tiles_heads, 128, 0)(a->n_heads, a->head_dim, splits, part, a->z, tile_dev);
 }
@@ -1507,8 +1683,10 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   }
   row_desc *host_rows = (row_desc *)(host_tiles + n_tiles);
   size_t k = 0, t = 0;
+  double seen = 0.0; // the keys the rows see, summed: the products' size
   for (int i = 0; i < a->n_seqs; i++) {
     const pa_attn_seq *s = &a->seqs[i];
+    seen += (double)s->n * (a->prefix_len + s->past) + 0.5 * s->n * (s->n + 1.0);
     for (int j = 0; rows_used && j < s->n; j++)
       host_rows[k++] = row_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->row0 + j};
     for (int j = s->n > 0 ? (s->n - 1) / kTileQ * kTileQ : -1; j >= 0; j -= kTileQ) // the longest first: no tail
@@ -1519,6 +1697,7 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
       reserve((void **)&tile_dev, &tile_cap, n_tiles * sizeof(tile_desc), "attention: tile descriptors") &&
       (!rows_used || reserve((void **)&desc_dev, &desc_cap, n_rows * sizeof(row_desc), "attention: row descriptors"));
   if (placed) {
+    const timed up("attention: tables uploaded");
     stage_copy(tile_dev, host_tiles, n_tiles * sizeof(tile_desc), "attention: upload");
     if (rows_used)
       stage_copy(desc_dev, host_rows, n_rows * sizeof(row_desc), "attention: upload");
@@ -1529,22 +1708,29 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   const size_t shared = ((size_t)max_keys + kBlock) * sizeof(float);
   if (rows_used && !shared_for((const void *)k_attention, kShAttention, shared, "attention", max_keys))
     return;
-  if (a->k_new)
+  if (a->k_new) {
+    const timed store("attention: new keys into the caches");
     PA_LAUNCH(k_store_new, (unsigned)n_tiles, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, tile_dev);
+  }
   splits_last = attention_splits(a, sh); // the scratch holds its shares (cu_attention_scratch)
+  const double flops = 4.0 * a->n_heads * a->head_dim * seen;
   if (kernel == kAttnMma)
-    launch_attention_mma<mma_tf32>(a, sh, splits_last, scratch, kShAttentionMma, "attention (tensor cores)");
+    launch_attention_mma<mma_tf32>(a, sh, splits_last, scratch, kShAttentionMma, "attention (tensor cores)", flops);
   else if (kernel == kAttnMmaBf16)
-    launch_attention_mma<mma_bf16>(a, sh, splits_last, scratch, kShAttentionMmaBf16, "attention (tensor cores, bf16)");
-  else if (kernel == kAttnTiled)
+    launch_attention_mma<mma_bf16>(a, sh, splits_last, scratch, kShAttentionMmaBf16, "attention (tensor cores, bf16)",
+                                   flops);
+  else if (kernel == kAttnTiled) {
+    const timed tt("attention (tiled)", flops);
     PA_LAUNCH(k_attention_tiled, dim3((unsigned)n_tiles, (unsigned)a->n_heads), kTiledThreads,
               tiled_shared_floats(a->head_dim) * sizeof(float))(a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z,
                                                                 a->k_prefix, a->v_prefix, a->prefix_len,
                                                                 a->prefix_stride, tile_dev);
-  else
+  } else {
+    const timed ts("attention (simple)", flops);
     PA_LAUNCH(k_attention, dim3((unsigned)n_rows, (unsigned)a->n_heads), kBlock, shared)(
         a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len,
         a->prefix_stride, desc_dev);
+  }
   launched("attention");
 }
 
@@ -1565,16 +1751,23 @@ void cu_release(void *p) {
     check(cudaFree(p), "free");
 }
 
-void cu_upload(void *dst, const void *src, size_t bytes) { stage_copy(dst, src, bytes, "upload"); }
+void cu_upload(void *dst, const void *src, size_t bytes) {
+  const timed t("upload");
+  stage_copy(dst, src, bytes, "upload");
+}
 
 void cu_download(void *dst, const void *src, size_t bytes) {
-  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream), "download");
+  {
+    const timed t("download");
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream), "download");
+  }
   wait_stream("download");
 }
 
 void cu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height) {
   if (!width || !height)
     return;
+  const timed t("copy2d");
   if (height == 1 || (dpitch == width && spitch == width)) // one block: no pitch limit (2^31 bytes for 2D copies)
     check(cudaMemcpyAsync(dst, src, width * height, cudaMemcpyDeviceToDevice, stream), "copy2d");
   else
@@ -1610,8 +1803,12 @@ int cu_group_join(const void *id, int n, int rank, pa_group **out) {
 }
 
 int cu_group_allgather(pa_group *g, const float *send, size_t count, float *recv) {
-  if (!check_nccl(ncclAllGather(send, recv, count, ncclFloat, (ncclComm_t)g, stream), "ncclAllGather") ||
-      !wait_stream("ncclAllGather"))
+  {
+    const timed t("NCCL all-gather");
+    if (!check_nccl(ncclAllGather(send, recv, count, ncclFloat, (ncclComm_t)g, stream), "ncclAllGather"))
+      return -1;
+  }
+  if (!wait_stream("ncclAllGather"))
     return -1;
   return 0;
 }
@@ -1676,9 +1873,103 @@ const pa_backend cuda_backend = {
     cu_status,
 };
 
+// PALIGN_CUDA_PROFILE's file ("-": standard error), the table appended to it
+// at exit in one write, so that the ranks of a run sharing the file do not
+// interleave their lines.
+char *profile_path;
+
+void profile_at_exit() {
+  char *text = nullptr;
+  size_t len = 0;
+  FILE *mem = open_memstream(&text, &len);
+  if (!mem)
+    return;
+  pa_cuda_profile_write(mem);
+  fclose(mem);
+  const int fd = strcmp(profile_path, "-") ? open(profile_path, O_WRONLY | O_APPEND | O_CREAT, 0644) : 2;
+  if (fd < 0 || write(fd, text, len) != (ssize_t)len)
+    fprintf(stderr, "palign: PALIGN_CUDA_PROFILE: cannot write %s: %s\n", profile_path, strerror(errno));
+  if (fd > 2)
+    close(fd);
+  free(text);
+}
+
+// The profile on when PALIGN_CUDA_PROFILE names a file (set and empty: as unset), once a process.
+int profile_from_env() {
+  const char *path = getenv("PALIGN_CUDA_PROFILE");
+  if (!path || !*path || profile_path)
+    return 0;
+  if (pa_cuda_profile(1) != 0)
+    return -1;
+  if (!(profile_path = strdup(path)) || atexit(profile_at_exit) != 0) {
+    snprintf(last_error, sizeof last_error, "PALIGN_CUDA_PROFILE: cannot arrange the report at exit");
+    return -1;
+  }
+  return 0;
+}
+
+bool by_time(const pa_cuda_profile_row &a, const pa_cuda_profile_row &b) { return a.ms > b.ms; }
+
 } // namespace
 
 extern "C" {
+
+int pa_cuda_profile(int on) {
+  if (!on) {
+    const bool ok = !profiling || prof_harvest(); // the spans still in the pool counted
+    profiling = false;
+    prof_close();
+    return ok ? 0 : -1;
+  }
+  if (!ready) {
+    snprintf(last_error, sizeof last_error, "profile: no CUDA device selected");
+    return -1;
+  }
+  if (!prof_pool && !prof_open())
+    return -1;
+  prof_used = 0, prof_have_last = false; // spans of a profile before: not harvested, not counted
+  memset(prof_rows, 0, sizeof prof_rows);
+  prof_n_rows = 0, prof_idle_ms = 0.0, prof_open_span = false;
+  profiling = true;
+  return 0;
+}
+
+int pa_cuda_profile_read(const pa_cuda_profile_row **rows, double *idle_ms) {
+  if (profiling && !prof_harvest())
+    return -1;
+  *rows = prof_rows;
+  *idle_ms = prof_idle_ms;
+  return prof_n_rows;
+}
+
+void pa_cuda_profile_write(FILE *f) {
+  const pa_cuda_profile_row *rows;
+  double idle_ms;
+  const int n = pa_cuda_profile_read(&rows, &idle_ms);
+  if (n < 0) {
+    fprintf(f, "palign: CUDA profile (pid %d): %s\n", (int)getpid(), last_error);
+    return;
+  }
+  pa_cuda_profile_row sorted[kProfRows];
+  memcpy(sorted, rows, (size_t)n * sizeof *rows);
+  std::sort(sorted, sorted + n, by_time);
+  double ms = 0.0;
+  unsigned long calls = 0;
+  for (int r = 0; r < n; r++)
+    ms += sorted[r].ms, calls += sorted[r].calls;
+  fprintf(f, "palign: CUDA device time by operation (pid %d, device %d)\n", (int)getpid(), device_used);
+  fprintf(f, "  %.1f ms in %lu operations; idle %.1f ms between them (launches, host work, host waits): busy %.1f%%\n",
+          ms, calls, idle_ms, ms + idle_ms > 0.0 ? 100.0 * ms / (ms + idle_ms) : 0.0);
+  fprintf(f, "  %-44s %9s %12s %7s %9s\n", "operation (products: N x K)", "calls", "ms", "share", "TFLOP/s");
+  for (int r = 0; r < n; r++) {
+    const pa_cuda_profile_row *w = &sorted[r];
+    fprintf(f, "  %-44s %9lu %12.3f %6.1f%%", w->name, w->calls, w->ms, ms > 0.0 ? 100.0 * w->ms / ms : 0.0);
+    const double rate = w->flops > 0.0 && w->ms > 0.0 ? w->flops / (w->ms * 1e-3) * 1e-12 : 0.0;
+    if (rate > 0.0)
+      fprintf(f, rate >= 10.0 ? " %9.1f" : " %9.3f", rate);
+    fputc('\n', f);
+  }
+}
 
 int pa_cuda_devices(void) {
   int n = 0;
@@ -1716,7 +2007,12 @@ int pa_cuda_select(int device) {
   }
   if (ready && device == device_used)
     return 0;
+  const bool was_profiling = profiling;
   if (ready) {
+    if (profiling)
+      prof_harvest();
+    profiling = false;
+    prof_close();
     stage_close();
     cublasDestroy(blas);
     cublasDestroy(blas16);
@@ -1751,7 +2047,9 @@ int pa_cuda_select(int device) {
     return -1;
   stage_open(); // without it, uploads wait for their copies
   device_used = device, ready = true, op_failed = false;
-  return 0;
+  if (was_profiling && pa_cuda_profile(1) != 0)
+    return -1;
+  return profile_from_env();
 }
 
 const pa_backend *pa_backend_cuda(void) {

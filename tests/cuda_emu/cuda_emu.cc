@@ -10,6 +10,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <deque>
 #include <map>
 #include <set>
@@ -26,10 +27,13 @@ struct emu_blas {
 };
 
 // An event: recorded counts its cudaEventRecord calls, reached the last of
-// them the stream has run (it is complete when the two agree).
+// them the stream has run (it is complete when the two agree), at the
+// host's steady clock (ns), kept where timing is on.
 struct emu_event {
   uint64_t id;
   uint64_t recorded, reached;
+  bool timing;
+  int64_t at_ns;
 };
 
 uint3 threadIdx, blockIdx;
@@ -598,7 +602,7 @@ cudaError_t cudaFreeHost(void *p) {
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
   if (flags & ~cudaEventDisableTiming)
     return error(cudaErrorInvalidValue);
-  *e = new emu_event{++last_event_id, 0, 0};
+  *e = new emu_event{++last_event_id, 0, 0, !(flags & cudaEventDisableTiming), 0};
   events[(*e)->id] = *e;
   return cudaSuccess;
 }
@@ -618,7 +622,9 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   emu::enqueue([id = e->id, n = ++e->recorded] {
     const auto it = events.find(id);
     if (it != events.end())
-      it->second->reached = n;
+      it->second->reached = n, it->second->at_ns = (int64_t)std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                                       std::chrono::steady_clock::now().time_since_epoch())
+                                                       .count();
   });
   return cudaSuccess;
 }
@@ -637,6 +643,18 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
     return error(cudaErrorInvalidResourceHandle);
   emu::run_until([e] { return e->reached == e->recorded; }); // up to the event, no further
   return fault;
+}
+
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
+  for (cudaEvent_t e : {start, end})
+    if (!e || !events.count(e->id) || !e->timing || !e->recorded)
+      return error(cudaErrorInvalidResourceHandle);
+  if (fault)
+    return fault;
+  if (start->reached != start->recorded || end->reached != end->recorded)
+    return error(cudaErrorNotReady);
+  *ms = (float)((double)(end->at_ns - start->at_ns) * 1e-6);
+  return cudaSuccess;
 }
 
 namespace {

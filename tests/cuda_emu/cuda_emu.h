@@ -41,7 +41,9 @@
 //    read it, or reads a result it did not wait for, sees the wrong data.
 //    A kernel's fault shows when the host waits, as on a GPU; an event's
 //    "not ready" is kept as the last error, as the runtime has been seen
-//    to keep it.
+//    to keep it. A timing event holds the host's clock when the stream
+//    reached it (cudaEventElapsedTime: the emulation's own time, not a
+//    GPU's).
 //  - cuBLAS's column-major products through OpenBLAS (its sgemm, on fp32
 //    copies of bf16 operands, which are exact), with cuBLAS's checks of the
 //    arguments.
@@ -143,6 +145,7 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 typedef struct emu_stream *cudaStream_t;
 typedef struct emu_event *cudaEvent_t;
+#define cudaEventDefault       0x00u
 #define cudaEventDisableTiming 0x02u
 #define cudaHostAllocDefault   0x00u
 
@@ -166,6 +169,11 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s);
 // then returns too (as the runtime has been seen to)
 cudaError_t cudaEventQuery(cudaEvent_t e);
 cudaError_t cudaEventSynchronize(cudaEvent_t e); // runs the stream up to the event
+// ms between the times the stream reached start and end (the host's clock,
+// as the emulation runs them): cudaErrorNotReady until both are complete,
+// cudaErrorInvalidResourceHandle for one never recorded or made with
+// cudaEventDisableTiming, as CUDA's
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end);
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s);
 cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind kind, cudaStream_t s);

@@ -421,6 +421,38 @@ void test_stream_order(void **) {
   assert_int_equal(cudaFreeHost(h), cudaErrorInvalidValue);
 }
 
+// Timing events: the ms between two events the stream has reached, in the
+// order it reached them; refused for an event not yet complete, one never
+// recorded and one made without timing, as CUDA refuses them.
+void test_event_timing(void **) {
+  float *d = device<float>(8);
+  cudaEvent_t a, b, untimed;
+  assert_int_equal(cudaEventCreateWithFlags(&a, cudaEventDefault), cudaSuccess);
+  assert_int_equal(cudaEventCreateWithFlags(&b, cudaEventDefault), cudaSuccess);
+  assert_int_equal(cudaEventCreateWithFlags(&untimed, cudaEventDisableTiming), cudaSuccess);
+  float ms = -1;
+  assert_int_equal(cudaEventElapsedTime(&ms, a, b), cudaErrorInvalidResourceHandle); // never recorded
+  cudaGetLastError();
+  assert_int_equal(cudaEventRecord(a, stream), cudaSuccess);
+  for (int i = 0; i < 200; i++)
+    PA_LAUNCH(k_add_one, 1, 8, 0)(d);
+  assert_int_equal(cudaEventRecord(b, stream), cudaSuccess);
+  assert_int_equal(cudaEventRecord(untimed, stream), cudaSuccess);
+  assert_int_equal(cudaEventElapsedTime(&ms, a, b), cudaErrorNotReady);
+  assert_int_equal(cudaGetLastError(), cudaErrorNotReady);
+  assert_true(ms == -1);
+  assert_int_equal(cudaStreamSynchronize(stream), cudaSuccess);
+  assert_int_equal(cudaEventElapsedTime(&ms, a, b), cudaSuccess);
+  assert_true(ms > 0 && ms < 60e3);
+  float back = 1;
+  assert_int_equal(cudaEventElapsedTime(&back, b, a), cudaSuccess);
+  assert_true(back == -ms);
+  assert_int_equal(cudaEventElapsedTime(&ms, a, untimed), cudaErrorInvalidResourceHandle);
+  cudaGetLastError();
+  for (cudaEvent_t e : {a, b, untimed})
+    assert_int_equal(cudaEventDestroy(e), cudaSuccess);
+}
+
 uint64_t rng = 0x853C49E6748FEA9Bull;
 float uniform() { return (float)pa_uniform24(&rng) * 2 - 1; } // [-1, 1)
 
@@ -1029,6 +1061,7 @@ int main() {
       cmocka_unit_test_setup(test_refusals, reset),
       cmocka_unit_test_setup(test_memory_starts_nan, reset),
       cmocka_unit_test_setup(test_stream_order, reset),
+      cmocka_unit_test_setup(test_event_timing, reset),
       cmocka_unit_test_setup(test_gemm, reset),
       cmocka_unit_test_setup(test_malloc_aligned, reset),
       cmocka_unit_test_setup(test_mma, reset),
