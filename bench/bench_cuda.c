@@ -24,7 +24,9 @@
  *     bf16 operands' time as a share of the tf32 parts' on each shape, and
  *     for the tensor cores' kernels on the decoding step of one sequence,
  *     the time with its keys in one block a kv head against the backend's
- *     split (pa_cuda_attention_splits).
+ *     split (pa_cuda_attention_splits), and on the 180 items' decoding step
+ *     and PAS's pass, the prefix packed against walked by each item's tiles
+ *     (pa_cuda_attention_packing).
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
  * a device. */
 #include "backend.h"
@@ -213,7 +215,7 @@ int main(int argc, char **argv) {
                                   .n_seqs = n_items};
   pa_attn_args on_prefix_steps = on_prefix;
   on_prefix_steps.seqs = steps;
-  enum { N_SHAPES = 4, DECODE1 = 2 };
+  enum { N_SHAPES = 4, PAS = 1, DECODE1 = 2, DECODE180 = 3 };
   const struct {
     const char *name, *key; /* key: its name in bench.json */
     pa_attn_args a;
@@ -239,6 +241,7 @@ int main(int argc, char **argv) {
   static const char *const kernel[N_KERNELS] = {"simple", "tiled", "mma", "mma_bf16"};
   double att[N_SHAPES][N_KERNELS];
   int shares = 1; /* the backend's split of decode1's keys (the tensor cores' kernels) */
+  int packed = 0; /* whether the backend packed decode180's prefix */
   for (int sh = 0; sh < N_SHAPES; sh++) {
     for (int kk = 0; kk < N_KERNELS; kk++) {
       if (pa_cuda_attention_kernel(kernel[kk]) != 0)
@@ -246,6 +249,8 @@ int main(int argc, char **argv) {
       att[sh][kk] = time_attention(be, &shape[sh].a, t0, t1);
       if (sh == DECODE1 && kk == MMA)
         shares = pa_cuda_attention_splits(-1);
+      if (sh == DECODE180 && kk == MMA)
+        packed = pa_cuda_attention_packing(-1);
       printf("attention (%s) %s: %.3f ms, %.1f TFLOP/s, keys and values read at %.0f GB/s, %.2fx the simple kernel's "
              "time\n",
              kernel[kk], shape[sh].name, att[sh][kk] * 1e3, shape[sh].flops / att[sh][kk] / 1e12,
@@ -264,6 +269,22 @@ int main(int argc, char **argv) {
     pa_cuda_attention_splits(0);
     printf("attention (%s) %s: its keys in %d shares a row %.3f ms, in one %.3f ms (%.2fx)\n", kernel[kk],
            shape[DECODE1].name, shares, att[DECODE1][kk] * 1e3, whole[kk] * 1e3, whole[kk] / att[DECODE1][kk]);
+  }
+  /* the 180 items' shared prefix: packed or walked by each item's tiles, on their decoding step (packed by the
+   * backend's choice, as timed above) and on PAS's pass (not packed by its choice: 5 tiles an item, 4 full) */
+  double other[2][N_KERNELS] = {{0}};
+  for (int kk = MMA; kk < N_KERNELS; kk++) {
+    pa_cuda_attention_kernel(kernel[kk]);
+    pa_cuda_attention_packing(2);
+    other[0][kk] = time_attention(be, &shape[DECODE180].a, t0, t1);
+    pa_cuda_attention_packing(1);
+    other[1][kk] = time_attention(be, &shape[PAS].a, t0, t1);
+    pa_cuda_attention_packing(0);
+    printf("attention (%s) %s: the prefix %s %.3f ms, %s %.3f ms (%.2fx)\n", kernel[kk], shape[DECODE180].name,
+           packed ? "packed" : "walked by each item's tile", att[DECODE180][kk] * 1e3,
+           packed ? "walked by each item's tile" : "packed", other[0][kk] * 1e3, other[0][kk] / att[DECODE180][kk]);
+    printf("attention (%s) %s: the prefix walked by each item's tiles %.3f ms, packed %.3f ms (%.2fx)\n", kernel[kk],
+           shape[PAS].name, att[PAS][kk] * 1e3, other[1][kk] * 1e3, other[1][kk] / att[PAS][kk]);
   }
   pa_cuda_attention_kernel("mma");
   free(items), free(steps);
@@ -284,6 +305,10 @@ int main(int argc, char **argv) {
       fprintf(f, ", \"decode1_shares\": %d", shares);
       for (int kk = MMA; kk < N_KERNELS; kk++)
         fprintf(f, ", \"attention_decode1_%s_unsplit_ms\": %.4f", kernel[kk], whole[kk] * 1e3);
+      fprintf(f, ", \"decode180_packed\": %d", packed);
+      for (int kk = MMA; kk < N_KERNELS; kk++)
+        fprintf(f, ", \"attention_decode180_%s_%s_ms\": %.4f, \"attention_pas_%s_packed_ms\": %.4f", kernel[kk],
+                packed ? "unpacked" : "packed", other[0][kk] * 1e3, kernel[kk], other[1][kk] * 1e3);
       fprintf(f, "}\n");
       fclose(f);
     }

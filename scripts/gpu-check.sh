@@ -232,10 +232,11 @@ M=${TMPDIR:-/tmp}/palign-8b4.gguf
 step mkmodel-8b4 120 "$OUT/mkmodel-8b4.log" "$BUILD/palign" mkmodel "$M" --force "${shape[@]}"
 if ok mkmodel-8b4; then
   step forward-8b4 120 "$OUT/forward-8b4.txt" "$BUILD/bench/bench_forward" "$M" "$PAPI" --quick --backend cuda
-  step pas-8b4 180 "$OUT/pas-8b4.txt" "${timed[@]}" "$BUILD/palign" eval --model "$M" --papi "$PAPI" \
-    --methods pas_only --subjects 1 "${grid[@]}" --backend cuda --json "$OUT/pas-8b4.json"
-  # its own bank file, not the one the run before saved: the same work, the bank computed again
+  # each run its own bank file, made afresh: the same work, whatever a cache holds
   PB=${TMPDIR:-/tmp}/palign-8b4-bank.bin
+  rm -f "$PB"
+  step pas-8b4 180 "$OUT/pas-8b4.txt" "${timed[@]}" "$BUILD/palign" eval --model "$M" --papi "$PAPI" \
+    --methods pas_only --subjects 1 "${grid[@]}" --backend cuda --json "$OUT/pas-8b4.json" --bank "$PB"
   rm -f "$PB"
   step pas-8b4-profiled 180 "$OUT/pas-8b4-profiled.txt" env PALIGN_CUDA_PROFILE="$OUT/profile-pas-8b4.txt" \
     "${timed[@]}" "$BUILD/palign" eval --model "$M" --papi "$PAPI" --methods pas_only --subjects 1 "${grid[@]}" \

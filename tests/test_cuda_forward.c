@@ -113,24 +113,77 @@ static const pa_cuda_profile_row *row_named(const pa_cuda_profile_row *rows, int
   return NULL;
 }
 
-static void expect_row(const pa_cuda_profile_row *rows, int n, const char *name, unsigned long calls, double flops) {
+static void expect_row(const pa_cuda_profile_row *rows, int n, const char *name, unsigned long spans, double flops) {
   const pa_cuda_profile_row *r = row_named(rows, n, name);
-  if (r->calls != calls || r->flops != flops)
-    fail_msg("%s: %lu calls and %.0f flops, expected %lu and %.0f", name, r->calls, r->flops, calls, flops);
+  if (r->spans != spans || r->flops != flops)
+    fail_msg("%s: %lu spans and %.0f flops, expected %lu and %.0f", name, r->spans, r->flops, spans, flops);
+}
+
+static void expect_product(const pa_cuda_profile_row *rows, int n, const char *kind, int N, int K, unsigned long spans,
+                           double rows_times_calls) {
+  char name[64];
+  snprintf(name, sizeof name, "matmul %s %dx%d", kind, N, K);
+  expect_row(rows, n, name, spans, 2.0 * rows_times_calls * N * K);
+}
+
+static double ms_since(const struct timespec *t0) {
+  struct timespec t1;
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  return (t1.tv_sec - t0->tv_sec) * 1e3 + (t1.tv_nsec - t0->tv_nsec) * 1e-6;
+}
+
+/* pa_cuda_profile_write's table for the n rows: a title, the totals, the
+ * heading, then a line a row, the longest first, each product's rate its
+ * flops over its time (as printed: to 0.1%, or 0.001 TFLOP/s). */
+static void check_table(const pa_cuda_profile_row *rows, int n) {
+  FILE *f = tmpfile();
+  assert_non_null(f);
+  pa_cuda_profile_write(f);
+  rewind(f);
+  char line[200];
+  int lines = 0;
+  double last_ms = INFINITY;
+  while (fgets(line, sizeof line, f)) {
+    fprintf(stderr, "    %s", line);
+    if (++lines <= 3)
+      continue;
+    char name[48] = "";
+    memcpy(name, line + 2, 44);
+    for (int i = 43; i >= 0 && name[i] == ' '; i--)
+      name[i] = '\0';
+    unsigned long spans;
+    double ms, share, rate;
+    const int got = sscanf(line + 46, "%lu %lf %lf%% %lf", &spans, &ms, &share, &rate);
+    const pa_cuda_profile_row *r = row_named(rows, n, name);
+    assert_true(got >= 3 && spans == r->spans && ms <= last_ms);
+    last_ms = ms;
+    if (r->flops > 0 && r->ms > 0) {
+      const double want = r->flops / (r->ms * 1e-3) * 1e-12;
+      if (got != 4 || fabs(rate - want) > fmax(1e-3, 1e-3 * want))
+        fail_msg("%s: %s TFLOP/s printed, %g computed", name, got == 4 ? "" : "no", want);
+    }
+  }
+  fclose(f);
+  assert_int_equal(lines, 3 + n);
 }
 
 /* The device-time profile (pa_cuda_profile) of two forward passes, a
  * prefix of 20 tokens and a batch of two sequences (4 and 17 tokens) with
  * steering, head capture and logits, on 6 layers with bf16 weights: each
- * product under its weight's shape with its calls and 2MNK flops, each x
- * rounded to bf16 once a product, the attention's calls and its 4 x heads x
- * head_dim flops a key a row sees, every row's time non-negative, the
- * device idle between them (the host launching and waiting), and the two
- * within the host's time around the passes. The
- * emulated build keeps 64 spans before it harvests them (PA_PROF_SPANS), so
- * these passes fill the pool several times: a span lost or counted twice there
- * shows in the calls. Stopped, it counts what was queued before and
- * nothing after; started again, it is empty. */
+ * product under its weight's shape with its spans and 2MNK flops, each x
+ * rounded to bf16 once a product, the attention's spans and its 4 x heads
+ * x head_dim flops a key a row sees, the other operations' spans (an upload
+ * at least one), nothing else, every time non-negative, the device idle
+ * between them, and the two within the host's time around the passes; the
+ * host's waits at least the passes' own (four) and the read's; the table as
+ * written. The emulated build keeps 64 spans before it harvests them
+ * (PA_PROF_SPANS), so these passes fill the pool several times: a span
+ * lost or counted twice there shows in the spans. Then a pass after 20 ms
+ * of the device waiting: the idle time grows by them across the harvest
+ * between; stopped after that pass, the profile counts it, its last
+ * product still in the pool, and nothing after. Restarted, it is empty;
+ * with fp32 weights and the attention split in two (a 40-token prefix:
+ * two key tiles), the fp32 products' rows and the shares' combining. */
 static void test_profile(void **s) {
   (void)s;
   char path[300];
@@ -145,17 +198,19 @@ static void test_profile(void **s) {
   const pa_model_config *c = pa_lm_config(lm);
   const int L = c->n_layers, D = c->dim, H = c->n_heads, hd = c->head_dim, F = c->ffn_dim, V = c->vocab_size;
   const int qd = H * hd, kd = c->n_kv_heads * hd;
+  assert_int_equal(qd, D); /* q (qd x D) and o (D x qd) share a row */
   float *logits = calloc(2 * (size_t)V, sizeof *logits), *heads = calloc(2 * (size_t)L * qd, sizeof *heads),
         *steer = calloc((size_t)L * qd, sizeof *steer);
   assert_true(logits && heads && steer);
-  int32_t tok[24];
-  for (int i = 0; i < 24; i++)
+  int32_t tok[48];
+  for (int i = 0; i < 48; i++)
     tok[i] = (i * 31 + 5) % V;
   pa_kv *pre, *a, *b;
-  if (pa_kv_create(lm, 32, &pre) || pa_kv_create(lm, 32, &a) || pa_kv_create(lm, 32, &b))
+  if (pa_kv_create(lm, 48, &pre) || pa_kv_create(lm, 32, &a) || pa_kv_create(lm, 32, &b))
     fail_msg("%s", pa_errmsg());
-  struct timespec t0, t1;
+  struct timespec t0;
   clock_gettime(CLOCK_MONOTONIC, &t0);
+  const unsigned long waits = pa_cuda_host_waits();
   assert_int_equal(pa_cuda_profile(1), 0);
   pa_seq ps = {.tokens = tok, .n_tokens = 20, .kv = pre};
   assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &ps, .n_seqs = 1}), PA_OK);
@@ -167,22 +222,15 @@ static void test_profile(void **s) {
   const pa_cuda_profile_row *rows;
   double idle;
   const int n = pa_cuda_profile_read(&rows, &idle);
-  clock_gettime(CLOCK_MONOTONIC, &t1);
-  const double wall_ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) * 1e-6;
-  assert_true(n > 0);
+  const double wall_ms = ms_since(&t0);
+  assert_true(pa_cuda_host_waits() - waits >= 1 + 3 + 1);
+  assert_int_equal(n, 17);
   const double M = 20 + 21; /* the rows of the two passes */
-  char name[64];
-  snprintf(name, sizeof name, "matmul bf16 %dx%d", qd, D); /* q, and o (D x qd) where D == qd */
-  assert_int_equal(qd, D);
-  expect_row(rows, n, name, 4ul * L, 2.0 * 2 * L * M * qd * D);
-  snprintf(name, sizeof name, "matmul bf16 %dx%d", kd, D); /* k and v */
-  expect_row(rows, n, name, 4ul * L, 2.0 * 2 * L * M * kd * D);
-  snprintf(name, sizeof name, "matmul bf16 %dx%d", F, D); /* gate and up */
-  expect_row(rows, n, name, 4ul * L, 2.0 * 2 * L * M * F * D);
-  snprintf(name, sizeof name, "matmul bf16 %dx%d", D, F); /* down */
-  expect_row(rows, n, name, 2ul * L, 2.0 * L * M * D * F);
-  snprintf(name, sizeof name, "matmul bf16 %dx%d", V, D); /* the logits of the batch's two last rows */
-  expect_row(rows, n, name, 1, 2.0 * 2 * V * D);
+  expect_product(rows, n, "bf16", qd, D, 4ul * L, 2 * L * M); /* q and o */
+  expect_product(rows, n, "bf16", kd, D, 4ul * L, 2 * L * M); /* k and v */
+  expect_product(rows, n, "bf16", F, D, 4ul * L, 2 * L * M);  /* gate and up */
+  expect_product(rows, n, "bf16", D, F, 2ul * L, L * M);      /* down */
+  expect_product(rows, n, "bf16", V, D, 1, 2);                /* the logits of the batch's two last rows */
   expect_row(rows, n, "bf16 rounding of x (products)", 14ul * L + 1, 0);
   /* keys seen: the prefix 1 + ... + 20; a: 4 x 20 + 1 + ... + 4; b: 17 x 20 + 1 + ... + 17 */
   expect_row(rows, n, "attention (tensor cores)", 2ul * L, 4.0 * H * hd * L * (210 + 90 + 493));
@@ -194,6 +242,9 @@ static void test_profile(void **s) {
   expect_row(rows, n, "embed", (unsigned long)L, 0);    /* the heads' last rows gathered */
   expect_row(rows, n, "embed bf16", 2, 0);
   expect_row(rows, n, "download", 2, 0); /* heads and logits */
+  /* uploads: a span a chunk of the staging ring (a copy may straddle two) */
+  assert_true(row_named(rows, n, "attention: tables upload")->spans >= 2ul * L);
+  assert_true(row_named(rows, n, "upload")->spans >= 5); /* tokens and positions twice, the steering */
   double ms = 0;
   for (int r = 0; r < n; r++) {
     assert_true(rows[r].ms >= 0);
@@ -202,32 +253,48 @@ static void test_profile(void **s) {
   /* the device's busy and idle stretches lie within the host's time around them (events' clocks: 0.5 us) */
   if (!(ms > 0 && idle > 0 && ms + idle <= wall_ms * 1.001 + 0.01))
     fail_msg("%.3f ms timed and %.3f ms idle in %.3f ms", ms, idle, wall_ms);
-  FILE *f = tmpfile();
-  assert_non_null(f);
-  pa_cuda_profile_write(f);
-  rewind(f);
-  char line[200];
-  int lines = 0;
-  while (fgets(line, sizeof line, f))
-    fprintf(stderr, "    %s", line), lines++;
-  fclose(f);
-  assert_int_equal(lines, 3 + n); /* a title, the totals, the heading, a line a row */
+  check_table(rows, n);
 
-  /* a prefix again, the profile stopped after it: counted; then one more pass, not counted */
+  /* 20 ms with nothing queued, then a prefix again, the profile stopped after it; then one more pass */
+  const double idle_before = idle;
+  nanosleep(&(struct timespec){.tv_nsec = 20000000}, NULL);
   pa_kv_clear(pre);
   assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &ps, .n_seqs = 1}), PA_OK);
   assert_int_equal(pa_cuda_profile(0), 0);
   pa_kv_clear(pre);
   assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &ps, .n_seqs = 1}), PA_OK);
   assert_int_equal(pa_cuda_profile_read(&rows, &idle), n);
+  if (idle < idle_before + 20)
+    fail_msg("idle %.3f ms, then %.3f ms after 20 ms of nothing queued", idle_before, idle);
   expect_row(rows, n, "rmsnorm", 6ul * L + 2, 0);
-  snprintf(name, sizeof name, "matmul bf16 %dx%d", D, F); /* the last in a pass: in the pool when it stopped */
-  expect_row(rows, n, name, 3ul * L, 2.0 * L * (M + 20) * D * F);
+  expect_product(rows, n, "bf16", D, F, 3ul * L, L * (M + 20)); /* the last in a pass: in the pool when it stopped */
   expect_row(rows, n, "attention (tensor cores)", 3ul * L, 4.0 * H * hd * L * (2 * 210 + 90 + 493));
+
+  /* restarted: empty; fp32 weights, a 40-token prefix in two shares */
   assert_int_equal(pa_cuda_profile(1), 0);
   assert_int_equal(pa_cuda_profile_read(&rows, &idle), 0);
+  pa_lm *lm32;
+  pa_kv *pre32;
+  if (pa_lm_create(m, &(pa_lm_opts){.max_seq = 64, .backend = pa_backend_cuda(), .weights = PA_WEIGHTS_FP32}, &lm32) ||
+      pa_kv_create(lm32, 48, &pre32))
+    fail_msg("%s", pa_errmsg());
+  pa_cuda_attention_splits(2);
+  pa_seq p40 = {.tokens = tok, .n_tokens = 40, .kv = pre32};
+  assert_int_equal(pa_lm_forward(lm32, &(pa_batch){.seqs = &p40, .n_seqs = 1}), PA_OK);
+  const int n32 = pa_cuda_profile_read(&rows, &idle);
+  assert_int_equal(pa_cuda_attention_splits(0), 2);
   assert_int_equal(pa_cuda_profile(0), 0);
+  expect_product(rows, n32, "fp32", qd, D, 2ul * L, 2 * L * 40.0);
+  expect_product(rows, n32, "fp32", kd, D, 2ul * L, 2 * L * 40.0);
+  expect_product(rows, n32, "fp32", F, D, 2ul * L, 2 * L * 40.0);
+  expect_product(rows, n32, "fp32", D, F, 1ul * L, L * 40.0);
+  expect_row(rows, n32, "attention (tensor cores)", (unsigned long)L, 4.0 * H * hd * L * (40 * 41 / 2));
+  expect_row(rows, n32, "attention: shares combined", (unsigned long)L, 0);
+  expect_row(rows, n32, "embed", 1, 0);
+  check_table(rows, n32);
 
+  pa_kv_destroy(pre32);
+  pa_lm_destroy(lm32);
   pa_kv_destroy(pre), pa_kv_destroy(a), pa_kv_destroy(b);
   free(logits), free(heads), free(steer);
   pa_lm_destroy(lm);
@@ -235,6 +302,7 @@ static void test_profile(void **s) {
 }
 
 int main(void) {
+  unsetenv("PALIGN_CUDA_PROFILE"); /* the profile's own waits would count in test_waits */
   const int ready = tu_cuda_ready();
   if (ready)
     return ready;

@@ -743,6 +743,98 @@ static void test_attention_split(void **s) {
   free(kp), free(vp), free(q), free(k), free(v);
 }
 
+/* Attention over a prefix of P keys (P > 0) and n_seqs sequences, sequence i
+ * n[i] rows at row0[i] after past[i] cached keys (the rows 0 .. rows - 1
+ * all covered), 8 heads on 2 kv heads of head_dim 64, by both tensor-core
+ * kernels; then whether the last call packed the prefix. The caches' and
+ * the prefix's positions past their keys hold NaN. */
+static int check_seqs(int P, int n_seqs, const int *n, const int *past, const int *row0, const char *label) {
+  enum { H = 8, KV = 2, hd = 64, kMaxSeqs = 64 };
+  static const char *const mma[] = {"mma", "mma_bf16"};
+  assert_true(P > 0 && n_seqs <= kMaxSeqs);
+  int stride = 1, rows = 0;
+  for (int i = 0; i < n_seqs; i++) {
+    stride = past[i] + n[i] > stride ? past[i] + n[i] : stride;
+    rows = row0[i] + n[i] > rows ? row0[i] + n[i] : rows;
+  }
+  const size_t cache = (size_t)KV * stride * hd;
+  float *q = tu_rand_vec(&rng, (size_t)rows * H * hd);
+  float *kp = tu_rand_vec(&rng, (size_t)KV * (P + 3) * hd), *vp = tu_rand_vec(&rng, (size_t)KV * (P + 3) * hd);
+  unused_nan(kp, KV, P + 3, hd, P), unused_nan(vp, KV, P + 3, hd, P);
+  float *k[kMaxSeqs], *v[kMaxSeqs];
+  pa_attn_seq seqs[kMaxSeqs];
+  for (int i = 0; i < n_seqs; i++) {
+    k[i] = tu_rand_vec(&rng, cache), v[i] = tu_rand_vec(&rng, cache);
+    unused_nan(k[i], KV, stride, hd, past[i] + n[i]), unused_nan(v[i], KV, stride, hd, past[i] + n[i]);
+    seqs[i] =
+        (pa_attn_seq){.row0 = row0[i], .n = n[i], .past = past[i], .k_own = k[i], .v_own = v[i], .stride = stride};
+  }
+  pa_attn_args a = {.n_heads = H,
+                    .n_kv_heads = KV,
+                    .head_dim = hd,
+                    .q = q,
+                    .k_prefix = kp,
+                    .v_prefix = vp,
+                    .prefix_len = P,
+                    .prefix_stride = P + 3,
+                    .seqs = seqs,
+                    .n_seqs = n_seqs};
+  compare_attention(&a, rows, mma, 2, label, 2e-6, 1e-6);
+  for (int i = 0; i < n_seqs; i++)
+    free(k[i]), free(v[i]);
+  free(q), free(kp), free(vp);
+  return pa_cuda_attention_packing(-1);
+}
+
+/* The packed prefix (pa_cuda_attention_packing): a decoding step of 40
+ * sequences after a 600-token prefix (one row each, 1 to 22 keys of their
+ * own), which the backend packs by itself (3 tiles walk the prefix where
+ * 40 would) and whose prefix walk it splits (6 blocks), and never packed
+ * as asked (after 100 keys); sequences of 1 to 33 rows, one of none,
+ * placed out of order (the runs of consecutive rows break where the order
+ * does), packed as asked after a 70-token prefix, in one share a walk and
+ * split in 2 and 3 (the two walks' shares side by side); check_attention's
+ * shapes packed as asked, and not packed by the backend's choice (6 tiles,
+ * 4 of them walking the prefix packed). Combining reorders the sums over
+ * the keys: the same tolerances. */
+static void test_attention_packed(void **s) {
+  (void)s;
+  enum { D = 40 };
+  int n[D], past[D], row0[D];
+  for (int i = 0; i < D; i++)
+    n[i] = 1, past[i] = i * 7 % 22, row0[i] = i;
+  assert_int_equal(check_seqs(600, D, n, past, row0, "a decoding step of 40 sequences"), 1);
+  /* the prefix's walk: 3 tiles x 2 kv heads, 19 key tiles in 4 shares (at least 4 each, with 24 SMs or more);
+   * the own keys': 40 tiles x 2 kv heads, too few keys to split */
+  assert_int_equal(pa_cuda_attention_splits(-1), 4 + 1);
+  pa_cuda_attention_packing(2);
+  assert_int_equal(check_seqs(100, D, n, past, row0, "a decoding step of 40 sequences, never packed"), 0);
+
+  /* rows 20-53, 0-2, 3-19, none, 54-55, 56, 57-61: runs [20, 54), [0, 20), [54, 62) */
+  static const int mn[] = {34, 3, 17, 0, 2, 1, 5}, mpast[] = {0, 9, 31, 4, 0, 17, 2},
+                   mrow0[] = {20, 0, 3, 54, 54, 56, 57};
+  pa_cuda_attention_packing(1);
+  for (int splits = 1; splits <= 3; splits++) {
+    pa_cuda_attention_splits(splits);
+    char label[64];
+    snprintf(label, sizeof label, "mixed sequences out of order, packed, %d share(s) a walk", splits);
+    assert_int_equal(check_seqs(70, 7, mn, mpast, mrow0, label), 1);
+    /* at most a share a key tile: the prefix's 3, the most own keys' (48) 2 */
+    assert_int_equal(pa_cuda_attention_splits(-1), splits + (splits < 2 ? splits : 2));
+  }
+  pa_cuda_attention_splits(0);
+  static const char *const mma[] = {"mma", "mma_bf16"};
+  for (int k = 0; k < 2; k++) {
+    check_attention(23, 40, 6, 2, mma[k]);
+    assert_int_equal(pa_cuda_attention_packing(-1), 1);
+    check_attention(37, 128, 14, 2, mma[k]);
+    assert_int_equal(pa_cuda_attention_packing(-1), 1);
+  }
+  pa_cuda_attention_packing(0);
+  check_attention(23, 40, 6, 2, "mma");
+  assert_int_equal(pa_cuda_attention_packing(-1), 0);
+}
+
 /* A failed operation is reported by status() (backend.h), once: the simple
  * attention kernel over 70,000 keys (a row's scores would need 280 KB of
  * shared memory, more than a GPU allows a block) is refused, and the next
@@ -799,6 +891,7 @@ int main(void) {
       cmocka_unit_test(test_attention_head_dim_36),
       cmocka_unit_test(test_attention_bf16),
       cmocka_unit_test(test_attention_split),
+      cmocka_unit_test(test_attention_packed),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -2,8 +2,9 @@
  *
  * Every pointer an operation takes is device memory from the backend's
  * alloc (upload and download move data across); the operations run on one
- * stream of the device pa_cuda_select chose and return without waiting, so
- * a sequence of them runs back to back; upload queues its copy from a ring
+ * stream of the device pa_cuda_select chose and return without waiting
+ * (but for the profile's harvests, pa_cuda_profile), so a sequence of them
+ * runs back to back; upload queues its copy from a ring
  * of pinned memory without waiting either, and download waits for them. Matrix
  * products are cuBLAS SGEMMs with fp32 inputs, fp32 accumulation and no
  * TF32 (the CPU reference's precision), and with bf16 weights cublasGemmEx
@@ -66,45 +67,61 @@ int pa_cuda_attention_kernel(const char *name);
  * than the device has SMs, as a decoding step of one sequence does, and
  * its rows have 4 key tiles a share); n >= 1 asks for n (1: never split),
  * at most one a key tile and 32; n < 0 leaves the setting. Returns how
- * many the last attention call used. Neither this nor
+ * many the last attention call used (with a packed prefix, below, both
+ * walks' together). Neither this nor
  * pa_cuda_attention_kernel may change between a call's attention_scratch
  * and its attention: the scratch is sized for the setting. */
 int pa_cuda_attention_splits(int n);
 
+/* Whether the tensor cores' attention packs the shared prefix (as cascade
+ * attention does; docs/CUDA.md): every row sees all of the prefix, so its
+ * rows walk it in tiles of 16 consecutive rows whatever their sequences,
+ * and each sequence's tiles walk only its own keys, the two merged as
+ * split keys are. mode 0, the default: where that at least halves the
+ * tiles walking the prefix (a decoding step of many sequences after a
+ * shared prompt); 1: wherever there is a prefix; 2: never; another value
+ * leaves the setting. Returns 1 when the last attention call packed, else
+ * 0. Not to be changed between a call's attention_scratch and its
+ * attention, as pa_cuda_attention_splits. */
+int pa_cuda_attention_packing(int mode);
+
 /* The times this process has waited for the device: for a download, for
- * status(), for a collective, and for a staging chunk the device had not yet
+ * status(), for a collective, for a staging chunk the device had not yet
  * read (uploads go through a ring of pinned memory and do not wait
- * otherwise). Not counted: cudaFree's own wait, where a buffer is released
- * or grown. A forward pass with its buffers grown waits once for each
- * download and once for its status, however many layers it has
- * (tests/test_cuda_forward.c). */
+ * otherwise), and for the profile's spans (pa_cuda_profile). Not counted: cudaFree's own wait, where a buffer is
+ * released or grown. A forward pass with its buffers grown waits once for each download and once for its status,
+ * however many layers it has (tests/test_cuda_forward.c). */
 unsigned long pa_cuda_host_waits(void);
 
 /* One row of the device-time profile: an operation (a product with its
- * weight's shape, N x K: "matmul bf16 4096x14336"), the calls timed, their
- * time on the device, and the floating-point operations of the products
- * and the attention (2MNK a product; 4 x heads x head_dim a key a row sees;
- * 0 for the rest). */
+ * weight's shape, N x K: "matmul bf16 4096x14336"), its spans (a call
+ * each; an upload one for each chunk of the staging ring it goes
+ * through), their time on the device, and the floating-point operations
+ * of the products and the attention (2MNK a product; 4 x heads x head_dim
+ * a key a row sees; 0 for the rest). */
 typedef struct {
   char name[48];
-  unsigned long calls;
+  unsigned long spans;
   double ms;
   double flops;
 } pa_cuda_profile_row;
 
 /* Starts (on != 0; the table cleared) or stops timing each operation's
  * work on the device between two events (docs/CUDA.md, "Where the device's
- * time goes"). It costs two event records an operation and a wait for
- * every 4,096 operations. Started when the device is selected where
- * PALIGN_CUDA_PROFILE names a file, to which the table is appended at
- * the process's exit ("-": standard error). 0, or -1 (pa_cuda_error says
- * why). */
+ * time goes"). It costs two event records a span and a wait for every
+ * 4,096 spans (counted by pa_cuda_host_waits). Started when the device is
+ * selected where PALIGN_CUDA_PROFILE names a file, to which the table is
+ * appended at the process's exit ("-": standard error; "%p" in the name:
+ * the process's id); selecting another device restarts it. An error of
+ * the profile's is an operation's (status() reports it). 0, or -1
+ * (pa_cuda_error says why). */
 int pa_cuda_profile(int on);
 
 /* The table so far (the host waits for the device's timed work): its rows,
  * in the order first timed, in *rows, and in *idle_ms the device's time
- * between one operation's end and the next one's start (launches, the
- * host's own work, its waits). The number of rows, or -1 on an error. */
+ * between one span's end and the next one's start (the host's own work
+ * and its waits between operations). The number of rows, or -1 on an
+ * error. */
 int pa_cuda_profile_read(const pa_cuda_profile_row **rows, double *idle_ms);
 
 /* Writes the table to f, the longest first, with each row's share and the

@@ -95,6 +95,159 @@ bool wait_stream(const char *what) {
   return check(cudaStreamSynchronize(stream), what);
 }
 
+// ---- the device's time by operation (pa_cuda_profile, PALIGN_CUDA_PROFILE) ---------------
+//
+// With the profile on, each operation's work on the stream lies between two
+// timing events, a span, under a name: the operation's, and a product's
+// weight shape (N x K) with it; an upload has a span for each copy it
+// queues (a chunk of the staging ring), so that the host's copying into
+// the ring is not the copy's time. The spans wait in a pool of kProfSpans;
+// when it is full, and when the profile is read, the host waits for the
+// last one and adds each span's time to its name's row, and the time from
+// a span's end to the next one's start to the idle figure: the device
+// waiting for the host's work and waits between operations (an operation's
+// own launch, where the device waits for it, is in its span). So the
+// profile costs two event records a span, and a wait for each kProfSpans
+// of them (counted in host_waits). Spans do not nest; names beyond
+// kProfRows share the last row.
+#ifdef PA_PROF_SPANS
+constexpr int kProfSpans = PA_PROF_SPANS;
+#else
+constexpr int kProfSpans = 4096;
+#endif
+constexpr int kProfRows = 64;
+
+struct prof_span {
+  cudaEvent_t begin, end;
+  int row;
+  double flops;
+};
+bool profiling;
+bool prof_open_span;  // a span is open: an operation inside another is the outer one's
+prof_span *prof_pool; // kProfSpans, their events made when the profile starts
+int prof_used;
+cudaEvent_t prof_last; // the last harvested span's end, where prof_have_last
+bool prof_have_last;
+pa_cuda_profile_row prof_rows[kProfRows];
+int prof_n_rows;
+double prof_idle_ms;
+char prof_name_buf[sizeof prof_rows[0].name]; // a name being formatted (prof_name)
+
+// The profile's name of an operation with a shape: formatted only while profiling.
+__attribute__((format(printf, 1, 2))) const char *prof_name(const char *fmt, ...) {
+  if (!profiling)
+    return nullptr;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(prof_name_buf, sizeof prof_name_buf, fmt, ap);
+  va_end(ap);
+  return prof_name_buf;
+}
+
+int prof_row(const char *name) {
+  for (int r = 0; r < prof_n_rows; r++)
+    if (!strcmp(prof_rows[r].name, name))
+      return r;
+  if (prof_n_rows == kProfRows)
+    return kProfRows - 1;
+  pa_cuda_profile_row *row = &prof_rows[prof_n_rows];
+  snprintf(row->name, sizeof row->name, "%s", prof_n_rows == kProfRows - 1 ? "(other operations)" : name);
+  return prof_n_rows++;
+}
+
+// The pool's spans into the rows, the host waiting for the last; false on
+// an error (the pool's spans not yet counted then dropped).
+bool prof_harvest() {
+  if (!prof_used)
+    return true;
+  host_waits++;
+  bool ok = check(cudaEventSynchronize(prof_pool[prof_used - 1].end), "profile");
+  for (int i = 0; ok && i < prof_used; i++) {
+    const prof_span &sp = prof_pool[i];
+    float ms = 0.0f, gap = 0.0f;
+    const bool after = i > 0 || prof_have_last;
+    ok = check(cudaEventElapsedTime(&ms, sp.begin, sp.end), "profile") &&
+         (!after || check(cudaEventElapsedTime(&gap, i > 0 ? prof_pool[i - 1].end : prof_last, sp.begin), "profile"));
+    if (!ok)
+      break;
+    prof_rows[sp.row].spans++;
+    prof_rows[sp.row].ms += ms;
+    prof_rows[sp.row].flops += sp.flops;
+    prof_idle_ms += gap > 0.0f ? gap : 0.0f;
+  }
+  if (!ok) {
+    prof_used = 0, prof_have_last = false;
+    return false;
+  }
+  // the last end stays, as the next span's predecessor; its old handle goes back to the pool
+  const cudaEvent_t last = prof_pool[prof_used - 1].end;
+  prof_pool[prof_used - 1].end = prof_last;
+  prof_last = last, prof_have_last = true;
+  prof_used = 0;
+  return true;
+}
+
+void prof_close() {
+  if (!prof_pool)
+    return;
+  for (int i = 0; i < kProfSpans; i++)
+    for (cudaEvent_t e : {prof_pool[i].begin, prof_pool[i].end})
+      if (e)
+        cudaEventDestroy(e);
+  if (prof_last)
+    cudaEventDestroy(prof_last);
+  cudaGetLastError(); // not left for the next launch's check
+  free(prof_pool);
+  prof_pool = nullptr, prof_last = nullptr, prof_used = 0, prof_have_last = false;
+}
+
+bool prof_open() {
+  prof_pool = (prof_span *)calloc(kProfSpans, sizeof *prof_pool);
+  if (!prof_pool) {
+    snprintf(last_error, sizeof last_error, "profile: no host memory for %d spans", kProfSpans);
+    return false;
+  }
+  bool ok = cudaEventCreateWithFlags(&prof_last, cudaEventDefault) == cudaSuccess;
+  for (int i = 0; ok && i < kProfSpans; i++)
+    ok = cudaEventCreateWithFlags(&prof_pool[i].begin, cudaEventDefault) == cudaSuccess &&
+         cudaEventCreateWithFlags(&prof_pool[i].end, cudaEventDefault) == cudaSuccess;
+  if (!ok) {
+    snprintf(last_error, sizeof last_error, "profile: cannot make %d timing events: %s", 2 * kProfSpans + 1,
+             cudaGetErrorString(cudaGetLastError()));
+    prof_close();
+    return false;
+  }
+  return true;
+}
+
+// An operation's span: from its construction to its end, while the profile
+// is on. Spans do not nest: one begun inside another is not timed (the
+// outer one holds its work).
+class timed {
+public:
+  explicit timed(const char *name, double flops = 0.0) {
+    if (!profiling || !name || prof_open_span || (prof_used == kProfSpans && !prof_harvest()))
+      return;
+    prof_span &sp = prof_pool[prof_used];
+    sp.row = prof_row(name), sp.flops = flops;
+    if (!check(cudaEventRecord(sp.begin, stream), "profile"))
+      return;
+    span_ = &sp, prof_open_span = true;
+  }
+  ~timed() {
+    if (!span_)
+      return;
+    prof_open_span = false;
+    if (check(cudaEventRecord(span_->end, stream), "profile"))
+      prof_used++;
+  }
+  timed(const timed &) = delete;
+  timed &operator=(const timed &) = delete;
+
+private:
+  prof_span *span_ = nullptr;
+};
+
 // Every upload goes through a ring of pinned host memory: the source is
 // copied into the ring and the copy to the device queued from there, so
 // the caller may reuse the source at once and the host does not wait for
@@ -173,7 +326,10 @@ bool stage_turn(const char *what) {
 // Queues a copy of bytes from host src to device dst; src may be reused at once.
 void stage_copy(void *dst, const void *src, size_t bytes, const char *what) {
   if (!stage) {
-    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), what);
+    {
+      const timed t(what);
+      check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), what);
+    }
     wait_stream(what); // the source may be reused on return
     return;
   }
@@ -183,6 +339,7 @@ void stage_copy(void *dst, const void *src, size_t bytes, const char *what) {
     const size_t n = bytes - off < kStageChunk - stage_used ? bytes - off : kStageChunk - stage_used;
     char *at = stage + (size_t)stage_at * kStageChunk + stage_used;
     memcpy(at, (const char *)src + off, n);
+    const timed t(what); // the copy's time on the device, not the host's into the ring
     if (!check(cudaMemcpyAsync((char *)dst + off, at, n, cudaMemcpyHostToDevice, stream), what))
       return;
     off += n;
@@ -190,150 +347,6 @@ void stage_copy(void *dst, const void *src, size_t bytes, const char *what) {
     stage_used = stage_used < kStageChunk ? stage_used : kStageChunk;
   }
 }
-
-// ---- the device's time by operation (pa_cuda_profile, PALIGN_CUDA_PROFILE) ---------------
-//
-// With the profile on, each operation's work on the stream lies between two
-// timing events, a span, under a name: the operation's, and a product's
-// weight shape (N x K) with it. The spans wait in a pool of kProfSpans;
-// when it is full, and when the profile is read, the host waits for the
-// last one and adds each span's time to its name's row (and its calls), and
-// the time from a span's end to the next one's start to the idle figure: the
-// device waiting for the host (launching, working or itself waiting). So
-// the profile costs two event records an operation, and a wait for each
-// kProfSpans of them (counted in host_waits). Names beyond kProfRows share
-// the last row.
-#ifdef PA_PROF_SPANS
-constexpr int kProfSpans = PA_PROF_SPANS;
-#else
-constexpr int kProfSpans = 4096;
-#endif
-constexpr int kProfRows = 64;
-
-struct prof_span {
-  cudaEvent_t begin, end;
-  int row;
-  double flops;
-};
-bool profiling;
-bool prof_open_span;  // a span is open: an operation inside another is the outer one's
-prof_span *prof_pool; // kProfSpans, their events made when the profile starts
-int prof_used;
-cudaEvent_t prof_last; // the last harvested span's end, where prof_have_last
-bool prof_have_last;
-pa_cuda_profile_row prof_rows[kProfRows];
-int prof_n_rows;
-double prof_idle_ms;
-char prof_name_buf[sizeof prof_rows[0].name]; // a name being formatted (prof_name)
-
-// The profile's name of an operation with a shape: formatted only while profiling.
-__attribute__((format(printf, 1, 2))) const char *prof_name(const char *fmt, ...) {
-  if (!profiling)
-    return nullptr;
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(prof_name_buf, sizeof prof_name_buf, fmt, ap);
-  va_end(ap);
-  return prof_name_buf;
-}
-
-int prof_row(const char *name) {
-  for (int r = 0; r < prof_n_rows; r++)
-    if (!strcmp(prof_rows[r].name, name))
-      return r;
-  if (prof_n_rows == kProfRows)
-    return kProfRows - 1;
-  pa_cuda_profile_row *row = &prof_rows[prof_n_rows];
-  snprintf(row->name, sizeof row->name, "%s", prof_n_rows == kProfRows - 1 ? "(other operations)" : name);
-  return prof_n_rows++;
-}
-
-// The pool's spans into the rows, the host waiting for the last; false on an error.
-bool prof_harvest() {
-  if (!prof_used)
-    return true;
-  host_waits++;
-  if (!check(cudaEventSynchronize(prof_pool[prof_used - 1].end), "profile"))
-    return false;
-  for (int i = 0; i < prof_used; i++) {
-    const prof_span &sp = prof_pool[i];
-    float ms = 0.0f, gap = 0.0f;
-    if (!check(cudaEventElapsedTime(&ms, sp.begin, sp.end), "profile"))
-      return false;
-    const bool after = i > 0 || prof_have_last;
-    if (after && !check(cudaEventElapsedTime(&gap, i > 0 ? prof_pool[i - 1].end : prof_last, sp.begin), "profile"))
-      return false;
-    prof_rows[sp.row].calls++;
-    prof_rows[sp.row].ms += ms;
-    prof_rows[sp.row].flops += sp.flops;
-    prof_idle_ms += gap > 0.0f ? gap : 0.0f;
-  }
-  // the last end stays, as the next span's predecessor; its old handle goes back to the pool
-  const cudaEvent_t last = prof_pool[prof_used - 1].end;
-  prof_pool[prof_used - 1].end = prof_last;
-  prof_last = last, prof_have_last = true;
-  prof_used = 0;
-  return true;
-}
-
-void prof_close() {
-  if (!prof_pool)
-    return;
-  for (int i = 0; i < kProfSpans; i++) {
-    cudaEventDestroy(prof_pool[i].begin);
-    cudaEventDestroy(prof_pool[i].end);
-  }
-  cudaEventDestroy(prof_last);
-  free(prof_pool);
-  prof_pool = nullptr, prof_used = 0, prof_have_last = false;
-}
-
-bool prof_open() {
-  prof_pool = (prof_span *)calloc(kProfSpans, sizeof *prof_pool);
-  if (!prof_pool) {
-    snprintf(last_error, sizeof last_error, "profile: no host memory for %d spans", kProfSpans);
-    return false;
-  }
-  bool ok = cudaEventCreateWithFlags(&prof_last, cudaEventDefault) == cudaSuccess;
-  for (int i = 0; ok && i < kProfSpans; i++)
-    ok = cudaEventCreateWithFlags(&prof_pool[i].begin, cudaEventDefault) == cudaSuccess &&
-         cudaEventCreateWithFlags(&prof_pool[i].end, cudaEventDefault) == cudaSuccess;
-  if (!ok) {
-    snprintf(last_error, sizeof last_error, "profile: cannot make %d timing events: %s", 2 * kProfSpans + 1,
-             cudaGetErrorString(cudaGetLastError()));
-    prof_close();
-    return false;
-  }
-  return true;
-}
-
-// An operation's span: from its construction to its end, while the profile
-// is on. Spans do not nest: one begun inside another is not timed (the
-// outer one holds its work).
-class timed {
-public:
-  explicit timed(const char *name, double flops = 0.0) {
-    if (!profiling || !name || prof_open_span || (prof_used == kProfSpans && !prof_harvest()))
-      return;
-    prof_span &sp = prof_pool[prof_used];
-    if (!check(cudaEventRecord(sp.begin, stream), "profile"))
-      return;
-    sp.row = prof_row(name), sp.flops = flops;
-    span_ = &sp, prof_open_span = true;
-  }
-  ~timed() {
-    if (!span_)
-      return;
-    prof_open_span = false;
-    if (check(cudaEventRecord(span_->end, stream), "profile"))
-      prof_used++;
-  }
-  timed(const timed &) = delete;
-  timed &operator=(const timed &) = delete;
-
-private:
-  prof_span *span_ = nullptr;
-};
 
 // ---- elementwise and row kernels ---------------------------------------------------
 
@@ -919,11 +932,14 @@ template <class Ops> __host__ __device__ inline size_t mma_shared_bytes(int hd, 
 }
 
 // Grid: (tiles, kv heads x chunks of a kv head's query heads, splits),
-// blocks of 32 mma_warps(n_heads / n_kv_heads) threads. With one split a
-// block walks all its tile's keys and writes z; with several (part not
-// null), split s takes the s-th share of the tile's key tiles and writes
-// its rows' unnormalised outputs, max and sum into part for
-// k_attention_combine (a share past the tile's keys writes a max of -Inf).
+// blocks of 32 mma_warps(n_heads / n_kv_heads) threads. Row i of a tile
+// sees the prefix's keys and, with own = 1, its own n_own0 + i (own = 0:
+// the prefix alone, for a packed prefix's tiles, below). With one split
+// and part null a block walks all its tile's keys and writes z; otherwise
+// split s takes the s-th share of the tile's key tiles and writes its
+// rows' unnormalised outputs, max and sum into part, as share slot0 + s
+// of the row's `slots`, for k_attention_combine (a share past the tile's
+// keys writes a max of -Inf).
 //
 // The tensor cores' own sums are truncated (docs/CUDA.md), so no
 // accumulator takes more than one step's products: each step's are added
@@ -932,7 +948,8 @@ template <class Ops> __host__ __device__ inline size_t mma_shared_bytes(int hd, 
 template <class Ops>
 __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     k_attention_mma(int n_heads, int n_kv_heads, int hd, const float *q, float *z, const float *k_prefix,
-                    const float *v_prefix, int prefix_len, int prefix_stride, const tile_desc *tiles, float *part) {
+                    const float *v_prefix, int prefix_len, int prefix_stride, const tile_desc *tiles, int own,
+                    float *part, int slots, int slot0) {
   using acc = typename Ops::acc;
   PA_DYNAMIC_SHARED(float, sh);
   const tile_desc tl = tiles[blockIdx.x];
@@ -950,7 +967,8 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
   const float *kp = k_prefix ? k_prefix + (size_t)kh * prefix_stride * hd : nullptr;
   const float *vp = v_prefix ? v_prefix + (size_t)kh * prefix_stride * hd : nullptr;
   const float *ko = tl.k_own + (size_t)kh * tl.stride * hd, *vo = tl.v_own + (size_t)kh * tl.stride * hd;
-  const int keys = prefix_len + tl.n_own0 + tl.n_rows - 1; // the tile's last row sees the most
+  const int own0 = own * tl.n_own0, grow = own;                // own keys of row i: own0 + grow i
+  const int keys = prefix_len + own0 + grow * (tl.n_rows - 1); // the tile's last row sees the most
   // this split's keys: whole key tiles, the first split's beginning with key 0, which every row sees
   const int share = ((keys + kTileK - 1) / kTileK + (int)gridDim.z - 1) / (int)gridDim.z * kTileK;
   const int t_begin = (int)blockIdx.z * share, t_end = t_begin + share < keys ? t_begin + share : keys;
@@ -1005,9 +1023,9 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
       wmma::store_matrix_sync(sw + 16, sc[1], kScoreLd, wmma::mem_row_major);
     }
     __syncthreads(); // the scores stored
-    // row i sees the keys t < prefix_len + n_own0 + i: its new max, and how much its sums so far shrink by
+    // row i sees the keys t < prefix_len + own0 + grow i: its new max, and how much its sums so far shrink by
     if (live && lane < kTileQ) {
-      const int i = lane, seen = i < tl.n_rows ? prefix_len + tl.n_own0 + i - t0 : 0;
+      const int i = lane, seen = i < tl.n_rows ? prefix_len + own0 + grow * i - t0 : 0;
       const float was = row_max[i * kScoreLd];
       float m = was;
       for (int j = 0; j < kTileK && j < seen; j++)
@@ -1022,7 +1040,7 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
       for (int e = lane; e < kTileQ * kTileK; e += 32) {
         const int i = e / kTileK, j = e % kTileK;
         float *pe = &sw[i * kScoreLd + j];
-        *pe = i < tl.n_rows && t0 + j < prefix_len + tl.n_own0 + i ? expf(*pe - row_max[i * kScoreLd]) : 0.0f;
+        *pe = i < tl.n_rows && t0 + j < prefix_len + own0 + grow * i ? expf(*pe - row_max[i * kScoreLd]) : 0.0f;
         ops.put_p(i, j, *pe);
       }
     __syncthreads(); // the exponentials in the scores' place
@@ -1072,7 +1090,7 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
       if (!part)
         z[at * hd + d] = ops.out[i * ldo + d] * (1.0f / row_sum[i * kScoreLd]);
       else { // this split's share, [hd outputs, max, sum], for k_attention_combine
-        float *share_of = part + (at * gridDim.z + blockIdx.z) * (hd + 2);
+        float *share_of = part + (at * slots + slot0 + blockIdx.z) * (hd + 2);
         share_of[d] = ops.out[i * ldo + d];
         if (d == 0)
           share_of[hd] = row_max[i * kScoreLd], share_of[hd + 1] = row_sum[i * kScoreLd];
@@ -1080,25 +1098,26 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     }
 }
 
-// z from the splits' shares of k_attention_mma: a block per (tile, head),
-// for the tile's rows. Each share's outputs and sum were taken against its
-// own max: rescaled to the largest. The first share saw key 0, so the
-// largest is finite, and a share that saw no key (max -Inf, sum and
-// outputs 0) weighs e^-Inf = 0.
-__global__ void k_attention_combine(int n_heads, int hd, int splits, const float *part, float *z,
+// z from the `slots` shares of k_attention_mma's walks (split keys, a
+// packed prefix's two walks): a block per (tile, head), for the tile's
+// rows. Each share's outputs and sum were taken against its own max:
+// rescaled to the largest. Each walk's first share saw a key of the row's
+// (key 0 of the prefix, or of its own), so the largest is finite, and a
+// share that saw no key (max -Inf, sum and outputs 0) weighs e^-Inf = 0.
+__global__ void k_attention_combine(int n_heads, int hd, int slots, const float *part, float *z,
                                     const tile_desc *tiles) {
   const tile_desc tl = tiles[blockIdx.x];
   for (int i = 0; i < tl.n_rows; i++) {
     const size_t at = (size_t)(tl.row + i) * n_heads + blockIdx.y;
-    const float *shares = part + at * splits * (hd + 2);
+    const float *shares = part + at * slots * (hd + 2);
     float m = -INFINITY, sum = 0.0f;
-    for (int s = 0; s < splits; s++)
+    for (int s = 0; s < slots; s++)
       m = fmaxf(m, shares[s * (hd + 2) + hd]);
-    for (int s = 0; s < splits; s++)
+    for (int s = 0; s < slots; s++)
       sum += expf(shares[s * (hd + 2) + hd] - m) * shares[s * (hd + 2) + hd + 1];
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
       float out = 0.0f;
-      for (int s = 0; s < splits; s++)
+      for (int s = 0; s < slots; s++)
         out += expf(shares[s * (hd + 2) + hd] - m) * shares[s * (hd + 2) + d];
       z[at * hd + d] = out / sum;
     }
@@ -1283,7 +1302,7 @@ const train_row *train_upload(const pa_attn_train_args *a, int rows, int *max_ke
       *max_keys = a->prefix_len + t + 1 > *max_keys ? a->prefix_len + t + 1 : *max_keys;
     }
   }
-  stage_copy(train_dev, host, bytes, "attention_train: upload");
+  stage_copy(train_dev, host, bytes, "attention_train: tables upload");
   free(host);
   *row0 = (const int *)((train_row *)train_dev + rows);
   *len = *row0 + a->n_seqs;
@@ -1353,6 +1372,7 @@ const __nv_bfloat16 *to_bf16(size_t n, const float *x, const char *what) {
       return nullptr;
     xb16_cap = n;
   }
+  const timed t("bf16 rounding of x (products)");
   PA_LAUNCH(k_to_bf16, blocks(n), kBlock, 0)(n, x, xb16);
   launched(what);
   return xb16;
@@ -1364,11 +1384,7 @@ void matmul_bf16(bool nn, int M, int N, int K, const float *x, const pa_bf16 *w,
                  const char *what) {
   if (M <= 0 || N <= 0)
     return;
-  const __nv_bfloat16 *xb;
-  {
-    const timed t("bf16 rounding of x (products)");
-    xb = to_bf16((size_t)M * K, x, what);
-  }
+  const __nv_bfloat16 *xb = to_bf16((size_t)M * K, x, what);
   if (!xb)
     return;
   const float one = 1.0f;
@@ -1487,7 +1503,6 @@ void cu_swiglu_backward(int M, int F, const float *gate, const float *up, const 
 size_t cu_attention_train_scratch(const pa_attn_train_args *a) { return (size_t)train_rows_of(a) * a->n_heads; }
 
 void cu_attention_train(const pa_attn_train_args *a, float *scratch) {
-  const timed t("attention_train");
   const int rows = train_rows_of(a);
   int max_keys;
   const int *row0, *len;
@@ -1497,6 +1512,7 @@ void cu_attention_train(const pa_attn_train_args *a, float *scratch) {
   const size_t shared = ((size_t)max_keys + kBlock) * sizeof(float);
   if (!shared_for((const void *)k_train_fwd, kShTrainFwd, shared, "attention_train", max_keys))
     return;
+  const timed t("attention_train");
   PA_LAUNCH(k_train_fwd, dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared)(
       a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->k, a->v, a->z, a->lse, d);
   launched("attention_train");
@@ -1504,7 +1520,6 @@ void cu_attention_train(const pa_attn_train_args *a, float *scratch) {
 
 void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *dq, float *dk, float *dv,
                            float *scratch) {
-  const timed t("attention_backward");
   const int rows = train_rows_of(a), hd = a->head_dim;
   if (hd > 2 * kTrainBlock) {
     failed("attention_backward: head_dim %d > %d", hd, 2 * kTrainBlock);
@@ -1517,6 +1532,7 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
     return;
   float *D = scratch; /* [rows][H] */
   const size_t n = (size_t)rows * a->n_heads;
+  const timed t("attention_backward");
   PA_LAUNCH(k_train_rowdot, blocks(n), kBlock, 0)(n, hd, dz, a->z, D);
   const size_t shared = (size_t)max_keys * sizeof(float);
   if (!shared_for((const void *)k_train_dq, kShTrainDq, shared, "attention_backward", max_keys))
@@ -1547,24 +1563,53 @@ attention_kernel attention_for(int hd) {
   return kAttnSimple;
 }
 
-// A call's rows, its tiles (of up to kTileQ rows of a sequence) and the
-// most keys a row sees.
+// The tiles of a packed prefix (below) into out where it is not null:
+// kTileQ consecutive rows at a time of the runs the sequences make, laid
+// one after another in q (a gap, or a sequence placed before the one it
+// follows, starts a new run); their count. Their rows see the prefix alone.
+size_t prefix_tiles_of(const pa_attn_args *a, tile_desc *out) {
+  size_t t = 0;
+  int begin = 0, end = 0; // the run so far
+  for (int i = 0; i <= a->n_seqs; i++) {
+    const pa_attn_seq *s = i < a->n_seqs ? &a->seqs[i] : nullptr;
+    if (s && !s->n)
+      continue;
+    if (!s || s->row0 != end) {
+      for (int r = begin; r < end; r += kTileQ, t++)
+        if (out)
+          out[t] = tile_desc{
+              (float *)a->k_prefix, (float *)a->v_prefix, a->prefix_stride, 0, end - r < kTileQ ? end - r : kTileQ, r};
+      if (!s)
+        break;
+      begin = s->row0;
+    }
+    end = s->row0 + s->n;
+  }
+  return t;
+}
+
+// A call's rows, its tiles (of up to kTileQ rows of a sequence), the most
+// keys a row sees, and for a packed prefix its tiles and the most own keys.
 struct attention_shape {
   size_t rows, tiles;
   size_t z_rows; // the rows of q and z the call reaches: up to the last row0 + n
   int max_keys;
+  size_t prefix_tiles;
+  int max_own;
 };
 
 attention_shape shape_of(const pa_attn_args *a) {
-  attention_shape sh = {0, 0, 0, 0};
+  attention_shape sh = {0, 0, 0, 0, 0, 0};
   for (int i = 0; i < a->n_seqs; i++) {
     const pa_attn_seq *s = &a->seqs[i];
     sh.rows += (size_t)s->n;
     sh.tiles += (size_t)(s->n + kTileQ - 1) / kTileQ;
     sh.z_rows = s->n && (size_t)s->row0 + s->n > sh.z_rows ? (size_t)s->row0 + s->n : sh.z_rows;
-    const int keys = a->prefix_len + s->past + s->n;
-    sh.max_keys = keys > sh.max_keys ? keys : sh.max_keys;
+    const int own = s->n ? s->past + s->n : 0;
+    sh.max_own = own > sh.max_own ? own : sh.max_own;
   }
+  sh.max_keys = sh.rows ? a->prefix_len + sh.max_own : 0;
+  sh.prefix_tiles = a->prefix_len > 0 ? prefix_tiles_of(a, nullptr) : 0;
   return sh;
 }
 
@@ -1623,10 +1668,48 @@ int attention_splits(const pa_attn_args *a, const attention_shape &sh) {
   return (key_tiles + per - 1) / per;
 }
 
-// The split shares: [z rows][heads][shares][head_dim + 2] floats.
+// Packing the shared prefix, as cascade attention does: a sequence's tiles
+// hold its own rows, so where the sequences have few rows each, each tile
+// walks the whole prefix with most of its rows idle (a decoding step of
+// 180 sequences after a 2,400-token prefix: 180 tiles of one row, 75 key
+// tiles each). But every row sees all of the prefix: so its rows pack into
+// tiles of kTileQ consecutive rows, whatever their sequences, which walk
+// the prefix alone (12 tiles there), while the sequences' own tiles walk
+// their own keys alone; k_attention_combine merges the two walks' shares
+// (the prefix's first) as it merges split keys. Done with the tensor
+// cores' kernel where it at least halves the tiles walking the prefix;
+// pa_cuda_attention_packing asks for always or never instead.
+int packing_asked = 0; // 0: by the rule above; 1: wherever there is a prefix; 2: never
+bool packed_last;      // whether the last call packed
+
+bool attention_packed(const pa_attn_args *a, const attention_shape &sh) {
+  const attention_kernel kernel = attention_for(a->head_dim);
+  if (!sh.rows || a->prefix_len <= 0 || (kernel != kAttnMma && kernel != kAttnMmaBf16) || packing_asked == 2)
+    return false;
+  return packing_asked == 1 || sh.prefix_tiles * 2 <= sh.tiles;
+}
+
+// The two walks of a packed call: the prefix's tiles over the prefix, the
+// sequences' tiles over their own keys.
+attention_shape prefix_walk(const attention_shape &sh, int prefix_len) {
+  attention_shape w = sh;
+  w.tiles = sh.prefix_tiles, w.max_keys = prefix_len;
+  return w;
+}
+
+attention_shape own_walk(const attention_shape &sh) {
+  attention_shape w = sh;
+  w.max_keys = sh.max_own;
+  return w;
+}
+
+// The shares: [z rows][heads][shares][head_dim + 2] floats, for split keys
+// and for a packed prefix's two walks.
 size_t cu_attention_scratch(const pa_attn_args *a) {
   const attention_shape sh = shape_of(a);
-  const int n = attention_split_cap(a, sh);
+  const int n = attention_packed(a, sh)
+                    ? attention_split_cap(a, prefix_walk(sh, a->prefix_len)) + attention_split_cap(a, own_walk(sh))
+                    : attention_split_cap(a, sh);
   return n > 1 ? sh.z_rows * a->n_heads * n * (a->head_dim + 2) : 0;
 }
 
@@ -1642,28 +1725,58 @@ bool reserve(void **buf, size_t *cap, size_t bytes, const char *what) {
   return true;
 }
 
-// k_attention_mma<Ops> on the tiles in tile_dev, its keys in `splits`
-// shares combined from part (the call's scratch) where more than one;
-// which: its shared_set entry; what: its name in a message.
+// One walk of k_attention_mma<Ops> over n_tiles tiles: their rows see the
+// prefix's first prefix_len keys, and (own) their own; in `splits` shares
+// written into part as shares slot0 on of `slots` (part null: z itself).
+// which: its shared_set entry; what: its name in a message and the
+// profile's.
 template <class Ops>
-void launch_attention_mma(const pa_attn_args *a, const attention_shape &sh, int splits, float *part, int which,
-                          const char *what, double flops) {
+void walk_attention_mma(const pa_attn_args *a, const tile_desc *tiles, size_t n_tiles, int prefix_len, bool own,
+                        int splits, float *part, int slots, int slot0, int which, const char *what, double flops) {
   const mma_grid g = mma_grid_of(a);
   const size_t bytes = mma_shared_bytes<Ops>(a->head_dim, g.threads / 32);
-  const dim3 grid((unsigned)sh.tiles, (unsigned)g.blocks_per_tile, (unsigned)splits);
-  if (!shared_for((const void *)k_attention_mma<Ops>, which, bytes, what, 0))
+  const dim3 grid((unsigned)n_tiles, (unsigned)g.blocks_per_tile, (unsigned)splits);
+  if (!n_tiles || !shared_for((const void *)k_attention_mma<Ops>, which, bytes, what, 0))
     return;
-  {
-    const timed t(prof_name("%s", what), flops);
-    PA_LAUNCH(k_attention_mma<Ops>, grid, g.threads, bytes)
-    (a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len, a->prefix_stride,
-     tile_dev, splits > 1 ? part : nullptr);
-  }
-  if (splits <= 1)
-    return;
-  const timed t("attention: split keys combined");
+  const timed t(what, flops);
+  PA_LAUNCH(k_attention_mma<Ops>, grid, g.threads, bytes)
+  (a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, prefix_len ? a->k_prefix : nullptr,
+   prefix_len ? a->v_prefix : nullptr, prefix_len, a->prefix_stride, tiles, own ? 1 : 0, part, slots, slot0);
+}
+
+// The shares of the call's rows in part (the call's scratch) into z.
+void combine_attention(const pa_attn_args *a, const attention_shape &sh, int slots, float *part) {
+  const timed t("attention: shares combined");
   const dim3 tiles_heads((unsigned)sh.tiles, (unsigned)a->n_heads);
-  PA_LAUNCH(k_attention_combine, tiles_heads, 128, 0)(a->n_heads, a->head_dim, splits, part, a->z, tile_dev);
+  PA_LAUNCH(k_attention_combine, tiles_heads, 128, 0)(a->n_heads, a->head_dim, slots, part, a->z, tile_dev);
+}
+
+// The tensor cores' attention on the tiles in tile_dev (the sequences',
+// then where packed the prefix's): in one walk over all of each row's
+// keys, split or not, or in the packed prefix's two walks; flops: the
+// call's (the profile's figure), seen_prefix: its part over the prefix.
+template <class Ops>
+void attention_mma(const pa_attn_args *a, const attention_shape &sh, float *part, int which, const char *what,
+                   double flops, double prefix_flops) {
+  packed_last = attention_packed(a, sh);
+  if (!packed_last) {
+    const int splits = attention_splits(a, sh);
+    splits_last = splits;
+    walk_attention_mma<Ops>(a, tile_dev, sh.tiles, a->prefix_len, true, splits, splits > 1 ? part : nullptr, splits, 0,
+                            which, what, flops);
+    if (splits > 1)
+      combine_attention(a, sh, splits, part);
+    return;
+  }
+  const int ps = attention_splits(a, prefix_walk(sh, a->prefix_len)), os = attention_splits(a, own_walk(sh));
+  splits_last = ps + os;
+  char name[sizeof prof_rows[0].name];
+  snprintf(name, sizeof name, "%s: packed prefix", what);
+  walk_attention_mma<Ops>(a, tile_dev + sh.tiles, sh.prefix_tiles, a->prefix_len, false, ps, part, ps + os, 0, which,
+                          name, prefix_flops);
+  snprintf(name, sizeof name, "%s: own keys", what);
+  walk_attention_mma<Ops>(a, tile_dev, sh.tiles, 0, true, os, part, ps + os, ps, which, name, flops - prefix_flops);
+  combine_attention(a, sh, ps + os, part);
 }
 
 void cu_attention(const pa_attn_args *a, float *scratch) {
@@ -1674,14 +1787,15 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
     return;
   const attention_kernel kernel = attention_for(a->head_dim);
   const bool rows_used = kernel == kAttnSimple; // the others, and the new keys' store, take tiles
-  // the tiles, then (for the simple kernel) the rows, staged: no wait
+  const size_t all_tiles = n_tiles + (attention_packed(a, sh) ? sh.prefix_tiles : 0);
+  // the sequences' tiles, a packed prefix's, then (for the simple kernel) the rows, staged: no wait
   tile_desc *host_tiles =
-      (tile_desc *)malloc(n_tiles * sizeof(tile_desc) + (rows_used ? n_rows * sizeof(row_desc) : 0));
+      (tile_desc *)malloc(all_tiles * sizeof(tile_desc) + (rows_used ? n_rows * sizeof(row_desc) : 0));
   if (!host_tiles) {
-    failed("attention: no host memory for %zu tile descriptors", n_tiles);
+    failed("attention: no host memory for %zu tile descriptors", all_tiles);
     return;
   }
-  row_desc *host_rows = (row_desc *)(host_tiles + n_tiles);
+  row_desc *host_rows = (row_desc *)(host_tiles + all_tiles);
   size_t k = 0, t = 0;
   double seen = 0.0; // the keys the rows see, summed: the products' size
   for (int i = 0; i < a->n_seqs; i++) {
@@ -1693,14 +1807,15 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
       host_tiles[t++] =
           tile_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->n - j < kTileQ ? s->n - j : kTileQ, s->row0 + j};
   }
+  if (all_tiles > n_tiles)
+    prefix_tiles_of(a, host_tiles + n_tiles);
   const bool placed =
-      reserve((void **)&tile_dev, &tile_cap, n_tiles * sizeof(tile_desc), "attention: tile descriptors") &&
+      reserve((void **)&tile_dev, &tile_cap, all_tiles * sizeof(tile_desc), "attention: tile descriptors") &&
       (!rows_used || reserve((void **)&desc_dev, &desc_cap, n_rows * sizeof(row_desc), "attention: row descriptors"));
   if (placed) {
-    const timed up("attention: tables uploaded");
-    stage_copy(tile_dev, host_tiles, n_tiles * sizeof(tile_desc), "attention: upload");
+    stage_copy(tile_dev, host_tiles, all_tiles * sizeof(tile_desc), "attention: tables upload");
     if (rows_used)
-      stage_copy(desc_dev, host_rows, n_rows * sizeof(row_desc), "attention: upload");
+      stage_copy(desc_dev, host_rows, n_rows * sizeof(row_desc), "attention: tables upload");
   }
   free(host_tiles);
   if (!placed)
@@ -1712,13 +1827,14 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
     const timed store("attention: new keys into the caches");
     PA_LAUNCH(k_store_new, (unsigned)n_tiles, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, tile_dev);
   }
-  splits_last = attention_splits(a, sh); // the scratch holds its shares (cu_attention_scratch)
-  const double flops = 4.0 * a->n_heads * a->head_dim * seen;
+  // the scratch holds the shares (cu_attention_scratch)
+  const double flops = 4.0 * a->n_heads * a->head_dim * seen,
+               prefix_flops = 4.0 * a->n_heads * a->head_dim * (double)n_rows * a->prefix_len;
+  splits_last = 1, packed_last = false;
   if (kernel == kAttnMma)
-    launch_attention_mma<mma_tf32>(a, sh, splits_last, scratch, kShAttentionMma, "attention (tensor cores)", flops);
+    attention_mma<mma_tf32>(a, sh, scratch, kShAttentionMma, "attention (tensor cores)", flops, prefix_flops);
   else if (kernel == kAttnMmaBf16)
-    launch_attention_mma<mma_bf16>(a, sh, splits_last, scratch, kShAttentionMmaBf16, "attention (tensor cores, bf16)",
-                                   flops);
+    attention_mma<mma_bf16>(a, sh, scratch, kShAttentionMmaBf16, "attention (tensor cores, bf16)", flops, prefix_flops);
   else if (kernel == kAttnTiled) {
     const timed tt("attention (tiled)", flops);
     PA_LAUNCH(k_attention_tiled, dim3((unsigned)n_tiles, (unsigned)a->n_heads), kTiledThreads,
@@ -1751,10 +1867,7 @@ void cu_release(void *p) {
     check(cudaFree(p), "free");
 }
 
-void cu_upload(void *dst, const void *src, size_t bytes) {
-  const timed t("upload");
-  stage_copy(dst, src, bytes, "upload");
-}
+void cu_upload(void *dst, const void *src, size_t bytes) { stage_copy(dst, src, bytes, "upload"); }
 
 void cu_download(void *dst, const void *src, size_t bytes) {
   {
@@ -1873,12 +1986,22 @@ const pa_backend cuda_backend = {
     cu_status,
 };
 
-// PALIGN_CUDA_PROFILE's file ("-": standard error), the table appended to it
-// at exit in one write, so that the ranks of a run sharing the file do not
-// interleave their lines.
+// PALIGN_CUDA_PROFILE's file ("-": standard error; "%p" in it: the
+// process's id), the table appended to it at exit in one write, so that
+// the ranks of a run on one machine sharing the file do not interleave
+// their lines (across machines on a shared file system they may: "%p"
+// gives each its own file).
 char *profile_path;
 
 void profile_at_exit() {
+  char path[4096];
+  size_t at = 0;
+  for (const char *c = profile_path; *c && at < sizeof path - 16; c++)
+    if (c[0] == '%' && c[1] == 'p')
+      at += (size_t)snprintf(path + at, sizeof path - at, "%d", (int)getpid()), c++;
+    else
+      path[at++] = *c;
+  path[at] = '\0';
   char *text = nullptr;
   size_t len = 0;
   FILE *mem = open_memstream(&text, &len);
@@ -1886,9 +2009,9 @@ void profile_at_exit() {
     return;
   pa_cuda_profile_write(mem);
   fclose(mem);
-  const int fd = strcmp(profile_path, "-") ? open(profile_path, O_WRONLY | O_APPEND | O_CREAT, 0644) : 2;
+  const int fd = strcmp(path, "-") ? open(path, O_WRONLY | O_APPEND | O_CREAT, 0644) : 2;
   if (fd < 0 || write(fd, text, len) != (ssize_t)len)
-    fprintf(stderr, "palign: PALIGN_CUDA_PROFILE: cannot write %s: %s\n", profile_path, strerror(errno));
+    fprintf(stderr, "palign: PALIGN_CUDA_PROFILE: cannot write %s: %s\n", path, strerror(errno));
   if (fd > 2)
     close(fd);
   free(text);
@@ -1954,16 +2077,16 @@ void pa_cuda_profile_write(FILE *f) {
   memcpy(sorted, rows, (size_t)n * sizeof *rows);
   std::sort(sorted, sorted + n, by_time);
   double ms = 0.0;
-  unsigned long calls = 0;
+  unsigned long spans = 0;
   for (int r = 0; r < n; r++)
-    ms += sorted[r].ms, calls += sorted[r].calls;
+    ms += sorted[r].ms, spans += sorted[r].spans;
   fprintf(f, "palign: CUDA device time by operation (pid %d, device %d)\n", (int)getpid(), device_used);
-  fprintf(f, "  %.1f ms in %lu operations; idle %.1f ms between them (launches, host work, host waits): busy %.1f%%\n",
-          ms, calls, idle_ms, ms + idle_ms > 0.0 ? 100.0 * ms / (ms + idle_ms) : 0.0);
-  fprintf(f, "  %-44s %9s %12s %7s %9s\n", "operation (products: N x K)", "calls", "ms", "share", "TFLOP/s");
+  fprintf(f, "  %.1f ms in %lu spans; idle %.1f ms between them (the host's work and waits): busy %.1f%%\n", ms, spans,
+          idle_ms, ms + idle_ms > 0.0 ? 100.0 * ms / (ms + idle_ms) : 0.0);
+  fprintf(f, "  %-44s %9s %12s %7s %9s\n", "operation (products: N x K)", "spans", "ms", "share", "TFLOP/s");
   for (int r = 0; r < n; r++) {
     const pa_cuda_profile_row *w = &sorted[r];
-    fprintf(f, "  %-44s %9lu %12.3f %6.1f%%", w->name, w->calls, w->ms, ms > 0.0 ? 100.0 * w->ms / ms : 0.0);
+    fprintf(f, "  %-44s %9lu %12.3f %6.1f%%", w->name, w->spans, w->ms, ms > 0.0 ? 100.0 * w->ms / ms : 0.0);
     const double rate = w->flops > 0.0 && w->ms > 0.0 ? w->flops / (w->ms * 1e-3) * 1e-12 : 0.0;
     if (rate > 0.0)
       fprintf(f, rate >= 10.0 ? " %9.1f" : " %9.3f", rate);
@@ -2066,6 +2189,13 @@ int pa_cuda_attention_splits(int n) {
   const int last = splits_last;
   if (n >= 0)
     splits_asked = n;
+  return last;
+}
+
+int pa_cuda_attention_packing(int mode) {
+  const int last = packed_last ? 1 : 0;
+  if (mode >= 0 && mode <= 2)
+    packing_asked = mode;
   return last;
 }
 
