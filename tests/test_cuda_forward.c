@@ -2,7 +2,8 @@
  * (tu_forward_compare.h): tiny llama and qwen2 models (palign mkmodel), a
  * shared prefix, two sequences (one continuing from its cache), steering and
  * head capture, greedy generation and a pass with a LoRA adapter, with the
- * weights in fp32 and in bf16 on both; the host's waits in a pass; the
+ * weights in fp32 and in bf16 on both (llama's fp32 again with the
+ * attention's shared prefix packed); the host's waits in a pass; the
  * device-time profile's account of a pass's operations. Skips (exit 77)
  * without a device.
  *
@@ -38,6 +39,20 @@ static void test_llama(void **s) {
   (void)s;
   tu_check_forward("llama", pa_backend_cuda(), PA_WEIGHTS_FP32, 1e-4);
   tu_check_forward("llama", pa_backend_cuda(), PA_WEIGHTS_BF16, 2e-3);
+  /* the shared prefix packed wherever there is one (the backend's choice packs only long ones); the profile
+   * says the packed walks ran */
+  pa_cuda_attention_packing(1);
+  assert_int_equal(pa_cuda_profile(1), 0);
+  tu_check_forward("llama", pa_backend_cuda(), PA_WEIGHTS_FP32, 1e-4);
+  const pa_cuda_profile_row *rows;
+  double idle;
+  const int n = pa_cuda_profile_read(&rows, &idle);
+  assert_int_equal(pa_cuda_profile(0), 0);
+  pa_cuda_attention_packing(0);
+  int packed = 0;
+  for (int r = 0; r < n; r++)
+    packed += !strcmp(rows[r].name, "attention (tensor cores): packed prefix") && rows[r].spans > 0;
+  assert_int_equal(packed, 1);
 }
 
 static void test_qwen2(void **s) {
@@ -147,13 +162,13 @@ static void check_table(const pa_cuda_profile_row *rows, int n) {
     fprintf(stderr, "    %s", line);
     if (++lines <= 3)
       continue;
-    char name[48] = "";
-    memcpy(name, line + 2, 44);
-    for (int i = 43; i >= 0 && name[i] == ' '; i--)
+    char name[48] = ""; /* the name's column: 47 characters, as many as a name has */
+    memcpy(name, line + 2, 47);
+    for (int i = 46; i >= 0 && name[i] == ' '; i--)
       name[i] = '\0';
     unsigned long spans;
     double ms, share, rate;
-    const int got = sscanf(line + 46, "%lu %lf %lf%% %lf", &spans, &ms, &share, &rate);
+    const int got = sscanf(line + 49, "%lu %lf %lf%% %lf", &spans, &ms, &share, &rate);
     const pa_cuda_profile_row *r = row_named(rows, n, name);
     assert_true(got >= 3 && spans == r->spans && ms <= last_ms);
     last_ms = ms;

@@ -695,54 +695,6 @@ static void test_attention_bf16(void **s) {
   check_attention(23, 136, 6, 2, "mma_bf16");
 }
 
-/* The tensor cores' kernels with a row's keys split across blocks
- * (pa_cuda_attention_splits), their shares combined after: at
- * check_attention's shapes (with a prefix and without, head_dim 40 and
- * 128, a block with an idle warp) in 2 and 3 shares (tiles of 16 rows whose
- * first rows see no key of the last share: their shares weigh 0) and in as
- * many as a tile has key tiles; and by the backend's own choice on a decoding
- * step, one row after 2,400 keys, 8 heads on 2 kv heads (2 blocks where
- * the device has 132 SMs: 19 shares of its 76 key tiles, 4 each). Combining
- * shares reorders the sums over the keys: the same tolerances. (Last: the
- * other tests draw the same random numbers as before it.) */
-static void test_attention_split(void **s) {
-  (void)s;
-  static const char *const mma[] = {"mma", "mma_bf16"};
-  for (int k = 0; k < 2; k++)
-    for (int n = 2; n <= 4; n++) {
-      pa_cuda_attention_splits(n == 4 ? 1000 : n);
-      check_attention(23, 40, 6, 2, mma[k]);
-      assert_int_equal(pa_cuda_attention_splits(-1), n == 4 ? 3 : n); /* 70 keys: 3 key tiles */
-      check_attention(0, 40, 6, 2, mma[k]);
-      assert_int_equal(pa_cuda_attention_splits(-1), 2); /* 47 keys: 2 key tiles */
-      check_attention(37, 128, 14, 2, mma[k]);
-      assert_int_equal(pa_cuda_attention_splits(0), n == 4 ? 3 : n); /* 84 keys: 3 key tiles */
-      check_attention(37, 128, 14, 2, mma[k]);
-      assert_int_equal(pa_cuda_attention_splits(-1), 1); /* by the backend's choice: too few keys */
-    }
-  enum { P = 2400, H = 8, KV = 2, hd = 64 };
-  float *kp = tu_rand_vec(&rng, (size_t)KV * P * hd), *vp = tu_rand_vec(&rng, (size_t)KV * P * hd);
-  float *q = tu_rand_vec(&rng, (size_t)H * hd), *k = tu_rand_vec(&rng, (size_t)KV * hd);
-  float *v = tu_rand_vec(&rng, (size_t)KV * hd);
-  pa_attn_seq seq = {.row0 = 0, .n = 1, .past = 0, .k_own = k, .v_own = v, .stride = 1};
-  pa_attn_args a = {.n_heads = H,
-                    .n_kv_heads = KV,
-                    .head_dim = hd,
-                    .q = q,
-                    .k_prefix = kp,
-                    .v_prefix = vp,
-                    .prefix_len = P,
-                    .prefix_stride = P,
-                    .seqs = &seq,
-                    .n_seqs = 1};
-  compare_attention(&a, 1, mma, 2, "a decoding step after 2,400 keys", 2e-6, 1e-6);
-  const int used = pa_cuda_attention_splits(-1);
-  fprintf(stderr, "    split in %d shares\n", used);
-  /* 19 with 38 SMs or more (the emulation's 132, an A100's 108, an H100's 114 or 132): at least 4 key tiles each */
-  assert_true(used > 1 && used <= 19);
-  free(kp), free(vp), free(q), free(k), free(v);
-}
-
 /* Attention over a prefix of P keys (P > 0) and n_seqs sequences, sequence i
  * n[i] rows at row0[i] after past[i] cached keys (the rows 0 .. rows - 1
  * all covered), 8 heads on 2 kv heads of head_dim 64, by both tensor-core
@@ -786,17 +738,50 @@ static int check_seqs(int P, int n_seqs, const int *n, const int *past, const in
   return pa_cuda_attention_packing(-1);
 }
 
+/* The tensor cores' kernels with a row's keys split across blocks
+ * (pa_cuda_attention_splits), their shares combined after: at
+ * check_attention's shapes (with a prefix and without, head_dim 40 and
+ * 128, a block with an idle warp) in 2 and 3 shares (tiles of 16 rows whose
+ * first rows see no key of the last share: their shares weigh 0) and in as
+ * many as a tile has key tiles; and by the backend's own choice on a decoding
+ * step, one row after 2,400 keys, 8 heads on 2 kv heads (2 blocks where
+ * the device has 132 SMs: 19 shares of its 76 key tiles, 4 each). Combining
+ * shares reorders the sums over the keys: the same tolerances. */
+static void test_attention_split(void **s) {
+  (void)s;
+  static const char *const mma[] = {"mma", "mma_bf16"};
+  for (int k = 0; k < 2; k++)
+    for (int n = 2; n <= 4; n++) {
+      pa_cuda_attention_splits(n == 4 ? 1000 : n);
+      check_attention(23, 40, 6, 2, mma[k]);
+      assert_int_equal(pa_cuda_attention_splits(-1), n == 4 ? 3 : n); /* 70 keys: 3 key tiles */
+      check_attention(0, 40, 6, 2, mma[k]);
+      assert_int_equal(pa_cuda_attention_splits(-1), 2); /* 47 keys: 2 key tiles */
+      check_attention(37, 128, 14, 2, mma[k]);
+      assert_int_equal(pa_cuda_attention_splits(0), n == 4 ? 3 : n); /* 84 keys: 3 key tiles */
+      check_attention(37, 128, 14, 2, mma[k]);
+      assert_int_equal(pa_cuda_attention_splits(-1), 1); /* by the backend's choice: too few keys */
+    }
+  static const int one[] = {1}, none[] = {0};
+  check_seqs(2400, 1, one, none, none, "a decoding step after 2,400 keys");
+  const int used = pa_cuda_attention_splits(-1);
+  fprintf(stderr, "    split in %d shares\n", used);
+  /* 19 with 38 SMs or more (the emulation's 132, an A100's 108, an H100's 114 or 132): at least 4 key tiles each */
+  assert_true(used > 1 && used <= 19);
+}
+
 /* The packed prefix (pa_cuda_attention_packing): a decoding step of 40
  * sequences after a 600-token prefix (one row each, 1 to 22 keys of their
- * own), which the backend packs by itself (3 tiles walk the prefix where
- * 40 would) and whose prefix walk it splits (6 blocks), and never packed
- * as asked (after 100 keys); sequences of 1 to 33 rows, one of none,
- * placed out of order (the runs of consecutive rows break where the order
- * does), packed as asked after a 70-token prefix, in one share a walk and
- * split in 2 and 3 (the two walks' shares side by side); check_attention's
- * shapes packed as asked, and not packed by the backend's choice (6 tiles,
- * 4 of them walking the prefix packed). Combining reorders the sums over
- * the keys: the same tolerances. */
+ * own), which the backend packs by itself (3 tiles walk the prefix where 40
+ * would) and whose prefix walk it splits (6 blocks), and never packed as
+ * asked (after 100 keys); two one-row sequences, packed by the backend's
+ * choice after 128 keys (1 tile for 2, 4 key tiles) and not after 127;
+ * seven sequences of 0 to 34 rows placed out of order (the runs of
+ * consecutive rows break where the order does), packed as asked after a
+ * 70-token prefix, in one share a walk and split in 2 and 3 (the two walks'
+ * shares side by side); check_attention's shapes packed as asked, and not
+ * packed by the backend's choice (6 tiles, 4 of them walking the prefix
+ * packed). Combining reorders the sums over the keys: the same tolerances. */
 static void test_attention_packed(void **s) {
   (void)s;
   enum { D = 40 };
@@ -809,6 +794,9 @@ static void test_attention_packed(void **s) {
   assert_int_equal(pa_cuda_attention_splits(-1), 4 + 1);
   pa_cuda_attention_packing(2);
   assert_int_equal(check_seqs(100, D, n, past, row0, "a decoding step of 40 sequences, never packed"), 0);
+  pa_cuda_attention_packing(0);
+  assert_int_equal(check_seqs(128, 2, n, past, row0, "two sequences after 128 keys"), 1);
+  assert_int_equal(check_seqs(127, 2, n, past, row0, "two sequences after 127 keys"), 0);
 
   /* rows 20-53, 0-2, 3-19, none, 54-55, 56, 57-61: runs [20, 54), [0, 20), [54, 62) */
   static const int mn[] = {34, 3, 17, 0, 2, 1, 5}, mpast[] = {0, 9, 31, 4, 0, 17, 2},

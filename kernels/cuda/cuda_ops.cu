@@ -563,7 +563,9 @@ constexpr int kRowThreads = kTiledThreads / kTileQ;  // threads per query row in
 constexpr int kDimsPerThread = kTiledMaxHd / kRowThreads; // output dimensions per thread: 16
 
 // Up to kTileQ consecutive query rows of one sequence: row first + i has
-// n_own0 + i own keys (its past, then its sequence up to itself).
+// n_own0 + i own keys (its past, then its sequence up to itself). A packed
+// prefix's tile (k_attention_mma with own = 0) holds consecutive rows of
+// any sequences, n_own0 0, k_own and v_own the prefix's (never read).
 struct tile_desc {
   float *k_own, *v_own;
   int stride; // positions per kv head in k_own / v_own
@@ -1677,8 +1679,11 @@ int attention_splits(const pa_attn_args *a, const attention_shape &sh) {
 // the prefix alone (12 tiles there), while the sequences' own tiles walk
 // their own keys alone; k_attention_combine merges the two walks' shares
 // (the prefix's first) as it merges split keys. Done with the tensor
-// cores' kernel where it at least halves the tiles walking the prefix;
-// pa_cuda_attention_packing asks for always or never instead.
+// cores' kernel where it at least halves the tiles walking the prefix and
+// the prefix has kMinSplitTiles key tiles or more (below that, the second
+// walk, the combining and the shares' round trip through memory cost more
+// than the key tiles saved); pa_cuda_attention_packing asks for always or
+// never instead.
 int packing_asked = 0; // 0: by the rule above; 1: wherever there is a prefix; 2: never
 bool packed_last;      // whether the last call packed
 
@@ -1686,7 +1691,7 @@ bool attention_packed(const pa_attn_args *a, const attention_shape &sh) {
   const attention_kernel kernel = attention_for(a->head_dim);
   if (!sh.rows || a->prefix_len <= 0 || (kernel != kAttnMma && kernel != kAttnMmaBf16) || packing_asked == 2)
     return false;
-  return packing_asked == 1 || sh.prefix_tiles * 2 <= sh.tiles;
+  return packing_asked == 1 || (a->prefix_len >= kMinSplitTiles * kTileK && sh.prefix_tiles * 2 <= sh.tiles);
 }
 
 // The two walks of a packed call: the prefix's tiles over the prefix, the
@@ -1725,23 +1730,25 @@ bool reserve(void **buf, size_t *cap, size_t bytes, const char *what) {
   return true;
 }
 
-// One walk of k_attention_mma<Ops> over n_tiles tiles: their rows see the
-// prefix's first prefix_len keys, and (own) their own; in `splits` shares
-// written into part as shares slot0 on of `slots` (part null: z itself).
-// which: its shared_set entry; what: its name in a message and the
-// profile's.
+// One walk of k_attention_mma<Ops> over n_tiles tiles (at least one):
+// their rows see the prefix's first prefix_len keys, and (own) their own;
+// in `splits` shares written into part as shares slot0 on of `slots` (part
+// null: z itself). which: its shared_set entry; what: its name in a
+// message and the profile's. False where the kernel cannot start (the
+// failure kept for status()).
 template <class Ops>
-void walk_attention_mma(const pa_attn_args *a, const tile_desc *tiles, size_t n_tiles, int prefix_len, bool own,
+bool walk_attention_mma(const pa_attn_args *a, const tile_desc *tiles, size_t n_tiles, int prefix_len, bool own,
                         int splits, float *part, int slots, int slot0, int which, const char *what, double flops) {
   const mma_grid g = mma_grid_of(a);
   const size_t bytes = mma_shared_bytes<Ops>(a->head_dim, g.threads / 32);
   const dim3 grid((unsigned)n_tiles, (unsigned)g.blocks_per_tile, (unsigned)splits);
-  if (!n_tiles || !shared_for((const void *)k_attention_mma<Ops>, which, bytes, what, 0))
-    return;
+  if (!shared_for((const void *)k_attention_mma<Ops>, which, bytes, what, 0))
+    return false;
   const timed t(what, flops);
   PA_LAUNCH(k_attention_mma<Ops>, grid, g.threads, bytes)
   (a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, prefix_len ? a->k_prefix : nullptr,
    prefix_len ? a->v_prefix : nullptr, prefix_len, a->prefix_stride, tiles, own ? 1 : 0, part, slots, slot0);
+  return true;
 }
 
 // The shares of the call's rows in part (the call's scratch) into z.
@@ -1754,7 +1761,7 @@ void combine_attention(const pa_attn_args *a, const attention_shape &sh, int slo
 // The tensor cores' attention on the tiles in tile_dev (the sequences',
 // then where packed the prefix's): in one walk over all of each row's
 // keys, split or not, or in the packed prefix's two walks; flops: the
-// call's (the profile's figure), seen_prefix: its part over the prefix.
+// call's (the profile's figure), prefix_flops: its part over the prefix.
 template <class Ops>
 void attention_mma(const pa_attn_args *a, const attention_shape &sh, float *part, int which, const char *what,
                    double flops, double prefix_flops) {
@@ -1762,9 +1769,9 @@ void attention_mma(const pa_attn_args *a, const attention_shape &sh, float *part
   if (!packed_last) {
     const int splits = attention_splits(a, sh);
     splits_last = splits;
-    walk_attention_mma<Ops>(a, tile_dev, sh.tiles, a->prefix_len, true, splits, splits > 1 ? part : nullptr, splits, 0,
-                            which, what, flops);
-    if (splits > 1)
+    if (walk_attention_mma<Ops>(a, tile_dev, sh.tiles, a->prefix_len, true, splits, splits > 1 ? part : nullptr, splits,
+                                0, which, what, flops) &&
+        splits > 1)
       combine_attention(a, sh, splits, part);
     return;
   }
@@ -1772,11 +1779,12 @@ void attention_mma(const pa_attn_args *a, const attention_shape &sh, float *part
   splits_last = ps + os;
   char name[sizeof prof_rows[0].name];
   snprintf(name, sizeof name, "%s: packed prefix", what);
-  walk_attention_mma<Ops>(a, tile_dev + sh.tiles, sh.prefix_tiles, a->prefix_len, false, ps, part, ps + os, 0, which,
-                          name, prefix_flops);
+  if (!walk_attention_mma<Ops>(a, tile_dev + sh.tiles, sh.prefix_tiles, a->prefix_len, false, ps, part, ps + os, 0,
+                               which, name, prefix_flops))
+    return;
   snprintf(name, sizeof name, "%s: own keys", what);
-  walk_attention_mma<Ops>(a, tile_dev, sh.tiles, 0, true, os, part, ps + os, ps, which, name, flops - prefix_flops);
-  combine_attention(a, sh, ps + os, part);
+  if (walk_attention_mma<Ops>(a, tile_dev, sh.tiles, 0, true, os, part, ps + os, ps, which, name, flops - prefix_flops))
+    combine_attention(a, sh, ps + os, part);
 }
 
 void cu_attention(const pa_attn_args *a, float *scratch) {
@@ -2083,10 +2091,10 @@ void pa_cuda_profile_write(FILE *f) {
   fprintf(f, "palign: CUDA device time by operation (pid %d, device %d)\n", (int)getpid(), device_used);
   fprintf(f, "  %.1f ms in %lu spans; idle %.1f ms between them (the host's work and waits): busy %.1f%%\n", ms, spans,
           idle_ms, ms + idle_ms > 0.0 ? 100.0 * ms / (ms + idle_ms) : 0.0);
-  fprintf(f, "  %-44s %9s %12s %7s %9s\n", "operation (products: N x K)", "spans", "ms", "share", "TFLOP/s");
+  fprintf(f, "  %-47s %9s %12s %7s %9s\n", "operation (products: N x K)", "spans", "ms", "share", "TFLOP/s");
   for (int r = 0; r < n; r++) {
     const pa_cuda_profile_row *w = &sorted[r];
-    fprintf(f, "  %-44s %9lu %12.3f %6.1f%%", w->name, w->spans, w->ms, ms > 0.0 ? 100.0 * w->ms / ms : 0.0);
+    fprintf(f, "  %-47s %9lu %12.3f %6.1f%%", w->name, w->spans, w->ms, ms > 0.0 ? 100.0 * w->ms / ms : 0.0);
     const double rate = w->flops > 0.0 && w->ms > 0.0 ? w->flops / (w->ms * 1e-3) * 1e-12 : 0.0;
     if (rate > 0.0)
       fprintf(f, rate >= 10.0 ? " %9.1f" : " %9.3f", rate);
