@@ -61,21 +61,29 @@ static void test_qwen2(void **s) {
   tu_check_forward("qwen2", pa_backend_cuda(), PA_WEIGHTS_BF16, 2e-3);
 }
 
+/* A random model of n_layers (mkmodel's shape otherwise) written as NAME in
+ * the tests' folder and opened on the CUDA backend with bf16 weights. */
+static void open_model(const char *name, int n_layers, uint64_t seed, int max_seq, pa_model **m, pa_lm **lm) {
+  char path[300];
+  pa_mkmodel_opts o = pa_mkmodel_defaults();
+  o.n_layers = n_layers, o.seed = seed, o.force = true;
+  snprintf(path, sizeof path, "%s/%s", tu_tmp, name);
+  if (pa_mkmodel_write_gguf(&o, path) || pa_model_open(path, m) ||
+      pa_lm_create(*m, &(pa_lm_opts){.max_seq = max_seq, .backend = pa_backend_cuda(), .weights = PA_WEIGHTS_BF16}, lm))
+    fail_msg("%s", pa_errmsg());
+}
+
 /* The waits for the device in one forward pass of a model of n_layers: a
  * pass over a prefix (nothing downloaded: its status only) in *fill, and a
  * pass of two sequences with steering, head capture and logits (two
  * downloads and the status) in *batch; each measured on a second pass, the
  * first having grown the buffers. */
 static void count_waits(int n_layers, unsigned long *fill, unsigned long *batch) {
-  char path[300];
-  pa_mkmodel_opts o = pa_mkmodel_defaults();
-  o.n_layers = n_layers, o.seed = 5, o.force = true;
-  snprintf(path, sizeof path, "%s/waits-%d.gguf", tu_tmp, n_layers);
+  char name[64];
+  snprintf(name, sizeof name, "waits-%d.gguf", n_layers);
   pa_model *m;
   pa_lm *lm;
-  if (pa_mkmodel_write_gguf(&o, path) || pa_model_open(path, &m) ||
-      pa_lm_create(m, &(pa_lm_opts){.max_seq = 128, .backend = pa_backend_cuda(), .weights = PA_WEIGHTS_BF16}, &lm))
-    fail_msg("%s", pa_errmsg());
+  open_model(name, n_layers, 5, 128, &m, &lm);
   const pa_model_config *c = pa_lm_config(lm);
   const size_t V = (size_t)c->vocab_size, Hs = (size_t)c->n_layers * c->n_heads * c->head_dim;
   float *logits = calloc(2 * V, sizeof *logits), *heads = calloc(2 * Hs, sizeof *heads),
@@ -201,15 +209,9 @@ static void check_table(const pa_cuda_profile_row *rows, int n) {
  * two key tiles), the fp32 products' rows and the shares' combining. */
 static void test_profile(void **s) {
   (void)s;
-  char path[300];
-  pa_mkmodel_opts o = pa_mkmodel_defaults();
-  o.n_layers = 6, o.seed = 9, o.force = true;
-  snprintf(path, sizeof path, "%s/profile.gguf", tu_tmp);
   pa_model *m;
   pa_lm *lm;
-  if (pa_mkmodel_write_gguf(&o, path) || pa_model_open(path, &m) ||
-      pa_lm_create(m, &(pa_lm_opts){.max_seq = 64, .backend = pa_backend_cuda(), .weights = PA_WEIGHTS_BF16}, &lm))
-    fail_msg("%s", pa_errmsg());
+  open_model("profile.gguf", 6, 9, 64, &m, &lm);
   const pa_model_config *c = pa_lm_config(lm);
   const int L = c->n_layers, D = c->dim, H = c->n_heads, hd = c->head_dim, F = c->ffn_dim, V = c->vocab_size;
   const int qd = H * hd, kd = c->n_kv_heads * hd;

@@ -26,7 +26,8 @@
 #      naming the variable; a kernel it names runs, and so does an empty one.
 #   6. PALIGN_CUDA_PROFILE: each process appends its table of the device's
 #      time by operation to the file it names at exit; one that cannot be
-#      written is a message, and the run's own result stands.
+#      written is a message, and the run's own result stands; a name too
+#      long is refused before the run.
 # KEEP=1 keeps the scratch directory (its path printed) for a look after.
 # Exit 0 when every check passed, 1 otherwise, 77 (skipped) without mpirun,
 # the PAPI data or the emulated module.
@@ -155,4 +156,11 @@ PALIGN_CUDA_PROFILE=$S/no/such/dir/p.txt "$BUILD/palign" generate --model "$S/m.
   --backend cuda >"$S/unwritable.log" 2>&1 || fail "an unwritable PALIGN_CUDA_PROFILE failed the run: $(cat "$S/unwritable.log")"
 grep -q "PALIGN_CUDA_PROFILE: cannot write $S/no/such/dir/p.txt" "$S/unwritable.log" ||
   fail "an unwritable PALIGN_CUDA_PROFILE: $(cat "$S/unwritable.log")"
+long=$(printf "$S/%04000d" 0)
+if PALIGN_CUDA_PROFILE=$long "$BUILD/palign" generate --model "$S/m.gguf" --prompt Hi --max-tokens 2 --backend cuda \
+  >"$S/long.log" 2>&1; then
+  fail "a PALIGN_CUDA_PROFILE too long to write ran"
+fi
+grep -q "PALIGN_CUDA_PROFILE: a name of .* characters (at most 4000)" "$S/long.log" ||
+  fail "a PALIGN_CUDA_PROFILE too long: $(cat "$S/long.log")"
 echo "test_cuda_service_emu: passed"

@@ -2001,10 +2001,12 @@ const pa_backend cuda_backend = {
 // gives each its own file).
 char *profile_path;
 
+constexpr size_t kProfilePathMax = 4000; // characters of PALIGN_CUDA_PROFILE: room for the pids of its "%p"s
+
 void profile_at_exit() {
-  char path[4096];
+  char path[2 * kProfilePathMax + 16];
   size_t at = 0;
-  for (const char *c = profile_path; *c && at < sizeof path - 16; c++)
+  for (const char *c = profile_path; *c; c++)
     if (c[0] == '%' && c[1] == 'p')
       at += (size_t)snprintf(path + at, sizeof path - at, "%d", (int)getpid()), c++;
     else
@@ -2013,8 +2015,10 @@ void profile_at_exit() {
   char *text = nullptr;
   size_t len = 0;
   FILE *mem = open_memstream(&text, &len);
-  if (!mem)
+  if (!mem) {
+    fprintf(stderr, "palign: PALIGN_CUDA_PROFILE: no memory for the table: %s\n", strerror(errno));
     return;
+  }
   pa_cuda_profile_write(mem);
   fclose(mem);
   const int fd = strcmp(path, "-") ? open(path, O_WRONLY | O_APPEND | O_CREAT, 0644) : 2;
@@ -2030,6 +2034,11 @@ int profile_from_env() {
   const char *path = getenv("PALIGN_CUDA_PROFILE");
   if (!path || !*path || profile_path)
     return 0;
+  if (strlen(path) > kProfilePathMax) {
+    snprintf(last_error, sizeof last_error, "PALIGN_CUDA_PROFILE: a name of %zu characters (at most %zu)", strlen(path),
+             kProfilePathMax);
+    return -1;
+  }
   if (pa_cuda_profile(1) != 0)
     return -1;
   if (!(profile_path = strdup(path)) || atexit(profile_at_exit) != 0) {
