@@ -501,7 +501,7 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
     be->upload(s->ids, s->ids_h, (size_t)rows * sizeof *s->ids);
     be->upload(s->pos, s->pos_h, (size_t)rows * sizeof *s->pos);
   }
-  if (b->heads && !be->host_memory) { /* the rows whose heads are captured */
+  if ((b->heads || b->logits) && !be->host_memory) { /* each sequence's last row: its heads and logits */
     for (int i = 0; i < b->n_seqs; i++)
       s->last_row_h[i] = s->aseq[i].row0 + s->aseq[i].n - 1;
     be->upload(s->last_row, s->last_row_h, (size_t)b->n_seqs * sizeof *s->last_row);
@@ -597,9 +597,14 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
   for (int i = 0; i < b->n_seqs; i++)
     b->seqs[i].kv->len += b->seqs[i].n_tokens;
   if (b->logits) {
-    for (int i = 0; i < b->n_seqs; i++) {
-      const int last = s->aseq[i].row0 + s->aseq[i].n - 1;
-      be->rmsnorm(1, D, s->x + (size_t)last * D, lm->w.out_norm, c->norm_eps, s->last + (size_t)i * D);
+    if (be->host_memory)
+      for (int i = 0; i < b->n_seqs; i++) {
+        const int last = s->aseq[i].row0 + s->aseq[i].n - 1;
+        be->rmsnorm(1, D, s->x + (size_t)last * D, lm->w.out_norm, c->norm_eps, s->last + (size_t)i * D);
+      }
+    else { /* on a device, the last rows gathered (into xb, free by now) and normed in two calls, not one a sequence */
+      be->embed(b->n_seqs, D, s->last_row, s->x, s->xb);
+      be->rmsnorm(b->n_seqs, D, s->xb, lm->w.out_norm, c->norm_eps, s->last);
     }
     const int N = b->logit_ids ? b->n_logit_ids : c->vocab_size;
     float *logits = be->host_memory ? b->logits : s->logits;

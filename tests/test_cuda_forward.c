@@ -252,11 +252,11 @@ static void test_profile(void **s) {
   /* keys seen: the prefix 1 + ... + 20; a: 4 x 20 + 1 + ... + 4; b: 17 x 20 + 1 + ... + 17 */
   expect_row(rows, n, "attention (tensor cores)", 2ul * L, 4.0 * H * hd * L * (210 + 90 + 493));
   expect_row(rows, n, "attention: new keys into the caches", 2ul * L, 0);
-  expect_row(rows, n, "rmsnorm", 4ul * L + 2, 0);
+  expect_row(rows, n, "rmsnorm", 4ul * L + 1, 0); /* the batch's two last rows in one call */
   expect_row(rows, n, "rope", 4ul * L, 0);
   expect_row(rows, n, "swiglu", 2ul * L, 0);
   expect_row(rows, n, "add_bias", (unsigned long)L, 0); /* the steering */
-  expect_row(rows, n, "embed", (unsigned long)L, 0);    /* the heads' last rows gathered */
+  expect_row(rows, n, "embed", L + 1ul, 0); /* the last rows gathered: the heads' a layer, then for the logits */
   expect_row(rows, n, "embed bf16", 2, 0);
   expect_row(rows, n, "download", 2, 0); /* heads and logits */
   /* uploads: a span a chunk of the staging ring (a copy may straddle two) */
@@ -283,7 +283,7 @@ static void test_profile(void **s) {
   assert_int_equal(pa_cuda_profile_read(&rows, &idle), n);
   if (idle < idle_before + 20)
     fail_msg("idle %.3f ms, then %.3f ms after 20 ms of nothing queued", idle_before, idle);
-  expect_row(rows, n, "rmsnorm", 6ul * L + 2, 0);
+  expect_row(rows, n, "rmsnorm", 6ul * L + 1, 0);
   expect_product(rows, n, "bf16", D, F, 3ul * L, L * (M + 20)); /* the last in a pass: in the pool when it stopped */
   expect_row(rows, n, "attention (tensor cores)", 3ul * L, 4.0 * H * hd * L * (2 * 210 + 90 + 493));
 
