@@ -27,7 +27,14 @@
  *     split (pa_cuda_attention_splits), and on the 180 items' decoding step
  *     and PAS's pass, the prefix packed against walked by each item's tiles
  *     (pa_cuda_attention_packing), and the step packed with each walk in
- *     two shares.
+ *     up to 1, 2, 3, 4, 6 and 8 shares;
+ *  4. the memory's rate as a device-to-device copy of 1 GiB reaches it
+ *     (bytes read and written), and the backend's row operations on the
+ *     rows of that pass of PAS's grid (12,600 of the layer's: rmsnorm,
+ *     RoPE on q, SwiGLU, the residual add, and the bf16 rounding of the
+ *     down projection's x), timed by the device-time profile: their bytes'
+ *     rate (the least they must move, cuda_backend.h) as a share of the
+ *     copy's, which says how near to the memory's rate each runs.
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
  * a device. */
 #include "backend.h"
@@ -141,6 +148,67 @@ static double layer_products(const pa_backend *be, bool bf16, int T, double peak
          secs * 1e3, flops / secs / 1e12, 100 * flops / secs / 1e12 / peak);
   cudaFree(x), cudaFree(y), cudaFree(w);
   return secs;
+}
+
+/* The memory's rate as a device-to-device copy of bytes reaches it: GB/s, counting what it reads and writes. */
+static double copy_rate(size_t bytes, int reps) {
+  void *a = dev_zero(bytes), *b = dev_zero(bytes);
+  cudaEvent_t t0, t1;
+  CHECK(cudaEventCreate(&t0));
+  CHECK(cudaEventCreate(&t1));
+  for (int r = -2; r < reps; r++) {
+    if (r == 0)
+      CHECK(cudaEventRecord(t0, 0));
+    CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0));
+  }
+  CHECK(cudaEventRecord(t1, 0));
+  const double s = ms_between(t0, t1) / 1e3 / reps;
+  cudaFree(a), cudaFree(b);
+  return 2.0 * bytes / s / 1e9;
+}
+
+/* The backend's row operations on `rows` rows of a Llama-3-8B layer, each
+ * run `reps` times after one warm-up under the device-time profile: a line each
+ * with its time a call, its bytes' rate and that rate as a share of
+ * copy_gbs; the rates into gbs[] in the order of kRowOps. */
+enum { N_ROW_OPS = 5 };
+static const char *const kRowOps[N_ROW_OPS] = {"rmsnorm", "rope", "swiglu", "add", "bf16 rounding of x (products)"};
+static const char *const kRowOpKeys[N_ROW_OPS] = {"rmsnorm", "rope", "swiglu", "add", "round_bf16"};
+
+static void row_ops(const pa_backend *be, int rows, double copy_gbs, int reps, double gbs[N_ROW_OPS]) {
+  const int D = 4096, F = 14336, H = 32, hd = 128;
+  float *x = dev_zero((size_t)rows * F * 4), *y = dev_zero((size_t)rows * F * 4);
+  float *w = dev_zero((size_t)F * 4), *tab = dev_zero((size_t)hd / 2 * 4); /* position 0's cos and sin row */
+  int32_t *pos = dev_zero((size_t)rows * 4);
+  void *w16 = dev_zero((size_t)16 * F * 2);
+  for (int r = -1; r < reps; r++) {
+    if (r == 0 && pa_cuda_profile(1) != 0) {
+      fprintf(stderr, "bench_cuda: profile: %s\n", pa_cuda_error());
+      exit(1);
+    }
+    be->rmsnorm(rows, D, x, w, 1e-5f, y);
+    be->rope(rows, H, hd, pos, tab, tab, y);
+    be->swiglu(rows, F, y, x);
+    be->add(rows, D, x, y);
+    be->matmul_bf16(rows, 16, F, x, w16, 0.0f, y); /* its x rounded: the down projection's, rows x F */
+  }
+  const pa_cuda_profile_row *prof;
+  double idle;
+  const int n = pa_cuda_profile_read(&prof, &idle);
+  if (n < 0 || pa_cuda_profile(0) != 0) {
+    fprintf(stderr, "bench_cuda: profile: %s\n", pa_cuda_error());
+    exit(1);
+  }
+  for (int k = 0; k < N_ROW_OPS; k++) {
+    gbs[k] = 0;
+    for (int r = 0; r < n; r++)
+      if (!strcmp(prof[r].name, kRowOps[k]) && prof[r].ms > 0) {
+        gbs[k] = prof[r].bytes / (prof[r].ms * 1e-3) / 1e9;
+        printf("%s on %d rows: %.3f ms a call, %.0f GB/s, %.0f%% of the copy's\n", kRowOps[k], rows,
+               prof[r].ms / prof[r].spans, gbs[k], 100 * gbs[k] / copy_gbs);
+      }
+  }
+  cudaFree(x), cudaFree(y), cudaFree(w), cudaFree(tab), cudaFree(pos), cudaFree(w16);
 }
 
 int main(int argc, char **argv) {
@@ -273,16 +341,23 @@ int main(int argc, char **argv) {
   }
   /* the 180 items' shared prefix: packed or walked by each item's tiles, on their decoding step (packed by the
    * backend's choice, as timed above) and on PAS's pass (not packed by its choice: 5 tiles an item, 4 full) */
-  double other[3][N_KERNELS] = {{0}};
+  double other[2][N_KERNELS] = {{0}};
+  /* the decoding step's packed prefix walk makes 12 tiles x 8 kv heads' blocks, fewer than an H100's 132 SMs,
+   * which the backend's rule leaves unsplit: the step packed with each walk in 1 to 8 shares, for the rule to
+   * weigh the idle SMs against the shares' combining */
+  enum { N_SWEEP = 6 };
+  static const int sweep_shares[N_SWEEP] = {1, 2, 3, 4, 6, 8};
+  double sweep[N_SWEEP][N_KERNELS] = {{0}};
   for (int kk = MMA; kk < N_KERNELS; kk++) {
     pa_cuda_attention_kernel(kernel[kk]);
     pa_cuda_attention_packing(packed ? 2 : 1);
     other[0][kk] = time_attention(be, &shape[DECODE180].a, t0, t1);
     pa_cuda_attention_packing(1);
     other[1][kk] = time_attention(be, &shape[PAS].a, t0, t1);
-    /* the decoding step's packed prefix walk makes 12 tiles x 8 kv heads' blocks: fewer than 132 SMs, unsplit */
-    pa_cuda_attention_splits(2);
-    other[2][kk] = time_attention(be, &shape[DECODE180].a, t0, t1);
+    for (int n = 0; n < N_SWEEP; n++) {
+      pa_cuda_attention_splits(sweep_shares[n]);
+      sweep[n][kk] = time_attention(be, &shape[DECODE180].a, t0, t1);
+    }
     pa_cuda_attention_splits(0);
     pa_cuda_attention_packing(0);
     printf("attention (%s) %s: the prefix %s %.3f ms, %s %.3f ms (%.2fx)\n", kernel[kk], shape[DECODE180].name,
@@ -290,11 +365,20 @@ int main(int argc, char **argv) {
            packed ? "walked by each item's tile" : "packed", other[0][kk] * 1e3, other[0][kk] / att[DECODE180][kk]);
     printf("attention (%s) %s: the prefix walked by each item's tiles %.3f ms, packed %.3f ms (%.2fx)\n", kernel[kk],
            shape[PAS].name, att[PAS][kk] * 1e3, other[1][kk] * 1e3, other[1][kk] / att[PAS][kk]);
-    printf("attention (%s) %s: the prefix packed, each walk in 2 shares %.3f ms (%.2fx the time above)\n", kernel[kk],
-           shape[DECODE180].name, other[2][kk] * 1e3, other[2][kk] / att[DECODE180][kk]);
+    for (int n = 0; n < N_SWEEP; n++)
+      printf("attention (%s) %s: the prefix packed, each walk in up to %d share(s) %.3f ms (%.2fx with "
+             "the rule's shares)\n",
+             kernel[kk], shape[DECODE180].name, sweep_shares[n], sweep[n][kk] * 1e3,
+             sweep[n][kk] / (packed ? att[DECODE180][kk] : other[0][kk]));
   }
   pa_cuda_attention_kernel("mma");
   free(items), free(steps);
+
+  /* the memory's rate, and the row operations on PAS's pass against it */
+  const double copy_gbs = copy_rate((size_t)1 << 30, 10);
+  printf("device-to-device copy of 1 GiB: %.0f GB/s (read and written)\n", copy_gbs);
+  double row_gbs[N_ROW_OPS];
+  row_ops(be, (int)rows, copy_gbs, 5, row_gbs);
   if (pa_cuda_error()[0]) {
     fprintf(stderr, "bench_cuda: %s\n", pa_cuda_error());
     return 1;
@@ -313,12 +397,16 @@ int main(int argc, char **argv) {
       for (int kk = MMA; kk < N_KERNELS; kk++)
         fprintf(f, ", \"attention_decode1_%s_unsplit_ms\": %.4f", kernel[kk], whole[kk] * 1e3);
       fprintf(f, ", \"decode180_packed\": %d", packed);
-      for (int kk = MMA; kk < N_KERNELS; kk++)
-        fprintf(f,
-                ", \"attention_decode180_%s_%s_ms\": %.4f, \"attention_pas_%s_packed_ms\": %.4f, "
-                "\"attention_decode180_%s_packed_2_shares_ms\": %.4f",
-                kernel[kk], packed ? "unpacked" : "packed", other[0][kk] * 1e3, kernel[kk], other[1][kk] * 1e3,
-                kernel[kk], other[2][kk] * 1e3);
+      for (int kk = MMA; kk < N_KERNELS; kk++) {
+        fprintf(f, ", \"attention_decode180_%s_%s_ms\": %.4f, \"attention_pas_%s_packed_ms\": %.4f", kernel[kk],
+                packed ? "unpacked" : "packed", other[0][kk] * 1e3, kernel[kk], other[1][kk] * 1e3);
+        for (int n = 0; n < N_SWEEP; n++)
+          fprintf(f, ", \"attention_decode180_%s_packed_%d_shares_ms\": %.4f", kernel[kk], sweep_shares[n],
+                  sweep[n][kk] * 1e3);
+      }
+      fprintf(f, ", \"copy_gbs\": %.1f", copy_gbs);
+      for (int op = 0; op < N_ROW_OPS; op++)
+        fprintf(f, ", \"%s_gbs\": %.1f", kRowOpKeys[op], row_gbs[op]);
       fprintf(f, "}\n");
       fclose(f);
     }

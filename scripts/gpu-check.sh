@@ -14,7 +14,9 @@
 #                           cuBLAS, the backend's products of a Llama-3-8B
 #                           layer (fp32 and bf16 weights) and its attention
 #                           kernels on a 1,024-token prefill, on a pass of
-#                           PAS's grid and on two decoding steps
+#                           PAS's grid and on two decoding steps; the
+#                           memory's copy rate and the row operations'
+#                           rates against it
 #   forward-8b4.txt,        bench/bench_forward --backend cuda --quick on a
 #   forward-8b4-fp32.txt    generated model of Llama-3-8B's layer shape with 4
 #                           of its 32 layers (random weights), with bf16

@@ -27,7 +27,8 @@
 #   6. PALIGN_CUDA_PROFILE: each process appends its table of the device's
 #      time by operation to the file it names at exit; one that cannot be
 #      written is a message, and the run's own result stands; a name too
-#      long is refused before the run.
+#      long is refused before the run; each worker of 1. gave its NCCL
+#      all-gather a row, with the rate of what it received.
 # KEEP=1 keeps the scratch directory (its path printed) for a look after.
 # Exit 0 when every check passed, 1 otherwise, 77 (skipped) without mpirun,
 # the PAPI data or the emulated module.
@@ -60,16 +61,19 @@ mkdir -p "$PALIGN_CACHE"
   >"$S/mkmodel.log" 2>&1 || fail "mkmodel: $(cat "$S/mkmodel.log")"
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" PALIGN_CUDA_MODULE=$MODULE
 export TMPDIR=$S # NCCL's emulation keeps its groups there
+export PALIGN_CUDA_PROFILE= # empty: as unset (6. sets it for the first service)
 # the service on WORKERS workers over DEVICES emulated devices: worker WORKERS DEVICES LOG ARGS...
 worker() {
   local workers=$1 devices=$2 log=$3
   shift 3
   PALIGN_EMU_DEVICES=$devices mpirun --allow-run-as-root --oversubscribe -np $((workers + 1)) \
     -x PALIGN_CUDA_MODULE -x PALIGN_EMU_DEVICES -x PALIGN_NCCL -x PALIGN_CACHE -x ASAN_OPTIONS -x TMPDIR \
+    -x PALIGN_CUDA_PROFILE \
     "$BUILD/palign-worker" --model "$S/m.gguf" --papi "$PAPI" --subjects 1 --threads 1 "$@" >"$log" 2>&1 ||
     fail "palign-worker $*: $(tail -20 "$log")"
 }
-worker 3 3 "$S/worker.log" --store "$S/store" --methods none,pas_only --alphas 0,4 --backend cuda
+PALIGN_CUDA_PROFILE=$S/service-profile-%p.txt worker 3 3 "$S/worker.log" --store "$S/store" \
+  --methods none,pas_only --alphas 0,4 --backend cuda
 grep -q "computed by 3 worker(s) .*gathered over NCCL" "$S/worker.log" ||
   fail "the bank did not go over NCCL: $(grep -i -e bank -e nccl "$S/worker.log")"
 ! compgen -G "$S/palign-nccl-*" >/dev/null || fail "NCCL's emulation left its group behind: $(ls "$S")"
@@ -152,6 +156,9 @@ done
   fail "PALIGN_CUDA_PROFILE: not a table a run: $(cat "$S/profile.txt")"
 grep -Eq "^  attention \(tensor cores\) +[1-9][0-9]* " "$S/profile.txt" &&
   grep -Eq "^  matmul bf16 32x32 +[1-9][0-9]* " "$S/profile.txt" || fail "the profile's rows: $(cat "$S/profile.txt")"
+# the workers' all-gathers: a row each, its bytes' rate after its share (no flops)
+[ "$(cat "$S"/service-profile-*.txt | awk '$1 == "NCCL" && $2 == "all-gather" && NF == 6 && $NF > 0' | wc -l)" = 3 ] ||
+  fail "the service's profiles: no NCCL all-gather row with its rate in each: $(cat "$S"/service-profile-*.txt)"
 PALIGN_CUDA_PROFILE=$S/no/such/dir/p.txt "$BUILD/palign" generate --model "$S/m.gguf" --prompt Hi --max-tokens 2 \
   --backend cuda >"$S/unwritable.log" 2>&1 || fail "an unwritable PALIGN_CUDA_PROFILE failed the run: $(cat "$S/unwritable.log")"
 grep -q "PALIGN_CUDA_PROFILE: cannot write $S/no/such/dir/p.txt" "$S/unwritable.log" ||

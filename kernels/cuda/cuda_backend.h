@@ -96,14 +96,20 @@ unsigned long pa_cuda_host_waits(void);
 /* One row of the device-time profile: an operation (a product with its
  * weight's shape, N x K: "matmul bf16 4096x14336"), its spans (a call
  * each; an upload one for each chunk of the staging ring it goes
- * through), their time on the device, and the floating-point operations
+ * through), their time on the device, the floating-point operations
  * of the products and the attention (2MNK a product; 4 x heads x head_dim
- * a key a row sees; 0 for the rest). */
+ * a key a row sees; 0 for the rest), and the bytes its work must move
+ * at least: each operand it reads read once and each it writes written
+ * once (a product's x, weights and y, y twice where it is added to; the
+ * attention's q, its outputs, and each key and value its walk sees; a
+ * copy's bytes; 0 for the training attention), whose rate against the
+ * memory's says how near a kernel runs to it (docs/CUDA.md). */
 typedef struct {
   char name[48];
   unsigned long spans;
   double ms;
   double flops;
+  double bytes;
 } pa_cuda_profile_row;
 
 /* Starts (on != 0; the table cleared) or stops timing each operation's
@@ -124,8 +130,8 @@ int pa_cuda_profile(int on);
  * error. */
 int pa_cuda_profile_read(const pa_cuda_profile_row **rows, double *idle_ms);
 
-/* Writes the table to f, the longest first, with each row's share and the
- * rate of its floating-point operations. */
+/* Writes the table to f, the longest first, with each row's share, the
+ * rate of its floating-point operations and that of its bytes. */
 void pa_cuda_profile_write(FILE *f);
 
 /* The last CUDA or cuBLAS error of this process, as text ("" if none). */

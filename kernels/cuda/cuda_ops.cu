@@ -120,7 +120,7 @@ constexpr int kProfRows = 64;
 struct prof_span {
   cudaEvent_t begin, end;
   int row;
-  double flops;
+  double flops, bytes;
 };
 bool profiling;
 bool prof_open_span;  // a span is open: an operation inside another is the outer one's
@@ -173,6 +173,7 @@ bool prof_harvest() {
     prof_rows[sp.row].spans++;
     prof_rows[sp.row].ms += ms;
     prof_rows[sp.row].flops += sp.flops;
+    prof_rows[sp.row].bytes += sp.bytes;
     prof_idle_ms += gap > 0.0f ? gap : 0.0f;
   }
   if (!ok) {
@@ -221,15 +222,16 @@ bool prof_open() {
 }
 
 // An operation's span: from its construction to its end, while the profile
-// is on. Spans do not nest: one begun inside another is not timed (the
-// outer one holds its work).
+// is on, with its floating-point operations and the bytes it must move at
+// least (cuda_backend.h's pa_cuda_profile_row). Spans do not nest: one
+// begun inside another is not timed (the outer one holds its work).
 class timed {
 public:
-  explicit timed(const char *name, double flops = 0.0) {
+  explicit timed(const char *name, double flops = 0.0, double bytes = 0.0) {
     if (!profiling || !name || prof_open_span || (prof_used == kProfSpans && !prof_harvest()))
       return;
     prof_span &sp = prof_pool[prof_used];
-    sp.row = prof_row(name), sp.flops = flops;
+    sp.row = prof_row(name), sp.flops = flops, sp.bytes = bytes;
     if (!check(cudaEventRecord(sp.begin, stream), "profile"))
       return;
     span_ = &sp, prof_open_span = true;
@@ -327,7 +329,7 @@ bool stage_turn(const char *what) {
 void stage_copy(void *dst, const void *src, size_t bytes, const char *what) {
   if (!stage) {
     {
-      const timed t(what);
+      const timed t(what, 0.0, (double)bytes);
       check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), what);
     }
     wait_stream(what); // the source may be reused on return
@@ -339,7 +341,7 @@ void stage_copy(void *dst, const void *src, size_t bytes, const char *what) {
     const size_t n = bytes - off < kStageChunk - stage_used ? bytes - off : kStageChunk - stage_used;
     char *at = stage + (size_t)stage_at * kStageChunk + stage_used;
     memcpy(at, (const char *)src + off, n);
-    const timed t(what); // the copy's time on the device, not the host's into the ring
+    const timed t(what, 0.0, (double)n); // the copy's time on the device, not the host's into the ring
     if (!check(cudaMemcpyAsync((char *)dst + off, at, n, cudaMemcpyHostToDevice, stream), what))
       return;
     off += n;
@@ -1341,23 +1343,31 @@ bool shared_for(const void *kernel, int which, size_t bytes, const char *what, i
 
 // ---- the operations --------------------------------------------------------------------
 
+// The least bytes of y[M][N] = beta y + x[M][K] . w (w N x K or K x N) for
+// the profile: x and w read once (elem bytes an element: 4, or 2 for bf16
+// and x as rounded), y written, and read too where beta adds it.
+double product_bytes(int M, int N, int K, double elem, float beta) {
+  return elem * ((double)M * K + (double)N * K) + 4.0 * M * N * (beta != 0.0f ? 2 : 1);
+}
+
 void cu_matmul(int M, int N, int K, const float *x, const float *w, float beta, float *y) {
   // row-major y[M][N] = x . w^T is column-major y^T = w^T(as stored) . x
   const float one = 1.0f;
-  const timed t(prof_name("matmul fp32 %dx%d", N, K), 2.0 * M * N * K);
+  const timed t(prof_name("matmul fp32 %dx%d", N, K), 2.0 * M * N * K, product_bytes(M, N, K, 4, beta));
   check_blas(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, K, x, K, &beta, y, N), "matmul");
 }
 
 void cu_matmul_nn(int M, int N, int K, const float *x, const float *w, float beta, float *y) {
   const float one = 1.0f;
-  const timed t(prof_name("matmul_nn fp32 %dx%d", N, K), 2.0 * M * N * K);
+  const timed t(prof_name("matmul_nn fp32 %dx%d", N, K), 2.0 * M * N * K, product_bytes(M, N, K, 4, beta));
   check_blas(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, w, N, x, K, &beta, y, N), "matmul_nn");
 }
 
 void cu_matmul_tn_acc(int M, int N, int K, const float *a, const float *b, float *g) {
   // g[N][K] += a[M][N]^T . b[M][K]: column-major g^T (K x N) += b^T (K x M) . a (M x N)
   const float one = 1.0f;
-  const timed t(prof_name("matmul_tn_acc fp32 %dx%d", N, K), 2.0 * M * N * K);
+  const timed t(prof_name("matmul_tn_acc fp32 %dx%d", N, K), 2.0 * M * N * K,
+                4.0 * ((double)M * N + (double)M * K) + 8.0 * N * K);
   check_blas(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, &one, b, K, a, N, &one, g, K), "matmul_tn_acc");
 }
 
@@ -1374,7 +1384,7 @@ const __nv_bfloat16 *to_bf16(size_t n, const float *x, const char *what) {
       return nullptr;
     xb16_cap = n;
   }
-  const timed t("bf16 rounding of x (products)");
+  const timed t("bf16 rounding of x (products)", 0.0, 6.0 * n);
   PA_LAUNCH(k_to_bf16, blocks(n), kBlock, 0)(n, x, xb16);
   launched(what);
   return xb16;
@@ -1390,7 +1400,8 @@ void matmul_bf16(bool nn, int M, int N, int K, const float *x, const pa_bf16 *w,
   if (!xb)
     return;
   const float one = 1.0f;
-  const timed t(prof_name("%s bf16 %dx%d", nn ? "matmul_nn" : "matmul", N, K), 2.0 * M * N * K);
+  const timed t(prof_name("%s bf16 %dx%d", nn ? "matmul_nn" : "matmul", N, K), 2.0 * M * N * K,
+                product_bytes(M, N, K, 2, beta));
   check_blas(cublasGemmEx(blas16, nn ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF,
                           nn ? N : K, xb, CUDA_R_16BF, K, &beta, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
                           CUBLAS_GEMM_DEFAULT),
@@ -1409,7 +1420,7 @@ void cu_embed_bf16(int M, int D, const int32_t *ids, const pa_bf16 *table, float
   const size_t n = (size_t)M * D;
   if (!n)
     return;
-  const timed t("embed bf16");
+  const timed t("embed bf16", 0.0, 4.0 * M + 6.0 * n);
   PA_LAUNCH(k_embed_bf16, blocks(n), kBlock, 0)(M, D, ids, (const __nv_bfloat16 *)table, y);
   launched("embed_bf16");
 }
@@ -1417,16 +1428,20 @@ void cu_embed_bf16(int M, int D, const int32_t *ids, const pa_bf16 *table, float
 void cu_rmsnorm(int M, int D, const float *x, const float *w, float eps, float *y) {
   if (M <= 0)
     return;
-  const timed t("rmsnorm");
+  const timed t("rmsnorm", 0.0, 4.0 * (2.0 * M * D + D));
   PA_LAUNCH(k_rmsnorm, M, kBlock, 0)(D, x, w, eps, y);
   launched("rmsnorm");
 }
+
+// RoPE's least bytes: the M rows' heads read and written, each row's
+// position and its cos and sin rows (hd / 2 each) read once.
+double rope_bytes(int M, int n_heads, int hd) { return 8.0 * M * n_heads * hd + 4.0 * M * (hd + 1.0); }
 
 void cu_rope(int M, int n_heads, int hd, const int32_t *pos, const float *cos_tab, const float *sin_tab, float *x) {
   const size_t n = (size_t)M * n_heads * (hd / 2);
   if (!n)
     return;
-  const timed t("rope");
+  const timed t("rope", 0.0, rope_bytes(M, n_heads, hd));
   PA_LAUNCH(k_rope, blocks(n), kBlock, 0)(M, n_heads, hd, pos, cos_tab, sin_tab, x, 1.0f);
   launched("rope");
 }
@@ -1435,7 +1450,7 @@ void cu_swiglu(int M, int F, float *gate, const float *up) {
   const size_t n = (size_t)M * F;
   if (!n)
     return;
-  const timed t("swiglu");
+  const timed t("swiglu", 0.0, 12.0 * n);
   PA_LAUNCH(k_swiglu, blocks(n), kBlock, 0)(n, gate, up);
   launched("swiglu");
 }
@@ -1444,7 +1459,7 @@ void cu_embed(int M, int D, const int32_t *ids, const float *table, float *y) {
   const size_t n = (size_t)M * D;
   if (!n)
     return;
-  const timed t("embed");
+  const timed t("embed", 0.0, 4.0 * M + 8.0 * n);
   PA_LAUNCH(k_embed, blocks(n), kBlock, 0)(M, D, ids, table, y);
   launched("embed");
 }
@@ -1453,7 +1468,7 @@ void cu_add(int M, int N, const float *x, float *y) {
   const size_t n = (size_t)M * N;
   if (!n)
     return;
-  const timed t("add");
+  const timed t("add", 0.0, 12.0 * n);
   PA_LAUNCH(k_add, blocks(n), kBlock, 0)(n, x, y);
   launched("add");
 }
@@ -1462,7 +1477,7 @@ void cu_add_bias(int M, int N, const float *b, float *y) {
   const size_t n = (size_t)M * N;
   if (!n)
     return;
-  const timed t("add_bias");
+  const timed t("add_bias", 0.0, 8.0 * n + 4.0 * N);
   PA_LAUNCH(k_add_bias, blocks(n), kBlock, 0)(n, N, b, y);
   launched("add_bias");
 }
@@ -1470,7 +1485,7 @@ void cu_add_bias(int M, int N, const float *b, float *y) {
 void cu_scale(size_t n, float a, float *x) {
   if (!n)
     return;
-  const timed t("scale");
+  const timed t("scale", 0.0, 8.0 * n);
   PA_LAUNCH(k_scale, blocks(n), kBlock, 0)(n, a, x);
   launched("scale");
 }
@@ -1478,7 +1493,7 @@ void cu_scale(size_t n, float a, float *x) {
 void cu_rmsnorm_backward(int M, int D, const float *x, const float *w, float eps, const float *dy, float *dx) {
   if (M <= 0)
     return;
-  const timed t("rmsnorm_backward");
+  const timed t("rmsnorm_backward", 0.0, 4.0 * (4.0 * M * D + D));
   PA_LAUNCH(k_rmsnorm_backward, M, kBlock, 0)(D, x, w, eps, dy, dx);
   launched("rmsnorm_backward");
 }
@@ -1488,7 +1503,7 @@ void cu_rope_backward(int M, int n_heads, int hd, const int32_t *pos, const floa
   const size_t n = (size_t)M * n_heads * (hd / 2);
   if (!n)
     return;
-  const timed t("rope_backward");
+  const timed t("rope_backward", 0.0, rope_bytes(M, n_heads, hd));
   PA_LAUNCH(k_rope, blocks(n), kBlock, 0)(M, n_heads, hd, pos, cos_tab, sin_tab, dx, -1.0f); /* by minus the angle */
   launched("rope_backward");
 }
@@ -1497,7 +1512,7 @@ void cu_swiglu_backward(int M, int F, const float *gate, const float *up, const 
   const size_t n = (size_t)M * F;
   if (!n)
     return;
-  const timed t("swiglu_backward");
+  const timed t("swiglu_backward", 0.0, 20.0 * n);
   PA_LAUNCH(k_swiglu_backward, blocks(n), kBlock, 0)(n, gate, up, dh, dgate, dup);
   launched("swiglu_backward");
 }
@@ -1738,22 +1753,33 @@ bool reserve(void **buf, size_t *cap, size_t bytes, const char *what) {
 // failure kept for status()).
 template <class Ops>
 bool walk_attention_mma(const pa_attn_args *a, const tile_desc *tiles, size_t n_tiles, int prefix_len, bool own,
-                        int splits, float *part, int slots, int slot0, int which, const char *what, double flops) {
+                        int splits, float *part, int slots, int slot0, int which, const char *what, double flops,
+                        double bytes) {
   const mma_grid g = mma_grid_of(a);
-  const size_t bytes = mma_shared_bytes<Ops>(a->head_dim, g.threads / 32);
+  const size_t shared = mma_shared_bytes<Ops>(a->head_dim, g.threads / 32);
   const dim3 grid((unsigned)n_tiles, (unsigned)g.blocks_per_tile, (unsigned)splits);
-  if (!shared_for((const void *)k_attention_mma<Ops>, which, bytes, what, 0))
+  if (!shared_for((const void *)k_attention_mma<Ops>, which, shared, what, 0))
     return false;
-  const timed t(what, flops);
-  PA_LAUNCH(k_attention_mma<Ops>, grid, g.threads, bytes)
+  const timed t(what, flops, bytes);
+  PA_LAUNCH(k_attention_mma<Ops>, grid, g.threads, shared)
   (a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, prefix_len ? a->k_prefix : nullptr,
    prefix_len ? a->v_prefix : nullptr, prefix_len, a->prefix_stride, tiles, own ? 1 : 0, part, slots, slot0);
   return true;
 }
 
+// The least bytes of an attention call's parts, for the profile: its
+// rows' q (as many as their outputs z), the prefix's keys and values, the
+// sequences' own (each once), and a row's shares of a split or packed
+// walk (its outputs, max and sum in each).
+struct attention_bytes {
+  double q, prefix_kv, own_kv, share;
+  double shares(int n) const { return n * share; }
+};
+
 // The shares of the call's rows in part (the call's scratch) into z.
-void combine_attention(const pa_attn_args *a, const attention_shape &sh, int slots, float *part) {
-  const timed t("attention: shares combined");
+void combine_attention(const pa_attn_args *a, const attention_shape &sh, int slots, float *part,
+                       const attention_bytes &b) {
+  const timed t("attention: shares combined", 0.0, b.shares(slots) + b.q);
   const dim3 tiles_heads((unsigned)sh.tiles, (unsigned)a->n_heads);
   PA_LAUNCH(k_attention_combine, tiles_heads, 128, 0)(a->n_heads, a->head_dim, slots, part, a->z, tile_dev);
 }
@@ -1761,18 +1787,20 @@ void combine_attention(const pa_attn_args *a, const attention_shape &sh, int slo
 // The tensor cores' attention on the tiles in tile_dev (the sequences',
 // then where packed the prefix's): in one walk over all of each row's
 // keys, split or not, or in the packed prefix's two walks; flops: the
-// call's (the profile's figure), prefix_flops: its part over the prefix.
+// call's (the profile's figure), prefix_flops: its part over the prefix;
+// b: its bytes.
 template <class Ops>
 void attention_mma(const pa_attn_args *a, const attention_shape &sh, float *part, int which, const char *what,
-                   double flops, double prefix_flops) {
+                   double flops, double prefix_flops, const attention_bytes &b) {
   packed_last = attention_packed(a, sh);
   if (!packed_last) {
     const int splits = attention_splits(a, sh);
     splits_last = splits;
+    const double bytes = b.q + (splits > 1 ? b.shares(splits) : b.q) + b.prefix_kv + b.own_kv;
     if (walk_attention_mma<Ops>(a, tile_dev, sh.tiles, a->prefix_len, true, splits, splits > 1 ? part : nullptr, splits,
-                                0, which, what, flops) &&
+                                0, which, what, flops, bytes) &&
         splits > 1)
-      combine_attention(a, sh, splits, part);
+      combine_attention(a, sh, splits, part, b);
     return;
   }
   const int ps = attention_splits(a, prefix_walk(sh, a->prefix_len)), os = attention_splits(a, own_walk(sh));
@@ -1780,11 +1808,12 @@ void attention_mma(const pa_attn_args *a, const attention_shape &sh, float *part
   char name[sizeof prof_rows[0].name];
   snprintf(name, sizeof name, "%s: packed prefix", what);
   if (!walk_attention_mma<Ops>(a, tile_dev + sh.tiles, sh.prefix_tiles, a->prefix_len, false, ps, part, ps + os, 0,
-                               which, name, prefix_flops))
+                               which, name, prefix_flops, b.q + b.shares(ps) + b.prefix_kv))
     return;
   snprintf(name, sizeof name, "%s: own keys", what);
-  if (walk_attention_mma<Ops>(a, tile_dev, sh.tiles, 0, true, os, part, ps + os, ps, which, name, flops - prefix_flops))
-    combine_attention(a, sh, ps + os, part);
+  if (walk_attention_mma<Ops>(a, tile_dev, sh.tiles, 0, true, os, part, ps + os, ps, which, name, flops - prefix_flops,
+                              b.q + b.shares(os) + b.own_kv))
+    combine_attention(a, sh, ps + os, part, b);
 }
 
 void cu_attention(const pa_attn_args *a, float *scratch) {
@@ -1806,9 +1835,13 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   row_desc *host_rows = (row_desc *)(host_tiles + all_tiles);
   size_t k = 0, t = 0;
   double seen = 0.0; // the keys the rows see, summed: the products' size
+  const double kv_bytes = 8.0 * a->n_kv_heads * a->head_dim; // a position's keys and values
+  attention_bytes b = {4.0 * n_rows * a->n_heads * a->head_dim, kv_bytes * a->prefix_len, 0.0,
+                       4.0 * n_rows * a->n_heads * (a->head_dim + 2.0)};
   for (int i = 0; i < a->n_seqs; i++) {
     const pa_attn_seq *s = &a->seqs[i];
     seen += (double)s->n * (a->prefix_len + s->past) + 0.5 * s->n * (s->n + 1.0);
+    b.own_kv += s->n ? kv_bytes * (s->past + s->n) : 0.0;
     for (int j = 0; rows_used && j < s->n; j++)
       host_rows[k++] = row_desc{s->k_own, s->v_own, s->stride, s->past + j + 1, s->row0 + j};
     for (int j = s->n > 0 ? (s->n - 1) / kTileQ * kTileQ : -1; j >= 0; j -= kTileQ) // the longest first: no tail
@@ -1832,7 +1865,7 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
   if (rows_used && !shared_for((const void *)k_attention, kShAttention, shared, "attention", max_keys))
     return;
   if (a->k_new) {
-    const timed store("attention: new keys into the caches");
+    const timed store("attention: new keys into the caches", 0.0, 2.0 * kv_bytes * n_rows);
     PA_LAUNCH(k_store_new, (unsigned)n_tiles, kBlock, 0)(a->n_kv_heads, a->head_dim, a->k_new, a->v_new, tile_dev);
   }
   // the scratch holds the shares (cu_attention_scratch)
@@ -1840,17 +1873,18 @@ void cu_attention(const pa_attn_args *a, float *scratch) {
                prefix_flops = 4.0 * a->n_heads * a->head_dim * (double)n_rows * a->prefix_len;
   splits_last = 1, packed_last = false;
   if (kernel == kAttnMma)
-    attention_mma<mma_tf32>(a, sh, scratch, kShAttentionMma, "attention (tensor cores)", flops, prefix_flops);
+    attention_mma<mma_tf32>(a, sh, scratch, kShAttentionMma, "attention (tensor cores)", flops, prefix_flops, b);
   else if (kernel == kAttnMmaBf16)
-    attention_mma<mma_bf16>(a, sh, scratch, kShAttentionMmaBf16, "attention (tensor cores, bf16)", flops, prefix_flops);
+    attention_mma<mma_bf16>(a, sh, scratch, kShAttentionMmaBf16, "attention (tensor cores, bf16)", flops, prefix_flops,
+                            b);
   else if (kernel == kAttnTiled) {
-    const timed tt("attention (tiled)", flops);
+    const timed tt("attention (tiled)", flops, 2.0 * b.q + b.prefix_kv + b.own_kv);
     PA_LAUNCH(k_attention_tiled, dim3((unsigned)n_tiles, (unsigned)a->n_heads), kTiledThreads,
               tiled_shared_floats(a->head_dim) * sizeof(float))(a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z,
                                                                 a->k_prefix, a->v_prefix, a->prefix_len,
                                                                 a->prefix_stride, tile_dev);
   } else {
-    const timed ts("attention (simple)", flops);
+    const timed ts("attention (simple)", flops, 2.0 * b.q + b.prefix_kv + b.own_kv);
     PA_LAUNCH(k_attention, dim3((unsigned)n_rows, (unsigned)a->n_heads), kBlock, shared)(
         a->n_heads, a->n_kv_heads, a->head_dim, a->q, a->z, a->k_prefix, a->v_prefix, a->prefix_len,
         a->prefix_stride, desc_dev);
@@ -1879,7 +1913,7 @@ void cu_upload(void *dst, const void *src, size_t bytes) { stage_copy(dst, src, 
 
 void cu_download(void *dst, const void *src, size_t bytes) {
   {
-    const timed t("download");
+    const timed t("download", 0.0, (double)bytes);
     check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream), "download");
   }
   wait_stream("download");
@@ -1888,7 +1922,7 @@ void cu_download(void *dst, const void *src, size_t bytes) {
 void cu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height) {
   if (!width || !height)
     return;
-  const timed t("copy2d");
+  const timed t("copy2d", 0.0, 2.0 * width * height);
   if (height == 1 || (dpitch == width && spitch == width)) // one block: no pitch limit (2^31 bytes for 2D copies)
     check(cudaMemcpyAsync(dst, src, width * height, cudaMemcpyDeviceToDevice, stream), "copy2d");
   else
@@ -1924,8 +1958,11 @@ int cu_group_join(const void *id, int n, int rank, pa_group **out) {
 }
 
 int cu_group_allgather(pa_group *g, const float *send, size_t count, float *recv) {
+  int members = 0;
+  if (!check_nccl(ncclCommCount((ncclComm_t)g, &members), "ncclCommCount"))
+    return -1;
   {
-    const timed t("NCCL all-gather");
+    const timed t("NCCL all-gather", 0.0, 4.0 * count * members); // what each member receives
     if (!check_nccl(ncclAllGather(send, recv, count, ncclFloat, (ncclComm_t)g, stream), "ncclAllGather"))
       return -1;
   }
@@ -2100,13 +2137,19 @@ void pa_cuda_profile_write(FILE *f) {
   fprintf(f, "palign: CUDA device time by operation (pid %d, device %d)\n", (int)getpid(), device_used);
   fprintf(f, "  %.1f ms in %lu spans; idle %.1f ms between them (the host's work and waits): busy %.1f%%\n", ms, spans,
           idle_ms, ms + idle_ms > 0.0 ? 100.0 * ms / (ms + idle_ms) : 0.0);
-  fprintf(f, "  %-47s %9s %12s %7s %9s\n", "operation (products: N x K)", "spans", "ms", "share", "TFLOP/s");
+  fprintf(f, "  %-47s %9s %12s %7s %9s %9s\n", "operation (products: N x K)", "spans", "ms", "share", "TFLOP/s",
+          "GB/s");
   for (int r = 0; r < n; r++) {
     const pa_cuda_profile_row *w = &sorted[r];
     fprintf(f, "  %-47s %9lu %12.3f %6.1f%%", w->name, w->spans, w->ms, ms > 0.0 ? 100.0 * w->ms / ms : 0.0);
-    const double rate = w->flops > 0.0 && w->ms > 0.0 ? w->flops / (w->ms * 1e-3) * 1e-12 : 0.0;
+    const double rate = w->flops > 0.0 && w->ms > 0.0 ? w->flops / (w->ms * 1e-3) * 1e-12 : 0.0,
+                 gbs = w->bytes > 0.0 && w->ms > 0.0 ? w->bytes / (w->ms * 1e-3) * 1e-9 : 0.0;
     if (rate > 0.0)
       fprintf(f, rate >= 10.0 ? " %9.1f" : " %9.3f", rate);
+    else if (gbs > 0.0)
+      fprintf(f, " %9s", "");
+    if (gbs > 0.0)
+      fprintf(f, gbs >= 10.0 ? " %9.1f" : " %9.3f", gbs);
     fputc('\n', f);
   }
 }

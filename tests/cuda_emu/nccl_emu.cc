@@ -301,6 +301,15 @@ ncclResult_t ncclAllGather(const void *send, void *recv, size_t count, ncclDataT
   return ncclSuccess;
 }
 
+ncclResult_t ncclCommCount(const ncclComm_t c, int *count) {
+  if (!comms.count(c)) {
+    emu::report("ncclCommCount: %p is not a communicator ncclCommInitRank made, or it was destroyed", (void *)c);
+    return ncclInvalidArgument;
+  }
+  *count = c->n;
+  return ncclSuccess;
+}
+
 ncclResult_t ncclCommDestroy(ncclComm_t c) {
   if (!comms.erase(c)) {
     emu::report("ncclCommDestroy: %p is not a communicator ncclCommInitRank made, or it was destroyed", (void *)c);
