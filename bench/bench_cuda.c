@@ -163,7 +163,7 @@ static double copy_rate(size_t bytes, int reps) {
   }
   CHECK(cudaEventRecord(t1, 0));
   const double s = ms_between(t0, t1) / 1e3 / reps;
-  cudaFree(a), cudaFree(b);
+  cudaFree(a), cudaFree(b), cudaEventDestroy(t0), cudaEventDestroy(t1);
   return 2.0 * bytes / s / 1e9;
 }
 
@@ -348,6 +348,7 @@ int main(int argc, char **argv) {
   enum { N_SWEEP = 6 };
   static const int sweep_shares[N_SWEEP] = {1, 2, 3, 4, 6, 8};
   double sweep[N_SWEEP][N_KERNELS] = {{0}};
+  int swept[N_SWEEP][N_KERNELS] = {{0}}; /* the shares the two walks took together */
   for (int kk = MMA; kk < N_KERNELS; kk++) {
     pa_cuda_attention_kernel(kernel[kk]);
     pa_cuda_attention_packing(packed ? 2 : 1);
@@ -357,6 +358,7 @@ int main(int argc, char **argv) {
     for (int n = 0; n < N_SWEEP; n++) {
       pa_cuda_attention_splits(sweep_shares[n]);
       sweep[n][kk] = time_attention(be, &shape[DECODE180].a, t0, t1);
+      swept[n][kk] = pa_cuda_attention_splits(-1);
     }
     pa_cuda_attention_splits(0);
     pa_cuda_attention_packing(0);
@@ -366,9 +368,9 @@ int main(int argc, char **argv) {
     printf("attention (%s) %s: the prefix walked by each item's tiles %.3f ms, packed %.3f ms (%.2fx)\n", kernel[kk],
            shape[PAS].name, att[PAS][kk] * 1e3, other[1][kk] * 1e3, other[1][kk] / att[PAS][kk]);
     for (int n = 0; n < N_SWEEP; n++)
-      printf("attention (%s) %s: the prefix packed, each walk in up to %d share(s) %.3f ms (%.2fx with "
-             "the rule's shares)\n",
-             kernel[kk], shape[DECODE180].name, sweep_shares[n], sweep[n][kk] * 1e3,
+      printf("attention (%s) %s: the prefix packed, each walk in up to %d share(s) (%d in all) %.3f ms (%.2fx "
+             "with the rule's shares)\n",
+             kernel[kk], shape[DECODE180].name, sweep_shares[n], swept[n][kk], sweep[n][kk] * 1e3,
              sweep[n][kk] / (packed ? att[DECODE180][kk] : other[0][kk]));
   }
   pa_cuda_attention_kernel("mma");
@@ -377,8 +379,13 @@ int main(int argc, char **argv) {
   /* the memory's rate, and the row operations on PAS's pass against it */
   const double copy_gbs = copy_rate((size_t)1 << 30, 10);
   printf("device-to-device copy of 1 GiB: %.0f GB/s (read and written)\n", copy_gbs);
-  double row_gbs[N_ROW_OPS];
-  row_ops(be, (int)rows, copy_gbs, 5, row_gbs);
+  double row_gbs[N_ROW_OPS] = {0};
+  const char *prof_env = getenv("PALIGN_CUDA_PROFILE");
+  const bool rows_timed = !prof_env || !*prof_env;
+  if (rows_timed)
+    row_ops(be, (int)rows, copy_gbs, 5, row_gbs);
+  else /* row_ops restarts and stops the profile: the variable's table would lose the rest */
+    printf("row operations not timed: they use the device-time profile, which PALIGN_CUDA_PROFILE holds\n");
   if (pa_cuda_error()[0]) {
     fprintf(stderr, "bench_cuda: %s\n", pa_cuda_error());
     return 1;
@@ -401,11 +408,13 @@ int main(int argc, char **argv) {
         fprintf(f, ", \"attention_decode180_%s_%s_ms\": %.4f, \"attention_pas_%s_packed_ms\": %.4f", kernel[kk],
                 packed ? "unpacked" : "packed", other[0][kk] * 1e3, kernel[kk], other[1][kk] * 1e3);
         for (int n = 0; n < N_SWEEP; n++)
-          fprintf(f, ", \"attention_decode180_%s_packed_%d_shares_ms\": %.4f", kernel[kk], sweep_shares[n],
-                  sweep[n][kk] * 1e3);
+          fprintf(f,
+                  ", \"attention_decode180_%s_packed_%d_shares_ms\": %.4f, "
+                  "\"attention_decode180_%s_packed_%d_shares_total\": %d",
+                  kernel[kk], sweep_shares[n], sweep[n][kk] * 1e3, kernel[kk], sweep_shares[n], swept[n][kk]);
       }
       fprintf(f, ", \"copy_gbs\": %.1f", copy_gbs);
-      for (int op = 0; op < N_ROW_OPS; op++)
+      for (int op = 0; rows_timed && op < N_ROW_OPS; op++)
         fprintf(f, ", \"%s_gbs\": %.1f", kRowOpKeys[op], row_gbs[op]);
       fprintf(f, "}\n");
       fclose(f);

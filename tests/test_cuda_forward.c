@@ -404,24 +404,34 @@ static void test_profile_ops(void **s) {
   be->embed(M, D, pos, x, y);
   be->copy2d(y, 16, x, 20, 12, M);
   /* two one-row sequences after a 20-key prefix (1 kv head of 8 for 2 heads, each with its own key), packed:
-   * each walk writes a share a row and head, the combining reads both */
+   * each walk writes a share a row and head, the combining reads both; then after a 40-key prefix in 2 shares
+   * (2 key tiles), the own keys' walk in 1 (1 key tile) */
   pa_attn_seq seqs[2] = {{.row0 = 0, .n = 1, .k_own = tab, .v_own = tab + 16, .stride = 2},
                          {.row0 = 1, .n = 1, .k_own = tab + 32, .v_own = tab + 48, .stride = 2}};
-  const pa_attn_args a = {.n_heads = 2,
-                          .n_kv_heads = 1,
-                          .head_dim = 8,
-                          .q = x,
-                          .z = y,
-                          .k_prefix = w,
-                          .v_prefix = g,
-                          .prefix_len = 20,
-                          .prefix_stride = 20,
-                          .seqs = seqs,
-                          .n_seqs = 2};
+  pa_attn_args a = {.n_heads = 2,
+                    .n_kv_heads = 1,
+                    .head_dim = 8,
+                    .q = x,
+                    .z = y,
+                    .k_prefix = w,
+                    .v_prefix = g,
+                    .prefix_len = 20,
+                    .prefix_stride = 20,
+                    .seqs = seqs,
+                    .n_seqs = 2};
   pa_cuda_attention_packing(1);
+  pa_cuda_attention_splits(0);
   float *scratch = be->alloc(be->attention_scratch(&a) * sizeof(float));
   assert_non_null(scratch);
   be->attention(&a, scratch);
+  assert_int_equal(pa_cuda_attention_splits(-1), 1 + 1);
+  be->release(scratch);
+  a.prefix_len = a.prefix_stride = 40;
+  pa_cuda_attention_splits(2);
+  scratch = be->alloc(be->attention_scratch(&a) * sizeof(float));
+  assert_non_null(scratch);
+  be->attention(&a, scratch);
+  assert_int_equal(pa_cuda_attention_splits(0), 2 + 1);
   assert_int_equal(pa_cuda_attention_packing(0), 1);
   float back[M * N];
   be->download(back, y, sizeof back);
@@ -445,12 +455,15 @@ static void test_profile_ops(void **s) {
   expect_row(rows, n, "embed", 1, 0, 4.0 * M + 8.0 * M * D);
   expect_row(rows, n, "copy2d", 1, 0, 2.0 * 12 * M);
   expect_row(rows, n, "download", 1, 0, sizeof back);
-  const double q = 4.0 * 2 * 2 * 8, share = 4.0 * 2 * 2 * (8 + 2), kv = 8.0 * 8; /* a position's key and value */
-  expect_row(rows, n, "attention (tensor cores): packed prefix", 1, 4.0 * 2 * 8 * 2 * 20, q + share + 20 * kv);
-  expect_row(rows, n, "attention (tensor cores): own keys", 1, 4.0 * 2 * 8 * 2 * 1, q + share + 2 * kv);
-  expect_row(rows, n, "attention: shares combined", 1, 0, 2 * share + q);
-  const pa_cuda_profile_row *tables = row_named(rows, n, "attention: tables upload"); /* 3 tiles' descriptors */
-  assert_true(tables->spans == 1 && tables->bytes > 0);
+  /* a call's q (2 rows x 2 heads x 8), a row and head's share (8 outputs, the max and the sum), a position's
+   * key and value; the two calls' sums */
+  const double q = 4.0 * 2 * 2 * 8, share = 4.0 * 2 * 2 * (8 + 2), kv = 8.0 * 8;
+  expect_row(rows, n, "attention (tensor cores): packed prefix", 2, 4.0 * 2 * 8 * 2 * (20 + 40),
+             (q + share + 20 * kv) + (q + 2 * share + 40 * kv));
+  expect_row(rows, n, "attention (tensor cores): own keys", 2, 2 * 4.0 * 2 * 8 * 2 * 1, 2 * (q + share + 2 * kv));
+  expect_row(rows, n, "attention: shares combined", 2, 0, (2 * share + q) + (3 * share + q));
+  const pa_cuda_profile_row *tables = row_named(rows, n, "attention: tables upload"); /* 3 tiles' descriptors a call */
+  assert_true(tables->spans == 2 && tables->bytes > 0);
   be->release(scratch);
   be->release(x), be->release(w), be->release(y), be->release(g), be->release(tab), be->release(pos);
 }

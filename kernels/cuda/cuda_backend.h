@@ -99,11 +99,15 @@ unsigned long pa_cuda_host_waits(void);
  * through), their time on the device, the floating-point operations
  * of the products and the attention (2MNK a product; 4 x heads x head_dim
  * a key a row sees; 0 for the rest), and the bytes its work must move
- * at least: each operand it reads read once and each it writes written
- * once (a product's x, weights and y, y twice where it is added to; the
- * attention's q, its outputs, and each key and value its walk sees; a
- * copy's bytes; 0 for the training attention), whose rate against the
- * memory's says how near a kernel runs to it (docs/CUDA.md). */
+ * at least: each operand in device memory it reads read once and each it
+ * writes written once (a product's x, weights and y, y twice where it is
+ * added to; the attention's q, its outputs or its shares (a split or
+ * packed walk's), and each key and value its walk sees; a device copy's
+ * bytes read and written; 0 for the training attention), whose rate
+ * against the memory's says how near a kernel runs to it; but an upload's
+ * or a download's bytes once (what crosses the bus), and an all-gather's
+ * what it receives (a rate of the link and of the other ranks' skew, not
+ * of the memory) (docs/CUDA.md). */
 typedef struct {
   char name[48];
   unsigned long spans;
