@@ -9,7 +9,10 @@
  *    baseline measured in the same run (palign itself runs OpenBLAS
  *    single-threaded in pieces of a fixed shape: kernels/cpu/cpu_ops.c);
  *  - prefill: a 512-token prompt in one sequence: tokens/s, GFLOP/s and the
- *    fraction of the sgemm baseline;
+ *    fraction of the sgemm baseline; on a device also prefill_long, a
+ *    1,536-token prompt (about an ICL prompt's length) three times after
+ *    a warm-up: its tokens/s and GFLOP/s over the three (a GPU's products
+ *    need the rows to fill its SMs);
  *  - decode: 64 tokens one at a time after a 128-token prompt: tokens/s;
  *  - prefix sharing: a ~1,600-token prefix (the inventory's item texts) and
  *    180 item-question continuations, batched against the shared prefix,
@@ -165,6 +168,25 @@ int main(int argc, char **argv) {
     const double t = now() - t0, fl = forward_flops(c, 512, 256.5);
     printf("prefill_tokens_per_s %.1f\nprefill_gflops %.1f\nprefill_fraction_of_sgemm %.2f\n", 512 / t, fl / t / 1e9,
            fl / t / 1e9 / base);
+    if (!be->host_memory && P >= 1536) {
+      pa_kv *long_kv;
+      float *lg = malloc((size_t)V * sizeof *lg);
+      if (!lg || pa_kv_create(lm, 1536, &long_kv))
+        die("long prefill's cache");
+      pa_seq ls = {.tokens = prefix, .n_tokens = 1536, .kv = long_kv};
+      double secs = 0;
+      for (int r = -1; r < 3; r++) { /* the first grows the activations' buffers: not timed */
+        pa_kv_clear(long_kv);
+        t0 = now();
+        if (pa_lm_forward(lm, &(pa_batch){.seqs = &ls, .n_seqs = 1, .logits = lg}))
+          die("long prefill");
+        secs += r >= 0 ? now() - t0 : 0.0;
+      }
+      printf("prefill_long_tokens 1536\nprefill_long_tokens_per_s %.1f\nprefill_long_gflops %.1f\n", 3 * 1536 / secs,
+             3 * forward_flops(c, 1536, 768.5) / secs / 1e9);
+      pa_kv_destroy(long_kv);
+      free(lg);
+    }
     /* steering 24 heads (PAS's K) against the same prefill without it */
     float *steer = calloc((size_t)c->n_layers * c->n_heads * c->head_dim, sizeof *steer);
     for (int k = 0; k < 24; k++)

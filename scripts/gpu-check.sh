@@ -43,6 +43,8 @@
 #   sanitizer.log           compute-sanitizer's memcheck, racecheck (shared
 #                           memory hazards between a block's threads) and
 #                           initcheck on test_cuda_ops
+#   figures.md              scripts/gpu-figures.py on the above: the figures
+#                           for docs/CUDA.md, held against issue 13's goals
 # The steps run in that order, most wanted first, each under a time limit of
 # its own; --budget SECONDS (default: none) also stops the whole run by then
 # (give 15 s more: a stopped step may take 5 s to be killed, and the unpacking
@@ -88,7 +90,7 @@ cmake_args=()
 (cd "$OUT" && rm -f steps.txt env.txt build.log gpu-tests.log bench.txt bench.json mkmodel-8b4.log forward-8b4.txt \
   forward-8b4-fp32.txt pas-8b4.txt pas-8b4.json \
   pas-8b4-profiled.txt profile-pas-8b4.txt forward-8b4-profiled.txt profile-forward-8b4.txt nccl-mkmodel.log nccl-1.log nccl-0.log nccl-compare.txt dpo-8b4.txt \
-  dpo-8b4.json sanitizer.log)
+  dpo-8b4.json sanitizer.log figures.md)
 : >"$OUT/steps.txt"
 
 # step NAME LIMIT LOG COMMAND...: runs COMMAND with its output in LOG, stopped
@@ -296,4 +298,6 @@ grep -E "Time per|Elapsed|Maximum resident" "$OUT"/pas-8b4*.txt "$OUT"/dpo-8b4.t
 head -n 16 "$OUT"/profile-*.txt 2>/dev/null || true
 echo "--- steps (name, exit status, seconds) after $((SECONDS - START)) s"
 cat "$OUT/steps.txt"
+python3 "$ROOT/scripts/gpu-figures.py" "$OUT" >"$OUT/figures.md" 2>&1 || true
+cat "$OUT/figures.md"
 exit $status

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# tests/test_gpu_figures.sh BUILD_DIR: scripts/gpu-figures.py, which turns a
+# scripts/gpu-check.sh folder into the figures for docs/CUDA.md.
+#   1. a gpu-check folder written here with figures chosen for the goals'
+#      arithmetic (a GPU's files cannot be had without one): the prefill
+#      at 50% of the peak meets its goal and at 40% is 10 points short,
+#      PAS's three parts times 8 under and over 5 s, DPO's, the attention
+#      table, the shares sweep and the memory rates, the profile's cost,
+#      the failed steps named;
+#   2. the real outputs of `palign eval --methods pas_only` and
+#      `bench_forward --quick` (the CPU's, on a tiny model) in their places:
+#      their figures are found, so a change of those programs' wording
+#      cannot make the figures silently missing;
+#   3. a folder with no figures: each says missing, with its step's status,
+#      and the script still exits 0; no folder: exit 2.
+# Exit 0 when every check passed, 1 otherwise.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD=$(cd "${1:-$ROOT/build}" && pwd)
+PAPI=${PALIGN_PAPI_DIR:-$ROOT/../shared/papi}
+fail() {
+  echo "test_gpu_figures: FAIL: $*" >&2
+  exit 1
+}
+S=$(mktemp -d "${TMPDIR:-/tmp}/palign-gpu-figures-XXXXXX")
+trap 'rm -rf "$S"' EXIT
+FIG=$ROOT/scripts/gpu-figures.py
+has() { grep -qF -- "$2" "$1" || fail "no '$2' in: $(cat "$1")"; }
+
+# 1. chosen figures
+D=$S/run
+mkdir -p "$D"
+cat >"$D/env.txt" <<'EOF'
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 580.159.04             Driver Version: 580.159.04     CUDA Version: 13.0     |
+|   0  NVIDIA H100 80GB HBM3          On  |   00000000:00:05.0 Off |                    0 |
+EOF
+printf '%s\n' "configure 0 20" "build 0 95" "test_cuda_ops 0 12" "bench_cuda 0 40" "forward-8b4 0 9" \
+  "pas-8b4 0 30" "pas-8b4-profiled 0 33" "dpo-8b4 124 240" "sanitizer skipped" >"$D/steps.txt"
+python3 - "$D/bench.json" <<'EOF'
+import json, sys
+b = {"device": "NVIDIA H100 80GB HBM3", "bf16_peak_tflops": 800.0, "layer_matmul_tflops": 50.0,
+     "layer_matmul_bf16_tflops": 600.0, "decode1_shares": 16, "decode180_packed": 1, "copy_gbs": 3000.0,
+     "rmsnorm_gbs": 2400.0, "rope_gbs": 1500.0, "swiglu_gbs": 2700.0, "add_gbs": 2850.0, "round_bf16_gbs": 2100.0}
+for i, shape in enumerate(("prefill", "pas", "decode1", "decode180")):
+    for j, k in enumerate(("simple", "tiled", "mma", "mma_bf16")):
+        b[f"attention_{shape}_{k}_ms"] = (i + 1) * (4 - j)
+for k in ("mma", "mma_bf16"):
+    b[f"attention_decode1_{k}_unsplit_ms"] = 1.5
+    for n in (1, 2, 3, 4, 6, 8):
+        b[f"attention_decode180_{k}_packed_{n}_shares_ms"] = 0.1 * n
+        b[f"attention_decode180_{k}_packed_{n}_shares_total"] = n + min(n, 3)
+json.dump(b, open(sys.argv[1], "w"))
+EOF
+printf '%s\n' "backend cuda" "prefill_gflops 300000.0" "prefill_long_tokens 1536" "prefill_long_gflops 400000.0" \
+  >"$D/forward-8b4.txt"
+pas_line() { echo "PAS per fitted subject (1): bank 40.0 s and 99 tokens once per model ($1 s per subject over the 250 usable subjects), probes $2 s, alpha grid $3 s"; }
+pas_line 0.16 0.04 0.30 >"$D/pas-8b4.txt"
+pas_line 0.16 0.04 0.33 >"$D/pas-8b4-profiled.txt"
+echo "DPO per trained subject (1): reference 1.5 s, 10 tokens, 1e+12 FLOPs; steps 20.5 s, 99 tokens, 2e+13 FLOPs; 5 MB of activations planned" >"$D/dpo-8b4.txt"
+printf '%s\n' "palign: CUDA device time by operation (pid 1, device 0)" "  matmul bf16 4096x14336   96   1.0" >"$D/profile-pas-8b4.txt"
+echo "the same 2 records" >"$D/nccl-compare.txt"
+python3 "$FIG" "$D" >"$S/out1.md" || fail "gpu-figures exited $?"
+has "$S/out1.md" "# gpu-check on NVIDIA H100 80GB HBM3, driver 580.159.04"
+has "$S/out1.md" "not passed: dpo-8b4 (124), sanitizer (skipped)"
+has "$S/out1.md" "prefill (1536 tokens, bf16 weights, 4 layers of Llama-3-8B's shape): 400.0 TFLOP/s, 50% of the bf16 GEMM peak (800 TFLOP/s, cuBLAS 8192^3): goal 50%, met"
+has "$S/out1.md" "PAS per subject, 4 layers: 0.50 s (the bank's share 0.16 s over 250 usable subjects, probes 0.04 s, alpha grid 0.30 s); all 32 layers, each part 8x: about 4.0 s: goal under 5 s, met"
+has "$S/out1.md" "the profile's cost: PAS's grid 0.33 s under the profile against 0.30 s (1.10x)"
+has "$S/out1.md" "DPO per subject, 4 layers: 22.0 s (reference 1.5 s, steps 20.5 s); all 32 layers about 176 s"
+has "$S/out1.md" "bf16 600.0 TFLOP/s (75% of the peak)"
+has "$S/out1.md" "| PAS's pass, 180 x 70 after 2,400 | 8.000 | 6.000 | 4.000 | 2.000 | 0.50 |"
+has "$S/out1.md" "mma, decoding 1 sequence: 16 shares 6.000 ms, one block a kv head 1.500 ms (0.25x)"
+has "$S/out1.md" "(asked: all, ms): 1: 2 0.100, 2: 4 0.200, 3: 6 0.300, 4: 7 0.400, 6: 9 0.600, 8: 11 0.800"
+has "$S/out1.md" "a device-to-device copy at 3000 GB/s; on PAS's pass's rows rmsnorm 2400 GB/s (80%), rope 1500 GB/s (50%)"
+has "$S/out1.md" "  matmul bf16 4096x14336   96   1.0"
+has "$S/out1.md" "NCCL against MPI: the same 2 records"
+has "$S/out1.md" "compute-sanitizer: no log"
+# short of the goals: the 512-token prefill where there is no long one, and PAS over 5 s
+printf '%s\n' "prefill_gflops 320000.0" >"$D/forward-8b4.txt"
+pas_line 0.16 0.04 0.60 >"$D/pas-8b4.txt"
+python3 "$FIG" "$D" >"$S/out2.md" || fail "gpu-figures exited $?"
+has "$S/out2.md" "prefill (512 tokens, bf16 weights, 4 layers of Llama-3-8B's shape): 320.0 TFLOP/s, 40% of the bf16 GEMM peak (800 TFLOP/s, cuBLAS 8192^3): goal 50%, 10 points short"
+has "$S/out2.md" "about 6.4 s: goal under 5 s, 1.3x over"
+
+# 2. the programs' own outputs are read
+if [ -f "$PAPI/Test-set.json" ]; then
+  "$BUILD/palign" mkmodel "$S/m.gguf" --layers 1 --dim 32 --heads 2 --kv-heads 1 --ffn 64 --seed 3 \
+    >"$S/mkmodel.log" 2>&1 || fail "mkmodel: $(cat "$S/mkmodel.log")"
+  R=$S/real
+  mkdir -p "$R"
+  PALIGN_CACHE=$S/cache "$BUILD/palign" eval --model "$S/m.gguf" --papi "$PAPI" --methods pas_only --subjects 1 \
+    --alphas 0,4 --threads 1 --bank "$S/bank.bin" >"$R/pas-8b4.txt" 2>&1 || fail "eval: $(tail -5 "$R/pas-8b4.txt")"
+  "$BUILD/bench/bench_forward" "$S/m.gguf" "$PAPI" --quick --threads 1 >"$R/forward-8b4.txt" 2>&1 ||
+    fail "bench_forward: $(tail -5 "$R/forward-8b4.txt")"
+  python3 "$FIG" "$R" >"$S/out3.md" || fail "gpu-figures exited $?"
+  grep -Eq "^- PAS per subject, 4 layers: [0-9.]+ s \(the bank's share" "$S/out3.md" ||
+    fail "the eval's PAS line not read: $(cat "$S/out3.md")"
+  grep -Eq "^- prefill \(512 tokens, bf16 weights, 4 layers of Llama-3-8B's shape\): [0-9.]+ TFLOP/s; the bf16 peak is missing" \
+    "$S/out3.md" || fail "bench_forward's prefill not read: $(cat "$S/out3.md")"
+else
+  echo "test_gpu_figures: no PAPI data in $PAPI: the real outputs not checked"
+fi
+
+# 3. nothing there
+mkdir -p "$S/empty" && echo "forward-8b4 124 120" >"$S/empty/steps.txt"
+python3 "$FIG" "$S/empty" >"$S/out4.md" || fail "gpu-figures exited $? on an empty folder"
+has "$S/out4.md" "- prefill: missing (step forward-8b4: 124)"
+has "$S/out4.md" "- PAS per subject: missing (step pas-8b4 did not run)"
+has "$S/out4.md" "- missing (bench.json)"
+! python3 "$FIG" "$S/no-such" 2>"$S/err.txt" || fail "a folder that is not there passed"
+has "$S/err.txt" "gpu-figures: $S/no-such: not a folder"
+echo "test_gpu_figures: passed"
