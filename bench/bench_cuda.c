@@ -213,6 +213,7 @@ static void row_ops(const pa_backend *be, int rows, double copy_gbs, int reps, d
 
 int main(int argc, char **argv) {
   const char *json = argc == 3 && !strcmp(argv[1], "--json") ? argv[2] : NULL;
+  setvbuf(stdout, NULL, _IOLBF, 0); /* a line as it comes: a run stopped at a time limit keeps what it printed */
   if (pa_cuda_devices() == 0) {
     fprintf(stderr, "bench_cuda: skipping: no CUDA device\n");
     return 77;

@@ -89,7 +89,7 @@ status=0
 cmake_args=()
 (cd "$OUT" && rm -f steps.txt env.txt build.log gpu-tests.log bench.txt bench.json mkmodel-8b4.log forward-8b4.txt \
   forward-8b4-fp32.txt pas-8b4.txt pas-8b4.json \
-  pas-8b4-profiled.txt profile-pas-8b4.txt forward-8b4-profiled.txt profile-forward-8b4.txt nccl-mkmodel.log nccl-1.log nccl-0.log nccl-compare.txt dpo-8b4.txt \
+  pas-8b4-profiled.txt pas-8b4-profiled.json profile-pas-8b4.txt forward-8b4-profiled.txt profile-forward-8b4.txt nccl-mkmodel.log nccl-1.log nccl-0.log nccl-compare.txt dpo-8b4.txt \
   dpo-8b4.json sanitizer.log figures.md)
 : >"$OUT/steps.txt"
 
@@ -114,6 +114,12 @@ step() {
   return 0
 }
 ok() { grep -q "^$1 0 " "$OUT/steps.txt"; }
+# figures.md: the figures for the docs from what is there so far
+figures() {
+  local dry=()
+  [ $DRY -eq 0 ] || dry=(--dry-run)
+  python3 "$ROOT/scripts/gpu-figures.py" "${dry[@]}" "$OUT" >"$OUT/figures.md" 2>&1 || true
+}
 
 # The bundle's packages, unpacked into a folder of their own: pkg-config reads
 # only their .pc files (the paths in them under PKG_CONFIG_SYSROOT_DIR), Open
@@ -220,6 +226,7 @@ fi
 ok configure && step build 400 "$OUT/build.log" cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}"
 if ! ok build; then
   grep -q "^build" "$OUT/steps.txt" || echo "build skipped" >>"$OUT/steps.txt"
+  figures
   echo "gpu-check: the build failed (see $OUT/build.log)" >&2
   tail -20 "$OUT/build.log" >&2
   cat "$OUT/steps.txt" >&2
@@ -244,7 +251,7 @@ if ok mkmodel-8b4; then
   rm -f "$PB"
   step pas-8b4-profiled 180 "$OUT/pas-8b4-profiled.txt" env PALIGN_CUDA_PROFILE="$OUT/profile-pas-8b4.txt" \
     "${timed[@]}" "$BUILD/palign" eval --model "$M" --papi "$PAPI" --methods pas_only --subjects 1 "${grid[@]}" \
-    --backend cuda --bank "$PB"
+    --backend cuda --json "$OUT/pas-8b4-profiled.json" --bank "$PB"
   rm -f "$PB"
 fi
 
@@ -298,6 +305,6 @@ grep -E "Time per|Elapsed|Maximum resident" "$OUT"/pas-8b4*.txt "$OUT"/dpo-8b4.t
 head -n 16 "$OUT"/profile-*.txt 2>/dev/null || true
 echo "--- steps (name, exit status, seconds) after $((SECONDS - START)) s"
 cat "$OUT/steps.txt"
-python3 "$ROOT/scripts/gpu-figures.py" "$OUT" >"$OUT/figures.md" 2>&1 || true
+figures
 cat "$OUT/figures.md"
 exit $status
