@@ -21,7 +21,8 @@
 #   forward-8b4-fp32.txt    generated model of Llama-3-8B's layer shape with 4
 #                           of its 32 layers (random weights), with bf16
 #                           weights (the default on a GPU) and with fp32:
-#                           prefill and decode tokens/s, steering's cost
+#                           prefill (512 and 1,536 tokens) and decode
+#                           tokens/s, steering's cost
 #   pas-8b4.txt, .json      palign eval --methods pas_only --backend cuda on
 #                           one PAPI subject with that model (bf16 weights):
 #                           PAS seconds per subject for 4 layers (x 8 for the
@@ -35,8 +36,9 @@
 #   nccl-compare.txt        the activation bank gathered over NCCL
 #                           (PALIGN_NCCL=1) and over MPI (PALIGN_NCCL=0):
 #                           scripts/compare-stores.py finds the same records
-#   profile-forward-8b4.txt bench_forward's run (bf16) under the profile: prefill,
-#                           decoding and steering; log in forward-8b4-profiled.txt
+#   profile-forward-8b4.txt bench_forward's run (bf16) under the profile: both
+#                           prefills, decoding and steering; log in
+#                           forward-8b4-profiled.txt
 #   dpo-8b4.txt, .json      palign eval --methods dpo --backend cuda on the
 #                           same subject and model: DPO seconds per subject
 #                           for 4 layers
