@@ -42,6 +42,9 @@
 #   dpo-8b4.txt, .json      palign eval --methods dpo --backend cuda on the
 #                           same subject and model: DPO seconds per subject
 #                           for 4 layers
+#   pas-8b4-batch180.txt,   PAS again with the 180 items in one batch
+#   .json                   (--batch 180; the default is 64): its grid's
+#                           seconds against pas-8b4's
 #   sanitizer.log           compute-sanitizer's memcheck, racecheck (shared
 #                           memory hazards between a block's threads) and
 #                           initcheck on test_cuda_ops
@@ -92,7 +95,7 @@ cmake_args=()
 (cd "$OUT" && rm -f steps.txt env.txt build.log gpu-tests.log bench.txt bench.json mkmodel-8b4.log forward-8b4.txt \
   forward-8b4-fp32.txt pas-8b4.txt pas-8b4.json \
   pas-8b4-profiled.txt pas-8b4-profiled.json profile-pas-8b4.txt forward-8b4-profiled.txt profile-forward-8b4.txt nccl-mkmodel.log nccl-1.log nccl-0.log nccl-compare.txt dpo-8b4.txt \
-  dpo-8b4.json sanitizer.log figures.md)
+  dpo-8b4.json pas-8b4-batch180.txt pas-8b4-batch180.json sanitizer.log figures.md)
 : >"$OUT/steps.txt"
 
 # step NAME LIMIT LOG COMMAND...: runs COMMAND with its output in LOG, stopped
@@ -254,7 +257,6 @@ if ok mkmodel-8b4; then
   step pas-8b4-profiled 180 "$OUT/pas-8b4-profiled.txt" env PALIGN_CUDA_PROFILE="$OUT/profile-pas-8b4.txt" \
     "${timed[@]}" "$BUILD/palign" eval --model "$M" --papi "$PAPI" --methods pas_only --subjects 1 "${grid[@]}" \
     --backend cuda --json "$OUT/pas-8b4-profiled.json" --bank "$PB"
-  rm -f "$PB"
 fi
 
 if command -v mpirun >/dev/null; then
@@ -287,6 +289,12 @@ if ok mkmodel-8b4; then
     "$BUILD/bench/bench_forward" "$M" "$PAPI" --quick --backend cuda
   step dpo-8b4 240 "$OUT/dpo-8b4.txt" "${timed[@]}" "$BUILD/palign" eval --model "$M" --papi "$PAPI" \
     --methods dpo --subjects 1 --backend cuda --json "$OUT/dpo-8b4.json"
+  # PAS's grid with the 180 items in one batch, against the default 64 (three passes an alpha): whether a GPU
+  # wants a larger default; the bank the profiled run made, read from its file
+  step pas-8b4-batch180 180 "$OUT/pas-8b4-batch180.txt" "$BUILD/palign" eval --model "$M" --papi "$PAPI" \
+    --methods pas_only --subjects 1 "${grid[@]}" --backend cuda --batch 180 --json "$OUT/pas-8b4-batch180.json" \
+    --bank "$PB"
+  rm -f "$PB"
 fi
 rm -f "$M"
 

@@ -4,7 +4,8 @@ scripts/gpu-check.sh run, as Markdown for docs/CUDA.md, held against
 issue 13's goals.
 
 Reads what gpu-check left in OUTDIR (steps.txt, env.txt, bench.json or else
-bench.txt, forward-8b4*.txt, pas-8b4*.txt and .json, dpo-8b4.txt and .json,
+bench.txt, forward-8b4*.txt, pas-8b4*.txt and .json (the batch-180 run's
+too), dpo-8b4.txt and .json,
 profile-pas-8b4.txt, nccl-compare.txt, sanitizer.log) and prints:
   - the GPU (bench_cuda's device name, else nvidia-smi's) and the steps that
     failed or were skipped;
@@ -19,7 +20,8 @@ profile-pas-8b4.txt, nccl-compare.txt, sanitizer.log) and prints:
     way;
   - bench_cuda's products, attention kernels and memory rates;
   - the profile's first rows and what the profile cost (PAS's grid with it
-    against without);
+    against without), and PAS's grid with its 180 items in one batch
+    against batches of 64;
   - NCCL's comparison and each sanitizer tool's summary.
 A figure whose file is missing or unreadable says so, with its step's
 status; a section that cannot be read says why, and the others stand.
@@ -181,6 +183,10 @@ def goals(outdir, steps, bench):
         if isinstance(prof, dict) and pas["grid"] > 0:
             lines.append(f"- the profile's cost: PAS's grid {prof['grid']:.2f} s under the profile against "
                          f"{pas['grid']:.2f} s ({prof['grid'] / pas['grid']:.2f}x)")
+        big = pas_parts(outdir, "pas-8b4-batch180")
+        if isinstance(big, dict) and pas["grid"] > 0:
+            lines.append(f"- PAS's grid with the 180 items in one batch (--batch 180): {big['grid']:.2f} s against "
+                         f"{pas['grid']:.2f} s in batches of 64 ({big['grid'] / pas['grid']:.2f}x)")
     dpo_text = read(outdir, "dpo-8b4.txt") or ""
     dpo = DPO_LINE.search(dpo_text)
     if not dpo:

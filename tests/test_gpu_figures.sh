@@ -6,7 +6,8 @@
 #      at 50% of the peak meets its goal and at 40% is 10 points short,
 #      PAS's three parts times 8 under and over 5 s (the probes and grid
 #      from the eval's JSON, which the log rounds), DPO's, the attention
-#      table, the shares sweep and the memory rates, the profile's cost,
+#      table, the shares sweep and the memory rates, the profile's cost
+#      and the grid in one batch of 180 against batches of 64,
 #      each sanitizer tool's summary and step, the failed steps named;
 #      without bench.json, bench.txt's device and peak; --dry-run said;
 #   2. the names it reads are the ones bench_cuda and bench_forward write,
@@ -66,6 +67,8 @@ pas_line 0.16 0.04 0.3 >"$D/pas-8b4.txt"
 pas_json 0.041 0.304 >"$D/pas-8b4.json"
 pas_line 0.16 0.04 0.3 >"$D/pas-8b4-profiled.txt"
 pas_json 0.041 0.334 >"$D/pas-8b4-profiled.json"
+pas_line 0.16 0.04 0.2 >"$D/pas-8b4-batch180.txt"
+pas_json 0.041 0.228 >"$D/pas-8b4-batch180.json"
 echo "DPO per trained subject (1): reference 1.5 s, 10 tokens, 1e+12 FLOPs; steps 20.5 s, 99 tokens, 2e+13 FLOPs; 5 MB of activations planned" >"$D/dpo-8b4.txt"
 printf '%s\n' "palign: CUDA device time by operation (pid 1, device 0)" "  matmul bf16 4096x14336   96   1.0" >"$D/profile-pas-8b4.txt"
 echo "the same 2 records" >"$D/nccl-compare.txt"
@@ -80,6 +83,7 @@ has "$S/out1.md" "11 steps; not passed: dpo-8b4 (124), sanitizer-racecheck (1), 
 has "$S/out1.md" "prefill (1536 tokens, bf16 weights, 4 layers of Llama-3-8B's shape): 400.0 TFLOP/s, 50% of the bf16 GEMM peak (800 TFLOP/s, cuBLAS 8192^3): goal 50%, met"
 has "$S/out1.md" "PAS per subject, 4 layers: 0.51 s (the bank's share 0.16 s over 250 usable subjects, probes 0.04 s, alpha grid 0.30 s); all 32 layers, each part 8x: at most about 4.0 s: goal under 5 s, met"
 has "$S/out1.md" "the profile's cost: PAS's grid 0.33 s under the profile against 0.30 s (1.10x)"
+has "$S/out1.md" "PAS's grid with the 180 items in one batch (--batch 180): 0.23 s against 0.30 s in batches of 64 (0.75x)"
 has "$S/out1.md" "DPO per subject, 4 layers: 22.0 s (reference 1.5 s, steps 20.5 s); all 32 layers at most about 176 s"
 has "$S/out1.md" "bf16 600.0 TFLOP/s (75% of the peak)"
 has "$S/out1.md" "| PAS's pass, 180 x 70 after 2,400 | 8.000 | 6.000 | 4.000 | 2.000 | 0.50 |"
