@@ -57,16 +57,32 @@
     }                                                                                                                  \
   } while (0)
 
-static float ms_between(cudaEvent_t a, cudaEvent_t b) {
+/* The bench's one timer: timer_start() records its first event on the
+ * default stream (the backend's stream is a blocking one, so it orders
+ * with it), timer_per_rep(reps) its second, waits, and gives the seconds
+ * between over reps. Each measurement runs its warm-up calls, starts the
+ * timer and runs reps more. */
+static cudaEvent_t timer_begin, timer_end;
+
+static void timer_start(void) {
+  if (!timer_begin) {
+    CHECK(cudaEventCreate(&timer_begin));
+    CHECK(cudaEventCreate(&timer_end));
+  }
+  CHECK(cudaEventRecord(timer_begin, 0));
+}
+
+static double timer_per_rep(int reps) {
   float ms = 0;
-  CHECK(cudaEventSynchronize(b));
-  CHECK(cudaEventElapsedTime(&ms, a, b));
-  return ms;
+  CHECK(cudaEventRecord(timer_end, 0));
+  CHECK(cudaEventSynchronize(timer_end));
+  CHECK(cudaEventElapsedTime(&ms, timer_begin, timer_end));
+  return ms / 1e3 / reps;
 }
 
 /* Seconds a call of the attention a takes, over 5 after a warm-up (its
  * scratch, where it needs one, allocated here). */
-static double time_attention(const pa_backend *be, const pa_attn_args *a, cudaEvent_t t0, cudaEvent_t t1) {
+static double time_attention(const pa_backend *be, const pa_attn_args *a) {
   const size_t need = be->attention_scratch(a);
   float *scratch = need ? be->alloc(need * sizeof(float)) : NULL;
   if (need && !scratch) {
@@ -75,11 +91,10 @@ static double time_attention(const pa_backend *be, const pa_attn_args *a, cudaEv
   }
   for (int r = -1; r < 5; r++) {
     if (r == 0)
-      CHECK(cudaEventRecord(t0, 0));
+      timer_start();
     be->attention(a, scratch);
   }
-  CHECK(cudaEventRecord(t1, 0));
-  const double secs = ms_between(t0, t1) / 1e3 / 5;
+  const double secs = timer_per_rep(5);
   be->release(scratch);
   return secs;
 }
@@ -95,20 +110,16 @@ static void *dev_zero(size_t bytes) {
 static double bf16_peak(cublasHandle_t h, int n, int reps) {
   void *a = dev_zero((size_t)n * n * 2), *b = dev_zero((size_t)n * n * 2), *c = dev_zero((size_t)n * n * 4);
   const float one = 1, zero = 0;
-  cudaEvent_t t0, t1;
-  CHECK(cudaEventCreate(&t0));
-  CHECK(cudaEventCreate(&t1));
   for (int r = -2; r < reps; r++) {
     if (r == 0)
-      CHECK(cudaEventRecord(t0, 0));
+      timer_start();
     if (cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, &zero, c,
                      CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
       fprintf(stderr, "bench_cuda: cublasGemmEx (bf16) failed\n");
       exit(1);
     }
   }
-  CHECK(cudaEventRecord(t1, 0));
-  const double s = ms_between(t0, t1) / 1e3 / reps;
+  const double s = timer_per_rep(reps);
   cudaFree(a), cudaFree(b), cudaFree(c);
   return 2.0 * n * n * (double)n / s / 1e12;
 }
@@ -123,22 +134,18 @@ static double layer_products(const pa_backend *be, bool bf16, int T, double peak
   } prod[] = {{"q", D, D}, {"k", KV, D}, {"v", KV, D}, {"o", D, D}, {"gate", F, D}, {"up", F, D}, {"down", D, F}};
   float *x = dev_zero((size_t)T * F * 4), *y = dev_zero((size_t)T * F * 4);
   void *w = dev_zero((size_t)F * D * (bf16 ? 2 : 4));
-  cudaEvent_t t0, t1;
-  CHECK(cudaEventCreate(&t0));
-  CHECK(cudaEventCreate(&t1));
   double flops = 0, secs = 0;
   for (size_t i = 0; i < sizeof prod / sizeof *prod; i++) {
     const int reps = 10;
     for (int r = -2; r < reps; r++) {
       if (r == 0)
-        CHECK(cudaEventRecord(t0, 0));
+        timer_start();
       if (bf16)
         be->matmul_bf16(T, prod[i].n, prod[i].k, x, w, 0.0f, y);
       else
         be->matmul(T, prod[i].n, prod[i].k, x, w, 0.0f, y);
     }
-    CHECK(cudaEventRecord(t1, 0));
-    const double s = ms_between(t0, t1) / 1e3 / reps, f = 2.0 * T * prod[i].n * (double)prod[i].k;
+    const double s = timer_per_rep(reps), f = 2.0 * T * prod[i].n * (double)prod[i].k;
     printf("%-11s %-4s %5d x %5d x %5d: %.3f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n",
            bf16 ? "matmul_bf16" : "matmul", prod[i].name, T, prod[i].n, prod[i].k, s * 1e3, f / s / 1e12,
            100 * f / s / 1e12 / peak);
@@ -153,17 +160,13 @@ static double layer_products(const pa_backend *be, bool bf16, int T, double peak
 /* The memory's rate as a device-to-device copy of bytes reaches it: GB/s, counting what it reads and writes. */
 static double copy_rate(size_t bytes, int reps) {
   void *a = dev_zero(bytes), *b = dev_zero(bytes);
-  cudaEvent_t t0, t1;
-  CHECK(cudaEventCreate(&t0));
-  CHECK(cudaEventCreate(&t1));
   for (int r = -2; r < reps; r++) {
     if (r == 0)
-      CHECK(cudaEventRecord(t0, 0));
+      timer_start();
     CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0));
   }
-  CHECK(cudaEventRecord(t1, 0));
-  const double s = ms_between(t0, t1) / 1e3 / reps;
-  cudaFree(a), cudaFree(b), cudaEventDestroy(t0), cudaEventDestroy(t1);
+  const double s = timer_per_rep(reps);
+  cudaFree(a), cudaFree(b);
   return 2.0 * bytes / s / 1e9;
 }
 
@@ -246,9 +249,6 @@ int main(int argc, char **argv) {
    * the 180 items, the last of its 70 (the keys of the caches are zero: the
    * time does not depend on them) */
   const int H = 32, KH = 8, hd = 128, n_items = 180, item = 70, prefix = 2400;
-  cudaEvent_t t0, t1;
-  CHECK(cudaEventCreate(&t0));
-  CHECK(cudaEventCreate(&t1));
   const size_t rows = (size_t)n_items * item;
   float *q = dev_zero(rows * H * hd * 4), *z = dev_zero(rows * H * hd * 4);
   float *k = dev_zero(rows * KH * hd * 4), *v = dev_zero(rows * KH * hd * 4);
@@ -316,7 +316,7 @@ int main(int argc, char **argv) {
     for (int kk = 0; kk < N_KERNELS; kk++) {
       if (pa_cuda_attention_kernel(kernel[kk]) != 0)
         return 1;
-      att[sh][kk] = time_attention(be, &shape[sh].a, t0, t1);
+      att[sh][kk] = time_attention(be, &shape[sh].a);
       if (sh == DECODE1 && kk == MMA)
         shares = pa_cuda_attention_splits(-1);
       if (sh == DECODE180 && kk == MMA)
@@ -335,7 +335,7 @@ int main(int argc, char **argv) {
   for (int kk = MMA; kk < N_KERNELS; kk++) {
     pa_cuda_attention_kernel(kernel[kk]);
     pa_cuda_attention_splits(1);
-    whole[kk] = time_attention(be, &shape[DECODE1].a, t0, t1);
+    whole[kk] = time_attention(be, &shape[DECODE1].a);
     pa_cuda_attention_splits(0);
     printf("attention (%s) %s: its keys in %d shares a row %.3f ms, in one %.3f ms (%.2fx)\n", kernel[kk],
            shape[DECODE1].name, shares, att[DECODE1][kk] * 1e3, whole[kk] * 1e3, whole[kk] / att[DECODE1][kk]);
@@ -353,12 +353,12 @@ int main(int argc, char **argv) {
   for (int kk = MMA; kk < N_KERNELS; kk++) {
     pa_cuda_attention_kernel(kernel[kk]);
     pa_cuda_attention_packing(packed ? 2 : 1);
-    other[0][kk] = time_attention(be, &shape[DECODE180].a, t0, t1);
+    other[0][kk] = time_attention(be, &shape[DECODE180].a);
     pa_cuda_attention_packing(1);
-    other[1][kk] = time_attention(be, &shape[PAS].a, t0, t1);
+    other[1][kk] = time_attention(be, &shape[PAS].a);
     for (int n = 0; n < N_SWEEP; n++) {
       pa_cuda_attention_splits(sweep_shares[n]);
-      sweep[n][kk] = time_attention(be, &shape[DECODE180].a, t0, t1);
+      sweep[n][kk] = time_attention(be, &shape[DECODE180].a);
       swept[n][kk] = pa_cuda_attention_splits(-1);
     }
     pa_cuda_attention_splits(0);
