@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/cuda-resources.sh [ARCH]: what each kernel of kernels/cuda/cuda_ops.cu
+# scripts/cuda-resources.sh [ARCH]: what each kernel of kernels/cuda/*.cu
 # costs a GPU, read from the compiler without one (the figures docs/CUDA.md
 # quotes): for ARCH (default sm_90), ptxas's registers, stack and spills
 # per kernel; and where nvdisasm is found (the CUDA toolkit's, on PATH or
@@ -18,12 +18,14 @@ trap 'rm -rf "$T"' EXIT
 flags=(-O3 -DNDEBUG -std=c++17 -arch="$ARCH" -I"$ROOT/kernels" -I"$ROOT/kernels/cuda")
 
 echo "== ptxas, $ARCH: registers, stack and spills a kernel"
-"$NVCC" "${flags[@]}" -Xptxas -v -cubin "$ROOT/kernels/cuda/cuda_ops.cu" -o "$T/ops.cubin" 2>"$T/ptxas.txt"
+for cu in "$ROOT"/kernels/cuda/*.cu; do
+  "$NVCC" "${flags[@]}" -Xptxas -v -cubin "$cu" -o "$T/$(basename "$cu" .cu).cubin" 2>>"$T/ptxas.txt"
+done
 # "Function properties for NAME", then its stack and spill line, then "Used N registers"
 awk '/Function properties for/ { sub(/.*Function properties for /, ""); name = $0 }
      /bytes stack frame/ { frame = $0; sub(/^ +/, "", frame) }
      /Used [0-9]+ registers/ { match($0, /Used [0-9]+ registers/); print substr($0, RSTART + 5, RLENGTH - 15) " registers, " frame ": " name }' \
-  "$T/ptxas.txt" | c++filt | sed 's/(anonymous namespace):://g; s/(.*//' | sort -k1,1nr
+  "$T/ptxas.txt" | c++filt | sed 's/(anonymous namespace):://g; s/palign_cuda:://g; s/(.*//' | sort -k1,1nr
 
 NVDISASM=${NVDISASM:-$(command -v nvdisasm || echo "$(dirname "$NVCC")/nvdisasm")}
 if [ ! -x "$NVDISASM" ]; then
@@ -31,7 +33,7 @@ if [ ! -x "$NVDISASM" ]; then
   exit 0
 fi
 echo "== $ARCH machine code of the attention kernels: instructions by kind"
-"$NVDISASM" "$T/ops.cubin" >"$T/ops.sass"
+"$NVDISASM" "$T/cuda_attention.cubin" >"$T/ops.sass"
 awk '/^[ \t]*\.text\./ { name = $1; sub(/:$/, "", name); next }
      name ~ /k_attention_mma/ {
        for (i = 1; i <= NF; i++) {
