@@ -857,6 +857,28 @@ static void test_failure_reported(void **s) {
   gpu->release(scratch);
 }
 
+/* A change of device (pa_cuda_select): the stream, the cuBLAS handles, the
+ * staging ring and the device buffers kept between calls (the attention's
+ * descriptors, the training attention's, the products' bf16 x) belong to
+ * the device left; they are made again on the new one, whose operations
+ * agree with the CPU as before, and so on the way back. Needs two devices:
+ * the emulation's run has them (PALIGN_EMU_DEVICES=2), a machine with one
+ * GPU skips it. */
+static void test_device_change(void **s) {
+  if (pa_cuda_devices() < 2) {
+    fprintf(stderr, "    one device: nothing to change to\n");
+    skip();
+  }
+  for (int round = 0; round < 3; round++) { /* on device 0, 1, then 0 again */
+    assert_int_equal(pa_cuda_select(round % 2), 0);
+    assert_ptr_equal(pa_backend_cuda(), gpu);
+    check_attention(23, 40, 6, 2, "simple"); /* the row descriptors too */
+    check_attention(37, 64, 8, 2, "mma");
+    check_matmul_bf16(7 + round, 33, 40);
+    test_attention_train(s);
+  }
+}
+
 int main(void) {
   cpu = pa_backend_cpu();
   const int ready = tu_cuda_ready();
@@ -880,6 +902,7 @@ int main(void) {
       cmocka_unit_test(test_attention_bf16),
       cmocka_unit_test(test_attention_split),
       cmocka_unit_test(test_attention_packed),
+      cmocka_unit_test(test_device_change),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
