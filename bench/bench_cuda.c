@@ -241,7 +241,7 @@ int main(int argc, char **argv) {
   const double layer_flops = 2.0 * T * (2.0 * 4096 * 4096 + 2.0 * 1024 * 4096 + 3.0 * 14336 * 4096);
   const double secs = layer_products(be, false, T, peak), secs16 = layer_products(be, true, T, peak);
 
-  /* attention by each kernel (cuda_ops.cu; the simple one the baseline) on
+  /* attention by each kernel (cuda_attention.cu; the simple one the baseline) on
    * shapes of a Llama-3-8B layer: the prefill above, an evaluation pass of
    * PAS's grid (180 items of 70 tokens after a 2,400-token shared prefix,
    * about what the ICL prompts make: docs/EVALUATION.md), and decoding: a

@@ -26,8 +26,7 @@ __device__ inline int train_key_row(const train_row &d, int t) {
 }
 
 // Forward: one block per (query row, head), as the inference attention's
-// simple kernel (cuda_attention.cu), keeping each
-// softmax's log-sum-exp.
+// simple kernel (cuda_attention.cu), keeping each softmax's log-sum-exp.
 __global__ void k_train_fwd(int H, int KV, int hd, const float *q, const float *k, const float *v, float *z, float *lse,
                             const train_row *rows) {
   PA_DYNAMIC_SHARED(float, sh);

@@ -1,7 +1,9 @@
 // cuda_backend.cu: the CUDA backend (cuda_backend.h): the device in use,
 // its stream and cuBLAS handles, the failures kept for status(), device
-// memory, and the operation table the other modules' operations fill
-// (cuda_internal.cuh lists them).
+// memory, the device buffers kept between calls and the kernels'
+// shared-memory allowances (both the device's: a change of device frees
+// and resets them), and the operation table the other modules' operations
+// fill (cuda_internal.cuh lists them).
 #include "cuda_internal.cuh"
 
 #include <dlfcn.h>
@@ -180,11 +182,19 @@ const pa_backend cuda_backend = {
     cu_download,
     cu_copy2d,
     0, /* device memory */
-    group_id_bytes,
+#ifdef PALIGN_HAVE_NCCL
+    kGroupIdBytes,
     cu_group_id,
     cu_group_join,
     cu_group_allgather,
     cu_group_leave,
+#else
+    0, /* no groups: the ranks exchange through MPI */
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+#endif
     cu_error,
     cu_status,
 };

@@ -27,6 +27,10 @@
 #include <math.h>
 #include <stddef.h>
 
+// Hidden from the library's users, who see cuda_backend.h's functions only
+// (as when this was one file whose helpers were all its own).
+#pragma GCC visibility push(hidden)
+
 namespace palign_cuda {
 
 // ---- the device in use (cuda_backend.cu) ----------------------------------------------
@@ -76,7 +80,7 @@ void launched(const char *what);
 extern unsigned long host_waits;
 bool wait_stream(const char *what);
 
-// A device buffer kept between calls (descriptors, scratch), grown to hold
+// A device buffer kept between calls (descriptors, the products' bf16 x), grown to hold
 // what a call needs, never shrunk: growing frees the old one, which waits
 // for the whole device. Every kept buffer is freed when the device changes.
 struct kept_buffer {
@@ -108,6 +112,7 @@ void stage_copy(void *dst, const void *src, size_t bytes, const char *what);
 
 extern bool profiling;
 struct prof_span;
+// A span begun (the profile on, none open, room in the pool); NULL otherwise.
 prof_span *span_begin(const char *name, double flops, double bytes);
 void span_end(prof_span *sp);
 // The profile's name of an operation with a shape: formatted only while
@@ -124,7 +129,7 @@ constexpr size_t kProfNameBytes = sizeof(pa_cuda_profile_row::name);
 class timed {
 public:
   explicit timed(const char *name, double flops = 0.0, double bytes = 0.0) {
-    if (profiling && name)
+    if (profiling) // no call while the profile is off
       span_ = span_begin(name, flops, bytes);
   }
   ~timed() {
@@ -210,11 +215,15 @@ void cu_attention_train(const pa_attn_train_args *a, float *scratch);
 void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *dq, float *dk, float *dv,
                            float *scratch);
 
-// cuda_nccl.cu: null, and no id bytes, in a build without NCCL
-extern const size_t group_id_bytes;
-extern int (*const cu_group_id)(void *id);
-extern int (*const cu_group_join)(const void *id, int n, int rank, pa_group **out);
-extern int (*const cu_group_allgather)(pa_group *g, const float *send, size_t count, float *recv);
-extern void (*const cu_group_leave)(pa_group *g);
+// cuda_nccl.cu, where NCCL is (a build without it has no groups)
+#ifdef PALIGN_HAVE_NCCL
+constexpr size_t kGroupIdBytes = 128; // an ncclUniqueId's (cuda_nccl.cu checks)
+int cu_group_id(void *id);
+int cu_group_join(const void *id, int n, int rank, pa_group **out);
+int cu_group_allgather(pa_group *g, const float *send, size_t count, float *recv);
+void cu_group_leave(pa_group *g);
+#endif
 
 } // namespace palign_cuda
+
+#pragma GCC visibility pop

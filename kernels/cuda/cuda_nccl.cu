@@ -14,6 +14,8 @@
 namespace palign_cuda {
 
 #ifdef PALIGN_HAVE_NCCL
+static_assert(sizeof(ncclUniqueId) == kGroupIdBytes, "cuda_internal.cuh: kGroupIdBytes is not NCCL's");
+
 namespace {
 
 bool check_nccl(ncclResult_t r, const char *what) {
@@ -23,7 +25,9 @@ bool check_nccl(ncclResult_t r, const char *what) {
   return false;
 }
 
-int group_id(void *id) {
+} // namespace
+
+int cu_group_id(void *id) {
   ncclUniqueId u;
   if (!check_nccl(ncclGetUniqueId(&u), "ncclGetUniqueId"))
     return -1;
@@ -31,7 +35,7 @@ int group_id(void *id) {
   return 0;
 }
 
-int group_join(const void *id, int n, int rank, pa_group **out) {
+int cu_group_join(const void *id, int n, int rank, pa_group **out) {
   ncclUniqueId u;
   memcpy(&u, id, sizeof u);
   ncclComm_t comm;
@@ -41,7 +45,7 @@ int group_join(const void *id, int n, int rank, pa_group **out) {
   return 0;
 }
 
-int group_allgather(pa_group *g, const float *send, size_t count, float *recv) {
+int cu_group_allgather(pa_group *g, const float *send, size_t count, float *recv) {
   int members = 0;
   if (!check_nccl(ncclCommCount((ncclComm_t)g, &members), "ncclCommCount"))
     return -1;
@@ -55,24 +59,11 @@ int group_allgather(pa_group *g, const float *send, size_t count, float *recv) {
   return 0;
 }
 
-void group_leave(pa_group *g) {
+void cu_group_leave(pa_group *g) {
   if (g)
     ncclCommDestroy((ncclComm_t)g);
 }
 
-} // namespace
-
-const size_t group_id_bytes = sizeof(ncclUniqueId);
-int (*const cu_group_id)(void *) = group_id;
-int (*const cu_group_join)(const void *, int, int, pa_group **) = group_join;
-int (*const cu_group_allgather)(pa_group *, const float *, size_t, float *) = group_allgather;
-void (*const cu_group_leave)(pa_group *) = group_leave;
-#else
-const size_t group_id_bytes = 0;
-int (*const cu_group_id)(void *) = nullptr;
-int (*const cu_group_join)(const void *, int, int, pa_group **) = nullptr;
-int (*const cu_group_allgather)(pa_group *, const float *, size_t, float *) = nullptr;
-void (*const cu_group_leave)(pa_group *) = nullptr;
 #endif
 
 } // namespace palign_cuda

@@ -145,7 +145,7 @@ const char *prof_name(const char *fmt, ...) {
 }
 
 prof_span *span_begin(const char *name, double flops, double bytes) {
-  if (prof_open_span || (prof_used == kProfSpans && !prof_harvest()))
+  if (!profiling || !name || prof_open_span || (prof_used == kProfSpans && !prof_harvest()))
     return nullptr;
   prof_span &sp = prof_pool[prof_used];
   sp.row = prof_row(name), sp.flops = flops, sp.bytes = bytes;

@@ -111,6 +111,7 @@ __global__ void k_swiglu_backward(size_t n, const float *gate, const float *up, 
     dup[i] = dh[i] * (g * sg);
   }
 }
+
 // RoPE's least bytes: the M rows' heads read and written, each row's
 // position and its cos and sin rows (hd / 2 each) read once.
 double rope_bytes(int M, int n_heads, int hd) { return 8.0 * M * n_heads * hd + 4.0 * M * (hd + 1.0); }

@@ -1,4 +1,4 @@
-// cuda_staging.cu: uploads through a ring of pinned host memory.
+// cuda_staging.cu: the copies from the host to the device (upload).
 //
 // Every upload goes through a ring of pinned host memory: the source is
 // copied into the ring and the copy to the device queued from there, so

@@ -1,9 +1,10 @@
 // cuda_emu.h: the part of the CUDA runtime, cuBLAS and cuda_bf16.h that
-// kernels/cuda/cuda_ops.cu uses, carried out on the CPU. The tests build
-// cuda_ops.cu a second time against it (cuda_ops_emu.cc), so the CUDA
-// backend's own code, its kernels and the host code around them, runs in
-// every test run on machines without a GPU and is compared with the CPU
-// backend by the gpu tests' own checks (docs/CUDA.md, "Without a GPU").
+// the CUDA backend (kernels/cuda/*.cu) uses, carried out on the CPU. The
+// tests build its modules a second time against it (tests/CMakeLists.txt:
+// a .cc including each), so the CUDA backend's own code, its kernels and
+// the host code around them, runs in every test run on machines without a
+// GPU and is compared with the CPU backend by the gpu tests' own checks
+// (docs/CUDA.md, "Without a GPU").
 //
 // What it models, and checks where a GPU would fail or misbehave:
 //  - device memory: cudaMalloc returns host memory, 256-byte aligned as a
@@ -28,7 +29,7 @@
 //    Dynamic shared memory (128-byte aligned) is filled with NaN at each
 //    block's start; a
 //    static __shared__ array is a static here and keeps what the last block
-//    left (cuda_ops.cu's kernels write theirs whole before reading them).
+//    left (the backend's kernels write theirs whole before reading them).
 //    A kernel's pointer arguments must all be device memory, used or not.
 //  - one stream, run as late as CUDA allows: kernels, cuBLAS's products,
 //    copies between device buffers and copies from pinned host memory
@@ -58,7 +59,7 @@
 //    count, buffers outside device memory.
 // What it cannot show: speed, a GPU running work sooner than the emulation
 // does (legal, and harmless to code that waits), warp-level behaviour other than the matrix
-// functions' (cuda_ops.cu uses no other), races inside a stretch between
+// functions' (the backend uses no other), races inside a stretch between
 // barriers finer than a whole thread's run, and cuBLAS's and the tensor
 // cores' own order of sums.
 //

@@ -1,3 +1,3 @@
 // cuda_runtime.h: the emulation's (cuda_emu.h), found before the toolkit's when the tests
-// build kernels/cuda/cuda_ops.cu for the CPU.
+// build the CUDA backend (kernels/cuda/*.cu) for the CPU.
 #include "cuda_emu.h"

@@ -1,5 +1,5 @@
 // mma.h: the emulation's (cuda_emu.h) warp matrix functions, nvcuda::wmma,
-// in the two shapes kernels/cuda/cuda_ops.cu uses: m16n16k8 products of
+// in the two shapes kernels/cuda/cuda_attention.cu uses: m16n16k8 products of
 // tf32 operands and m16n16k16 products of bf16 ones, accumulated in fp32.
 //
 // A fragment's mapping of elements to a warp's lanes is unspecified by
@@ -34,7 +34,7 @@
 // its leading dimension a multiple of 16 bytes (4 floats, 8 bf16 values),
 // and the tile inside device
 // memory or the block's dynamic shared memory (a static __shared__ array,
-// which cuda_ops.cu does not use for tiles, is refused). Not checked: that
+// which cuda_attention.cu does not use for tiles, is refused). Not checked: that
 // every lane of the warp makes the call with the same arguments.
 #ifndef PALIGN_CUDA_EMU_MMA_H
 #define PALIGN_CUDA_EMU_MMA_H

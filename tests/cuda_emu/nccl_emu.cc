@@ -1,5 +1,5 @@
 // nccl_emu.cc: the NCCL of cuda_emu.h, between processes on one machine, so
-// that the CUDA backend's collectives (cuda_ops.cu's cu_group_*) and the
+// that the CUDA backend's collectives (cuda_nccl.cu's cu_group_*) and the
 // service's exchange of the activation bank over them (coordinator/service.c)
 // run where no GPU is, with each worker a process on an emulated device.
 //
