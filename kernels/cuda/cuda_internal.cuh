@@ -80,9 +80,10 @@ void launched(const char *what);
 extern unsigned long host_waits;
 bool wait_stream(const char *what);
 
-// A device buffer kept between calls (descriptors, the products' bf16 x), grown to hold
-// what a call needs, never shrunk: growing frees the old one, which waits
-// for the whole device. Every kept buffer is freed when the device changes.
+// A device buffer kept between calls (descriptors, the products' bf16 x),
+// grown to hold what a call needs, never shrunk: growing frees the old
+// one, which waits for the whole device. Every kept buffer is freed when
+// the device changes.
 struct kept_buffer {
   void *p;
   size_t cap;
