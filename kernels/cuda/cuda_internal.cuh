@@ -144,10 +144,11 @@ private:
   prof_span *span_ = nullptr;
 };
 
-// ---- shared by the attention kernels (cuda_attention.cu, cuda_attention_train.cu) ------
+// ---- block reductions (the row operations, the attention kernels) -------------------------
 
-// Block-wide sum of v (blockDim.x threads, shared scratch of blockDim.x floats).
-__device__ inline float block_sum(float v, float *red) {
+// Block-wide sum of v (blockDim.x threads, a power of two; shared scratch
+// of blockDim.x values), every thread's v added in the same tree each run.
+template <class T> __device__ inline T block_sum(T v, T *red) {
   red[threadIdx.x] = v;
   __syncthreads();
   for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
@@ -155,7 +156,7 @@ __device__ inline float block_sum(float v, float *red) {
       red[threadIdx.x] += red[threadIdx.x + s];
     __syncthreads();
   }
-  const float r = red[0];
+  const T r = red[0];
   __syncthreads();
   return r;
 }

@@ -16,8 +16,6 @@
 // kProfRows share the last row.
 #include "cuda_internal.cuh"
 
-#include <algorithm>
-
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -198,7 +196,12 @@ void profile_at_exit() {
   free(text);
 }
 
-bool by_time(const pa_cuda_profile_row &a, const pa_cuda_profile_row &b) { return a.ms > b.ms; }
+// The rows by device time, the longest first, for qsort (std::sort's
+// instantiations would be exported from the library as weak symbols).
+int by_time(const void *a, const void *b) {
+  const double x = ((const pa_cuda_profile_row *)a)->ms, y = ((const pa_cuda_profile_row *)b)->ms;
+  return (x < y) - (x > y);
+}
 
 } // namespace
 
@@ -265,7 +268,7 @@ void pa_cuda_profile_write(FILE *f) {
   }
   pa_cuda_profile_row sorted[kProfRows];
   memcpy(sorted, rows, (size_t)n * sizeof *rows);
-  std::sort(sorted, sorted + n, by_time);
+  qsort(sorted, (size_t)n, sizeof *sorted, by_time);
   double ms = 0.0;
   unsigned long spans = 0;
   for (int r = 0; r < n; r++)

@@ -9,18 +9,11 @@ namespace {
 __global__ void k_rmsnorm(int D, const float *x, const float *w, float eps, float *y) {
   const float *xm = x + (size_t)blockIdx.x * D;
   float *ym = y + (size_t)blockIdx.x * D;
-  __shared__ double part[kBlock];
+  __shared__ double red[kBlock];
   double ss = 0; // in double, as the CPU reference sums
   for (int i = threadIdx.x; i < D; i += blockDim.x)
     ss += (double)xm[i] * xm[i];
-  part[threadIdx.x] = ss;
-  __syncthreads();
-  for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s)
-      part[threadIdx.x] += part[threadIdx.x + s];
-    __syncthreads();
-  }
-  const float r = 1.0f / sqrtf((float)(part[0] / D) + eps);
+  const float r = 1.0f / sqrtf((float)(block_sum(ss, red) / D) + eps);
   for (int i = threadIdx.x; i < D; i += blockDim.x)
     ym[i] = w[i] * (xm[i] * r);
 }
@@ -83,21 +76,16 @@ __global__ void k_scale(size_t n, float a, float *x) {
 
 __global__ void k_rmsnorm_backward(int D, const float *x, const float *w, float eps, const float *dy, float *dx) {
   const size_t off = (size_t)blockIdx.x * D;
-  __shared__ double ss_part[kBlock], dot_part[kBlock];
+  __shared__ double red[kBlock];
   double ss = 0, dot = 0;
   for (int i = threadIdx.x; i < D; i += blockDim.x) {
     ss += (double)x[off + i] * x[off + i];
     dot += (double)w[i] * dy[off + i] * x[off + i];
   }
-  ss_part[threadIdx.x] = ss, dot_part[threadIdx.x] = dot;
-  __syncthreads();
-  for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s)
-      ss_part[threadIdx.x] += ss_part[threadIdx.x + s], dot_part[threadIdx.x] += dot_part[threadIdx.x + s];
-    __syncthreads();
-  }
-  const double r = 1.0 / sqrt((double)(float)(ss_part[0] / D) + (double)eps);
-  const float a = (float)r, c = (float)(r * r * r * dot_part[0] / D);
+  ss = block_sum(ss, red);
+  dot = block_sum(dot, red);
+  const double r = 1.0 / sqrt((double)(float)(ss / D) + (double)eps);
+  const float a = (float)r, c = (float)(r * r * r * dot / D);
   for (int i = threadIdx.x; i < D; i += blockDim.x)
     dx[off + i] += a * w[i] * dy[off + i] - c * x[off + i];
 }
