@@ -169,6 +169,8 @@ typedef struct pa_backend {
   /* height rows of width bytes from src (rows spitch bytes apart) to dst
    * (dpitch apart), both in backend memory */
   void (*copy2d)(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height);
+  /* bytes of backend memory at dst set to zero (a device's without a copy from the host) */
+  void (*zero)(void *dst, size_t bytes);
   /* true when backend memory is host memory (then the tensors of the
    * model and the caller's buffers are used as they are) */
   int host_memory;

@@ -38,12 +38,12 @@ struct pa_trainer {
   int *seq_row0, *seq_len;  /* [max_seqs] (host) */
   /* a device backend's: the ids and positions, the wanted logits' output
    * rows gathered [max_seqs][max_out][D], those logits and their gradient,
-   * a zeroed host buffer to clear dx with, and copies of the adapter and the
-   * gradient (views with the copies' arenas give their matrices there) */
+   * and copies of the adapter and the gradient (views with the copies'
+   * arenas give their matrices there) */
   int32_t *d_ids, *d_pos;
   float *w_sel;   /* [seqs][n_out][dim]: the wanted output rows, gathered (fp32, backend memory) */
   int32_t *d_out; /* the wanted tokens where the gather reads them */
-  float *d_logits, *d_dlogits, *zeros, *d_lora, *d_grad;
+  float *d_logits, *d_dlogits, *d_lora, *d_grad;
   size_t lora_floats;
   pa_lora lora_view, grad_view;
   /* the last forward pass */
@@ -117,8 +117,7 @@ int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out) {
     t->d_out = t->be->alloc(outs * sizeof *t->d_out);
     t->d_logits = t->be->alloc(outs * sizeof(float));
     t->d_dlogits = t->be->alloc(outs * sizeof(float));
-    t->zeros = calloc(R * D, sizeof(float));
-    if (!t->d_ids || !t->d_pos || !t->d_out || !t->d_logits || !t->d_dlogits || !t->zeros) {
+    if (!t->d_ids || !t->d_pos || !t->d_out || !t->d_logits || !t->d_dlogits) {
       rc = pa_error(PA_ENOMEM, "trainer: no %s memory for its buffers", t->be->name);
       goto fail;
     }
@@ -159,7 +158,6 @@ void pa_trainer_destroy(pa_trainer *t) {
     void *const dev[] = {t->d_ids, t->d_pos, t->d_out, t->d_logits, t->d_dlogits, t->d_lora, t->d_grad};
     for (size_t i = 0; i < sizeof dev / sizeof *dev; i++)
       t->be->release(dev[i]);
-    free(t->zeros);
   }
   free(t->layers);
   free(t->ids), free(t->pos), free(t->out), free(t->seq_row0), free(t->seq_len);
@@ -401,10 +399,7 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
   float *dxb = t->t1, *dh = t->t2;
 
   /* the loss's gradient into the last rows of the residual stream */
-  if (be->host_memory)
-    memset(t->dx, 0, (size_t)R * D * sizeof(float));
-  else
-    be->upload(t->dx, t->zeros, (size_t)R * D * sizeof(float));
+  be->zero(t->dx, (size_t)R * D * sizeof(float));
   if (!be->host_memory)
     be->upload(t->d_dlogits, dlogits, (size_t)t->n_seqs * t->n_out * sizeof *dlogits);
   for (int s = 0; s < t->n_seqs; s++) {

@@ -375,7 +375,7 @@ static void test_profile(void **s) {
 }
 
 /* Each operation's bytes in the profile that the forward pass does not
- * make (the backward ones, the fp32 and nn products, the adds, copies),
+ * make (the backward ones, the fp32 and nn products, the adds, copies, a zeroing),
  * one call each on small shapes: as pa_cuda_profile_row says. The
  * training attention has none. */
 static void test_profile_ops(void **s) {
@@ -403,6 +403,7 @@ static void test_profile_ops(void **s) {
   be->swiglu_backward(M, F, x, w, g, y, y + M * F);
   be->embed(M, D, pos, x, y);
   be->copy2d(y, 16, x, 20, 12, M);
+  be->zero(g + 8, 4 * 20);
   /* two one-row sequences after a 20-key prefix (1 kv head of 8 for 2 heads, each with its own key), packed:
    * each walk writes a share a row and head, the combining reads both; then after a 40-key prefix in 2 shares
    * (2 key tiles), the own keys' walk in 1 (1 key tile) */
@@ -440,7 +441,7 @@ static void test_profile_ops(void **s) {
   const int n = pa_cuda_profile_read(&rows, &idle);
   assert_int_equal(pa_cuda_profile(0), 0);
   assert_int_equal(be->status(), 0);
-  assert_int_equal(n, 17);
+  assert_int_equal(n, 18);
   const double MN = M * N, MK = M * K, NK = N * K;
   expect_row(rows, n, "matmul fp32 5x7", 1, 2 * MN * K, 4 * (MK + NK) + 8 * MN); /* beta 0.5: y read too */
   expect_row(rows, n, "matmul_nn fp32 5x7", 1, 2 * MN * K, 4 * (MK + NK + MN));
@@ -454,6 +455,7 @@ static void test_profile_ops(void **s) {
   expect_row(rows, n, "swiglu_backward", 1, 0, 20.0 * M * F);
   expect_row(rows, n, "embed", 1, 0, 4.0 * M + 8.0 * M * D);
   expect_row(rows, n, "copy2d", 1, 0, 2.0 * 12 * M);
+  expect_row(rows, n, "zero", 1, 0, 4 * 20);
   expect_row(rows, n, "download", 1, 0, sizeof back);
   /* a call's q (2 rows x 2 heads x 8), a row and head's share (8 outputs, the max and the sum), a position's
    * key and value; the two calls' sums */

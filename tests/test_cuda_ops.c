@@ -260,6 +260,26 @@ static void test_rope(void **s) {
   free(x), free(cs), free(sn), free(want), free(got);
 }
 
+/* zero: the bytes asked for, not one past either end (an odd count: a memset's, not a float's). */
+static void test_zero(void **s) {
+  (void)s;
+  const size_t n = 1037;
+  float *x = tu_rand_vec(&rng, n), *dx = dev_floats(x, n);
+  uint8_t *got = malloc(n * sizeof *x);
+  assert_non_null(got);
+  gpu->zero((char *)dx + 13, 4001);
+  gpu->zero(dx, 0);
+  gpu->download(got, dx, n * sizeof *x);
+  assert_int_equal(gpu->status(), 0);
+  for (size_t i = 0; i < n * sizeof *x; i++)
+    if (i >= 13 && i < 13 + 4001)
+      assert_int_equal(got[i], 0);
+    else
+      assert_int_equal(got[i], ((const uint8_t *)x)[i]);
+  gpu->release(dx);
+  free(x), free(got);
+}
+
 static void test_elementwise(void **s) {
   (void)s;
   const int M = 13, N = 301, V = 17;
@@ -892,6 +912,7 @@ int main(void) {
       cmocka_unit_test(test_rmsnorm),
       cmocka_unit_test(test_rope),
       cmocka_unit_test(test_elementwise),
+      cmocka_unit_test(test_zero),
       cmocka_unit_test(test_attention),
       cmocka_unit_test(test_backward),
       cmocka_unit_test(test_attention_train),

@@ -199,6 +199,8 @@ static void cpu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch,
     memcpy((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
 }
 
+static void cpu_zero(void *dst, size_t bytes) { memset(dst, 0, bytes); }
+
 static const char *cpu_error(void) { return ""; } /* its operations cannot fail */
 static int cpu_status(void) { return 0; }
 
@@ -230,6 +232,7 @@ static const pa_backend cpu_backend = {
     .upload = cpu_copy,
     .download = cpu_copy,
     .copy2d = cpu_copy2d,
+    .zero = cpu_zero,
     .host_memory = 1,
     .error = cpu_error,
     .status = cpu_status,

@@ -144,6 +144,13 @@ void cu_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t 
     check(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDeviceToDevice, stream), "copy2d");
 }
 
+void cu_zero(void *dst, size_t bytes) {
+  if (!bytes)
+    return;
+  const timed t("zero", 0.0, (double)bytes);
+  check(cudaMemsetAsync(dst, 0, bytes, stream), "zero");
+}
+
 const char *cu_error() { return last_error; }
 
 int cu_status() {
@@ -181,6 +188,7 @@ const pa_backend cuda_backend = {
     cu_upload,
     cu_download,
     cu_copy2d,
+    cu_zero,
     0, /* device memory */
 #ifdef PALIGN_HAVE_NCCL
     kGroupIdBytes,

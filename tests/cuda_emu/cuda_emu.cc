@@ -707,6 +707,21 @@ cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t 
   return copy("cudaMemcpy2DAsync", dst, dpitch, src, spitch, width, height, kind, s);
 }
 
+cudaError_t cudaMemsetAsync(void *dst, int value, size_t bytes, cudaStream_t s) {
+  if (fault)
+    return fault;
+  if (!stream_ok(s)) {
+    report("cudaMemsetAsync: stream %p was not created or is destroyed", (void *)s);
+    return error(cudaErrorInvalidResourceHandle);
+  }
+  if (!in_device(dst, bytes)) {
+    report("cudaMemsetAsync: %p is not %zu bytes of device memory", dst, bytes);
+    return error(cudaErrorInvalidValue);
+  }
+  emu::enqueue([=] { memset(dst, value, bytes); });
+  return cudaSuccess;
+}
+
 cudaError_t cudaFuncSetAttribute(const void *kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > kSharedOptin) {
     report("cudaFuncSetAttribute: %d bytes of dynamic shared memory asked for, the device allows %d", value,

@@ -11,7 +11,7 @@
 //    GPU's, filled with 0xFF bytes (NaN as floats: a read of memory nobody
 //    wrote shows), registered as device memory. Copies check their
 //    direction (a host pointer where the device's is wanted is an error,
-//    and the other way round) and bounds;
+//    and the other way round) and bounds, and so does a memset;
 //    a kernel's pointer arguments must be device memory (or null); cuBLAS's
 //    operands must be device memory holding every element the call reads or
 //    writes through its leading dimensions. In a sanitizer build a kernel's
@@ -32,7 +32,7 @@
 //    left (the backend's kernels write theirs whole before reading them).
 //    A kernel's pointer arguments must all be device memory, used or not.
 //  - one stream, run as late as CUDA allows: kernels, cuBLAS's products,
-//    copies between device buffers and copies from pinned host memory
+//    memsets, copies between device buffers and copies from pinned host memory
 //    (cudaHostAlloc) are queued and run, in order, only when the host waits
 //    for them (cudaStreamSynchronize; cudaEventSynchronize, up to the
 //    event; a copy into pageable host memory; cudaFree; cudaFreeHost; an
@@ -178,6 +178,8 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end);
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s);
 cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind kind, cudaStream_t s);
+// queued on the stream as a copy between device buffers is; dst must be bytes of device memory
+cudaError_t cudaMemsetAsync(void *dst, int value, size_t bytes, cudaStream_t s);
 cudaError_t cudaFuncSetAttribute(const void *kernel, cudaFuncAttribute attr, int value);
 cudaError_t
 cudaDeviceReset(); // ends the device's state: allocations (pinned too), streams, events, handles, queued work, a fault

@@ -323,6 +323,8 @@ void test_refusals(void **) {
   assert_int_equal(cudaMemcpyAsync(d + 1, e, sizeof host, cudaMemcpyDeviceToDevice, stream), cudaErrorInvalidValue);
   assert_int_equal(cudaMemcpy2DAsync(d, 16, e, 16, 16, 3, cudaMemcpyDeviceToDevice, stream), cudaErrorInvalidValue);
   assert_int_equal(cudaMemcpy2DAsync(d, 16, e, 16, 16, 2, cudaMemcpyDeviceToDevice, stream), cudaSuccess);
+  assert_int_equal(cudaMemsetAsync(host, 0, sizeof host, stream), cudaErrorInvalidValue);
+  assert_int_equal(cudaMemsetAsync(d + 1, 0, sizeof host, stream), cudaErrorInvalidValue);
   assert_int_equal(cudaFree(d + 1), cudaErrorInvalidDevicePointer);
   // launch configurations
   PA_LAUNCH(k_copy, 1, 1025, 0)(d, e);
@@ -366,7 +368,7 @@ void test_memory_starts_nan(void **) {
 __global__ void k_add_one(float *x) { x[threadIdx.x] += 1; }
 
 // What the stream holds runs when the host waits for it, and not before:
-// kernels, copies from and into pinned memory, products; a copy from
+// kernels, copies from and into pinned memory, products, memsets; a copy from
 // pageable memory takes its source when called; events complete when the
 // stream reaches them.
 void test_stream_order(void **) {
@@ -417,6 +419,14 @@ void test_stream_order(void **) {
   cudaMemcpyAsync(pin, d, 8 * sizeof(float), cudaMemcpyDeviceToHost, stream);
   assert_int_equal(cudaStreamSynchronize(stream), cudaSuccess);
   assert_true(pin[0] == 5 && pin[7] == 5);
+  // a memset: queued, done in its place when the stream runs (after the kernel before it, before the one after)
+  PA_LAUNCH(k_add_one, 1, 8, 0)(d);
+  cudaMemsetAsync(d + 2, 0, 4 * sizeof(float), stream);
+  PA_LAUNCH(k_add_one, 1, 8, 0)(d);
+  cudaMemcpyAsync(pin, d, 8 * sizeof(float), cudaMemcpyDeviceToHost, stream);
+  assert_true(pin[0] == 5 && pin[2] == 5);
+  assert_int_equal(cudaStreamSynchronize(stream), cudaSuccess);
+  assert_true(pin[0] == 7 && pin[1] == 7 && pin[2] == 1 && pin[5] == 1 && pin[6] == 7 && pin[7] == 7);
   assert_int_equal(cudaFreeHost(pin), cudaSuccess);
   assert_int_equal(cudaFreeHost(h), cudaErrorInvalidValue);
 }
