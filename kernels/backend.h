@@ -55,9 +55,11 @@ typedef struct {
  * sequences, all in one set of activations (row-major [rows][heads * hd]):
  * rows [0, prefix_len) are the prefix, attending causally among themselves;
  * sequence i is rows [seq_row0[i], seq_row0[i] + seq_len[i]), laid after the
- * prefix and each other, and attends to every prefix row and then causally
- * to its own. So one forward and one backward call cover the prefix, which
- * is computed once for the batch, and every sequence. */
+ * prefix and each other (sequence 0 from row prefix_len, each next where the
+ * one before ends: the CUDA backend refuses another layout), and attends to
+ * every prefix row and then causally to its own. So one forward and one
+ * backward call cover the prefix, which is computed once for the batch, and
+ * every sequence. */
 typedef struct {
   int n_heads, n_kv_heads, head_dim;
   int prefix_len; /* 0 for none */

@@ -5,6 +5,7 @@
 // the same sums.
 #include "cuda_internal.cuh"
 
+#include <limits.h>
 #include <stdlib.h>
 
 namespace palign_cuda {
@@ -13,13 +14,14 @@ namespace {
 // Query row r sees the keys [0, n_prefix) and [own_start, r] (rows of k and
 // v): a prefix row the prefix up to itself (n_prefix 0, own_start 0), a
 // sequence's row the whole prefix and its sequence up to itself. Key row j
-// is seen by the query rows [j, q_end) (its own segment from itself on)
-// and, for a prefix key, by every sequence's rows too.
+// is seen by the query rows [j, q_end): a prefix key by every row after it
+// (the prefix's, then every sequence's, laid after it and each other), a
+// sequence's key by its sequence's rows from itself on.
 struct train_row {
   int n_prefix, own_start, q_end;
 };
 
-constexpr int kTrainBlock = 128; // threads of the key-gradient kernel; head_dim <= 2 * kTrainBlock
+constexpr int kTrainBlock = 128; // threads of the key-gradient kernel
 
 __device__ inline int train_key_row(const train_row &d, int t) {
   return t < d.n_prefix ? t : d.own_start + (t - d.n_prefix);
@@ -95,38 +97,69 @@ __global__ void k_train_dq(int H, int KV, int hd, const float *q, const float *k
   }
 }
 
-// dK, dV: one block per (key row, kv head), over every query row and head
-// that sees it, in order (no atomics: the same sums every run).
-__global__ void k_train_dkdv(int H, int KV, int hd, int prefix_len, int n_seqs, const int *seq_row0, const int *seq_len,
-                             const float *q, const float *k, const float *v, const float *dz, const float *lse,
-                             const float *D, float *dk, float *dv, const train_row *rows) {
-  __shared__ float red[kTrainBlock];
-  const int j = blockIdx.x, kh = blockIdx.y, g = H / KV, i0 = threadIdx.x, i1 = threadIdx.x + kTrainBlock;
+// dK, dV: one block per (key row j, kv head), over the items that see the
+// key: the kv head's g query heads of each query row in [j, q_end), item n
+// being row j + n / g, head n % g of the group. No atomics: the items go in
+// rounds of kTrainRound, each in two barriers (where two block-wide sums an
+// item would take eighteen):
+//  1. kTrainParts threads an item sum a part of its two dot products, q.k
+//     and dz.v (dimensions part, part + kTrainParts, ...);
+//  2. a thread an item adds its parts, in order, and turns them into the
+//     item's weights: p = exp(s scale - lse) and scale dS = scale p (dp - D);
+//  3. every thread adds the round's items, in order, to its dimensions of dk
+//     (scale dS q) and dv (p dz).
+// The next round needs no barrier before it: its step 1 writes only the
+// parts, which step 2 has read before the second barrier, and its step 2
+// overwrites the weights only after its first barrier, which every thread
+// reaches when done with step 3. So every run makes the same sums. k's and
+// v's row j are read once, into shared memory, before the rounds.
+constexpr int kTrainParts = 4;                         // threads a dot product
+constexpr int kTrainRound = kTrainBlock / kTrainParts; // items a round
+constexpr int kTrainMaxDim = 2 * kTrainBlock;          // head_dim at most: two dimensions a thread in step 3
+
+__global__ void k_train_dkdv(int H, int KV, int hd, const float *q, const float *k, const float *v, const float *dz,
+                             const float *lse, const float *D, float *dk, float *dv, const train_row *rows) {
+  __shared__ float kj[kTrainMaxDim], vj[kTrainMaxDim];
+  __shared__ float part_s[kTrainRound][kTrainParts], part_dp[kTrainRound][kTrainParts];
+  __shared__ float w_q[kTrainRound], w_dz[kTrainRound]; // scale dS and p: each item's weights on q and dz
+  const int j = blockIdx.x, kh = blockIdx.y, g = H / KV, tid = threadIdx.x;
   const float scale = rsqrtf((float)hd);
-  const float *kj = k + ((size_t)j * KV + kh) * hd, *vj = v + ((size_t)j * KV + kh) * hd;
+  // the item's (query row, head) as an index of lse and D, and times hd of q and dz
+  auto item_at = [&](int n) { return (j + n / g) * H + kh * g + n % g; };
+  for (int i = tid; i < hd; i += kTrainBlock)
+    kj[i] = k[((size_t)j * KV + kh) * hd + i], vj[i] = v[((size_t)j * KV + kh) * hd + i];
+  __syncthreads(); // k's and v's row j read
+  const int n_items = (rows[j].q_end - j) * g, i0 = tid, i1 = tid + kTrainBlock;
   float ak0 = 0, ak1 = 0, av0 = 0, av1 = 0;
-  // the query rows: [j, q_end), then, for a prefix key, every sequence's rows
-  const int n_ranges = j < prefix_len ? 1 + n_seqs : 1;
-  for (int range = 0; range < n_ranges; range++) {
-    const int r_begin = range == 0 ? j : seq_row0[range - 1];
-    const int r_end = range == 0 ? rows[j].q_end : seq_row0[range - 1] + seq_len[range - 1];
-    for (int r = r_begin; r < r_end; r++)
-      for (int gi = 0; gi < g; gi++) {
-        const size_t at = (size_t)r * H + (size_t)kh * g + gi;
-        const float *qr = q + at * hd, *dzr = dz + at * hd;
+  for (int base = 0; base < n_items; base += kTrainRound) {
+    const int n = n_items - base < kTrainRound ? n_items - base : kTrainRound;
+    { // 1. the dot products' parts
+      const int it = tid / kTrainParts, part = tid % kTrainParts;
+      if (it < n) {
+        const size_t at = (size_t)item_at(base + it) * hd;
         float s = 0, dp = 0;
-        if (i0 < hd)
-          s += qr[i0] * kj[i0], dp += dzr[i0] * vj[i0];
-        if (i1 < hd)
-          s += qr[i1] * kj[i1], dp += dzr[i1] * vj[i1];
-        s = block_sum(s, red);
-        dp = block_sum(dp, red);
-        const float p = expf(s * scale - lse[at]), dS = p * (dp - D[at]);
-        if (i0 < hd)
-          ak0 += scale * dS * qr[i0], av0 += p * dzr[i0];
-        if (i1 < hd)
-          ak1 += scale * dS * qr[i1], av1 += p * dzr[i1];
+        for (int d = part; d < hd; d += kTrainParts)
+          s += q[at + d] * kj[d], dp += dz[at + d] * vj[d];
+        part_s[it][part] = s, part_dp[it][part] = dp;
       }
+    }
+    __syncthreads(); // the parts written
+    if (tid < n) {   // 2. the weights
+      float s = 0, dp = 0;
+      for (int part = 0; part < kTrainParts; part++)
+        s += part_s[tid][part], dp += part_dp[tid][part];
+      const int at = item_at(base + tid);
+      const float p = expf(s * scale - lse[at]);
+      w_q[tid] = scale * p * (dp - D[at]), w_dz[tid] = p;
+    }
+    __syncthreads();                 // the weights written
+    for (int it = 0; it < n; it++) { // 3. into dk and dv
+      const size_t at = (size_t)item_at(base + it) * hd;
+      if (i0 < hd)
+        ak0 += w_q[it] * q[at + i0], av0 += w_dz[it] * dz[at + i0];
+      if (i1 < hd)
+        ak1 += w_q[it] * q[at + i1], av1 += w_dz[it] * dz[at + i1];
+    }
   }
   const size_t out = ((size_t)j * KV + kh) * hd;
   if (i0 < hd)
@@ -135,8 +168,7 @@ __global__ void k_train_dkdv(int H, int KV, int hd, int prefix_len, int n_seqs, 
     dk[out + i1] = ak1, dv[out + i1] = av1;
 }
 
-// The rows' descriptors and the sequences' bounds, in device memory kept
-// between calls: [rows] train_row, then seq_row0 [n_seqs], seq_len [n_seqs].
+// The rows' descriptors, [rows] train_row in device memory kept between calls.
 kept_buffer train_dev;
 
 int train_rows_of(const pa_attn_train_args *a) {
@@ -146,37 +178,37 @@ int train_rows_of(const pa_attn_train_args *a) {
   return rows;
 }
 
-// Uploads the descriptors; the longest key list in *max_keys. NULL on error.
-const train_row *train_upload(const pa_attn_train_args *a, int rows, int *max_keys, const int **row0, const int **len) {
-  const size_t bytes = (size_t)rows * sizeof(train_row) + 2 * (size_t)a->n_seqs * sizeof(int);
+// Uploads the descriptors; the longest key list in *max_keys. NULL on error,
+// a layout other than backend.h's among them (the sequences after the
+// prefix and each other, every one at least a row).
+const train_row *train_upload(const pa_attn_train_args *a, const char *what, int rows, int *max_keys) {
+  for (int i = 0, at = a->prefix_len; i < a->n_seqs; at += a->seq_len[i], i++)
+    if (a->seq_row0[i] != at || a->seq_len[i] < 1) {
+      failed("%s: sequence %d is rows [%d, %d), where backend.h lays it from row %d (the sequences after the prefix "
+             "and each other, each at least a row)",
+             what, i, a->seq_row0[i], a->seq_row0[i] + a->seq_len[i], at);
+      return nullptr;
+    }
+  const size_t bytes = (size_t)rows * sizeof(train_row);
   if (!reserve(train_dev, bytes, "attention_train: descriptors"))
     return nullptr;
-  char *host = (char *)malloc(bytes);
-  if (!host) {
-    failed("attention_train: no host memory for %d row descriptors", rows);
+  train_row *d = (train_row *)malloc(bytes);
+  if (!d) {
+    failed("%s: no host memory for %d row descriptors", what, rows);
     return nullptr;
   }
-  train_row *d = (train_row *)host;
-  int *r0 = (int *)(d + rows), *ln = r0 + a->n_seqs;
   *max_keys = 0;
-  for (int r = 0; r < rows; r++)
-    d[r] = train_row{0, 0, 0};
   for (int r = 0; r < a->prefix_len; r++) {
-    d[r] = train_row{0, 0, a->prefix_len};
+    d[r] = train_row{0, 0, rows};
     *max_keys = r + 1 > *max_keys ? r + 1 : *max_keys;
   }
-  for (int i = 0; i < a->n_seqs; i++) {
-    r0[i] = a->seq_row0[i], ln[i] = a->seq_len[i];
+  for (int i = 0; i < a->n_seqs; i++)
     for (int t = 0; t < a->seq_len[i]; t++) {
-      const int r = a->seq_row0[i] + t;
-      d[r] = train_row{a->prefix_len, a->seq_row0[i], a->seq_row0[i] + a->seq_len[i]};
+      d[a->seq_row0[i] + t] = train_row{a->prefix_len, a->seq_row0[i], a->seq_row0[i] + a->seq_len[i]};
       *max_keys = a->prefix_len + t + 1 > *max_keys ? a->prefix_len + t + 1 : *max_keys;
     }
-  }
-  stage_copy(train_dev.p, host, bytes, "attention_train: tables upload");
-  free(host);
-  *row0 = (const int *)((train_row *)train_dev.p + rows);
-  *len = *row0 + a->n_seqs;
+  stage_copy(train_dev.p, d, bytes, "attention_train: tables upload");
+  free(d);
   return (const train_row *)train_dev.p;
 }
 
@@ -187,8 +219,7 @@ size_t cu_attention_train_scratch(const pa_attn_train_args *a) { return (size_t)
 void cu_attention_train(const pa_attn_train_args *a, float *scratch) {
   const int rows = train_rows_of(a);
   int max_keys;
-  const int *row0, *len;
-  const train_row *d = rows ? train_upload(a, rows, &max_keys, &row0, &len) : nullptr;
+  const train_row *d = rows ? train_upload(a, "attention_train", rows, &max_keys) : nullptr;
   if (!d)
     return;
   const size_t shared = ((size_t)max_keys + kBlock) * sizeof(float);
@@ -203,13 +234,16 @@ void cu_attention_train(const pa_attn_train_args *a, float *scratch) {
 void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *dq, float *dk, float *dv,
                            float *scratch) {
   const int rows = train_rows_of(a), hd = a->head_dim;
-  if (hd > 2 * kTrainBlock) {
-    failed("attention_backward: head_dim %d > %d", hd, 2 * kTrainBlock);
+  if (hd > kTrainMaxDim) {
+    failed("attention_backward: head_dim %d, at most %d", hd, kTrainMaxDim);
+    return;
+  }
+  if ((size_t)rows * a->n_heads > INT_MAX) {
+    failed("attention_backward: %d rows of %d heads, over %d (rows x heads)", rows, a->n_heads, INT_MAX);
     return;
   }
   int max_keys;
-  const int *row0, *len;
-  const train_row *d = rows ? train_upload(a, rows, &max_keys, &row0, &len) : nullptr;
+  const train_row *d = rows ? train_upload(a, "attention_backward", rows, &max_keys) : nullptr;
   if (!d)
     return;
   float *D = scratch; /* [rows][H] */
@@ -222,7 +256,7 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
   PA_LAUNCH(k_train_dq, dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared)
   (a->n_heads, a->n_kv_heads, hd, a->q, a->k, a->v, dz, a->lse, D, dq, d);
   PA_LAUNCH(k_train_dkdv, dim3((unsigned)rows, (unsigned)a->n_kv_heads), kTrainBlock, 0)
-  (a->n_heads, a->n_kv_heads, hd, a->prefix_len, a->n_seqs, row0, len, a->q, a->k, a->v, dz, a->lse, D, dk, dv, d);
+  (a->n_heads, a->n_kv_heads, hd, a->q, a->k, a->v, dz, a->lse, D, dk, dv, d);
   launched("attention_backward");
 }
 
