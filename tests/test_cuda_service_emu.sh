@@ -4,8 +4,9 @@
 # backend built against the emulation (tests/cuda_emu, PALIGN_CUDA_MODULE),
 # so the backend's own source runs under everything a GPU run goes through
 # (device selection per worker, --weights auto on a GPU, the bank on the
-# device and its exchange, PAS's grid, the store's records). On a tiny
-# random model and one PAPI subject, methods none and pas_only:
+# device and its exchange, PAS's grid, DPO's training, the store's
+# records). On a tiny random model and one PAPI subject, methods none and
+# pas_only (and dpo in 7.):
 #   1. mpirun -np 4 palign-worker --backend cuda, three workers each on a
 #      device of its own (PALIGN_EMU_DEVICES=3), finishes, and the bank's
 #      slices (64, 64 and 112 of 240 sequences: batches of 64, two shorter
@@ -29,6 +30,14 @@
 #      written is a message, and the run's own result stands; a name too
 #      long is refused before the run; each worker of 1. gave its NCCL
 #      all-gather a row, with the rate of what it received.
+#   7. DPO on the device through the service (one epoch of 8 steps, learning
+#      rate 0.01 so that the loss moves: 0.693 to about 0.670), against the
+#      CPU's service with bf16 weights: every step's loss within 1e-5, the
+#      adapter within 1e-3 of its largest value, at least 99% of the
+#      answers the same and every option probability within 1e-3 (measured:
+#      5.4e-8, 2.2e-5, 180 of 180, 5.9e-5; the attention's sums go in
+#      another order, which may move an activation's bf16 rounding by one
+#      step, and eight Adam steps carry such differences on).
 # KEEP=1 keeps the scratch directory (its path printed) for a look after.
 # Exit 0 when every check passed, 1 otherwise, 77 (skipped) without mpirun,
 # the PAPI data or the emulated module.
@@ -174,4 +183,31 @@ if PALIGN_CUDA_PROFILE=$long "$BUILD/palign" generate --model "$S/m.gguf" --prom
 fi
 grep -q "PALIGN_CUDA_PROFILE: a name of .* characters (at most 4000)" "$S/long.log" ||
   fail "a PALIGN_CUDA_PROFILE too long: $(cat "$S/long.log")"
+
+# 7. DPO on the device: one epoch (8 steps, a learning rate that moves the loss) through the service, against the
+# CPU's service with bf16 weights
+dpo=(--methods none,dpo --dpo-epochs 1 --dpo-lr 0.01)
+worker 1 1 "$S/dpo.log" --store "$S/store-dpo" "${dpo[@]}" --backend cuda
+worker 1 1 "$S/dpo-cpu.log" --store "$S/store-dpo-cpu" "${dpo[@]}" --backend cpu --weights bf16
+for st in store-dpo store-dpo-cpu; do
+  "$BUILD/palign" query "$S/$st" export --format records --out "$S/$st.jsonl" >/dev/null 2>&1 || fail "query export $st"
+done
+python3 - "$S/store-dpo.jsonl" "$S/store-dpo-cpu.jsonl" <<'EOF' || fail "DPO on the device differs from the CPU's"
+import json, sys
+gpu, cpu = (json.loads(open(p).readline()) for p in sys.argv[1:3])
+assert (gpu["backend"], gpu["weights"], cpu["backend"], cpu["weights"]) == ("cuda", "bf16", "cpu", "bf16")
+g, c = gpu["dpo"], cpu["dpo"]
+assert g["n_steps"] == c["n_steps"] == len(g["loss"]) == len(c["loss"]) == 8, (g["n_steps"], c["n_steps"])
+loss = max(abs(x - y) for x, y in zip(g["loss"], c["loss"]))
+big = max(abs(x) for x in c["adapter"])
+adapter = max(abs(x - y) for x, y in zip(g["adapter"], c["adapter"])) / big
+rows = [{r["name"]: r["predictions"] for m in rec["methods"] for r in m.get("rows", [])}["dpo"] for rec in (gpu, cpu)]
+same = sum(a == b for a, b in zip(rows[0]["answer"], rows[1]["answer"]))
+probs = max(abs(x - y) for x, y in zip(rows[0]["probs"], rows[1]["probs"]))
+print(f"DPO on the device: losses {c['loss'][0]:.4f} -> {c['loss'][-1]:.4f} within {loss:.2g} of the CPU's, the "
+      f"adapter within {adapter:.2g} of its largest {big:.3g}, {same}/{len(rows[1]['answer'])} answers the same, "
+      f"option probabilities within {probs:.2g}")
+assert c["loss"][-1] < c["loss"][0] - 0.02, c["loss"]  # the steps moved it (0.693 to 0.670)
+assert loss <= 1e-5 and adapter <= 1e-3 and same >= 0.99 * len(rows[1]["answer"]) and probs <= 1e-3
+EOF
 echo "test_cuda_service_emu: passed"
