@@ -34,7 +34,11 @@
  *     RoPE on q, SwiGLU, the residual add, and the bf16 rounding of the
  *     down projection's x), timed by the device-time profile: their bytes'
  *     rate (the least they must move, cuda_backend.h) as a share of the
- *     copy's, which says how near to the memory's rate each runs.
+ *     copy's, which says how near to the memory's rate each runs;
+ *  5. a DPO step's training attention on that layer (a 26-token prefix and
+ *     16 prompts of 70 tokens), forward and backward, against the layer's
+ *     bf16 products on the same 1,146 rows forward (matmul_bf16) and
+ *     backward (matmul_nn_bf16): its share of a layer's training step.
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
  * a device. */
 #include "backend.h"
@@ -124,37 +128,96 @@ static double bf16_peak(cublasHandle_t h, int n, int reps) {
   return 2.0 * n * n * (double)n / s / 1e12;
 }
 
-/* The seven products of a layer for T tokens through the backend, fp32 or
- * bf16 weights: seconds for all seven (printed per product). */
-static double layer_products(const pa_backend *be, bool bf16, int T, double peak) {
+/* The seven products of a layer for T tokens through the backend: fp32
+ * weights (matmul), bf16 weights (matmul_bf16), or bf16 weights the
+ * backward way (matmul_nn_bf16: dx = dy . W, what a training step's
+ * backward pass runs, the same FLOPs): seconds for all seven (printed per
+ * product). */
+enum products { FP32, BF16, BF16_BACKWARD };
+static double layer_products(const pa_backend *be, enum products kind, int T, double peak) {
+  static const char *const op[] = {"matmul", "matmul_bf16", "matmul_nn_bf16"};
   const int D = 4096, KV = 1024, F = 14336;
   const struct {
     const char *name;
     int n, k;
   } prod[] = {{"q", D, D}, {"k", KV, D}, {"v", KV, D}, {"o", D, D}, {"gate", F, D}, {"up", F, D}, {"down", D, F}};
   float *x = dev_zero((size_t)T * F * 4), *y = dev_zero((size_t)T * F * 4);
-  void *w = dev_zero((size_t)F * D * (bf16 ? 2 : 4));
+  void *w = dev_zero((size_t)F * D * (kind == FP32 ? 4 : 2));
   double flops = 0, secs = 0;
   for (size_t i = 0; i < sizeof prod / sizeof *prod; i++) {
     const int reps = 10;
     for (int r = -2; r < reps; r++) {
       if (r == 0)
         timer_start();
-      if (bf16)
-        be->matmul_bf16(T, prod[i].n, prod[i].k, x, w, 0.0f, y);
-      else
+      if (kind == FP32)
         be->matmul(T, prod[i].n, prod[i].k, x, w, 0.0f, y);
+      else if (kind == BF16)
+        be->matmul_bf16(T, prod[i].n, prod[i].k, x, w, 0.0f, y);
+      else /* x: the gradient of the product's output, y: its input's */
+        be->matmul_nn_bf16(T, prod[i].k, prod[i].n, x, w, 0.0f, y);
     }
     const double s = timer_per_rep(reps), f = 2.0 * T * prod[i].n * (double)prod[i].k;
-    printf("%-11s %-4s %5d x %5d x %5d: %.3f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n",
-           bf16 ? "matmul_bf16" : "matmul", prod[i].name, T, prod[i].n, prod[i].k, s * 1e3, f / s / 1e12,
-           100 * f / s / 1e12 / peak);
+    printf("%-14s %-4s %5d x %5d x %5d: %.3f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n", op[kind], prod[i].name, T,
+           prod[i].n, prod[i].k, s * 1e3, f / s / 1e12, 100 * f / s / 1e12 / peak);
     flops += f, secs += s;
   }
-  printf("a layer's products (%s weights): %.2f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n", bf16 ? "bf16" : "fp32",
-         secs * 1e3, flops / secs / 1e12, 100 * flops / secs / 1e12 / peak);
+  printf("a layer's products (%s): %.2f ms, %.1f TFLOP/s, %.0f%% of the bf16 peak\n", op[kind], secs * 1e3,
+         flops / secs / 1e12, 100 * flops / secs / 1e12 / peak);
   cudaFree(x), cudaFree(y), cudaFree(w);
   return secs;
+}
+
+/* A DPO step's training attention on a Llama-3-8B layer (32 heads, 8 kv
+ * heads, head_dim 128): the shared prefix of 26 tokens and 16 prompts of 70
+ * tokens after it (docs/DPO.md: a step of 16 prompts, 26 of about 95 tokens
+ * shared), forward (attention_train) and backward (attention_backward),
+ * against the layer's bf16 products on the same rows forward and backward:
+ * the attention's share of a layer's training step. Its milliseconds
+ * forward and backward, and the products', into ms[4]. */
+static void train_attention(const pa_backend *be, double peak, double ms[4]) {
+  enum { H = 32, KH = 8, hd = 128, P = 26, N_SEQS = 16, LEN = 70 };
+  const int rows = P + N_SEQS * LEN;
+  int row0[N_SEQS], len[N_SEQS];
+  for (int i = 0; i < N_SEQS; i++)
+    row0[i] = P + i * LEN, len[i] = LEN;
+  const size_t nq = (size_t)rows * H * hd, nk = (size_t)rows * KH * hd;
+  float *q = dev_zero(nq * 4), *z = dev_zero(nq * 4), *dz = dev_zero(nq * 4), *dq = dev_zero(nq * 4);
+  float *k = dev_zero(nk * 4), *v = dev_zero(nk * 4), *dk = dev_zero(nk * 4), *dv = dev_zero(nk * 4);
+  float *lse = dev_zero((size_t)rows * H * 4);
+  const pa_attn_train_args a = {.n_heads = H,
+                                .n_kv_heads = KH,
+                                .head_dim = hd,
+                                .prefix_len = P,
+                                .n_seqs = N_SEQS,
+                                .seq_row0 = row0,
+                                .seq_len = len,
+                                .q = q,
+                                .k = k,
+                                .v = v,
+                                .z = z,
+                                .lse = lse};
+  float *scratch = dev_zero(be->attention_train_scratch(&a) * 4 + 4);
+  for (int pass = 0; pass < 2; pass++) {
+    for (int r = -1; r < 5; r++) {
+      if (r == 0)
+        timer_start();
+      if (pass == 0)
+        be->attention_train(&a, scratch);
+      else
+        be->attention_backward(&a, dz, dq, dk, dv, scratch);
+    }
+    ms[pass] = timer_per_rep(5) * 1e3;
+  }
+  ms[2] = layer_products(be, BF16, rows, peak) * 1e3;
+  ms[3] = layer_products(be, BF16_BACKWARD, rows, peak) * 1e3;
+  printf("training attention, a DPO step (%d rows: a %d-token prefix and %d prompts of %d): forward %.3f ms (%.2fx "
+         "the layer's bf16 products), backward %.3f ms (%.2fx the backward products): %.0f%% of the step's "
+         "products and attention\n",
+         rows, P, N_SEQS, LEN, ms[0], ms[0] / ms[2], ms[1], ms[1] / ms[3],
+         100 * (ms[0] + ms[1]) / (ms[0] + ms[1] + ms[2] + ms[3]));
+  float *const dev[] = {q, z, dz, dq, k, v, dk, dv, lse, scratch};
+  for (size_t i = 0; i < sizeof dev / sizeof *dev; i++)
+    cudaFree(dev[i]);
 }
 
 /* The memory's rate as a device-to-device copy of bytes reaches it: GB/s, counting what it reads and writes. */
@@ -239,7 +302,7 @@ int main(int argc, char **argv) {
   /* a Llama-3-8B layer's products for T tokens, through the backend */
   const int T = 1024;
   const double layer_flops = 2.0 * T * (2.0 * 4096 * 4096 + 2.0 * 1024 * 4096 + 3.0 * 14336 * 4096);
-  const double secs = layer_products(be, false, T, peak), secs16 = layer_products(be, true, T, peak);
+  const double secs = layer_products(be, FP32, T, peak), secs16 = layer_products(be, BF16, T, peak);
 
   /* attention by each kernel (cuda_attention.cu; the simple one the baseline) on
    * shapes of a Llama-3-8B layer: the prefill above, an evaluation pass of
@@ -387,6 +450,8 @@ int main(int argc, char **argv) {
     row_ops(be, (int)rows, copy_gbs, 5, row_gbs);
   else /* row_ops restarts and stops the profile: the variable's table would lose the rest */
     printf("row operations not timed: they use the device-time profile, which PALIGN_CUDA_PROFILE holds\n");
+  double train_ms[4];
+  train_attention(be, peak, train_ms);
   if (pa_cuda_error()[0]) {
     fprintf(stderr, "bench_cuda: %s\n", pa_cuda_error());
     return 1;
@@ -417,6 +482,10 @@ int main(int argc, char **argv) {
       fprintf(f, ", \"copy_gbs\": %.1f", copy_gbs);
       for (int op = 0; rows_timed && op < N_ROW_OPS; op++)
         fprintf(f, ", \"%s_gbs\": %.1f", kRowOpKeys[op], row_gbs[op]);
+      fprintf(f,
+              ", \"train_attention_ms\": %.4f, \"train_attention_backward_ms\": %.4f, \"train_products_ms\": %.4f, "
+              "\"train_products_backward_ms\": %.4f",
+              train_ms[0], train_ms[1], train_ms[2], train_ms[3]);
       fprintf(f, "}\n");
       fclose(f);
     }
