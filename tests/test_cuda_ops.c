@@ -598,28 +598,35 @@ static void test_attention_train(void **s) {
   check_attention_train(4, 4, 128, 12, 3, (const int[]){1, 6, 10});
   check_attention_train(40, 1, 24, 3, 2, (const int[]){2, 3});
   check_attention_train(4, 2, 200, 0, 1, (const int[]){9});
-  /* a layout backend.h does not allow, a row between two sequences: refused, named */
-  const int H = 2, hd = 8, row0[2] = {3, 6}, len[2] = {2, 2}, rows = 8;
+  check_attention_train(4, 1, 256, 6, 2, (const int[]){5, 4});
+  /* layouts backend.h does not allow: refused, named (a row between two sequences; an empty sequence) */
+  const int H = 2, hd = 8, rows = 8;
+  const struct {
+    int row0[2], len[2];
+    const char *said;
+  } bad[] = {{{3, 6}, {2, 2}, "attention_train: sequence 1 is rows [6, 8), where backend.h lays it from row 5"},
+             {{3, 3}, {0, 5}, "attention_train: sequence 0 is rows [3, 3), where backend.h lays it from row 3"}};
   float *buf = gpu->alloc((size_t)rows * H * hd * 6 * sizeof(float));
   assert_non_null(buf);
   const size_t n = (size_t)rows * H * hd;
-  const pa_attn_train_args a = {.n_heads = H,
-                                .n_kv_heads = H,
-                                .head_dim = hd,
-                                .prefix_len = 3,
-                                .n_seqs = 2,
-                                .seq_row0 = row0,
-                                .seq_len = len,
-                                .q = buf,
-                                .k = buf + n,
-                                .v = buf + 2 * n,
-                                .z = buf + 3 * n,
-                                .lse = buf + 4 * n};
-  gpu->attention_train(&a, buf + 5 * n);
-  assert_int_equal(gpu->status(), -1);
-  fprintf(stderr, "    reported: %s\n", gpu->error());
-  assert_non_null(
-      strstr(gpu->error(), "attention_train: sequence 1 is rows [6, 8), where backend.h lays it from row 5"));
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    const pa_attn_train_args a = {.n_heads = H,
+                                  .n_kv_heads = H,
+                                  .head_dim = hd,
+                                  .prefix_len = 3,
+                                  .n_seqs = 2,
+                                  .seq_row0 = bad[i].row0,
+                                  .seq_len = bad[i].len,
+                                  .q = buf,
+                                  .k = buf + n,
+                                  .v = buf + 2 * n,
+                                  .z = buf + 3 * n,
+                                  .lse = buf + 4 * n};
+    gpu->attention_train(&a, buf + 5 * n);
+    assert_int_equal(gpu->status(), -1);
+    fprintf(stderr, "    reported: %s\n", gpu->error());
+    assert_non_null(strstr(gpu->error(), bad[i].said));
+  }
   gpu->release(buf);
 }
 

@@ -97,9 +97,11 @@ __global__ void k_train_dq(int H, int KV, int hd, const float *q, const float *k
   }
 }
 
-// dK, dV: one block per (key row j, kv head), over the items that see the
-// key: the kv head's g query heads of each query row in [j, q_end), item n
-// being row j + n / g, head n % g of the group. No atomics: the items go in
+// dK, dV: one block per (key row j, kv head), the key row the slower index
+// (so the prefix keys, seen by every later row and so the longest, start
+// first for every kv head), over the items that see the key: the kv head's
+// g query heads of each query row in [j, q_end), item n being row
+// j + n / g, head n % g of the group. No atomics: the items go in
 // rounds of kTrainRound, each in two barriers (where two block-wide sums an
 // item would take eighteen):
 //  1. kTrainParts threads an item sum a part of its two dot products, q.k
@@ -108,10 +110,10 @@ __global__ void k_train_dq(int H, int KV, int hd, const float *q, const float *k
 //     item's weights: p = exp(s scale - lse) and scale dS = scale p (dp - D);
 //  3. every thread adds the round's items, in order, to its dimensions of dk
 //     (scale dS q) and dv (p dz).
-// The next round needs no barrier before it: its step 1 writes only the
-// parts, which step 2 has read before the second barrier, and its step 2
-// overwrites the weights only after its first barrier, which every thread
-// reaches when done with step 3. So every run makes the same sums. k's and
+// So every run makes the same sums. The next round needs no barrier before
+// it: its step 1 writes only the parts, which step 2 has read before the
+// second barrier, and its step 2 overwrites the weights only after its
+// first barrier, which every thread reaches when done with step 3. k's and
 // v's row j are read once, into shared memory, before the rounds.
 constexpr int kTrainParts = 4;                         // threads a dot product
 constexpr int kTrainRound = kTrainBlock / kTrainParts; // items a round
@@ -122,7 +124,7 @@ __global__ void k_train_dkdv(int H, int KV, int hd, const float *q, const float 
   __shared__ float kj[kTrainMaxDim], vj[kTrainMaxDim];
   __shared__ float part_s[kTrainRound][kTrainParts], part_dp[kTrainRound][kTrainParts];
   __shared__ float w_q[kTrainRound], w_dz[kTrainRound]; // scale dS and p: each item's weights on q and dz
-  const int j = blockIdx.x, kh = blockIdx.y, g = H / KV, tid = threadIdx.x;
+  const int j = blockIdx.x / KV, kh = blockIdx.x % KV, g = H / KV, tid = threadIdx.x;
   const float scale = rsqrtf((float)hd);
   // the item's (query row, head) as an index of lse and D, and times hd of q and dz
   auto item_at = [&](int n) { return (j + n / g) * H + kh * g + n % g; };
@@ -238,8 +240,8 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
     failed("attention_backward: head_dim %d, at most %d", hd, kTrainMaxDim);
     return;
   }
-  if ((size_t)rows * a->n_heads > INT_MAX) {
-    failed("attention_backward: %d rows of %d heads, over %d (rows x heads)", rows, a->n_heads, INT_MAX);
+  if ((size_t)rows * a->n_heads > INT_MAX - kTrainRound) { // k_train_dkdv's item indices, a round past the last
+    failed("attention_backward: %d rows of %d heads, over %d (rows x heads)", rows, a->n_heads, INT_MAX - kTrainRound);
     return;
   }
   int max_keys;
@@ -255,7 +257,7 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
     return;
   PA_LAUNCH(k_train_dq, dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared)
   (a->n_heads, a->n_kv_heads, hd, a->q, a->k, a->v, dz, a->lse, D, dq, d);
-  PA_LAUNCH(k_train_dkdv, dim3((unsigned)rows, (unsigned)a->n_kv_heads), kTrainBlock, 0)
+  PA_LAUNCH(k_train_dkdv, (unsigned)(rows * a->n_kv_heads), kTrainBlock, 0)
   (a->n_heads, a->n_kv_heads, hd, a->q, a->k, a->v, dz, a->lse, D, dk, dv, d);
   launched("attention_backward");
 }
