@@ -174,9 +174,10 @@ static double layer_products(const pa_backend *be, enum products kind, int T, do
  * against the layer's bf16 products on the same rows forward and backward:
  * the attention's share of a layer's training step. Its milliseconds
  * forward and backward, and the products', into ms[4]. */
+enum { kTrainPrefix = 26, kTrainSeqs = 16, kTrainLen = 70, kTrainRows = kTrainPrefix + kTrainSeqs * kTrainLen };
 static void train_attention(const pa_backend *be, double peak, double ms[4]) {
-  enum { H = 32, KH = 8, hd = 128, P = 26, N_SEQS = 16, LEN = 70 };
-  const int rows = P + N_SEQS * LEN;
+  enum { H = 32, KH = 8, hd = 128, P = kTrainPrefix, N_SEQS = kTrainSeqs, LEN = kTrainLen };
+  const int rows = kTrainRows;
   int row0[N_SEQS], len[N_SEQS];
   for (int i = 0; i < N_SEQS; i++)
     row0[i] = P + i * LEN, len[i] = LEN;
@@ -483,9 +484,9 @@ int main(int argc, char **argv) {
       for (int op = 0; rows_timed && op < N_ROW_OPS; op++)
         fprintf(f, ", \"%s_gbs\": %.1f", kRowOpKeys[op], row_gbs[op]);
       fprintf(f,
-              ", \"train_attention_ms\": %.4f, \"train_attention_backward_ms\": %.4f, \"train_products_ms\": %.4f, "
-              "\"train_products_backward_ms\": %.4f",
-              train_ms[0], train_ms[1], train_ms[2], train_ms[3]);
+              ", \"train_rows\": %d, \"train_attention_ms\": %.4f, \"train_attention_backward_ms\": %.4f, "
+              "\"train_products_ms\": %.4f, \"train_products_backward_ms\": %.4f",
+              kTrainRows, train_ms[0], train_ms[1], train_ms[2], train_ms[3]);
       fprintf(f, "}\n");
       fclose(f);
     }

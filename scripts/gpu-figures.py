@@ -244,7 +244,9 @@ def bench_lines(bench, steps):
                                     "train_products_backward_ms")]
     if all(isinstance(t, (int, float)) and t > 0 for t in train):
         fwd, bwd, prod, prod_bwd = train
-        lines.append(f"- training attention, a DPO step's 1,146 rows: forward {fwd:.3f} ms ({fwd / prod:.2f}x the "
+        rows = bench.get("train_rows")
+        rows = f"{rows:,}" if isinstance(rows, int) else "?"
+        lines.append(f"- training attention, a DPO step's {rows} rows: forward {fwd:.3f} ms ({fwd / prod:.2f}x the "
                      f"layer's bf16 products), backward {bwd:.3f} ms ({bwd / prod_bwd:.2f}x the backward products): "
                      f"{100 * (fwd + bwd) / (fwd + bwd + prod + prod_bwd):.0f}% of the step's products and attention")
     return lines

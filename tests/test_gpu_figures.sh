@@ -49,7 +49,7 @@ import json, sys
 b = {"device": "NVIDIA H100 80GB HBM3", "bf16_peak_tflops": 800.0, "layer_matmul_tflops": 50.0,
      "layer_matmul_bf16_tflops": 600.0, "decode1_shares": 16, "decode180_packed": 1, "copy_gbs": 3000.0,
      "rmsnorm_gbs": 2400.0, "rope_gbs": 1500.0, "swiglu_gbs": 2700.0, "add_gbs": 2850.0, "round_bf16_gbs": 2100.0,
-     "train_attention_ms": 0.25, "train_attention_backward_ms": 0.5, "train_products_ms": 2.0,
+     "train_rows": 1146, "train_attention_ms": 0.25, "train_attention_backward_ms": 0.5, "train_products_ms": 2.0,
      "train_products_backward_ms": 2.5}
 for i, shape in enumerate(("prefill", "pas", "decode1", "decode180")):
     for j, k in enumerate(("simple", "tiled", "mma", "mma_bf16")):
@@ -120,7 +120,7 @@ for name in '\"device\": \"%s\"' '\"bf16_peak_tflops\": %.2f' 'layer_matmul_tflo
   'attention_%s_%s_ms' 'attention_decode1_%s_unsplit_ms' 'decode1_shares' 'attention_decode180_%s_packed_%d_shares_ms' \
   'attention_decode180_%s_packed_%d_shares_total' 'copy_gbs' '%s_gbs' '{"rmsnorm", "rope", "swiglu", "add", "round_bf16"}' \
   'device: %s, %d SMs' 'bf16 GEMM 8192^3 (cuBLAS, fp32 accumulation): %.1f TFLOP/s' 'train_attention_ms' \
-  'train_attention_backward_ms' 'train_products_ms' 'train_products_backward_ms'; do
+  'train_attention_backward_ms' 'train_products_ms' 'train_products_backward_ms' 'train_rows'; do
   grep -qF -- "$name" "$ROOT/bench/bench_cuda.c" || fail "bench_cuda.c no longer writes $name"
 done
 for name in 'prefill_long_tokens 1536' 'prefill_long_gflops %.1f' 'prefill_gflops %.1f' 'weights %s'; do
