@@ -28,6 +28,7 @@ typedef struct {
   int (*select)(int);
   const pa_backend *(*backend)(void);
   const char *(*error)(void);
+  size_t (*backend_bytes)(void);
 } cuda_module;
 
 /* The module's entry points (cuda_backend.h); NULL with a message in err when it cannot be loaded. */
@@ -55,12 +56,19 @@ static const cuda_module *load_cuda(char *err, size_t n) {
       *(void **)&m.select = dlsym(h, "pa_cuda_select");
       *(void **)&m.backend = dlsym(h, "pa_backend_cuda");
       *(void **)&m.error = dlsym(h, "pa_cuda_error");
+      *(void **)&m.backend_bytes = dlsym(h, "pa_cuda_backend_bytes");
     }
     if (!path) {
       snprintf(why, sizeof why, "this palign was built without the CUDA backend (PALIGN_CUDA=OFF or no CUDA toolkit)");
-    } else if (!h || !m.devices || !m.select || !m.backend || !m.error) {
+    } else if (!h || !m.devices || !m.select || !m.backend || !m.error || !m.backend_bytes) {
       const char *e = h ? dlerror() : first;
       snprintf(why, sizeof why, "the CUDA backend (%s) cannot be loaded: %s", path, e && *e ? e : "symbols missing");
+      m.backend = NULL;
+    } else if (m.backend_bytes() != sizeof(pa_backend)) {
+      snprintf(why, sizeof why,
+               "the CUDA backend (%s) was built for another palign: its operation table is %zu bytes, this "
+               "palign's %zu (build the two together)",
+               path, m.backend_bytes(), sizeof(pa_backend));
       m.backend = NULL;
     }
   }

@@ -294,6 +294,8 @@ const pa_backend *pa_backend_cuda(void) {
   return &cuda_backend;
 }
 
+size_t pa_cuda_backend_bytes(void) { return sizeof(pa_backend); }
+
 const char *pa_cuda_error(void) { return last_error; }
 
 unsigned long pa_cuda_host_waits(void) { return host_waits; }

@@ -50,6 +50,12 @@ int pa_cuda_select(int device);
  * NULL when there is none (pa_cuda_error says why). */
 const pa_backend *pa_backend_cuda(void);
 
+/* sizeof(pa_backend) where this library was built: palign loads it only
+ * when its own is the same (kernels/backends.c), so that a library built
+ * against another backend.h, whose operation table would be read wrong,
+ * is an error naming it rather than a crash. */
+size_t pa_cuda_backend_bytes(void);
+
 /* The attention kernel to use first: "mma" (the default: the tensor cores
  * on tf32 parts, fp32's precision, head dimensions that are multiples of 8
  * up to 128), "mma_bf16" (the tensor cores on q, k and v rounded to bf16,
