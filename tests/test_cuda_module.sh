@@ -2,7 +2,7 @@
 # tests/test_cuda_module.sh BUILD_DIR: palign refuses a CUDA backend library
 # it cannot use, naming the file and the reason, and runs nothing on it
 # (kernels/backends.c), in any build (the libraries are stand-ins,
-# tests/cuda_stub_module.c, which say a device is there):
+# tests/cuda_stale_module.c, which say a device is there):
 #   1. one built against another backend.h (its pa_cuda_backend_bytes is not
 #      this palign's sizeof(pa_backend)): "was built for another palign",
 #      with both sizes;

@@ -1,7 +1,7 @@
-/* cuda_stub_module.c: stand-ins for the CUDA backend's library
+/* cuda_stale_module.c: stand-ins for the CUDA backend's library
  * (libpalign_cuda.so) that palign must refuse, naming them
  * (kernels/backends.c; tests/test_cuda_module.sh): built with
- * STUB_TABLE_BYTES, a library whose operation table has another size than
+ * STALE_TABLE_BYTES, a library whose operation table has another size than
  * this palign's (built against another backend.h); without it, one that
  * lacks pa_cuda_backend_bytes (built before palign checked the size).
  * Both say a device is there, so that only the check stands between palign
@@ -16,6 +16,6 @@ int pa_cuda_devices(void) { return 1; }
 int pa_cuda_select(int device) { return device == 0 ? 0 : -1; }
 const pa_backend *pa_backend_cuda(void) { return (const pa_backend *)table; }
 const char *pa_cuda_error(void) { return ""; }
-#ifdef STUB_TABLE_BYTES
-size_t pa_cuda_backend_bytes(void) { return STUB_TABLE_BYTES; }
+#ifdef STALE_TABLE_BYTES
+size_t pa_cuda_backend_bytes(void) { return STALE_TABLE_BYTES; }
 #endif
