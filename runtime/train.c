@@ -390,11 +390,12 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
   const pa_backend *be = t->be;
   const pa_model_config *c = &lm->c;
   const pa_lora *lo = t->lora, *host_grad = grad;
-  if (!be->host_memory) { /* the adapter's copy is the forward's; the gradient's accumulates there */
+  if (!be->host_memory) { /* the adapter's copy is the forward's; the gradient's sums start from zero there */
     lo = &t->lora_view;
-    if (!(grad = (pa_lora *)on_backend(t, grad, &t->d_grad, &t->grad_view, true)))
+    if (!(grad = (pa_lora *)on_backend(t, grad, &t->d_grad, &t->grad_view, false)))
       return pa_error(PA_ENOMEM, "trainer: no %s memory for the gradient", be->name);
   }
+  be->zero(grad->arena, grad->n_floats * sizeof(float)); /* lora_backward adds to it */
   const int R = t->rows, D = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, F = c->ffn_dim;
   float *dxb = t->t1, *dh = t->t2;
 

@@ -73,8 +73,9 @@ double pa_trainer_flops(const pa_trainer *t);
 int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch *b, float *logits);
 
 /* Back from dlogits [n_seqs][n_out] (dloss / dlogits of the last forward
- * pass, which must have had an adapter): adds the gradient of every A and B
- * to grad (same shape as that adapter). */
+ * pass, which must have had an adapter): writes the gradient of every A and
+ * B into grad (same shape as that adapter; what it held is not read, so a
+ * device backend copies nothing up, only the gradient down). */
 int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad);
 
 #endif

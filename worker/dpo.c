@@ -300,7 +300,6 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
       loss /= n_pairs;
       out->loss[step] = loss;
       epoch_sum += loss;
-      memset(grad->arena, 0, grad->n_floats * sizeof *grad->arena);
       if ((rc = pa_trainer_backward(tr, dlog, grad)))
         goto done;
       adamw(out->adapter, grad, m1, m2, o, step + 1);
