@@ -45,6 +45,10 @@
 #   pas-8b4-batch180.txt,   PAS again with the 180 items in one batch
 #   .json                   (--batch 180; the default is 64): its grid's
 #                           seconds against pas-8b4's
+#   profile-dpo-8b4.txt     DPO (one epoch) under the profile: the training
+#                           attention's kernels (forward; backward's D, dQ
+#                           and dK/dV apart) against the products and the
+#                           gradient's copies; log in dpo-8b4-profiled.txt
 #   sanitizer.log           compute-sanitizer's memcheck, racecheck (shared
 #                           memory hazards between a block's threads) and
 #                           initcheck on test_cuda_ops
@@ -295,6 +299,10 @@ if ok mkmodel-8b4; then
     --methods pas_only --subjects 1 "${grid[@]}" --backend cuda --batch 180 --json "$OUT/pas-8b4-batch180.json" \
     --bank "$PB"
   rm -f "$PB"
+  # where DPO's device time goes (one epoch: the reference pass and 8 steps): the training attention's kernels
+  # against the products and the copies, which says what DPO's next step is
+  step dpo-8b4-profiled 150 "$OUT/dpo-8b4-profiled.txt" env PALIGN_CUDA_PROFILE="$OUT/profile-dpo-8b4.txt" \
+    "$BUILD/palign" eval --model "$M" --papi "$PAPI" --methods dpo --subjects 1 --dpo-epochs 1 --backend cuda
 fi
 rm -f "$M"
 

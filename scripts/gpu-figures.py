@@ -6,7 +6,8 @@ issue 13's goals.
 Reads what gpu-check left in OUTDIR (steps.txt, env.txt, bench.json or else
 bench.txt, forward-8b4*.txt, pas-8b4*.txt and .json (the batch-180 run's
 too), dpo-8b4.txt and .json,
-profile-pas-8b4.txt, nccl-compare.txt, sanitizer.log) and prints:
+profile-pas-8b4.txt, profile-dpo-8b4.txt, nccl-compare.txt, sanitizer.log)
+and prints:
   - the GPU (bench_cuda's device name, else nvidia-smi's) and the steps that
     failed or were skipped;
   - the goals: prefill TFLOP/s on the 8B layer shape (bench_forward; the
@@ -19,9 +20,9 @@ profile-pas-8b4.txt, nccl-compare.txt, sanitizer.log) and prints:
     output rows, the waits) do not grow (goal: under 5 s); DPO's the same
     way;
   - bench_cuda's products, attention kernels and memory rates;
-  - the profile's first rows and what the profile cost (PAS's grid with it
-    against without), and PAS's grid with its 180 items in one batch
-    against batches of 64;
+  - the PAS profile's first rows and what the profile cost (PAS's grid
+    with it against without), and PAS's grid with its 180 items in one
+    batch against batches of 64; the DPO profile's first rows;
   - NCCL's comparison and each sanitizer tool's summary.
 A figure whose file is missing or unreadable says so, with its step's
 status; a section that cannot be read says why, and the others stand.
@@ -36,6 +37,7 @@ import sys
 
 LAYERS_RUN, LAYERS_8B = 4, 32
 GOAL_PREFILL_SHARE, GOAL_PAS_S = 0.50, 5.0
+PROFILE_LINES = 16  # a profile's title, totals, header and its 13 costliest rows
 
 
 def read(outdir, name):
@@ -302,9 +304,11 @@ def main():
     section(out, "the goals", lambda: goals(outdir, steps, bench))
     out.append("")
     section(out, "bench_cuda", lambda: bench_lines(bench, steps))
-    out += ["", "## Where PAS's device time goes", ""]
-    profile = read(outdir, "profile-pas-8b4.txt")
-    out += ["```"] + profile.splitlines()[:16] + ["```"] if profile else [missing("profile", steps, "pas-8b4-profiled")]
+    for what, name in (("PAS", "pas"), ("DPO", "dpo")):
+        out += ["", f"## Where {what}'s device time goes", ""]
+        profile = read(outdir, f"profile-{name}-8b4.txt")
+        out += (["```"] + profile.splitlines()[:PROFILE_LINES] + ["```"] if profile else
+                [missing("profile", steps, f"{name}-8b4-profiled")])
     out += ["", "## NCCL and the sanitizer", ""]
     nccl = read(outdir, "nccl-compare.txt")
     out.append(f"- NCCL against MPI: {nccl.strip().splitlines()[-1]}" if nccl and nccl.strip() else

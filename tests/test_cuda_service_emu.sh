@@ -37,7 +37,9 @@
 #      answers the same and every option probability within 1e-3 (measured:
 #      5.4e-8, 2.2e-5, 180 of 180, 5.9e-5; the attention's sums go in
 #      another order, which may move an activation's bf16 rounding by one
-#      step, and eight Adam steps carry such differences on).
+#      step, and eight Adam steps carry such differences on); under the
+#      profile, the training attention's three backward kernels a row each
+#      (D = dz.z, dQ, dK and dV), a span a step.
 # KEEP=1 keeps the scratch directory (its path printed) for a look after.
 # Exit 0 when every check passed, 1 otherwise, 77 (skipped) without mpirun,
 # the PAPI data or the emulated module.
@@ -185,9 +187,14 @@ grep -q "PALIGN_CUDA_PROFILE: a name of .* characters (at most 4000)" "$S/long.l
   fail "a PALIGN_CUDA_PROFILE too long: $(cat "$S/long.log")"
 
 # 7. DPO on the device: one epoch (8 steps, a learning rate that moves the loss) through the service, against the
-# CPU's service with bf16 weights
+# CPU's service with bf16 weights; under the profile, the training attention's backward kernels a row each, a span
+# a step (one layer)
 dpo=(--methods none,dpo --dpo-epochs 1 --dpo-lr 0.01)
-worker 1 1 "$S/dpo.log" --store "$S/store-dpo" "${dpo[@]}" --backend cuda
+PALIGN_CUDA_PROFILE=$S/dpo-profile-%p.txt worker 1 1 "$S/dpo.log" --store "$S/store-dpo" "${dpo[@]}" --backend cuda
+for row in "D = dz.z" "dQ" "dK, dV"; do
+  [ "$(cat "$S"/dpo-profile-*.txt | grep -cE "^  attention_backward: $row +8 ")" = 1 ] ||
+    fail "DPO's profile: no row 'attention_backward: $row' of 8 spans: $(cat "$S"/dpo-profile-*.txt)"
+done
 worker 1 1 "$S/dpo-cpu.log" --store "$S/store-dpo-cpu" "${dpo[@]}" --backend cpu --weights bf16
 for st in store-dpo store-dpo-cpu; do
   "$BUILD/palign" query "$S/$st" export --format records --out "$S/$st.jsonl" >/dev/null 2>&1 || fail "query export $st"

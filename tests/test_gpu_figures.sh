@@ -7,7 +7,8 @@
 #      PAS's three parts times 8 under and over 5 s (the probes and grid
 #      from the eval's JSON, which the log rounds), DPO's, the attention
 #      table, the shares sweep and the memory rates, the profile's cost
-#      and the grid in one batch of 180 against batches of 64,
+#      and the grid in one batch of 180 against batches of 64, the PAS and
+#      DPO profiles' rows,
 #      each sanitizer tool's summary and step, the failed steps named;
 #      without bench.json, bench.txt's device and peak; --dry-run said;
 #   2. the names it reads are the ones bench_cuda and bench_forward write,
@@ -73,6 +74,8 @@ pas_line 0.16 0.04 0.2 >"$D/pas-8b4-batch180.txt"
 pas_json 0.041 0.228 >"$D/pas-8b4-batch180.json"
 echo "DPO per trained subject (1): reference 1.5 s, 10 tokens, 1e+12 FLOPs; steps 20.5 s, 99 tokens, 2e+13 FLOPs; 5 MB of activations planned" >"$D/dpo-8b4.txt"
 printf '%s\n' "palign: CUDA device time by operation (pid 1, device 0)" "  matmul bf16 4096x14336   96   1.0" >"$D/profile-pas-8b4.txt"
+printf '%s\n' "palign: CUDA device time by operation (pid 2, device 0)" "  attention_backward: dK, dV   8   2.0" \
+  >"$D/profile-dpo-8b4.txt"
 echo "the same 2 records" >"$D/nccl-compare.txt"
 {
   printf '%s\n' "========= COMPUTE-SANITIZER" "[ PASSED ] 16 test(s)." "========= ERROR SUMMARY: 0 errors"
@@ -94,6 +97,8 @@ has "$S/out1.md" "(asked: all, ms): 1: 2 0.100, 2: 4 0.200, 3: 6 0.300, 4: 7 0.4
 has "$S/out1.md" "a device-to-device copy at 3000 GB/s; on PAS's pass's rows rmsnorm 2400 GB/s (80%), rope 1500 GB/s (50%)"
 has "$S/out1.md" "training attention, a DPO step's 1,146 rows: forward 0.250 ms (0.12x the layer's bf16 products), backward 0.500 ms (0.20x the backward products): 14% of the step's products and attention"
 has "$S/out1.md" "  matmul bf16 4096x14336   96   1.0"
+has "$S/out1.md" "## Where DPO's device time goes"
+has "$S/out1.md" "  attention_backward: dK, dV   8   2.0"
 has "$S/out1.md" "NCCL against MPI: the same 2 records"
 has "$S/out1.md" "compute-sanitizer memcheck: ERROR SUMMARY: 0 errors (step sanitizer-memcheck: 0)"
 has "$S/out1.md" "compute-sanitizer racecheck: RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings) (step sanitizer-racecheck: 1)"
@@ -158,6 +163,8 @@ has "$S/out4.md" "- prefill: missing (step forward-8b4: 124)"
 has "$S/out4.md" "- PAS per subject: missing (step pas-8b4 did not run)"
 has "$S/out4.md" "- missing: no bench.json (step bench_cuda did not run)"
 has "$S/out4.md" "- compute-sanitizer: no log (step sanitizer did not run)"
+has "$S/out4.md" "- profile: missing (step pas-8b4-profiled did not run)"
+has "$S/out4.md" "- profile: missing (step dpo-8b4-profiled did not run)"
 echo "PAS per fitted subject (1): the line changed" >"$S/empty/pas-8b4.txt"
 python3 "$FIG" "$S/empty" >"$S/out5.md" || fail "gpu-figures exited $?"
 has "$S/out5.md" "- PAS per subject: missing (its line is there but did not parse)"

@@ -248,17 +248,26 @@ void cu_attention_backward(const pa_attn_train_args *a, const float *dz, float *
   const train_row *d = rows ? train_upload(a, "attention_backward", rows, &max_keys) : nullptr;
   if (!d)
     return;
-  float *D = scratch; /* [rows][H] */
-  const size_t n = (size_t)rows * a->n_heads;
-  const timed t("attention_backward");
-  PA_LAUNCH(k_train_rowdot, blocks(n), kBlock, 0)(n, hd, dz, a->z, D);
   const size_t shared = (size_t)max_keys * sizeof(float);
   if (!shared_for((const void *)k_train_dq, kShTrainDq, shared, "attention_backward", max_keys))
     return;
-  PA_LAUNCH(k_train_dq, dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared)
-  (a->n_heads, a->n_kv_heads, hd, a->q, a->k, a->v, dz, a->lse, D, dq, d);
-  PA_LAUNCH(k_train_dkdv, (unsigned)(rows * a->n_kv_heads), kTrainBlock, 0)
-  (a->n_heads, a->n_kv_heads, hd, a->q, a->k, a->v, dz, a->lse, D, dk, dv, d);
+  // a span a kernel, so that the profile says which of them a training step waits on
+  float *D = scratch; /* [rows][H] */
+  const size_t n = (size_t)rows * a->n_heads;
+  {
+    const timed t("attention_backward: D = dz.z");
+    PA_LAUNCH(k_train_rowdot, blocks(n), kBlock, 0)(n, hd, dz, a->z, D);
+  }
+  {
+    const timed t("attention_backward: dQ");
+    PA_LAUNCH(k_train_dq, dim3((unsigned)rows, (unsigned)a->n_heads), kBlock, shared)
+    (a->n_heads, a->n_kv_heads, hd, a->q, a->k, a->v, dz, a->lse, D, dq, d);
+  }
+  {
+    const timed t("attention_backward: dK, dV");
+    PA_LAUNCH(k_train_dkdv, (unsigned)(rows * a->n_kv_heads), kTrainBlock, 0)
+    (a->n_heads, a->n_kv_heads, hd, a->q, a->k, a->v, dz, a->lse, D, dk, dv, d);
+  }
   launched("attention_backward");
 }
 
