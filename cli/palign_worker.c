@@ -40,6 +40,7 @@ static void usage(FILE *f) {
              "  --seed N           run seed: probe splits and the holdout set (default 1)\n"
              "  --threads N        CPU threads per worker (default: all)\n"
              "  --mode logits|generate  how answers are read (default logits)\n"
+             "  --batch N          questions per forward batch (default 64; fewer need less memory)\n"
              "  --holdout N        PAS holdout protocol: selection items per trait (default 6)\n"
              "  --alphas LIST      PAS alpha grid, comma-separated (default 0,1,2,4,6,8)\n"
              "  --chunk N          subjects per hand-out (default: from the counts)\n"
@@ -84,7 +85,7 @@ int main(int argc, char **argv) {
     static const char *const flags[] = {"--model",           "--papi",     "--store",     "--methods", "--subjects",
                                         "--subjects-file",   "--seed",     "--threads",   "--mode",    "--holdout",
                                         "--chunk",           "--progress", "--heartbeat", "--silent",  "--alphas",
-                                        "--benchmark-delay", "--shard-mb", "--backend",   "--weights"};
+                                        "--benchmark-delay", "--shard-mb", "--backend",   "--weights", "--batch"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof flags / sizeof *flags); j++)
       if (!strcmp(a, flags[j]))
@@ -154,6 +155,7 @@ int main(int argc, char **argv) {
       break;
     case 17: bad = pa_backend_arg(err, "palign-worker", v) != 0, o.backend = v; break;
     case 18: bad = pa_weights_arg(err, "palign-worker", v) != 0, o.weights = v; break;
+    case 19: bad = pa_arg_int(err, "palign-worker", a, v, 1, 4096, &n), o.eval.batch = (int)n; break;
     default:
       o.n_alphas = pa_pas_parse_alphas(v, alphas);
       o.alphas = alphas;

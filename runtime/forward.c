@@ -6,7 +6,9 @@
 #include "status.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -15,6 +17,16 @@
 /* RoPE angles as Hugging Face computes them in float32, so long prompts
  * agree to the last bits that matter: inv_freq = 1 / theta^(2i/d), angle =
  * position * inv_freq, both rounded to float. */
+int pa_backend_enomem(const pa_backend *be, const char *fmt, ...) {
+  char what[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(what, sizeof what, fmt, ap);
+  va_end(ap);
+  const char *why = be->host_memory ? "" : be->error();
+  return *why ? pa_error(PA_ENOMEM, "%s on the %s backend (%s)", what, be->name, why) : pa_error(PA_ENOMEM, "%s", what);
+}
+
 static int rope_tables(pa_lm *lm) {
   const int half = lm->c.head_dim / 2;
   lm->cos_tab = malloc((size_t)lm->max_seq * half * sizeof(float));
@@ -47,7 +59,7 @@ static int rope_tables(pa_lm *lm) {
   }
   free(lm->cos_tab), free(lm->sin_tab);
   lm->cos_tab = c, lm->sin_tab = s;
-  return c && s ? PA_OK : pa_error(PA_ENOMEM, "%s: no device memory for RoPE tables", lm->be->name);
+  return c && s ? PA_OK : pa_backend_enomem(lm->be, "no memory for the RoPE tables of %d positions", lm->max_seq);
 }
 
 /* Where place_weights is in its two allocations. */
@@ -162,12 +174,12 @@ static int place_weights(pa_lm *lm) {
   const size_t mat_bytes = p.n_mats * (lm->bf16 ? sizeof(pa_bf16) : sizeof(float));
   w->mats = be->alloc(mat_bytes);
   w->vecs = be->alloc(p.n_vecs * sizeof(float));
+  if (!w->mats || !w->vecs)
+    return pa_backend_enomem(be, "%s: no memory for %.3g MB of %s weights", pa_model_path(lm->model), mat_bytes / 1e6,
+                             pa_lm_weights(lm));
   p.chunk = lm->bf16 ? malloc(CONVERT_CHUNK * sizeof(pa_bf16)) : NULL;
-  if (!w->mats || !w->vecs || (lm->bf16 && !p.chunk)) {
-    free(p.chunk);
-    return pa_error(PA_ENOMEM, "%s: no memory for %zu MB of %s weights on the %s backend", pa_model_path(lm->model),
-                    mat_bytes >> 20, pa_lm_weights(lm), be->name);
-  }
+  if (lm->bf16 && !p.chunk)
+    return pa_error(PA_ENOMEM, "%s: no memory for the bf16 conversion's buffer", pa_model_path(lm->model));
   p.mats = w->mats, p.vecs = w->vecs, p.n_mats = p.n_vecs = 0;
   place_all(&p, h, w);
   free(p.chunk);
@@ -280,8 +292,10 @@ int pa_kv_create(const pa_lm *lm, int capacity, pa_kv **out) {
   kv->k = kv->be->alloc(n * sizeof(float));
   kv->v = kv->be->alloc(n * sizeof(float));
   if (!kv->k || !kv->v) {
+    const int rc =
+        pa_backend_enomem(kv->be, "no memory for a KV cache of %d tokens (%.3g MB)", capacity, 2 * n * 4 / 1e6);
     pa_kv_destroy(kv);
-    return pa_error(PA_ENOMEM, "no memory for a KV cache of %d tokens (%zu MB)", capacity, 2 * n * 4 >> 20);
+    return rc;
   }
   *out = kv;
   return PA_OK;
@@ -338,7 +352,7 @@ static int scratch_reserve(pa_lm *lm, int rows, int seqs) {
       !s->pos_h || !s->ids_h || (dev && (!s->logits || !s->heads || !s->heads_h || !s->last_row || !s->last_row_h)) ||
       !s->aseq) {
     scratch_free(be, s);
-    return pa_error(PA_ENOMEM, "no memory for the activations of %d tokens", rows);
+    return pa_backend_enomem(be, "no memory for the activations of %d tokens", rows);
   }
   s->rows = rows;
   s->seqs = seqs;
@@ -399,7 +413,7 @@ static int select_output_rows(pa_lm *lm, const int32_t *ids, int n) {
     lm->sel = lm->be->alloc((size_t)n * row);
     lm->sel_ids = malloc((size_t)n * sizeof *lm->sel_ids);
     if (!lm->sel || !lm->sel_ids)
-      return pa_error(PA_ENOMEM, "no %s memory for %d output rows", lm->be->name, n);
+      return pa_backend_enomem(lm->be, "no memory for %d output rows", n);
     lm->sel_cap = n;
   }
   for (int i = 0; i < n; i++)
@@ -461,7 +475,7 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
     lm->be->release(lm->s.lu);
     lm->s.lu_cap = 0;
     if (!(lm->s.lu = lm->be->alloc((size_t)rows * b->lora->rank * sizeof(float))))
-      return pa_error(PA_ENOMEM, "no memory for the LoRA activations of %d tokens", rows);
+      return pa_backend_enomem(lm->be, "no memory for the LoRA activations of %d tokens", rows);
     lm->s.lu_cap = (size_t)rows * b->lora->rank;
   }
   /* on a device backend the adapter is copied over for the pass, and a view
@@ -473,7 +487,7 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
       lm->be->release(lm->lora);
       lm->lora_cap = 0;
       if (!(lm->lora = lm->be->alloc(lora->n_floats * sizeof(float))))
-        return pa_error(PA_ENOMEM, "no %s memory for a LoRA adapter", lm->be->name);
+        return pa_backend_enomem(lm->be, "no memory for a LoRA adapter");
       lm->lora_cap = lora->n_floats;
     }
     lm->be->upload(lm->lora, lora->arena, lora->n_floats * sizeof(float));
@@ -509,7 +523,7 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
   const size_t steer_floats = (size_t)c->n_layers * H * hd;
   if (b->steer && !be->host_memory) { /* the displacements, once per pass */
     if (!lm->steer && !(lm->steer = be->alloc(steer_floats * sizeof(float))))
-      return pa_error(PA_ENOMEM, "no %s memory for the steering displacements", be->name);
+      return pa_backend_enomem(be, "no memory for the steering displacements");
     be->upload(lm->steer, b->steer, steer_floats * sizeof(float));
   }
   pa_attn_args att = {
@@ -531,7 +545,7 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
     s->attn_scratch = be->alloc(need * sizeof(float));
     s->attn = s->attn_scratch ? need : 0;
     if (!s->attn_scratch)
-      return pa_error(PA_ENOMEM, "no memory for attention scratch (%zu MB)", need * 4 >> 20);
+      return pa_backend_enomem(be, "no memory for the attention's scratch (%.3g MB)", need * 4 / 1e6);
   }
 
   lm_embed(lm, rows, s->ids, lm->w.tok_embd, s->x);

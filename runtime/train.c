@@ -105,10 +105,14 @@ int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out) {
   }
   t->attn_floats = attn_scratch_floats(t, &p);
   t->arena_floats = per_layer * (size_t)c->n_layers + work + t->attn_floats;
-  t->arena = t->be->alloc(t->arena_floats * sizeof *t->arena);
+  if (!(t->arena = t->be->alloc(t->arena_floats * sizeof *t->arena))) {
+    rc = pa_backend_enomem(t->be, "trainer: no memory for %.3g MB of activations (%d rows)", t->arena_floats * 4 / 1e6,
+                           p.max_rows);
+    goto fail;
+  }
   const size_t outs = S * (size_t)p.max_out;
   if (!(t->w_sel = t->be->alloc(outs * D * sizeof(float)))) {
-    rc = pa_error(PA_ENOMEM, "trainer: no %s memory for %zu output rows", t->be->name, outs);
+    rc = pa_backend_enomem(t->be, "trainer: no memory for %zu output rows", outs);
     goto fail;
   }
   if (!t->be->host_memory) {
@@ -118,16 +122,11 @@ int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out) {
     t->d_logits = t->be->alloc(outs * sizeof(float));
     t->d_dlogits = t->be->alloc(outs * sizeof(float));
     if (!t->d_ids || !t->d_pos || !t->d_out || !t->d_logits || !t->d_dlogits) {
-      rc = pa_error(PA_ENOMEM, "trainer: no %s memory for its buffers", t->be->name);
+      rc = pa_backend_enomem(t->be, "trainer: no memory for its buffers");
       goto fail;
     }
   } else {
     t->d_ids = t->ids, t->d_pos = t->pos, t->d_out = t->out;
-  }
-  if (!t->arena) {
-    rc = pa_error(PA_ENOMEM, "trainer: no memory for %zu MB of activations (%d rows)", t->arena_floats * 4 >> 20,
-                  p.max_rows);
-    goto fail;
   }
   float *a = t->arena;
 #define TAKE(ptr, n) (ptr = a, a += (n))
@@ -301,7 +300,7 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
   }
   const pa_lora *host_lora = lora;
   if (lora && !(lora = on_backend(t, lora, &t->d_lora, &t->lora_view, true)))
-    return pa_error(PA_ENOMEM, "trainer: no %s memory for the adapter", be->name);
+    return pa_backend_enomem(be, "trainer: no memory for the adapter");
   t->lora = host_lora;
   t->attn = (pa_attn_train_args){.n_heads = H,
                                  .n_kv_heads = KV,
@@ -393,7 +392,7 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
   if (!be->host_memory) { /* the adapter's copy is the forward's; the gradient's sums start from zero there */
     lo = &t->lora_view;
     if (!(grad = (pa_lora *)on_backend(t, grad, &t->d_grad, &t->grad_view, false)))
-      return pa_error(PA_ENOMEM, "trainer: no %s memory for the gradient", be->name);
+      return pa_backend_enomem(be, "trainer: no memory for the gradient");
   }
   be->zero(grad->arena, grad->n_floats * sizeof(float)); /* lora_backward adds to it */
   const int R = t->rows, D = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, F = c->ffn_dim;

@@ -107,6 +107,16 @@ bool shared_for(const void *kernel, int which, size_t bytes, const char *what, i
 
 namespace {
 
+// bytes as text in s (32 chars): "812 bytes", "3.4 kB", "18.2 MB", "79.6 GB" (powers of 1,000)
+const char *size_text(size_t bytes, char *s) {
+  const double b = (double)bytes;
+  if (b < 1e3)
+    snprintf(s, 32, "%zu bytes", bytes);
+  else
+    snprintf(s, 32, "%.1f %s", b < 1e6 ? b / 1e3 : b < 1e9 ? b / 1e6 : b / 1e9, b < 1e6 ? "kB" : b < 1e9 ? "MB" : "GB");
+  return s;
+}
+
 // An allocation's failure is its NULL (the caller reports it), not an
 // operation's: it is not kept for status().
 void *cu_alloc(size_t bytes) {
@@ -115,7 +125,13 @@ void *cu_alloc(size_t bytes) {
   if (e == cudaSuccess)
     return p;
   cudaGetLastError(); // not left for the next launch's check
-  snprintf(last_error, sizeof last_error, "alloc of %zu bytes: %s", bytes, cudaGetErrorString(e));
+  size_t free_bytes, total_bytes;
+  char want[32], have[32], all[32];
+  if (e == cudaErrorMemoryAllocation && cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess)
+    snprintf(last_error, sizeof last_error, "device %d: %s asked for, %s free of its %s", device_used,
+             size_text(bytes, want), size_text(free_bytes, have), size_text(total_bytes, all));
+  else
+    snprintf(last_error, sizeof last_error, "alloc of %zu bytes: %s", bytes, cudaGetErrorString(e));
   return nullptr;
 }
 

@@ -3,6 +3,7 @@
 #include "rng.h"
 
 #include <cblas.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,6 +65,9 @@ uint64_t order_seed = 0x9E3779B97F4A7C15ull;
 
 int device = 0; // cudaSetDevice's
 
+constexpr size_t kDeviceMemory = (size_t)80 << 30; // an H100's, unless PALIGN_EMU_MEMORY says otherwise
+size_t device_used = 0;                            // bytes of the live device allocations
+
 using emu::report; // an error's detail (below)
 
 // The devices a process sees: PALIGN_EMU_DEVICES (1 to 16), else 1. They
@@ -81,6 +85,28 @@ int device_count() {
       return 1;
     }
     return (int)v;
+  }();
+  return n;
+}
+
+// The device's memory: PALIGN_EMU_MEMORY (bytes; a K, M or G after the
+// number multiplies by 2^10, 2^20, 2^30), else 80 GiB. cudaMalloc refuses
+// what would take the live allocations past it, as a GPU's does when full.
+size_t device_memory() {
+  static const size_t n = [] {
+    const char *env = getenv("PALIGN_EMU_MEMORY");
+    if (!env || !*env)
+      return kDeviceMemory;
+    char *end;
+    errno = 0;
+    const unsigned long long v = strtoull(env, &end, 10);
+    const int shift = *end == 'K' ? 10 : *end == 'M' ? 20 : *end == 'G' ? 30 : 0;
+    if (errno || end == env || *env == '-' || (shift && end[1]) || (!shift && *end) || v > (SIZE_MAX >> shift)) {
+      report("PALIGN_EMU_MEMORY=%s: not a number of bytes (a K, M or G after it allowed); %zu GiB", env,
+             kDeviceMemory >> 30);
+      return kDeviceMemory;
+    }
+    return (size_t)v << shift;
   }();
   return n;
 }
@@ -552,11 +578,15 @@ cudaError_t allocate(std::map<uintptr_t, size_t> &m, void **p, size_t bytes, siz
   *p = nullptr;
   if (fault)
     return fault;
+  const bool dev = &m == &allocations;
+  if (dev && bytes > device_memory() - device_used)
+    return error(cudaErrorMemoryAllocation);
   void *a = aligned_alloc(align, (bytes / align + 1) * align);
   if (!a)
     return error(cudaErrorMemoryAllocation);
   memset(a, 0xFF, bytes); // NaN floats: what is read before it is written shows
   m[(uintptr_t)a] = bytes;
+  device_used += dev ? bytes : 0;
   *p = a;
   return cudaSuccess;
 }
@@ -572,6 +602,7 @@ cudaError_t release(std::map<uintptr_t, size_t> &m, void *p, const char *call, c
     report("%s: %p is not the start of %s", call, p, what);
     return error(refusal);
   }
+  device_used -= &m == &allocations ? it->second : 0;
   m.erase(it);
   free(p);
   return fault;
@@ -585,6 +616,13 @@ cudaError_t cudaMalloc(void **p, size_t bytes) {
 
 cudaError_t cudaFree(void *p) {
   return release(allocations, p, "cudaFree", "a device allocation", cudaErrorInvalidDevicePointer);
+}
+
+cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
+  if (fault)
+    return fault;
+  *free_bytes = device_memory() - device_used, *total_bytes = device_memory();
+  return cudaSuccess;
 }
 
 cudaError_t cudaHostAlloc(void **p, size_t bytes, unsigned flags) {
@@ -737,6 +775,7 @@ cudaError_t cudaDeviceReset() {
   for (const auto &a : allocations)
     free((void *)a.first);
   allocations.clear();
+  device_used = 0;
   for (const auto &a : pinned)
     free((void *)a.first);
   pinned.clear();

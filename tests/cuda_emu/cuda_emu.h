@@ -52,7 +52,10 @@
 //    truncated as the tensor cores' are, their pointers' alignment and
 //    leading dimensions checked.
 //  - devices: one, or PALIGN_EMU_DEVICES (1 to 16) sharing the host's
-//    memory; cudaSetDevice records which a process is on.
+//    memory; cudaSetDevice records which a process is on. A process's
+//    device memory is PALIGN_EMU_MEMORY bytes (80 GiB unless set):
+//    cudaMalloc refuses what would take its live allocations past it, and
+//    cudaMemGetInfo tells what is left.
 //  - NCCL's communicators and all-gather between processes on one machine
 //    (nccl_emu.cc), refusing what NCCL would refuse or get wrong: two
 //    members on one device, members disagreeing on the group's size or the
@@ -161,6 +164,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s);
 cudaError_t cudaMalloc(void **p, size_t bytes);
 template <class T> cudaError_t cudaMalloc(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
 cudaError_t cudaFree(void *p);                                     // waits for the stream first, as CUDA's does
+cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes); // PALIGN_EMU_MEMORY's, less the live allocations
 cudaError_t cudaHostAlloc(void **p, size_t bytes, unsigned flags); // pinned host memory
 cudaError_t cudaFreeHost(void *p);                                 // waits for the stream first
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);

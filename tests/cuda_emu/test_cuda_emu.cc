@@ -27,7 +27,10 @@
 //    a leading dimension under the stored rows, and an operand reaching past
 //    its allocation, are refused;
 //  - cudaMalloc's pointers are 256-byte aligned, as CUDA's are (a warp
-//    matrix tile at an allocation's start needs 32);
+//    matrix tile at an allocation's start needs 32); the device's memory
+//    (PALIGN_EMU_MEMORY=256M here) is what its allocations may take,
+//    cudaMemGetInfo tells what they leave, and one past it is refused
+//    without a fault;
 //  - the warp matrix functions (mma.h): D = A B + C on m16n16k8 tf32 tiles,
 //    all four layouts of A and B, C and D row- and column-major, leading
 //    dimensions over the tile's, four warps of two blocks each on its own
@@ -550,6 +553,30 @@ void test_malloc_aligned(void **) {
     }
 }
 
+// The device's memory, PALIGN_EMU_MEMORY=256M (main sets it): cudaMemGetInfo
+// tells what the live allocations leave; an allocation past it is refused
+// (cudaErrorMemoryAllocation, the last error once) and is no fault, so the
+// device goes on; a freed allocation's bytes come back.
+void test_memory_limit(void **) {
+  size_t free0, total, free1;
+  assert_int_equal(cudaMemGetInfo(&free0, &total), cudaSuccess);
+  assert_true(total == (size_t)256 << 20 && free0 == total);
+  void *p = device<char>(1 << 20), *q = &free1;
+  assert_int_equal(cudaMemGetInfo(&free1, &total), cudaSuccess);
+  assert_true(free1 == free0 - (1 << 20));
+  assert_int_equal(cudaMalloc(&q, free1 + 1), cudaErrorMemoryAllocation);
+  assert_null(q);
+  assert_int_equal(cudaGetLastError(), cudaErrorMemoryAllocation);
+  assert_int_equal(cudaGetLastError(), cudaSuccess);
+  assert_int_equal(cudaMalloc(&q, free1), cudaSuccess); // all that is left
+  assert_int_equal(cudaMemGetInfo(&free1, &total), cudaSuccess);
+  assert_true(free1 == 0);
+  assert_int_equal(cudaFree(q), cudaSuccess);
+  assert_int_equal(cudaFree(p), cudaSuccess);
+  assert_int_equal(cudaMemGetInfo(&free1, &total), cudaSuccess);
+  assert_true(free1 == free0);
+}
+
 // One of k_mma's products D = A B + C, A 32x8, B 8x32, C and D 32x32, each
 // stored in its layout with a leading dimension 4 floats over the length of
 // its rows or columns (a multiple of 4, as the warp matrix functions want;
@@ -1061,8 +1088,9 @@ void test_nccl_refusals(void **) {
 } // namespace
 
 int main() {
-  // NCCL's groups in a directory of the tests' own, on four emulated devices
-  if (!mkdtemp(group_dir) || setenv("TMPDIR", group_dir, 1) || setenv("PALIGN_EMU_DEVICES", "4", 1))
+  // NCCL's groups in a directory of the tests' own, on four emulated devices of 256 MiB (test_memory_limit)
+  if (!mkdtemp(group_dir) || setenv("TMPDIR", group_dir, 1) || setenv("PALIGN_EMU_DEVICES", "4", 1) ||
+      setenv("PALIGN_EMU_MEMORY", "256M", 1))
     return 1;
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup(test_indices, reset),
@@ -1074,6 +1102,7 @@ int main() {
       cmocka_unit_test_setup(test_event_timing, reset),
       cmocka_unit_test_setup(test_gemm, reset),
       cmocka_unit_test_setup(test_malloc_aligned, reset),
+      cmocka_unit_test_setup(test_memory_limit, reset),
       cmocka_unit_test_setup(test_mma, reset),
       cmocka_unit_test_setup(test_tf32_rounding, reset),
       cmocka_unit_test_setup(test_mma_truncates, reset),
