@@ -439,12 +439,17 @@ static int device_allgather(service *sv, float *buf, size_t per, int first, int 
     most = all[2 * k + 1] > most ? all[2 * k + 1] : most;
   const size_t count = (size_t)most * per;
   float *send = rc ? NULL : be->alloc((count ? count : 1) * sizeof(float));
-  float *recv = rc ? NULL : be->alloc((count ? count : 1) * (size_t)nw * sizeof(float));
+  float *recv = rc || !send ? NULL : be->alloc((count ? count : 1) * (size_t)nw * sizeof(float));
   int ok = send && recv;
+  if (!rc && !ok) { /* this worker's own reason, before the others hear of it */
+    pa_backend_enomem(be, "no memory for the activation bank's exchange");
+    fprintf(stderr, "palign-worker: worker %d: %s\n", pa_comm_worker_index(sv->comm), pa_errmsg());
+  }
   if (!rc && !(rc = pa_comm_workers_allgather_ints(sv->comm, &ok, 1, oks)))
     for (int k = 0; k < nw; k++)
       if (!oks[k])
-        rc = pa_error(PA_ENOMEM, "worker %d had no %s memory for the activation bank's exchange", k, be->name);
+        rc = pa_error(PA_ENOMEM, "worker %d had no %s memory for the activation bank's exchange (its message above)", k,
+                      be->name);
   if (!rc) {
     be->upload(send, buf + (size_t)first * per, (size_t)n * per * sizeof(float));
     if (be->group_allgather(sv->group, send, count, recv))
@@ -639,6 +644,7 @@ static int do_subject(service *sv, size_t index) {
   if (sv->lm) {
     msg->backend = (char *)sv->be_name;
     msg->weights = (char *)pa_lm_weights(sv->lm);
+    msg->batch = sv->ev ? pa_evaluator_opts(sv->ev)->batch : 0;
   }
   int outcome = SUBJECT_DONE;
   if (!s->usable) {

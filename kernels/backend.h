@@ -162,7 +162,7 @@ typedef struct pa_backend {
   void (*embed_bf16)(int M, int D, const int32_t *ids, const pa_bf16 *table, float *y);
 
   /* ---- memory: the tensors every operation takes live here ---- */
-  void *(*alloc)(size_t bytes); /* NULL when out of memory */
+  void *(*alloc)(size_t bytes); /* NULL when out of memory; a device's error() then says why */
   void (*release)(void *p);     /* accepts NULL */
   /* host to backend memory and back; both return once the copy is done
    * (download after every operation queued before it) */

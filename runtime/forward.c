@@ -14,9 +14,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-/* RoPE angles as Hugging Face computes them in float32, so long prompts
- * agree to the last bits that matter: inv_freq = 1 / theta^(2i/d), angle =
- * position * inv_freq, both rounded to float. */
+/* Called right after be->alloc returned NULL, so that be->error() is that
+ * refusal's reason (backend.h: alloc), not an earlier failure's. */
 int pa_backend_enomem(const pa_backend *be, const char *fmt, ...) {
   char what[512];
   va_list ap;
@@ -27,6 +26,9 @@ int pa_backend_enomem(const pa_backend *be, const char *fmt, ...) {
   return *why ? pa_error(PA_ENOMEM, "%s on the %s backend (%s)", what, be->name, why) : pa_error(PA_ENOMEM, "%s", what);
 }
 
+/* RoPE angles as Hugging Face computes them in float32, so long prompts
+ * agree to the last bits that matter: inv_freq = 1 / theta^(2i/d), angle =
+ * position * inv_freq, both rounded to float. */
 static int rope_tables(pa_lm *lm) {
   const int half = lm->c.head_dim / 2;
   lm->cos_tab = malloc((size_t)lm->max_seq * half * sizeof(float));
@@ -173,10 +175,13 @@ static int place_weights(pa_lm *lm) {
   place_all(&p, h, w); /* counts */
   const size_t mat_bytes = p.n_mats * (lm->bf16 ? sizeof(pa_bf16) : sizeof(float));
   w->mats = be->alloc(mat_bytes);
-  w->vecs = be->alloc(p.n_vecs * sizeof(float));
-  if (!w->mats || !w->vecs)
+  w->vecs = w->mats ? be->alloc(p.n_vecs * sizeof(float)) : NULL;
+  if (!w->mats)
     return pa_backend_enomem(be, "%s: no memory for %.3g MB of %s weights", pa_model_path(lm->model), mat_bytes / 1e6,
                              pa_lm_weights(lm));
+  if (!w->vecs)
+    return pa_backend_enomem(be, "%s: no memory for the norms' and biases' %.3g MB", pa_model_path(lm->model),
+                             p.n_vecs * sizeof(float) / 1e6);
   p.chunk = lm->bf16 ? malloc(CONVERT_CHUNK * sizeof(pa_bf16)) : NULL;
   if (lm->bf16 && !p.chunk)
     return pa_error(PA_ENOMEM, "%s: no memory for the bf16 conversion's buffer", pa_model_path(lm->model));
@@ -348,11 +353,13 @@ static int scratch_reserve(pa_lm *lm, int rows, int seqs) {
   s->last_row = dev ? be->alloc((size_t)seqs * sizeof(int32_t)) : NULL;
   s->last_row_h = dev ? malloc((size_t)seqs * sizeof(int32_t)) : NULL;
   s->aseq = malloc((size_t)seqs * sizeof *s->aseq);
-  if (!s->x || !s->xb || !s->q || !s->z || !s->k || !s->v || !s->gate || !s->up || !s->last || !s->pos || !s->ids ||
-      !s->pos_h || !s->ids_h || (dev && (!s->logits || !s->heads || !s->heads_h || !s->last_row || !s->last_row_h)) ||
-      !s->aseq) {
+  const bool placed = s->x && s->xb && s->q && s->z && s->k && s->v && s->gate && s->up && s->last && s->pos &&
+                      s->ids && (!dev || (s->logits && s->heads && s->last_row));
+  if (!placed || !s->pos_h || !s->ids_h || (dev && (!s->heads_h || !s->last_row_h)) || !s->aseq) {
+    const int rc = !placed ? pa_backend_enomem(be, "no memory for the activations of %d tokens", rows)
+                           : pa_error(PA_ENOMEM, "no host memory for the tables of %d tokens", rows);
     scratch_free(be, s);
-    return pa_backend_enomem(be, "no memory for the activations of %d tokens", rows);
+    return rc;
   }
   s->rows = rows;
   s->seqs = seqs;
@@ -409,11 +416,11 @@ static int select_output_rows(pa_lm *lm, const int32_t *ids, int n) {
   if (n > lm->sel_cap) {
     lm->be->release(lm->sel);
     free(lm->sel_ids);
-    lm->sel_cap = lm->n_sel = 0;
-    lm->sel = lm->be->alloc((size_t)n * row);
-    lm->sel_ids = malloc((size_t)n * sizeof *lm->sel_ids);
-    if (!lm->sel || !lm->sel_ids)
+    lm->sel = NULL, lm->sel_ids = NULL, lm->sel_cap = lm->n_sel = 0;
+    if (!(lm->sel = lm->be->alloc((size_t)n * row)))
       return pa_backend_enomem(lm->be, "no memory for %d output rows", n);
+    if (!(lm->sel_ids = malloc((size_t)n * sizeof *lm->sel_ids)))
+      return pa_error(PA_ENOMEM, "no memory for %d output rows' ids", n);
     lm->sel_cap = n;
   }
   for (int i = 0; i < n; i++)

@@ -99,7 +99,8 @@ cmake_args=()
 (cd "$OUT" && rm -f steps.txt env.txt build.log gpu-tests.log bench.txt bench.json mkmodel-8b4.log forward-8b4.txt \
   forward-8b4-fp32.txt pas-8b4.txt pas-8b4.json \
   pas-8b4-profiled.txt pas-8b4-profiled.json profile-pas-8b4.txt forward-8b4-profiled.txt profile-forward-8b4.txt nccl-mkmodel.log nccl-1.log nccl-0.log nccl-compare.txt dpo-8b4.txt \
-  dpo-8b4.json pas-8b4-batch180.txt pas-8b4-batch180.json sanitizer.log figures.md)
+  dpo-8b4.json pas-8b4-batch180.txt pas-8b4-batch180.json dpo-8b4-profiled.txt profile-dpo-8b4.txt sanitizer.log \
+  figures.md)
 : >"$OUT/steps.txt"
 
 # step NAME LIMIT LOG COMMAND...: runs COMMAND with its output in LOG, stopped

@@ -95,8 +95,8 @@ static inline void fixture_free(fixture *f) {
  * format wf, from the same fixture: the wanted logits within logit_tol of
  * their largest and the gradients (written over a gradient holding 0.25
  * everywhere: backward reads none of it) within grad_tol of the largest
- * entry. The
- * gradients come back in g_other and g_cpu (the caller frees them). */
+ * entry. The gradients come back in g_other and g_cpu (the caller frees
+ * them). */
 static inline void tu_train_compare(const pa_backend *other, pa_weight_format wf, double logit_tol, double grad_tol,
                                     pa_lora **g_other, pa_lora **g_cpu) {
   rng = 4242; /* the same batch and adapter on every call */

@@ -71,6 +71,30 @@ void release_kept_buffers() {
   }
 }
 
+// bytes as text in s (32 chars): "812 bytes", "3.4 kB", "18.2 MB", "79.6 GB" (powers of 1,000)
+const char *size_text(size_t bytes, char *s) {
+  const double b = (double)bytes;
+  if (b < 1e3)
+    snprintf(s, 32, "%zu bytes", bytes);
+  else
+    snprintf(s, 32, "%.1f %s", b < 1e6 ? b / 1e3 : b < 1e9 ? b / 1e6 : b / 1e9, b < 1e6 ? "kB" : b < 1e9 ? "MB" : "GB");
+  return s;
+}
+
+// Why cudaMalloc refused bytes (e), into s: out of memory, the device's
+// account (cudaMemGetInfo's, at the refusal); else the runtime's error. The
+// refusal is not left for the next launch's check.
+void refusal(cudaError_t e, size_t bytes, char *s, size_t n) {
+  cudaGetLastError();
+  size_t free_bytes, total_bytes;
+  char want[32], have[32], all[32];
+  if (e == cudaErrorMemoryAllocation && cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess)
+    snprintf(s, n, "device %d: %s asked for, %s free of its %s", device_used, size_text(bytes, want),
+             size_text(free_bytes, have), size_text(total_bytes, all));
+  else
+    snprintf(s, n, "%s asked for: %s", size_text(bytes, want), cudaGetErrorString(e));
+}
+
 } // namespace
 
 bool reserve(kept_buffer &b, size_t bytes, const char *what) {
@@ -82,8 +106,16 @@ bool reserve(kept_buffer &b, size_t bytes, const char *what) {
   }
   cudaFree(b.p); // waits for the work that may still read it
   b.p = nullptr, b.cap = 0;
-  if (!check(cudaMalloc(&b.p, bytes), what))
+  const cudaError_t e = cudaMalloc(&b.p, bytes);
+  if (e != cudaSuccess) {
+    char why[160];
+    refusal(e, bytes, why, sizeof why);
+    if (e == cudaErrorMemoryAllocation)
+      failed("%s: no memory (%s)", what, why);
+    else
+      failed("%s: %s", what, why);
     return false;
+  }
   b.cap = bytes;
   return true;
 }
@@ -107,31 +139,14 @@ bool shared_for(const void *kernel, int which, size_t bytes, const char *what, i
 
 namespace {
 
-// bytes as text in s (32 chars): "812 bytes", "3.4 kB", "18.2 MB", "79.6 GB" (powers of 1,000)
-const char *size_text(size_t bytes, char *s) {
-  const double b = (double)bytes;
-  if (b < 1e3)
-    snprintf(s, 32, "%zu bytes", bytes);
-  else
-    snprintf(s, 32, "%.1f %s", b < 1e6 ? b / 1e3 : b < 1e9 ? b / 1e6 : b / 1e9, b < 1e6 ? "kB" : b < 1e9 ? "MB" : "GB");
-  return s;
-}
-
 // An allocation's failure is its NULL (the caller reports it), not an
-// operation's: it is not kept for status().
+// operation's: it is not kept for status(); error() says why.
 void *cu_alloc(size_t bytes) {
   void *p = nullptr;
   const cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
   if (e == cudaSuccess)
     return p;
-  cudaGetLastError(); // not left for the next launch's check
-  size_t free_bytes, total_bytes;
-  char want[32], have[32], all[32];
-  if (e == cudaErrorMemoryAllocation && cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess)
-    snprintf(last_error, sizeof last_error, "device %d: %s asked for, %s free of its %s", device_used,
-             size_text(bytes, want), size_text(free_bytes, have), size_text(total_bytes, all));
-  else
-    snprintf(last_error, sizeof last_error, "alloc of %zu bytes: %s", bytes, cudaGetErrorString(e));
+  refusal(e, bytes, last_error, sizeof last_error);
   return nullptr;
 }
 

@@ -101,7 +101,7 @@ size_t device_memory() {
     errno = 0;
     const unsigned long long v = strtoull(env, &end, 10);
     const int shift = *end == 'K' ? 10 : *end == 'M' ? 20 : *end == 'G' ? 30 : 0;
-    if (errno || end == env || *env == '-' || (shift && end[1]) || (!shift && *end) || v > (SIZE_MAX >> shift)) {
+    if (errno || *env < '0' || *env > '9' || (shift && end[1]) || (!shift && *end) || v > (SIZE_MAX >> shift)) {
       report("PALIGN_EMU_MEMORY=%s: not a number of bytes (a K, M or G after it allowed); %zu GiB", env,
              kDeviceMemory >> 30);
       return kDeviceMemory;
