@@ -5,8 +5,9 @@
  * buffers of their own, tokens and positions uploaded, new keys and values
  * stored by strided copies, steering as added displacements, heads and
  * logits downloaded) with the CPU's arithmetic (tu_fake_device.h). It must
- * give the CPU path's results bit for bit (tu_forward_compare.h), and fail
- * a pass whose operations the device reports failed. */
+ * give the CPU path's results bit for bit (tu_forward_compare.h), fail
+ * a pass whose operations the device reports failed, and fail cleanly
+ * wherever the device's memory runs out. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -106,9 +107,117 @@ static void test_device_failure(void **s) {
   assert_int_equal(tu_fake_live, 0);
 }
 
+/* One pass of 5 tokens with an adapter, steering, head capture and 3
+ * restricted logits; opening the model and a KV cache first where lm is
+ * NULL. *stage: how far it got (0 opening, 1 the cache, 2 the pass). */
+typedef struct {
+  pa_model *m;
+  pa_lora *lora;
+  float *steer, *heads;
+} alloc_case;
+
+static int alloc_pass(const alloc_case *a, pa_lm **lm, pa_kv **kv, float *logits, int *stage) {
+  const pa_lm_opts lo = {.n_threads = 2, .max_seq = 64, .backend = tu_fake_device()};
+  int rc = PA_OK;
+  *stage = 0;
+  if (!*lm && (rc = pa_lm_create(a->m, &lo, lm)))
+    return rc;
+  *stage = 1;
+  if (!*kv && (rc = pa_kv_create(*lm, 16, kv)))
+    return rc;
+  *stage = 2;
+  pa_kv_clear(*kv);
+  const int32_t t[5] = {1, 2, 3, 4, 5}, ids[3] = {4, 5, 6};
+  pa_seq seq = {.tokens = t, .n_tokens = 5, .kv = *kv};
+  return pa_lm_forward(*lm, &(pa_batch){.seqs = &seq,
+                                        .n_seqs = 1,
+                                        .lora = a->lora,
+                                        .steer = a->steer,
+                                        .heads = a->heads,
+                                        .logits = logits,
+                                        .logit_ids = ids,
+                                        .n_logit_ids = 3});
+}
+
+/* Every allocation of the device path refused in turn, the k-th and all
+ * after it (tu_fake_allocs_left), over opening the model (the weights, the
+ * RoPE tables), a KV cache and a pass with an adapter, steering, head
+ * capture and restricted logits: each fails with PA_ENOMEM naming what it
+ * was for, the backend and its reason, and once allocations are allowed
+ * again the same pass on what is open gives the logits of a run that never
+ * failed; every buffer is released (in the sanitizer build: nothing leaks
+ * or is freed twice). */
+static void test_allocation_failures(void **s) {
+  (void)s;
+  char path[300];
+  pa_mkmodel_opts o = pa_mkmodel_defaults();
+  o.n_layers = 2, o.seed = 37;
+  alloc_case a = {0};
+  if (pa_mkmodel_write_gguf(&o, tu_path(path, sizeof path, "allocs.gguf")) || pa_model_open(path, &a.m))
+    fail_msg("%s", pa_errmsg());
+  const pa_model_config *c = pa_model_config_get(a.m);
+  const size_t Hs = (size_t)c->n_layers * c->n_heads * c->head_dim;
+  assert_int_equal(pa_lora_create(c, 4, 2.0f, &a.lora), PA_OK);
+  pa_lora_init(a.lora, 5);
+  a.steer = calloc(Hs, sizeof(float)), a.heads = calloc(Hs, sizeof(float));
+  assert_true(a.steer && a.heads);
+  a.steer[3] = 0.5f;
+  float want[3], got[3];
+  pa_lm *lm = NULL;
+  pa_kv *kv = NULL;
+  int stage, refused[3] = {0};
+  assert_int_equal(alloc_pass(&a, &lm, &kv, want, &stage), PA_OK);
+  pa_kv_destroy(kv), pa_lm_destroy(lm);
+  for (long k = 0;; k++) {
+    lm = NULL, kv = NULL;
+    tu_fake_allocs_left = k;
+    const int rc = alloc_pass(&a, &lm, &kv, got, &stage);
+    tu_fake_allocs_left = -1;
+    if (rc == PA_OK) { /* k allocations are all it takes */
+      assert_memory_equal(got, want, sizeof want);
+      pa_kv_destroy(kv), pa_lm_destroy(lm);
+      printf("  %ld allocations; refused while opening %d times, for the cache %d, in the pass %d\n", k, refused[0],
+             refused[1], refused[2]);
+      break;
+    }
+    if (rc != PA_ENOMEM || !strstr(pa_errmsg(), "no memory for ") ||
+        !strstr(pa_errmsg(), " on the cpu-as-device backend (an allocation refused (injected by the test))"))
+      fail_msg("allocation %ld refused, stage %d: %s (%d)", k, stage, pa_errmsg(), rc);
+    refused[stage]++;
+    if (stage > 0) { /* what is open goes on */
+      assert_int_equal(alloc_pass(&a, &lm, &kv, got, &stage), PA_OK);
+      assert_memory_equal(got, want, sizeof want);
+    }
+    pa_kv_destroy(kv), pa_lm_destroy(lm);
+    assert_int_equal(tu_fake_live, 0);
+  }
+  assert_true(refused[0] > 0 && refused[1] > 0 && refused[2] > 0);
+  /* a buffer that must grow refused, after a pass had one: the pass after
+   * it grows it again (nothing of the old one is freed twice) */
+  lm = NULL, kv = NULL;
+  assert_int_equal(alloc_pass(&a, &lm, &kv, got, &stage), PA_OK);
+  const int32_t t[2] = {7, 8}, more[5] = {1, 2, 3, 4, 5};
+  float five[5];
+  pa_kv_clear(kv);
+  pa_seq seq = {.tokens = t, .n_tokens = 2, .kv = kv};
+  const pa_batch grown = {.seqs = &seq, .n_seqs = 1, .logits = five, .logit_ids = more, .n_logit_ids = 5};
+  tu_fake_allocs_left = 0;
+  assert_int_equal(pa_lm_forward(lm, &grown), PA_ENOMEM);
+  tu_fake_allocs_left = -1;
+  pa_kv_clear(kv);
+  assert_int_equal(pa_lm_forward(lm, &grown), PA_OK);
+  assert_int_equal(alloc_pass(&a, &lm, &kv, got, &stage), PA_OK);
+  assert_memory_equal(got, want, sizeof want);
+  pa_kv_destroy(kv), pa_lm_destroy(lm);
+  free(a.steer), free(a.heads);
+  pa_lora_destroy(a.lora);
+  pa_model_close(a.m);
+  assert_int_equal(tu_fake_live, 0);
+}
+
 int main(void) {
-  const struct CMUnitTest tests[] = {cmocka_unit_test(test_llama),       cmocka_unit_test(test_qwen2),
-                                     cmocka_unit_test(test_bf16),        cmocka_unit_test(test_rope_scaled),
-                                     cmocka_unit_test(test_device_failure)};
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_llama),          cmocka_unit_test(test_qwen2),
+                                     cmocka_unit_test(test_bf16),           cmocka_unit_test(test_rope_scaled),
+                                     cmocka_unit_test(test_device_failure), cmocka_unit_test(test_allocation_failures)};
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

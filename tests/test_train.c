@@ -240,6 +240,68 @@ static void test_device_failure(void **s) {
   assert_int_equal(tu_fake_live, 0);
 }
 
+/* Every allocation of the trainer on the device path refused in turn, the
+ * k-th and all after it (tu_fake_allocs_left), the model already open:
+ * making the trainer, its forward pass and its backward pass each fail
+ * with PA_ENOMEM naming what it was for, the backend and its reason; once
+ * allocations are allowed again, what is made trains as one that never
+ * failed (the same logits and gradient, bits); every buffer is released. */
+static void test_allocation_failures(void **s) {
+  (void)s;
+  fixture f;
+  fixture_make(&f, PA_MK_QWEN2, "allocs.gguf");
+  pa_lm *lm;
+  if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = tu_fake_device()}, &lm))
+    fail_msg("%s", pa_errmsg());
+  const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
+  pa_lora *want_grad, *grad;
+  assert_int_equal(pa_lora_create_like(f.lora, &want_grad), PA_OK);
+  assert_int_equal(pa_lora_create_like(f.lora, &grad), PA_OK);
+  float want[6], got[6];
+  pa_trainer *tr;
+  assert_int_equal(pa_trainer_create(lm, &plan, &tr), PA_OK);
+  assert_int_equal(pa_trainer_forward(tr, f.lora, &f.b, want), PA_OK);
+  assert_int_equal(pa_trainer_backward(tr, f.coef, want_grad), PA_OK);
+  pa_trainer_destroy(tr);
+  const size_t live = tu_fake_live; /* the model's */
+  int refused[3] = {0};
+  for (long k = 0;; k++) {
+    tr = NULL;
+    tu_fake_allocs_left = k;
+    int stage = 0, rc = pa_trainer_create(lm, &plan, &tr);
+    if (!rc)
+      stage = 1, rc = pa_trainer_forward(tr, f.lora, &f.b, got);
+    if (!rc)
+      stage = 2, rc = pa_trainer_backward(tr, f.coef, grad);
+    tu_fake_allocs_left = -1;
+    if (rc == PA_OK) {
+      assert_memory_equal(got, want, sizeof want);
+      assert_memory_equal(grad->arena, want_grad->arena, grad->n_floats * sizeof(float));
+      pa_trainer_destroy(tr);
+      printf("  %ld allocations; refused making the trainer %d times, in its forward pass %d, backward %d\n", k,
+             refused[0], refused[1], refused[2]);
+      break;
+    }
+    if (rc != PA_ENOMEM || !strstr(pa_errmsg(), "no memory for ") ||
+        !strstr(pa_errmsg(), " on the cpu-as-device backend (an allocation refused (injected by the test))"))
+      fail_msg("allocation %ld refused, stage %d: %s (%d)", k, stage, pa_errmsg(), rc);
+    refused[stage]++;
+    if (tr) { /* what is made goes on */
+      assert_int_equal(pa_trainer_forward(tr, f.lora, &f.b, got), PA_OK);
+      assert_int_equal(pa_trainer_backward(tr, f.coef, grad), PA_OK);
+      assert_memory_equal(got, want, sizeof want);
+      assert_memory_equal(grad->arena, want_grad->arena, grad->n_floats * sizeof(float));
+    }
+    pa_trainer_destroy(tr);
+    assert_int_equal(tu_fake_live, live);
+  }
+  assert_true(refused[0] > 0 && refused[1] > 0);
+  pa_lora_destroy(want_grad), pa_lora_destroy(grad);
+  pa_lm_destroy(lm);
+  fixture_free(&f);
+  assert_int_equal(tu_fake_live, 0);
+}
+
 static void test_bad_batches(void **s) {
   (void)s;
   fixture f;
@@ -277,6 +339,7 @@ int main(void) {
       cmocka_unit_test(test_device_path),
       cmocka_unit_test(test_bf16),
       cmocka_unit_test(test_device_failure),
+      cmocka_unit_test(test_allocation_failures),
       cmocka_unit_test(test_bad_batches),
   };
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);

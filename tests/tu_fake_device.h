@@ -5,7 +5,9 @@
  * path that reads host memory where it should read its own copy, or forgets
  * an upload, shows; tu_fake_live counts the buffers not yet released.
  * Setting tu_fake_fail makes the next status() report a failed operation,
- * as a GPU's would (backend.h). */
+ * as a GPU's would (backend.h); setting tu_fake_allocs_left to n >= 0 lets
+ * n more allocations through and refuses every one after (NULL, error()
+ * saying so), as a full device's memory would, until it is set to -1. */
 #ifndef PALIGN_TU_FAKE_DEVICE_H
 #define PALIGN_TU_FAKE_DEVICE_H
 
@@ -16,16 +18,25 @@
 
 static size_t tu_fake_live;
 static int tu_fake_fail;
+static long tu_fake_allocs_left = -1;
+static const char *tu_fake_why = "";
 
 static inline int tu_fake_status(void) {
   const int failed = tu_fake_fail;
   tu_fake_fail = 0;
+  if (failed)
+    tu_fake_why = "an operation failed (injected by the test)";
   return failed ? -1 : 0;
 }
 
-static inline const char *tu_fake_error(void) { return "an operation failed (injected by the test)"; }
+static inline const char *tu_fake_error(void) { return tu_fake_why; }
 
 static inline void *tu_fake_alloc(size_t bytes) {
+  if (tu_fake_allocs_left == 0) {
+    tu_fake_why = "an allocation refused (injected by the test)";
+    return NULL;
+  }
+  tu_fake_allocs_left -= tu_fake_allocs_left > 0;
   size_t *p = malloc(sizeof(size_t) * 2 + (bytes ? bytes : 1));
   if (!p)
     return NULL;
