@@ -55,15 +55,16 @@ typedef struct {
  * memory in the format asked for, and prepares the backend. */
 int pa_lm_create(const pa_model *m, const pa_lm_opts *o, pa_lm **out);
 void pa_lm_destroy(pa_lm *lm); /* accepts NULL */
+const pa_model_config *pa_lm_config(const pa_lm *lm);
+/* "fp32" or "bf16": how this pa_lm holds the weight matrices. */
+const char *pa_lm_weights(const pa_lm *lm);
 
 /* PA_ENOMEM with the message fmt ("no memory for ..."), for memory of
  * backend be that its alloc refused; where be's memory is a device's, the
  * message adds the backend and its reason (the device, the bytes asked for
  * and what it had free), so that the user sees what would fit. */
 int pa_backend_enomem(const struct pa_backend *be, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-const pa_model_config *pa_lm_config(const pa_lm *lm);
-/* "fp32" or "bf16": how this pa_lm holds the weight matrices. */
-const char *pa_lm_weights(const pa_lm *lm);
+
 /* Parses "auto", "fp32" or "bf16"; -1 for anything else. */
 int pa_weight_format_parse(const char *s);
 /* Floating-point operations of every pass this pa_lm has run (products and
