@@ -40,8 +40,9 @@
  * are exact products summed in fp32, and it multiplies p by v in two bf16
  * parts, which hold p to 2^-17 of itself. And a failing operation (the
  * simple attention kernel over more keys than shared memory holds) is
- * reported by status(), once. A machine whose driver cannot serve
- * fails rather than skips (tu_cuda.h). */
+ * reported by status(), once; an allocation past the device's memory is
+ * refused with the device's account and leaves no fault. A machine whose
+ * driver cannot serve fails rather than skips (tu_cuda.h). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -276,6 +277,25 @@ static void test_zero(void **s) {
       assert_int_equal(got[i], 0);
     else
       assert_int_equal(got[i], ((const uint8_t *)x)[i]);
+  gpu->release(dx);
+  free(x), free(got);
+}
+
+/* An allocation past the device's memory (1 TiB) is refused: NULL, and
+ * error() the device's account (the bytes asked for, what was free, of how
+ * much), with no fault left: the next allocation, copies and status run. */
+static void test_alloc_refused(void **s) {
+  (void)s;
+  assert_null(gpu->alloc((size_t)1 << 40));
+  const char *why = gpu->error();
+  if (strncmp(why, "device ", 7) || !strstr(why, ": 1099.5 GB asked for, ") || !strstr(why, " free of its "))
+    fail_msg("the refusal's reason: %s", why);
+  const size_t n = 301;
+  float *x = tu_rand_vec(&rng, n), *dx = dev_floats(x, n), *got = malloc(n * sizeof *got);
+  assert_non_null(got);
+  gpu->download(got, dx, n * sizeof *got);
+  assert_int_equal(gpu->status(), 0);
+  assert_memory_equal(got, x, n * sizeof *got);
   gpu->release(dx);
   free(x), free(got);
 }
@@ -961,6 +981,7 @@ int main(void) {
       cmocka_unit_test(test_rope),
       cmocka_unit_test(test_elementwise),
       cmocka_unit_test(test_zero),
+      cmocka_unit_test(test_alloc_refused),
       cmocka_unit_test(test_attention),
       cmocka_unit_test(test_backward),
       cmocka_unit_test(test_attention_train),
