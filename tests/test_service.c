@@ -1229,6 +1229,11 @@ static void test_bad_flags(void **state) {
   add_arg(&a, "--weights"), add_arg(&a, "fp16");
   assert_int_equal(run_argv(scratch(log, "weights.log"), a.v), 2);
   expect_in(log, "--weights is auto, fp32 or bf16, not 'fp16'");
+  a.n = 0;
+  add_arg(&a, WORKER);
+  add_arg(&a, "--batch"), add_arg(&a, "0");
+  assert_int_equal(run_argv(scratch(log, "batch.log"), a.v), 2);
+  expect_in(log, "--batch must be an integer in 1..4096, not '0'");
   /* a value out of range is found once the data is read: exit 1, nothing made */
   assert_int_equal(worker(scratch(log, "zero.log"), 0, NULL, store, "--subjects", "0", "--methods", "none", NULL), 1);
   expect_in(log, "--subjects '0' is not all, N or A-B");
