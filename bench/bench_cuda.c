@@ -38,7 +38,13 @@
  *  5. a DPO step's training attention on that layer (a 26-token prefix and
  *     16 prompts of 70 tokens), forward and backward, against the layer's
  *     bf16 products on the same 1,146 rows forward (matmul_bf16) and
- *     backward (matmul_nn_bf16): its share of a layer's training step.
+ *     backward (matmul_nn_bf16): its share of a layer's training step;
+ *  6. the optimiser's step on Llama-3-8B's rank-8 adapter (q, k, v and o of
+ *     32 layers: 6.8M values): the backend's adamw on the device (what the
+ *     trainer runs since it optimises there) against the host's path it
+ *     replaced, in the same run: the gradient's download, the CPU backend's
+ *     adamw (its threads, pa_backend_threads) and the adapter's upload; and
+ *     the device's rate against the copy's (28 bytes a value).
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
  * a device. */
 #include "backend.h"
@@ -51,6 +57,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define CHECK(x)                                                                                                       \
   do {                                                                                                                 \
@@ -219,6 +226,62 @@ static void train_attention(const pa_backend *be, double peak, double ms[4]) {
   float *const dev[] = {q, z, dz, dq, k, v, dk, dv, lse, scratch};
   for (size_t i = 0; i < sizeof dev / sizeof *dev; i++)
     cudaFree(dev[i]);
+}
+
+/* The values of Llama-3-8B's rank-8 adapter: A [8][in] and B [out][8] for
+ * q (4096 in and out), k and v (4096 in, 1024 out) and o, in 32 layers. */
+static const size_t kAdapterValues = 32 * (size_t)(2 * (8 * 4096 + 4096 * 8) + 2 * (8 * 4096 + 1024 * 8));
+
+static double wall_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+/* Section 6: ms[0] the device's step, ms[1] the host's with its copies,
+ * ms[2..4] that one's download, adamw and upload. */
+static void optimiser_step(const pa_backend *be, double copy_gbs, double ms[5]) {
+  const size_t n = kAdapterValues, bytes = n * sizeof(float);
+  const pa_adamw_step st = {
+      .beta1 = 0.9, .beta2 = 0.999, .c1 = 0.1, .c2 = 1e-3, .lr = 1e-3, .decay = 1, .eps = 1e-8}; /* step 1's */
+  float *w = dev_zero(bytes), *g = dev_zero(bytes), *m = dev_zero(bytes), *v = dev_zero(bytes);
+  for (int r = -1; r < 10; r++) {
+    if (r == 0)
+      timer_start();
+    be->adamw(n, &st, w, g, m, v);
+  }
+  ms[0] = timer_per_rep(10) * 1e3;
+  float *hw = calloc(n, sizeof *hw), *hg = calloc(n, sizeof *hg), *hm = calloc(n, sizeof *hm),
+        *hv = calloc(n, sizeof *hv); /* pageable, as an adapter's arena */
+  if (!hw || !hg || !hm || !hv) {
+    fprintf(stderr, "bench_cuda: no host memory for the optimiser's step\n");
+    exit(1);
+  }
+  const pa_backend *cpu = pa_backend_cpu();
+  double part[3] = {0};
+  enum { REPS = 5 };
+  for (int r = -1; r < REPS; r++) {
+    const double t0 = wall_s();
+    be->download(hg, g, bytes);
+    const double t1 = wall_s();
+    cpu->adamw(n, &st, hw, hg, hm, hv);
+    const double t2 = wall_s();
+    be->upload(w, hw, bytes);
+    be->status(); /* the upload done */
+    const double t3 = wall_s();
+    if (r >= 0)
+      part[0] += t1 - t0, part[1] += t2 - t1, part[2] += t3 - t2;
+  }
+  for (int k = 0; k < 3; k++)
+    ms[2 + k] = part[k] / REPS * 1e3;
+  ms[1] = ms[2] + ms[3] + ms[4];
+  const double gbs = 28.0 * n / (ms[0] * 1e-3) / 1e9;
+  printf("optimiser step, Llama-3-8B's rank-8 adapter (%zu values): on the device %.3f ms (%.0f GB/s, %.0f%% of the "
+         "copy's); on the host with its copies %.3f ms (download %.3f, adamw on %d threads %.3f, upload %.3f): "
+         "%.1fx the device's\n",
+         n, ms[0], gbs, 100 * gbs / copy_gbs, ms[1], ms[2], pa_backend_threads(), ms[3], ms[4], ms[1] / ms[0]);
+  cudaFree(w), cudaFree(g), cudaFree(m), cudaFree(v);
+  free(hw), free(hg), free(hm), free(hv);
 }
 
 /* The memory's rate as a device-to-device copy of bytes reaches it: GB/s, counting what it reads and writes. */
@@ -451,8 +514,9 @@ int main(int argc, char **argv) {
     row_ops(be, (int)rows, copy_gbs, 5, row_gbs);
   else /* row_ops restarts and stops the profile: the variable's table would lose the rest */
     printf("row operations not timed: they use the device-time profile, which PALIGN_CUDA_PROFILE holds\n");
-  double train_ms[4];
+  double train_ms[4], opt_ms[5];
   train_attention(be, peak, train_ms);
+  optimiser_step(be, copy_gbs, opt_ms);
   if (pa_cuda_error()[0]) {
     fprintf(stderr, "bench_cuda: %s\n", pa_cuda_error());
     return 1;
@@ -487,6 +551,11 @@ int main(int argc, char **argv) {
               ", \"train_rows\": %d, \"train_attention_ms\": %.4f, \"train_attention_backward_ms\": %.4f, "
               "\"train_products_ms\": %.4f, \"train_products_backward_ms\": %.4f",
               kTrainRows, train_ms[0], train_ms[1], train_ms[2], train_ms[3]);
+      fprintf(f,
+              ", \"adamw_values\": %zu, \"adamw_device_ms\": %.4f, \"adamw_host_ms\": %.4f, "
+              "\"adamw_host_download_ms\": %.4f, \"adamw_host_update_ms\": %.4f, \"adamw_host_upload_ms\": %.4f, "
+              "\"adamw_host_threads\": %d",
+              kAdapterValues, opt_ms[0], opt_ms[1], opt_ms[2], opt_ms[3], opt_ms[4], pa_backend_threads());
       fprintf(f, "}\n");
       fclose(f);
     }

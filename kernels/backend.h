@@ -99,6 +99,16 @@ static inline float pa_bf16_to_f32(pa_bf16 b) {
   return v.f;
 }
 
+/* One AdamW step's constants (PyTorch's AdamW, decoupled weight decay; the
+ * trainer makes them from its options and the step t = 1, 2, ...):
+ *   m = beta1 m + (1 - beta1) g,   v = beta2 v + (1 - beta2) g g,
+ *   w = w decay - lr (m / c1) / (sqrt(v / c2) + eps),
+ * with the bias corrections c1 = 1 - beta1^t, c2 = 1 - beta2^t and
+ * decay = 1 - lr weight_decay. */
+typedef struct {
+  double beta1, beta2, c1, c2, lr, decay, eps;
+} pa_adamw_step;
+
 /* A group of processes whose devices exchange data directly (NCCL on the
  * GPU): made by pa_backend.group_join, with an id one member made and the
  * others received (over MPI). */
@@ -151,6 +161,11 @@ typedef struct pa_backend {
   void (*attention_train)(const pa_attn_train_args *a, float *scratch);
   void (*attention_backward)(const pa_attn_train_args *a, const float *dz, float *dq, float *dk, float *dv,
                              float *scratch);
+  /* pa_adamw_step's step on n parameters w, from their gradient g, with
+   * their moments m and v (updated), all fp32: each element's arithmetic in
+   * double, every operation rounded as written (no fused multiply-add), so
+   * that every backend gives the CPU's bits */
+  void (*adamw)(size_t n, const pa_adamw_step *s, float *w, const float *g, float *m, float *v);
 
   /* ---- bf16 weights (see pa_bf16): as matmul, matmul_nn and embed, with
    * the weight operand in bf16 and x rounded to bf16 ---- */

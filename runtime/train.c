@@ -4,6 +4,7 @@
 #include "lm_internal.h"
 #include "status.h"
 
+#include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,10 +47,20 @@ struct pa_trainer {
   float *d_logits, *d_dlogits, *d_lora, *d_grad;
   size_t lora_floats;
   pa_lora lora_view, grad_view;
+  /* the adapter being optimised (pa_trainer_optimise): its gradient and
+   * AdamW's moments in backend memory, and on a device its values too (a
+   * host backend's are the adapter's own arena); views with those arenas */
+  pa_lora *opt;
+  pa_adamw_opts opt_o;
+  float *opt_w, *opt_g, *opt_m, *opt_v;
+  size_t opt_floats;
+  pa_lora opt_view, opt_grad_view;
+  int opt_steps;
+  bool opt_grad_ready; /* a backward pass with it since the last step */
   /* the last forward pass */
   int rows, n_seqs, n_out;
   pa_attn_train_args attn;
-  const pa_lora *lora;
+  const pa_lora *lora, *lora_be; /* its adapter, and that adapter as the backend sees it */
   bool ready;
   double flops;
 };
@@ -148,6 +159,15 @@ fail:
   return rc;
 }
 
+static void release_optimiser(pa_trainer *t) {
+  void *const bufs[] = {t->opt_w, t->opt_g, t->opt_m, t->opt_v};
+  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+    t->be->release(bufs[i]);
+  t->opt_w = t->opt_g = t->opt_m = t->opt_v = NULL;
+  t->opt_floats = 0;
+  t->opt = NULL;
+}
+
 void pa_trainer_destroy(pa_trainer *t) {
   if (!t)
     return;
@@ -158,6 +178,7 @@ void pa_trainer_destroy(pa_trainer *t) {
     for (size_t i = 0; i < sizeof dev / sizeof *dev; i++)
       t->be->release(dev[i]);
   }
+  release_optimiser(t);
   free(t->layers);
   free(t->ids), free(t->pos), free(t->out), free(t->seq_row0), free(t->seq_len);
   free(t);
@@ -299,9 +320,14 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
     be->upload(t->d_pos, t->pos, (size_t)rows * sizeof *t->pos);
   }
   const pa_lora *host_lora = lora;
-  if (lora && !(lora = on_backend(t, lora, &t->d_lora, &t->lora_view, true)))
+  if (lora && t->opt) { /* the adapter being optimised: its values are the trainer's */
+    if (lora != t->opt)
+      return pa_error(PA_EINVAL, "trainer: it optimises another adapter; a forward pass takes that one or none");
+    lora = &t->opt_view;
+  } else if (lora && !(lora = on_backend(t, lora, &t->d_lora, &t->lora_view, true))) {
     return pa_backend_enomem(be, "trainer: no memory for the adapter");
-  t->lora = host_lora;
+  }
+  t->lora = host_lora, t->lora_be = lora;
   t->attn = (pa_attn_train_args){.n_heads = H,
                                  .n_kv_heads = KV,
                                  .head_dim = hd,
@@ -383,17 +409,23 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
 int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
   if (!t->ready || !t->lora)
     return pa_error(PA_EINVAL, "trainer: backward needs a forward pass with an adapter first");
-  if (grad->n_layers != t->lora->n_layers || grad->rank != t->lora->rank || grad->n_floats != t->lora->n_floats)
+  const bool optimised = t->lora == t->opt;
+  if (!grad && !optimised)
+    return pa_error(PA_EINVAL, "trainer: backward needs a gradient to write, or the adapter being optimised");
+  if (grad &&
+      (grad->n_layers != t->lora->n_layers || grad->rank != t->lora->rank || grad->n_floats != t->lora->n_floats))
     return pa_error(PA_EINVAL, "trainer: the gradient's shape is not the adapter's");
   pa_lm *lm = t->lm;
   const pa_backend *be = t->be;
   const pa_model_config *c = &lm->c;
-  const pa_lora *lo = t->lora, *host_grad = grad;
-  if (!be->host_memory) { /* the adapter's copy is the forward's; the gradient's sums start from zero there */
-    lo = &t->lora_view;
-    if (!(grad = (pa_lora *)on_backend(t, grad, &t->d_grad, &t->grad_view, false)))
-      return pa_backend_enomem(be, "trainer: no memory for the gradient");
-  }
+  const pa_lora *lo = t->lora_be, *host_grad = grad;
+  /* where the sums go: the optimiser's gradient, the caller's (a host
+   * backend), or a copy in the device's memory */
+  if (optimised)
+    grad = &t->opt_grad_view;
+  else if (!be->host_memory && !(grad = (pa_lora *)on_backend(t, grad, &t->d_grad, &t->grad_view, false)))
+    return pa_backend_enomem(be, "trainer: no memory for the gradient");
+  t->opt_grad_ready = false;
   be->zero(grad->arena, grad->n_floats * sizeof(float)); /* lora_backward adds to it */
   const int R = t->rows, D = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, F = c->ffn_dim;
   float *dxb = t->t1, *dh = t->t2;
@@ -448,7 +480,81 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
                 10.0 * H * hd * attn_pairs(&t->attn);
   }
   t->flops += 2.0 * D * t->n_seqs * t->n_out;
-  if (!be->host_memory)
-    be->download(host_grad->arena, t->d_grad, host_grad->n_floats * sizeof(float));
-  return lm_backend_status(be, "the training backward pass");
+  if (host_grad && host_grad->arena != grad->arena)
+    be->download(host_grad->arena, grad->arena, host_grad->n_floats * sizeof(float));
+  const int rc = lm_backend_status(be, "the training backward pass");
+  t->opt_grad_ready = optimised && rc == PA_OK;
+  return rc;
 }
+
+pa_adamw_step pa_adamw_constants(const pa_adamw_opts *o, int t) {
+  return (pa_adamw_step){.beta1 = o->beta1,
+                         .beta2 = o->beta2,
+                         .c1 = 1 - pow(o->beta1, t),
+                         .c2 = 1 - pow(o->beta2, t),
+                         .lr = o->lr,
+                         .decay = 1 - o->lr * o->weight_decay,
+                         .eps = o->eps};
+}
+
+int pa_trainer_optimise(pa_trainer *t, pa_lora *adapter, const pa_adamw_opts *o) {
+  int rc = check_lora(t, adapter);
+  if (rc)
+    return rc;
+  if (!(o->lr >= 0 && isfinite(o->lr)) || !(o->weight_decay >= 0 && isfinite(o->weight_decay)) ||
+      !(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1) || !(o->eps > 0 && isfinite(o->eps)))
+    return pa_error(PA_EINVAL,
+                    "trainer: AdamW with learning rate %g, weight decay %g, betas %g and %g, epsilon %g is not "
+                    "possible (rate and decay finite and >= 0, betas in [0, 1), epsilon finite and > 0)",
+                    o->lr, o->weight_decay, o->beta1, o->beta2, o->eps);
+  const pa_backend *be = t->be;
+  const size_t n = adapter->n_floats, bytes = n * sizeof(float);
+  t->ready = false; /* a forward pass's adapter may have been this one, with other values */
+  if (n > t->opt_floats) {
+    release_optimiser(t);
+    t->opt_g = be->alloc(bytes), t->opt_m = be->alloc(bytes), t->opt_v = be->alloc(bytes);
+    t->opt_w = be->host_memory ? NULL : be->alloc(bytes);
+    if (!t->opt_g || !t->opt_m || !t->opt_v || (!be->host_memory && !t->opt_w)) {
+      rc = pa_backend_enomem(be, "trainer: no memory for the optimiser's %.3g MB",
+                             (be->host_memory ? 3 : 4) * bytes / 1e6);
+      release_optimiser(t);
+      return rc;
+    }
+    t->opt_floats = n;
+  }
+  t->opt = adapter, t->opt_o = *o, t->opt_steps = 0, t->opt_grad_ready = false;
+  t->opt_view = *adapter, t->opt_grad_view = *adapter;
+  t->opt_grad_view.arena = t->opt_g;
+  if (!be->host_memory) {
+    t->opt_view.arena = t->opt_w;
+    be->upload(t->opt_w, adapter->arena, bytes);
+  }
+  be->zero(t->opt_m, bytes);
+  be->zero(t->opt_v, bytes);
+  if ((rc = lm_backend_status(be, "the optimiser's start")))
+    t->opt = NULL;
+  return rc;
+}
+
+int pa_trainer_step(pa_trainer *t) {
+  if (!t->opt)
+    return pa_error(PA_EINVAL, "trainer: a step needs an adapter being optimised (pa_trainer_optimise)");
+  if (!t->opt_grad_ready)
+    return pa_error(PA_EINVAL, "trainer: a step needs a backward pass with the adapter since the last step");
+  t->opt_grad_ready = false;
+  t->ready = false; /* the activations are the old values' */
+  const pa_adamw_step s = pa_adamw_constants(&t->opt_o, ++t->opt_steps);
+  t->be->adamw(t->opt->n_floats, &s, t->opt_view.arena, t->opt_g, t->opt_m, t->opt_v);
+  return lm_backend_status(t->be, "the optimiser's step");
+}
+
+int pa_trainer_adapter_sync(pa_trainer *t) {
+  if (!t->opt)
+    return pa_error(PA_EINVAL, "trainer: no adapter is being optimised");
+  if (t->be->host_memory)
+    return PA_OK;
+  t->be->download(t->opt->arena, t->opt_w, t->opt->n_floats * sizeof(float));
+  return lm_backend_status(t->be, "the adapter's download");
+}
+
+int pa_trainer_steps(const pa_trainer *t) { return t->opt_steps; }

@@ -30,6 +30,7 @@
 #ifndef PALIGN_TRAIN_H
 #define PALIGN_TRAIN_H
 
+#include "backend.h"
 #include "forward.h"
 #include "lora.h"
 
@@ -61,7 +62,8 @@ typedef struct {
 int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out);
 void pa_trainer_destroy(pa_trainer *t); /* accepts NULL */
 
-/* Bytes the trainer holds (activations, buffers, scratch). */
+/* Bytes the trainer holds (activations, buffers, scratch; not the
+ * optimiser's three or four adapter-sized buffers). */
 size_t pa_trainer_bytes(const pa_trainer *t);
 /* FLOPs of every forward and backward pass so far (products and attention,
  * 2 per multiply-add). */
@@ -75,7 +77,43 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
 /* Back from dlogits [n_seqs][n_out] (dloss / dlogits of the last forward
  * pass, which must have had an adapter): writes the gradient of every A and
  * B into grad (same shape as that adapter; what it held is not read, so a
- * device backend copies nothing up, only the gradient down). */
+ * device backend copies nothing up, only the gradient down). grad may be
+ * NULL when the adapter is the one being optimised (below): the gradient
+ * then stays where the trainer runs, for pa_trainer_step. */
 int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad);
+
+/* ---- optimising an adapter where the trainer runs ----
+ * AdamW (backend.h, pa_adamw_step) with its moments, the gradient and the
+ * adapter's values all in the backend's memory, so that on a device a step
+ * moves nothing between host and device but the batch, its logits and their
+ * gradient (on Llama-3-8B's shape with rank 8, a gradient of 27 MB down and
+ * the adapter's 27 MB up each step, and the host's pass over both, stay
+ * off the bus and off the host).
+ *
+ * pa_trainer_optimise makes `adapter` the one the trainer optimises, from
+ * its values now, both moments zero, step 0 (from the start again, for it or
+ * another, when called again). Then pa_trainer_forward with that adapter
+ * uses the trainer's copy (with NULL, the base model, as always; another
+ * adapter is refused), pa_trainer_backward may keep the
+ * gradient (grad NULL), pa_trainer_step takes a step from it (once per
+ * backward pass; the next backward pass needs a forward pass with the new
+ * values), and pa_trainer_adapter_sync writes the trainer's values into the
+ * adapter's arena: a device backend's steps leave the arena as it was
+ * (stale) until then, a host backend's write it in place. The adapter must
+ * live until the trainer is destroyed. Same bits on every backend for the
+ * same gradients (backend.h: adamw). */
+typedef struct {
+  double lr, weight_decay; /* decoupled: w -= lr weight_decay w */
+  double beta1, beta2, eps;
+} pa_adamw_opts;
+
+/* Step t's constants (t = 1, 2, ...): what pa_trainer_step gives the backend's adamw. */
+pa_adamw_step pa_adamw_constants(const pa_adamw_opts *o, int t);
+
+int pa_trainer_optimise(pa_trainer *t, pa_lora *adapter, const pa_adamw_opts *o);
+int pa_trainer_step(pa_trainer *t);
+int pa_trainer_adapter_sync(pa_trainer *t);
+/* Steps taken since pa_trainer_optimise. */
+int pa_trainer_steps(const pa_trainer *t);
 
 #endif

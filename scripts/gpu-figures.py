@@ -251,6 +251,14 @@ def bench_lines(bench, steps):
         lines.append(f"- training attention, a DPO step's {rows} rows: forward {fwd:.3f} ms ({fwd / prod:.2f}x the "
                      f"layer's bf16 products), backward {bwd:.3f} ms ({bwd / prod_bwd:.2f}x the backward products): "
                      f"{100 * (fwd + bwd) / (fwd + bwd + prod + prod_bwd):.0f}% of the step's products and attention")
+    opt = [bench.get(k) for k in ("adamw_device_ms", "adamw_host_ms", "adamw_host_download_ms",
+                                  "adamw_host_update_ms", "adamw_host_upload_ms")]
+    if all(isinstance(t, (int, float)) and t > 0 for t in opt):
+        dev, host, down, update, up = opt
+        lines.append(f"- AdamW's step on Llama-3-8B's rank-8 adapter ({bench.get('adamw_values', 0):,} values): on the "
+                     f"device {dev:.3f} ms, on the host with its copies {host:.3f} ms (download {down:.3f}, adamw on "
+                     f"{bench.get('adamw_host_threads', '?')} threads {update:.3f}, upload {up:.3f}): "
+                     f"{host / dev:.1f}x the device's")
     return lines
 
 

@@ -27,7 +27,9 @@
  *    terms' magnitudes, with the GPU's tensor cores accumulating in fp32;
  *    the rounded operand is checked too: the GPU's result with x already
  *    bf16 (rounding again changes nothing) must be the same bits;
- *  - embed_bf16: exact (widening is exact).
+ *  - embed_bf16: exact (widening is exact);
+ *  - adamw: exact (each element's double operations rounded as written on
+ *    both: no fused multiply-add, and IEEE division and square root).
  * The three fp32 attention kernels are checked (pa_cuda_attention_kernel),
  * at the same tolerance: the tensor cores' one makes each product of three
  * tf32 products of split operands, which leaves about 2^-22 of each term
@@ -393,6 +395,43 @@ static void test_backward(void **s) {
     gpu->release((void *)all[i]);
   free(x), free(w), free(dy), free(dx), free(want), free(cs), free(sn), free(g), free(wantr), free(gate), free(up);
   free(wg), free(wu);
+}
+
+/* AdamW's step, four times on 5,003 parameters (not a multiple of a
+ * block), the gradients' magnitudes from 1e-9 to 1e3 with exact zeros among
+ * them, the moments from zero: w, m and v the CPU's bits after every step. */
+static void test_adamw(void **s) {
+  (void)s;
+  const size_t n = 5003;
+  float *w = tu_rand_vec(&rng, n), *g = tu_rand_vec(&rng, n), *m = calloc(n, sizeof *m), *v = calloc(n, sizeof *v);
+  assert_true(m && v);
+  float *d_w = dev_floats(w, n), *d_g = gpu->alloc(n * sizeof *g), *d_m = dev_floats(m, n), *d_v = dev_floats(v, n);
+  assert_non_null(d_g);
+  const double b1 = 0.9, b2 = 0.999, lr = 1e-3;
+  for (int t = 1; t <= 4; t++) {
+    for (size_t i = 0; i < n; i++) /* a fresh gradient each step, magnitudes 1e-9 .. 1e3, every 17th zero */
+      g[i] = i % 17 ? (float)(tu_frand(&rng) * pow(10, (double)(i * 7 % 13) - 9)) : 0.0f;
+    gpu->upload(d_g, g, n * sizeof *g);
+    const pa_adamw_step st = {.beta1 = b1,
+                              .beta2 = b2,
+                              .c1 = 1 - pow(b1, t),
+                              .c2 = 1 - pow(b2, t),
+                              .lr = lr,
+                              .decay = 1 - lr * 0.01,
+                              .eps = 1e-8};
+    cpu->adamw(n, &st, w, g, m, v);
+    gpu->adamw(n, &st, d_w, d_g, d_m, d_v);
+    const float *want[3] = {w, m, v}, *dev[3] = {d_w, d_m, d_v};
+    for (int k = 0; k < 3; k++) {
+      float *got = back(dev[k], n);
+      char what[32];
+      snprintf(what, sizeof what, "adamw step %d %c", t, "wmv"[k]);
+      expect_close(what, got, want[k], n, 0);
+      free(got);
+    }
+  }
+  gpu->release(d_w), gpu->release(d_g), gpu->release(d_m), gpu->release(d_v);
+  free(w), free(g), free(m), free(v);
 }
 
 /* n floats of x (NULL: NULL), each rounded to bf16 (ties to even), in a new array. */
@@ -984,6 +1023,7 @@ int main(void) {
       cmocka_unit_test(test_alloc_refused),
       cmocka_unit_test(test_attention),
       cmocka_unit_test(test_backward),
+      cmocka_unit_test(test_adamw),
       cmocka_unit_test(test_attention_train),
       cmocka_unit_test(test_attention_rescaled),
       cmocka_unit_test(test_attention_long_row),

@@ -38,10 +38,20 @@ static void test_bf16(void **s) {
   check(PA_WEIGHTS_BF16, 2e-3);
 }
 
+/* AdamW on the device (pa_trainer_optimise): three steps with fp32 and with
+ * bf16 weights, the same bits as the device's forward and backward passes
+ * with the CPU's adamw on the host (tu_optimise_compare). */
+static void test_optimiser(void **s) {
+  (void)s;
+  tu_optimise_compare(pa_backend_cuda(), PA_WEIGHTS_FP32, NULL, NULL, NULL);
+  tu_optimise_compare(pa_backend_cuda(), PA_WEIGHTS_BF16, NULL, NULL, NULL);
+}
+
 int main(void) {
   const int ready = tu_cuda_ready();
   if (ready)
     return ready;
-  const struct CMUnitTest tests[] = {cmocka_unit_test(test_fp32), cmocka_unit_test(test_bf16)};
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_fp32), cmocka_unit_test(test_bf16),
+                                     cmocka_unit_test(test_optimiser)};
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

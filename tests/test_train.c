@@ -5,7 +5,9 @@
  *    the same adapter, and a batch with a shared prefix against the same
  *    sequences written out whole;
  *  - no adapter gives the bits of an adapter with zero B; 1 and 2 threads
- *    give the same bits; bad batches are refused.
+ *    give the same bits; bad batches are refused;
+ *  - AdamW where the trainer runs gives the bits of the same steps by hand,
+ *    and on the device path copies nothing of the adapter's size a step.
  *
  * Finite differences: L = sum c . logits with fixed random coefficients c
  * (any loss of these logits has the gradient the chain rule gives from
@@ -20,10 +22,13 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <cJSON.h>
 
 #include "backend.h"
 #include "forward.h"
@@ -32,6 +37,7 @@
 #include "model.h"
 #include "status.h"
 #include "testutil.h"
+#include "jsonfile.h"
 #include "tu_fake_device.h"
 #include "tu_train_compare.h"
 #include "train.h"
@@ -302,6 +308,170 @@ static void test_allocation_failures(void **s) {
   assert_int_equal(tu_fake_live, 0);
 }
 
+/* AdamW where the trainer runs, against the same steps by hand
+ * (tu_optimise_compare: the same bits), on the CPU and on the device path;
+ * there each of the three steps copies up only the batch's ids and
+ * positions (26 rows), its wanted tokens and their logits' gradient (6
+ * each), and down only the 6 logits: nothing of the adapter's size. */
+static void test_optimiser(void **s) {
+  (void)s;
+  tu_optimise_compare(pa_backend_cpu(), PA_WEIGHTS_FP32, NULL, NULL, NULL);
+  size_t moved[2];
+  tu_optimise_compare(tu_fake_device(), PA_WEIGHTS_FP32, &tu_fake_uploaded, &tu_fake_downloaded, moved);
+  printf("  the device path's three steps: %zu bytes up, %zu down\n", moved[0], moved[1]);
+  assert_int_equal(moved[0], 3 * (26 * 2 * sizeof(int32_t) + 6 * sizeof(int32_t) + 6 * sizeof(float)));
+  assert_int_equal(moved[1], 3 * 6 * sizeof(float));
+  assert_int_equal(tu_fake_live, 0);
+}
+
+static float *json_floats(const cJSON *a, int n) {
+  assert_int_equal(cJSON_GetArraySize(a), n);
+  float *v = malloc((size_t)n * sizeof *v);
+  assert_non_null(v);
+  for (int i = 0; i < n; i++)
+    v[i] = (float)cJSON_GetArrayItem(a, i)->valuedouble; /* float32 values, read back exactly */
+  return v;
+}
+
+/* The CPU's adamw with pa_adamw_constants against PyTorch's AdamW
+ * (tests/golden/adamw/, make_adamw_golden.py): two cases of options, six
+ * steps each from the golden's gradients. PyTorch rounds every operation
+ * to float32 where palign rounds each element's step once from double, so
+ * they differ by a few float32 roundings a step, carried into the next
+ * through w, m and v: each value is held to 8 t ulps (t the step) of its
+ * own magnitude, plus, for w, 8 t ulps of the rate (a step's size is about
+ * lr whatever the gradient's magnitude, so its rounding is about lr's) and,
+ * for m, of the gradient (PyTorch's lerp rounds g - m, which is about g where
+ * the gradient turns and m is near zero). */
+static void test_adamw_against_pytorch(void **s) {
+  (void)s;
+  cJSON *root;
+  assert_int_equal(pa_json_load(PALIGN_TEST_DATA "/adamw/cases.json", &root), PA_OK);
+  const int n = cJSON_GetObjectItem(root, "n")->valueint;
+  const cJSON *c;
+  int cases = 0;
+  cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases")) {
+    const pa_adamw_opts o = {.lr = cJSON_GetObjectItem(c, "lr")->valuedouble,
+                             .weight_decay = cJSON_GetObjectItem(c, "weight_decay")->valuedouble,
+                             .beta1 = cJSON_GetObjectItem(c, "beta1")->valuedouble,
+                             .beta2 = cJSON_GetObjectItem(c, "beta2")->valuedouble,
+                             .eps = cJSON_GetObjectItem(c, "eps")->valuedouble};
+    const char *name = cJSON_GetObjectItem(c, "name")->valuestring;
+    float *w = json_floats(cJSON_GetObjectItem(c, "w0"), n), *m = calloc((size_t)n, sizeof *m),
+          *v = calloc((size_t)n, sizeof *v);
+    assert_true(m && v);
+    double worst[3] = {0};
+    const cJSON *st;
+    int t = 0;
+    cJSON_ArrayForEach(st, cJSON_GetObjectItem(c, "steps")) {
+      t++;
+      float *g = json_floats(cJSON_GetObjectItem(st, "g"), n);
+      const pa_adamw_step k = pa_adamw_constants(&o, t);
+      pa_backend_cpu()->adamw((size_t)n, &k, w, g, m, v);
+      const float *got[3] = {w, m, v};
+      for (int q = 0; q < 3; q++) {
+        const char *key = (const char *[]){"w", "m", "v"}[q];
+        float *want = json_floats(cJSON_GetObjectItem(st, key), n);
+        for (int i = 0; i < n; i++) {
+          const double floor = q == 0 ? o.lr : q == 1 ? fabs(g[i]) : 0;
+          const double ulp = FLT_EPSILON * (fabs(want[i]) + floor), d = fabs((double)got[q][i] - want[i]);
+          if (!(d <= 8 * t * ulp))
+            fail_msg("%s, step %d: %s[%d] %.9g, PyTorch %.9g", name, t, key, i, got[q][i], want[i]);
+          worst[q] = d > 0 ? fmax(worst[q], d / ulp / t) : worst[q];
+        }
+        free(want);
+      }
+      free(g);
+    }
+    assert_int_equal(t, 6);
+    printf("  %s: %d steps of %d values, within %.2g, %.2g and %.2g ulps a step of PyTorch's w, m and v\n", name, t, n,
+           worst[0], worst[1], worst[2]);
+    free(w), free(m), free(v);
+    cases++;
+  }
+  assert_int_equal(cases, 2);
+  cJSON_Delete(root);
+}
+
+/* The optimiser's calls out of order, or with what it cannot take, are
+ * refused (PA_EINVAL, saying what is wanted) and change nothing; its
+ * buffers refused by the device fail pa_trainer_optimise with the device's
+ * reason, and it works once they are allowed. */
+static void test_optimiser_refusals(void **s) {
+  (void)s;
+  fixture f;
+  fixture_make(&f, PA_MK_LLAMA, "optrefused.gguf");
+  pa_lm *dlm;
+  pa_trainer *dt;
+  const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
+  if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = tu_fake_device()}, &dlm) ||
+      pa_trainer_create(dlm, &plan, &dt))
+    fail_msg("%s", pa_errmsg());
+  float logits[6];
+  const pa_adamw_opts o = {.lr = 1e-3, .weight_decay = 0.01, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8};
+  /* nothing optimised yet */
+  assert_int_equal(pa_trainer_forward(f.tr, f.lora, &f.b, logits), PA_OK);
+  assert_int_equal(pa_trainer_backward(f.tr, f.coef, NULL), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "a gradient to write, or the adapter being optimised"));
+  assert_int_equal(pa_trainer_step(f.tr), PA_EINVAL);
+  assert_int_equal(pa_trainer_adapter_sync(f.tr), PA_EINVAL);
+  /* options AdamW cannot take */
+  const pa_adamw_opts bad[] = {{.lr = NAN, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8},
+                               {.lr = -1, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8},
+                               {.lr = 1, .weight_decay = INFINITY, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8},
+                               {.lr = 1, .beta1 = 1, .beta2 = 0.999, .eps = 1e-8},
+                               {.lr = 1, .beta1 = 0.9, .beta2 = -0.5, .eps = 1e-8},
+                               {.lr = 1, .beta1 = 0.9, .beta2 = 0.999, .eps = 0}};
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    assert_int_equal(pa_trainer_optimise(f.tr, f.lora, &bad[i]), PA_EINVAL);
+    assert_non_null(strstr(pa_errmsg(), "trainer: AdamW with learning rate"));
+  }
+  pa_lora *big, *other;
+  assert_int_equal(pa_lora_create(pa_lm_config(f.lm), 8, 2.0f, &big), PA_OK);
+  assert_int_equal(pa_trainer_optimise(f.tr, big, &o), PA_EINVAL); /* rank above the plan */
+  assert_int_equal(pa_trainer_step(f.tr), PA_EINVAL);
+  /* optimising: out of order */
+  assert_int_equal(pa_lora_create_like(f.lora, &other), PA_OK);
+  assert_int_equal(pa_trainer_optimise(f.tr, f.lora, &o), PA_OK);
+  assert_int_equal(pa_trainer_backward(f.tr, f.coef, NULL), PA_EINVAL); /* the forward pass before is stale */
+  assert_int_equal(pa_trainer_step(f.tr), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "a backward pass with the adapter since the last step"));
+  assert_int_equal(pa_trainer_forward(f.tr, other, &f.b, logits), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "it optimises another adapter"));
+  assert_int_equal(pa_trainer_forward(f.tr, NULL, &f.b, logits), PA_OK); /* the base model, as always */
+  assert_int_equal(pa_trainer_backward(f.tr, f.coef, NULL), PA_EINVAL);
+  assert_int_equal(pa_trainer_forward(f.tr, f.lora, &f.b, logits), PA_OK);
+  assert_int_equal(pa_trainer_backward(f.tr, f.coef, NULL), PA_OK);
+  assert_int_equal(pa_trainer_step(f.tr), PA_OK);
+  assert_int_equal(pa_trainer_step(f.tr), PA_EINVAL);                   /* one step per backward pass */
+  assert_int_equal(pa_trainer_backward(f.tr, f.coef, NULL), PA_EINVAL); /* the activations are the old values' */
+  assert_int_equal(pa_trainer_steps(f.tr), 1);
+  /* the device refusing the optimiser's buffers, each in turn */
+  int refused = 0;
+  for (long k = 0;; k++) {
+    tu_fake_allocs_left = k;
+    const int rc = pa_trainer_optimise(dt, f.lora, &o);
+    tu_fake_allocs_left = -1;
+    if (rc == PA_OK)
+      break;
+    if (rc != PA_ENOMEM || !strstr(pa_errmsg(), "trainer: no memory for the optimiser's ") ||
+        !strstr(pa_errmsg(), "(an allocation refused (injected by the test))"))
+      fail_msg("allocation %ld refused: %s (%d)", k, pa_errmsg(), rc);
+    refused++;
+    assert_int_equal(pa_trainer_step(dt), PA_EINVAL); /* nothing optimised */
+  }
+  assert_int_equal(refused, 4); /* values, gradient, two moments */
+  assert_int_equal(pa_trainer_forward(dt, f.lora, &f.b, logits), PA_OK);
+  assert_int_equal(pa_trainer_backward(dt, f.coef, NULL), PA_OK);
+  assert_int_equal(pa_trainer_step(dt), PA_OK);
+  assert_int_equal(pa_trainer_adapter_sync(dt), PA_OK);
+  pa_lora_destroy(big), pa_lora_destroy(other);
+  pa_trainer_destroy(dt);
+  pa_lm_destroy(dlm);
+  fixture_free(&f);
+  assert_int_equal(tu_fake_live, 0);
+}
+
 static void test_bad_batches(void **s) {
   (void)s;
   fixture f;
@@ -340,6 +510,9 @@ int main(void) {
       cmocka_unit_test(test_bf16),
       cmocka_unit_test(test_device_failure),
       cmocka_unit_test(test_allocation_failures),
+      cmocka_unit_test(test_optimiser),
+      cmocka_unit_test(test_adamw_against_pytorch),
+      cmocka_unit_test(test_optimiser_refusals),
       cmocka_unit_test(test_bad_batches),
   };
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);

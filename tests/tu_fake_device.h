@@ -7,7 +7,8 @@
  * Setting tu_fake_fail makes the next status() report a failed operation,
  * as a GPU's would (backend.h); setting tu_fake_allocs_left to n >= 0 lets
  * n more allocations through and refuses every one after (NULL, error()
- * saying so), as a full device's memory would, until it is set to -1. */
+ * saying so), as a full device's memory would, until it is set to -1;
+ * tu_fake_uploaded and tu_fake_downloaded count the bytes copied each way. */
 #ifndef PALIGN_TU_FAKE_DEVICE_H
 #define PALIGN_TU_FAKE_DEVICE_H
 
@@ -20,6 +21,7 @@ static size_t tu_fake_live;
 static int tu_fake_fail;
 static long tu_fake_allocs_left = -1;
 static const char *tu_fake_why = "";
+static size_t tu_fake_uploaded, tu_fake_downloaded;
 
 static inline int tu_fake_status(void) {
   const int failed = tu_fake_fail;
@@ -55,7 +57,15 @@ static inline void tu_fake_release(void *q) {
   tu_fake_live--;
 }
 
-static inline void tu_fake_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+static inline void tu_fake_upload(void *dst, const void *src, size_t bytes) {
+  memcpy(dst, src, bytes);
+  tu_fake_uploaded += bytes;
+}
+
+static inline void tu_fake_download(void *dst, const void *src, size_t bytes) {
+  memcpy(dst, src, bytes);
+  tu_fake_downloaded += bytes;
+}
 
 static inline void tu_fake_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
                                   size_t height) {
@@ -71,7 +81,7 @@ static inline const pa_backend *tu_fake_device(void) {
     device.name = "cpu-as-device";
     device.host_memory = 0;
     device.alloc = tu_fake_alloc, device.release = tu_fake_release;
-    device.upload = tu_fake_copy, device.download = tu_fake_copy, device.copy2d = tu_fake_copy2d;
+    device.upload = tu_fake_upload, device.download = tu_fake_download, device.copy2d = tu_fake_copy2d;
     device.status = tu_fake_status, device.error = tu_fake_error;
   }
   return &device;

@@ -2,8 +2,8 @@
  * palign mkmodel; a 12-token prefix and three sequences, two logits wanted
  * of each, a rank-4 adapter with B set so that every entry has a gradient)
  * and the trainer on the CPU against another backend on the same batch and
- * adapter. Used by test_train.c (a CPU backend posing as a device) and
- * test_cuda_train.c (the GPU). Include after testutil.h. */
+ * adapter, and the optimiser where the trainer runs against steps by hand. Used by test_train.c (a CPU backend posing
+ * as a device) and test_cuda_train.c (the GPU). Include after testutil.h. */
 #ifndef PALIGN_TU_TRAIN_COMPARE_H
 #define PALIGN_TU_TRAIN_COMPARE_H
 
@@ -140,6 +140,72 @@ static inline void tu_train_compare(const pa_backend *other, pa_weight_format wf
     pa_trainer_destroy(tr[k]), pa_lm_destroy(lm[k]);
   fixture_free(&f);
   *g_other = g[1], *g_cpu = g[0];
+}
+
+/* AdamW where the trainer runs (pa_trainer_optimise, then forward, backward
+ * keeping the gradient, step) on backend `be` against the same steps taken
+ * by hand there: the forward pass with the adapter's values, the gradient
+ * written into a host adapter, and the CPU backend's adamw on host copies of
+ * the moments. The device's adamw gives the CPU's bits (backend.h) and the
+ * gradient is the same device's, so every step's logits and the adapter at
+ * the end are the same bits; on a device the adapter's arena keeps its
+ * starting values until pa_trainer_adapter_sync. up and down: where `be`
+ * counts the bytes it copies each way (the fake device's counters), or NULL;
+ * then moved[0] and moved[1] get what the optimiser's three steps copied. */
+static inline void tu_optimise_compare(const pa_backend *be, pa_weight_format wf, const size_t *up, const size_t *down,
+                                       size_t moved[2]) {
+  rng = 4343;
+  fixture f;
+  fixture_make(&f, PA_MK_QWEN2, "optimise.gguf");
+  pa_lm *lm;
+  pa_trainer *ta, *tb;
+  const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
+  if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = be, .weights = wf}, &lm) ||
+      pa_trainer_create(lm, &plan, &ta) || pa_trainer_create(lm, &plan, &tb))
+    fail_msg("%s backend: %s", be->name, pa_errmsg());
+  pa_lora *wa, *wb, *g, *m, *v;
+  assert_int_equal(pa_lora_create_like(f.lora, &wa), PA_OK);
+  assert_int_equal(pa_lora_create_like(f.lora, &wb), PA_OK);
+  assert_int_equal(pa_lora_create_like(f.lora, &g), PA_OK);
+  assert_int_equal(pa_lora_create_like(f.lora, &m), PA_OK);
+  assert_int_equal(pa_lora_create_like(f.lora, &v), PA_OK);
+  const size_t bytes = f.lora->n_floats * sizeof(float);
+  memcpy(wa->arena, f.lora->arena, bytes);
+  memcpy(wb->arena, f.lora->arena, bytes);
+  const pa_adamw_opts o = {.lr = 1e-2, .weight_decay = 0.1, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8};
+  if (pa_trainer_optimise(ta, wa, &o))
+    fail_msg("%s backend: %s", be->name, pa_errmsg());
+  float la[6], lb[6], first[6];
+  size_t moved_up = 0, moved_down = 0;
+  for (int k = 0; k < 3; k++) {
+    const size_t up0 = up ? *up : 0, down0 = down ? *down : 0;
+    if (pa_trainer_forward(ta, wa, &f.b, la) || pa_trainer_backward(ta, f.coef, NULL) || pa_trainer_step(ta))
+      fail_msg("%s backend, step %d: %s", be->name, k + 1, pa_errmsg());
+    if (up)
+      moved_up += *up - up0, moved_down += *down - down0;
+    if (pa_trainer_forward(tb, wb, &f.b, lb) || pa_trainer_backward(tb, f.coef, g))
+      fail_msg("%s backend, step %d by hand: %s", be->name, k + 1, pa_errmsg());
+    const pa_adamw_step st = pa_adamw_constants(&o, k + 1);
+    pa_backend_cpu()->adamw(g->n_floats, &st, wb->arena, g->arena, m->arena, v->arena);
+    assert_memory_equal(la, lb, sizeof la);
+    if (k == 0)
+      memcpy(first, la, sizeof first);
+  }
+  if (up)
+    moved[0] = moved_up, moved[1] = moved_down;
+  assert_int_equal(pa_trainer_steps(ta), 3);
+  assert_true(memcmp(first, la, sizeof la) != 0); /* the steps moved the logits */
+  if (!be->host_memory)                           /* the arena is stale until the download */
+    assert_memory_equal(wa->arena, f.lora->arena, bytes);
+  assert_int_equal(pa_trainer_adapter_sync(ta), PA_OK);
+  assert_memory_equal(wa->arena, wb->arena, bytes);
+  assert_true(memcmp(wa->arena, f.lora->arena, bytes) != 0);
+  fprintf(stderr, "    %s, %s weights: 3 AdamW steps where the trainer runs, the same bits as by hand\n", be->name,
+          pa_lm_weights(lm));
+  pa_lora_destroy(wa), pa_lora_destroy(wb), pa_lora_destroy(g), pa_lora_destroy(m), pa_lora_destroy(v);
+  pa_trainer_destroy(ta), pa_trainer_destroy(tb);
+  pa_lm_destroy(lm);
+  fixture_free(&f);
 }
 
 #endif

@@ -168,19 +168,6 @@ static void batch_make(const prompts *p, const int *order, int n, const int32_t 
                         .n_out = N_LETTERS};
 }
 
-/* PyTorch's AdamW, step t (1-based), in double per element. */
-static void adamw(pa_lora *w, const pa_lora *g, pa_lora *m, pa_lora *v, const pa_dpo_opts *o, int t) {
-  const double b1 = o->adam_beta1, b2 = o->adam_beta2, c1 = 1 - pow(b1, t), c2 = 1 - pow(b2, t);
-  const double decay = 1 - o->lr * o->weight_decay;
-  for (size_t i = 0; i < w->n_floats; i++) {
-    const double gi = g->arena[i];
-    const double mi = b1 * m->arena[i] + (1 - b1) * gi, vi = b2 * v->arena[i] + (1 - b2) * gi * gi;
-    m->arena[i] = (float)mi, v->arena[i] = (float)vi;
-    const double denom = sqrt(vi / c2) + o->adam_eps;
-    w->arena[i] = (float)(w->arena[i] * decay - o->lr * (mi / c1) / denom);
-  }
-}
-
 int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s, const pa_dpo_opts *o,
                  pa_dpo_result *out) {
   pa_dpo_result_free(out);
@@ -208,7 +195,6 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
 
   prompts p;
   pa_trainer *tr = NULL;
-  pa_lora *grad = NULL, *m1 = NULL, *m2 = NULL;
   float *ref = NULL, *pol = NULL, *dlog = NULL;
   int *order = NULL, *n_tokens = NULL;
   const int32_t **tokens = NULL;
@@ -235,12 +221,16 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
     goto done;
   }
   if ((rc = pa_trainer_create(lm, &plan, &tr)) ||
-      (rc = pa_lora_create(pa_lm_config(lm), o->rank, (float)(o->alpha / o->rank), &out->adapter)) ||
-      (rc = pa_lora_create_like(out->adapter, &grad)) || (rc = pa_lora_create_like(out->adapter, &m1)) ||
-      (rc = pa_lora_create_like(out->adapter, &m2)))
+      (rc = pa_lora_create(pa_lm_config(lm), o->rank, (float)(o->alpha / o->rank), &out->adapter)))
     goto done;
   out->trainer_bytes = pa_trainer_bytes(tr);
   pa_lora_init(out->adapter, out->seed);
+  /* AdamW where the trainer runs: on a device the adapter, its gradient and
+   * moments stay there, and come down once, at the end */
+  const pa_adamw_opts adamw = {
+      .lr = o->lr, .weight_decay = o->weight_decay, .beta1 = o->adam_beta1, .beta2 = o->adam_beta2, .eps = o->adam_eps};
+  if ((rc = pa_trainer_optimise(tr, out->adapter, &adamw)))
+    goto done;
   for (int e = 0; e < o->epochs; e++) {
     int *ord = order + (size_t)e * p.n;
     for (int i = 0; i < p.n; i++)
@@ -300,9 +290,8 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
       loss /= n_pairs;
       out->loss[step] = loss;
       epoch_sum += loss;
-      if ((rc = pa_trainer_backward(tr, dlog, grad)))
+      if ((rc = pa_trainer_backward(tr, dlog, NULL)) || (rc = pa_trainer_step(tr)))
         goto done;
-      adamw(out->adapter, grad, m1, m2, o, step + 1);
       if (eo->step)
         eo->step(eo->poll_ctx, step + 1, out->n_steps, loss);
       out->train_tokens += b.n_prefix;
@@ -311,12 +300,13 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
     }
     out->epoch_loss[e] = epoch_sum / steps_per_epoch;
   }
+  if ((rc = pa_trainer_adapter_sync(tr)))
+    goto done;
   out->train_seconds = now_s() - t0;
   out->train_flops = pa_trainer_flops(tr) - f0;
 done:
   prompts_free(&p);
   pa_trainer_destroy(tr);
-  pa_lora_destroy(grad), pa_lora_destroy(m1), pa_lora_destroy(m2);
   free(ref), free(pol), free(dlog), free(order), free(n_tokens), free(tokens), free(want);
   if (rc)
     pa_dpo_result_free(out);

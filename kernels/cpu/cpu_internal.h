@@ -77,6 +77,7 @@ size_t pa_cpu_attention_train_scratch(const pa_attn_train_args *a);
 void pa_cpu_attention_train(const pa_attn_train_args *a, float *scratch);
 void pa_cpu_attention_backward(const pa_attn_train_args *a, const float *dz, float *dq, float *dk, float *dv,
                                float *scratch);
+void pa_cpu_adamw(size_t n, const pa_adamw_step *s, float *w, const float *g, float *m, float *v);
 
 /* The bf16-weight operations (cpu_bf16.c), as backend.h describes them. */
 void pa_cpu_matmul_bf16(int M, int N, int K, const float *x, const pa_bf16 *w, float beta, float *y);

@@ -224,6 +224,7 @@ static const pa_backend cpu_backend = {
     .attention_train_scratch = pa_cpu_attention_train_scratch,
     .attention_train = pa_cpu_attention_train,
     .attention_backward = pa_cpu_attention_backward,
+    .adamw = pa_cpu_adamw,
     .matmul_bf16 = pa_cpu_matmul_bf16,
     .matmul_nn_bf16 = pa_cpu_matmul_nn_bf16,
     .embed_bf16 = pa_cpu_embed_bf16,

@@ -96,6 +96,18 @@ void pa_cpu_swiglu_backward(int M, int F, const float *gate, const float *up, co
   }
 }
 
+/* -ffp-contract=off (CMakeLists.txt) keeps every product and sum rounded as
+ * written, which the device's kernel does with its _rn intrinsics. */
+void pa_cpu_adamw(size_t n, const pa_adamw_step *s, float *w, const float *g, float *m, float *v) {
+#pragma omp parallel for schedule(static) if (n > 65536) num_threads(pa_backend_threads())
+  for (size_t i = 0; i < n; i++) {
+    const double gi = g[i];
+    const double mi = s->beta1 * m[i] + (1 - s->beta1) * gi, vi = s->beta2 * v[i] + (1 - s->beta2) * gi * gi;
+    m[i] = (float)mi, v[i] = (float)vi;
+    w[i] = (float)(w[i] * s->decay - s->lr * (mi / s->c1) / (sqrt(vi / s->c2) + s->eps));
+  }
+}
+
 /* ---- attention over a training batch ---------------------------------------
  * Segment -1 is the prefix (rows [0, P), no keys before its own), segment i
  * >= 0 sequence i (the P prefix keys, then its own). Within a (segment, kv

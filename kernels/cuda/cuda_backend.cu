@@ -211,6 +211,7 @@ const pa_backend cuda_backend = {
     cu_attention_train_scratch,
     cu_attention_train,
     cu_attention_backward,
+    cu_adamw,
     cu_matmul_bf16,
     cu_matmul_nn_bf16,
     cu_embed_bf16,

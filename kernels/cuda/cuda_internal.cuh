@@ -206,6 +206,7 @@ void cu_rmsnorm_backward(int M, int D, const float *x, const float *w, float eps
 void cu_rope_backward(int M, int n_heads, int hd, const int32_t *pos, const float *cos_tab, const float *sin_tab,
                       float *dx);
 void cu_swiglu_backward(int M, int F, const float *gate, const float *up, const float *dh, float *dgate, float *dup);
+void cu_adamw(size_t n, const pa_adamw_step *s, float *w, const float *g, float *m, float *v);
 
 // cuda_attention.cu
 size_t cu_attention_scratch(const pa_attn_args *a);

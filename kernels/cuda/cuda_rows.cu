@@ -42,6 +42,21 @@ __global__ void k_swiglu(size_t n, float *gate, const float *up) {
   }
 }
 
+// AdamW's step (backend.h), each double operation rounded as written: the _rn intrinsics are
+// never fused into multiply-adds, so the bits are the CPU's (built with -ffp-contract=off).
+__global__ void k_adamw(size_t n, pa_adamw_step s, float *w, const float *g, float *m, float *v) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n)
+    return;
+  const double gi = g[i];
+  const double mi = __dadd_rn(__dmul_rn(s.beta1, m[i]), __dmul_rn(1 - s.beta1, gi));
+  const double vi = __dadd_rn(__dmul_rn(s.beta2, v[i]), __dmul_rn(__dmul_rn(1 - s.beta2, gi), gi));
+  m[i] = (float)mi, v[i] = (float)vi;
+  const double step =
+      __ddiv_rn(__dmul_rn(s.lr, __ddiv_rn(mi, s.c1)), __dadd_rn(__dsqrt_rn(__ddiv_rn(vi, s.c2)), s.eps));
+  w[i] = (float)__dsub_rn(__dmul_rn(w[i], s.decay), step);
+}
+
 __global__ void k_embed(int M, int D, const int32_t *ids, const float *table, float *y) {
   const size_t n = (size_t)M * D, i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n)
@@ -201,6 +216,14 @@ void cu_swiglu_backward(int M, int F, const float *gate, const float *up, const 
   const timed t("swiglu_backward", 0.0, 20.0 * n);
   PA_LAUNCH(k_swiglu_backward, blocks(n), kBlock, 0)(n, gate, up, dh, dgate, dup);
   launched("swiglu_backward");
+}
+
+void cu_adamw(size_t n, const pa_adamw_step *s, float *w, const float *g, float *m, float *v) {
+  if (!n)
+    return;
+  const timed t("adamw", 0.0, 28.0 * n); // w, g, m, v read; w, m, v written
+  PA_LAUNCH(k_adamw, blocks(n), kBlock, 0)(n, *s, w, g, m, v);
+  launched("adamw");
 }
 
 } // namespace palign_cuda

@@ -103,6 +103,25 @@ extern dim3 blockDim, gridDim;
 
 void __syncthreads();
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// Double arithmetic rounded as written, never fused (the result goes through memory, so that no
+// compiler contracts a product and a sum into a fused multiply-add, as nvcc never does these).
+inline double __dadd_rn(double a, double b) {
+  volatile double r = a + b;
+  return r;
+}
+inline double __dsub_rn(double a, double b) {
+  volatile double r = a - b;
+  return r;
+}
+inline double __dmul_rn(double a, double b) {
+  volatile double r = a * b;
+  return r;
+}
+inline double __ddiv_rn(double a, double b) {
+  volatile double r = a / b;
+  return r;
+}
+inline double __dsqrt_rn(double a) { return sqrt(a); }
 
 struct __nv_bfloat16 {
   uint16_t bits;
