@@ -42,9 +42,10 @@
  *  6. the optimiser's step on Llama-3-8B's rank-8 adapter (q, k, v and o of
  *     32 layers: 6.8M values): the backend's adamw on the device (what the
  *     trainer runs since it optimises there) against the host's path it
- *     replaced, in the same run: the gradient's download, the CPU backend's
- *     adamw (its threads, pa_backend_threads) and the adapter's upload; and
- *     the device's rate against the copy's (28 bytes a value).
+ *     replaced, in the same run: the gradient's download, the loop on one
+ *     thread (as DPO ran it) and the adapter's upload; the loop on all the
+ *     CPU backend's threads too; and the device's rate against the copy's
+ *     (28 bytes a value).
  * Each timed with CUDA events over repeats after a warm-up. Exits 77 without
  * a device. */
 #include "backend.h"
@@ -238,29 +239,37 @@ static double wall_s(void) {
   return (double)t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
-/* Section 6: ms[0] the device's step, ms[1] the host's with its copies,
- * ms[2..4] that one's download, adamw and upload. */
-static void optimiser_step(const pa_backend *be, double copy_gbs, double ms[5]) {
+/* Section 6: ms[0] the device's step; ms[1] the host's path as DPO ran it
+ * before the step moved to the device (the gradient's download, the loop on
+ * one thread, the adapter's upload), ms[2..4] those three; ms[5] the loop on
+ * all of the CPU backend's threads. A gradient of values 1e-4 apart, w, m
+ * and v from zero, as a first step's. */
+static void optimiser_step(const pa_backend *be, double copy_gbs, double ms[6]) {
   const size_t n = kAdapterValues, bytes = n * sizeof(float);
   const pa_adamw_step st = {
       .beta1 = 0.9, .beta2 = 0.999, .c1 = 0.1, .c2 = 1e-3, .lr = 1e-3, .decay = 1, .eps = 1e-8}; /* step 1's */
+  float *hw = calloc(n, sizeof *hw), *hg = malloc(bytes), *hm = calloc(n, sizeof *hm),
+        *hv = calloc(n, sizeof *hv); /* pageable, as an adapter's arena */
+  if (!hw || !hg || !hm || !hv) {
+    fprintf(stderr, "bench_cuda: no host memory for the optimiser's step\n");
+    exit(1);
+  }
+  for (size_t i = 0; i < n; i++)
+    hg[i] = (float)((double)(i % 1001) - 500) * 1e-4f;
   float *w = dev_zero(bytes), *g = dev_zero(bytes), *m = dev_zero(bytes), *v = dev_zero(bytes);
+  be->upload(g, hg, bytes);
   for (int r = -1; r < 10; r++) {
     if (r == 0)
       timer_start();
     be->adamw(n, &st, w, g, m, v);
   }
   ms[0] = timer_per_rep(10) * 1e3;
-  float *hw = calloc(n, sizeof *hw), *hg = calloc(n, sizeof *hg), *hm = calloc(n, sizeof *hm),
-        *hv = calloc(n, sizeof *hv); /* pageable, as an adapter's arena */
-  if (!hw || !hg || !hm || !hv) {
-    fprintf(stderr, "bench_cuda: no host memory for the optimiser's step\n");
-    exit(1);
-  }
   const pa_backend *cpu = pa_backend_cpu();
-  double part[3] = {0};
+  const int threads = pa_backend_threads();
+  double part[3] = {0}, all = 0;
   enum { REPS = 5 };
   for (int r = -1; r < REPS; r++) {
+    pa_backend_set_threads(1);
     const double t0 = wall_s();
     be->download(hg, g, bytes);
     const double t1 = wall_s();
@@ -269,17 +278,21 @@ static void optimiser_step(const pa_backend *be, double copy_gbs, double ms[5]) 
     be->upload(w, hw, bytes);
     be->status(); /* the upload done */
     const double t3 = wall_s();
+    pa_backend_set_threads(threads);
+    cpu->adamw(n, &st, hw, hg, hm, hv);
+    const double t4 = wall_s();
     if (r >= 0)
-      part[0] += t1 - t0, part[1] += t2 - t1, part[2] += t3 - t2;
+      part[0] += t1 - t0, part[1] += t2 - t1, part[2] += t3 - t2, all += t4 - t3;
   }
   for (int k = 0; k < 3; k++)
     ms[2 + k] = part[k] / REPS * 1e3;
   ms[1] = ms[2] + ms[3] + ms[4];
+  ms[5] = all / REPS * 1e3;
   const double gbs = 28.0 * n / (ms[0] * 1e-3) / 1e9;
   printf("optimiser step, Llama-3-8B's rank-8 adapter (%zu values): on the device %.3f ms (%.0f GB/s, %.0f%% of the "
-         "copy's); on the host with its copies %.3f ms (download %.3f, adamw on %d threads %.3f, upload %.3f): "
-         "%.1fx the device's\n",
-         n, ms[0], gbs, 100 * gbs / copy_gbs, ms[1], ms[2], pa_backend_threads(), ms[3], ms[4], ms[1] / ms[0]);
+         "copy's); on the host as DPO ran it %.3f ms, %.1fx the device's (the gradient's download %.3f, adamw on 1 "
+         "thread %.3f, the adapter's upload %.3f); adamw on the host's %d threads %.3f ms\n",
+         n, ms[0], gbs, 100 * gbs / copy_gbs, ms[1], ms[1] / ms[0], ms[2], ms[3], ms[4], threads, ms[5]);
   cudaFree(w), cudaFree(g), cudaFree(m), cudaFree(v);
   free(hw), free(hg), free(hm), free(hv);
 }
@@ -514,7 +527,7 @@ int main(int argc, char **argv) {
     row_ops(be, (int)rows, copy_gbs, 5, row_gbs);
   else /* row_ops restarts and stops the profile: the variable's table would lose the rest */
     printf("row operations not timed: they use the device-time profile, which PALIGN_CUDA_PROFILE holds\n");
-  double train_ms[4], opt_ms[5];
+  double train_ms[4], opt_ms[6];
   train_attention(be, peak, train_ms);
   optimiser_step(be, copy_gbs, opt_ms);
   if (pa_cuda_error()[0]) {
@@ -554,8 +567,8 @@ int main(int argc, char **argv) {
       fprintf(f,
               ", \"adamw_values\": %zu, \"adamw_device_ms\": %.4f, \"adamw_host_ms\": %.4f, "
               "\"adamw_host_download_ms\": %.4f, \"adamw_host_update_ms\": %.4f, \"adamw_host_upload_ms\": %.4f, "
-              "\"adamw_host_threads\": %d",
-              kAdapterValues, opt_ms[0], opt_ms[1], opt_ms[2], opt_ms[3], opt_ms[4], pa_backend_threads());
+              "\"adamw_host_threads\": %d, \"adamw_host_update_all_ms\": %.4f",
+              kAdapterValues, opt_ms[0], opt_ms[1], opt_ms[2], opt_ms[3], opt_ms[4], pa_backend_threads(), opt_ms[5]);
       fprintf(f, "}\n");
       fclose(f);
     }

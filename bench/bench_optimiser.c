@@ -4,8 +4,9 @@
  *
  * Times the CPU backend's adamw (backend.h) on VALUES parameters (by
  * default Llama-3-8B's rank-8 adapter on q, k, v and o of 32 layers:
- * 6,815,744, what one DPO step updates on that model) at 1 thread and at
- * all of pa_backend_threads(0)'s, against a memcpy of the bytes a step
+ * 6,815,744, what one DPO step updates on that model) at 1 thread and on
+ * all the CPU backend's threads (pa_backend_threads), against a memcpy of
+ * the bytes a step
  * must move (28 a value: w, g, m and v read, w, m and v written) in the
  * same run; the median of 7 repeats after a warm-up. */
 #include "backend.h"
@@ -34,11 +35,19 @@ static double median(double *t) {
 }
 
 int main(int argc, char **argv) {
-  const size_t n =
-      argc > 1 ? strtoull(argv[1], NULL, 10) : 32 * (size_t)(2 * (8 * 4096 + 4096 * 8) + 2 * (8 * 4096 + 1024 * 8));
+  size_t n = 32 * (size_t)(2 * (8 * 4096 + 4096 * 8) + 2 * (8 * 4096 + 1024 * 8));
+  if (argc > 1) {
+    char *end;
+    const unsigned long long v = strtoull(argv[1], &end, 10);
+    if (argc > 2 || *end || end == argv[1] || v < 1 || v > (1ull << 32)) {
+      fprintf(stderr, "usage: bench_optimiser [VALUES] (1 to 2^32; not '%s')\n", argv[1]);
+      return 2;
+    }
+    n = (size_t)v;
+  }
   float *w = calloc(n, sizeof *w), *g = malloc(n * sizeof *g), *m = calloc(n, sizeof *m), *v = calloc(n, sizeof *v);
   char *src = malloc(14 * n), *dst = malloc(14 * n); /* 28 bytes a value: 14 read, 14 written */
-  if (!n || !w || !g || !m || !v || !src || !dst) {
+  if (!w || !g || !m || !v || !src || !dst) {
     fprintf(stderr, "bench_optimiser: no memory for %zu values\n", n);
     return 1;
   }

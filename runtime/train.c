@@ -507,6 +507,11 @@ int pa_trainer_optimise(pa_trainer *t, pa_lora *adapter, const pa_adamw_opts *o)
                     "trainer: AdamW with learning rate %g, weight decay %g, betas %g and %g, epsilon %g is not "
                     "possible (rate and decay finite and >= 0, betas in [0, 1), epsilon finite and > 0)",
                     o->lr, o->weight_decay, o->beta1, o->beta2, o->eps);
+  /* the adapter optimised so far keeps its steps: on a device its values
+   * come down first (whether it is this one, starting again from them, or
+   * another, which may take its buffers) */
+  if (t->opt && (rc = pa_trainer_adapter_sync(t)))
+    return rc;
   const pa_backend *be = t->be;
   const size_t n = adapter->n_floats, bytes = n * sizeof(float);
   t->ready = false; /* a forward pass's adapter may have been this one, with other values */

@@ -92,7 +92,8 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad);
  *
  * pa_trainer_optimise makes `adapter` the one the trainer optimises, from
  * its values now, both moments zero, step 0 (from the start again, for it or
- * another, when called again). Then pa_trainer_forward with that adapter
+ * another, when called again: the adapter optimised until then first gets
+ * its values, as pa_trainer_adapter_sync gives them). Then pa_trainer_forward with that adapter
  * uses the trainer's copy (with NULL, the base model, as always; another
  * adapter is refused), pa_trainer_backward may keep the
  * gradient (grad NULL), pa_trainer_step takes a step from it (once per

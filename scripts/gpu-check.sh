@@ -47,8 +47,8 @@
 #                           seconds against pas-8b4's
 #   profile-dpo-8b4.txt     DPO (one epoch) under the profile: the training
 #                           attention's kernels (forward; backward's D, dQ
-#                           and dK/dV apart) against the products and the
-#                           gradient's copies; log in dpo-8b4-profiled.txt
+#                           and dK/dV apart) against the products and
+#                           AdamW's step; log in dpo-8b4-profiled.txt
 #   sanitizer.log           compute-sanitizer's memcheck, racecheck (shared
 #                           memory hazards between a block's threads) and
 #                           initcheck on test_cuda_ops

@@ -252,13 +252,13 @@ def bench_lines(bench, steps):
                      f"layer's bf16 products), backward {bwd:.3f} ms ({bwd / prod_bwd:.2f}x the backward products): "
                      f"{100 * (fwd + bwd) / (fwd + bwd + prod + prod_bwd):.0f}% of the step's products and attention")
     opt = [bench.get(k) for k in ("adamw_device_ms", "adamw_host_ms", "adamw_host_download_ms",
-                                  "adamw_host_update_ms", "adamw_host_upload_ms")]
+                                  "adamw_host_update_ms", "adamw_host_upload_ms", "adamw_host_update_all_ms")]
     if all(isinstance(t, (int, float)) and t > 0 for t in opt):
-        dev, host, down, update, up = opt
+        dev, host, down, update, up, update_all = opt
         lines.append(f"- AdamW's step on Llama-3-8B's rank-8 adapter ({bench.get('adamw_values', 0):,} values): on the "
-                     f"device {dev:.3f} ms, on the host with its copies {host:.3f} ms (download {down:.3f}, adamw on "
-                     f"{bench.get('adamw_host_threads', '?')} threads {update:.3f}, upload {up:.3f}): "
-                     f"{host / dev:.1f}x the device's")
+                     f"device {dev:.3f} ms; on the host as DPO ran it {host:.3f} ms, {host / dev:.1f}x the device's "
+                     f"(the gradient's download {down:.3f}, adamw on 1 thread {update:.3f}, the adapter's upload "
+                     f"{up:.3f}); adamw on the host's {bench.get('adamw_host_threads', '?')} threads {update_all:.3f} ms")
     return lines
 
 

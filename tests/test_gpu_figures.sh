@@ -52,7 +52,8 @@ b = {"device": "NVIDIA H100 80GB HBM3", "bf16_peak_tflops": 800.0, "layer_matmul
      "rmsnorm_gbs": 2400.0, "rope_gbs": 1500.0, "swiglu_gbs": 2700.0, "add_gbs": 2850.0, "round_bf16_gbs": 2100.0,
      "train_rows": 1146, "train_attention_ms": 0.25, "train_attention_backward_ms": 0.5, "train_products_ms": 2.0,
      "train_products_backward_ms": 2.5, "adamw_values": 6815744, "adamw_device_ms": 0.1, "adamw_host_ms": 12.0,
-     "adamw_host_download_ms": 3.0, "adamw_host_update_ms": 6.0, "adamw_host_upload_ms": 3.0, "adamw_host_threads": 16}
+     "adamw_host_download_ms": 3.0, "adamw_host_update_ms": 6.0, "adamw_host_upload_ms": 3.0, "adamw_host_threads": 16,
+     "adamw_host_update_all_ms": 0.5}
 for i, shape in enumerate(("prefill", "pas", "decode1", "decode180")):
     for j, k in enumerate(("simple", "tiled", "mma", "mma_bf16")):
         b[f"attention_{shape}_{k}_ms"] = (i + 1) * (4 - j)
@@ -97,7 +98,7 @@ has "$S/out1.md" "mma, decoding 1 sequence: 16 shares 6.000 ms, one block a kv h
 has "$S/out1.md" "(asked: all, ms): 1: 2 0.100, 2: 4 0.200, 3: 6 0.300, 4: 7 0.400, 6: 9 0.600, 8: 11 0.800"
 has "$S/out1.md" "a device-to-device copy at 3000 GB/s; on PAS's pass's rows rmsnorm 2400 GB/s (80%), rope 1500 GB/s (50%)"
 has "$S/out1.md" "training attention, a DPO step's 1,146 rows: forward 0.250 ms (0.12x the layer's bf16 products), backward 0.500 ms (0.20x the backward products): 14% of the step's products and attention"
-has "$S/out1.md" "AdamW's step on Llama-3-8B's rank-8 adapter (6,815,744 values): on the device 0.100 ms, on the host with its copies 12.000 ms (download 3.000, adamw on 16 threads 6.000, upload 3.000): 120.0x the device's"
+has "$S/out1.md" "AdamW's step on Llama-3-8B's rank-8 adapter (6,815,744 values): on the device 0.100 ms; on the host as DPO ran it 12.000 ms, 120.0x the device's (the gradient's download 3.000, adamw on 1 thread 6.000, the adapter's upload 3.000); adamw on the host's 16 threads 0.500 ms"
 has "$S/out1.md" "  matmul bf16 4096x14336   96   1.0"
 has "$S/out1.md" "## Where DPO's device time goes"
 has "$S/out1.md" "  attention_backward: dK, dV   8   2.0"
@@ -129,7 +130,7 @@ for name in '\"device\": \"%s\"' '\"bf16_peak_tflops\": %.2f' 'layer_matmul_tflo
   'device: %s, %d SMs' 'bf16 GEMM 8192^3 (cuBLAS, fp32 accumulation): %.1f TFLOP/s' 'train_attention_ms' \
   'train_attention_backward_ms' 'train_products_ms' 'train_products_backward_ms' 'train_rows' 'adamw_values' \
   'adamw_device_ms' 'adamw_host_ms' 'adamw_host_download_ms' 'adamw_host_update_ms' 'adamw_host_upload_ms' \
-  'adamw_host_threads'; do
+  'adamw_host_threads' 'adamw_host_update_all_ms'; do
   grep -qF -- "$name" "$ROOT/bench/bench_cuda.c" || fail "bench_cuda.c no longer writes $name"
 done
 for name in 'prefill_long_tokens 1536' 'prefill_long_gflops %.1f' 'prefill_gflops %.1f' 'weights %s'; do
