@@ -91,18 +91,19 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad);
  * off the bus and off the host).
  *
  * pa_trainer_optimise makes `adapter` the one the trainer optimises, from
- * its values now, both moments zero, step 0 (from the start again, for it or
- * another, when called again: the adapter optimised until then first gets
- * its values, as pa_trainer_adapter_sync gives them). Then pa_trainer_forward with that adapter
- * uses the trainer's copy (with NULL, the base model, as always; another
- * adapter is refused), pa_trainer_backward may keep the
- * gradient (grad NULL), pa_trainer_step takes a step from it (once per
- * backward pass; the next backward pass needs a forward pass with the new
- * values), and pa_trainer_adapter_sync writes the trainer's values into the
- * adapter's arena: a device backend's steps leave the arena as it was
- * (stale) until then, a host backend's write it in place. The adapter must
- * live until the trainer is destroyed. Same bits on every backend for the
- * same gradients (backend.h: adamw). */
+ * its values now, both moments zero, step 0; called again (for it or
+ * another), it starts again from there, the adapter optimised until then
+ * first getting its values as pa_trainer_adapter_sync gives them. Then:
+ *   - pa_trainer_forward with that adapter uses the trainer's copy (with
+ *     NULL, the base model, as always; another adapter is refused);
+ *   - pa_trainer_backward may keep the gradient there (grad NULL);
+ *   - pa_trainer_step takes a step from it, once per backward pass (the next
+ *     backward pass needs a forward pass with the new values);
+ *   - pa_trainer_adapter_sync writes the trainer's values into the
+ *     adapter's arena: a device backend's steps leave the arena as it was
+ *     (stale) until then, a host backend's write it in place.
+ * The adapter must live until the trainer is destroyed. Same bits on every
+ * backend for the same gradients (backend.h: adamw). */
 typedef struct {
   double lr, weight_decay; /* decoupled: w -= lr weight_decay w */
   double beta1, beta2, eps;
