@@ -6,9 +6,8 @@
  * default Llama-3-8B's rank-8 adapter on q, k, v and o of 32 layers:
  * 6,815,744, what one DPO step updates on that model) at 1 thread and on
  * all the CPU backend's threads (pa_backend_threads), against a memcpy of
- * the bytes a step
- * must move (28 a value: w, g, m and v read, w, m and v written) in the
- * same run; the median of 7 repeats after a warm-up. */
+ * as many bytes as a step must move (28 a value: w, g, m and v read, w, m
+ * and v written) in the same run; the median of 7 repeats after a warm-up. */
 #include "backend.h"
 
 #include <stdio.h>

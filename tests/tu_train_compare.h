@@ -2,8 +2,9 @@
  * palign mkmodel; a 12-token prefix and three sequences, two logits wanted
  * of each, a rank-4 adapter with B set so that every entry has a gradient)
  * and the trainer on the CPU against another backend on the same batch and
- * adapter, and the optimiser where the trainer runs against steps by hand. Used by test_train.c (a CPU backend posing
- * as a device) and test_cuda_train.c (the GPU). Include after testutil.h. */
+ * adapter, and the optimiser where the trainer runs against steps by hand.
+ * Used by test_train.c (a CPU backend posing as a device) and
+ * test_cuda_train.c (the GPU). Include after testutil.h. */
 #ifndef PALIGN_TU_TRAIN_COMPARE_H
 #define PALIGN_TU_TRAIN_COMPARE_H
 
