@@ -17,6 +17,7 @@
 #include "status.h"
 
 #include <cJSON.h>
+#include <errno.h>
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -414,7 +415,7 @@ static int run_export(const char *store, pa_query_format fmt, const char *out_pa
     free(buf);
   }
   if (rc) {
-    fprintf(stderr, "palign query: %s\n", pa_errmsg());
+    fprintf(stderr, "palign query: %s%s\n", !out_path && ferror(stdout) ? "the standard output: " : "", pa_errmsg());
     return 1;
   }
   if (w.n)
@@ -532,11 +533,22 @@ int cmd_query(int argc, char **argv) {
   if (which == SUBJECT && !id)
     return bad_usage("%ssubject needs an ID", "");
 
+  int rc;
   switch (which) {
-  case SUMMARY: return run_summary(store, json);
-  case SUBJECT: return run_subject(store, id, json);
-  case EXPORT: return run_export(store, fmt, out_path);
-  case INDEX: return run_index(store);
-  default: return run_verify(store);
+  case SUMMARY: rc = run_summary(store, json); break;
+  case SUBJECT: rc = run_subject(store, id, json); break;
+  case EXPORT: rc = run_export(store, fmt, out_path); break;
+  case INDEX: rc = run_index(store); break;
+  default: rc = run_verify(store); break;
   }
+  /* what was printed must have arrived: `summary --json > out.json` on a
+   * full disk is an error, not a truncated file and exit 0 */
+  errno = 0;
+  if (fflush(stdout) != 0 || ferror(stdout)) {
+    if (!rc)
+      fprintf(stderr, "palign query: writing to the standard output failed%s%s\n", errno ? ": " : "",
+              errno ? strerror(errno) : "");
+    return 1;
+  }
+  return rc;
 }

@@ -13,28 +13,38 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-int pa_map_file(const char *path, uint64_t min_size, const char *what, pa_mapped *out) {
-  out->data = NULL;
-  out->size = 0;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+int pa_open_regular(const char *path, uint64_t *size) {
+  const int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
-    int e = errno;
+    const int e = errno;
     return pa_error(e == ENOENT ? PA_ENOTFOUND : PA_EIO, "%s: cannot open: %s", path, strerror(e));
   }
   struct stat st;
-  int rc = PA_OK;
   if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    rc = pa_error(PA_EIO, "%s: not a regular file", path);
-  } else if ((uint64_t)st.st_size < min_size) {
-    rc = pa_error(PA_EFORMAT, "%s: truncated: %llu bytes is shorter than %s", path, (unsigned long long)st.st_size,
-                  what);
-  } else if (st.st_size > 0) {
-    void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    return pa_error(PA_EIO, "%s: not a regular file", path);
+  }
+  *size = (uint64_t)st.st_size;
+  return fd;
+}
+
+int pa_map_file(const char *path, uint64_t min_size, const char *what, pa_mapped *out) {
+  out->data = NULL;
+  out->size = 0;
+  uint64_t size;
+  const int fd = pa_open_regular(path, &size);
+  if (fd < 0)
+    return fd;
+  int rc = PA_OK;
+  if (size < min_size) {
+    rc = pa_error(PA_EFORMAT, "%s: truncated: %llu bytes is shorter than %s", path, (unsigned long long)size, what);
+  } else if (size > 0) {
+    void *m = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
     if (m == MAP_FAILED) {
-      rc = pa_error(PA_EIO, "%s: cannot map %llu bytes: %s", path, (unsigned long long)st.st_size, strerror(errno));
+      rc = pa_error(PA_EIO, "%s: cannot map %llu bytes: %s", path, (unsigned long long)size, strerror(errno));
     } else {
       out->data = m;
-      out->size = (uint64_t)st.st_size;
+      out->size = size;
     }
   }
   close(fd);

@@ -1,7 +1,9 @@
-/* fileio.h: the two ways palign touches files it does not stream.
+/* fileio.h: how palign opens, maps and replaces whole files.
  *
  *  - pa_map_file: a whole regular file mapped read-only (model files: GGUF,
- *    safetensors), with errors that name the file.
+ *    safetensors), with errors that name the file; pa_open_regular opens
+ *    one for reading, refusing anything that is not a regular file (a FIFO
+ *    planted in a store would otherwise block its reader for ever).
  *  - pa_write_atomic: a file written under a temporary name beside its final
  *    path, flushed to disk, then renamed into place, so a reader (or a crash)
  *    sees either the old file or the complete new one, never a torn one; the
@@ -21,6 +23,12 @@ typedef struct {
   const uint8_t *data; /* NULL for an empty file */
   uint64_t size;
 } pa_mapped;
+
+/* Opens `path` for reading if it is a regular file: the descriptor (>= 0,
+ * its size in *size), or PA_ENOTFOUND if it does not exist and PA_EIO if it
+ * cannot be opened or is something else. A FIFO or a device is refused
+ * without blocking (it is opened O_NONBLOCK, which regular files ignore). */
+int pa_open_regular(const char *path, uint64_t *size);
 
 /* Maps `path`; PA_ENOTFOUND if it does not exist, PA_EIO if it cannot be
  * opened or is not a regular file, PA_EFORMAT ("truncated") if it is shorter

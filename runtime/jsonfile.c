@@ -1,35 +1,28 @@
 #include "jsonfile.h"
 
+#include "fileio.h"
 #include "status.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #define MAX_JSON_FILE (1024ull * 1024 * 1024)
 
 int pa_read_file(const char *path, uint64_t max, char **out, size_t *len) {
   *out = NULL;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    int e = errno;
-    return pa_error(e == ENOENT ? PA_ENOTFOUND : PA_EIO, "%s: cannot open: %s", path, strerror(e));
-  }
-  struct stat sb;
-  if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-    close(fd);
-    return pa_error(PA_EIO, "%s: not a regular file", path);
-  }
-  if ((uint64_t)sb.st_size > max) {
+  uint64_t size;
+  const int fd = pa_open_regular(path, &size);
+  if (fd < 0)
+    return fd;
+  if (size > max) {
     close(fd);
     return pa_error(PA_EFORMAT, "%s: %llu bytes is too large for this file (limit %llu)", path,
-                    (unsigned long long)sb.st_size, (unsigned long long)max);
+                    (unsigned long long)size, (unsigned long long)max);
   }
-  size_t n = (size_t)sb.st_size;
+  size_t n = (size_t)size;
   char *buf = malloc(n + 1);
   if (!buf) {
     close(fd);

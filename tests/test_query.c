@@ -181,7 +181,7 @@ static const char *store_path(const char *name) {
 static char out[1 << 17], err[1 << 16];
 
 /* Runs `palign ARGS`: stdout into `out`, stderr into `err`; returns the exit status. */
-#define palign(...) tu_run(out, sizeof out, err, sizeof err, PALIGN_BINARY_DIR "/palign " __VA_ARGS__)
+#define palign(...) tu_run(out, sizeof out, err, sizeof err, "timeout 60 " PALIGN_BINARY_DIR "/palign " __VA_ARGS__)
 
 #define expect_out(w) tu_expect_in(out, w, "stdout")
 #define expect_err(w) tu_expect_in(err, w, "stderr")
@@ -664,14 +664,56 @@ static void test_usage_and_errors(void **s) {
   expect_err("not a store");
 }
 
+/* What was printed must have arrived: each command's stdout on a full
+ * device is an error (exit 1, saying so), never a truncated file and exit
+ * 0. And a FIFO planted in a store, where a shard, the manifest or the
+ * index would be, is refused as "not a regular file", not waited on for
+ * ever (`timeout` turns a wait into a failure). */
+static void test_full_stdout_and_fifos(void **s) {
+  (void)s;
+  const char *good = store_path("good");
+  static const char *const cmds[] = {"summary", "summary --json", "subject s1 --json", "verify", "export"};
+  for (size_t k = 0; k < sizeof cmds / sizeof *cmds; k++) {
+    assert_int_equal(palign("query %s %s >/dev/full", good, cmds[k]), 1);
+    expect_err("the standard output"); /* with the reason where stdio kept it */
+  }
+  /* the index is only a shortcut: a lookup with a FIFO there reads the shards */
+  static const char *const planted[] = {"shards/run9-rank1.pal", "manifest.pb", "index.pb"};
+  static const char *const read_by[] = {"summary", "verify", "subject s1"};
+  for (size_t k = 0; k < sizeof planted / sizeof *planted; k++) {
+    const char *copy = store_path("with-fifo");
+    char cmd[1000], fifo[400];
+    snprintf(fifo, sizeof fifo, "%s/%s", copy, planted[k]);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' && cp -r '%s' '%s' && rm -f '%s' && mkfifo '%s'", copy, good, copy, fifo,
+             fifo);
+    assert_int_equal(system(cmd), 0);
+    const int rc = palign("query %s %s", copy, read_by[k]), want = k == 2 ? 0 : 1;
+    if (rc != want)
+      fail_msg("query %s with a FIFO at %s: exit %d, not %d\n%s", read_by[k], planted[k], rc, want, err);
+    if (k == 2) {
+      expect_out("subject   s1");
+      continue;
+    }
+    char said[1000]; /* verify lists its problems on stdout, the others say theirs on stderr */
+    snprintf(said, sizeof said, "%s: not a regular file", fifo);
+    if (!strstr(out, said))
+      expect_err(said);
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_summary_json),     cmocka_unit_test(test_summary_text),
-      cmocka_unit_test(test_export),           cmocka_unit_test(test_subject),
-      cmocka_unit_test(test_verify_clean),     cmocka_unit_test(test_flipped_byte),
-      cmocka_unit_test(test_torn_end),         cmocka_unit_test(test_verify_manifest),
+      cmocka_unit_test(test_summary_json),
+      cmocka_unit_test(test_summary_text),
+      cmocka_unit_test(test_export),
+      cmocka_unit_test(test_subject),
+      cmocka_unit_test(test_verify_clean),
+      cmocka_unit_test(test_flipped_byte),
+      cmocka_unit_test(test_torn_end),
+      cmocka_unit_test(test_verify_manifest),
       cmocka_unit_test(test_index),
       cmocka_unit_test(test_usage_and_errors),
+      cmocka_unit_test(test_full_stdout_and_fifos),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

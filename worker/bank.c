@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 static const char MAGIC[8] = {'P', 'A', 'L', 'I', 'G', 'N', 'B', 'K'};
 enum {
@@ -128,16 +129,18 @@ static bool host_little_endian(void) {
 /* ---- fingerprints ----------------------------------------------------------- */
 
 static int hash_file(EVP_MD_CTX *c, const char *path, unsigned char *buf, size_t cap) {
-  FILE *f = fopen(path, "rb");
-  if (!f)
-    return pa_error(errno == ENOENT ? PA_ENOTFOUND : PA_EIO, "%s: cannot open: %s", path, strerror(errno));
+  uint64_t size;
+  const int fd = pa_open_regular(path, &size);
+  if (fd < 0)
+    return fd;
   int rc = PA_OK;
-  size_t n;
-  while (!rc && (n = fread(buf, 1, cap, f)) > 0)
-    rc = sha_update(c, buf, n);
-  if (!rc && ferror(f))
-    rc = pa_error(PA_EIO, "%s: read error while fingerprinting", path);
-  fclose(f);
+  for (ssize_t n; !rc && (n = read(fd, buf, cap)) != 0;) {
+    if (n < 0 && errno == EINTR)
+      continue;
+    rc = n < 0 ? pa_error(PA_EIO, "%s: read error while fingerprinting: %s", path, strerror(errno))
+               : sha_update(c, buf, (size_t)n);
+  }
+  close(fd);
   return rc;
 }
 
