@@ -5,8 +5,9 @@
  * Rank 0 coordinates and every other rank fits; with -np 1 (or without
  * mpirun) one process does both. Exit status: 0 when every subject asked for
  * is stored, 3 when stopped by SIGTERM/SIGINT (rerun to resume), 2 for bad
- * flags (unknown, missing or malformed values), 1 for other errors (a
- * --subjects range outside the subjects file, a store with other settings). */
+ * flags (unknown, missing or malformed values: an unknown method, a
+ * --subjects that is not all, N or A-B), 1 for other errors (a --subjects
+ * range beyond the subjects file, a store with other settings). */
 #include "cli_util.h"
 #include "commands.h"
 #include "comm.h"
@@ -136,9 +137,10 @@ int main(int argc, char **argv) {
       errno = 0;
       o.benchmark_delay = strtod(v, &end);
       o.benchmark_cv = 0.3;
-      if (*end == ',')
-        o.benchmark_cv = strtod(end + 1, &end);
-      if (errno || *end || v[0] == ',' || !(o.benchmark_delay > 0 && o.benchmark_delay <= 86400) ||
+      const char *cv = *end == ',' ? end + 1 : NULL;
+      if (cv)
+        o.benchmark_cv = strtod(cv, &end);
+      if (errno || *end || v[0] == ',' || (cv && end == cv) || !(o.benchmark_delay > 0 && o.benchmark_delay <= 86400) ||
           !(o.benchmark_cv >= 0 && o.benchmark_cv <= 10)) {
         if (talk)
           fprintf(stderr,
@@ -169,12 +171,25 @@ int main(int argc, char **argv) {
       fprintf(stderr, "palign-worker: %s\n", pa_errmsg());
     bad = 1;
   }
+  /* the values known to be malformed before any data is read: exit 2 (a
+   * range beyond the subjects file is found with the data: exit 1) */
+  size_t first, last;
+  if (!bad && pa_subjects_range(o.subjects, SIZE_MAX, &first, &last)) {
+    if (talk)
+      fprintf(stderr, "palign-worker: --subjects is all, N (at least 1) or A-B (A <= B), not '%s'\n", o.subjects);
+    bad = 1;
+  }
+  if (!bad && o.benchmark_delay > 0 && !methods_given)
+    o.methods = "const3";
+  const pa_method *m[32];
+  const int n_methods = bad ? 0 : pa_methods_parse(o.methods, m, 32);
+  if (n_methods < 0) {
+    if (talk)
+      fprintf(stderr, "palign-worker: --methods: %s\n", pa_errmsg());
+    bad = 1;
+  }
   if (!bad && o.benchmark_delay > 0) {
-    if (!methods_given)
-      o.methods = "const3";
-    const pa_method *m[32];
-    const int n = pa_methods_parse(o.methods, m, 32);
-    for (int j = 0; j < n && !bad; j++)
+    for (int j = 0; j < n_methods && !bad; j++)
       if (m[j]->needs_model) {
         if (talk)
           fprintf(stderr,

@@ -14,6 +14,7 @@
 #include "status.h"
 #include "store.h"
 
+#include <inttypes.h>
 #include <math.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -152,17 +153,87 @@ static void settings_of(const service *sv, Palign__Settings *st, char inv_fp[65]
   st->weights = (char *)(sv->o->weights && strcmp(sv->o->weights, "auto") ? sv->o->weights : "");
 }
 
+/* ---- every rank runs what rank 0 runs ------------------------------------------ */
+
+/* FNV-1a over the subjects' ids in file order: which subjects a position names. */
+static uint64_t subjects_digest(const pa_subjects *ss) {
+  uint64_t h = 14695981039346656037ull;
+  for (size_t i = 0, n = pa_subjects_count(ss); i < n; i++)
+    for (const char *p = pa_subjects_at(ss, i)->id;; p++) {
+      h = (h ^ (uint8_t)*p) * 1099511628211ull; /* the id's NUL too: "1","23" is not "12","3" */
+      if (!*p)
+        break;
+    }
+  return h;
+}
+
+/* Rank 0 sends its settings (the store's, packed) and its subjects'
+ * digest; each worker that loaded its own data compares them with its
+ * own, its own model's fingerprint (own_fp) in place of rank 0's. A job
+ * whose ranks were started otherwise (an MPMD command line, a node whose
+ * cache holds another model file or another PAPI copy) would store rank
+ * 0's labels over other work, or its ranks would meet in different
+ * collectives and wait for ever. The weight format is left to
+ * same_weights, once the workers have their model. rc: this rank's state
+ * so far; every rank calls this. */
+static int agree_with_rank0(service *sv, int rc, const char *own_fp) {
+  uint8_t packed[8192];
+  uint64_t head[2] = {0, 0}; /* the subjects' digest and the settings' length; 0: rank 0 failed */
+  Palign__Settings st;
+  char inv_fp[65];
+  char *names[MAX_METHODS];
+  if (sv->rank == 0 && !rc) {
+    settings_of(sv, &st, inv_fp, names);
+    st.weights = (char *)"";
+    const size_t n = palign__settings__get_packed_size(&st);
+    if (n > sizeof packed)
+      rc = pa_error(PA_EINVAL, "the run's settings take %zu bytes packed (at most %zu)", n, sizeof packed);
+    else
+      head[0] = subjects_digest(sv->subjects), head[1] = palign__settings__pack(&st, packed);
+  }
+  int err = pa_comm_bcast(sv->comm, head, sizeof head);
+  if (!err && head[1])
+    err = pa_comm_bcast(sv->comm, packed, (size_t)head[1]);
+  if (err)
+    return err;
+  if (sv->rank == 0 || rc || !head[1])
+    return rc;
+  Palign__Settings *theirs = palign__settings__unpack(NULL, (size_t)head[1], packed);
+  if (!theirs)
+    return pa_error(PA_EINVAL, "rank 0's settings did not unpack");
+  settings_of(sv, &st, inv_fp, names);
+  st.model_fingerprint = (char *)own_fp;
+  st.weights = (char *)"";
+  rc = pa_settings_compare("started otherwise than rank 0:", "on rank 0", &st, theirs);
+  palign__settings__free_unpacked(theirs, NULL);
+  if (!rc && subjects_digest(sv->subjects) != head[0])
+    rc = pa_error(PA_EINVAL, "reads other subjects than rank 0 (%s: another file, or another copy of it)",
+                  st.subjects_file);
+  return rc;
+}
+
 /* ---- the coordinator's store work -------------------------------------------- */
 
 typedef struct {
   char **ids;
   size_t n, cap;
+  const char *model_fp; /* this run's; a record made otherwise is counted */
+  uint64_t seed;
+  size_t foreign;
+  char first_foreign[256];
 } id_list;
 
 static int collect_id(void *ctx, const pa_record_info *info, const Palign__SubjectResult *r) {
   id_list *l = ctx;
   if (info->status != PA_RECORD_OK)
     return 0;
+  if (strcmp(r->model_fingerprint, l->model_fp) || r->run_seed != l->seed) {
+    if (!l->foreign++)
+      snprintf(l->first_foreign, sizeof l->first_foreign, "subject %s in shards/%s, model %.16s%s, seed %" PRIu64,
+               r->subject_id, info->shard, r->model_fingerprint, strlen(r->model_fingerprint) > 16 ? ".." : "",
+               r->run_seed);
+    return 0;
+  }
   if (l->n == l->cap) {
     size_t cap = l->cap ? 2 * l->cap : 256;
     char **ids = realloc(l->ids, cap * sizeof *ids);
@@ -178,16 +249,32 @@ static int collect_id(void *ctx, const pa_record_info *info, const Palign__Subje
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-/* The positions in [first, last] of subjects without a valid record. */
-static int subjects_to_do(service *sv, size_t **todo, size_t *n_todo, size_t *n_stored) {
-  id_list done = {0};
+/* The positions in [first, last] of subjects without a valid record.
+ * Refuses a store whose records this run cannot vouch for: records made
+ * with another model or seed (shards copied in by hand), or records in a
+ * store whose manifest, with the settings they were made with, is gone
+ * (settled: the manifest's settings were read and match this run's). */
+static int subjects_to_do(service *sv, bool settled, size_t **todo, size_t *n_todo, size_t *n_stored) {
+  id_list done = {.model_fp = sv->model_fp, .seed = sv->o->seed};
   size_t counts[6] = {0};
-  int rc = pa_store_read(sv->o->store, collect_id, &done, counts);
+  const char *store = sv->o->store;
+  int rc = pa_store_read(store, collect_id, &done, counts);
   if (rc == PA_ENOTFOUND)
     rc = PA_OK;
   size_t damaged = 0;
   for (int k = 1; k < 6; k++)
     damaged += counts[k];
+  if (!rc && done.foreign)
+    rc = pa_error(PA_EINVAL,
+                  "%s: %zu record%s made with another model or seed than this run's (the first: %s); palign adds "
+                  "nothing to a store that mixes them (palign query %s verify names them all)",
+                  store, done.foreign, done.foreign == 1 ? " was" : "s were", done.first_foreign, store);
+  if (!rc && !settled && done.n + damaged > 0)
+    rc = pa_error(PA_EINVAL,
+                  "%s: the shards hold %zu records but %s/manifest.pb, with the settings they were made with, is "
+                  "missing or has none; palign adds nothing to a store it cannot check (restore the manifest, or "
+                  "move the shards away)",
+                  store, done.n + damaged, store);
   if (!rc && damaged)
     fprintf(sv->log,
             "palign-worker: %s: %zu damaged records skipped (palign query %s verify names them); their "
@@ -556,8 +643,31 @@ static int same_weights(service *sv, const char **format) {
   return pa_error(PA_EINVAL, "the workers hold their weights in different formats");
 }
 
+/* A record holds at most PA_STORE_MAX_RECORD bytes, of which DPO's adapter
+ * (4 bytes a value) is nearly all; the rest (answers, probabilities, PAS's
+ * grid, the loss curve) is far under a MiB. A rank the store cannot hold
+ * is refused before anything is written, not found subject by subject. */
+static int dpo_fits_a_record(const service *sv) {
+  const pa_model_config *c = pa_model_config_get(sv->model);
+  const double q = (double)c->n_heads * c->head_dim, kv = (double)c->n_kv_heads * c->head_dim;
+  const double per_rank = 4.0 * c->n_layers * ((c->dim + q) + 2 * (c->dim + kv) + (q + c->dim)); /* bytes */
+  const double room = (double)PA_STORE_MAX_RECORD - (4 << 20);
+  if (per_rank * sv->dpo_opts.rank <= room)
+    return PA_OK;
+  const int most = (int)(room / per_rank);
+  char hint[64] = "no rank fits";
+  if (most >= 1)
+    snprintf(hint, sizeof hint, "give --dpo-rank %d or less", most);
+  return pa_error(PA_EINVAL,
+                  "DPO's adapter at rank %d is %.1f MiB on this model: more than a store record holds beside the "
+                  "rest of a subject's results (%u MiB in all); %s",
+                  sv->dpo_opts.rank, per_rank * sv->dpo_opts.rank / (1 << 20), PA_STORE_MAX_RECORD >> 20, hint);
+}
+
 static int setup_worker(service *sv) {
   int rc = sv->need_model ? open_model(sv) : PA_OK;
+  if (!rc && sv->need_dpo)
+    rc = dpo_fits_a_record(sv);
   sv->ctx = (pa_method_ctx){.inv = sv->inv,
                             .ev = sv->ev,
                             .pas = {.run_seed = sv->o->seed,
@@ -949,6 +1059,7 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
   run_manifest rm = {0};
   pa_store_guard *guard = NULL;
   size_t *todo = NULL, n_todo = 0, n_stored = 0;
+  char own_fp[65] = "none"; /* a worker's own model, fingerprinted while rank 0 does the same */
   if (sv->rank == 0) {
     if (!rc && sv->need_model)
       rc = pa_model_fingerprint(o->model, sv->model_fp);
@@ -959,7 +1070,9 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
     if (!rc)
       rc = plan_run(sv, &rm);
     if (!rc)
-      rc = subjects_to_do(sv, &todo, &n_todo, &n_stored);
+      rc = subjects_to_do(sv, rm.old && rm.old->settings, &todo, &n_todo, &n_stored);
+  } else if (!rc && sv->need_model) {
+    rc = pa_model_fingerprint(o->model, own_fp);
   }
   if (rc)
     say_error(sv);
@@ -968,6 +1081,12 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
   if ((err = pa_comm_bcast(comm, hdr, sizeof hdr)) || (err = pa_comm_bcast(comm, sv->model_fp, sizeof sv->model_fp)))
     rc = err;
   sv->run = hdr[1];
+  if (sv->size > 1 && !err) {
+    const int arc = agree_with_rank0(sv, rc, own_fp);
+    if (arc && !rc)
+      say_error(sv);
+    rc = rc ? rc : arc;
+  }
   /* all go on, or all stop: rank 0's verdict and every rank's own loading */
   rc = all_ok(sv, rc ? rc : hdr[0] ? PA_EINVAL : PA_OK, "could not load the data");
 
@@ -992,6 +1111,11 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
     }
     if (!rc)
       rc = all_ok(sv, src, "found other settings in the store");
+    /* a signal while the workers got ready (a model loads for a while)
+     * stops the job here, so that the store stays as it was */
+    if (!rc)
+      rc = all_ok(sv, pa_service_stop_signal ? pa_error(PA_ECANCELED, "stopped by a signal") : PA_OK,
+                  "was stopped by a signal");
     int wrc = PA_OK;
     if (!rc && sv->rank == 0 && (wrc = pa_manifest_write(o->store, &rm.m)))
       say_error(sv);
@@ -1004,7 +1128,8 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
               "methods %s\n",
               sv->run, o->store, sv->last - sv->first + 1, n_stored, n_todo, pa_comm_workers(comm), o->methods);
     if (!started && worker) {
-      pa_shard_discard(sv->shard);
+      if (pa_shard_discard(sv->shard))
+        say_error(sv);
       sv->shard = NULL;
     }
   }

@@ -146,11 +146,12 @@ static void add(text *t, const char *fmt, ...) {
     t->n = t->n + (size_t)k < sizeof t->s ? t->n + (size_t)k : sizeof t->s - 1;
 }
 
-/* The message of pa_settings_check: "name 'have' here, 'want' asked", one
- * clause per field that differs. */
+/* The message of pa_settings_compare: "name 'have' here, 'want' THERE",
+ * one clause per field that differs. */
 typedef struct {
   text t;
-  size_t head; /* where the clauses start */
+  size_t head;       /* where the clauses start */
+  const char *there; /* where `want` is: "asked" */
 } diffs;
 
 static void field(diffs *d, const char *name) { add(&d->t, "%s%s ", d->t.n > d->head ? "; " : " ", name); }
@@ -161,15 +162,15 @@ static void diff_string(diffs *d, const char *name, const char *have, const char
     return;
   const int keep = abbreviate && strncmp(have, want, 16) != 0 ? 16 : 1 << 20;
   field(d, name);
-  add(&d->t, "'%.*s%s' here, '%.*s%s' asked", keep, have, (int)strlen(have) > keep ? ".." : "", keep, want,
-      (int)strlen(want) > keep ? ".." : "");
+  add(&d->t, "'%.*s%s' here, '%.*s%s' %s", keep, have, (int)strlen(have) > keep ? ".." : "", keep, want,
+      (int)strlen(want) > keep ? ".." : "", d->there);
 }
 
 static void diff_int(diffs *d, const char *name, long long have, long long want) {
   if (have == want)
     return;
   field(d, name);
-  add(&d->t, "%lld here, %lld asked", have, want);
+  add(&d->t, "%lld here, %lld %s", have, want, d->there);
 }
 
 static void add_strings(text *t, char *const *v, size_t n) {
@@ -190,7 +191,7 @@ static void diff_strings(diffs *d, const char *name, char *const *have, size_t n
   add_strings(&d->t, have, nh);
   add(&d->t, "' here, '");
   add_strings(&d->t, want, nw);
-  add(&d->t, "' asked");
+  add(&d->t, "' %s", d->there);
 }
 
 static void add_doubles(text *t, const double *v, size_t n, bool exact) {
@@ -215,14 +216,21 @@ static void diff_doubles(diffs *d, const char *name, const double *have, size_t 
   add_doubles(&d->t, have, nh, exact);
   add(&d->t, "' here, '");
   add_doubles(&d->t, want, nw, exact);
-  add(&d->t, "' asked");
+  add(&d->t, "' %s", d->there);
 }
 
 int pa_settings_check(const char *store, const Palign__Settings *have, const Palign__Settings *want) {
+  char heading[512];
+  snprintf(heading, sizeof heading, "%s: this store was made with other settings:", store);
+  return pa_settings_compare(heading, "asked", have, want);
+}
+
+int pa_settings_compare(const char *heading, const char *there, const Palign__Settings *have,
+                        const Palign__Settings *want) {
   static const Palign__Settings none = PALIGN__SETTINGS__INIT;
   const Palign__Settings *h = have ? have : &none, *w = want ? want : &none;
-  diffs d = {.t.n = 0};
-  add(&d.t, "%s: this store was made with other settings:", store);
+  diffs d = {.t.n = 0, .there = there};
+  add(&d.t, "%s", heading);
   d.head = d.t.n;
   diff_string(&d, "model_fingerprint", h->model_fingerprint, w->model_fingerprint, true);
   diff_string(&d, "inventory_fingerprint", h->inventory_fingerprint, w->inventory_fingerprint, true);
@@ -230,11 +238,11 @@ int pa_settings_check(const char *store, const Palign__Settings *have, const Pal
   diff_string(&d, "mode", h->mode, w->mode, false);
   if (h->run_seed != w->run_seed) { /* a u64 */
     field(&d, "run_seed");
-    add(&d.t, "%" PRIu64 " here, %" PRIu64 " asked", h->run_seed, w->run_seed);
+    add(&d.t, "%" PRIu64 " here, %" PRIu64 " %s", h->run_seed, w->run_seed, there);
   }
   if (h->lowercase_items != w->lowercase_items) {
     field(&d, "lowercase_items");
-    add(&d.t, "%s here, %s asked", h->lowercase_items ? "true" : "false", w->lowercase_items ? "true" : "false");
+    add(&d.t, "%s here, %s %s", h->lowercase_items ? "true" : "false", w->lowercase_items ? "true" : "false", there);
   }
   diff_int(&d, "holdout_per_trait", h->holdout_per_trait, w->holdout_per_trait);
   diff_doubles(&d, "alphas", h->alphas, h->n_alphas, w->alphas, w->n_alphas);
@@ -812,9 +820,10 @@ int pa_store_record_at(const char *store, const char *shard, uint64_t offset, ui
   char *dir = join(store, "shards"), *path = dir ? join(dir, shard) : NULL;
   uint8_t *buf = path ? malloc(length) : NULL;
   int rc = buf ? PA_OK : pa_error(PA_ENOMEM, "%s: no memory for a record", store);
-  const int fd = rc ? -1 : open(path, O_RDONLY | O_CLOEXEC);
+  uint64_t size;
+  const int fd = rc ? -1 : pa_open_regular(path, &size);
   if (!rc && fd < 0)
-    rc = pa_error(errno == ENOENT ? PA_ENOTFOUND : PA_EIO, "%s: cannot open: %s", path, strerror(errno));
+    rc = fd;
   for (uint64_t done = 0; !rc && done < length;) {
     const ssize_t k = pread(fd, buf + done, length - done, (off_t)(offset + done));
     if (k < 0 && errno == EINTR)

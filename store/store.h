@@ -57,6 +57,11 @@ int pa_manifest_write(const char *store, const Palign__Manifest *m);
  * PA_OK, or PA_EINVAL with a message naming every field that differs (model
  * fingerprint, inventory fingerprint, methods, mode, seed, ...). */
 int pa_settings_check(const char *store, const Palign__Settings *have, const Palign__Settings *want);
+/* The same comparison under another heading ("STORE: this store was made
+ * with other settings:" above), each clause "name 'have' here, 'want'
+ * THERE" (THERE: "asked" above). */
+int pa_settings_compare(const char *heading, const char *there, const Palign__Settings *have,
+                        const Palign__Settings *want);
 
 /* ---- a run's hold on the store ------------------------------------------- */
 

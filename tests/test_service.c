@@ -1065,7 +1065,7 @@ static void test_workers_cannot_start(void **state) {
     expect_in(log, "palign-worker: rank 1: ");
     expect_in(log, "palign-worker: rank 2: ");
     expect_in(log, bad[k][1]);
-    expect_in(log, bad_model ? "another rank could not start" : "another rank could not load the data");
+    expect_in(log, "another rank could not load the data"); /* a worker fingerprints its model with the data */
     char *after = snapshot(store, &n1);
     assert_int_equal(n0, n1);
     assert_memory_equal(before, after, n0);
@@ -1105,6 +1105,170 @@ static void test_mixed_weights(void **state) {
   assert_int_equal(run_argv(scratch(log, "mixed.log"), a.v), 1);
   expect_in(log, "different formats");
   expect_in(log, "give --weights fp32 or --weights bf16");
+  char *after = snapshot(store, &n1);
+  assert_int_equal(n0, n1);
+  assert_memory_equal(before, after, n0);
+  free(before), free(after);
+}
+
+/* One side of an MPMD job: its model, PAPI directory and further flags
+ * (NULL-ended), each side one rank. */
+typedef struct {
+  const char *model, *papi;
+  const char *extra[8];
+} side;
+
+/* An MPMD job of rank 0 (sides[0]) and one worker (sides[1]) on store,
+ * --subjects 4 --methods none,pas_only unless a side's flags say more. */
+static int mpmd(const char *log, const char *store, const side sides[2]) {
+  args a = {.n = 0};
+  add_arg(&a, PALIGN_MPIEXEC);
+  for (int k = 0; k < 2; k++) {
+    if (k)
+      add_arg(&a, ":");
+    add_arg(&a, "-np"), add_arg(&a, "1");
+    add_arg(&a, WORKER);
+    add_arg(&a, "--model"), add_arg(&a, sides[k].model);
+    add_arg(&a, "--papi"), add_arg(&a, sides[k].papi);
+    add_arg(&a, "--store"), add_arg(&a, store);
+    add_arg(&a, "--threads"), add_arg(&a, "1");
+    add_arg(&a, "--subjects"), add_arg(&a, "4");
+    bool methods = false;
+    for (int i = 0; sides[k].extra[i]; i++)
+      methods |= !strcmp(sides[k].extra[i], "--methods");
+    if (!methods)
+      add_arg(&a, "--methods"), add_arg(&a, "none,pas_only");
+    for (int i = 0; sides[k].extra[i]; i++)
+      add_arg(&a, sides[k].extra[i]);
+  }
+  return run_argv(log, a.v);
+}
+
+/* A copy of the PAPI data in dir whose Test-set.json lists its first two
+ * subjects the other way round: the same file name, other subjects at
+ * positions 0 and 1. */
+static void papi_swapped(const char *dir) {
+  char cmd[6000], path[600];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s' && cp -r '%s' '%s'", dir, papi, dir);
+  assert_int_equal(system(cmd), 0);
+  snprintf(path, sizeof path, "%s/Test-set.json", dir);
+  size_t n;
+  char *text = tu_slurp(path, &n);
+  cJSON *subjects = cJSON_ParseWithLength(text, n);
+  free(text);
+  assert_true(cJSON_GetArraySize(subjects) >= 2);
+  const int count = cJSON_GetArraySize(subjects);
+  cJSON *swapped = cJSON_CreateArray(), *first = cJSON_DetachItemFromArray(subjects, 0);
+  cJSON_AddItemToArray(swapped, cJSON_DetachItemFromArray(subjects, 0));
+  cJSON_AddItemToArray(swapped, first);
+  while (cJSON_GetArraySize(subjects) > 0)
+    cJSON_AddItemToArray(swapped, cJSON_DetachItemFromArray(subjects, 0));
+  assert_int_equal(cJSON_GetArraySize(swapped), count);
+  cJSON_Delete(subjects);
+  text = cJSON_PrintUnformatted(subjects = swapped);
+  FILE *f = fopen(path, "w");
+  assert_non_null(f);
+  assert_true(fputs(text, f) >= 0);
+  assert_int_equal(fclose(f), 0);
+  free(text);
+  cJSON_Delete(subjects);
+}
+
+/* 6c. Ranks started otherwise than rank 0 (an MPMD command line; a node
+ * whose cache holds another model file or another copy of the data): every
+ * worker compares rank 0's settings, model and subjects with its own before
+ * anything else, so the job stops at once with exit 1, the worker naming
+ * what differs, and the store is as it was. Without it, a worker with
+ * another model would store rank 0's fingerprint over its answers, one with
+ * other subjects would store other people under the positions handed out,
+ * and one whose methods need no model would wait for ever in a collective
+ * the others never join. */
+static void test_ranks_disagree(void **state) {
+  (void)state;
+  char store[512], log[512], other_papi[512];
+  scratch(store, "disagree");
+  copy_base_store(store);
+  papi_swapped(scratch(other_papi, "papi-swapped"));
+  size_t n0, n1;
+  char *before = snapshot(store, &n0);
+  const struct {
+    const char *name;
+    side worker;
+    const char *said[2];
+  } cases[] = {
+      {"seed", {model, papi, {"--seed", "4"}}, {"rank 1: started otherwise than rank 0: run_seed 4 here, 1 on rank 0"}},
+      {"methods",
+       {model, papi, {"--methods", "const3"}},
+       {"model_fingerprint 'none' here",
+        "methods 'const3,trait_mean' here, 'none,pas_only,const3,trait_mean' on rank 0"}},
+      {"model", {icl_model, papi, {NULL}}, {"rank 1: started otherwise than rank 0: model_fingerprint '"}},
+      {"subjects",
+       {model, other_papi, {NULL}},
+       {"rank 1: reads other subjects than rank 0 (Test-set.json: another file, or another copy of it)"}},
+  };
+  for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+    char name[64];
+    snprintf(name, sizeof name, "disagree-%s.log", cases[c].name);
+    const side sides[2] = {{model, papi, {NULL}}, cases[c].worker};
+    assert_int_equal(mpmd(scratch(log, name), store, sides), 1);
+    for (int k = 0; k < 2 && cases[c].said[k]; k++)
+      expect_in(log, cases[c].said[k]);
+    expect_in(log, "palign-worker: another rank could not load the data");
+    char *after = snapshot(store, &n1);
+    assert_int_equal(n0, n1);
+    assert_memory_equal(before, after, n0);
+    free(after);
+  }
+  free(before);
+}
+
+/* 6d. A store whose records this run cannot vouch for is refused, and left
+ * as it was: records without the manifest that holds their settings (it
+ * was deleted, or holds no settings), and records made with another model
+ * or seed (a shard copied in by hand). */
+static void test_store_unvouched(void **state) {
+  (void)state;
+  char store[512], log[512], bench[512], path[600];
+  scratch(store, "unvouched");
+  snprintf(path, sizeof path, "%s/manifest.pb", store);
+  static const char no_settings[] = {0x08, 0x01}; /* the format, 1, and nothing else */
+  for (int k = 0; k < 2; k++) {
+    copy_base_store(store);
+    if (k == 0) {
+      assert_int_equal(unlink(path), 0);
+    } else {
+      FILE *f = fopen(path, "wb");
+      assert_non_null(f);
+      assert_int_equal(fwrite(no_settings, 1, sizeof no_settings, f), sizeof no_settings);
+      assert_int_equal(fclose(f), 0);
+    }
+    size_t n0, n1;
+    char *before = snapshot(store, &n0);
+    assert_int_equal(worker(scratch(log, k ? "unvouched-empty.log" : "unvouched-gone.log"), 0, NULL, store,
+                            "--subjects", "4", "--methods", "none,pas_only", NULL),
+                     1);
+    expect_in(log, "/manifest.pb, with the settings they were made with, is missing or has none");
+    char *after = snapshot(store, &n1);
+    assert_int_equal(n0, n1);
+    assert_memory_equal(before, after, n0);
+    free(before), free(after);
+  }
+  /* a benchmark store's shard (model "none") among the base store's */
+  copy_base_store(store);
+  scratch(bench, "unvouched-bench");
+  assert_int_equal(worker(scratch(log, "unvouched-bench.log"), 0, NULL, bench, "--subjects", "6", "--benchmark-delay",
+                          "0.001", NULL),
+                   0);
+  char cmd[2000];
+  snprintf(cmd, sizeof cmd, "cp '%s/shards/run1-rank0.pal' '%s/shards/run9-rank0.pal'", bench, store);
+  assert_int_equal(system(cmd), 0);
+  size_t n0, n1;
+  char *before = snapshot(store, &n0);
+  assert_int_equal(worker(scratch(log, "unvouched-foreign.log"), 2, NULL, store, "--subjects", "6", "--methods",
+                          "none,pas_only", NULL),
+                   1);
+  expect_in(log, "2 records were made with another model or seed than this run's (the first: subject ");
+  expect_in(log, "in shards/run9-rank0.pal, model none, seed 1)");
   char *after = snapshot(store, &n1);
   assert_int_equal(n0, n1);
   assert_memory_equal(before, after, n0);
@@ -1234,12 +1398,28 @@ static void test_bad_flags(void **state) {
   add_arg(&a, "--batch"), add_arg(&a, "0");
   assert_int_equal(run_argv(scratch(log, "batch.log"), a.v), 2);
   expect_in(log, "--batch must be an integer in 1..4096, not '0'");
-  /* a value out of range is found once the data is read: exit 1, nothing made */
-  assert_int_equal(worker(scratch(log, "zero.log"), 0, NULL, store, "--subjects", "0", "--methods", "none", NULL), 1);
-  expect_in(log, "--subjects '0' is not all, N or A-B");
-  assert_int_equal(worker(scratch(log, "zero-np2.log"), 2, NULL, store, "--subjects", "0", "--methods", "none", NULL),
-                   1);
-  expect_in(log, "--subjects '0' is not all, N or A-B");
+  /* malformed values, on one rank and on two (every rank parses, one says) */
+  static const char *const malformed[][3] = {
+      {"--subjects", "0", "--subjects is all, N (at least 1) or A-B (A <= B), not '0'"},
+      {"--subjects", "abc", "--subjects is all, N (at least 1) or A-B (A <= B), not 'abc'"},
+      {"--subjects", "5-2", "--subjects is all, N (at least 1) or A-B (A <= B), not '5-2'"},
+      {"--methods", "none,bogus", "--methods: unknown method 'bogus'"},
+      {"--benchmark-delay", "1,", "--benchmark-delay is MEAN[,CV]"},
+  };
+  for (size_t k = 0; k < sizeof malformed / sizeof *malformed; k++)
+    for (int np = 0; np <= 2; np += 2) {
+      char name[64];
+      snprintf(name, sizeof name, "malformed-%zu-np%d.log", k, np);
+      assert_int_equal(worker(scratch(log, name), np, NULL, store, malformed[k][0], malformed[k][1], NULL), 2);
+      expect_in(log, malformed[k][2]);
+    }
+  /* a range beyond the subjects file is found once the data is read: exit 1, nothing made */
+  assert_int_equal(
+      worker(scratch(log, "beyond.log"), 0, NULL, store, "--subjects", "400-500", "--methods", "none", NULL), 1);
+  expect_in(log, "--subjects '400-500' is not all, N or A-B within the 300 subjects");
+  assert_int_equal(
+      worker(scratch(log, "beyond-np2.log"), 2, NULL, store, "--subjects", "400-500", "--methods", "none", NULL), 1);
+  expect_in(log, "--subjects '400-500' is not all, N or A-B within the 300 subjects");
   struct stat sb;
   assert_int_not_equal(stat(store, &sb), 0);
 }
@@ -1313,6 +1493,24 @@ static void test_dpo(void **state) {
   assert_int_equal(n0, n1);
   assert_memory_equal(before, after, n0);
   free(before), free(after);
+
+  /* an adapter larger than a store record may be is refused before any
+   * subject: 64 layers of 128 (a rank's 1,024 values a layer, 256 KiB in
+   * all) at rank 256 are 64 MiB, where a record holds 64 MiB with the rest
+   * of the subject's results beside it */
+  char deep[512];
+  assert_int_equal(palign(scratch(log, "mkmodel-deep.log"), "mkmodel", scratch(deep, "deep.gguf"), "--layers", "64",
+                          "--dim", "128", "--heads", "4", "--kv-heads", "4", "--ffn", "32", "--dtype", "f16", NULL),
+                   0);
+  assert_int_equal(worker(scratch(log, "dpo-deep.log"), 2, deep, fresh, "--subjects", "3", "--methods", "dpo",
+                          "--dpo-rank", "256", NULL),
+                   1);
+  expect_in(log, "DPO's adapter at rank 256 is 64.0 MiB on this model: more than a store record holds beside the "
+                 "rest of a subject's results (64 MiB in all); give --dpo-rank 240 or less");
+  expect_in(log, "another rank could not start");
+  Palign__Manifest *none = NULL;
+  assert_int_equal(pa_manifest_read(fresh, &none), PA_ENOTFOUND); /* the run never started */
+  pa_error_clear();
 
   /* the stored adapter answers (and changes the plain model's greedy answer or not: it runs) */
   snprintf(out, sizeof out, "%s", "");
@@ -1596,6 +1794,8 @@ int main(int argc, char **argv) {
       cmocka_unit_test_teardown(test_settings_mismatch, teardown_test),
       cmocka_unit_test_teardown(test_workers_cannot_start, teardown_test),
       cmocka_unit_test_teardown(test_mixed_weights, teardown_test),
+      cmocka_unit_test_teardown(test_ranks_disagree, teardown_test),
+      cmocka_unit_test_teardown(test_store_unvouched, teardown_test),
       cmocka_unit_test_teardown(test_bad_flags, teardown_test),
       cmocka_unit_test_teardown(test_export_round_trips, teardown_test),
       cmocka_unit_test_teardown(test_dpo, teardown_test),
