@@ -64,7 +64,15 @@ int main(int argc, char **argv) {
     fprintf(stderr, "palign-worker: %s\n", pa_errmsg());
     return 1;
   }
-  const bool talk = pa_comm_rank(comm) == 0; /* usage errors are printed once */
+  const bool talk = pa_comm_rank(comm) == 0;
+  char *said = NULL; /* this rank's complaints about its flags, said below once the ranks agree */
+  size_t said_len = 0;
+  FILE *msg = open_memstream(&said, &said_len);
+  if (!msg) {
+    fprintf(stderr, "palign-worker: no memory\n");
+    pa_comm_finalize(comm);
+    return 1;
+  }
   char model_buf[4096];
   pa_service_opts o = {.model = getenv("PALIGN_MODEL"),
                        .store = "results/store",
@@ -80,6 +88,8 @@ int main(int argc, char **argv) {
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
       if (talk)
         usage(stdout);
+      fclose(msg);
+      free(said);
       pa_comm_finalize(comm);
       return 0;
     }
@@ -92,7 +102,7 @@ int main(int argc, char **argv) {
       if (!strcmp(a, flags[j]))
         k = j;
     if (k < 0 && i + 1 < argc) {
-      const int d = pa_dpo_flag(talk ? stderr : NULL, "palign-worker", a, argv[i + 1], &o.dpo);
+      const int d = pa_dpo_flag(msg, "palign-worker", a, argv[i + 1], &o.dpo);
       if (d) {
         bad = d < 0;
         i++;
@@ -100,15 +110,14 @@ int main(int argc, char **argv) {
       }
     }
     if (k < 0 || i + 1 >= argc) {
-      if (talk)
-        fprintf(stderr,
-                k < 0 ? "palign-worker: unexpected argument '%s' (see --help)\n" : "palign-worker: %s needs a value\n",
-                a);
+      fprintf(msg,
+              k < 0 ? "palign-worker: unexpected argument '%s' (see --help)\n" : "palign-worker: %s needs a value\n",
+              a);
       bad = 1;
       break;
     }
     const char *v = argv[++i];
-    FILE *err = talk ? stderr : NULL;
+    FILE *err = msg;
     long long n = 0;
     switch (k) {
     case 0: o.model = v; break;
@@ -121,8 +130,7 @@ int main(int argc, char **argv) {
     case 7: bad = pa_arg_int(err, "palign-worker", a, v, 1, 1024, &n), o.threads = (int)n; break;
     case 8:
       if (strcmp(v, "logits") && strcmp(v, "generate")) {
-        if (talk)
-          fprintf(stderr, "palign-worker: --mode is logits or generate, not '%s'\n", v);
+        fprintf(msg, "palign-worker: --mode is logits or generate, not '%s'\n", v);
         bad = 1;
       }
       o.eval.mode = strcmp(v, "logits") ? PA_READ_GENERATE : PA_READ_LOGITS;
@@ -142,11 +150,10 @@ int main(int argc, char **argv) {
         o.benchmark_cv = strtod(cv, &end);
       if (errno || *end || v[0] == ',' || (cv && end == cv) || !(o.benchmark_delay > 0 && o.benchmark_delay <= 86400) ||
           !(o.benchmark_cv >= 0 && o.benchmark_cv <= 10)) {
-        if (talk)
-          fprintf(stderr,
-                  "palign-worker: --benchmark-delay is MEAN[,CV] with MEAN in (0, 86400] seconds and CV in "
-                  "[0, 10], not '%s'\n",
-                  v);
+        fprintf(msg,
+                "palign-worker: --benchmark-delay is MEAN[,CV] with MEAN in (0, 86400] seconds and CV in "
+                "[0, 10], not '%s'\n",
+                v);
         bad = 1;
       }
       break;
@@ -161,22 +168,20 @@ int main(int argc, char **argv) {
     default:
       o.n_alphas = pa_pas_parse_alphas(v, alphas);
       o.alphas = alphas;
-      if ((bad = o.n_alphas < 0) && talk)
-        fprintf(stderr, "palign-worker: --alphas: %s\n", pa_errmsg());
+      if ((bad = o.n_alphas < 0))
+        fprintf(msg, "palign-worker: --alphas: %s\n", pa_errmsg());
       break;
     }
   }
   if (!bad && pa_dpo_validate(&o.dpo)) { /* a bad --dpo-* value is a bad flag, whatever the methods */
-    if (talk)
-      fprintf(stderr, "palign-worker: %s\n", pa_errmsg());
+    fprintf(msg, "palign-worker: %s\n", pa_errmsg());
     bad = 1;
   }
   /* the values known to be malformed before any data is read: exit 2 (a
    * range beyond the subjects file is found with the data: exit 1) */
   size_t first, last;
   if (!bad && pa_subjects_range(o.subjects, SIZE_MAX, &first, &last)) {
-    if (talk)
-      fprintf(stderr, "palign-worker: --subjects is all, N (at least 1) or A-B (A <= B), not '%s'\n", o.subjects);
+    fprintf(msg, "palign-worker: --subjects is all, N (at least 1) or A-B (A <= B), not '%s'\n", o.subjects);
     bad = 1;
   }
   if (!bad && o.benchmark_delay > 0 && !methods_given)
@@ -184,22 +189,33 @@ int main(int argc, char **argv) {
   const pa_method *m[32];
   const int n_methods = bad ? 0 : pa_methods_parse(o.methods, m, 32);
   if (n_methods < 0) {
-    if (talk)
-      fprintf(stderr, "palign-worker: --methods: %s\n", pa_errmsg());
+    fprintf(msg, "palign-worker: --methods: %s\n", pa_errmsg());
     bad = 1;
   }
   if (!bad && o.benchmark_delay > 0) {
     for (int j = 0; j < n_methods && !bad; j++)
       if (m[j]->needs_model) {
-        if (talk)
-          fprintf(stderr,
-                  "palign-worker: --benchmark-delay runs no model: method %s cannot go with it (only const3 "
-                  "and trait_mean)\n",
-                  m[j]->name);
+        fprintf(msg,
+                "palign-worker: --benchmark-delay runs no model: method %s cannot go with it (only const3 "
+                "and trait_mean)\n",
+                m[j]->name);
         bad = 1;
       }
   }
-  if (bad) {
+  /* Every rank read its own command line (an MPMD job may give ranks
+   * different ones): all stop with exit 2 if any found a bad flag. Rank 0
+   * says its complaints; a worker says its own only where rank 0 had none,
+   * so that one mistake given to every rank is said once. */
+  fclose(msg);
+  int rank0_bad = bad, all = !bad;
+  if (pa_comm_bcast(comm, &rank0_bad, sizeof rank0_bad) || pa_comm_all_ok(comm, !bad, &all))
+    all = 0;
+  if (said && (talk || (bad && !rank0_bad)))
+    fputs(said, stderr);
+  free(said);
+  if (!all) {
+    if (talk && !bad)
+      fprintf(stderr, "palign-worker: another rank was given a bad flag (see its message)\n");
     pa_comm_finalize(comm);
     return 2;
   }

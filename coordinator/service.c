@@ -20,6 +20,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -128,10 +129,12 @@ static int load_data(service *sv) {
 }
 
 /* The settings a store is made with (strings borrowed from sv and bufs). */
-static void settings_of(const service *sv, Palign__Settings *st, char inv_fp[65], char **names) {
+static int settings_of(const service *sv, Palign__Settings *st, char inv_fp[65], char **names) {
   palign__settings__init(st);
   st->model_fingerprint = (char *)sv->model_fp;
-  pa_bank_inventory_fingerprint(sv->inv, inv_fp);
+  const int rc = pa_bank_inventory_fingerprint(sv->inv, inv_fp);
+  if (rc)
+    return rc;
   st->inventory_fingerprint = inv_fp;
   for (int j = 0; j < sv->n_methods; j++)
     names[j] = (char *)sv->methods[j]->name;
@@ -151,25 +154,46 @@ static void settings_of(const service *sv, Palign__Settings *st, char inv_fp[65]
   st->benchmark_cv = sv->o->benchmark_delay > 0 ? sv->o->benchmark_cv : 0;
   /* auto: known once the workers have their model (same_weights) */
   st->weights = (char *)(sv->o->weights && strcmp(sv->o->weights, "auto") ? sv->o->weights : "");
+  return PA_OK;
 }
 
 /* ---- every rank runs what rank 0 runs ------------------------------------------ */
 
-/* FNV-1a over the subjects' ids in file order: which subjects a position names. */
-static uint64_t subjects_digest(const pa_subjects *ss) {
-  uint64_t h = 14695981039346656037ull;
-  for (size_t i = 0, n = pa_subjects_count(ss); i < n; i++)
-    for (const char *p = pa_subjects_at(ss, i)->id;; p++) {
-      h = (h ^ (uint8_t)*p) * 1099511628211ull; /* the id's NUL too: "1","23" is not "12","3" */
-      if (!*p)
-        break;
-    }
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    h = (h ^ ((const uint8_t *)p)[i]) * 1099511628211ull;
   return h;
 }
 
-/* Rank 0 sends its settings (the store's, packed) and its subjects'
- * digest; each worker that loaded its own data compares them with its
- * own, its own model's fingerprint (own_fp) in place of rank 0's. A job
+static uint64_t fnv_str(uint64_t h, const char *s) { return fnv(h, s ? s : "", s ? strlen(s) + 1 : 1); }
+
+/* FNV-1a over all a worker reads of the data: the items (number, trait,
+ * key, text), the split, and the subjects in file order (id, answers,
+ * whether usable, description), so that the same position names the same
+ * person with the same answers on every rank. */
+static uint64_t data_digest(const pa_inventory *inv, const pa_subjects *ss) {
+  uint64_t h = 14695981039346656037ull;
+  for (int k = 1, n = pa_inventory_n_items(inv); k <= n; k++) {
+    const pa_item *it = pa_inventory_item(inv, k);
+    const int32_t head[3] = {it ? it->number : 0, it ? (int32_t)it->trait : -1, it ? it->keyed : 0};
+    h = fnv_str(fnv(h, head, sizeof head), it ? it->text : NULL);
+  }
+  int n_split;
+  const int *split = pa_inventory_train(inv, &n_split);
+  h = fnv(fnv(h, &n_split, sizeof n_split), split, (size_t)n_split * sizeof *split);
+  split = pa_inventory_test(inv, &n_split);
+  h = fnv(fnv(h, &n_split, sizeof n_split), split, (size_t)n_split * sizeof *split);
+  for (size_t i = 0, n = pa_subjects_count(ss); i < n; i++) {
+    const pa_subject *s = pa_subjects_at(ss, i);
+    h = fnv(fnv_str(h, s->id), s->answers, sizeof s->answers);
+    h = fnv_str(fnv(h, &s->usable, sizeof s->usable), s->description);
+  }
+  return h;
+}
+
+/* Rank 0 sends its settings (the store's, packed) and its data's digest;
+ * each worker that loaded its own data compares them with its own, its own
+ * model's fingerprint (own_fp) in place of rank 0's. A job
  * whose ranks were started otherwise (an MPMD command line, a node whose
  * cache holds another model file or another PAPI copy) would store rank
  * 0's labels over other work, or its ranks would meet in different
@@ -182,14 +206,15 @@ static int agree_with_rank0(service *sv, int rc, const char *own_fp) {
   Palign__Settings st;
   char inv_fp[65];
   char *names[MAX_METHODS];
+  if (sv->rank == 0 && !rc)
+    rc = settings_of(sv, &st, inv_fp, names);
   if (sv->rank == 0 && !rc) {
-    settings_of(sv, &st, inv_fp, names);
     st.weights = (char *)"";
     const size_t n = palign__settings__get_packed_size(&st);
     if (n > sizeof packed)
       rc = pa_error(PA_EINVAL, "the run's settings take %zu bytes packed (at most %zu)", n, sizeof packed);
     else
-      head[0] = subjects_digest(sv->subjects), head[1] = palign__settings__pack(&st, packed);
+      head[0] = data_digest(sv->inv, sv->subjects), head[1] = palign__settings__pack(&st, packed);
   }
   int err = pa_comm_bcast(sv->comm, head, sizeof head);
   if (!err && head[1])
@@ -201,13 +226,16 @@ static int agree_with_rank0(service *sv, int rc, const char *own_fp) {
   Palign__Settings *theirs = palign__settings__unpack(NULL, (size_t)head[1], packed);
   if (!theirs)
     return pa_error(PA_EINVAL, "rank 0's settings did not unpack");
-  settings_of(sv, &st, inv_fp, names);
-  st.model_fingerprint = (char *)own_fp;
-  st.weights = (char *)"";
-  rc = pa_settings_compare("started otherwise than rank 0:", "on rank 0", &st, theirs);
+  if (!(rc = settings_of(sv, &st, inv_fp, names))) {
+    st.model_fingerprint = (char *)own_fp;
+    st.weights = (char *)"";
+    rc = pa_settings_compare("started otherwise than rank 0:", "on rank 0", &st, theirs);
+  }
   palign__settings__free_unpacked(theirs, NULL);
-  if (!rc && subjects_digest(sv->subjects) != head[0])
-    rc = pa_error(PA_EINVAL, "reads other subjects than rank 0 (%s: another file, or another copy of it)",
+  if (!rc && data_digest(sv->inv, sv->subjects) != head[0])
+    rc = pa_error(PA_EINVAL,
+                  "reads other data than rank 0 (the subjects in %s, their answers or descriptions, or the items: "
+                  "another copy of PAPI)",
                   st.subjects_file);
   return rc;
 }
@@ -327,8 +355,10 @@ static void run_manifest_free(run_manifest *rm) {
 static int plan_run(service *sv, run_manifest *rm) {
   const pa_service_opts *o = sv->o;
   memset(rm, 0, sizeof *rm);
-  settings_of(sv, &rm->settings, rm->inv_fp, rm->method_names);
-  int rc = pa_manifest_read(o->store, &rm->old);
+  int rc = settings_of(sv, &rm->settings, rm->inv_fp, rm->method_names);
+  if (rc)
+    return rc;
+  rc = pa_manifest_read(o->store, &rm->old);
   if (rc == PA_ENOTFOUND) {
     pa_error_clear();
     rc = PA_OK;
@@ -376,6 +406,24 @@ static int plan_run(service *sv, run_manifest *rm) {
   }
   m->shards = rm->shards;
   m->subjects_total = (int64_t)pa_subjects_count(sv->subjects);
+  return PA_OK;
+}
+
+/* Every worker's new shard must be in rank 0's store before the manifest
+ * lists it: a worker whose --store is another directory (the default,
+ * relative results/store, from another working directory on its node)
+ * would otherwise write where no manifest or lock reaches. */
+static int shards_in_store(const service *sv, const run_manifest *rm) {
+  for (int w = 0; w < pa_comm_workers(sv->comm); w++) {
+    char path[4096];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/shards/%s", sv->o->store, rm->shard_names[w]);
+    if (stat(path, &st) != 0)
+      return pa_error(PA_EINVAL,
+                      "rank %d made its shard %s elsewhere than %s/shards: its --store is another directory (a "
+                      "relative path from another working directory?); give every rank the same store",
+                      sv->size == 1 ? 0 : w + 1, rm->shard_names[w], sv->o->store);
+  }
   return PA_OK;
 }
 
@@ -645,8 +693,10 @@ static int same_weights(service *sv, const char **format) {
 
 /* A record holds at most PA_STORE_MAX_RECORD bytes, of which DPO's adapter
  * (4 bytes a value) is nearly all; the rest (answers, probabilities, PAS's
- * grid, the loss curve) is far under a MiB. A rank the store cannot hold
- * is refused before anything is written, not found subject by subject. */
+ * grid, the loss curve) is under 3 MiB even at the settings' extremes (a
+ * loss a step over 1,000 epochs of batch 1: 2.4 MB; 64 alphas: 0.3 MB), so
+ * 4 MiB are kept for it. A rank the store cannot hold is refused before
+ * anything is written, not found subject by subject. */
 static int dpo_fits_a_record(const service *sv) {
   const pa_model_config *c = pa_model_config_get(sv->model);
   const double q = (double)c->n_heads * c->head_dim, kv = (double)c->n_kv_heads * c->head_dim;
@@ -1112,12 +1162,13 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
     if (!rc)
       rc = all_ok(sv, src, "found other settings in the store");
     /* a signal while the workers got ready (a model loads for a while)
-     * stops the job here, so that the store stays as it was */
-    if (!rc)
-      rc = all_ok(sv, pa_service_stop_signal ? pa_error(PA_ECANCELED, "stopped by a signal") : PA_OK,
-                  "was stopped by a signal");
+     * stops the job here, every rank as stopped, so that the store stays
+     * as it was */
+    int ok = 1;
+    if (!rc && (rc = pa_comm_all_ok(comm, !pa_service_stop_signal, &ok)) == PA_OK && !ok)
+      rc = pa_error(PA_ECANCELED, "stopped by a signal");
     int wrc = PA_OK;
-    if (!rc && sv->rank == 0 && (wrc = pa_manifest_write(o->store, &rm.m)))
+    if (!rc && sv->rank == 0 && ((wrc = shards_in_store(sv, &rm)) || (wrc = pa_manifest_write(o->store, &rm.m))))
       say_error(sv);
     if (!rc)
       rc = all_ok(sv, wrc, "could not write the manifest");

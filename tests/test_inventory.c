@@ -211,6 +211,32 @@ static void test_real_data(void **state) {
 
 /* ---- items CSV -------------------------------------------------------------- */
 
+/* --subjects: all, N (the first N, at most all) or A-B (positions, B cut
+ * to the last); anything else, 0, B < A, A past the end, or a sign (strtoul
+ * would read "-1" as ULONG_MAX: every subject) is refused. */
+static void test_subjects_range(void **state) {
+  (void)state;
+  static const struct {
+    const char *r;
+    size_t first, last;
+  } good[] = {{"all", 0, 299}, {"5", 0, 4}, {"1000", 0, 299}, {"3-7", 3, 7}, {"290-400", 290, 299}, {"0-0", 0, 0}};
+  for (size_t k = 0; k < sizeof good / sizeof *good; k++) {
+    size_t first = 9999, last = 9999;
+    assert_int_equal(pa_subjects_range(good[k].r, 300, &first, &last), 0);
+    assert_int_equal(first, good[k].first);
+    assert_int_equal(last, good[k].last);
+  }
+  static const char *const bad[] = {"",   "0",   "-1",  "-5-3", "3--1",    "+3",   " 3",  "3-",
+                                    "-3", "3-2", "abc", "3x",   "300-301", "3-7x", "All", "1e3"};
+  for (size_t k = 0; k < sizeof bad / sizeof *bad; k++) {
+    size_t first, last;
+    if (pa_subjects_range(bad[k], 300, &first, &last) == 0)
+      fail_msg("'%s' taken as %zu-%zu", bad[k], first, last);
+  }
+  size_t first, last;
+  assert_int_not_equal(pa_subjects_range("all", 0, &first, &last), 0); /* no subjects */
+}
+
 static void test_traits(void **state) {
   (void)state;
   const char *letters = "ACENO";
@@ -645,9 +671,10 @@ static void test_papi_load(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_traits),       cmocka_unit_test(test_items_good),    cmocka_unit_test(test_items_bad),
-      cmocka_unit_test(test_split_bad),    cmocka_unit_test(test_subjects_json), cmocka_unit_test(test_subjects_csv),
-      cmocka_unit_test(test_descriptions), cmocka_unit_test(test_papi_load),  cmocka_unit_test(test_real_data),
+      cmocka_unit_test(test_subjects_range), cmocka_unit_test(test_traits),       cmocka_unit_test(test_items_good),
+      cmocka_unit_test(test_items_bad),      cmocka_unit_test(test_split_bad),    cmocka_unit_test(test_subjects_json),
+      cmocka_unit_test(test_subjects_csv),   cmocka_unit_test(test_descriptions), cmocka_unit_test(test_papi_load),
+      cmocka_unit_test(test_real_data),
   };
   return cmocka_run_group_tests(tests, tu_setup, tu_teardown);
 }

@@ -1145,9 +1145,9 @@ static int mpmd(const char *log, const char *store, const side sides[2]) {
 }
 
 /* A copy of the PAPI data in dir whose Test-set.json lists its first two
- * subjects the other way round: the same file name, other subjects at
- * positions 0 and 1. */
-static void papi_swapped(const char *dir) {
+ * subjects the other way round (swap) or gives the first subject another
+ * answer to item 1 (otherwise): the same file name and count, other data. */
+static void papi_changed(const char *dir, bool swap) {
   char cmd[6000], path[600];
   snprintf(cmd, sizeof cmd, "rm -rf '%s' && cp -r '%s' '%s'", dir, papi, dir);
   assert_int_equal(system(cmd), 0);
@@ -1156,16 +1156,23 @@ static void papi_swapped(const char *dir) {
   char *text = tu_slurp(path, &n);
   cJSON *subjects = cJSON_ParseWithLength(text, n);
   free(text);
-  assert_true(cJSON_GetArraySize(subjects) >= 2);
   const int count = cJSON_GetArraySize(subjects);
-  cJSON *swapped = cJSON_CreateArray(), *first = cJSON_DetachItemFromArray(subjects, 0);
-  cJSON_AddItemToArray(swapped, cJSON_DetachItemFromArray(subjects, 0));
-  cJSON_AddItemToArray(swapped, first);
-  while (cJSON_GetArraySize(subjects) > 0)
+  assert_true(count >= 2);
+  if (swap) {
+    cJSON *swapped = cJSON_CreateArray(), *first = cJSON_DetachItemFromArray(subjects, 0);
     cJSON_AddItemToArray(swapped, cJSON_DetachItemFromArray(subjects, 0));
-  assert_int_equal(cJSON_GetArraySize(swapped), count);
-  cJSON_Delete(subjects);
-  text = cJSON_PrintUnformatted(subjects = swapped);
+    cJSON_AddItemToArray(swapped, first);
+    while (cJSON_GetArraySize(subjects) > 0)
+      cJSON_AddItemToArray(swapped, cJSON_DetachItemFromArray(subjects, 0));
+    assert_int_equal(cJSON_GetArraySize(swapped), count);
+    cJSON_Delete(subjects);
+    subjects = swapped;
+  } else {
+    cJSON *i1 = cJSON_GetObjectItem(cJSON_GetArrayItem(subjects, 0), "i1");
+    assert_true(cJSON_IsNumber(i1));
+    cJSON_SetNumberValue(i1, i1->valueint == 5 ? 1 : i1->valueint + 1);
+  }
+  text = cJSON_PrintUnformatted(subjects);
   FILE *f = fopen(path, "w");
   assert_non_null(f);
   assert_true(fputs(text, f) >= 0);
@@ -1175,45 +1182,65 @@ static void papi_swapped(const char *dir) {
 }
 
 /* 6c. Ranks started otherwise than rank 0 (an MPMD command line; a node
- * whose cache holds another model file or another copy of the data): every
- * worker compares rank 0's settings, model and subjects with its own before
- * anything else, so the job stops at once with exit 1, the worker naming
- * what differs, and the store is as it was. Without it, a worker with
- * another model would store rank 0's fingerprint over its answers, one with
- * other subjects would store other people under the positions handed out,
- * and one whose methods need no model would wait for ever in a collective
- * the others never join. */
+ * whose cache holds another model file or another copy of the data, or
+ * whose working directory puts the relative default store elsewhere):
+ * every worker compares rank 0's settings, model and data with its own
+ * before anything else, and rank 0 finds every worker's new shard in its
+ * store before the manifest lists it, so the job stops with exit 1, the
+ * rank that found it naming what differs, and the store is as it was.
+ * Without it, a worker with another model would store rank 0's fingerprint
+ * over its answers, one with other data other people or answers under the
+ * positions handed out, one with another store its records where no
+ * manifest lists them, and one whose methods need no model would wait for
+ * ever in a collective the others never join. A bad flag on one rank
+ * stops every rank with exit 2. */
 static void test_ranks_disagree(void **state) {
   (void)state;
-  char store[512], log[512], other_papi[512];
+  char store[512], log[512], swapped[512], recoded[512], elsewhere[512];
   scratch(store, "disagree");
   copy_base_store(store);
-  papi_swapped(scratch(other_papi, "papi-swapped"));
+  papi_changed(scratch(swapped, "papi-swapped"), true);
+  papi_changed(scratch(recoded, "papi-recoded"), false);
+  scratch(elsewhere, "disagree-elsewhere");
   size_t n0, n1;
   char *before = snapshot(store, &n0);
+  static const char load[] = "palign-worker: another rank could not load the data";
+  static const char other_data[] = "rank 1: reads other data than rank 0 (the subjects in Test-set.json, their "
+                                   "answers or descriptions, or the items: another copy of PAPI)";
   const struct {
     const char *name;
     side worker;
-    const char *said[2];
+    int exit;
+    const char *said[3];
   } cases[] = {
-      {"seed", {model, papi, {"--seed", "4"}}, {"rank 1: started otherwise than rank 0: run_seed 4 here, 1 on rank 0"}},
+      {"seed",
+       {model, papi, {"--seed", "4"}},
+       1,
+       {load, "rank 1: started otherwise than rank 0: run_seed 4 here, 1 on rank 0"}},
       {"methods",
        {model, papi, {"--methods", "const3"}},
-       {"model_fingerprint 'none' here",
+       1,
+       {load, "model_fingerprint 'none' here",
         "methods 'const3,trait_mean' here, 'none,pas_only,const3,trait_mean' on rank 0"}},
-      {"model", {icl_model, papi, {NULL}}, {"rank 1: started otherwise than rank 0: model_fingerprint '"}},
-      {"subjects",
-       {model, other_papi, {NULL}},
-       {"rank 1: reads other subjects than rank 0 (Test-set.json: another file, or another copy of it)"}},
+      {"model", {icl_model, papi, {NULL}}, 1, {load, "rank 1: started otherwise than rank 0: model_fingerprint '"}},
+      {"subjects", {model, swapped, {NULL}}, 1, {load, other_data}},
+      {"answers", {model, recoded, {NULL}}, 1, {load, other_data}},
+      {"store",
+       {model, papi, {"--store", elsewhere}},
+       1,
+       {"palign-worker: rank 1 made its shard run2-rank1.pal elsewhere than ", "its --store is another directory"}},
+      {"flag",
+       {model, papi, {"--methods", "none,pass"}},
+       2,
+       {"palign-worker: another rank was given a bad flag (see its message)", "unknown method 'pass'"}},
   };
   for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
     char name[64];
     snprintf(name, sizeof name, "disagree-%s.log", cases[c].name);
     const side sides[2] = {{model, papi, {NULL}}, cases[c].worker};
-    assert_int_equal(mpmd(scratch(log, name), store, sides), 1);
-    for (int k = 0; k < 2 && cases[c].said[k]; k++)
+    assert_int_equal(mpmd(scratch(log, name), store, sides), cases[c].exit);
+    for (int k = 0; k < 3 && cases[c].said[k]; k++)
       expect_in(log, cases[c].said[k]);
-    expect_in(log, "palign-worker: another rank could not load the data");
     char *after = snapshot(store, &n1);
     assert_int_equal(n0, n1);
     assert_memory_equal(before, after, n0);
@@ -1405,6 +1432,7 @@ static void test_bad_flags(void **state) {
       {"--subjects", "5-2", "--subjects is all, N (at least 1) or A-B (A <= B), not '5-2'"},
       {"--methods", "none,bogus", "--methods: unknown method 'bogus'"},
       {"--benchmark-delay", "1,", "--benchmark-delay is MEAN[,CV]"},
+      {"--subjects", "-1", "--subjects is all, N (at least 1) or A-B (A <= B), not '-1'"},
   };
   for (size_t k = 0; k < sizeof malformed / sizeof *malformed; k++)
     for (int np = 0; np <= 2; np += 2) {

@@ -9,6 +9,7 @@
 
 #include <math.h>
 #include <stdarg.h>
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -831,7 +832,7 @@ int pa_subjects_range(const char *r, size_t n, size_t *first, size_t *last) {
   char *end;
   errno = 0;
   unsigned long a = strtoul(r, &end, 10);
-  if (errno || end == r)
+  if (errno || end == r || !isdigit((unsigned char)r[0])) /* strtoul takes "-1" for ULONG_MAX */
     return -1;
   if (*end == '\0') {
     if (a == 0)
@@ -843,7 +844,7 @@ int pa_subjects_range(const char *r, size_t n, size_t *first, size_t *last) {
     return -1;
   const char *r2 = end + 1;
   unsigned long b = strtoul(r2, &end, 10);
-  if (errno || end == r2 || *end || b < a || a >= n)
+  if (errno || end == r2 || !isdigit((unsigned char)r2[0]) || *end || b < a || a >= n)
     return -1;
   *first = a, *last = b >= n ? n - 1 : b;
   return 0;
