@@ -202,7 +202,7 @@ static uint64_t data_digest(const pa_inventory *inv, const pa_subjects *ss) {
  * so far; every rank calls this. */
 static int agree_with_rank0(service *sv, int rc, const char *own_fp) {
   uint8_t packed[8192];
-  uint64_t head[2] = {0, 0}; /* the subjects' digest and the settings' length; 0: rank 0 failed */
+  uint64_t head[2] = {0, 0}; /* the data's digest and the settings' length; 0: rank 0 failed */
   Palign__Settings st;
   char inv_fp[65];
   char *names[MAX_METHODS];
