@@ -994,6 +994,16 @@ static char *snapshot(const char *store, size_t *n) {
   return tu_slurp(out, n);
 }
 
+/* Fails unless the store's files are byte for byte those of before (n
+ * bytes, as snapshot gives them). */
+static void expect_unchanged(const char *store, const char *before, size_t n) {
+  size_t m;
+  char *after = snapshot(store, &m);
+  assert_int_equal(m, n);
+  assert_memory_equal(before, after, n);
+  free(after);
+}
+
 /* 5. A run with another seed or other methods, or on a store another job
  * holds, is refused; nothing changes. */
 static void test_settings_mismatch(void **state) {
@@ -1001,7 +1011,7 @@ static void test_settings_mismatch(void **state) {
   char store[512], log[512];
   scratch(store, "mismatch");
   copy_base_store(store);
-  size_t n0, n1;
+  size_t n0;
   char *before = snapshot(store, &n0);
   assert_int_equal(worker(scratch(log, "mismatch-seed.log"), 0, NULL, store, "--subjects", "4", "--methods",
                           "none,pas_only", "--seed", "2", NULL),
@@ -1026,10 +1036,8 @@ static void test_settings_mismatch(void **state) {
   snprintf(busy, sizeof busy, "another job (process %ld) is writing to this store", (long)getpid());
   expect_in(log, busy);
   pa_store_unlock(guard);
-  char *after = snapshot(store, &n1);
-  assert_int_equal(n0, n1);
-  assert_memory_equal(before, after, n0);
-  free(before), free(after);
+  expect_unchanged(store, before, n0);
+  free(before);
 }
 
 /* 6. Workers that cannot start while rank 0 can (an MPMD job whose workers
@@ -1042,7 +1050,7 @@ static void test_workers_cannot_start(void **state) {
   char store[512], log[512];
   scratch(store, "nostart");
   copy_base_store(store);
-  size_t n0, n1;
+  size_t n0;
   char *before = snapshot(store, &n0);
   static const char *const bad[][2] = {{"--model", "/nonexistent/model.gguf"}, {"--papi", "/nonexistent/papi"}};
   for (int k = 0; k < 2; k++) {
@@ -1066,10 +1074,7 @@ static void test_workers_cannot_start(void **state) {
     expect_in(log, "palign-worker: rank 2: ");
     expect_in(log, bad[k][1]);
     expect_in(log, "another rank could not load the data"); /* a worker fingerprints its model with the data */
-    char *after = snapshot(store, &n1);
-    assert_int_equal(n0, n1);
-    assert_memory_equal(before, after, n0);
-    free(after);
+    expect_unchanged(store, before, n0);
   }
   free(before);
 }
@@ -1084,7 +1089,7 @@ static void test_mixed_weights(void **state) {
   char store[512], log[512];
   scratch(store, "mixed");
   copy_base_store(store);
-  size_t n0, n1;
+  size_t n0;
   char *before = snapshot(store, &n0);
   args a = {.n = 0};
   add_arg(&a, PALIGN_MPIEXEC);
@@ -1105,10 +1110,8 @@ static void test_mixed_weights(void **state) {
   assert_int_equal(run_argv(scratch(log, "mixed.log"), a.v), 1);
   expect_in(log, "different formats");
   expect_in(log, "give --weights fp32 or --weights bf16");
-  char *after = snapshot(store, &n1);
-  assert_int_equal(n0, n1);
-  assert_memory_equal(before, after, n0);
-  free(before), free(after);
+  expect_unchanged(store, before, n0);
+  free(before);
 }
 
 /* One side of an MPMD job: its model, PAPI directory and further flags
@@ -1202,7 +1205,7 @@ static void test_ranks_disagree(void **state) {
   papi_changed(scratch(swapped, "papi-swapped"), true);
   papi_changed(scratch(recoded, "papi-recoded"), false);
   scratch(elsewhere, "disagree-elsewhere");
-  size_t n0, n1;
+  size_t n0;
   char *before = snapshot(store, &n0);
   static const char load[] = "palign-worker: another rank could not load the data";
   static const char other_data[] = "rank 1: reads other data than rank 0 (the subjects in Test-set.json, their "
@@ -1241,10 +1244,7 @@ static void test_ranks_disagree(void **state) {
     assert_int_equal(mpmd(scratch(log, name), store, sides), cases[c].exit);
     for (int k = 0; k < 3 && cases[c].said[k]; k++)
       expect_in(log, cases[c].said[k]);
-    char *after = snapshot(store, &n1);
-    assert_int_equal(n0, n1);
-    assert_memory_equal(before, after, n0);
-    free(after);
+    expect_unchanged(store, before, n0);
   }
   free(before);
 }
@@ -1269,16 +1269,14 @@ static void test_store_unvouched(void **state) {
       assert_int_equal(fwrite(no_settings, 1, sizeof no_settings, f), sizeof no_settings);
       assert_int_equal(fclose(f), 0);
     }
-    size_t n0, n1;
+    size_t n0;
     char *before = snapshot(store, &n0);
     assert_int_equal(worker(scratch(log, k ? "unvouched-empty.log" : "unvouched-gone.log"), 0, NULL, store,
                             "--subjects", "4", "--methods", "none,pas_only", NULL),
                      1);
     expect_in(log, "/manifest.pb, with the settings they were made with, is missing or has none");
-    char *after = snapshot(store, &n1);
-    assert_int_equal(n0, n1);
-    assert_memory_equal(before, after, n0);
-    free(before), free(after);
+    expect_unchanged(store, before, n0);
+    free(before);
   }
   /* a benchmark store's shard (model "none") among the base store's */
   copy_base_store(store);
@@ -1289,17 +1287,15 @@ static void test_store_unvouched(void **state) {
   char cmd[2000];
   snprintf(cmd, sizeof cmd, "cp '%s/shards/run1-rank0.pal' '%s/shards/run9-rank0.pal'", bench, store);
   assert_int_equal(system(cmd), 0);
-  size_t n0, n1;
+  size_t n0;
   char *before = snapshot(store, &n0);
   assert_int_equal(worker(scratch(log, "unvouched-foreign.log"), 2, NULL, store, "--subjects", "6", "--methods",
                           "none,pas_only", NULL),
                    1);
   expect_in(log, "2 records were made with another model or seed than this run's (the first: subject ");
   expect_in(log, "in shards/run9-rank0.pal, model none, seed 1)");
-  char *after = snapshot(store, &n1);
-  assert_int_equal(n0, n1);
-  assert_memory_equal(before, after, n0);
-  free(before), free(after);
+  expect_unchanged(store, before, n0);
+  free(before);
 }
 
 /* The stored metrics of the row `name` of r: mae[5] (A, C, E, N, O) and mae_sum. */
@@ -1494,7 +1490,7 @@ static void test_dpo(void **state) {
                    0);
   expect_in(log, "3 already stored, 0 to do");
   /* other DPO settings: refused, the store unchanged */
-  size_t n0, n1;
+  size_t n0;
   char *before = snapshot(s1, &n0);
   assert_int_equal(worker(scratch(log, "dpo-lr.log"), 1, icl_model, s1, "--subjects", "3", "--methods",
                           "none,dpo,dpo_icl", "--dpo-epochs", "2", "--dpo-lr", "0.01", NULL),
@@ -1517,10 +1513,8 @@ static void test_dpo(void **state) {
   }
   struct stat sb;
   assert_int_not_equal(stat(fresh, &sb), 0);
-  char *after = snapshot(s1, &n1);
-  assert_int_equal(n0, n1);
-  assert_memory_equal(before, after, n0);
-  free(before), free(after);
+  expect_unchanged(s1, before, n0);
+  free(before);
 
   /* an adapter larger than a store record may be is refused before any
    * subject: 64 layers of 128 (a rank's 1,024 values a layer, 256 KiB in
