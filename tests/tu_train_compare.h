@@ -151,11 +151,11 @@ static inline void tu_train_compare(const pa_backend *other, pa_weight_format wf
  * gradient is the same device's, so every step's logits and the adapter at
  * the end are the same bits; on a device the adapter's arena keeps its
  * starting values until pa_trainer_adapter_sync.
- * Counting the copies: a backend that counts the bytes it uploads and
- * downloads (the fake device: tu_fake_uploaded, tu_fake_downloaded) passes
- * those counters as up and down, and moved[0] and moved[1] receive the bytes
- * the optimiser's three steps uploaded and downloaded; a backend without
- * counters (the CPU, the GPU) passes NULL for up, down and moved. */
+ * Counting the copies: the fake device counts the bytes it moves
+ * (tu_fake_uploaded, tu_fake_downloaded); its caller gives those counters as
+ * up and down, and moved[0] and moved[1] receive the bytes the optimiser's
+ * three steps uploaded and downloaded. The CPU and the GPU count nothing:
+ * their callers give NULL for up, down and moved. */
 static inline void tu_optimise_compare(const pa_backend *be, pa_weight_format wf, const size_t *up, const size_t *down,
                                        size_t moved[2]) {
   rng = 4343;
