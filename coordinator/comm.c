@@ -30,6 +30,30 @@ static int mpi_error(int err, const char *call, int line) {
       return mpi_error(err_, #call, __LINE__);                                                                         \
   } while (0)
 
+/* A collective that fails on this rank cannot be answered by returning: the
+ * other ranks are in it, or go on to the next one, and would wait there for
+ * ever (MPI leaves its state undefined after an error anyway). So the rank
+ * says what failed and brings the whole job down. */
+static _Noreturn void collective_failed(int err, const char *call, int line) {
+  char msg[MPI_MAX_ERROR_STRING];
+  int len = 0, rank = -1;
+  MPI_Error_string(err, msg, &len);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  fprintf(
+      stderr,
+      "palign-worker: rank %d: MPI: %s failed at comm.c:%d: %s; stopping the job (the other ranks would wait for it)\n",
+      rank, call, line, msg);
+  fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, 1);
+  _Exit(1); /* MPI_Abort does not return */
+}
+#define COLLECTIVE(call)                                                                                               \
+  do {                                                                                                                 \
+    int err_ = (call);                                                                                                 \
+    if (err_ != MPI_SUCCESS)                                                                                           \
+      collective_failed(err_, #call, __LINE__);                                                                        \
+  } while (0)
+
 int pa_comm_init(int *argc, char ***argv, pa_comm **out) {
   *out = NULL;
   int provided = 0;
@@ -41,14 +65,14 @@ int pa_comm_init(int *argc, char ***argv, pa_comm **out) {
   MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &c->rank));
   MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &c->size));
   const int is_worker = c->size == 1 || c->rank > 0;
-  MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, is_worker ? 1 : MPI_UNDEFINED, c->rank, &c->workers));
+  COLLECTIVE(MPI_Comm_split(MPI_COMM_WORLD, is_worker ? 1 : MPI_UNDEFINED, c->rank, &c->workers));
   if (c->workers != MPI_COMM_NULL)
     MPI_CHECK(MPI_Comm_set_errhandler(c->workers, MPI_ERRORS_RETURN));
   /* this worker's place among the workers on its node: which GPU it takes */
   c->local_worker = -1;
   if (c->workers != MPI_COMM_NULL) {
     MPI_Comm node;
-    MPI_CHECK(MPI_Comm_split_type(c->workers, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node));
+    COLLECTIVE(MPI_Comm_split_type(c->workers, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node));
     MPI_CHECK(MPI_Comm_rank(node, &c->local_worker));
     MPI_CHECK(MPI_Comm_size(node, &c->local_workers));
     MPI_Comm_free(&node);
@@ -82,20 +106,20 @@ int pa_comm_bcast(pa_comm *c, void *buf, size_t n) {
   (void)c;
   if (n > (size_t)INT32_MAX)
     return pa_error(PA_EINVAL, "MPI: a broadcast of %zu bytes", n);
-  MPI_CHECK(MPI_Bcast(buf, (int)n, MPI_BYTE, 0, MPI_COMM_WORLD));
+  COLLECTIVE(MPI_Bcast(buf, (int)n, MPI_BYTE, 0, MPI_COMM_WORLD));
   return PA_OK;
 }
 
 int pa_comm_bcast_status(pa_comm *c, int *status) {
   (void)c;
-  MPI_CHECK(MPI_Bcast(status, 1, MPI_INT, 0, MPI_COMM_WORLD));
+  COLLECTIVE(MPI_Bcast(status, 1, MPI_INT, 0, MPI_COMM_WORLD));
   return PA_OK;
 }
 
 int pa_comm_all_ok(pa_comm *c, int ok, int *all) {
   (void)c;
   int mine = ok != 0;
-  MPI_CHECK(MPI_Allreduce(&mine, all, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD));
+  COLLECTIVE(MPI_Allreduce(&mine, all, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD));
   return PA_OK;
 }
 
@@ -113,18 +137,16 @@ int pa_comm_workers_allgather(pa_comm *c, float *buf, size_t per, int first, int
     fprintf(stderr, "palign-worker: MPI: no memory for the activation bank's exchange; stopping the job\n");
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
-  int err = MPI_Allgather(mine, 2, MPI_INT, all, 2, MPI_INT, c->workers);
-  int rc = err == MPI_SUCCESS ? PA_OK : mpi_error(err, "MPI_Allgather", __LINE__);
+  COLLECTIVE(MPI_Allgather(mine, 2, MPI_INT, all, 2, MPI_INT, c->workers));
+  int rc = PA_OK;
   for (int k = 0; !rc && k < nw; k++) {
     const size_t cnt = (size_t)all[2 * k + 1] * per, off = (size_t)all[2 * k] * per;
     if (cnt > (size_t)INT32_MAX || off > (size_t)INT32_MAX)
       rc = pa_error(PA_EINVAL, "MPI: a slice of %zu floats at %zu is too large for one message", cnt, off);
     counts[k] = (int)cnt, displs[k] = (int)off;
   }
-  if (!rc) {
-    err = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, counts, displs, MPI_FLOAT, c->workers);
-    rc = err == MPI_SUCCESS ? PA_OK : mpi_error(err, "MPI_Allgatherv", __LINE__);
-  }
+  if (!rc)
+    COLLECTIVE(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, counts, displs, MPI_FLOAT, c->workers));
   free(all), free(counts), free(displs);
   return rc;
 }
@@ -134,20 +156,20 @@ int pa_comm_workers_bcast(pa_comm *c, void *buf, size_t n) {
     return pa_error(PA_EINVAL, "MPI: the coordinator is not in the worker group");
   if (n > (size_t)INT32_MAX)
     return pa_error(PA_EINVAL, "MPI: a broadcast of %zu bytes", n);
-  MPI_CHECK(MPI_Bcast(buf, (int)n, MPI_BYTE, 0, c->workers));
+  COLLECTIVE(MPI_Bcast(buf, (int)n, MPI_BYTE, 0, c->workers));
   return PA_OK;
 }
 
 int pa_comm_workers_allgather_ints(pa_comm *c, const int *mine, int k, int *all) {
   if (c->workers == MPI_COMM_NULL)
     return pa_error(PA_EINVAL, "MPI: the coordinator is not in the worker group");
-  MPI_CHECK(MPI_Allgather(mine, k, MPI_INT, all, k, MPI_INT, c->workers));
+  COLLECTIVE(MPI_Allgather(mine, k, MPI_INT, all, k, MPI_INT, c->workers));
   return PA_OK;
 }
 
 int pa_comm_workers_barrier(pa_comm *c) {
   if (c->workers != MPI_COMM_NULL)
-    MPI_CHECK(MPI_Barrier(c->workers));
+    COLLECTIVE(MPI_Barrier(c->workers));
   return PA_OK;
 }
 

@@ -11,7 +11,12 @@
  * Threads: MPI is initialised with MPI_THREAD_FUNNELED; call these from the
  * main thread only (OpenMP regions never call them). Errors: MPI's own errors
  * are returned (MPI_ERRORS_RETURN) as PA_EIO with the call, the place and
- * MPI's message.
+ * MPI's message, except in a collective (the broadcasts, all_ok, the workers'
+ * calls, the communicators made in pa_comm_init): there the rank that sees
+ * the error prints it so and stops the whole job (MPI_Abort, exit 1), since
+ * the other ranks are in that collective or the next and would wait for it
+ * for ever. Sizes checked before a collective (PA_EINVAL) are returned: every
+ * rank checks the same sizes.
  */
 #ifndef PALIGN_COMM_H
 #define PALIGN_COMM_H

@@ -437,6 +437,16 @@ static int end_run(service *sv, run_manifest *rm, long done, long failed, bool i
 
 /* ---- a worker ------------------------------------------------------------------- */
 
+/* A report to rank 0. One that cannot be sent stops the job: rank 0 would
+ * wait for this worker's subjects for ever. */
+static void tell_rank0(service *sv, const Palign__Report *r) {
+  if (pa_comm_send_report(sv->comm, r)) {
+    say_error(sv);
+    fprintf(sv->log, "palign-worker: rank %d cannot report to rank 0; stopping the job\n", sv->rank);
+    pa_comm_abort(sv->comm, 1);
+  }
+}
+
 /* The evaluator's poll: stops on a signal, and keeps the coordinator told
  * that this worker is alive during long subjects. */
 static int worker_poll(void *ctx) {
@@ -448,7 +458,7 @@ static int worker_poll(void *ctx) {
     Palign__Report r = PALIGN__REPORT__INIT;
     r.rank = sv->rank;
     r.current = sv->current;
-    pa_comm_send_report(sv->comm, &r);
+    tell_rank0(sv, &r);
     sv->last_beat = now_s();
   }
   if (sv->alone)
@@ -843,8 +853,13 @@ static int worker_loop(service *sv) {
   int rc = PA_OK;
   for (;;) {
     Palign__Work *w = NULL;
-    if ((rc = pa_comm_recv_work(sv->comm, &w)))
+    if ((rc = pa_comm_recv_work(sv->comm, &w))) { /* told, rank 0 gives this worker's subjects to the others */
+      Palign__Report r = PALIGN__REPORT__INIT;
+      r.rank = sv->rank;
+      r.error = (char *)pa_errmsg();
+      tell_rank0(sv, &r);
       return rc;
+    }
     const bool stop = w->stop;
     for (size_t i = 0; !stop && i < w->n_subject_index && !rc; i++) {
       Palign__Report r = PALIGN__REPORT__INIT;
@@ -865,7 +880,7 @@ static int worker_loop(service *sv) {
           r.failed = &id, r.n_failed = 1;
         r.idle = i + 1 == w->n_subject_index;
       }
-      pa_comm_send_report(sv->comm, &r);
+      tell_rank0(sv, &r);
       sv->last_beat = now_s();
     }
     palign__work__free_unpacked(w, NULL);
