@@ -1,6 +1,7 @@
 /* The forward pass on tiny random models (mkmodel): a shared prefix, batching
  * and token-by-token decoding give the logits of plain full sequences;
- * steering and head capture do exactly what forward.h says. */
+ * steering and head capture do exactly what forward.h says; greedy
+ * generation is the argmax, steered and adapted on every token. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -13,6 +14,7 @@
 
 #include "backend.h"
 #include "forward.h"
+#include "lora.h"
 #include "mkmodel.h"
 #include "model.h"
 #include "status.h"
@@ -59,16 +61,22 @@ static double max_abs_diff(const float *a, const float *b, size_t n) {
   return d;
 }
 
-/* Logits and heads at the last token of one whole sequence, fresh cache. */
-static void run_full(const int32_t *tokens, int n, const float *steer, float *logits, float *heads) {
+/* Logits and heads at the last token of one whole sequence, fresh cache,
+ * with steering and an adapter where they are not NULL. */
+static void run_full_with(const int32_t *tokens, int n, const float *steer, const pa_lora *lora, float *logits,
+                          float *heads) {
   pa_kv *kv;
   assert_int_equal(pa_kv_create(lm, n, &kv), PA_OK);
   pa_seq seq = {.tokens = tokens, .n_tokens = n, .kv = kv};
-  pa_batch b = {.seqs = &seq, .n_seqs = 1, .steer = steer, .logits = logits, .heads = heads};
+  pa_batch b = {.seqs = &seq, .n_seqs = 1, .steer = steer, .lora = lora, .logits = logits, .heads = heads};
   if (pa_lm_forward(lm, &b))
     fail_msg("%s", pa_errmsg());
   assert_int_equal(pa_kv_len(kv), n);
   pa_kv_destroy(kv);
+}
+
+static void run_full(const int32_t *tokens, int n, const float *steer, float *logits, float *heads) {
+  run_full_with(tokens, n, steer, NULL, logits, heads);
 }
 
 static size_t heads_size(void) { return (size_t)cfg->n_layers * cfg->n_heads * cfg->head_dim; }
@@ -268,6 +276,64 @@ static void test_generate_and_errors(void **s) {
   pa_kv_destroy(kv);
 }
 
+/* Steering and an adapter act on every token generated (the prompt's pass
+ * and each new token's): each token is the argmax of the whole sequence so
+ * far run with them; and they do change what is generated. A random model
+ * mostly repeats a token (tied embeddings: the current token's own row
+ * wins), so the plain and the steered-only outputs are one token eight
+ * times; the adapter's outputs vary, and the case with both is the one that
+ * sees steering dropped from the new tokens' passes. */
+static void test_generate_steered_and_adapted(void **s) {
+  (void)s;
+  enum { N_PROMPT = 8, N_GEN = 8 };
+  int32_t *t = random_tokens(N_PROMPT, 12);
+  float *steer = calloc(heads_size(), sizeof *steer);
+  uint64_t rng = 9;
+  for (int k = 0; k < 4; k++) { /* PAS steers a few heads */
+    float *d = steer + ((size_t)(k % cfg->n_layers) * cfg->n_heads + (size_t)(k * 5 % cfg->n_heads)) * cfg->head_dim;
+    for (int i = 0; i < cfg->head_dim; i++)
+      d[i] = 1.0f * tu_frand(&rng);
+  }
+  pa_lora *lora = NULL;
+  assert_int_equal(pa_lora_create(cfg, 4, 2.0f, &lora), PA_OK);
+  pa_lora_init(lora, 5);
+  for (int l = 0; l < cfg->n_layers; l++) /* B is zero after PEFT's initialisation: the adapter would do nothing */
+    for (int k = 0; k < PA_LORA_N_TARGETS; k++)
+      for (int i = 0; i < lora->out[k] * lora->rank; i++)
+        pa_lora_b(lora, l, (pa_lora_target)k)[i] = 0.3f * (float)((i * 7 + l + k) % 11 - 5);
+  float *logits = malloc((size_t)cfg->vocab_size * sizeof *logits);
+  pa_kv *kv;
+  assert_int_equal(pa_kv_create(lm, N_PROMPT + N_GEN, &kv), PA_OK);
+  int32_t *plain, *out;
+  int n_plain, n_out;
+  assert_int_equal(pa_lm_generate(lm, NULL, kv, t, N_PROMPT, &(pa_gen_opts){.max_tokens = N_GEN}, &plain, &n_plain),
+                   PA_OK);
+  const struct {
+    const float *steer;
+    const pa_lora *lora;
+  } cases[] = {{steer, NULL}, {NULL, lora}, {steer, lora}};
+  for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+    const pa_gen_opts go = {.max_tokens = N_GEN, .steer = cases[c].steer, .lora = cases[c].lora};
+    assert_int_equal(pa_lm_generate(lm, NULL, kv, t, N_PROMPT, &go, &out, &n_out), PA_OK);
+    assert_int_equal(n_out, N_GEN);
+    int32_t all[N_PROMPT + N_GEN];
+    memcpy(all, t, N_PROMPT * sizeof *all);
+    memcpy(all + N_PROMPT, out, N_GEN * sizeof *all);
+    for (int i = 0; i < N_GEN; i++) {
+      run_full_with(all, N_PROMPT + i, cases[c].steer, cases[c].lora, logits, NULL);
+      if (out[i] != pa_argmax(logits, cfg->vocab_size))
+        fail_msg("case %zu, token %d: %d generated, %d the whole sequence's argmax", c, i, out[i],
+                 pa_argmax(logits, cfg->vocab_size));
+    }
+    if (!memcmp(out, plain, N_GEN * sizeof *out))
+      fail_msg("case %zu generates what the plain model does", c);
+    free(out);
+  }
+  pa_kv_destroy(kv);
+  pa_lora_destroy(lora);
+  free(plain), free(logits), free(steer), free(t);
+}
+
 /* A pass restricted to some tokens' logits gives the values the whole
  * vocabulary's pass gives them (fp32 and bf16 weights), in the order asked,
  * a token twice included; a new set replaces the last; bad sets are refused.
@@ -337,6 +403,7 @@ int main(void) {
       cmocka_unit_test(test_incremental),
       cmocka_unit_test(test_steering),
       cmocka_unit_test(test_generate_and_errors),
+      cmocka_unit_test(test_generate_steered_and_adapted),
       cmocka_unit_test(test_threads_do_not_change_results),
       cmocka_unit_test(test_restricted_logits),
   };
