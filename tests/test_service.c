@@ -746,6 +746,65 @@ static void copy_base_store(const char *to) {
   assert_int_equal(system(cmd), 0);
 }
 
+/* palign generate --store applies a subject's stored PAS intervention
+ * (tiny model: its chosen alphas are whatever the grid gave): the variant
+ * fitted, each protocol's alpha and the number of heads as the record holds
+ * them (read here from its PasChoice fields), an alpha asked for, and the
+ * refusals: a variant not fitted, a subject not stored, another model, PAPI
+ * data that is not there, --subject without --store. */
+static void expect_generate_applies(const char *store, const char *id) {
+  Palign__SubjectResult *r = NULL;
+  assert_int_equal(pa_query_subject(store, id, &r), PA_OK);
+  assert_non_null(r->pas);
+  double alpha[2] = {NAN, NAN}; /* pas_only's: reference, holdout */
+  for (size_t i = 0; i < r->pas->n_chosen; i++) {
+    const Palign__PasChoice *c = r->pas->chosen[i];
+    if (!strcmp(c->variant, "pas_only"))
+      alpha[!strcmp(c->protocol, "holdout")] = c->alpha;
+  }
+  assert_false(isnan(alpha[0]) || isnan(alpha[1]));
+  const size_t n_heads = r->pas->n_heads;
+  assert_true(n_heads > 0);
+  palign__subject_result__free_unpacked(r, NULL);
+
+  char log[512], want[1200];
+  const char *protocols[2] = {"reference", "holdout"};
+  for (int k = 0; k < 2; k++) {
+    assert_int_equal(palign(scratch(log, "generate.log"), "generate", "--model", model, "--store", store, "--subject",
+                            id, "--protocol", protocols[k], "--prompt", "Hello", "--max-tokens", "2", "--threads", "1",
+                            NULL),
+                     0);
+    snprintf(want, sizeof want, "subject %s, PAS pas_only, %s alpha %g, %zu heads", id, protocols[k], alpha[k],
+             n_heads);
+    expect_in(log, want);
+  }
+  assert_int_equal(palign(log, "generate", "--model", model, "--store", store, "--subject", id, "--alpha", "2.5",
+                          "--prompt", "Hello", "--max-tokens", "2", "--threads", "1", NULL),
+                   0);
+  snprintf(want, sizeof want, "subject %s, PAS pas_only, holdout alpha 2.5, %zu heads\n", id, n_heads);
+  expect_in(log, want);
+
+  assert_int_equal(palign(log, "generate", "--model", model, "--store", store, "--subject", id, "--variant", "pas",
+                          "--prompt", "Hello", NULL),
+                   1);
+  snprintf(want, sizeof want, "%s: subject %s: no PAS alpha chosen for pas under the holdout protocol", store, id);
+  expect_in(log, want);
+  assert_int_equal(
+      palign(log, "generate", "--model", model, "--store", store, "--subject", "1", "--prompt", "Hello", NULL), 1);
+  snprintf(want, sizeof want, "subject 1 is not in store %s", store);
+  expect_in(log, want);
+  assert_int_equal(
+      palign(log, "generate", "--model", icl_model, "--store", store, "--subject", id, "--prompt", "Hello", NULL), 1);
+  snprintf(want, sizeof want, "%s: subject %s was fitted on model", store, id);
+  expect_in(log, want);
+  assert_int_equal(palign(log, "generate", "--model", model, "--store", store, "--subject", id, "--variant", "pas",
+                          "--alpha", "1", "--papi", "/nonexistent", "--prompt", "Hello", NULL),
+                   1);
+  expect_in(log, "/nonexistent/ipip_neo_300_items.csv: cannot open");
+  assert_int_equal(palign(log, "generate", "--model", model, "--subject", id, "--prompt", "Hello", NULL), 2);
+  expect_in(log, "--store and --subject go together");
+}
+
 /* ---- the tests --------------------------------------------------------------------------- */
 
 /* 1. The same records from 1 and 3 ranks, and the answers `palign eval` gives. */
@@ -777,6 +836,7 @@ static void test_rank_count_and_eval(void **state) {
                           "--json", scratch(json, "eval.json"), NULL),
                    0);
   same_as_eval(&a, json, 6);
+  expect_generate_applies(s1, a.r[0].id);
   recs_free(&a), recs_free(&b);
 
   /* ICL and PAS with its prompt, on a smaller model (1 layer, dim 32, more
@@ -1544,6 +1604,10 @@ static void test_dpo(void **state) {
                           "--subject", "172481", "--method", "dpo", "--alpha", "2", "--prompt", "Hello", NULL),
                    2);
   expect_in(log, "--alpha is PAS's");
+  assert_int_equal(
+      palign(log, "generate", "--model", icl_model, "--store", s1, "--subject", "172481", "--prompt", "Hello", NULL),
+      1);
+  expect_in(log, "subject 172481 has no PAS result (the run's methods had neither pas nor pas_only)");
 }
 
 /* 10. The benchmark mode: no model, a delay per subject; the store says it
