@@ -749,9 +749,9 @@ static void copy_base_store(const char *to) {
 /* palign generate --store applies a subject's stored PAS intervention
  * (tiny model: its chosen alphas are whatever the grid gave): the variant
  * fitted, each protocol's alpha and the number of heads as the record holds
- * them (read here from its PasChoice fields), an alpha asked for, and the
- * refusals: a variant not fitted, a subject not stored, another model, PAPI
- * data that is not there, --subject without --store. */
+ * them (read here from its PasChoice fields), an alpha asked for, that
+ * alpha changing the tokens generated, and the refusals: a variant not fitted, a subject not stored, another model,
+ * PAPI data that is not there, --subject without --store. */
 static void expect_generate_applies(const char *store, const char *id) {
   Palign__SubjectResult *r = NULL;
   assert_int_equal(pa_query_subject(store, id, &r), PA_OK);
@@ -783,6 +783,22 @@ static void expect_generate_applies(const char *store, const char *id) {
                    0);
   snprintf(want, sizeof want, "subject %s, PAS pas_only, holdout alpha 2.5, %zu heads\n", id, n_heads);
   expect_in(log, want);
+  /* the steering reaches the tokens: the tiny model answers the chat
+   * template's last token ("\n") again and again, also at alpha 30; at
+   * alpha 300 its heads move it to another token. Alpha 0 is the plain
+   * model's answer. */
+  static char plain[256], at0[256], at300[256], err[4096];
+  const char *gen = "'" PALIGN "' generate --model '%s' --prompt 'Tell me about yourself' --max-tokens 12 --threads 1";
+  char cmd[2048];
+  snprintf(cmd, sizeof cmd, gen, model);
+  assert_int_equal(tu_run(plain, sizeof plain, err, sizeof err, "%s", cmd), 0);
+  assert_int_equal(tu_run(at0, sizeof at0, err, sizeof err, "%s --store '%s' --subject %s --alpha 0", cmd, store, id),
+                   0);
+  assert_int_equal(
+      tu_run(at300, sizeof at300, err, sizeof err, "%s --store '%s' --subject %s --alpha 300", cmd, store, id), 0);
+  assert_string_equal(at0, plain);
+  if (!strcmp(at300, plain))
+    fail_msg("alpha 300 generates what the plain model does: '%s'", plain);
 
   assert_int_equal(palign(log, "generate", "--model", model, "--store", store, "--subject", id, "--variant", "pas",
                           "--prompt", "Hello", NULL),
