@@ -35,14 +35,11 @@ static int mpi_error(int err, const char *call, int line) {
  * ever (MPI leaves its state undefined after an error anyway). So the rank
  * says what failed and brings the whole job down. */
 static _Noreturn void collective_failed(int err, const char *call, int line) {
-  char msg[MPI_MAX_ERROR_STRING];
-  int len = 0, rank = -1;
-  MPI_Error_string(err, msg, &len);
+  int rank = -1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  fprintf(
-      stderr,
-      "palign-worker: rank %d: MPI: %s failed at comm.c:%d: %s; stopping the job (the other ranks would wait for it)\n",
-      rank, call, line, msg);
+  mpi_error(err, call, line);
+  fprintf(stderr, "palign-worker: rank %d: %s; stopping the job (the other ranks would wait for it)\n", rank,
+          pa_errmsg());
   fflush(stderr);
   MPI_Abort(MPI_COMM_WORLD, 1);
   _Exit(1); /* MPI_Abort does not return */

@@ -479,7 +479,9 @@ static int bank_progress(void *ctx, int done, int total) {
 
 /* Every rank together: whether all got rc == PA_OK. When another did not,
  * an error saying so (a signal, if one came: the run is interrupted, not
- * failed). */
+ * failed). A collective of comm.h that fails in MPI stops the job there;
+ * what the service's collectives still return is a size refused before the
+ * call, the same on every rank, so every rank leaves by the same path. */
 static int all_ok(service *sv, int rc, const char *what) {
   int ok = 0, err = pa_comm_all_ok(sv->comm, rc == PA_OK, &ok);
   if (err)
@@ -960,7 +962,17 @@ static int chunk_size(const service *sv, size_t left, int workers) {
 /* Sends worker w its next chunk from the queue, or stop; with nothing
  * queued and not stopping, w waits idle (a stopped worker's chunk may come
  * back to the queue). */
-static int hand_out(service *sv, worker_state *ws, int w, size_t *queue, size_t *n_queue, bool stopping) {
+/* Work for worker w. Work that cannot be sent stops the job: the worker
+ * would wait for it for ever. */
+static void tell_worker(service *sv, int w, const Palign__Work *work) {
+  if (pa_comm_send_work(sv->comm, w + 1, work)) {
+    say_error(sv);
+    fprintf(sv->log, "palign-worker: rank 0 cannot hand work to rank %d; stopping the job\n", w + 1);
+    pa_comm_abort(sv->comm, 1);
+  }
+}
+
+static void hand_out(service *sv, worker_state *ws, int w, size_t *queue, size_t *n_queue, bool stopping) {
   Palign__Work work = PALIGN__WORK__INIT;
   int64_t idx[64];
   ws[w].n_chunk = 0;
@@ -968,7 +980,7 @@ static int hand_out(service *sv, worker_state *ws, int w, size_t *queue, size_t 
   if (!stopping && *n_queue == 0) {
     ws[w].idle = true;
     ws[w].current[0] = '\0';
-    return PA_OK;
+    return;
   }
   if (stopping) {
     work.stop = true;
@@ -986,7 +998,7 @@ static int hand_out(service *sv, worker_state *ws, int w, size_t *queue, size_t 
     snprintf(ws[w].current, sizeof ws[w].current, "%s", pa_subjects_at(sv->subjects, ws[w].chunk[0])->id);
   }
   sv->hand_outs++;
-  return pa_comm_send_work(sv->comm, w + 1, &work);
+  tell_worker(sv, w, &work);
 }
 
 /* Removes the subject with id from w's chunk. */
@@ -1014,7 +1026,7 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
     ws[w].last_seen = now_s();
   }
   for (int w = 0; !rc && w < nw; w++)
-    rc = hand_out(sv, ws, w, queue, &n_queue, pa_service_stop_signal != 0);
+    hand_out(sv, ws, w, queue, &n_queue, pa_service_stop_signal != 0);
   int active = 0, fatal = PA_OK;
   for (int w = 0; !rc && w < nw; w++)
     active += !ws[w].stopped;
@@ -1058,7 +1070,7 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
         active--;
       } else if (r->idle) {
         ws[w].current[0] = '\0';
-        rc = hand_out(sv, ws, w, queue, &n_queue, pa_service_stop_signal != 0);
+        hand_out(sv, ws, w, queue, &n_queue, pa_service_stop_signal != 0);
         active -= ws[w].stopped;
       }
       palign__report__free_unpacked(r, NULL);
@@ -1071,7 +1083,7 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
       busy |= !ws[w].stopped && !ws[w].idle;
     for (int w = 0; !rc && w < nw; w++)
       if (ws[w].idle && (n_queue > 0 || !busy || pa_service_stop_signal)) {
-        rc = hand_out(sv, ws, w, queue, &n_queue, (!busy && n_queue == 0) || pa_service_stop_signal);
+        hand_out(sv, ws, w, queue, &n_queue, (!busy && n_queue == 0) || pa_service_stop_signal);
         active -= ws[w].stopped;
       }
     for (int w = 0; w < nw; w++)
@@ -1086,15 +1098,16 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
       p->busy += now_s() - t;
     }
   }
+  if (rc && !ws) { /* no memory to follow the workers: they cannot be told to stop */
+    say_error(sv);
+    pa_comm_abort(sv->comm, 1);
+  }
   if (rc) { /* rank 0 cannot go on: the workers must not wait for work for ever */
-    for (int w = 0; w < nw; w++) {
-      Palign__Work stop = PALIGN__WORK__INIT;
-      stop.stop = true;
-      if (!ws || (!ws[w].stopped && pa_comm_send_work(sv->comm, w + 1, &stop))) {
-        say_error(sv);
-        pa_comm_abort(sv->comm, 1);
-      }
-    }
+    Palign__Work stop = PALIGN__WORK__INIT;
+    stop.stop = true;
+    for (int w = 0; w < nw; w++)
+      if (!ws[w].stopped)
+        tell_worker(sv, w, &stop);
   }
   for (int w = 0; ws && w < nw; w++)
     free(ws[w].chunk);
