@@ -959,9 +959,6 @@ static int chunk_size(const service *sv, size_t left, int workers) {
   return c < 1 ? 1 : c > 16 ? 16 : (int)c;
 }
 
-/* Sends worker w its next chunk from the queue, or stop; with nothing
- * queued and not stopping, w waits idle (a stopped worker's chunk may come
- * back to the queue). */
 /* Work for worker w. Work that cannot be sent stops the job: the worker
  * would wait for it for ever. */
 static void tell_worker(service *sv, int w, const Palign__Work *work) {
@@ -972,6 +969,9 @@ static void tell_worker(service *sv, int w, const Palign__Work *work) {
   }
 }
 
+/* Sends worker w its next chunk from the queue, or stop; with nothing
+ * queued and not stopping, w waits idle (a stopped worker's chunk may come
+ * back to the queue). */
 static void hand_out(service *sv, worker_state *ws, int w, size_t *queue, size_t *n_queue, bool stopping) {
   Palign__Work work = PALIGN__WORK__INIT;
   int64_t idx[64];
