@@ -151,10 +151,11 @@ static inline void tu_train_compare(const pa_backend *other, pa_weight_format wf
  * gradient is the same device's, so every step's logits and the adapter at
  * the end are the same bits; on a device the adapter's arena keeps its
  * starting values until pa_trainer_adapter_sync.
- * Counting the copies: the fake device counts the bytes it moves
- * (tu_fake_uploaded, tu_fake_downloaded); its caller gives those counters as
- * up and down, and moved[0] and moved[1] receive the bytes the optimiser's
- * three steps uploaded and downloaded. The CPU and the GPU count nothing:
+ * Bytes moved: the test double of tu_fake_device.h adds up every byte it
+ * copies to and from its memory (tu_fake_uploaded, tu_fake_downloaded); the
+ * test that runs on it passes those two totals as up and down, and moved[0]
+ * and moved[1] receive the bytes the optimiser's three steps uploaded and
+ * downloaded. The CPU and the GPU count nothing:
  * their callers give NULL for up, down and moved. */
 static inline void tu_optimise_compare(const pa_backend *be, pa_weight_format wf, const size_t *up, const size_t *down,
                                        size_t moved[2]) {
