@@ -44,13 +44,41 @@ const char *pa_cache_file(const char *file, char *buf, size_t n) {
   return buf;
 }
 
-const char pa_dpo_flags_help[] = "  --dpo-epochs N   DPO: passes over the subject's train items (default 4)\n"
-                                 "  --dpo-batch N    DPO: prompts per optimiser step (default 16)\n"
-                                 "  --dpo-lr X       DPO: AdamW learning rate (default 1e-3)\n"
-                                 "  --dpo-beta X     DPO: beta (default 0.1)\n"
-                                 "  --dpo-rank N     DPO: LoRA rank (default 8)\n"
-                                 "  --dpo-alpha X    DPO: LoRA alpha, the update being alpha/rank * B A (default 16)\n"
-                                 "  --dpo-weight-decay X  DPO: AdamW's decoupled weight decay (default 0)\n";
+/* Flags shared by several commands' help: the flag and its value, then its
+ * description's lines, the first beside the flag. */
+typedef struct {
+  const char *flag;
+  const char *lines[3];
+} shared_flag;
+
+static void print_flags(FILE *f, int column, const shared_flag *rows, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    int used = fprintf(f, "  %s", rows[i].flag);
+    for (size_t k = 0; k < 3 && rows[i].lines[k]; k++) {
+      if (k > 0 || used + 2 > column) { /* two spaces at least between flag and text */
+        fputc('\n', f);
+        used = 0;
+      }
+      fprintf(f, "%*s%s", column - used, "", rows[i].lines[k]);
+      used = column;
+    }
+    fputc('\n', f);
+  }
+}
+
+static const shared_flag dpo_flags[] = {
+    {"--dpo-epochs N", {"DPO: passes over the subject's train items (default 4)"}},
+    {"--dpo-batch N", {"DPO: prompts per optimiser step (default 16)"}},
+    {"--dpo-lr X", {"DPO: AdamW learning rate (default 1e-3)"}},
+    {"--dpo-beta X", {"DPO: beta (default 0.1)"}},
+    {"--dpo-rank N", {"DPO: LoRA rank (default 8)"}},
+    {"--dpo-alpha X", {"DPO: LoRA alpha, the update being alpha/rank * B A (default 16)"}},
+    {"--dpo-weight-decay X", {"DPO: AdamW's decoupled weight decay (default 0)"}},
+};
+
+void pa_dpo_flags_help(FILE *f, int column) {
+  print_flags(f, column, dpo_flags, sizeof dpo_flags / sizeof dpo_flags[0]);
+}
 
 int pa_dpo_flag(FILE *err, const char *prog, const char *flag, const char *v, void *dpo_opts) {
   pa_dpo_opts *o = dpo_opts;
@@ -94,11 +122,18 @@ int pa_backend_arg(FILE *err, const char *prog, const char *v) {
   return -1;
 }
 
-const char pa_backend_help[] =
-    "  --backend B        cpu, cuda or auto (cuda where a GPU is, else cpu); default cpu. On cuda\n"
-    "                     the model runs on the GPU (its forward pass, PAS's bank and grid, DPO's training)\n"
-    "  --weights W        how the weight matrices are held: fp32, bf16 (half the memory; the GPU's\n"
-    "                     tensor cores) or auto (bf16 on a GPU, fp32 on the CPU; the default)\n";
+static const shared_flag backend_flags[] = {
+    {"--backend B",
+     {"cpu, cuda or auto (cuda where a GPU is, else cpu); default cpu. On cuda",
+      "the model runs on the GPU (its forward pass, PAS's bank and grid, DPO's training)"}},
+    {"--weights W",
+     {"how the weight matrices are held: fp32, bf16 (half the memory; the GPU's",
+      "tensor cores) or auto (bf16 on a GPU, fp32 on the CPU; the default)"}},
+};
+
+void pa_backend_help(FILE *f, int column) {
+  print_flags(f, column, backend_flags, sizeof backend_flags / sizeof backend_flags[0]);
+}
 
 int pa_weights_arg(FILE *err, const char *prog, const char *v) {
   if (pa_weight_format_parse(v) >= 0)

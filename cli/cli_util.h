@@ -21,14 +21,16 @@ int pa_arg_num(FILE *err, const char *prog, const char *flag, const char *v, dou
  * after a message for a value that is not a number); 0 when it is not one.
  * Values in range are pa_dpo_validate's business. */
 int pa_dpo_flag(FILE *err, const char *prog, const char *flag, const char *v, void *dpo_opts);
-/* Their help text, a line each. */
-extern const char pa_dpo_flags_help[];
+/* Their help, a line each, the descriptions at column (counting from 0)
+ * as the command's own help has them; a flag reaching it has its
+ * description on the next line. */
+void pa_dpo_flags_help(FILE *f, int column);
 
 /* --backend's value checked (cpu, cuda or auto): 0, or -1 after printing
  * "PROG: --backend is cpu, cuda or auto, not 'V'" to err. */
 int pa_backend_arg(FILE *err, const char *prog, const char *v);
-/* Help for --backend and --weights, their lines. */
-extern const char pa_backend_help[];
+/* Help for --backend and --weights, as pa_dpo_flags_help's. */
+void pa_backend_help(FILE *f, int column);
 /* --weights' value checked (auto, fp32 or bf16): 0, or -1 after printing
  * "PROG: --weights is auto, fp32 or bf16, not 'V'" to err. */
 int pa_weights_arg(FILE *err, const char *prog, const char *v);

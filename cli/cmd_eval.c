@@ -59,8 +59,8 @@ static void usage(FILE *f) {
              "  --alphas LIST    PAS alpha grid, comma-separated (default 0,1,2,4,6,8)\n"
              "  --bank FILE      PAS activation bank cache (default $PALIGN_CACHE/bank-MODEL.bin);\n"
              "                   computed and saved when missing, refused when made for another setup\n");
-  fputs(pa_backend_help, f);
-  fputs(pa_dpo_flags_help, f);
+  pa_backend_help(f, 19);
+  pa_dpo_flags_help(f, 19);
 }
 
 static double now(void) {

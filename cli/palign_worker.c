@@ -54,8 +54,8 @@ static void usage(FILE *f) {
              "                     each subject is a sleep of MEAN seconds on average (log-normal, coefficient\n"
              "                     of variation CV, default 0.3), then the model-free methods only (the\n"
              "                     default --methods is const3); the store is marked as a benchmark store\n");
-  fputs(pa_backend_help, f);
-  fputs(pa_dpo_flags_help, f);
+  pa_backend_help(f, 21);
+  pa_dpo_flags_help(f, 21);
 }
 
 int main(int argc, char **argv) {

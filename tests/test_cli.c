@@ -39,6 +39,45 @@ static void test_usage(void **s) {
   assert_int_equal(palign("tokenize"), 2);
 }
 
+/* The column where the description of FLAG's line in `out` begins: past
+ * "  FLAG VALUE" and the spaces after it; -1 where FLAG has no line or its
+ * description is on the next one. */
+static int description_column(const char *flag) {
+  char start[64];
+  snprintf(start, sizeof start, "\n  %s ", flag);
+  const char *line = strstr(out, start);
+  if (!line)
+    return -1;
+  line++;
+  const char *gap = strstr(line + 2, "  ");
+  const char *end = strchr(line, '\n');
+  if (!gap || (end && gap > end))
+    return -1;
+  while (*gap == ' ')
+    gap++;
+  return *gap == '\n' ? -1 : (int)(gap - line);
+}
+
+/* The flags whose help several commands share (--backend, --weights, the
+ * DPO ones) line up with each command's own. */
+static void test_help_columns(void **s) {
+  (void)s;
+  static const char *const shared[] = {"--backend", "--weights", "--dpo-epochs", "--dpo-alpha"};
+  static const struct {
+    const char *command, *own;
+  } helps[] = {{"palign eval --help", "--methods"}, {"palign-worker --help", "--methods"}};
+  for (size_t h = 0; h < sizeof helps / sizeof helps[0]; h++) {
+    assert_int_equal(tu_run(out, sizeof out, NULL, 0, "%s/%s", PALIGN_BINARY_DIR, helps[h].command), 0);
+    int column = description_column(helps[h].own);
+    assert_true(column > 0);
+    for (size_t f = 0; f < sizeof shared / sizeof shared[0]; f++) {
+      if (description_column(shared[f]) != column)
+        fail_msg("%s: %s's description at column %d, %s's at %d", helps[h].command, shared[f],
+                 description_column(shared[f]), helps[h].own, column);
+    }
+  }
+}
+
 static void test_bad_model_files(void **s) {
   (void)s;
   assert_int_equal(palign("inspect %s/absent.gguf", tu_tmp), 1);
@@ -173,6 +212,7 @@ static void test_eval_all_methods(void **s) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup_teardown(test_usage, tu_setup, tu_teardown),
+      cmocka_unit_test_setup_teardown(test_help_columns, tu_setup, tu_teardown),
       cmocka_unit_test_setup_teardown(test_bad_model_files, tu_setup, tu_teardown),
       cmocka_unit_test_setup_teardown(test_mkmodel_inspect_tokenize, tu_setup, tu_teardown),
       cmocka_unit_test_setup_teardown(test_eval_all_methods, tu_setup, tu_teardown),
