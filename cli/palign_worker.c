@@ -40,7 +40,7 @@ static void usage(FILE *f) {
              "  --subjects-file F  subjects as JSON or CSV instead of PAPI/Test-set.json\n"
              "  --seed N           run seed: probe splits and the holdout set (default 1)\n"
              "  --threads N        CPU threads per worker (default: all)\n"
-             "  --mode logits|generate  how answers are read (default logits)\n"
+             "  --mode M           how answers are read: logits (default) or generate (as palign eval --help says)\n"
              "  --batch N          questions per forward batch (default 64; fewer need less memory)\n"
              "  --holdout N        PAS holdout protocol: selection items per trait (default 6)\n"
              "  --alphas LIST      PAS alpha grid, comma-separated (default 0,1,2,4,6,8)\n"
