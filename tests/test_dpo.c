@@ -95,10 +95,20 @@ static void test_settings_refused(void **s) {
     int field;
     double value;
     const char *msg;
-  } bad[] = {{0, 0, "epochs 0"},      {1, 0, "batch 0"},      {2, -1e-3, "learning rate -0.001"},
-             {2, 0, "learning rate"}, {3, 0, "beta 0"},       {4, 0, "rank 0"},
-             {4, 257, "rank 257"},    {5, 0, "alpha 0"},      {6, -1, "weight decay"},
-             {7, 1, "Adam betas"},    {9, 0, "Adam epsilon"}, {2, NAN, "learning rate"}};
+  } bad[] = {{0, 0, "epochs 0"},
+             {1, 0, "batch 0"},
+             {2, -1e-3, "learning rate -0.001"},
+             {2, 0, "learning rate"},
+             {3, 0, "beta 0"},
+             {4, 0, "rank 0"},
+             {4, 257, "rank 257"},
+             {5, 0, "alpha 0"},
+             {6, -1, "weight decay"},
+             {7, 1, "Adam betas"},
+             {9, 0, "Adam epsilon"},
+             {2, NAN, "learning rate"},
+             {5, 1e-50, "alpha 1e-50 over rank 8"},
+             {5, 1e40, "alpha 1e+40 over rank 8"}};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     pa_dpo_opts o = pa_dpo_defaults();
     assert_int_equal(pa_dpo_validate(&o), PA_OK);
@@ -224,6 +234,44 @@ static void log_step(void *ctx, int done, int total, double loss) {
     l->loss[done - 1] = loss;
   l->calls++;
   l->total = total;
+}
+
+/* A learning rate that makes the adapter overflow: a second step's loss is
+ * NaN, and training stops naming it rather than storing the adapter; after
+ * one step (no loss has seen the adapter) the adapter's answers are NaN
+ * logits, which the evaluator reads as unknown, not as A. */
+static void test_divergence(void **s) {
+  (void)s;
+  pa_dpo_opts o = fast_opts();
+  o.lr = 1e30;
+  pa_dpo_result r = {0};
+  assert_int_equal(pa_dpo_train(ev, inv, pa_subjects_at(subjects, 1), &o, &r), PA_EINVAL);
+  tu_expect_in(pa_errmsg(), "DPO diverged: the loss is not a number at step 2 of 15 (learning rate 1e+30, beta 0.5)",
+               "the error");
+  assert_null(r.adapter);
+  assert_null(r.loss);
+
+  o.epochs = 1, o.batch = 4096; /* one step */
+  if (pa_dpo_train(ev, inv, pa_subjects_at(subjects, 1), &o, &r))
+    fail_msg("%s", pa_errmsg());
+  assert_int_equal(r.n_steps, 1);
+  pa_dpo_opts past_float = o; /* a step past FLT_MAX: the adapter itself infinite */
+  past_float.lr = 1e39;
+  pa_dpo_result inf = {0};
+  assert_int_equal(pa_dpo_train(ev, inv, pa_subjects_at(subjects, 1), &past_float, &inf), PA_EINVAL);
+  tu_expect_in(pa_errmsg(), "DPO diverged: the adapter holds an infinite value after the last step", "the error");
+  assert_null(inf.adapter);
+  const int items[] = {1, 2, 3};
+  pa_pred preds[3];
+  pa_evaluator_set_lora(ev, r.adapter);
+  const int rc = pa_evaluator_answer(ev, inv, NULL, items, 3, NULL, preds, NULL, NULL);
+  pa_evaluator_set_lora(ev, NULL);
+  assert_int_equal(rc, PA_OK);
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(preds[i].answer, 0);
+    assert_true(isnan(preds[i].expected));
+  }
+  pa_dpo_result_free(&r);
 }
 
 static void test_step_hook(void **s) {
@@ -408,9 +456,11 @@ static void test_against_pytorch(void **s) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_pairs),           cmocka_unit_test(test_settings_refused), cmocka_unit_test(test_pair_loss),
-      cmocka_unit_test(test_training),        cmocka_unit_test(test_device_path),      cmocka_unit_test(test_no_pairs),
+      cmocka_unit_test(test_pairs),           cmocka_unit_test(test_settings_refused),
+      cmocka_unit_test(test_pair_loss),       cmocka_unit_test(test_training),
+      cmocka_unit_test(test_device_path),     cmocka_unit_test(test_no_pairs),
       cmocka_unit_test(test_against_pytorch), cmocka_unit_test(test_step_hook),
+      cmocka_unit_test(test_divergence),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

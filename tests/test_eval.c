@@ -182,6 +182,18 @@ static void test_shared_prefix_answers(void **s) {
   assert_int_equal(pa_evaluator_answer(ev, inv, icl, test, n_test, NULL, again, probs2, &st), PA_OK);
   assert_true(st.question_tokens > 0);
   assert_memory_equal(probs2, probs, sizeof probs);
+  /* the template's default system turn (NULL) and an empty one ("") are
+   * two prompts, remembered apart */
+  float with_default[25], with_empty[25], fresh[25];
+  assert_int_equal(pa_evaluator_answer(ev, inv, NULL, test, n_test, NULL, again, with_default, &st), PA_OK);
+  assert_int_equal(pa_evaluator_answer(ev, inv, "", test, n_test, NULL, again, with_empty, &st), PA_OK);
+  assert_true(st.question_tokens > 0);
+  pa_evaluator *other;
+  assert_int_equal(pa_evaluator_create(lm, tok, tmpl, &(pa_eval_opts){.batch = 2}, &other), PA_OK);
+  assert_int_equal(pa_evaluator_answer(other, inv, "", test, n_test, NULL, again, fresh, &st), PA_OK);
+  assert_memory_equal(with_empty, fresh, sizeof fresh);
+  assert_memory_not_equal(with_empty, with_default, sizeof fresh);
+  pa_evaluator_destroy(other);
   free(steer);
   free(icl), free(logits);
   pa_evaluator_destroy(ev);
@@ -198,7 +210,15 @@ static void test_generate_mode(void **s) {
   int n_test;
   const int *test = pa_inventory_test(inv, &n_test);
   pa_pred preds[5];
-  assert_int_equal(pa_evaluator_answer(ev, inv, PA_DEFAULT_SYSTEM, test, n_test, NULL, preds, NULL, NULL), PA_OK);
+  float probs[5 * 5];
+  memset(probs, 0x41, sizeof probs); /* what a caller's buffer may hold: 12.1 */
+  assert_int_equal(pa_evaluator_answer(ev, inv, PA_DEFAULT_SYSTEM, test, n_test, NULL, preds, probs, NULL), PA_OK);
+  for (int i = 0; i < n_test * 5; i++)
+    assert_true(isnan(probs[i]));    /* generated text has none */
+  memset(probs, 0x41, sizeof probs); /* and so has the same call answered from memory */
+  assert_int_equal(pa_evaluator_answer(ev, inv, PA_DEFAULT_SYSTEM, test, n_test, NULL, preds, probs, NULL), PA_OK);
+  for (int i = 0; i < n_test * 5; i++)
+    assert_true(isnan(probs[i]));
   for (int i = 0; i < n_test; i++) {
     char *q = pa_prompt_question(pa_inventory_item(inv, test[i]), true);
     int32_t *ids, *out;

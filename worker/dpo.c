@@ -40,6 +40,10 @@ int pa_dpo_validate(const pa_dpo_opts *o) {
     return pa_error(PA_EINVAL, "DPO: LoRA rank %d is outside 1..256", o->rank);
   if (!(o->alpha > 0) || !isfinite(o->alpha))
     return pa_error(PA_EINVAL, "DPO: LoRA alpha %g must be a positive number", o->alpha);
+  const float scale = (float)(o->alpha / o->rank); /* as the adapter holds it */
+  if (!(scale > 0) || !isfinite(scale))
+    return pa_error(PA_EINVAL, "DPO: LoRA alpha %g over rank %d is %g as a float: outside what an adapter can scale by",
+                    o->alpha, o->rank, (double)scale);
   if (!(o->weight_decay >= 0) || !isfinite(o->weight_decay))
     return pa_error(PA_EINVAL, "DPO: weight decay %g must be 0 or more", o->weight_decay);
   if (!(o->adam_beta1 >= 0 && o->adam_beta1 < 1) || !(o->adam_beta2 >= 0 && o->adam_beta2 < 1))
@@ -288,6 +292,11 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
           dlog[i * N_LETTERS + pr->rejected] -= (float)(dm / n_pairs);
         }
       loss /= n_pairs;
+      if (!isfinite(loss)) { /* the adapter has diverged: its answers would be NaN's argmax */
+        rc = pa_error(PA_EINVAL, "DPO diverged: the loss is %s at step %d of %d (learning rate %g, beta %g)",
+                      isnan(loss) ? "not a number" : "infinite", step + 1, out->n_steps, o->lr, o->beta);
+        goto done;
+      }
       out->loss[step] = loss;
       epoch_sum += loss;
       if ((rc = pa_trainer_backward(tr, dlog, NULL)) || (rc = pa_trainer_step(tr)))
@@ -302,6 +311,13 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
   }
   if ((rc = pa_trainer_adapter_sync(tr)))
     goto done;
+  for (size_t i = 0; i < out->adapter->n_floats; i++)
+    if (!isfinite(out->adapter->arena[i])) { /* the last step's, which no loss has seen */
+      rc = pa_error(PA_EINVAL, "DPO diverged: the adapter holds %s after the last step (learning rate %g, beta %g)",
+                    isnan(out->adapter->arena[i]) ? "a value that is not a number" : "an infinite value", o->lr,
+                    o->beta);
+      goto done;
+    }
   out->train_seconds = now_s() - t0;
   out->train_flops = pa_trainer_flops(tr) - f0;
 done:

@@ -13,7 +13,8 @@
 enum { MEMO_SLOTS = 4 };
 
 typedef struct {
-  char *system; /* NULL: the slot is empty */
+  char *system;        /* NULL: the slot is empty */
+  bool default_system; /* asked with system NULL (the template's default), not with "" */
   int *items;
   int n;
   long naive; /* the remembered call's naive_tokens */
@@ -146,7 +147,7 @@ static int forward(pa_evaluator *ev, const pa_batch *b) {
 static const memo *memo_find(const pa_evaluator *ev, const char *system, const int *items, int n) {
   for (int i = 0; i < MEMO_SLOTS; i++) {
     const memo *m = &ev->memos[i];
-    if (m->system && n == m->n && !strcmp(system ? system : "", m->system) &&
+    if (m->system && n == m->n && m->default_system == !system && (!system || !strcmp(system, m->system)) &&
         !memcmp(items, m->items, (size_t)n * sizeof *items))
       return m;
   }
@@ -160,6 +161,7 @@ static void memo_store(pa_evaluator *ev, const char *system, const int *items, i
   memo *m = &ev->memos[ev->memo_next++ % MEMO_SLOTS];
   memo_clear(m);
   m->system = strdup(system ? system : "");
+  m->default_system = !system;
   m->items = malloc((size_t)n * sizeof *items);
   m->preds = malloc((size_t)n * sizeof *preds);
   m->probs = malloc((size_t)n * N_OPTIONS * sizeof *probs);
@@ -263,15 +265,19 @@ static int answer_logits(pa_evaluator *ev, pa_batch *b, const int *order, pa_pre
     pa_softmax_subset(logits + (size_t)s * N_OPTIONS, each, N_OPTIONS, p);
     int best = 0;
     double expected = 0;
+    bool numbers = true;
     for (int k = 0; k < N_OPTIONS; k++) {
       expected += p[k] * (5 - k);
       if (p[k] > p[best])
         best = k;
+      numbers = numbers && p[k] >= 0; /* false for NaN */
       if (probs)
         probs[(size_t)order[s] * N_OPTIONS + k] = (float)p[k];
     }
-    preds[order[s]].answer = (uint8_t)(5 - best);
-    preds[order[s]].expected = (float)expected;
+    /* letter logits that are not numbers (a diverged adapter, an overflowing
+     * steer) answer nothing: unknown, not the first letter */
+    preds[order[s]].answer = numbers ? (uint8_t)(5 - best) : 0;
+    preds[order[s]].expected = numbers ? (float)expected : NAN;
   }
   free(logits);
   return rc;
@@ -398,6 +404,9 @@ int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *s
   const int extra = ev->o.mode == PA_READ_GENERATE ? ev->o.gen_tokens : 0;
   if (!rc && n > 0)
     rc = reserve_slots(ev, n < ev->o.batch ? n : ev->o.batch, (int)(longest - common) + extra);
+  if (probs && ev->o.mode == PA_READ_GENERATE) /* generated text has no option probabilities */
+    for (size_t i = 0; i < (size_t)n * N_OPTIONS; i++)
+      probs[i] = NAN;
   for (int start = 0; !rc && start < n; start += ev->o.batch) {
     const int B = n - start < ev->o.batch ? n - start : ev->o.batch;
     for (int s = 0; s < B; s++) {

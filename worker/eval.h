@@ -72,7 +72,8 @@ void pa_evaluator_destroy(pa_evaluator *ev); /* accepts NULL */
 
 /* Answers items[0..n) under `system` (NULL: the template's default). Sets
  * preds[i].item, .answer and .expected (truth is left for the caller);
- * probs, if not NULL, gets [n][5] option probabilities (A..E; logits mode).
+ * probs, if not NULL, gets [n][5] option probabilities (A..E; logits mode;
+ * NaN in generate mode).
  * steer: [n_layers][n_heads][head_dim] or NULL. stats may be NULL. */
 int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *system, const int *items, int n,
                         const float *steer, pa_pred *preds, float *probs, pa_eval_stats *stats);
