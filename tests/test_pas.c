@@ -240,14 +240,19 @@ static void test_protocols(void **st) {
 static void test_choose_alpha(void **st) {
   (void)st;
   const double al[] = {0, 1, 2, 4, 6, 8};
-  assert_int_equal(pa_pas_choose_alpha(al, (double[]){3, 2, 1, 1.5, 4, 5}, 6), 2);
-  assert_int_equal(pa_pas_choose_alpha(al, (double[]){3, 2, 1, 1, 1, 5}, 6), 2); /* ties: the smaller alpha */
-  assert_int_equal(pa_pas_choose_alpha(al, (double[]){NAN, 2, NAN, 1, 4, 1}, 6), 3);
-  assert_int_equal(pa_pas_choose_alpha(al, (double[]){NAN, NAN, NAN, NAN, NAN, NAN}, 6), 0);
+  assert_int_equal(pa_pas_choose_alpha(al, (double[]){3, 2, 1, 1.5, 4, 5}, NULL, 6), 2);
+  assert_int_equal(pa_pas_choose_alpha(al, (double[]){3, 2, 1, 1, 1, 5}, NULL, 6), 2); /* ties: the smaller alpha */
+  assert_int_equal(pa_pas_choose_alpha(al, (double[]){NAN, 2, NAN, 1, 4, 1}, NULL, 6), 3);
+  assert_int_equal(pa_pas_choose_alpha(al, (double[]){NAN, NAN, NAN, NAN, NAN, NAN}, NULL, 6), 0);
   const double down[] = {8, 4, 0, 2};
-  assert_int_equal(pa_pas_choose_alpha(down, (double[]){1, 1, 1, 0.5}, 4), 3);
-  assert_int_equal(pa_pas_choose_alpha(down, (double[]){1, 1, 1, 2}, 4), 2); /* alpha 0, not the first */
-  assert_int_equal(pa_pas_choose_alpha(down, (double[]){1}, 1), 0);
+  assert_int_equal(pa_pas_choose_alpha(down, (double[]){1, 1, 1, 0.5}, NULL, 4), 3);
+  assert_int_equal(pa_pas_choose_alpha(down, (double[]){1, 1, 1, 2}, NULL, 4), 2); /* alpha 0, not the first */
+  /* fewer unknown answers first: alpha 2's 1.0 on fewer scored items loses */
+  assert_int_equal(pa_pas_choose_alpha(al, (double[]){3, 2, 1, 1.5, 4, 5}, (long[]){0, 0, 7, 0, 0, 0}, 6), 3);
+  assert_int_equal(pa_pas_choose_alpha(al, (double[]){3, 2, 1, 1.5, 4, 5}, (long[]){2, 2, 3, 2, 1, 1}, 6), 4);
+  assert_int_equal(pa_pas_choose_alpha(al, (double[]){3, 2, 1, 1.5, 4, NAN}, (long[]){0, 0, 0, 0, 0, 0}, 6), 2);
+  assert_int_equal(pa_pas_choose_alpha(al, (double[]){NAN, 2, 1, 1.5, 4, 5}, (long[]){0, 1, 1, 1, 1, 1}, 6), 0);
+  assert_int_equal(pa_pas_choose_alpha(down, (double[]){1}, NULL, 1), 0);
 }
 
 /* the selection set depends on the run seed only; its size is checked */

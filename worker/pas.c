@@ -97,9 +97,15 @@ static void metrics_subset(const pa_inventory *inv, const pa_pred *preds, int n,
   pa_metrics_subject(inv, buf, m, out);
 }
 
-int pa_pas_choose_alpha(const double *alphas, const double *mae_sums, int n) {
+int pa_pas_choose_alpha(const double *alphas, const double *mae_sums, const long *unknown, int n) {
   int best = 0;
   for (int a = 1; a < n; a++) {
+    const long u = unknown ? unknown[a] : 0, ub = unknown ? unknown[best] : 0;
+    if (u != ub) {
+      if (u < ub)
+        best = a;
+      continue;
+    }
     double s = mae_sums[a], b = mae_sums[best];
     if (isnan(s))
       continue;
@@ -111,9 +117,14 @@ int pa_pas_choose_alpha(const double *alphas, const double *mae_sums, int n) {
 
 static int choose(const double *alphas, const pa_subject_metrics *ms, int n) {
   double sums[PA_PAS_MAX_ALPHAS];
-  for (int a = 0; a < n; a++)
+  long unknown[PA_PAS_MAX_ALPHAS];
+  for (int a = 0; a < n; a++) {
     sums[a] = ms[a].mae_sum;
-  return pa_pas_choose_alpha(alphas, sums, n);
+    unknown[a] = 0;
+    for (int t = 0; t < PA_N_TRAITS; t++)
+      unknown[a] += ms[a].n_unknown[t];
+  }
+  return pa_pas_choose_alpha(alphas, sums, unknown, n);
 }
 
 static void stats_add(pa_eval_stats *sum, const pa_eval_stats *st) {
