@@ -378,6 +378,11 @@ static void test_unfittable(void **st) {
   pa_pas_bank v = pa_bank_view(bank);
   assert_int_equal(pa_pas_run_subject(ev, inv, &v, &bad, &opts, &r), PA_EINVAL);
   assert_int_equal(pa_pas_run_subject(ev, inv, &v, &subj, NULL, NULL), PA_EINVAL);
+  /* a bank of another shape than the model (its steer would be read past its end) */
+  pa_pas_bank other = v;
+  other.n_heads--;
+  assert_int_equal(pa_pas_run_subject(ev, inv, &other, &subj, &opts, &r), PA_EINVAL);
+  tu_expect_in(pa_errmsg(), "PAS: the bank has 2 layers of 3 heads", "the error");
   pa_evaluator_destroy(ev);
 }
 

@@ -209,6 +209,12 @@ int pa_pas_run_subject(pa_evaluator *ev, const pa_inventory *inv, const pa_pas_b
     rc = pa_error(PA_EINVAL, "PAS: the bank has %d items, the inventory's train split %d", bank->n_items, n_bank);
     goto fail;
   }
+  const pa_model_config *mc = pa_lm_config(pa_evaluator_lm(ev)); /* the steer is read with the model's shape */
+  if (bank->n_layers != mc->n_layers || bank->n_heads != mc->n_heads || bank->head_dim != mc->head_dim) {
+    rc = pa_error(PA_EINVAL, "PAS: the bank has %d layers of %d heads of %d, the model %d of %d of %d", bank->n_layers,
+                  bank->n_heads, bank->head_dim, mc->n_layers, mc->n_heads, mc->head_dim);
+    goto fail;
+  }
   answers = malloc((size_t)n_bank + 1);
   if (!answers) {
     rc = pa_error(PA_ENOMEM, "PAS: out of memory");
