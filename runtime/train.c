@@ -61,6 +61,8 @@ struct pa_trainer {
   int rows, n_seqs, n_out;
   pa_attn_train_args attn;
   const pa_lora *lora, *lora_be; /* its adapter, and that adapter as the backend sees it */
+  int (*poll)(void *ctx);        /* its batch's */
+  void *poll_ctx;
   bool ready;
   double flops;
 };
@@ -297,6 +299,8 @@ static int check_batch(const pa_trainer *t, const pa_train_batch *b, int *rows) 
   return PA_OK;
 }
 
+static bool stop_asked(const pa_trainer *t) { return t->poll && t->poll(t->poll_ctx); }
+
 int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch *b, float *logits) {
   int rows = 0, rc;
   t->ready = false;
@@ -307,6 +311,7 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
   const pa_model_config *c = &lm->c;
   const int D = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, F = c->ffn_dim, P = b->n_prefix;
   t->rows = rows, t->n_seqs = b->n_seqs, t->n_out = b->n_out;
+  t->poll = b->poll, t->poll_ctx = b->poll_ctx;
   memcpy(t->out, b->out, (size_t)b->n_seqs * b->n_out * sizeof *t->out);
   for (int i = 0; i < P; i++)
     t->ids[i] = b->prefix[i], t->pos[i] = i;
@@ -340,6 +345,8 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
 
   lm_embed(lm, rows, t->d_ids, lm->w.tok_embd, t->layers[0].x);
   for (int l = 0; l < c->n_layers; l++) {
+    if (l > 0 && stop_asked(t))
+      return pa_error(PA_ECANCELED, "stopped on request");
     const lm_layer *W = &lm->w.layers[l];
     layer_acts *A = &t->layers[l];
     float *next = l + 1 < c->n_layers ? t->layers[l + 1].x : t->x_final;
@@ -448,6 +455,10 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
     be->rmsnorm_backward(1, D, t->x_final + (size_t)last * D, lm->w.out_norm, c->norm_eps, g, t->dx + (size_t)last * D);
   }
   for (int l = c->n_layers - 1; l >= 0; l--) {
+    if (l < c->n_layers - 1 && stop_asked(t)) {
+      t->ready = false; /* the gradient is part-written */
+      return pa_error(PA_ECANCELED, "stopped on request");
+    }
     const lm_layer *W = &lm->w.layers[l];
     layer_acts *A = &t->layers[l];
     t->attn.q = A->q, t->attn.k = A->k, t->attn.v = A->v, t->attn.z = A->z, t->attn.lse = A->lse;

@@ -57,6 +57,12 @@ typedef struct {
   int n_seqs;
   const int32_t *out; /* [n_seqs][n_out]: the tokens whose logits are wanted at each sequence's last token */
   int n_out;
+  /* Called between the layers of the forward pass and of the backward pass
+   * that follows it (from the calling thread); a non-zero return stops the
+   * pass with PA_ECANCELED, after which the trainer wants a new forward
+   * pass. For signals. NULL: never. */
+  int (*poll)(void *ctx);
+  void *poll_ctx;
 } pa_train_batch;
 
 int pa_trainer_create(pa_lm *lm, const pa_train_plan *plan, pa_trainer **out);

@@ -236,6 +236,46 @@ static void log_step(void *ctx, int done, int total, double loss) {
   l->total = total;
 }
 
+/* The poll: counts its calls, and asks to stop at call `stop_at` (0: never). */
+typedef struct {
+  int calls, stop_at;
+} poll_log;
+
+static int poll_count(void *ctx) {
+  poll_log *p = ctx;
+  return ++p->calls == p->stop_at;
+}
+
+/* A stop is seen between the layers of a step's passes, not only between
+ * steps: on the 2-layer model, a reference pass polls twice (before it, and
+ * between its layers) and a training step three times (and between its
+ * backward pass's layers). A stop asked at any of them ends the training
+ * there, with PA_ECANCELED and nothing kept. */
+static void test_poll_inside_passes(void **s) {
+  (void)s;
+  poll_log log = {0};
+  pa_evaluator *polled = NULL;
+  if (pa_evaluator_create(lm, pa_model_tokenizer(model), pa_model_chat(model),
+                          &(pa_eval_opts){.poll = poll_count, .poll_ctx = &log}, &polled))
+    fail_msg("%s", pa_errmsg());
+  pa_dpo_opts o = fast_opts();
+  o.epochs = 2;
+  pa_dpo_result r = {0};
+  if (pa_dpo_train(polled, inv, pa_subjects_at(subjects, 1), &o, &r))
+    fail_msg("%s", pa_errmsg());
+  const int steps_per_epoch = r.n_steps / o.epochs, all = log.calls;
+  assert_int_equal(all, 2 * steps_per_epoch + 3 * r.n_steps);
+  pa_dpo_result_free(&r);
+  const int stops[] = {2, 2 * steps_per_epoch + 2, all - 1, all};
+  for (size_t i = 0; i < sizeof stops / sizeof stops[0]; i++) {
+    log = (poll_log){.stop_at = stops[i]};
+    assert_int_equal(pa_dpo_train(polled, inv, pa_subjects_at(subjects, 1), &o, &r), PA_ECANCELED);
+    assert_int_equal(log.calls, stops[i]);
+    assert_null(r.adapter);
+  }
+  pa_evaluator_destroy(polled);
+}
+
 /* A learning rate that makes the adapter overflow: a second step's loss is
  * NaN, and training stops naming it rather than storing the adapter; after
  * one step (no loss has seen the adapter) the adapter's answers are NaN
@@ -460,7 +500,7 @@ int main(void) {
       cmocka_unit_test(test_pair_loss),       cmocka_unit_test(test_training),
       cmocka_unit_test(test_device_path),     cmocka_unit_test(test_no_pairs),
       cmocka_unit_test(test_against_pytorch), cmocka_unit_test(test_step_hook),
-      cmocka_unit_test(test_divergence),
+      cmocka_unit_test(test_divergence),      cmocka_unit_test(test_poll_inside_passes),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

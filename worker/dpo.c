@@ -156,8 +156,8 @@ static int prompts_make(const pa_evaluator *ev, const pa_inventory *inv, const p
 }
 
 /* One step's batch: the prompts order[0..n) after the shared prefix, the five letters wanted at each. */
-static void batch_make(const prompts *p, const int *order, int n, const int32_t *letters, const int32_t **tokens,
-                       int *n_tokens, int32_t *out, pa_train_batch *b) {
+static void batch_make(const prompts *p, const pa_eval_opts *eo, const int *order, int n, const int32_t *letters,
+                       const int32_t **tokens, int *n_tokens, int32_t *out, pa_train_batch *b) {
   for (int i = 0; i < n; i++) {
     tokens[i] = p->ids[order[i]] + p->common;
     n_tokens[i] = (int)(p->len[order[i]] - p->common);
@@ -169,7 +169,9 @@ static void batch_make(const prompts *p, const int *order, int n, const int32_t 
                         .n_tokens = n_tokens,
                         .n_seqs = n,
                         .out = out,
-                        .n_out = N_LETTERS};
+                        .n_out = N_LETTERS,
+                        .poll = eo->poll,
+                        .poll_ctx = eo->poll_ctx};
 }
 
 int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s, const pa_dpo_opts *o,
@@ -247,7 +249,7 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
   for (int st = 0; st < steps_per_epoch; st++) {
     const int *ord = order + (size_t)st * B, n = st + 1 < steps_per_epoch ? B : p.n - st * B;
     pa_train_batch b;
-    batch_make(&p, ord, n, letters, tokens, n_tokens, want, &b);
+    batch_make(&p, eo, ord, n, letters, tokens, n_tokens, want, &b);
     if (eo->poll && eo->poll(eo->poll_ctx)) {
       rc = pa_error(PA_ECANCELED, "stopped on request");
       goto done;
@@ -270,7 +272,7 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
     for (int st = 0; st < steps_per_epoch; st++, step++) {
       const int *ord = order + (size_t)e * p.n + (size_t)st * B, n = st + 1 < steps_per_epoch ? B : p.n - st * B;
       pa_train_batch b;
-      batch_make(&p, ord, n, letters, tokens, n_tokens, want, &b);
+      batch_make(&p, eo, ord, n, letters, tokens, n_tokens, want, &b);
       if (eo->poll && eo->poll(eo->poll_ctx)) {
         rc = pa_error(PA_ECANCELED, "stopped on request");
         goto done;

@@ -95,7 +95,8 @@ int pa_dpo_pairs(const pa_inventory *inv, const pa_subject *s, pa_dpo_pair *pair
 /* Trains subject s's adapter with ev's model and prompts (ev must read
  * answers from logits). out must be zeroed or an earlier result (freed
  * first). A subject without any known train answer is PA_EINVAL naming it.
- * poll (ev's, pa_eval_opts) is called between steps and inside passes. */
+ * poll (ev's, pa_eval_opts) is called before every step and between the
+ * layers of its passes. */
 int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s, const pa_dpo_opts *o,
                  pa_dpo_result *out);
 
