@@ -89,20 +89,27 @@ static void dpo_step(void *ctx, int done, int total, double loss) {
   }
 }
 
+/* obj[key] = v, or null where v is not a number */
+static void add_number(cJSON *obj, const char *key, double v) {
+  if (isnan(v))
+    cJSON_AddNullToObject(obj, key);
+  else
+    cJSON_AddNumberToObject(obj, key, v);
+}
+
+/* obj[name] = {trait letter: v[trait]} */
+static void add_traits(cJSON *obj, const char *name, const double *v) {
+  cJSON *o = cJSON_AddObjectToObject(obj, name);
+  for (int t = 0; t < PA_N_TRAITS; t++)
+    add_number(o, (char[2]){pa_trait_letter(t), 0}, v[t]);
+}
+
 static cJSON *metrics_json(const pa_subject_metrics *m) {
   cJSON *o = cJSON_CreateObject();
-  cJSON *mae = cJSON_AddObjectToObject(o, "mae");
-  for (int t = 0; t < PA_N_TRAITS; t++) {
-    char k[2] = {pa_trait_letter(t), 0};
-    if (isnan(m->mae[t]))
-      cJSON_AddNullToObject(mae, k);
-    else
-      cJSON_AddNumberToObject(mae, k, m->mae[t]);
-  }
-  if (isnan(m->mae_sum))
-    cJSON_AddNullToObject(o, "mae_sum");
-  else
-    cJSON_AddNumberToObject(o, "mae_sum", m->mae_sum);
+  add_traits(o, "mae", m->mae);
+  add_traits(o, "keyed_pred", m->keyed_pred);
+  add_traits(o, "keyed_true", m->keyed_true);
+  add_number(o, "mae_sum", m->mae_sum);
   int unknown = 0;
   for (int t = 0; t < PA_N_TRAITS; t++)
     unknown += m->n_unknown[t];
@@ -548,6 +555,8 @@ int cmd_eval(int argc, char **argv) {
   printf("\nMean absolute error on the subjects' test items (lower is better; %zu subjects, %s mode)\n",
          n_subj - skipped, eo.mode == PA_READ_LOGITS ? "logits" : "generate");
   pa_metrics_print_table(stdout, names, sums, n_rows);
+  putchar('\n');
+  pa_metrics_print_keyed(stdout, names, sums, n_rows);
   for (int j = 0; j < n_methods; j++)
     if (methods[j]->needs_bank && runs[j] > 0 && tokens[j] == 0)
       printf("%-10s computed together with the other PAS variant (one fit, both prompts)\n", methods[j]->name);
@@ -600,13 +609,11 @@ int cmd_eval(int argc, char **argv) {
     for (int r = 0; r < n_rows; r++) {
       cJSON *o = cJSON_AddObjectToObject(summary, names[r]);
       cJSON_AddNumberToObject(o, "subjects", sums[r].n_subjects);
-      cJSON_AddNumberToObject(o, "mae_sum", sums[r].sum);
-      cJSON_AddNumberToObject(o, "mae_sum_ci95", sums[r].sum_ci);
-      cJSON *mae = cJSON_AddObjectToObject(o, "mae");
-      for (int t = 0; t < PA_N_TRAITS; t++) {
-        char key[2] = {pa_trait_letter(t), 0};
-        cJSON_AddNumberToObject(mae, key, sums[r].mae[t]);
-      }
+      add_number(o, "mae_sum", sums[r].sum);
+      add_number(o, "mae_sum_ci95", sums[r].sum_ci);
+      add_traits(o, "mae", sums[r].mae);
+      add_traits(o, "keyed_mae", sums[r].keyed_mae);
+      add_traits(o, "keyed_r", sums[r].keyed_r);
       cJSON_AddNumberToObject(o, "unknown", (double)sums[r].n_unknown);
     }
     if (write_json(root, json_path))

@@ -265,6 +265,8 @@ static int run_summary(const char *store, bool json) {
   printf("\nMean absolute error on the subjects' test items (lower is better; %zu subjects, %s mode)\n", s.subjects,
          mode);
   pa_metrics_print_table(stdout, names, sums, s.n_rows);
+  putchar('\n');
+  pa_metrics_print_keyed(stdout, names, sums, s.n_rows);
   free(names), free(sums);
   print_choices(&s);
   print_costs(&s);

@@ -165,7 +165,10 @@ static void test_eval_all_methods(void **s) {
   char *text = tu_slurp(json, &len);
   assert_non_null(strstr(text, "\"alpha_holdout\""));
   assert_non_null(strstr(text, "\"pas (holdout)\""));
+  assert_non_null(strstr(text, "\"keyed_pred\"")); /* each subject's keyed scores */
+  assert_non_null(strstr(text, "\"keyed_r\""));    /* and the summary's */
   free(text);
+  expect_out("Keyed trait score");
   /* a second run reads the bank back */
   assert_int_equal(
       palign("eval --model %s/tiny.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank %s/bank.bin", tu_tmp,

@@ -53,11 +53,24 @@
 #define TM_CI_O       0.022590708407316955
 #define TM_SUM        2.8559285714285707
 #define TM_SUM_CI     0.067766840971628287
-#define TM_R_A        0.34772692308430203
-#define TM_R_C        0.149968093794354
-#define TM_R_E        0.025884502004641676
-#define TM_R_N        -0.068157868679863287
-#define TM_R_O        0.37842795258406836
+/* The keyed trait scores, from tests/golden/modelfree_keyed.py (an
+ * independent computation from the raw files: Python's csv, json and
+ * statistics; it agrees with palign's to 2e-15). */
+#define CONST3_KMAE_A 0.13091612200435737
+#define CONST3_KMAE_C 0.1572380952380954
+#define CONST3_KMAE_E 0.15207142857142875
+#define CONST3_KMAE_N 0.13796374105197648
+#define CONST3_KMAE_O 0.1630582010582012
+#define TM_KMAE_A     0.13590522875816993
+#define TM_KMAE_C     0.13213227513227518
+#define TM_KMAE_E     0.15226190476190496
+#define TM_KMAE_N     0.1486889200124495
+#define TM_KMAE_O     0.1911269841269842
+#define TM_R_A        0.34772692308430087
+#define TM_R_C        0.14996809379435386
+#define TM_R_E        0.025884502004641746
+#define TM_R_N        -0.06815786867986333
+#define TM_R_O        0.37842795258406997
 
 static pa_inventory *inv;
 static pa_subjects *subs;
@@ -172,8 +185,11 @@ static void test_const3(void **state) {
   char two[16];
   snprintf(two, sizeof two, "%.2f", s_const3.sum);
   assert_string_equal(two, "3.79");
-  for (int t = 0; t < PA_N_TRAITS; t++)
+  const double kmae[PA_N_TRAITS] = {CONST3_KMAE_A, CONST3_KMAE_C, CONST3_KMAE_E, CONST3_KMAE_N, CONST3_KMAE_O};
+  for (int t = 0; t < PA_N_TRAITS; t++) {
     assert_true(isnan(s_const3.keyed_r[t])); /* a constant prediction has no correlation */
+    expect_near(s_const3.keyed_mae[t], kmae[t], "const3 keyed MAE");
+  }
 }
 
 static void test_trait_mean(void **state) {
@@ -185,8 +201,11 @@ static void test_trait_mean(void **state) {
   snprintf(two, sizeof two, "%.2f", s_trait_mean.sum);
   assert_string_equal(two, "2.86");
   const double r[PA_N_TRAITS] = {TM_R_A, TM_R_C, TM_R_E, TM_R_N, TM_R_O};
-  for (int t = 0; t < PA_N_TRAITS; t++)
+  const double kmae[PA_N_TRAITS] = {TM_KMAE_A, TM_KMAE_C, TM_KMAE_E, TM_KMAE_N, TM_KMAE_O};
+  for (int t = 0; t < PA_N_TRAITS; t++) {
     expect_near(s_trait_mean.keyed_r[t], r[t], "trait_mean keyed r");
+    expect_near(s_trait_mean.keyed_mae[t], kmae[t], "trait_mean keyed MAE");
+  }
 }
 
 static void test_table(void **state) {
@@ -204,6 +223,16 @@ static void test_table(void **state) {
   assert_non_null(tm);
   assert_non_null(strstr(c3, "3.79 ±"));
   assert_non_null(strstr(tm, "2.86 ±"));
+  /* the keyed scores' table: O C E A N, |predicted - true| then r */
+  pa_metrics_print_keyed(stdout, names, rows, 2);
+  f = fmemopen(buf, sizeof buf - 1, "w");
+  assert_non_null(f);
+  pa_metrics_print_keyed(f, names, rows, 2);
+  fclose(f);
+  tu_expect_in(buf, "\nconst3       300  0.163  0.157  0.152  0.131  0.138  |     -     -     -     -     -\n",
+               "the keyed table");
+  tu_expect_in(buf, "\ntrait_mean   300  0.191  0.132  0.152  0.136  0.149  |  0.38  0.15  0.03  0.35 -0.07\n",
+               "the keyed table");
 }
 
 /* The reference code's convention, recomputed by hand: a missing true answer

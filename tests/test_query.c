@@ -324,6 +324,7 @@ static void test_summary_text(void **s) {
   expect_out("subjects  3 stored, 1 failed, of 5");
   expect_out("3 subjects, logits mode");
   expect_out("MAE per trait on the 1..5 scale"); /* the table pa_metrics_print_table prints */
+  expect_out("Keyed trait score (reverse-keyed answers as 6 - answer"); /* and pa_metrics_print_keyed's */
   /* icl: n 3, O C E A N = 1.500 1.000 1.000 1.000 1.000, sum 5.00 */
   expect_out("icl                 3  1.500  1.000  1.000  1.000  1.000   5.00");
   expect_out("pas (holdout)       2  0.750  0.750  0.750  0.750  0.750   3.75");

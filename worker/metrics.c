@@ -172,3 +172,29 @@ void pa_metrics_print_table(FILE *f, const char *const *names, const pa_method_s
     fprintf(f, " %8ld %8ld\n", s->n_scored, s->n_unknown);
   }
 }
+
+void pa_metrics_print_keyed(FILE *f, const char *const *names, const pa_method_summary *sums, int n_methods) {
+  int nw = (int)strlen("method");
+  for (int i = 0; i < n_methods; i++)
+    if ((int)strlen(names[i]) > nw)
+      nw = (int)strlen(names[i]);
+  fprintf(f, "Keyed trait score (reverse-keyed answers as 6 - answer, the mean over a trait's scored items):\n"
+             "|predicted - true| averaged over subjects (lower is better), and Pearson's r over subjects\n"
+             "between the predicted and the true score (higher is better; - for a constant prediction)\n");
+  fprintf(f, "%-*s %5s", nw, "method", "n");
+  for (int k = 0; k < PA_N_TRAITS; k++)
+    fprintf(f, " %6c", pa_trait_letter(table_order[k]));
+  fprintf(f, "  |");
+  for (int k = 0; k < PA_N_TRAITS; k++)
+    fprintf(f, " %4s%c", "r ", pa_trait_letter(table_order[k]));
+  fputc('\n', f);
+  for (int i = 0; i < n_methods; i++) {
+    fprintf(f, "%-*s %5d", nw, names[i], sums[i].n_subjects);
+    for (int k = 0; k < PA_N_TRAITS; k++)
+      cell(f, sums[i].keyed_mae[table_order[k]], 6, 3);
+    fprintf(f, "  |");
+    for (int k = 0; k < PA_N_TRAITS; k++)
+      cell(f, sums[i].keyed_r[table_order[k]], 5, 2);
+    fputc('\n', f);
+  }
+}

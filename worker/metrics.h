@@ -60,5 +60,8 @@ void pa_predict_trait_mean(const pa_inventory *inv, const pa_subject *s, const i
 /* The per-method, per-trait table: one row per method, MAE per trait and the
  * sum with its 95% interval, unknown counts. */
 void pa_metrics_print_table(FILE *f, const char *const *names, const pa_method_summary *sums, int n_methods);
+/* The keyed trait scores' table (PAS.md: "also reported"): per method and
+ * trait, keyed_mae and keyed_r. */
+void pa_metrics_print_keyed(FILE *f, const char *const *names, const pa_method_summary *sums, int n_methods);
 
 #endif
