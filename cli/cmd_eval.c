@@ -48,7 +48,8 @@ static void usage(FILE *f) {
              "  --json FILE      write every prediction, the metrics and the settings\n"
              "  --mode M         logits (default: option-letter probabilities after \"Option (\") or\n"
              "                   generate (greedy 15 tokens after \"Option\", the reference's way)\n"
-             "  --prefix P       the assistant's answer prefix instead of the mode's default\n"
+             "  --prefix P       the assistant's answer prefix instead of the mode's default (in logits\n"
+             "                   mode PAS's bank puts its letters after it too: give it its own --bank)\n"
              "  --keep-case      do not lowercase item texts in questions\n"
              "  --no-share       run every prompt whole instead of sharing its common prefix (for comparison)\n"
              "  --batch N        questions per forward batch (default 64)\n"
@@ -145,8 +146,8 @@ static int write_json(const cJSON *root, const char *path) {
 }
 
 /* The PAS activation bank from its cache file, or computed and saved there. */
-static int load_bank(const char *model_path, const char *bank_path, pa_lm *lm, const pa_model *model,
-                     const pa_chat_template *tmpl, const pa_inventory *inv, pa_bank **out) {
+static int load_bank(const char *model_path, const char *bank_path, const char *prefix, pa_lm *lm,
+                     const pa_model *model, const pa_chat_template *tmpl, const pa_inventory *inv, pa_bank **out) {
   char fp[65], path[4096];
   int rc = pa_model_fingerprint(model_path, fp);
   if (rc)
@@ -156,7 +157,7 @@ static int load_bank(const char *model_path, const char *bank_path, pa_lm *lm, c
     pa_bank_file_name(fp, pa_lm_weights(lm), file, sizeof file);
     bank_path = pa_cache_file(file, path, sizeof path);
   }
-  const pa_bank_opts bo = {.progress = bank_progress, .weights = pa_lm_weights(lm)};
+  const pa_bank_opts bo = {.progress = bank_progress, .weights = pa_lm_weights(lm), .prefix = prefix};
   pa_bank_key key;
   rc = pa_bank_key_make(fp, pa_model_config_get(model), pa_model_tokenizer(model), tmpl, inv, &bo, &key);
   bool loaded = false;
@@ -345,7 +346,9 @@ int cmd_eval(int argc, char **argv) {
     if (!rc)
       rc = pa_evaluator_create(lm, pa_model_tokenizer(model), tmpl, &eo, &ev);
     if (!rc && need_bank)
-      rc = load_bank(model_path, bank_path, lm, model, tmpl, inv, &bank);
+      /* the letters' activations after the prefix the answers are read after
+       * (logits mode; generate mode's "Option" is followed by no letter) */
+      rc = load_bank(model_path, bank_path, eo.mode == PA_READ_LOGITS ? eo.prefix : NULL, lm, model, tmpl, inv, &bank);
   }
   if (rc) {
     fprintf(stderr, "palign eval: %s\n", pa_errmsg());

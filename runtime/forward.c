@@ -284,7 +284,8 @@ int pa_lm_max_seq(const pa_lm *lm) { return lm->max_seq; }
 int pa_kv_create(const pa_lm *lm, int capacity, pa_kv **out) {
   *out = NULL;
   if (capacity < 1 || capacity > lm->max_seq)
-    return pa_error(PA_EINVAL, "a KV cache of %d tokens is outside 1..%d", capacity, lm->max_seq);
+    return pa_error(PA_EINVAL, "a KV cache of %d tokens is outside 1..%d (%s)", capacity, lm->max_seq,
+                    capacity < 1 ? "nothing to hold" : "longer than the model's context, or the limit asked for");
   pa_kv *kv = calloc(1, sizeof *kv);
   if (!kv)
     return pa_error(PA_ENOMEM, "no memory");

@@ -175,6 +175,22 @@ static void test_eval_all_methods(void **s) {
              papi, tu_tmp),
       0);
   expect_out("activation bank read from");
+  /* another answer prefix: the bank's letters follow it too, so the bank
+   * cached after "Option (" is refused, and one of its own is made */
+  assert_int_equal(
+      palign("eval --model %s/tiny.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank %s/bank.bin "
+             "--prefix 'Answer: ('",
+             tu_tmp, papi, tu_tmp),
+      1);
+  expect_out("prefix differs at byte 0 (file \"Option (\", this run \"Answer: (\")");
+  assert_int_equal(palign("eval --model %s/tiny.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank "
+                          "%s/bank-answer.bin --prefix 'Answer: ('",
+                          tu_tmp, papi, tu_tmp),
+                   0);
+  char bank_answer[300];
+  text = tu_slurp(tu_path(bank_answer, sizeof bank_answer, "bank-answer.bin"), &len);
+  assert_non_null(strstr(text + 16, "\"prefix\":\"Answer: (\"")); /* in the file's JSON header */
+  free(text);
   /* a bank made for another model is refused, not used */
   assert_int_equal(palign("mkmodel %s/other.gguf --layers 2 --seed 4", tu_tmp), 0);
   assert_int_equal(
