@@ -8,8 +8,9 @@
  * arithmetic (a bf16 GEMM accumulating in fp32) up to the order of the sums,
  * and the result does not depend on the number of threads. A thread that
  * cannot get its buffers computes its blocks by pa_cpu_matmul_bf16_direct
- * (the same products, summed in order: slower), so the operations cannot
- * fail. */
+ * (the same products, summed in order: slower, and not bit for bit sgemm's
+ * sums), so the operations cannot fail; only then may a result's last bits
+ * depend on the memory the machine had. */
 #include "backend.h"
 #include "cpu_internal.h"
 
