@@ -35,8 +35,8 @@ static void usage(FILE *f) {
   size_t n;
   const pa_method *const *all = pa_methods(&n);
   fprintf(f, "usage: palign eval --methods LIST [--model M] [--papi DIR] [--subjects RANGE] [--json FILE]\n"
-             "                   [--mode logits|generate] [--prefix P] [--keep-case] [--no-share] [--batch N]\n"
-             "                   [--template NAME] [--threads N] [--backend cpu|cuda|auto] [--weights W]\n"
+             "                   [--mode logits|generate] [--prefix P] [--keep-case] [--bank-lowercase] [--no-share]\n"
+             "                   [--batch N] [--template NAME] [--threads N] [--backend cpu|cuda|auto] [--weights W]\n"
              "\n"
              "  --methods LIST   comma-separated, from:\n");
   for (size_t i = 0; i < n; i++)
@@ -51,6 +51,7 @@ static void usage(FILE *f) {
              "  --prefix P       the assistant's answer prefix instead of the mode's default (in logits\n"
              "                   mode PAS's bank puts its letters after it too: give it its own --bank)\n"
              "  --keep-case      do not lowercase item texts in questions\n"
+             "  --bank-lowercase lowercase them in PAS's bank too (whose default keeps them as written)\n"
              "  --no-share       run every prompt whole instead of sharing its common prefix (for comparison)\n"
              "  --batch N        questions per forward batch (default 64)\n"
              "  --template NAME  chat template instead of the model's\n"
@@ -146,7 +147,7 @@ static int write_json(const cJSON *root, const char *path) {
 }
 
 /* The PAS activation bank from its cache file, or computed and saved there. */
-static int load_bank(const char *model_path, const char *bank_path, const char *prefix, pa_lm *lm,
+static int load_bank(const char *model_path, const char *bank_path, const char *prefix, bool lowercase, pa_lm *lm,
                      const pa_model *model, const pa_chat_template *tmpl, const pa_inventory *inv, pa_bank **out) {
   char fp[65], path[4096];
   int rc = pa_model_fingerprint(model_path, fp);
@@ -157,7 +158,8 @@ static int load_bank(const char *model_path, const char *bank_path, const char *
     pa_bank_file_name(fp, pa_lm_weights(lm), file, sizeof file);
     bank_path = pa_cache_file(file, path, sizeof path);
   }
-  const pa_bank_opts bo = {.progress = bank_progress, .weights = pa_lm_weights(lm), .prefix = prefix};
+  const pa_bank_opts bo = {
+      .progress = bank_progress, .weights = pa_lm_weights(lm), .prefix = prefix, .lowercase = lowercase};
   pa_bank_key key;
   rc = pa_bank_key_make(fp, pa_model_config_get(model), pa_model_tokenizer(model), tmpl, inv, &bo, &key);
   bool loaded = false;
@@ -178,6 +180,7 @@ int cmd_eval(int argc, char **argv) {
   uint64_t seed = 1;
   double alphas[PA_PAS_MAX_ALPHAS];
   const char *bank_path = NULL;
+  bool bank_lowercase = false; /* PAS.md: the bank keeps the item text as written */
   pa_dpo_opts dpo = pa_dpo_defaults();
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
@@ -187,6 +190,10 @@ int cmd_eval(int argc, char **argv) {
     }
     if (!strcmp(a, "--keep-case")) {
       eo.keep_case = true;
+      continue;
+    }
+    if (!strcmp(a, "--bank-lowercase")) {
+      bank_lowercase = true;
       continue;
     }
     if (!strcmp(a, "--no-share")) {
@@ -348,7 +355,8 @@ int cmd_eval(int argc, char **argv) {
     if (!rc && need_bank)
       /* the letters' activations after the prefix the answers are read after
        * (logits mode; generate mode's "Option" is followed by no letter) */
-      rc = load_bank(model_path, bank_path, eo.mode == PA_READ_LOGITS ? eo.prefix : NULL, lm, model, tmpl, inv, &bank);
+      rc = load_bank(model_path, bank_path, eo.mode == PA_READ_LOGITS ? eo.prefix : NULL, bank_lowercase, lm, model,
+                     tmpl, inv, &bank);
   }
   if (rc) {
     fprintf(stderr, "palign eval: %s\n", pa_errmsg());
@@ -596,6 +604,7 @@ int cmd_eval(int argc, char **argv) {
     cJSON_AddStringToObject(settings, "papi", pa_papi_dir(papi));
     cJSON_AddStringToObject(settings, "mode", eo.mode == PA_READ_LOGITS ? "logits" : "generate");
     cJSON_AddBoolToObject(settings, "lowercase_items", !eo.keep_case);
+    cJSON_AddBoolToObject(settings, "bank_lowercase_items", bank_lowercase);
     cJSON_AddStringToObject(settings, "subjects", range);
     cJSON_AddNumberToObject(settings, "seed", seed);
     if (need_dpo) {

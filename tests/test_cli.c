@@ -191,6 +191,14 @@ static void test_eval_all_methods(void **s) {
   text = tu_slurp(tu_path(bank_answer, sizeof bank_answer, "bank-answer.bin"), &len);
   assert_non_null(strstr(text + 16, "\"prefix\":\"Answer: (\"")); /* in the file's JSON header */
   free(text);
+  /* the bank's item texts lowercased (PAS.md: configurable; the default
+   * keeps them as written): another bank, refused in place of the first */
+  assert_int_equal(
+      palign("eval --model %s/tiny.gguf --papi %s --methods pas --subjects 1 --holdout 1 --bank %s/bank.bin "
+             "--bank-lowercase",
+             tu_tmp, papi, tu_tmp),
+      1);
+  expect_out("lowercase differs");
   /* a bank made for another model is refused, not used */
   assert_int_equal(palign("mkmodel %s/other.gguf --layers 2 --seed 4", tu_tmp), 0);
   assert_int_equal(
