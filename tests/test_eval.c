@@ -199,6 +199,33 @@ static void test_shared_prefix_answers(void **s) {
   pa_evaluator_destroy(ev);
 }
 
+/* `palign eval --methods none,icl,p2` asks, for each subject, the default
+ * prompt (the same for all) and two of the subject's own: the default one
+ * is answered from memory for every subject after the first, however many
+ * subjects' own prompts have come since (the memory gives up the call least
+ * recently used, not the oldest). */
+static void test_memo_keeps_the_shared_call(void **s) {
+  (void)s;
+  pa_evaluator *ev;
+  assert_int_equal(pa_evaluator_create(lm, pa_model_tokenizer(model), pa_model_chat(model), NULL, &ev), PA_OK);
+  int n_test;
+  const int *test = pa_inventory_test(inv, &n_test);
+  pa_pred preds[5];
+  pa_eval_stats st;
+  for (int subject = 0; subject < 5; subject++) {
+    assert_int_equal(pa_evaluator_answer(ev, inv, PA_DEFAULT_SYSTEM, test, n_test, NULL, preds, NULL, &st), PA_OK);
+    if (subject > 0 && st.question_tokens != 0)
+      fail_msg("subject %d: the default prompt's answers were computed again", subject);
+    for (int own = 0; own < 2; own++) {
+      char system[64];
+      snprintf(system, sizeof system, "You are subject %d, prompt %d.", subject, own);
+      assert_int_equal(pa_evaluator_answer(ev, inv, system, test, n_test, NULL, preds, NULL, &st), PA_OK);
+      assert_true(st.question_tokens > 0);
+    }
+  }
+  pa_evaluator_destroy(ev);
+}
+
 /* Generate mode: each answer is what greedy decoding of that full prompt says. */
 static void test_generate_mode(void **s) {
   (void)s;
@@ -273,6 +300,7 @@ int main(void) {
       cmocka_unit_test(test_prompts),
       cmocka_unit_test(test_parse_generated),
       cmocka_unit_test(test_shared_prefix_answers),
+      cmocka_unit_test(test_memo_keeps_the_shared_call),
       cmocka_unit_test(test_generate_mode),
       cmocka_unit_test(test_methods),
   };

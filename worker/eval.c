@@ -17,7 +17,8 @@ typedef struct {
   bool default_system; /* asked with system NULL (the template's default), not with "" */
   int *items;
   int n;
-  long naive; /* the remembered call's naive_tokens */
+  long naive;         /* the remembered call's naive_tokens */
+  unsigned long used; /* the evaluator's memo_clock when it was stored or last returned */
   pa_pred *preds;
   float *probs; /* NaN when the call did not ask for them */
 } memo;
@@ -37,11 +38,14 @@ struct pa_evaluator {
   int pn;
   bool p_steered;      /* computed with steering or an adapter: never reused */
   const pa_lora *lora; /* pa_evaluator_set_lora */
-  /* the answers of the last MEMO_SLOTS unsteered calls, returned again for
-   * the same system prompt and items: `none` asks every subject the same,
-   * and PAS's alpha 0 asks what `icl` and `none` asked just before */
+  /* the answers of MEMO_SLOTS unsteered calls, returned again for the same
+   * system prompt and items: `none` asks every subject the same, and PAS's
+   * alpha 0 asks what `icl` and `none` asked just before. A new call takes
+   * the place of the one least recently stored or returned, so `none`,
+   * returned for every subject, stays while each subject's own prompts
+   * (icl, p2) come and go. */
   memo memos[MEMO_SLOTS];
-  unsigned memo_next; /* the slot the next call overwrites (oldest first) */
+  unsigned long memo_clock;
   /* one cache per batch slot */
   pa_kv **slot;
   int slot_cap; /* tokens each slot holds */
@@ -144,9 +148,9 @@ static int forward(pa_evaluator *ev, const pa_batch *b) {
   return pa_lm_forward(ev->lm, &polled);
 }
 
-static const memo *memo_find(const pa_evaluator *ev, const char *system, const int *items, int n) {
+static memo *memo_find(pa_evaluator *ev, const char *system, const int *items, int n) {
   for (int i = 0; i < MEMO_SLOTS; i++) {
-    const memo *m = &ev->memos[i];
+    memo *m = &ev->memos[i];
     if (m->system && n == m->n && m->default_system == !system && (!system || !strcmp(system, m->system)) &&
         !memcmp(items, m->items, (size_t)n * sizeof *items))
       return m;
@@ -154,12 +158,16 @@ static const memo *memo_find(const pa_evaluator *ev, const char *system, const i
   return NULL;
 }
 
-/* Remembers an unsteered call's answers in the oldest slot; on failure
- * simply remembers nothing. */
+/* Remembers an unsteered call's answers in an empty slot, else in the one
+ * least recently used; on failure simply remembers nothing. */
 static void memo_store(pa_evaluator *ev, const char *system, const int *items, int n, const pa_pred *preds,
                        const float *probs, long naive) {
-  memo *m = &ev->memos[ev->memo_next++ % MEMO_SLOTS];
+  memo *m = &ev->memos[0];
+  for (int i = 1; i < MEMO_SLOTS && m->system; i++)
+    if (!ev->memos[i].system || ev->memos[i].used < m->used)
+      m = &ev->memos[i];
   memo_clear(m);
+  m->used = ++ev->memo_clock;
   m->system = strdup(system ? system : "");
   m->default_system = !system;
   m->items = malloc((size_t)n * sizeof *items);
@@ -357,8 +365,9 @@ int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *s
                         const float *steer, pa_pred *preds, float *probs, pa_eval_stats *stats) {
   const double t0 = now();
   pa_eval_stats st = {0};
-  const memo *m = steer || ev->lora ? NULL : memo_find(ev, system, items, n);
+  memo *m = steer || ev->lora ? NULL : memo_find(ev, system, items, n);
   if (m && (!probs || !isnan(m->probs[0]))) {
+    m->used = ++ev->memo_clock;
     memcpy(preds, m->preds, (size_t)n * sizeof *preds);
     if (probs)
       memcpy(probs, m->probs, (size_t)n * N_OPTIONS * sizeof *probs);
