@@ -556,7 +556,9 @@ static int copy_record(const Palign__SubjectResult *r, Palign__SubjectResult **o
 static int subject_visit(void *ctx, const pa_record_info *info, const Palign__SubjectResult *r) {
   subject_ctx *c = ctx;
   if (info->status != PA_RECORD_OK || !r) {
-    if (!strcmp(info->subject_id, c->id) && c->damaged++ == 0)
+    /* a damaged record cannot say whose it is; a duplicate is of a subject
+     * already read, which, were it this one, would have ended the search */
+    if (info->status != PA_RECORD_DUPLICATE && c->damaged++ == 0)
       pa_query_record_problem(info, c->first_damage, sizeof c->first_damage);
     return 0;
   }
@@ -583,8 +585,10 @@ int pa_query_subject(const char *store, const char *id, Palign__SubjectResult **
   if (!c.found) {
     if (c.damaged)
       return pa_error(PA_ENOTFOUND,
-                      "subject %s: no valid record in store %s (%d damaged record%s skipped, the first: %s)", id, store,
-                      c.damaged, c.damaged == 1 ? "" : "s", c.first_damage);
+                      "subject %s is not in store %s, or its record is damaged: %d damaged record%s skipped, which "
+                      "cannot say whose %s (the first: %s; `palign query %s verify` lists them)",
+                      id, store, c.damaged, c.damaged == 1 ? "" : "s", c.damaged == 1 ? "it is" : "they are",
+                      c.first_damage, store);
     return pa_error(PA_ENOTFOUND, "subject %s is not in store %s", id, store);
   }
   *out = c.found;
