@@ -17,9 +17,12 @@
  * At the end rank 0 prints what the run cost the service: messages
  * handled and coordinator time per subject, messages and files per subject.
  *
- * SIGTERM and SIGINT: every rank stops at the next forward pass, abandoning
- * its current subject (no record), and exits cleanly; rank 0 marks the run
- * interrupted. A rerun on the same store resumes.
+ * SIGTERM and SIGINT: a worker stops within one layer of the forward pass
+ * (or DPO training pass) in progress, as the evaluator and DPO's trainer
+ * poll between layers, or after the current batch while it computes the
+ * activation bank; it abandons its current subject (no record) and exits
+ * cleanly; rank 0 marks the run interrupted. A rerun on the same store
+ * resumes.
  *
  * Returns 0 when every subject asked for has a record, PA_ECANCELED when
  * stopped by a signal, or a negative PA_E* code with a message.

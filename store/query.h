@@ -15,7 +15,10 @@
  * one is reported to a pa_query_problem_fn as one line naming the shard and
  * the offset:
  *
- *   run1-rank1.pal offset 1234: checksum (subject s17)
+ *   run1-rank1.pal offset 1234: checksum
+ *
+ * A damaged stretch cannot say whose record it was; only a duplicate's line
+ * ends with the subject ("run2-rank1.pal offset 0: duplicate (subject s17)").
  *
  * The rows a store's records carry are kept in the order first seen; a
  * record of a failed subject (SubjectResult.failed) and a failed method

@@ -23,7 +23,8 @@
  * A subject is stored at most once: the coordinator hands each subject out
  * once per run and skips those with a valid record. Should two valid records
  * of one subject ever meet (shards copied together by hand), readers keep the
- * first in (shard name, offset) order and report the others as duplicates.
+ * first in reading order (shards by run, rank and part as numbers, so run9
+ * before run10; then offset) and report the others as duplicates.
  *
  * Errors: 0 or a negative PA_E* code with a message naming the file and the
  * problem (status.h). Nothing here changes a record once written.

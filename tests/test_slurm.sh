@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # tests/test_slurm.sh [BUILD_DIR]: palign-worker under a real single-node Slurm
 # (docs/SLURM.md). As root: installs slurm-wlm and munge if missing, starts
-# munged, slurmctld and slurmd under a scratch directory (docs: TOOLCHAIN.md's
-# recipe), makes a tiny model, and through scripts/palign-submit and
-# slurm/palign.sbatch checks, on the PAPI data with 2 workers + coordinator:
+# munged, slurmctld and slurmd under a scratch directory (the single-node
+# recipe in the "a private Slurm" section below), makes a tiny model, and
+# through scripts/palign-submit and slurm/palign.sbatch checks, on the PAPI
+# data with 2 workers + coordinator:
 #   1. a job of 6 subjects completes and its store verifies with 6 subjects;
 #   2. a job of 12 subjects cancelled with `scancel` half way stops cleanly
 #      (the run is recorded as interrupted, the store verifies), and the same
 #      command submitted again does only the subjects left: 12 stored, once each;
 #   3. the time-limit path: SIGTERM to the batch script only (what
-#      --signal=B:TERM@120 sends; here by scancel --signal=TERM --batch) stops
+#      --signal=B:TERM@N sends; here by scancel --signal=TERM --batch) stops
 #      palign-worker cleanly, the job requeues itself, resumes and completes;
 #   4. the same with a real 1-minute time limit and Slurm's own signal 50 s
 #      before it: the run stops cleanly, requeues and resumes with the stored
 #      subjects counted (then it is cancelled).
 # BUILD_DIR (default $PALIGN_BUILD, else build/) must hold palign and
-# palign-worker. PAPI data: $PALIGN_PAPI_DIR, else ../shared/papi. Stops only
+# palign-worker. PAPI data: $PALIGN_PAPI_DIR, else ../shared/papi beside the
+# checkout. Stops only
 # the daemons it started, by PID; removes its scratch directory (kept with
 # PALIGN_KEEP_SCRATCH=1). Exit status 0 when every check passed, 1 otherwise.
 set -euo pipefail
