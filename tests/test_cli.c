@@ -45,9 +45,13 @@ static void test_usage(void **s) {
  * the shared flags' lines (--backend, --weights, the DPO ones) among them. */
 static void test_help_columns(void **s) {
   (void)s;
+  /* palign-worker starts MPI (a singleton) even for --help; in the sanitizer
+   * build LeakSanitizer then finds what Open MPI's components, unloaded at
+   * MPI_Finalize, kept, under names its suppressions cannot match */
   static const char *const commands[] = {"palign eval --help", "palign-worker --help"};
+  static const char *const env[] = {"", "ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0 "};
   for (size_t c = 0; c < sizeof commands / sizeof commands[0]; c++) {
-    assert_int_equal(tu_run(out, sizeof out, NULL, 0, "%s/%s", PALIGN_BINARY_DIR, commands[c]), 0);
+    assert_int_equal(tu_run(out, sizeof out, NULL, 0, "%s%s/%s", env[c], PALIGN_BINARY_DIR, commands[c]), 0);
     const char *methods = strstr(out, "\n  --methods ");
     assert_non_null(methods);
     const char *after = strstr(methods + 3, "  "); /* after "  --methods LIST" */

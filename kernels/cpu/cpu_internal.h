@@ -38,7 +38,8 @@ static inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  scale.i = (k + 127) << 23;
+  scale.i = (int32_t)((uint32_t)(k + 127) << 23); /* unsigned: a NaN input (a diverged model's) gives
+                                                     any k, and its result is NaN whatever the scale */
   return p * scale.f;
 }
 
