@@ -18,6 +18,7 @@
 #include "metrics.h"
 #include "model.h"
 #include "pas.h"
+#include "jsonfile.h"
 #include "status.h"
 
 #include <cJSON.h>
@@ -138,9 +139,9 @@ static long reference_way_tokens(const pa_eval_stats *e) {
 
 /* Writes root to path (replacing it atomically); 0 or PA_EIO, with a message. */
 static int write_json(const cJSON *root, const char *path) {
-  char *text = cJSON_Print(root);
+  char *text = pa_json_print(root, true);
   int rc = text ? pa_write_atomic(path, &(pa_chunk){text, strlen(text)}, 1) : PA_ENOMEM;
-  cJSON_free(text);
+  free(text);
   if (rc)
     fprintf(stderr, "palign eval: cannot write %s: %s\n", path, pa_errmsg());
   return rc ? PA_EIO : PA_OK;

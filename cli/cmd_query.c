@@ -10,6 +10,7 @@
 #include "fileio.h"
 #include "index.h"
 #include "inventory.h"
+#include "jsonfile.h"
 #include "methods.h"
 #include "metrics.h"
 #include "query.h"
@@ -32,10 +33,11 @@ static void usage(FILE *f) {
   fprintf(f, "usage: palign query STORE COMMAND [options]\n"
              "\n"
              "commands:\n"
-             "  summary [--json]      the run, the per-method, per-trait MAE table over every stored subject,\n"
-             "                        PAS alpha choices, costs and failures\n"
+             "  summary [--json]      the run, the per-method, per-trait MAE table over every stored subject\n"
+             "                        and the keyed scores', PAS alpha choices, costs and failures\n"
              "  subject ID [--json]   one subject's record (--json: everything, with per-item predictions,\n"
-             "                        the PAS alpha grid and directions)\n"
+             "                        the PAS alpha grid and directions; `subject -- ID` for an ID that\n"
+             "                        begins with '-')\n"
              "  export [--format csv|json|records] [--out FILE]\n"
              "                        one row per subject and method row: subject_id, method, row, mae_A .. mae_O,\n"
              "                        mae_sum, n_scored, n_unknown, alpha, seconds (default csv, to stdout;\n"
@@ -87,14 +89,14 @@ static void print_cell(double x, int w, int prec) {
 }
 
 static int print_json(cJSON *o) {
-  char *text = o ? cJSON_Print(o) : NULL;
+  char *text = o ? pa_json_print(o, true) : NULL;
   cJSON_Delete(o);
   if (!text) {
     fprintf(stderr, "palign query: out of memory\n");
     return 1;
   }
   puts(text);
-  cJSON_free(text);
+  free(text);
   return 0;
 }
 
@@ -295,14 +297,14 @@ static void print_row(const Palign__MethodRow *row) {
       m.mae[t] = NAN;
     m.mae_sum = NAN;
   }
-  int scored = 0, unknown = 0;
+  long scored = 0, unknown = 0; /* a record's counts are any int32 */
   for (int t = 0; t < PA_N_TRAITS; t++)
     scored += m.n_scored[t], unknown += m.n_unknown[t];
   printf("    %-24s", row->name);
   for (int k = 0; k < PA_N_TRAITS; k++)
     print_cell(m.mae[order[k]], 6, 3);
   print_cell(m.mae_sum, 7, 3);
-  printf(" %7d %7d\n", scored, unknown);
+  printf(" %7ld %7ld\n", scored, unknown);
 }
 
 static void print_pas(const Palign__PasResult *p) {
@@ -526,8 +528,8 @@ int cmd_query(int argc, char **argv) {
       } else {
         return bad_usage("--format is csv, json or records, not '%s'", v);
       }
-    } else if (which == SUBJECT && !id && a[0] != '-') {
-      id = a;
+    } else if (which == SUBJECT && !id && (a[0] != '-' || (!strcmp(a, "--") && i + 1 < argc))) {
+      id = a[0] == '-' ? argv[++i] : a; /* `subject -- -5`: an id that begins with '-' */
     } else {
       return bad_usage(a[0] == '-' ? "unknown flag '%s' for this command" : "unexpected argument '%s'", a);
     }

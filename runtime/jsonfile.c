@@ -1,4 +1,5 @@
 #include "jsonfile.h"
+#include "utf8.h"
 
 #include "fileio.h"
 #include "status.h"
@@ -78,4 +79,11 @@ int pa_json_load(const char *path, cJSON **out) {
   free(text);
   *out = j;
   return PA_OK;
+}
+
+char *pa_json_print(const cJSON *o, bool formatted) {
+  char *text = formatted ? cJSON_Print(o) : cJSON_PrintUnformatted(o);
+  char *out = text ? pa_utf8_repair(text) : NULL;
+  cJSON_free(text);
+  return out;
 }

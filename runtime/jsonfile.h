@@ -10,6 +10,7 @@
 
 #include <cJSON.h>
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -19,5 +20,10 @@ int pa_read_file(const char *path, uint64_t max, char **out, size_t *len);
 /* Parses a whole JSON file (up to 1 GiB; only whitespace may follow the
  * value). The caller owns *out (cJSON_Delete). */
 int pa_json_load(const char *path, cJSON **out);
+
+/* o as JSON text (indented when formatted), valid UTF-8 whatever bytes its
+ * strings hold (those that are not UTF-8 become U+FFFD: pa_utf8_repair);
+ * malloc'd, free() it; NULL when out of memory. */
+char *pa_json_print(const cJSON *o, bool formatted);
 
 #endif

@@ -12,6 +12,7 @@
 #include "tokenizer.h"
 
 #include "status.h"
+#include "utf8.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -116,38 +117,6 @@ static uint32_t table_size(size_t n) {
   while (s < 2 * n)
     s <<= 1;
   return s;
-}
-
-/* Length of the valid UTF-8 sequence at s[0..n), or 0 if it is not one
- * (overlong forms, surrogates and code points past U+10FFFF are invalid, as
- * PCRE2 and Unicode say). *cp gets the code point. */
-static size_t utf8_valid(const uint8_t *s, size_t n, uint32_t *cp) {
-  uint8_t c = s[0];
-  if (c < 0x80) {
-    *cp = c;
-    return 1;
-  }
-  size_t len;
-  uint32_t v, min;
-  if (c >= 0xC2 && c <= 0xDF)
-    len = 2, v = c & 0x1F, min = 0x80;
-  else if (c >= 0xE0 && c <= 0xEF)
-    len = 3, v = c & 0x0F, min = 0x800;
-  else if (c >= 0xF0 && c <= 0xF4)
-    len = 4, v = c & 0x07, min = 0x10000;
-  else
-    return 0;
-  if (len > n)
-    return 0;
-  for (size_t i = 1; i < len; i++) {
-    if ((s[i] & 0xC0) != 0x80)
-      return 0;
-    v = (v << 6) | (s[i] & 0x3F);
-  }
-  if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF))
-    return 0;
-  *cp = v;
-  return len;
 }
 
 static size_t utf8_put(uint32_t cp, char *out) {
@@ -587,7 +556,7 @@ static int build_decoded(pa_tokenizer *t) {
     } else if (t->model == PA_TOK_BYTE_BPE) {
       for (size_t i = 0; i < n && !rc;) {
         uint32_t cp;
-        size_t k = utf8_valid(s + i, n - i, &cp);
+        size_t k = pa_utf8_valid(s + i, n - i, &cp);
         if (k == 0) { /* not UTF-8: the byte stands for itself */
           rc = sbuf_put(&out, s + i, 1);
           i++;
@@ -1001,7 +970,7 @@ static int bpe_piece(const pa_tokenizer *t, enc *e, const char *s, uint32_t n) {
       if (id >= 0)
         add_sym(e, &first, &last, i, 1, id);
     } else {
-      k = (uint32_t)utf8_valid((const uint8_t *)s + i, n - i, &cp);
+      k = (uint32_t)pa_utf8_valid((const uint8_t *)s + i, n - i, &cp);
       if (k == 0)
         k = 1;
       int32_t id = tmap_find(t, s + i, k);
@@ -1153,7 +1122,7 @@ static int split_pieces(const pa_tokenizer *t, enc *e, const char *text, const s
           break;
         /* no non-empty match where the empty one was: step one character */
         uint32_t cp;
-        size_t k = start < p.len ? utf8_valid((const uint8_t *)subj + start, p.len - start, &cp) : 1;
+        size_t k = start < p.len ? pa_utf8_valid((const uint8_t *)subj + start, p.len - start, &cp) : 1;
         start += k ? k : 1;
         options = 0;
         continue;
@@ -1205,7 +1174,7 @@ static int nfc_append(sbuf *out, const char *s, size_t n) {
   for (size_t i = 0; i < n;) {
     size_t j = i, k;
     uint32_t cp;
-    while (j < n && (k = utf8_valid((const uint8_t *)s + j, n - j, &cp)))
+    while (j < n && (k = pa_utf8_valid((const uint8_t *)s + j, n - j, &cp)))
       j += k;
     if (j > i) {
       utf8proc_uint8_t *composed = NULL;
@@ -1310,7 +1279,7 @@ static int encode_fragment(const pa_tokenizer *t, enc *e, const char *text, size
     uint32_t run = 0;
     for (uint32_t i = 0; i < n && !rc;) {
       uint32_t cp;
-      size_t k = utf8_valid((const uint8_t *)s + i, n - i, &cp);
+      size_t k = pa_utf8_valid((const uint8_t *)s + i, n - i, &cp);
       if (k) {
         i += (uint32_t)k;
         continue;
@@ -1356,7 +1325,7 @@ static size_t ws_before(const char *s, size_t lo, size_t end) {
     while (j > lo && ((uint8_t)s[j] & 0xC0) == 0x80 && i - j < 4)
       j--;
     uint32_t cp;
-    size_t k = utf8_valid((const uint8_t *)s + j, i - j, &cp);
+    size_t k = pa_utf8_valid((const uint8_t *)s + j, i - j, &cp);
     if (k != i - j || !is_white_space(cp))
       break;
     i = j;
@@ -1368,7 +1337,7 @@ static size_t ws_after(const char *s, size_t at, size_t len) {
   size_t i = at;
   while (i < len) {
     uint32_t cp;
-    size_t k = utf8_valid((const uint8_t *)s + i, len - i, &cp);
+    size_t k = pa_utf8_valid((const uint8_t *)s + i, len - i, &cp);
     if (!k || !is_white_space(cp))
       break;
     i += k;

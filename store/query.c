@@ -2,6 +2,7 @@
 
 #include "index.h"
 
+#include "jsonfile.h"
 #include "record.h"
 #include "status.h"
 
@@ -65,6 +66,11 @@ static int grow(void **arr, int n, int *cap, size_t size) {
 
 static void copy_str(char *dst, size_t n, const char *src) { snprintf(dst, n, "%s", src ? src : ""); }
 
+/* Whether an entry whose name was kept by copy_str in n bytes is src's: a
+ * name too long for the entry is compared as it was kept, so that it finds
+ * its own entry again. */
+static bool same_name(const char *kept, size_t n, const char *src) { return !strncmp(kept, src ? src : "", n - 1); }
+
 /* ---- summary ---------------------------------------------------------------- */
 
 typedef struct {
@@ -87,7 +93,7 @@ static void list_failure(pa_query_failure *list, size_t n_before, const char *su
 static int find_method(summary_ctx *c, const char *name, pa_query_method **out) {
   pa_query_summary *s = c->s;
   for (int i = 0; i < s->n_methods; i++)
-    if (!strcmp(s->methods[i].name, name)) {
+    if (same_name(s->methods[i].name, sizeof s->methods[i].name, name)) {
       *out = &s->methods[i];
       return PA_OK;
     }
@@ -105,7 +111,7 @@ static int add_row(summary_ctx *c, const Palign__MethodRow *mr) {
   const char *name = mr->name ? mr->name : "";
   pa_query_row *row = NULL;
   for (int i = 0; i < s->n_rows && !row; i++)
-    if (!strcmp(s->rows[i].name, name))
+    if (same_name(s->rows[i].name, sizeof s->rows[i].name, name))
       row = &s->rows[i];
   if (!row) {
     int rc = grow((void **)&s->rows, s->n_rows, &c->rows_cap, sizeof *s->rows);
@@ -127,7 +133,8 @@ static int add_choice(summary_ctx *c, const Palign__PasChoice *pc) {
   const char *v = pc->variant ? pc->variant : "", *p = pc->protocol ? pc->protocol : "";
   pa_query_choice *ch = NULL;
   for (int i = 0; i < s->n_chosen && !ch; i++)
-    if (!strcmp(s->chosen[i].variant, v) && !strcmp(s->chosen[i].protocol, p))
+    if (same_name(s->chosen[i].variant, sizeof s->chosen[i].variant, v) &&
+        same_name(s->chosen[i].protocol, sizeof s->chosen[i].protocol, p))
       ch = &s->chosen[i];
   if (!ch) {
     int rc = grow((void **)&s->chosen, s->n_chosen, &c->chosen_cap, sizeof *s->chosen);
@@ -138,7 +145,7 @@ static int add_choice(summary_ctx *c, const Palign__PasChoice *pc) {
     copy_str(ch->variant, sizeof ch->variant, v);
     copy_str(ch->protocol, sizeof ch->protocol, p);
   }
-  if (pc->index < 0 || isnan(pc->alpha)) {
+  if (pc->index < 0 || !isfinite(pc->alpha)) {
     ch->none++;
     return PA_OK;
   }
@@ -163,7 +170,7 @@ static int add_pas(summary_ctx *c, const Palign__PasResult *pas) {
   const char *status = pas->status ? pas->status : "";
   if (strcmp(status, "fitted") != 0) {
     for (int i = 0; i < s->n_pas_other; i++)
-      if (!strcmp(s->pas_other[i].status, status)) {
+      if (same_name(s->pas_other[i].status, sizeof s->pas_other[i].status, status)) {
         s->pas_other[i].count++;
         return PA_OK;
       }
@@ -684,12 +691,12 @@ static void export_row(export_ctx *c, const Palign__SubjectResult *r, const Pali
     cJSON_AddNumberToObject(o, "n_unknown", (double)unknown);
     add_num(o, "alpha", alpha);
     add_num(o, "seconds", seconds);
-    char *text = cJSON_PrintUnformatted(o);
+    char *text = pa_json_print(o, false);
     if (text)
       fprintf(c->f, "%s\n  %s", c->rows ? "," : "", text);
     else
       c->rc = pa_error(PA_ENOMEM, "out of memory exporting subject %s", r->subject_id);
-    cJSON_free(text);
+    free(text);
     cJSON_Delete(o);
   }
   c->rows++;
@@ -706,12 +713,12 @@ static int export_visit(void *ctx, const pa_record_info *info, const Palign__Sub
   }
   if (c->fmt == PA_QUERY_RECORDS) {
     cJSON *o = pa_query_message_json(&r->base);
-    char *text = o ? cJSON_PrintUnformatted(o) : NULL;
+    char *text = o ? pa_json_print(o, false) : NULL;
     if (text)
       fprintf(c->f, "%s\n", text), c->rows++;
     else
       c->rc = pa_error(PA_ENOMEM, "out of memory exporting subject %s", r->subject_id);
-    cJSON_free(text);
+    free(text);
     cJSON_Delete(o);
   } else if (r->failed) {
     return 0;

@@ -486,6 +486,10 @@ static void test_subjects_json(void **state) {
   expect_subjects_error(inv, "emptycase.json", "[{\"case\": \"\"}]", "subject #1: empty subject id");
   expect_subjects_error(inv, "longcase.json", "[{\"case\": \"0123456789012345678901234567890123456789\"}]",
                         "longer than 31 characters");
+  expect_subjects_error(inv, "newlinecase.json", "[{\"case\": \"a\\nb\"}]",
+                        "subject #1: subject id has a control character at byte 1 (ids are printable UTF-8 text)");
+  expect_subjects_error(inv, "latin1case.json", "[{\"case\": \"M\xfcller\"}]",
+                        "subject #1: subject id has a byte that is not UTF-8 at byte 1");
   strcpy(subj_buf, "[");
   add_subject("5", ok_answers, "");
   add_subject("6", ok_answers, "");

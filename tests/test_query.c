@@ -24,6 +24,7 @@
 #include "store.h"
 #include "testutil.h"
 #include "tu_record.h"
+#include "utf8.h"
 
 /* ---- building messages (tu_record.h) ------------------------------------------ */
 
@@ -631,6 +632,70 @@ static void test_index(void **s) {
   expect_out("index.pb: 3 subjects"); /* s2's record is damaged */
 }
 
+/* The output is valid UTF-8 throughout (JSON must be). */
+static void expect_utf8(const char *text, const char *what) {
+  const size_t n = strlen(text);
+  for (size_t i = 0, k; i < n; i += k) {
+    uint32_t cp;
+    if (!(k = pa_utf8_valid((const uint8_t *)text + i, n - i, &cp)))
+      fail_msg("%s: byte %zu (0x%02x) is not UTF-8", what, i, (unsigned char)text[i]);
+  }
+}
+
+/* Records palign does not write but a store may hold (another tool's, an
+ * earlier palign's, subjects read before ids had to be UTF-8): a subject id
+ * that is not UTF-8, one that begins with '-', a row name longer than the
+ * summary keeps, counts whose sum is past an int. */
+static void test_odd_records(void **s) {
+  (void)s;
+  static const char long_row[] = "a row name of seventy bytes, longer than the sixty-three kept: 0123456";
+  const char *ids[4] = {"bad\xff\xfeid", "-5", "r3", "r4"};
+  Palign__SubjectResult *odd[4], *kept[4];
+  for (int k = 0; k < 4; k++) {
+    odd[k] = subject(ids[k], k, 1);
+    Palign__MethodRow *row = row_all(long_row, 0.5 * (k + 1));
+    for (int t = 0; t < 5; t++)
+      row->metrics->n_scored[t] = INT32_MAX;
+    tu_rec_set_methods(
+        odd[k], (Palign__MethodResult *[]){tu_rec_method("icl", (Palign__MethodRow *[]){row}, 1, cost(1, 10), NULL)},
+        1);
+  }
+  memcpy(kept, records, sizeof kept);
+  memcpy(records, odd, sizeof odd);
+  const char *st = store_path("odd");
+  make_store(st, NULL, 0);
+  memcpy(records, kept, sizeof kept);
+
+  /* JSON: the bytes that are not UTF-8 as U+FFFD */
+  assert_int_equal(palign("query %s export --format json", st), 0);
+  expect_utf8(out, "export --format json");
+  expect_out("\"subject_id\":\"bad\xEF\xBF\xBD\xEF\xBF\xBDid\"");
+  assert_int_equal(palign("query %s export --format records", st), 0);
+  expect_utf8(out, "export --format records");
+  assert_int_equal(palign("query %s subject r3 --json", st), 0);
+  expect_utf8(out, "subject --json");
+  /* the long row is one row of the summary, over the four subjects */
+  assert_int_equal(palign("query %s summary --json", st), 0);
+  expect_utf8(out, "summary --json");
+  cJSON *j = cJSON_Parse(out);
+  assert_non_null(j);
+  int long_rows = 0;
+  const cJSON *r;
+  cJSON_ArrayForEach(r, cJSON_GetObjectItem(j, "rows")) {
+    if (!strncmp(cJSON_GetStringValue(cJSON_GetObjectItem(r, "name")), long_row, 40)) {
+      long_rows++;
+      assert_int_equal((int)num(r, "subjects"), 4);
+    }
+  }
+  cJSON_Delete(j);
+  assert_int_equal(long_rows, 1);
+  /* an id that begins with '-' after `--`; the counts summed past an int */
+  assert_int_equal(palign("query %s subject -- -5", st), 0);
+  expect_out("10737418235"); /* 5 x INT32_MAX scored */
+  assert_int_equal(palign("query %s subject -5", st), 2);
+  expect_err("unknown flag '-5'");
+}
+
 static void test_usage_and_errors(void **s) {
   (void)s;
   const char *good = store_path("good");
@@ -717,6 +782,7 @@ int main(void) {
       cmocka_unit_test(test_torn_end),
       cmocka_unit_test(test_verify_manifest),
       cmocka_unit_test(test_index),
+      cmocka_unit_test(test_odd_records),
       cmocka_unit_test(test_usage_and_errors),
       cmocka_unit_test(test_full_stdout_and_fifos),
   };

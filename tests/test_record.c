@@ -111,6 +111,11 @@ static void test_steering_round_trip(void **state) {
   u->pas->heads[1]->n_direction = HD - 1;
   assert_int_equal(pa_pas_steering_from_proto(u->pas, "x", 1, L, H, HD, got), PA_EINVAL);
   u->pas->heads[1]->n_direction = HD;
+  const float was = u->pas->heads[1]->direction[2]; /* a direction value that is not a number */
+  u->pas->heads[1]->direction[2] = NAN;
+  assert_int_equal(pa_pas_steering_from_proto(u->pas, "x", 1, L, H, HD, got), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "a value that is not a finite number"));
+  u->pas->heads[1]->direction[2] = was;
   char *status = u->pas->status, other[] = "one class";
   u->pas->status = other;
   assert_int_equal(pa_pas_steering_from_proto(u->pas, "x", 1, L, H, HD, got), PA_EINVAL);

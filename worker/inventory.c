@@ -4,6 +4,7 @@
 
 #include "fileio.h"
 #include "status.h"
+#include "utf8.h"
 
 #include <cJSON.h>
 
@@ -477,6 +478,14 @@ static int set_id(pa_subject *s, const char *id, const char *path, const char *w
   if (len >= sizeof s->id)
     return pa_error(PA_EFORMAT, "%s: %s: subject id '%.40s...' is longer than %zu characters", path, where, id,
                     sizeof s->id - 1);
+  /* ids are printed in tables, problem lines and JSON: printable UTF-8 */
+  for (size_t i = 0, k; i < len; i += k) {
+    uint32_t cp;
+    k = pa_utf8_valid((const uint8_t *)id + i, len - i, &cp);
+    if (!k || cp < 0x20 || cp == 0x7F)
+      return pa_error(PA_EFORMAT, "%s: %s: subject id has %s at byte %zu (ids are printable UTF-8 text)", path, where,
+                      !k ? "a byte that is not UTF-8" : "a control character", i);
+  }
   memcpy(s->id, id, len + 1);
   return PA_OK;
 }

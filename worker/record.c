@@ -440,11 +440,15 @@ int pa_pas_steering_from_proto(const Palign__PasResult *p, const char *subject_i
     return pa_error(PA_ENOMEM, "no memory");
   for (size_t h = 0; h < p->n_heads; h++) {
     const Palign__PasHead *src = p->heads[h];
+    bool finite = isfinite(src->sigma);
+    for (size_t i = 0; finite && i < src->n_direction; i++)
+      finite = isfinite(src->direction[i]);
     if (src->layer < 0 || src->layer >= n_layers || src->head < 0 || src->head >= n_heads ||
-        src->n_direction != (size_t)head_dim || !isfinite(src->sigma)) {
+        src->n_direction != (size_t)head_dim || !finite) {
       free(heads);
-      return pa_error(PA_EINVAL, "subject %s: PAS head %zu is malformed (layer %d, head %d, %zu direction values)",
-                      subject_id, h, src->layer, src->head, src->n_direction);
+      return pa_error(PA_EINVAL, "subject %s: PAS head %zu is malformed (layer %d, head %d, %zu direction values, %s)",
+                      subject_id, h, src->layer, src->head, src->n_direction,
+                      finite ? "all finite" : "a value that is not a finite number");
     }
     heads[h] = (pa_pas_head){.layer = src->layer, .head = src->head, .sigma = src->sigma, .direction = src->direction};
   }
