@@ -58,8 +58,8 @@ int pa_model_config_validate(const pa_model_config *c, const char *src) {
                     c->n_kv_heads);
   if (c->head_dim % 2 != 0)
     return pa_error(PA_EFORMAT, "%s: head dimension %d is odd; RoPE needs pairs", src, c->head_dim);
-  if (!(c->rope_theta > 0) || !isfinite(c->rope_theta))
-    return pa_error(PA_EFORMAT, "%s: RoPE base %g is not a positive number", src, (double)c->rope_theta);
+  if (!(c->rope_theta >= 1) || !isfinite(c->rope_theta)) /* below 1 the frequencies grow, to infinity near 0 */
+    return pa_error(PA_EFORMAT, "%s: RoPE base %g is not a number of at least 1", src, (double)c->rope_theta);
   if (!(c->norm_eps > 0 && c->norm_eps < 1))
     return pa_error(PA_EFORMAT, "%s: RMSNorm epsilon %g is outside (0, 1)", src, (double)c->norm_eps);
   if (c->rope_scaling.kind == PA_ROPE_SCALING_LLAMA3 && c->rope_scaling.factor != 0) {
@@ -265,6 +265,9 @@ static int config_from_hf(const pa_hfdir *h, pa_model_config *c) {
           (rc = json_float(rs, path, "high_freq_factor", 4.0, &c->rope_scaling.high_freq_factor)) ||
           (rc = json_int(rs, path, "original_max_position_embeddings", false, 8192, &c->rope_scaling.orig_max_seq)))
         return rc;
+      if (!(c->rope_scaling.factor >= 1)) /* 0 means "divisors from the file" in GGUF only */
+        return pa_error(PA_EFORMAT, "%s: config.json rope_scaling factor %g is below 1", path,
+                        (double)c->rope_scaling.factor);
     }
   }
   return pa_model_config_validate(c, path);
@@ -470,6 +473,12 @@ int pa_model_load_weights(const pa_model *m, pa_weights *w) {
       if ((rc = find_src(m, "rope_freqs.weight", NULL, &t)) ||
           (rc = read_weight(m, &t, c->head_dim / 2, 0, 0, p, scratch)))
         goto fail;
+      for (int i = 0; i < c->head_dim / 2; i++)
+        if (!(p[i] > 0) || !isfinite(p[i]) || !isfinite(1.0f / p[i])) { /* RoPE divides by them */
+          rc = pa_error(PA_EFORMAT, "%s: rope_freqs.weight[%d] = %g is not a positive divisor", m->path, i,
+                        (double)p[i]);
+          goto fail;
+        }
     } else {
       llama3_freq_div(c, p);
     }

@@ -181,6 +181,44 @@ static void test_broken_gguf_models(void **s) {
   expect_open_fails(bad, bad, "type I32, which palign cannot dequantise");
   rewrite_gguf(good, bad, "token_embd.weight", NULL, UINT32_MAX, false);
   expect_open_fails(bad, bad, "'token_embd.weight' is missing");
+
+  /* Llama-3.1's RoPE divisors as a tensor: all 1 loads (and is plain RoPE);
+   * a 0, which RoPE would divide by, is refused naming the entry */
+  const int half = o.dim / o.n_heads / 2;
+  for (int broken = 0; broken < 2; broken++) {
+    pa_gguf *g;
+    assert_int_equal(pa_gguf_open(good, &g), PA_OK);
+    pa_gguf_writer *w;
+    assert_int_equal(pa_gguf_writer_create(&w), PA_OK);
+    for (size_t i = 0; i < pa_gguf_n_kv(g); i++)
+      assert_int_equal(pa_gguf_copy_kv(w, pa_gguf_kv_at(g, i)), PA_OK);
+    for (size_t i = 0; i < pa_gguf_n_tensors(g); i++) {
+      const pa_gguf_tensor *t = pa_gguf_tensor_at(g, i);
+      char name[128];
+      snprintf(name, sizeof name, "%.*s", (int)t->name.len, t->name.ptr);
+      uint64_t ne[4] = {t->ne[0], t->ne[1], t->ne[2], t->ne[3]};
+      assert_int_equal(pa_gguf_add_tensor(w, name, t->type, t->n_dims, ne, t->data), PA_OK);
+    }
+    float div[64];
+    for (int i = 0; i < half; i++)
+      div[i] = broken && i == 2 ? 0.0f : 1.0f;
+    assert_int_equal(pa_gguf_add_tensor(w, "rope_freqs.weight", PA_F32, 1, (uint64_t[4]){(uint64_t)half, 1, 1, 1}, div),
+                     PA_OK);
+    assert_int_equal(pa_gguf_writer_write(w, bad), PA_OK);
+    pa_gguf_writer_destroy(w);
+    pa_gguf_close(g);
+    pa_model *m = open_ok(bad);
+    pa_weights wt;
+    if (!broken) {
+      assert_int_equal(pa_model_load_weights(m, &wt), PA_OK);
+      assert_non_null(wt.rope_freq_div);
+      pa_weights_free(&wt);
+    } else {
+      assert_int_equal(pa_model_load_weights(m, &wt), PA_EFORMAT);
+      tu_expect_in(pa_errmsg(), "rope_freqs.weight[2] = 0 is not a positive divisor", "the error");
+    }
+    pa_model_close(m);
+  }
   expect_open_fails("/nonexistent/model.gguf", "/nonexistent/model.gguf", "no such file");
 }
 
@@ -263,6 +301,16 @@ static void test_broken_hf_models(void **s) {
   assert_int_equal(pa_mkmodel_write_hf(&o, dir), PA_OK);
   edit_config(file, "rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 4}");
   expect_open_fails(dir, dir, "rope_scaling type 'yarn' is not supported");
+
+  /* a factor of 0 would divide the low frequencies by 0 (GGUF's 0 means
+   * "the divisors are in the file"; config.json has no such file) */
+  assert_int_equal(pa_mkmodel_write_hf(&o, dir), PA_OK);
+  edit_config(file, "rope_theta", "0.5"); /* frequencies growing, to infinity near 0 */
+  expect_open_fails(dir, dir, "RoPE base 0.5 is not a number of at least 1");
+
+  assert_int_equal(pa_mkmodel_write_hf(&o, dir), PA_OK);
+  edit_config(file, "rope_scaling", "{\"rope_type\": \"llama3\", \"factor\": 0.0}");
+  expect_open_fails(dir, dir, "config.json rope_scaling factor 0 is below 1");
 
   o.n_shards = 2;
   assert_int_equal(pa_mkmodel_write_hf(&o, dir), PA_OK);
