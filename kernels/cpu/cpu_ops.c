@@ -182,6 +182,8 @@ static void cpu_attention(const pa_attn_args *a, float *scratch) {
     int seq = 0, first = 0; /* this thread's walk: the pieces before sequence seq */
 #pragma omp for schedule(dynamic)
     for (int p = 0; p < pieces; p++) {
+      if (p < first) /* OpenMP 5's dynamic schedule need not hand a thread its pieces in order (libomp does not) */
+        seq = 0, first = 0;
       while (p >= first + seq_pieces(a, &a->seqs[seq]))
         first += seq_pieces(a, &a->seqs[seq++]);
       const pa_attn_seq *s = &a->seqs[seq];
