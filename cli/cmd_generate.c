@@ -299,10 +299,12 @@ int cmd_generate(int argc, char **argv) {
   if (!rc)
     rc = pa_chat_tokenize(tmpl, tok, system, prompt, NULL, &ids, &n_ids);
   if (!rc) {
+    /* positions: the prompt's and every generated token's but the last,
+     * which is never fed back */
     const int ctx = pa_model_config_get(m)->max_seq;
-    if ((long)n_ids + max_tokens > ctx)
-      rc = pa_error(PA_EINVAL, "the prompt (%zu tokens) and --max-tokens %d exceed the model's context of %d", n_ids,
-                    max_tokens, ctx);
+    if ((long)n_ids + max_tokens - 1 > ctx)
+      rc = pa_error(PA_EINVAL, "%s: the prompt (%zu tokens) and --max-tokens %d exceed the model's context of %d",
+                    model_path, n_ids, max_tokens, ctx);
   }
   {
     char be_err[256];
@@ -312,13 +314,13 @@ int cmd_generate(int argc, char **argv) {
     if (!rc)
       rc = pa_lm_create(m,
                         &(pa_lm_opts){.n_threads = threads,
-                                      .max_seq = (int)n_ids + max_tokens,
+                                      .max_seq = (int)n_ids + max_tokens - 1,
                                       .backend = be,
                                       .weights = (pa_weight_format)weights},
                         &lm);
   }
   if (!rc)
-    rc = pa_kv_create(lm, (int)n_ids + max_tokens, &kv);
+    rc = pa_kv_create(lm, (int)n_ids + max_tokens - 1, &kv);
   if (!rc) {
     /* stop at the end of the assistant's turn, however the model spells it */
     int32_t stop[3];

@@ -115,7 +115,14 @@ static void test_mkmodel_inspect_tokenize(void **s) {
   expect_out("--model and --prompt are required");
   assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x --max-tokens 0", tu_tmp), 2);
   assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x --max-tokens 100000", tu_tmp), 1);
-  expect_out("exceed the model's context");
+  expect_out("tiny.gguf: the prompt (68 tokens) and --max-tokens 100000 exceed the model's context of 2048");
+  /* up to the context's last position: 68 prompt tokens, and 1981 generated
+   * of which all but the last are fed back (this random model never says
+   * its end of turn, so all 1981 are generated) */
+  assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x --max-tokens 1982", tu_tmp), 1);
+  expect_out("--max-tokens 1982 exceed the model's context of 2048");
+  assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x --max-tokens 1981 --threads 2 --stats", tu_tmp), 0);
+  expect_out("prompt 68 tokens, generated 1981 tokens");
   assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x --template nope", tu_tmp), 2);
   /* mkmodel refuses to overwrite */
   assert_int_equal(palign("mkmodel %s/tiny.gguf", tu_tmp), 1);
