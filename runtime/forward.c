@@ -385,6 +385,9 @@ static int check_batch(const pa_lm *lm, const pa_batch *b, int *rows) {
       return pa_error(PA_EINVAL, "sequence %d of the batch has no tokens or no cache", i);
     if (s->kv->be != lm->be)
       return pa_error(PA_EINVAL, "sequence %d: its cache belongs to another backend", i);
+    for (int j = 0; j < i; j++) /* both would write its rows, and its length would grow twice */
+      if (b->seqs[j].kv == s->kv)
+        return pa_error(PA_EINVAL, "sequences %d and %d of the batch share one cache", j, i);
     if (s->kv->len + s->n_tokens > s->kv->cap)
       return pa_error(PA_EINVAL, "sequence %d: %d new tokens do not fit its cache (%d of %d used)", i, s->n_tokens,
                       s->kv->len, s->kv->cap);

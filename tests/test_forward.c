@@ -265,6 +265,10 @@ static void test_generate_and_errors(void **s) {
   pa_kv *big;
   assert_int_equal(pa_kv_create(lm, 100000, &big), PA_EINVAL);
   assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = &seq, .n_seqs = 0}), PA_EINVAL);
+  int32_t fine = 1;
+  pa_seq twice[2] = {{.tokens = &fine, .n_tokens = 1, .kv = kv}, {.tokens = &fine, .n_tokens = 1, .kv = kv}};
+  assert_int_equal(pa_lm_forward(lm, &(pa_batch){.seqs = twice, .n_seqs = 2}), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "sequences 0 and 1 of the batch share one cache"));
 
   double p[3];
   const float lg[4] = {1.0f, 2.0f, 3.0f, 1000.0f};
