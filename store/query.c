@@ -879,8 +879,14 @@ int pa_query_verify(const char *store, pa_query_problem_fn problem, void *ctx, p
       pa_shard_part_base(names[i], base);
       for (size_t j = 0; j < m->n_shards && !listed; j++)
         listed = !strcmp(shard_base(m->shards[j]), base);
-      if (!listed)
-        report(&c, "%s: a shard file the manifest does not list", names[i]);
+      if (!listed) {
+        char path[4096];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/shards/%s", store, names[i]);
+        const bool empty = stat(path, &st) == 0 && st.st_size == 0;
+        report(&c, "%s: a shard file the manifest does not list%s", names[i],
+               empty ? " (empty: left by a run stopped before it started; safe to delete)" : "");
+      }
     }
     for (size_t j = 0; j < m->n_shards; j++) {
       bool present = false;

@@ -551,10 +551,16 @@ static void test_verify_manifest(void **s) {
   /* and a second record of s1: a duplicate */
   assert_int_equal(pa_shard_append(w, records[0]), 0);
   assert_int_equal(pa_shard_close(w), 0);
+  /* and an empty one, as a run stopped between its shards and its manifest leaves */
+  char empty[400];
+  snprintf(empty, sizeof empty, "%s/shards/%s", st, pa_shard_name(3, 1, n1));
+  tu_write_text(empty, "");
 
   assert_int_equal(palign("query %s verify", st), 1);
-  expect_out("run1-rank2.pal: a shard file the manifest does not list");
-  expect_out("run2-rank1.pal: a shard file the manifest does not list");
+  expect_out("run1-rank2.pal: a shard file the manifest does not list\n");
+  expect_out("run2-rank1.pal: a shard file the manifest does not list\n");
+  expect_out("run3-rank1.pal: a shard file the manifest does not list (empty: left by a run stopped before it "
+             "started; safe to delete)");
   expect_out("run9-rank1.pal: listed in the manifest but missing");
   expect_out("run2-rank1.pal offset 0: subject s5 has model fingerprint 'ffff'");
   expect_out("subject s5 has run seed 8, the manifest's settings 7");
@@ -562,7 +568,7 @@ static void test_verify_manifest(void **s) {
   snprintf(expect, sizeof expect, "run2-rank1.pal offset %zu: duplicate (subject s1)",
            PA_STORE_RECORD_HEAD + palign__subject_result__get_packed_size(r));
   expect_out(expect);
-  expect_out("6 problems");
+  expect_out("7 problems");
 
   /* a manifest that is not one */
   const char *bad = copy_store("badmanifest");
