@@ -52,7 +52,7 @@ static void usage(FILE *f) {
              "  --prefix P       the assistant's answer prefix instead of the mode's default (in logits\n"
              "                   mode PAS's bank puts its letters after it too: give it its own --bank)\n"
              "  --keep-case      do not lowercase item texts in questions\n"
-             "  --bank-lowercase lowercase them in PAS's bank too (whose default keeps them as written)\n"
+             "  --bank-lowercase lowercase item texts in PAS's bank (its default keeps them as written)\n"
              "  --no-share       run every prompt whole instead of sharing its common prefix (for comparison)\n"
              "  --batch N        questions per forward batch (default 64)\n"
              "  --template NAME  chat template instead of the model's\n"
@@ -60,7 +60,7 @@ static void usage(FILE *f) {
              "  --seed N         PAS run seed: probe splits and the holdout items (default 1)\n"
              "  --holdout N      PAS holdout protocol: selection items per trait (default 6)\n"
              "  --alphas LIST    PAS alpha grid, comma-separated (default 0,1,2,4,6,8)\n"
-             "  --bank FILE      PAS activation bank cache (default $PALIGN_CACHE/bank-MODEL.bin);\n"
+             "  --bank FILE      PAS activation bank cache (default $PALIGN_CACHE/bank-<model fingerprint>.bin);\n"
              "                   computed and saved when missing, refused when made for another setup\n");
   pa_backend_help(f, 19);
   pa_dpo_flags_help(f, 19);

@@ -562,7 +562,7 @@ int pa_lm_forward(pa_lm *lm, const pa_batch *b) {
   lm_embed(lm, rows, s->ids, lm->w.tok_embd, s->x);
   for (int l = 0; l < c->n_layers; l++) {
     if (l > 0 && b->poll && b->poll(b->poll_ctx))
-      return pa_error(PA_ECANCELED, "stopped on request");
+      return lm_stopped(be, "the forward pass");
     const lm_layer *L = &lm->w.layers[l];
     be->rmsnorm(rows, D, s->x, L->attn_norm, c->norm_eps, s->xb);
     lm_matmul(lm, rows, H * hd, D, s->xb, L->wq, 0.0f, s->q);

@@ -113,6 +113,14 @@ static inline int lm_backend_status(const pa_backend *be, const char *what) {
   return PA_OK;
 }
 
+/* A pass stopped on request (its poll): PA_ECANCELED, unless what it had
+ * queued on a device failed, which is said rather than left for a later
+ * pass to report as its own. */
+static inline int lm_stopped(const pa_backend *be, const char *what) {
+  const int rc = lm_backend_status(be, what);
+  return rc ? rc : pa_error(PA_ECANCELED, "stopped on request");
+}
+
 /* FLOPs of a product y[M][N] (+)= x[M][K] . w: 2 M N K. */
 static inline double pa_matmul_flops(int M, int N, int K) { return 2.0 * M * N * K; }
 

@@ -346,7 +346,7 @@ int pa_trainer_forward(pa_trainer *t, const pa_lora *lora, const pa_train_batch 
   lm_embed(lm, rows, t->d_ids, lm->w.tok_embd, t->layers[0].x);
   for (int l = 0; l < c->n_layers; l++) {
     if (l > 0 && stop_asked(t))
-      return pa_error(PA_ECANCELED, "stopped on request");
+      return lm_stopped(be, "the training forward pass");
     const lm_layer *W = &lm->w.layers[l];
     layer_acts *A = &t->layers[l];
     float *next = l + 1 < c->n_layers ? t->layers[l + 1].x : t->x_final;
@@ -457,7 +457,7 @@ int pa_trainer_backward(pa_trainer *t, const float *dlogits, pa_lora *grad) {
   for (int l = c->n_layers - 1; l >= 0; l--) {
     if (l < c->n_layers - 1 && stop_asked(t)) {
       t->ready = false; /* the gradient is part-written */
-      return pa_error(PA_ECANCELED, "stopped on request");
+      return lm_stopped(be, "the training backward pass");
     }
     const lm_layer *W = &lm->w.layers[l];
     layer_acts *A = &t->layers[l];

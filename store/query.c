@@ -883,9 +883,11 @@ int pa_query_verify(const char *store, pa_query_problem_fn problem, void *ctx, p
         char path[4096];
         struct stat st;
         snprintf(path, sizeof path, "%s/shards/%s", store, names[i]);
-        const bool empty = stat(path, &st) == 0 && st.st_size == 0;
+        const bool empty = stat(path, &st) == 0 && S_ISREG(st.st_mode) && st.st_size == 0;
         report(&c, "%s: a shard file the manifest does not list%s", names[i],
-               empty ? " (empty: left by a run stopped before it started; safe to delete)" : "");
+               empty ? " (empty: left by a run stopped before it started, or a run's that is starting now; "
+                       "safe to delete while no run holds the store)"
+                     : "");
       }
     }
     for (size_t j = 0; j < m->n_shards; j++) {

@@ -560,7 +560,7 @@ static void test_verify_manifest(void **s) {
   expect_out("run1-rank2.pal: a shard file the manifest does not list\n");
   expect_out("run2-rank1.pal: a shard file the manifest does not list\n");
   expect_out("run3-rank1.pal: a shard file the manifest does not list (empty: left by a run stopped before it "
-             "started; safe to delete)");
+             "started, or a run's that is starting now; safe to delete while no run holds the store)");
   expect_out("run9-rank1.pal: listed in the manifest but missing");
   expect_out("run2-rank1.pal offset 0: subject s5 has model fingerprint 'ffff'");
   expect_out("subject s5 has run seed 8, the manifest's settings 7");

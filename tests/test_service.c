@@ -951,7 +951,7 @@ static void test_sigterm(void **state) {
   assert_true(rs.n >= 1 && rs.n < 8);
   recs_free(&rs);
 
-  /* to every rank: each stops at its next forward pass and exits 3 */
+  /* to every rank: each stops within the layer in progress and exits 3 */
   job = worker_start(scratch(log, "termed-2.log"), 3, store, "--subjects", "8", "--chunk", "1", "--methods",
                      "none,pas_only", NULL);
   wait_records(store, after_first + 1, job, CMD_WAIT);

@@ -246,6 +246,61 @@ static void test_device_failure(void **s) {
   assert_int_equal(tu_fake_live, 0);
 }
 
+/* The poll: asks to stop at call stop_at of it. */
+static int stop_at, polls;
+static int stop_poll(void *ctx) {
+  (void)ctx;
+  return ++polls == stop_at;
+}
+
+/* A stop asked between layers (pa_train_batch.poll; on this 2-layer model
+ * the forward pass polls once, the backward pass once) ends the pass with
+ * PA_ECANCELED on the device path; a stopped forward pass leaves nothing
+ * for backward, a stopped backward pass nothing for another backward; a
+ * device failure among what a stopped pass queued is said rather than
+ * left for the next pass; and the trainer then trains as one never stopped
+ * (the same logits and gradient, bits); every buffer is released. */
+static void test_stopped_passes(void **s) {
+  (void)s;
+  fixture f;
+  fixture_make(&f, PA_MK_QWEN2, "stop.gguf");
+  pa_lm *lm;
+  pa_trainer *tr;
+  const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
+  if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = tu_fake_device()}, &lm) ||
+      pa_trainer_create(lm, &plan, &tr))
+    fail_msg("%s", pa_errmsg());
+  float want[6], got[6];
+  assert_int_equal(pa_trainer_forward(tr, f.lora, &f.b, want), PA_OK);
+  assert_int_equal(pa_trainer_backward(tr, f.coef, f.grad), PA_OK);
+  float *grad = malloc(f.grad->n_floats * sizeof *grad);
+  assert_non_null(grad);
+  memcpy(grad, f.grad->arena, f.grad->n_floats * sizeof *grad);
+
+  pa_train_batch b = f.b;
+  b.poll = stop_poll;
+  polls = 0, stop_at = 1; /* in the forward pass */
+  assert_int_equal(pa_trainer_forward(tr, f.lora, &b, got), PA_ECANCELED);
+  assert_int_equal(pa_trainer_backward(tr, f.coef, f.grad), PA_EINVAL);
+  polls = 0, stop_at = 2; /* in the backward pass */
+  assert_int_equal(pa_trainer_forward(tr, f.lora, &b, got), PA_OK);
+  assert_int_equal(pa_trainer_backward(tr, f.coef, f.grad), PA_ECANCELED);
+  assert_int_equal(pa_trainer_backward(tr, f.coef, f.grad), PA_EINVAL);
+  polls = 0, stop_at = 1, tu_fake_fail = 1; /* the device failed under a stopped pass */
+  assert_int_equal(pa_trainer_forward(tr, f.lora, &b, got), PA_EIO);
+  assert_non_null(strstr(pa_errmsg(), "the training forward pass on the cpu-as-device backend"));
+
+  assert_int_equal(pa_trainer_forward(tr, f.lora, &f.b, got), PA_OK);
+  assert_memory_equal(got, want, sizeof want);
+  assert_int_equal(pa_trainer_backward(tr, f.coef, f.grad), PA_OK);
+  assert_memory_equal(f.grad->arena, grad, f.grad->n_floats * sizeof *grad);
+  free(grad);
+  pa_trainer_destroy(tr);
+  pa_lm_destroy(lm);
+  fixture_free(&f);
+  assert_int_equal(tu_fake_live, 0);
+}
+
 /* Every allocation of the trainer on the device path refused in turn, the
  * k-th and all after it (tu_fake_allocs_left), the model already open:
  * making the trainer, its forward pass and its backward pass each fail
@@ -537,6 +592,7 @@ int main(void) {
       cmocka_unit_test(test_device_path),
       cmocka_unit_test(test_bf16),
       cmocka_unit_test(test_device_failure),
+      cmocka_unit_test(test_stopped_passes),
       cmocka_unit_test(test_allocation_failures),
       cmocka_unit_test(test_optimiser),
       cmocka_unit_test(test_adamw_against_pytorch),

@@ -91,7 +91,8 @@ typedef struct pa_bank pa_bank;
 /* Computes the bank. lm, tok and tmpl are the model's (pa_model_tokenizer,
  * pa_model_chat). The letter must be one token after the prefix, both on its
  * own (as eval.c reads answers) and inside every rendered prompt; otherwise
- * PA_EUNSUPPORTED naming the item, the letter and the prefix. Sequences
+ * PA_EUNSUPPORTED naming the letter and the prefix (and, inside a prompt,
+ * the item). Sequences
  * longer than pa_lm_max_seq(lm) are PA_EINVAL. */
 int pa_bank_compute(pa_lm *lm, const pa_tokenizer *tok, const pa_chat_template *tmpl, const pa_inventory *inv,
                     const pa_bank_opts *o, pa_bank **out);

@@ -158,14 +158,22 @@ static memo *memo_find(pa_evaluator *ev, const char *system, const int *items, i
   return NULL;
 }
 
-/* Remembers an unsteered call's answers in an empty slot, else in the one
- * least recently used; on failure simply remembers nothing. */
+/* Remembers an unsteered call's answers in the slot that holds the same
+ * call (remembered without the probabilities asked for now), else in an
+ * empty one, else in the one least recently used; on failure simply
+ * remembers nothing. */
 static void memo_store(pa_evaluator *ev, const char *system, const int *items, int n, const pa_pred *preds,
                        const float *probs, long naive) {
-  memo *m = &ev->memos[0];
-  for (int i = 1; i < MEMO_SLOTS && m->system; i++)
-    if (!ev->memos[i].system || ev->memos[i].used < m->used)
+  memo *m = memo_find(ev, system, items, n);
+  for (int i = 0; i < MEMO_SLOTS && !m; i++)
+    if (!ev->memos[i].system)
       m = &ev->memos[i];
+  if (!m) {
+    m = &ev->memos[0];
+    for (int i = 1; i < MEMO_SLOTS; i++)
+      if (ev->memos[i].used < m->used)
+        m = &ev->memos[i];
+  }
   memo_clear(m);
   m->used = ++ev->memo_clock;
   m->system = strdup(system ? system : "");
@@ -366,7 +374,9 @@ int pa_evaluator_answer(pa_evaluator *ev, const pa_inventory *inv, const char *s
   const double t0 = now();
   pa_eval_stats st = {0};
   memo *m = steer || ev->lora ? NULL : memo_find(ev, system, items, n);
-  if (m && (!probs || !isnan(m->probs[0]))) {
+  /* a remembered call that kept no probabilities answers one that asks for
+   * them only in generate mode, which has none */
+  if (m && (!probs || ev->o.mode == PA_READ_GENERATE || !isnan(m->probs[0]))) {
     m->used = ++ev->memo_clock;
     memcpy(preds, m->preds, (size_t)n * sizeof *preds);
     if (probs)

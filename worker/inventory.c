@@ -482,7 +482,7 @@ static int set_id(pa_subject *s, const char *id, const char *path, const char *w
   for (size_t i = 0, k; i < len; i += k) {
     uint32_t cp;
     k = pa_utf8_valid((const uint8_t *)id + i, len - i, &cp);
-    if (!k || cp < 0x20 || cp == 0x7F)
+    if (!k || cp < 0x20 || (cp >= 0x7F && cp <= 0x9F)) /* C0 and C1 controls, DEL */
       return pa_error(PA_EFORMAT, "%s: %s: subject id has %s at byte %zu (ids are printable UTF-8 text)", path, where,
                       !k ? "a byte that is not UTF-8" : "a control character", i);
   }

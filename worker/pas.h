@@ -140,7 +140,8 @@ int pa_pas_holdout_select(const pa_inventory *inv, uint64_t run_seed, int per_tr
 /* The selection rule: the index of the alpha with the fewest unknown answers
  * on the choosing set (unknown[a]; NULL: none anywhere), among those the
  * smallest mae_sums[a] (NaN loses to every number), ties to the smaller
- * alphas[a], then the earlier index; 0 when all are NaN. An alpha that makes
+ * alphas[a], then the earlier index (so 0 when every sum is NaN and the
+ * unknown counts are equal). An alpha that makes
  * the model's answers unreadable (generate mode) cannot win on the few it
  * still answers. n >= 1. */
 int pa_pas_choose_alpha(const double *alphas, const double *mae_sums, const long *unknown, int n);

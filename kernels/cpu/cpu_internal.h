@@ -38,8 +38,10 @@ static inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  scale.i = (int32_t)((uint32_t)(k + 127) << 23); /* unsigned: a NaN input (a diverged model's) gives
-                                                     any k, and its result is NaN whatever the scale */
+  /* unsigned: a NaN input (a diverged model's) can give any k here, the
+   * clamp above being free to pass it under -ffinite-math-only; the result
+   * is then meaningless, but the shift stays defined */
+  scale.i = (int32_t)((uint32_t)(k + 127) << 23);
   return p * scale.f;
 }
 
