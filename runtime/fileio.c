@@ -1,3 +1,6 @@
+/* realpath is an X/Open function */
+#define _XOPEN_SOURCE 700
+
 #include "fileio.h"
 
 #include "status.h"
@@ -60,10 +63,26 @@ void pa_unmap_file(pa_mapped *m) {
 
 int pa_write_atomic(const char *path, const pa_chunk *chunks, size_t n) {
   static atomic_uint counter;
+  /* What is there must be a file: renaming over a device, a FIFO or a link
+   * to one (/dev/stdout) would replace that node, not write to it. A link
+   * to a file is followed, so the file is replaced and the link kept; the
+   * file's permissions are kept too. */
+  struct stat st, lst;
+  const bool existed = stat(path, &st) == 0;
+  if (existed && !S_ISREG(st.st_mode))
+    return pa_error(PA_EINVAL, "%s: not a regular file (it would be replaced whole; name a file or a new path)", path);
+  char *real = NULL;
+  if (existed && lstat(path, &lst) == 0 && S_ISLNK(lst.st_mode)) {
+    if (!(real = realpath(path, NULL)))
+      return pa_error(PA_EIO, "%s: cannot follow the link: %s", path, strerror(errno));
+    path = real;
+  }
   const size_t tlen = strlen(path) + 32;
   char *tmp = malloc(tlen);
-  if (!tmp)
+  if (!tmp) {
+    free(real);
     return pa_error(PA_ENOMEM, "%s: no memory", path);
+  }
   snprintf(tmp, tlen, "%s.tmp%d.%u", path, (int)getpid(), atomic_fetch_add(&counter, 1u));
   int rc = PA_OK;
   FILE *f = fopen(tmp, "wb");
@@ -74,6 +93,7 @@ int pa_write_atomic(const char *path, const pa_chunk *chunks, size_t n) {
     for (size_t i = 0; ok && i < n; i++)
       ok = chunks[i].len == 0 || fwrite(chunks[i].data, 1, chunks[i].len, f) == chunks[i].len;
     ok = fflush(f) == 0 && ok;
+    ok = (!existed || fchmod(fileno(f), st.st_mode & 07777) == 0) && ok;
     /* the rename must not reach the disk before the data does, or a crash
      * leaves a complete-looking file full of zeros */
     ok = fsync(fileno(f)) == 0 && ok;
@@ -97,6 +117,7 @@ int pa_write_atomic(const char *path, const pa_chunk *chunks, size_t n) {
     }
   }
   free(tmp);
+  free(real);
   return rc;
 }
 

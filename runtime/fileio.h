@@ -42,7 +42,11 @@ typedef struct {
   size_t len;
 } pa_chunk;
 
-/* Writes the concatenation of chunks[0..n) to `path` atomically. */
+/* Writes the concatenation of chunks[0..n) to `path` atomically. What is
+ * at path must be a regular file (or nothing): a device, a FIFO or a link
+ * to one is PA_EINVAL, since renaming over it would replace the node, not
+ * write to it. A link to a file is followed (the file replaced, the link
+ * kept), and a file's permissions are kept. */
 int pa_write_atomic(const char *path, const pa_chunk *chunks, size_t n);
 
 /* fsyncs a directory, so that names just created, renamed or removed in it

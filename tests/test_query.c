@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "palign.pb-c.h"
 #include "status.h"
@@ -364,6 +365,29 @@ static void test_export(void **s) {
   char *text = tu_slurp(path, NULL);
   assert_string_equal(text, expect);
   free(text);
+  /* through a link, the file it names is replaced, the link and the
+   * file's permissions kept; a device (what /dev/stdout names) is refused,
+   * not replaced by a file */
+  char link[300];
+  tu_path(link, sizeof link, "export-link.csv");
+  assert_int_equal(chmod(path, 0640), 0);
+  assert_int_equal(symlink(path, link), 0);
+  assert_int_equal(palign("query %s export --format json --out %s", good, link), 0);
+  struct stat st;
+  assert_int_equal(lstat(link, &st), 0);
+  assert_true(S_ISLNK(st.st_mode));
+  assert_int_equal(stat(path, &st), 0);
+  assert_int_equal(st.st_mode & 0777, 0640);
+  text = tu_slurp(path, NULL);
+  assert_int_equal(text[0], '[');
+  free(text);
+  char dev[300];
+  tu_path(dev, sizeof dev, "to-null");
+  assert_int_equal(symlink("/dev/null", dev), 0);
+  assert_int_equal(palign("query %s export --out %s", good, dev), 1);
+  expect_err("to-null: not a regular file");
+  assert_int_equal(lstat(dev, &st), 0);
+  assert_true(S_ISLNK(st.st_mode));
 
   assert_int_equal(palign("query %s export --format json", good), 0);
   cJSON *j = cJSON_Parse(out);
