@@ -908,6 +908,7 @@ typedef struct progress {
   long reports; /* messages the coordinator handled */
   double busy;  /* seconds spent handling them (bookkeeping, handing out, printing), waiting excluded */
   double t0, last_line;
+  double t_last; /* when a subject last finished (t0 before any did) */
 } progress;
 
 static void print_progress(service *sv, progress *p, const worker_state *ws, int n_workers, bool force) {
@@ -917,8 +918,12 @@ static void print_progress(service *sv, progress *p, const worker_state *ws, int
   p->last_line = t;
   const size_t finished = p->done + p->failed, left = p->total - finished;
   const double rate = finished > 0 ? (double)finished / (t - p->t0) : 0;
+  /* the time left at the pace up to the last finished subject, less the
+   * time since: it counts down between subjects instead of growing while
+   * one is in progress */
   char eta[64] = "time left unknown";
-  const double secs = rate > 0 ? (double)left / rate : 0;
+  const double pace = finished > 0 ? (p->t_last - p->t0) / (double)finished : 0,
+               secs = fmax(pace * (double)left - (t - p->t_last), 0);
   if (rate > 0 && secs < 120)
     snprintf(eta, sizeof eta, "about %.0f s left", secs);
   else if (rate > 0)
@@ -947,6 +952,7 @@ static int serve_alone(service *sv, const size_t *todo, size_t n_todo, progress 
     if (out == SUBJECT_ABANDONED)
       return PA_ECANCELED;
     *(out == SUBJECT_DONE ? &p->done : &p->failed) += 1;
+    p->t_last = now_s();
     print_progress(sv, p, NULL, 0, false);
   }
   return PA_OK;
@@ -1047,6 +1053,8 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
       if (ws[w].warned)
         fprintf(sv->log, "palign-worker: rank %d answers again\n", r->rank);
       ws[w].warned = false;
+      if (r->n_done || r->n_failed)
+        p->t_last = t;
       for (size_t i = 0; i < r->n_done; i++, p->done++)
         chunk_remove(sv, &ws[w], r->done[i]);
       for (size_t i = 0; i < r->n_failed; i++, p->failed++) {
@@ -1216,6 +1224,7 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
     say_error(sv);
 
   progress p = {.total = n_todo, .t0 = now_s(), .stored_before = n_stored};
+  p.t_last = p.t0;
   if (!rc) {
     if (sv->size == 1)
       rc = serve_alone(sv, todo, n_todo, &p);

@@ -1668,6 +1668,29 @@ static void test_benchmark_mode(void **state) {
   assert_int_equal(
       worker(scratch(log, "bench-bad.log"), 0, NULL, store, "--subjects", "12", "--benchmark-delay", "-1", NULL), 2);
   expect_in(log, "--benchmark-delay is MEAN[,CV]");
+
+  /* the time left counts down while a subject is in progress: 3 subjects of
+   * 1.5 s each on one rank, a line every 0.25 s; between the first and the
+   * second subject's end the estimate (1.5 s a subject, 2 left, less the
+   * time since) falls, where one from the rate so far would grow */
+  scratch(store, "bench-eta");
+  assert_int_equal(worker(scratch(log, "bench-eta.log"), 0, NULL, store, "--subjects", "3", "--benchmark-delay",
+                          "1.5,0", "--progress", "0.25", NULL),
+                   0);
+  char *text = tu_slurp(log, NULL);
+  int lines = 0;
+  double last = INFINITY;
+  for (const char *at = strstr(text, " 1/3 subjects done"); at; at = strstr(at + 1, " 1/3 subjects done")) {
+    const char *about = strstr(at, "; about "), *eol = strchr(at, '\n');
+    double secs;
+    assert_true(about && eol && about < eol && sscanf(about, "; about %lf s left", &secs) == 1);
+    if (secs > last)
+      fail_msg("the time left grew from %.0f s to %.0f s while the second subject ran:\n%s", last, secs, text);
+    last = secs, lines++;
+  }
+  assert_true(lines >= 3);
+  assert_true(last <= 2);
+  free(text);
 }
 
 /* 11. The soak: one store, SOAK_SUBJECTS subjects on 3 ranks, started over
