@@ -294,7 +294,7 @@ int pa_dpo_train(pa_evaluator *ev, const pa_inventory *inv, const pa_subject *s,
           dlog[i * N_LETTERS + pr->rejected] -= (float)(dm / n_pairs);
         }
       loss /= n_pairs;
-      if (!isfinite(loss)) { /* the adapter has diverged: its answers would be NaN's argmax */
+      if (!isfinite(loss)) { /* the adapter has diverged: what it answers would not be numbers */
         rc = pa_error(PA_EINVAL, "DPO diverged: the loss is %s at step %d of %d (learning rate %g, beta %g)",
                       isnan(loss) ? "not a number" : "infinite", step + 1, out->n_steps, o->lr, o->beta);
         goto done;
