@@ -26,16 +26,16 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 }
 
 static void walk(const pa_gguf *g) {
-  volatile int64_t sink = 0;
+  volatile uint64_t sink = 0; /* unsigned: a file's integers may be anything, and their sum must not overflow */
   for (size_t i = 0; i < pa_gguf_n_kv(g); i++) {
     const pa_gguf_kv *kv = pa_gguf_kv_at(g, i);
     const uint32_t t = kv->type == PA_GGUF_ARRAY ? kv->elem : kv->type;
     const bool integer = t <= 5 || t == 7 || t == 10 || t == 11; /* the integer and bool types */
     if (integer && kv->n > 0)
-      sink += pa_gguf_kv_int(kv, 0) + pa_gguf_kv_int(kv, kv->n - 1);
+      sink += (uint64_t)pa_gguf_kv_int(kv, 0) + (uint64_t)pa_gguf_kv_int(kv, kv->n - 1);
   }
   for (size_t i = 0; i < pa_gguf_n_tensors(g); i++)
-    sink += (int64_t)pa_gguf_tensor_at(g, i)->nbytes;
+    sink += (uint64_t)pa_gguf_tensor_at(g, i)->nbytes;
   (void)sink;
 }
 
