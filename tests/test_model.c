@@ -134,9 +134,11 @@ static void test_gguf_rows_unpermuted(void **s) {
 }
 
 /* Copies a GGUF, leaving out tensor `skip`, or giving tensor `alter` a new
- * type and/or reversed shape. */
-static void rewrite_gguf(const char *src, const char *dst, const char *skip, const char *alter, uint32_t new_type,
-                         bool transpose) {
+ * type and/or reversed shape, and adding tensor `extra` (a 1-D F32 of
+ * n_extra values; NULL: none). */
+static void rewrite_gguf_adding(const char *src, const char *dst, const char *skip, const char *alter,
+                                uint32_t new_type, bool transpose, const char *extra, const float *extra_data,
+                                int n_extra) {
   pa_gguf *g;
   assert_int_equal(pa_gguf_open(src, &g), PA_OK);
   pa_gguf_writer *w;
@@ -159,9 +161,17 @@ static void rewrite_gguf(const char *src, const char *dst, const char *skip, con
     }
     assert_int_equal(pa_gguf_add_tensor(w, name, type, t->n_dims, ne, t->data), PA_OK);
   }
+  if (extra)
+    assert_int_equal(pa_gguf_add_tensor(w, extra, PA_F32, 1, (uint64_t[4]){(uint64_t)n_extra, 1, 1, 1}, extra_data),
+                     PA_OK);
   assert_int_equal(pa_gguf_writer_write(w, dst), PA_OK);
   pa_gguf_writer_destroy(w);
   pa_gguf_close(g);
+}
+
+static void rewrite_gguf(const char *src, const char *dst, const char *skip, const char *alter, uint32_t new_type,
+                         bool transpose) {
+  rewrite_gguf_adding(src, dst, skip, alter, new_type, transpose, NULL, NULL, 0);
 }
 
 static void test_broken_gguf_models(void **s) {
@@ -186,27 +196,10 @@ static void test_broken_gguf_models(void **s) {
    * a 0, which RoPE would divide by, is refused naming the entry */
   const int half = o.dim / o.n_heads / 2;
   for (int broken = 0; broken < 2; broken++) {
-    pa_gguf *g;
-    assert_int_equal(pa_gguf_open(good, &g), PA_OK);
-    pa_gguf_writer *w;
-    assert_int_equal(pa_gguf_writer_create(&w), PA_OK);
-    for (size_t i = 0; i < pa_gguf_n_kv(g); i++)
-      assert_int_equal(pa_gguf_copy_kv(w, pa_gguf_kv_at(g, i)), PA_OK);
-    for (size_t i = 0; i < pa_gguf_n_tensors(g); i++) {
-      const pa_gguf_tensor *t = pa_gguf_tensor_at(g, i);
-      char name[128];
-      snprintf(name, sizeof name, "%.*s", (int)t->name.len, t->name.ptr);
-      uint64_t ne[4] = {t->ne[0], t->ne[1], t->ne[2], t->ne[3]};
-      assert_int_equal(pa_gguf_add_tensor(w, name, t->type, t->n_dims, ne, t->data), PA_OK);
-    }
     float div[64];
     for (int i = 0; i < half; i++)
       div[i] = broken && i == 2 ? 0.0f : 1.0f;
-    assert_int_equal(pa_gguf_add_tensor(w, "rope_freqs.weight", PA_F32, 1, (uint64_t[4]){(uint64_t)half, 1, 1, 1}, div),
-                     PA_OK);
-    assert_int_equal(pa_gguf_writer_write(w, bad), PA_OK);
-    pa_gguf_writer_destroy(w);
-    pa_gguf_close(g);
+    rewrite_gguf_adding(good, bad, NULL, NULL, UINT32_MAX, false, "rope_freqs.weight", div, half);
     pa_model *m = open_ok(bad);
     pa_weights wt;
     if (!broken) {

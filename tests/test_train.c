@@ -219,6 +219,14 @@ static void test_bf16(void **s) {
   pa_lora_destroy(g16), pa_lora_destroy(g16_cpu), pa_lora_destroy(g32), pa_lora_destroy(g32_cpu);
 }
 
+/* The fixture's model and a trainer of its plan on the CPU posing as a device. */
+static void device_trainer(const fixture *f, pa_lm **lm, pa_trainer **tr) {
+  const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
+  if (pa_lm_create(f->m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = tu_fake_device()}, lm) ||
+      pa_trainer_create(*lm, &plan, tr))
+    fail_msg("%s", pa_errmsg());
+}
+
 /* A failure the device reports (backend.h: status) fails the pass that saw
  * it, and a failed forward pass leaves nothing for backward. */
 static void test_device_failure(void **s) {
@@ -227,10 +235,7 @@ static void test_device_failure(void **s) {
   fixture_make(&f, PA_MK_QWEN2, "fail.gguf");
   pa_lm *lm;
   pa_trainer *tr;
-  const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
-  if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = tu_fake_device()}, &lm) ||
-      pa_trainer_create(lm, &plan, &tr))
-    fail_msg("%s", pa_errmsg());
+  device_trainer(&f, &lm, &tr);
   float logits[6];
   tu_fake_fail = 1;
   assert_int_equal(pa_trainer_forward(tr, f.lora, &f.b, logits), PA_EIO);
@@ -266,10 +271,7 @@ static void test_stopped_passes(void **s) {
   fixture_make(&f, PA_MK_QWEN2, "stop.gguf");
   pa_lm *lm;
   pa_trainer *tr;
-  const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
-  if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = tu_fake_device()}, &lm) ||
-      pa_trainer_create(lm, &plan, &tr))
-    fail_msg("%s", pa_errmsg());
+  device_trainer(&f, &lm, &tr);
   float want[6], got[6];
   assert_int_equal(pa_trainer_forward(tr, f.lora, &f.b, want), PA_OK);
   assert_int_equal(pa_trainer_backward(tr, f.coef, f.grad), PA_OK);

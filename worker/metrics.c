@@ -148,16 +148,23 @@ static void cell(FILE *f, double v, int w, int prec) {
     fprintf(f, " %*.*f", w, prec, v);
 }
 
-void pa_metrics_print_table(FILE *f, const char *const *names, const pa_method_summary *sums, int n_methods) {
+/* A table's header row up to its trait columns (method, n, O C E A N);
+ * returns the method column's width, the longest name's. */
+static int table_head(FILE *f, const char *const *names, int n_methods) {
   int nw = (int)strlen("method");
   for (int i = 0; i < n_methods; i++)
     if ((int)strlen(names[i]) > nw)
       nw = (int)strlen(names[i]);
-  fprintf(f, "MAE per trait on the 1..5 scale (traits in the Big Five order O C E A N), mean over subjects;\n"
-             "sum = mean over subjects of the sum over traits, ± the 95%% interval over subjects; lower is better\n");
   fprintf(f, "%-*s %5s", nw, "method", "n");
   for (int k = 0; k < PA_N_TRAITS; k++)
     fprintf(f, " %6c", pa_trait_letter(table_order[k]));
+  return nw;
+}
+
+void pa_metrics_print_table(FILE *f, const char *const *names, const pa_method_summary *sums, int n_methods) {
+  fprintf(f, "MAE per trait on the 1..5 scale (traits in the Big Five order O C E A N), mean over subjects;\n"
+             "sum = mean over subjects of the sum over traits, ± the 95%% interval over subjects; lower is better\n");
+  const int nw = table_head(f, names, n_methods);
   /* Widths count bytes: "±" takes two bytes and one column, hence 14 for 13 columns. */
   fprintf(f, " %14s %8s %8s\n", "sum ± 95%", "scored", "unknown");
   for (int i = 0; i < n_methods; i++) {
@@ -174,16 +181,10 @@ void pa_metrics_print_table(FILE *f, const char *const *names, const pa_method_s
 }
 
 void pa_metrics_print_keyed(FILE *f, const char *const *names, const pa_method_summary *sums, int n_methods) {
-  int nw = (int)strlen("method");
-  for (int i = 0; i < n_methods; i++)
-    if ((int)strlen(names[i]) > nw)
-      nw = (int)strlen(names[i]);
   fprintf(f, "Keyed trait score (reverse-keyed answers as 6 - answer, the mean over a trait's scored items):\n"
              "|predicted - true| averaged over subjects (lower is better), and Pearson's r over subjects\n"
              "between the predicted and the true score (higher is better; - for a constant prediction)\n");
-  fprintf(f, "%-*s %5s", nw, "method", "n");
-  for (int k = 0; k < PA_N_TRAITS; k++)
-    fprintf(f, " %6c", pa_trait_letter(table_order[k]));
+  const int nw = table_head(f, names, n_methods);
   fprintf(f, "  |");
   for (int k = 0; k < PA_N_TRAITS; k++)
     fprintf(f, " %4s%c", "r ", pa_trait_letter(table_order[k]));
