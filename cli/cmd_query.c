@@ -530,6 +530,8 @@ int cmd_query(int argc, char **argv) {
       }
     } else if (which == SUBJECT && !id && (a[0] != '-' || (!strcmp(a, "--") && i + 1 < argc))) {
       id = a[0] == '-' ? argv[++i] : a; /* `subject -- -5`: an id that begins with '-' */
+    } else if (which == SUBJECT && !id && !strcmp(a, "--")) {
+      return bad_usage("%ssubject -- needs an ID after it", "");
     } else {
       return bad_usage(a[0] == '-' ? "unknown flag '%s' for this command" : "unexpected argument '%s'", a);
     }

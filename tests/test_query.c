@@ -724,6 +724,8 @@ static void test_odd_records(void **s) {
   expect_out("10737418235"); /* 5 x INT32_MAX scored */
   assert_int_equal(palign("query %s subject -5", st), 2);
   expect_err("unknown flag '-5'");
+  assert_int_equal(palign("query %s subject --", st), 2);
+  expect_err("subject -- needs an ID after it");
 }
 
 static void test_usage_and_errors(void **s) {
