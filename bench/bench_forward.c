@@ -47,7 +47,7 @@ static double now(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void die(const char *what) {
+_Noreturn static void die(const char *what) {
   fprintf(stderr, "bench_forward: %s: %s\n", what, pa_errmsg());
   exit(1);
 }

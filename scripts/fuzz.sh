@@ -17,7 +17,10 @@ shift || true
 HARNESSES=("$@")
 [ ${#HARNESSES[@]} -gt 0 ] || HARNESSES=(gguf safetensors hfdir tokenizer papi store bank)
 
-command -v clang >/dev/null || { echo "fuzz.sh: clang is needed (apt-get install clang)" >&2; exit 1; }
+for pkg in clang libclang-rt-14-dev libomp-dev; do # clang, its libFuzzer and sanitizers, its OpenMP
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' ||
+    { echo "fuzz.sh: $pkg is needed (apt-get install clang libclang-rt-14-dev libomp-dev)" >&2; exit 1; }
+done
 if [ ! -f "$BUILD/CMakeCache.txt" ]; then
   CC=clang cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPALIGN_FUZZ=ON >/dev/null
 fi

@@ -93,7 +93,7 @@ static void count_waits(int n_layers, unsigned long *fill, unsigned long *batch)
   for (int i = 0; i < 24; i++)
     tok[i] = (i * 29 + 3) % c->vocab_size;
   for (int pass = 0; pass < 2; pass++) {
-    pa_kv *pre, *a, *b;
+    pa_kv *pre = NULL, *a = NULL, *b = NULL;
     if (pa_kv_create(lm, 32, &pre) || pa_kv_create(lm, 32, &a) || pa_kv_create(lm, 32, &b))
       fail_msg("%s", pa_errmsg());
     unsigned long w = pa_cuda_host_waits();
@@ -253,7 +253,7 @@ static void test_profile(void **s) {
   int32_t tok[48];
   for (int i = 0; i < 48; i++)
     tok[i] = (i * 31 + 5) % V;
-  pa_kv *pre, *a, *b;
+  pa_kv *pre = NULL, *a = NULL, *b = NULL;
   if (pa_kv_create(lm, 48, &pre) || pa_kv_create(lm, 32, &a) || pa_kv_create(lm, 32, &b))
     fail_msg("%s", pa_errmsg());
   struct timespec t0;
@@ -343,7 +343,7 @@ static void test_profile(void **s) {
   assert_int_equal(pa_cuda_profile(1), 0);
   assert_int_equal(pa_cuda_profile_read(&rows, &idle), 0);
   pa_lm *lm32;
-  pa_kv *pre32;
+  pa_kv *pre32 = NULL;
   if (pa_lm_create(m, &(pa_lm_opts){.max_seq = 64, .backend = pa_backend_cuda(), .weights = PA_WEIGHTS_FP32}, &lm32) ||
       pa_kv_create(lm32, 48, &pre32))
     fail_msg("%s", pa_errmsg());

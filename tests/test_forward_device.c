@@ -79,7 +79,7 @@ static void test_device_failure(void **s) {
   char path[300];
   pa_mkmodel_opts o = pa_mkmodel_defaults();
   o.n_layers = 2, o.seed = 31;
-  pa_model *m;
+  pa_model *m = NULL;
   pa_lm *lm;
   if (pa_mkmodel_write_gguf(&o, tu_path(path, sizeof path, "fail.gguf")) || pa_model_open(path, &m))
     fail_msg("%s", pa_errmsg());

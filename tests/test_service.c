@@ -1682,7 +1682,7 @@ static void test_benchmark_mode(void **state) {
   double last = INFINITY;
   for (const char *at = strstr(text, " 1/3 subjects done"); at; at = strstr(at + 1, " 1/3 subjects done")) {
     const char *about = strstr(at, "; about "), *eol = strchr(at, '\n');
-    double secs;
+    double secs = 0;
     assert_true(about && eol && about < eol && sscanf(about, "; about %lf s left", &secs) == 1);
     if (secs > last)
       fail_msg("the time left grew from %.0f s to %.0f s while the second subject ran:\n%s", last, secs, text);

@@ -163,7 +163,7 @@ static inline void tu_optimise_compare(const pa_backend *be, pa_weight_format wf
   fixture f;
   fixture_make(&f, PA_MK_QWEN2, "optimise.gguf");
   pa_lm *lm;
-  pa_trainer *ta, *tb;
+  pa_trainer *ta = NULL, *tb = NULL;
   const pa_train_plan plan = {.max_prefix = 21, .max_seqs = 3, .max_seq_len = 21, .max_out = 2, .rank = 4};
   if (pa_lm_create(f.m, &(pa_lm_opts){.n_threads = 2, .max_seq = 256, .backend = be, .weights = wf}, &lm) ||
       pa_trainer_create(lm, &plan, &ta) || pa_trainer_create(lm, &plan, &tb))
