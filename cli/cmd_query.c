@@ -450,6 +450,10 @@ static int run_verify(const char *store) {
     printf("index: stale (the shards changed since it was written; `palign query STORE index` rewrites it; until "
            "then lookups read the shards)\n");
     break;
+  case PA_INDEX_UNREADABLE:
+    printf("index: unreadable (damaged, or another palign's format; `palign query STORE index` rewrites it; until "
+           "then lookups read the shards)\n");
+    break;
   default: break;
   }
   if (ix)

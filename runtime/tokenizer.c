@@ -964,7 +964,7 @@ static int bpe_piece(const pa_tokenizer *t, enc *e, const char *s, uint32_t n) {
     uint32_t cp, k = 1;
     if (t->model == PA_TOK_BYTE_BPE) {
       int32_t id = t->byte_id[(uint8_t)s[i]];
-      /* a byte with no token is unknown (Hugging Face drops it without an unk) */
+      /* a byte with no token is unknown: dropped unless the model has an unknown token */
       if (id < 0)
         id = t->o.unk;
       if (id >= 0)

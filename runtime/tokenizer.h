@@ -130,6 +130,11 @@ bool pa_tokenizer_is_special(const pa_tokenizer *t, int32_t id);
  * <|im_end|>, <|end|> and <end_of_turn> (as llama.cpp guesses it). */
 int32_t pa_tokenizer_bos(const pa_tokenizer *t);
 int32_t pa_tokenizer_eos(const pa_tokenizer *t);
+/* The token encoding writes for a piece the vocabulary lacks: as the
+ * references encode, so -1 (the piece is dropped) for a GGUF byte-level BPE
+ * (llama.cpp never writes its unknown_token_id there) and for a
+ * tokenizer.json whose model names no unk_token (tokenizer_config.json's
+ * unk_token does not change Hugging Face's encoding). */
 int32_t pa_tokenizer_unk(const pa_tokenizer *t);
 int32_t pa_tokenizer_pad(const pa_tokenizer *t);
 int32_t pa_tokenizer_eot(const pa_tokenizer *t); /* end of turn, e.g. Llama-3's <|eot_id|> */
@@ -159,7 +164,8 @@ typedef enum {
 } pa_space_prefix;
 
 typedef struct {
-  int32_t bos, eos, unk, pad, eot; /* -1: none */
+  int32_t bos, eos, pad, eot; /* -1: none */
+  int32_t unk; /* written for a piece the vocabulary lacks (after byte fallback); -1: the piece is dropped */
   bool add_bos, add_eos;
   bool ignore_merges; /* a piece that is itself a token is not merged (Llama-3) */
   bool byte_fallback; /* PA_TOK_BPE: unknown characters become <0xNN> tokens */

@@ -171,9 +171,12 @@ static int build(const pa_gguf *g, pa_tokenizer **out) {
     snprintf(describe, sizeof describe, "byte-level BPE (GGUF gpt2, pre-tokenizer %s)", pre_name);
   }
   bool add_space_prefix = o.prefix != PA_PREFIX_NONE;
+  /* llama.cpp's byte-level BPE drops a byte with no token and never writes the
+   * unknown id (checked, not used); its SentencePiece writes it */
+  int32_t unused;
   if ((rc = opt_id(g, "tokenizer.ggml.bos_token_id", n, &o.bos, false)) ||
       (rc = opt_id(g, "tokenizer.ggml.eos_token_id", n, &o.eos, false)) ||
-      (rc = opt_id(g, "tokenizer.ggml.unknown_token_id", n, &o.unk, false)) ||
+      (rc = opt_id(g, "tokenizer.ggml.unknown_token_id", n, kind == PA_TOK_SPM ? &o.unk : &unused, false)) ||
       (rc = opt_id(g, "tokenizer.ggml.padding_token_id", n, &o.pad, true)) ||
       (rc = opt_id(g, "tokenizer.ggml.eot_token_id", n, &o.eot, false)) ||
       (rc = opt_bool(g, "tokenizer.ggml.add_bos_token", &o.add_bos)) ||

@@ -407,8 +407,9 @@ static int config(ctx *c, const char *cpath) {
     rc = config_token(c, cpath, cfg, "bos_token", &c->o->bos);
   if (!rc)
     rc = config_token(c, cpath, cfg, "eos_token", &c->o->eos);
+  int32_t unk; /* checked, not used: only the model's unk_token changes encoding (Hugging Face) */
   if (!rc)
-    rc = config_token(c, cpath, cfg, "unk_token", &c->o->unk);
+    rc = config_token(c, cpath, cfg, "unk_token", &unk);
   if (!rc)
     rc = config_token(c, cpath, cfg, "pad_token", &c->o->pad);
   ctx cc = *c;

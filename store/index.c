@@ -106,7 +106,8 @@ int pa_index_build(const char *store, size_t *n_entries, uint64_t *bytes) {
     rc = c.rc;
   Palign__IndexEntry *entries = NULL, **entry_p = NULL;
   if (!rc) {
-    qsort(c.e, c.n, sizeof *c.e, cmp_entry);
+    if (c.n) /* c.e is NULL without records, which qsort may not take */
+      qsort(c.e, c.n, sizeof *c.e, cmp_entry);
     entries = calloc(c.n + 1, sizeof *entries);
     entry_p = calloc(c.n + 1, sizeof *entry_p);
     if (!entries || !entry_p)
@@ -158,10 +159,14 @@ pa_index_state pa_index_check(const char *store, Palign__StoreIndex **out) {
     return PA_INDEX_NONE;
   Palign__StoreIndex *ix = palign__store_index__unpack(NULL, m.size, m.data);
   pa_unmap_file(&m);
-  if (!ix || ix->format != INDEX_FORMAT) {
+  bool readable = ix && ix->format == INDEX_FORMAT;
+  for (size_t i = 0; readable && i < ix->n_entries; i++) /* well formed: in range and sorted */
+    readable = ix->entries[i]->shard < ix->n_shards &&
+               (i == 0 || strcmp(ix->entries[i - 1]->subject_id, ix->entries[i]->subject_id) < 0);
+  if (!readable) {
     if (ix)
       palign__store_index__free_unpacked(ix, NULL);
-    return PA_INDEX_STALE;
+    return PA_INDEX_UNREADABLE;
   }
   /* every shard file now, the same as when indexed */
   char **names = NULL;
@@ -174,9 +179,6 @@ pa_index_state pa_index_check(const char *store, Palign__StoreIndex **out) {
     same = !strcmp(names[i], ix->shards[i]->name) && shard_stat(store, names[i], &size, &mtime) &&
            size == ix->shards[i]->size && mtime == ix->shards[i]->mtime_ns;
   }
-  for (size_t i = 0; same && i < ix->n_entries; i++) /* well formed: in range and sorted */
-    same = ix->entries[i]->shard < ix->n_shards &&
-           (i == 0 || strcmp(ix->entries[i - 1]->subject_id, ix->entries[i]->subject_id) < 0);
   free_names(names, n);
   if (!same) {
     palign__store_index__free_unpacked(ix, NULL);

@@ -21,9 +21,10 @@
 /* Writes STORE/index.pb atomically; *n_entries and *bytes when not NULL. */
 int pa_index_build(const char *store, size_t *n_entries, uint64_t *bytes);
 
-typedef enum { PA_INDEX_NONE, PA_INDEX_STALE, PA_INDEX_CURRENT } pa_index_state;
+typedef enum { PA_INDEX_NONE, PA_INDEX_UNREADABLE, PA_INDEX_STALE, PA_INDEX_CURRENT } pa_index_state;
 
-/* Whether STORE/index.pb is there and matches the shard files; when current,
+/* Whether STORE/index.pb is there, an index this palign reads (UNREADABLE:
+ * damaged, or another format), and matches the shard files; when current,
  * *out is the index (free with palign__store_index__free_unpacked). */
 pa_index_state pa_index_check(const char *store, Palign__StoreIndex **out);
 

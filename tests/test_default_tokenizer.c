@@ -117,6 +117,23 @@ static int teardown(void **s) {
   return 0;
 }
 
+/* text without the bytes t has no token for, which encoding drops (as both
+ * references do): what decoding gives back. */
+static char *without_missing_bytes(const pa_tokenizer *t, const char *text) {
+  char *out = strdup(text), *o = out;
+  assert_non_null(out);
+  for (const char *p = text; *p; p++) {
+    int32_t *ids;
+    size_t n;
+    assert_int_equal(pa_tokenizer_encode(t, p, 1, 0, &ids, &n), PA_OK);
+    free(ids);
+    if (n > 0)
+      *o++ = *p;
+  }
+  *o = 0;
+  return out;
+}
+
 static void check_ids(const pa_tokenizer *t, const char *text, unsigned flags, const int32_t *want, size_t n_want,
                       const char *what) {
   int32_t *ids;
@@ -133,9 +150,10 @@ static void check_ids(const pa_tokenizer *t, const char *text, unsigned flags, c
   char *back;
   size_t len;
   assert_int_equal(pa_tokenizer_decode(t, ids, n, PA_TOK_DECODE_SPECIAL, &back, &len), PA_OK);
-  if (len != strlen(text) || memcmp(back, text, len))
+  char *kept = without_missing_bytes(t, text);
+  if (len != strlen(kept) || memcmp(back, kept, len))
     fail_msg("%s: decode(encode(x)) != x for '%.300s'", what, text);
-  free(back);
+  free(back), free(kept);
   free(ids);
 }
 
@@ -150,7 +168,8 @@ static void test_metadata(void **s) {
     assert_int_equal(pa_tokenizer_n_vocab(tok), 49152);
     assert_int_equal(pa_tokenizer_bos(tok), 1);
     assert_int_equal(pa_tokenizer_eos(tok), 2);
-    assert_int_equal(pa_tokenizer_unk(tok), 0);
+    /* the file's unknown_token_id is 0, which llama.cpp's byte-level BPE never writes */
+    assert_int_equal(pa_tokenizer_unk(tok), -1);
     assert_int_equal(pa_tokenizer_pad(tok), 2);
     assert_int_equal(pa_tokenizer_eot(tok), 2); /* <|im_end|> */
     assert_int_equal(pa_tokenizer_find(tok, "<|im_start|>"), 1);

@@ -650,16 +650,31 @@ static void test_index(void **s) {
   assert_int_equal(palign("query %s verify", st), 1);
   expect_out("index: stale");
   assert_int_equal(palign("query %s subject s1 --json", st), 0);
-  /* a garbage index is a stale one */
+  /* a garbage index is not used either, and verify says what it is */
   snprintf(ipath, sizeof ipath, "%s/index.pb", st);
   tu_write_text(ipath, "not an index at all");
   assert_int_equal(palign("query %s verify", st), 1);
-  expect_out("index: stale");
+  expect_out("index: unreadable (damaged");
   assert_int_equal(palign("query %s subject s1 --json", st), 0);
   tu_expect_in(out, "\"subject_id\":", "subject --json");
   /* rebuilt: current again */
   assert_int_equal(palign("query %s index", st), 0);
   expect_out("index.pb: 3 subjects"); /* s2's record is damaged */
+
+  /* a store without a readable record has an index too (an empty one) */
+  const char *empty = store_path("index-empty");
+  const char *none[] = {"run1-rank9.pal"};
+  make_store(empty, none, 1);
+  for (int rank = 1; rank <= 2; rank++) { /* the records make_store writes */
+    snprintf(path, sizeof path, "%s/shards/run1-rank%d.pal", empty, rank);
+    assert_int_equal(unlink(path), 0);
+  }
+  snprintf(path, sizeof path, "%s/shards/run1-rank9.pal", empty);
+  tu_write(path, "", 0);
+  assert_int_equal(palign("query %s index", empty), 0);
+  expect_out("index.pb: 0 subjects");
+  assert_int_equal(palign("query %s subject s1", empty), 1);
+  expect_err("subject s1 is not in store");
 }
 
 /* The output is valid UTF-8 throughout (JSON must be). */

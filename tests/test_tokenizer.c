@@ -526,6 +526,7 @@ static void test_bad_config(void **s) {
       {"{\"bos_token\": \"<nope>\"}", "bos_token '<nope>' is not a token"},
       {"{\"eos_token\": {\"content\": \"<nope>\"}}", "eos_token '<nope>' is not a token"},
       {"{\"pad_token\": 5}", "pad_token is neither a string"},
+      {"{\"unk_token\": \"<nope>\"}", "unk_token '<nope>' is not a token"},
       {"{\"add_bos_token\": \"yes\"}", "add_bos_token should be true or false"},
       {"{\"add_eos_token\": true}", "EOS is to be added but there is no EOS token"},
       {"[]", "not a JSON object"},
@@ -544,6 +545,12 @@ static void test_bad_config(void **s) {
   pa_tokenizer *t = load_json(GOLDEN "tiny_bl.json", path);
   assert_int_equal(pa_tokenizer_eos(t), pa_tokenizer_find(t, "<|eot_id|>"));
   assert_false(pa_tokenizer_add_bos(t));
+  pa_tokenizer_destroy(t);
+  /* its unk_token is checked but is not what encoding writes for a piece
+   * with no token: only tokenizer.json's model.unk_token is (Hugging Face) */
+  tu_write_text(path, "{\"unk_token\": \"<|eot_id|>\"}");
+  t = load_json(GOLDEN "tiny_bl.json", path);
+  assert_int_equal(pa_tokenizer_unk(t), -1);
   pa_tokenizer_destroy(t);
 }
 

@@ -114,6 +114,8 @@ STRINGS = [
     "nbsp\u00a0here\u00a0\u00a0x", "nel\u0085\u0085x", "line\u2028sep", "ideographic\u3000space", "zero\u200bwidth",
     "<|im_start|>user\nhi<|im_end|>\n", "<|endoftext|>", "a<|im_end|>b", " <|im_start|> ", "<|im_start", "<repo_name>x",
     "Option (A", "Option (", " (A). Very Accurate\n(B).", "!!!???...---", "    def f(x):\n        return x ** 2\n",
+    # bytes SmolLM2's vocabulary has no token for (both references drop them)
+    "Trust\x04 others.", "\x06\x13\x14\x16\x1d", "a\U00040000b",
 ]
 STRINGS_SPECIAL = [s for s in STRINGS if "<" in s] + ["<|im_start|>system\nYou are\n<|im_end|>\n<|im_start|>assistant\n"]
 
