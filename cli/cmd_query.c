@@ -401,6 +401,11 @@ static int run_subject(const char *store, const char *id, bool json) {
 /* ---- export ------------------------------------------------------------------- */
 
 static int run_export(const char *store, pa_query_format fmt, const char *out_path) {
+  if (out_path && pa_path_within(out_path, store)) {
+    fprintf(stderr, "palign query: --out %s is inside the store %s, whose files it could replace: write the export "
+                    "elsewhere\n", out_path, store);
+    return 2;
+  }
   warn_ctx w = {.store = store};
   char *buf = NULL;
   size_t len = 0, rows = 0;

@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <libgen.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -59,6 +60,19 @@ void pa_unmap_file(pa_mapped *m) {
     munmap((void *)m->data, (size_t)m->size);
   m->data = NULL;
   m->size = 0;
+}
+
+bool pa_path_within(const char *path, const char *dir) {
+  char *d = realpath(dir, NULL), *p = realpath(path, NULL);
+  if (!p && errno == ENOENT) { /* not there yet: where it would be */
+    char *copy = strdup(path);
+    p = copy ? realpath(dirname(copy), NULL) : NULL;
+    free(copy);
+  }
+  const size_t n = d ? strlen(d) : 0;
+  const bool within = d && p && !strncmp(p, d, n) && (p[n] == '/' || p[n] == 0 || !strcmp(d, "/"));
+  free(d), free(p);
+  return within;
 }
 
 int pa_write_atomic(const char *path, const pa_chunk *chunks, size_t n) {

@@ -16,6 +16,7 @@
 #ifndef PALIGN_FILEIO_H
 #define PALIGN_FILEIO_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -48,6 +49,11 @@ typedef struct {
  * write to it. A link to a file is followed (the file replaced, the link
  * kept), and a file's permissions are kept. */
 int pa_write_atomic(const char *path, const pa_chunk *chunks, size_t n);
+
+/* Whether path, or where it would be created (its folder, when nothing is
+ * there yet), is dir or inside it, links followed. False when either cannot
+ * be resolved. */
+bool pa_path_within(const char *path, const char *dir);
 
 /* fsyncs a directory, so that names just created, renamed or removed in it
  * survive a crash (file systems that cannot sync a directory are let be). */

@@ -388,6 +388,26 @@ static void test_export(void **s) {
   expect_err("to-null: not a regular file");
   assert_int_equal(lstat(dev, &st), 0);
   assert_true(S_ISLNK(st.st_mode));
+  /* a path inside the store, directly, new, or through a link, is refused:
+   * the export would replace the manifest or a shard */
+  char inside[300], into[300];
+  size_t mlen, mlen_after;
+  snprintf(inside, sizeof inside, "%s/manifest.pb", good);
+  char *manifest = tu_slurp(inside, &mlen);
+  assert_int_equal(palign("query %s export --out %s", good, inside), 2);
+  expect_err("is inside the store");
+  snprintf(inside, sizeof inside, "%s/shards/new.csv", good);
+  assert_int_equal(palign("query %s export --out %s", good, inside), 2);
+  assert_int_equal(access(inside, F_OK), -1);
+  snprintf(inside, sizeof inside, "%s/shards/run1-rank1.pal", good);
+  tu_path(into, sizeof into, "into-store.csv");
+  assert_int_equal(symlink(inside, into), 0);
+  assert_int_equal(palign("query %s export --out %s", good, into), 2);
+  snprintf(inside, sizeof inside, "%s/manifest.pb", good);
+  char *after = tu_slurp(inside, &mlen_after);
+  assert_true(mlen == mlen_after && !memcmp(manifest, after, mlen));
+  free(manifest), free(after);
+  assert_int_equal(palign("query %s verify", good), 0);
 
   assert_int_equal(palign("query %s export --format json", good), 0);
   cJSON *j = cJSON_Parse(out);
