@@ -334,6 +334,12 @@ int cmd_eval(int argc, char **argv) {
     pa_inventory_destroy(inv);
     return 2;
   }
+  if (!rc && need_bank && pa_pas_holdout_check(inv, holdout)) { /* before the bank is computed */
+    fprintf(stderr, "palign eval: %s\n", pa_errmsg());
+    pa_subjects_destroy(subjects);
+    pa_inventory_destroy(inv);
+    return 2;
+  }
   if (!rc && need_model) {
     rc = pa_model_open(model_path, &model);
     if (!rc && template_name)

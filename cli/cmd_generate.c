@@ -1,6 +1,7 @@
 /* palign generate --model M [--system S] --prompt P [--max-tokens N]
  *                 [--template NAME] [--threads N]
- *                 [--store S --subject ID [--variant V] [--protocol P] [--alpha A] [--papi DIR]]
+ *                 [--store S --subject ID [--method M] [--variant V] [--protocol P] [--alpha A]
+ *                  [--papi DIR] [--subjects-file F]]
  * Greedy chat generation: the prompt as the user's message in the model's
  * chat format, the assistant's answer decoded until its end of turn. With a
  * store and a subject, the subject's stored PAS intervention (heads,
@@ -27,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static void usage(FILE *f) {
   fprintf(f, "usage: palign generate --model M --prompt P [--system S] [--max-tokens N] [--template NAME]\n"
@@ -51,8 +53,12 @@ static void usage(FILE *f) {
              "                   dpo: dpo (default prompt + adapter, the default) or dpo_icl (ICL prompt)\n"
              "  --protocol P     whose alpha: holdout (default) or reference\n"
              "  --alpha A        this alpha instead of the chosen one\n"
-             "  --papi DIR       PAPI data, for the pas variant's prompt (default $PALIGN_PAPI_DIR, else\n"
-             "                   ../shared/papi)\n");
+             "  --papi DIR       PAPI data, for the pas and dpo_icl variants' ICL prompt (default\n"
+             "                   $PALIGN_PAPI_DIR, else ../shared/papi)\n"
+             "  --subjects-file F  the subjects the store was fitted on, for that prompt (default: the\n"
+             "                   store's, as palign-worker was given it; PAPI's Test-set.json if none)\n"
+             "These go with --store only; --system does not go with the pas and dpo_icl variants (their\n"
+             "system message is the ICL prompt).\n");
 }
 
 static double now(void) {
@@ -61,18 +67,39 @@ static double now(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* The subject's ICL prompt, rebuilt from the PAPI data. */
-static int load_icl(const char *papi, const char *subject, char **icl) {
+/* The subject's ICL prompt, rebuilt from the PAPI data and the subjects
+ * the store was fitted on: subjects_file when given, else the store's
+ * (its settings name the file as palign-worker was given it), else PAPI's
+ * Test-set.json. */
+static int load_icl(const char *papi, const char *subjects_file, const char *store, const char *subject, char **icl) {
+  Palign__Manifest *man = NULL;
+  int rc = subjects_file ? PA_OK : pa_manifest_read(store, &man);
+  if (!rc && !subjects_file && man->settings && man->settings->subjects_file &&
+      strcmp(man->settings->subjects_file, "Test-set.json") && *man->settings->subjects_file) {
+    subjects_file = man->settings->subjects_file;
+    if (access(subjects_file, R_OK))
+      rc = pa_error(PA_ENOTFOUND,
+                    "%s was fitted on the subjects of %s (its settings), which cannot be read from here (%s): give "
+                    "the file with --subjects-file",
+                    store, subjects_file, strerror(errno));
+  }
   pa_inventory *inv = NULL;
   pa_subjects *subs = NULL;
-  int rc = pa_papi_load(papi, NULL, &inv, &subs);
+  if (!rc)
+    rc = pa_papi_load(papi, subjects_file, &inv, &subs);
   const pa_subject *s = rc ? NULL : pa_subjects_find(subs, subject);
-  if (!rc && !s)
-    rc = pa_error(PA_ENOTFOUND, "%s/Test-set.json: no subject %s", pa_papi_dir(papi), subject);
+  char dflt[4200];
+  if (!rc && !s) {
+    if (!subjects_file)
+      snprintf(dflt, sizeof dflt, "%s/Test-set.json", pa_papi_dir(papi));
+    rc = pa_error(PA_ENOTFOUND, "%s: no subject %s", subjects_file ? subjects_file : dflt, subject);
+  }
   if (!rc && !(*icl = pa_prompt_icl(inv, s)))
     rc = pa_error(PA_ENOMEM, "no memory");
   pa_subjects_destroy(subs);
   pa_inventory_destroy(inv);
+  if (man)
+    palign__manifest__free_unpacked(man, NULL);
   return rc;
 }
 
@@ -93,13 +120,13 @@ static int load_record(const char *model_path, const char *store, const char *su
 /* A subject's stored DPO adapter (and, for the dpo_icl variant, its ICL
  * system prompt). */
 static int load_adapter(const pa_model *m, const char *model_path, const char *store, const char *subject,
-                        const char *variant, const char *papi, pa_lora **lora, char **icl) {
+                        const char *variant, const char *papi, const char *subjects_file, pa_lora **lora, char **icl) {
   Palign__SubjectResult *r = NULL;
   int rc = load_record(model_path, store, subject, &r);
   if (!rc && (rc = pa_dpo_adapter_from_proto(r->dpo, subject, pa_model_config_get(m), lora)))
     pa_error_prefix(rc, "%s: ", store);
   if (!rc && variant && !strcmp(variant, "dpo_icl"))
-    rc = load_icl(papi, subject, icl);
+    rc = load_icl(papi, subjects_file, store, subject, icl);
   if (!rc)
     fprintf(stderr, "palign generate: subject %s, DPO adapter of rank %d (%s)\n", subject, r->dpo->rank,
             variant ? variant : "dpo");
@@ -115,8 +142,8 @@ static int load_adapter(const pa_model *m, const char *model_path, const char *s
 /* The steering displacement of a subject's stored PAS intervention (and,
  * for the pas variant, its ICL system prompt). */
 static int load_intervention(const pa_model *m, const char *model_path, const char *store, const char *subject,
-                             const char *variant, const char *protocol, double alpha, const char *papi, float **steer,
-                             char **icl) {
+                             const char *variant, const char *protocol, double alpha, const char *papi,
+                             const char *subjects_file, float **steer, char **icl) {
   Palign__SubjectResult *r = NULL;
   int rc = load_record(model_path, store, subject, &r);
   if (rc)
@@ -142,7 +169,7 @@ static int load_intervention(const pa_model *m, const char *model_path, const ch
   if (!rc)
     rc = pa_pas_steering_from_proto(p, subject, alpha, c->n_layers, c->n_heads, c->head_dim, *steer);
   if (!rc && !strcmp(variant, "pas"))
-    rc = load_icl(papi, subject, icl);
+    rc = load_icl(papi, subjects_file, store, subject, icl);
   if (!rc)
     fprintf(stderr, "palign generate: subject %s, PAS %s, %s alpha %g, %zu heads%s\n", subject, variant, protocol,
             alpha, p->n_heads, alpha == 0 ? " (alpha 0: the intervention changes nothing)" : "");
@@ -169,8 +196,8 @@ static double status_mb(const char *field) {
 
 int cmd_generate(int argc, char **argv) {
   const char *model_path = NULL, *prompt = NULL, *system = NULL, *template_name = NULL;
-  const char *store = NULL, *subject = NULL, *variant = NULL, *protocol = "holdout", *papi = NULL, *method = "pas";
-  const char *backend_name = "cpu";
+  const char *store = NULL, *subject = NULL, *variant = NULL, *protocol = NULL, *papi = NULL, *method = NULL;
+  const char *subjects_file = NULL, *backend_name = "cpu";
   int weights = PA_WEIGHTS_AUTO;
   double alpha = NAN;
   int max_tokens = 256, threads = 0, stats = 0;
@@ -185,9 +212,9 @@ int cmd_generate(int argc, char **argv) {
       stats = 1;
       continue;
     }
-    const char *opts[] = {"--model",   "--prompt", "--system",  "--template", "--max-tokens",
-                          "--threads", "--store",  "--subject", "--variant",  "--protocol",
-                          "--alpha",   "--papi",   "--method",  "--backend",  "--weights"};
+    const char *opts[] = {"--model",  "--prompt",  "--system",  "--template",     "--max-tokens", "--threads",
+                          "--store",  "--subject", "--variant", "--protocol",     "--alpha",      "--papi",
+                          "--method", "--backend", "--weights", "--subjects-file"};
     int k = -1;
     for (int j = 0; j < (int)(sizeof opts / sizeof *opts); j++)
       if (!strcmp(a, opts[j]))
@@ -237,6 +264,7 @@ int cmd_generate(int argc, char **argv) {
         return 2;
       weights = pa_weight_format_parse(v);
       break;
+    case 15: subjects_file = v; break;
     default: method = v; break;
     }
   }
@@ -249,7 +277,27 @@ int cmd_generate(int argc, char **argv) {
     fprintf(stderr, "palign generate: --store and --subject go together\n");
     return 2;
   }
-  const bool dpo = !strcmp(method, "dpo");
+  const char *store_only = method          ? "--method"
+                           : variant       ? "--variant"
+                           : protocol      ? "--protocol"
+                           : !isnan(alpha) ? "--alpha"
+                           : papi          ? "--papi"
+                           : subjects_file ? "--subjects-file"
+                                           : NULL;
+  if (!store && store_only) {
+    fprintf(stderr, "palign generate: %s applies a stored subject's fit: it goes with --store and --subject\n",
+            store_only);
+    return 2;
+  }
+  const bool dpo = method && !strcmp(method, "dpo");
+  if (dpo && protocol) {
+    fprintf(stderr, "palign generate: --protocol chooses PAS's alpha; the DPO adapter has none\n");
+    return 2;
+  }
+  if (!method)
+    method = "pas";
+  if (!protocol)
+    protocol = "holdout";
   if (!dpo && strcmp(method, "pas")) {
     fprintf(stderr, "palign generate: --method is pas or dpo, not '%s'\n", method);
     return 2;
@@ -291,10 +339,15 @@ int cmd_generate(int argc, char **argv) {
   char *icl = NULL;
   pa_lora *lora = NULL;
   if (!rc && store && dpo)
-    rc = load_adapter(m, model_path, store, subject, variant, papi, &lora, &icl);
+    rc = load_adapter(m, model_path, store, subject, variant, papi, subjects_file, &lora, &icl);
   else if (!rc && store)
-    rc = load_intervention(m, model_path, store, subject, variant, protocol, alpha, papi, &steer, &icl);
-  if (!rc && icl && !system)
+    rc = load_intervention(m, model_path, store, subject, variant, protocol, alpha, papi, subjects_file, &steer, &icl);
+  if (!rc && icl && system)
+    rc = pa_error(PA_EINVAL,
+                  "--system does not go with the %s variant, whose system message is the subject's ICL "
+                  "prompt (%s with --system: the default prompt's variant)",
+                  dpo ? "dpo_icl" : "pas", dpo ? "dpo" : "pas_only");
+  if (!rc && icl)
     system = icl;
   if (!rc)
     rc = pa_chat_tokenize(tmpl, tok, system, prompt, NULL, &ids, &n_ids);

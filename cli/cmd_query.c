@@ -142,6 +142,8 @@ static void print_settings(const pa_query_summary *s) {
            last->finished_unix ? when(last->finished_unix, b2) : "");
     if (last->interrupted)
       printf("          the last run was interrupted by a signal\n");
+    if (last->error && *last->error)
+      printf("          the last run stopped with an error: %s\n", last->error);
   } else {
     printf("\n");
   }

@@ -16,7 +16,7 @@ static const command commands[] = {
     {"tokenize", cmd_tokenize, "MODEL TEXT [--chat ...]   token ids and pieces of a text or a chat prompt"},
     {"generate", cmd_generate, "--model M --prompt P [--system S] [--max-tokens N]  greedy chat answer"},
     {"eval", cmd_eval, "--methods LIST [--model M] [--subjects RANGE]  evaluate methods on PAPI subjects"},
-    {"query", cmd_query, "STORE summary|subject ID|export|verify  what a store holds (see query --help)"},
+    {"query", cmd_query, "STORE summary|subject ID|export|verify|index  what a store holds (see query --help)"},
     {"mkmodel", cmd_mkmodel, "OUT [--format gguf|safetensors ...]  write a tiny random model for tests"},
 };
 

@@ -76,6 +76,7 @@ typedef struct service {
   char current[64];
   progress *alone; /* one rank: the progress the poll prints during long subjects */
   char said[1024]; /* the last error printed (say_error) */
+  char run_error[1024]; /* rank 0: the first error that stopped the run, for its record */
 } service;
 
 static void print_progress(service *sv, progress *p, const worker_state *ws, int n_workers, bool force);
@@ -123,6 +124,8 @@ static int load_data(service *sv) {
                              "go with --benchmark-delay");
   if (!rc && sv->need_dpo && o->eval.mode != PA_READ_LOGITS)
     rc = pa_error(PA_EINVAL, "the DPO methods train on the option letters' logits: use --mode logits");
+  if (!rc && sv->need_bank)
+    rc = pa_pas_holdout_check(sv->inv, o->holdout_per_trait);
   if (!rc)
     sv->test = pa_inventory_test(sv->inv, &sv->n_test);
   return rc;
@@ -427,11 +430,12 @@ static int shards_in_store(const service *sv, const run_manifest *rm) {
   return PA_OK;
 }
 
-static int end_run(service *sv, run_manifest *rm, long done, long failed, bool interrupted) {
+static int end_run(service *sv, run_manifest *rm, long done, long failed, bool interrupted, const char *error) {
   rm->run.finished_unix = (int64_t)time(NULL);
   rm->run.subjects_done = done;
   rm->run.subjects_failed = failed;
   rm->run.interrupted = interrupted;
+  rm->run.error = (char *)(error ? error : "");
   return pa_manifest_write(sv->o->store, &rm->m);
 }
 
@@ -768,7 +772,10 @@ static void teardown_worker(service *sv) {
   pa_model_close(sv->model);
 }
 
-enum { SUBJECT_DONE, SUBJECT_FAILED, SUBJECT_ABANDONED };
+/* A subject's outcome: stored with every method's rows, stored with a
+ * method failed (the others' rows are there: done, and counted apart),
+ * stored as failed (the subject could not be done at all), or not stored. */
+enum { SUBJECT_DONE, SUBJECT_PARTIAL, SUBJECT_FAILED, SUBJECT_ABANDONED };
 
 static void method_done(void *ctx, const pa_subject *s, const char *method, const pa_method_out *mo, int failed) {
   service *sv = ctx;
@@ -842,7 +849,7 @@ static int do_subject(service *sv, size_t index) {
       return n_failed;
     }
     msg->seconds += slept; /* the record's wall time includes the benchmark's stand-in */
-    outcome = n_failed ? SUBJECT_FAILED : SUBJECT_DONE;
+    outcome = n_failed ? SUBJECT_PARTIAL : SUBJECT_DONE;
   }
   rc = pa_shard_append(sv->shard, msg);
   pa_record_destroy(rec);
@@ -875,9 +882,10 @@ static int worker_loop(service *sv) {
         r.stopping = true;
         rc = PA_ECANCELED;
       } else {
-        r.n_done = r.n_failed = 0;
         if (out == SUBJECT_DONE)
           r.done = &id, r.n_done = 1;
+        else if (out == SUBJECT_PARTIAL)
+          r.partial = &id, r.n_partial = 1;
         else
           r.failed = &id, r.n_failed = 1;
         r.idle = i + 1 == w->n_subject_index;
@@ -905,6 +913,7 @@ typedef struct worker_state {
 
 typedef struct progress {
   size_t total, done, failed, stored_before;
+  size_t partial; /* of done: with a method failed */
   long reports; /* messages the coordinator handled */
   double busy;  /* seconds spent handling them (bookkeeping, handing out, printing), waiting excluded */
   double t0, last_line;
@@ -928,8 +937,11 @@ static void print_progress(service *sv, progress *p, const worker_state *ws, int
     snprintf(eta, sizeof eta, "about %.0f s left", secs);
   else if (rate > 0)
     snprintf(eta, sizeof eta, "about %.0f min left", secs / 60);
-  fprintf(sv->log, "[%.0f s] %zu/%zu subjects done, %zu failed, %zu left; %.1f subjects/h; %s", t - p->t0, p->done,
-          p->total, p->failed, left, rate * 3600, eta);
+  char partial[64] = "";
+  if (p->partial)
+    snprintf(partial, sizeof partial, " (%zu with a method failed)", p->partial);
+  fprintf(sv->log, "[%.0f s] %zu/%zu subjects done%s, %zu failed, %zu left; %.1f subjects/h; %s", t - p->t0, p->done,
+          p->total, partial, p->failed, left, rate * 3600, eta);
   if (!ws && sv->current[0])
     fprintf(sv->log, "; on subject %s", sv->current);
   for (int w = 0; ws && w < n_workers; w++)
@@ -951,7 +963,8 @@ static int serve_alone(service *sv, const size_t *todo, size_t n_todo, progress 
       return out;
     if (out == SUBJECT_ABANDONED)
       return PA_ECANCELED;
-    *(out == SUBJECT_DONE ? &p->done : &p->failed) += 1;
+    *(out == SUBJECT_FAILED ? &p->failed : &p->done) += 1;
+    p->partial += out == SUBJECT_PARTIAL;
     p->t_last = now_s();
     print_progress(sv, p, NULL, 0, false);
   }
@@ -1053,10 +1066,12 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
       if (ws[w].warned)
         fprintf(sv->log, "palign-worker: rank %d answers again\n", r->rank);
       ws[w].warned = false;
-      if (r->n_done || r->n_failed)
+      if (r->n_done || r->n_partial || r->n_failed)
         p->t_last = t;
       for (size_t i = 0; i < r->n_done; i++, p->done++)
         chunk_remove(sv, &ws[w], r->done[i]);
+      for (size_t i = 0; i < r->n_partial; i++, p->done++, p->partial++)
+        chunk_remove(sv, &ws[w], r->partial[i]);
       for (size_t i = 0; i < r->n_failed; i++, p->failed++) {
         chunk_remove(sv, &ws[w], r->failed[i]);
         fprintf(sv->log, "palign-worker: subject %s failed on rank %d (stored as failed)\n", r->failed[i], r->rank);
@@ -1068,6 +1083,8 @@ static int coordinate(service *sv, const size_t *todo, size_t n_todo, progress *
       if ((r->error && r->error[0]) || r->stopping) {
         if (r->error && r->error[0]) {
           fprintf(sv->log, "palign-worker: rank %d stopped: %s\n", r->rank, r->error);
+          if (!sv->run_error[0])
+            snprintf(sv->run_error, sizeof sv->run_error, "rank %d: %s", r->rank, r->error);
           fatal = PA_EIO;
         }
         /* whatever it had not finished goes to the others */
@@ -1253,7 +1270,9 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
     if (interrupted)
       fprintf(sv->log, "palign-worker: stopped by signal %d; a rerun with the same store resumes\n",
               (int)pa_service_stop_signal);
-    int mrc = end_run(sv, &rm, (long)p.done, (long)p.failed, interrupted);
+    /* an error's message: a worker's own, else what this rank said */
+    const char *error = !rc || interrupted ? NULL : sv->run_error[0] ? sv->run_error : sv->said;
+    int mrc = end_run(sv, &rm, (long)p.done, (long)p.failed, interrupted, error);
     if (mrc)
       say_error(sv);
     if (!rc)

@@ -252,8 +252,14 @@ int pa_settings_compare(const char *heading, const char *there, const Palign__Se
    * "" asked: not known yet (--weights auto, before the workers said) */
   if (w->weights[0])
     diff_string(&d, "weights", h->weights[0] ? h->weights : "fp32", w->weights, false);
+  /* DPO's settings where both have them; one side without DPO is one difference */
   static const Palign__DpoSettings no_dpo = PALIGN__DPO_SETTINGS__INIT;
   const Palign__DpoSettings *hd = h->dpo ? h->dpo : &no_dpo, *wd = w->dpo ? w->dpo : &no_dpo;
+  if (!h->dpo != !w->dpo) {
+    field(&d, "dpo");
+    add(&d.t, "%s here, %s %s", h->dpo ? "set" : "none", w->dpo ? "set" : "none", there);
+    hd = wd; /* nothing more to compare */
+  }
   diff_int(&d, "dpo.epochs", hd->epochs, wd->epochs);
   diff_int(&d, "dpo.batch", hd->batch, wd->batch);
   diff_int(&d, "dpo.rank", hd->rank, wd->rank);

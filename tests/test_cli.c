@@ -124,6 +124,20 @@ static void test_mkmodel_inspect_tokenize(void **s) {
   assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x --max-tokens 1981 --threads 2 --stats", tu_tmp), 0);
   expect_out("prompt 68 tokens, generated 1981 tokens");
   assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x --template nope", tu_tmp), 2);
+  /* a stored fit's flags without a store are refused, not ignored */
+  static const char *const store_only[] = {"--alpha 3", "--variant pas",     "--method dpo", "--protocol reference",
+                                           "--papi /x", "--subjects-file /x"};
+  for (size_t i = 0; i < sizeof store_only / sizeof *store_only; i++) {
+    assert_int_equal(palign("generate --model %s/tiny.gguf --prompt x %s", tu_tmp, store_only[i]), 2);
+    char want[128];
+    snprintf(want, sizeof want, "%.*s applies a stored subject's fit: it goes with --store and --subject",
+             (int)strcspn(store_only[i], " "), store_only[i]);
+    expect_out(want);
+  }
+  assert_int_equal(
+      palign("generate --model %s/tiny.gguf --prompt x --store S --subject 1 --method dpo --protocol holdout", tu_tmp),
+      2);
+  expect_out("--protocol chooses PAS's alpha; the DPO adapter has none");
   /* mkmodel refuses to overwrite */
   assert_int_equal(palign("mkmodel %s/tiny.gguf", tu_tmp), 1);
 }
@@ -230,6 +244,20 @@ static void test_eval_all_methods(void **s) {
                           tu_tmp, papi, tu_tmp),
                    0);
   expect_out("activation bank computed and saved to");
+  /* a holdout leaving a trait no test item to report (this PAPI has 2 a
+   * trait), refused before the bank is made */
+  assert_int_equal(
+      palign("eval --model %s/tiny.gguf --papi %s --methods pas --holdout 2 --bank %s/never.bin", tu_tmp, papi, tu_tmp),
+      2);
+  expect_out("--holdout 2: trait A has 2 test items; the holdout protocol needs 2 to choose alpha and one to report");
+  char never[300];
+  assert_int_equal(access(tu_path(never, sizeof never, "never.bin"), F_OK), -1);
+  /* no PAPI data where the default points (relative to the working directory): say how to give it */
+  assert_int_equal(tu_run(out, sizeof out, NULL, 0,
+                          "cd / && env -u PALIGN_PAPI_DIR " PALIGN_BINARY_DIR "/palign eval --methods const3"),
+                   1);
+  expect_out("no PAPI data at ../shared/papi (the default, relative to the working directory): give the folder "
+             "with --papi DIR or PALIGN_PAPI_DIR");
   assert_int_equal(palign("eval --model %s/tiny.gguf --papi %s --weights fp16", tu_tmp, papi), 2);
   expect_out("--weights is auto, fp32 or bf16, not 'fp16'");
   assert_int_equal(palign("generate --model %s/tiny.gguf --prompt hi --max-tokens 2 --weights half", tu_tmp), 2);

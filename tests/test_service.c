@@ -803,7 +803,7 @@ static void expect_generate_applies(const char *store, const char *id) {
   assert_int_equal(palign(log, "generate", "--model", model, "--store", store, "--subject", id, "--variant", "pas",
                           "--prompt", "Hello", NULL),
                    1);
-  snprintf(want, sizeof want, "%s: subject %s: no PAS alpha chosen for pas under the holdout protocol", store, id);
+  snprintf(want, sizeof want, "%s: subject %s: the PAS variant pas was not fitted", store, id);
   expect_in(log, want);
   assert_int_equal(
       palign(log, "generate", "--model", model, "--store", store, "--subject", "1", "--prompt", "Hello", NULL), 1);
@@ -1520,6 +1520,12 @@ static void test_bad_flags(void **state) {
   assert_int_equal(
       worker(scratch(log, "beyond-np2.log"), 2, NULL, store, "--subjects", "400-500", "--methods", "none", NULL), 1);
   expect_in(log, "--subjects '400-500' is not all, N or A-B within the 300 subjects");
+  /* so is a holdout that leaves a trait nothing to report (36 test items a
+   * trait): before the bank, not as every subject's failed PAS */
+  assert_int_equal(worker(scratch(log, "holdout.log"), 2, icl_model, store, "--subjects", "2", "--methods", "pas_only",
+                          "--holdout", "36", NULL),
+                   1);
+  expect_in(log, "--holdout 36: trait A has 36 test items; the holdout protocol needs 36 to choose alpha and one");
   struct stat sb;
   assert_int_not_equal(stat(store, &sb), 0);
 }
@@ -1877,6 +1883,130 @@ static void test_soak(void **state) {
   recs_free(&rs), recs_free(&ref);
 }
 
+/* The prompt's token count `palign generate --stats` logged. */
+static long prompt_tokens(const char *log) {
+  char *text = tu_slurp(log, NULL);
+  const char *at = strstr(text, "prompt ");
+  long n = -1;
+  assert_true(at && sscanf(at, "prompt %ld tokens", &n) == 1);
+  free(text);
+  return n;
+}
+
+/* 12. A run on a subjects file (PAPI's layout, other people): the worker
+ * fits its subjects, and palign generate's pas variant builds the ICL prompt
+ * from that file (the store's settings name it), not from Test-set.json, even
+ * for an id both hold; a method failing on a subject leaves it done, and the
+ * progress says so; a file the store names by a relative path that does
+ * not resolve from here is refused, naming --subjects-file; a damaged bank
+ * stops the next run, which its record says. */
+static void test_subjects_file(void **state) {
+  (void)state;
+  char store[512], rel_store[512], log[512], file[512], testset[4200], cwd[4096];
+  /* zz1 answers as Test-set's second subject, and its first subject's id as its third */
+  snprintf(testset, sizeof testset, "%s/Test-set.json", papi);
+  char *text = tu_slurp(testset, NULL);
+  cJSON *all = cJSON_Parse(text), *mine = cJSON_CreateArray();
+  free(text);
+  assert_true(all && mine && cJSON_GetArraySize(all) >= 3);
+  const cJSON *case0 = cJSON_GetObjectItem(cJSON_GetArrayItem(all, 0), "case"); /* a number in PAPI's file */
+  char id0[64];
+  assert_true(cJSON_IsNumber(case0));
+  snprintf(id0, sizeof id0, "%.0f", case0->valuedouble);
+  cJSON *a = cJSON_Duplicate(cJSON_GetArrayItem(all, 1), 1), *b = cJSON_Duplicate(cJSON_GetArrayItem(all, 2), 1);
+  cJSON_ReplaceItemInObject(a, "case", cJSON_CreateString("zz1"));
+  cJSON_ReplaceItemInObject(b, "case", cJSON_Duplicate(case0, 1));
+  cJSON_AddItemToArray(mine, a), cJSON_AddItemToArray(mine, b);
+  char *json = cJSON_PrintUnformatted(mine);
+  tu_write_text(scratch(file, "subjects.json"), json);
+  free(json);
+  cJSON_Delete(mine);
+
+  /* p2 fails on them (a subjects file brings no P2 descriptions): their
+   * records hold the other methods' rows, and they count as done */
+  assert_int_equal(worker(scratch(log, "sf.log"), 2, icl_model, scratch(store, "sf"), "--methods", "icl,pas,p2",
+                          "--subjects-file", file, "--alphas", "0,4", NULL),
+                   0);
+  expect_in(log, "2/2 subjects done (2 with a method failed), 0 failed, 0 left");
+  expect_in(log, "subject zz1, method p2 failed");
+  recs rs;
+  read_store(store, &rs);
+  assert_int_equal(rs.n, 2);
+  assert_int_equal(damaged(&rs), 0);
+  for (size_t i = 0; i < rs.n; i++)
+    if (strcmp(rs.r[i].id, "zz1") && strcmp(rs.r[i].id, id0))
+      fail_msg("%s: a record of subject %s, who is not in %s", store, rs.r[i].id, file);
+  recs_free(&rs);
+  const char *gen[] = {"generate", "--model", icl_model, "--store",  store,   "--variant", "pas",      "--max-tokens",
+                       "1",        "--papi",  papi,      "--prompt", "Hello", "--stats",   "--subject"};
+#define GENERATE(log, id, ...)                                                                                         \
+  palign(log, gen[0], gen[1], gen[2], gen[3], gen[4], gen[5], gen[6], gen[7], gen[8], gen[9], gen[10], gen[11],        \
+         gen[12], gen[13], gen[14], id, __VA_ARGS__)
+  assert_int_equal(GENERATE(scratch(log, "sf-zz1.log"), "zz1", NULL), 0);
+  assert_int_equal(GENERATE(scratch(log, "sf-system.log"), "zz1", "--system", "Be brief.", NULL), 1);
+  expect_in(log, "--system does not go with the pas variant, whose system message is the subject's ICL prompt");
+  char mine_log[512], theirs_log[512];
+  assert_int_equal(GENERATE(scratch(log, "sf-id0.log"), id0, NULL), 0);
+  assert_int_equal(GENERATE(scratch(mine_log, "sf-id0-mine.log"), id0, "--subjects-file", file, NULL), 0);
+  assert_int_equal(GENERATE(scratch(theirs_log, "sf-id0-theirs.log"), id0, "--subjects-file", testset, NULL), 0);
+  if (prompt_tokens(mine_log) == prompt_tokens(theirs_log))
+    fail_msg("the two people's ICL prompts have one length (%ld tokens): the test cannot tell them apart",
+             prompt_tokens(mine_log));
+  assert_int_equal(prompt_tokens(log), prompt_tokens(mine_log));
+
+  /* the file named relative to where the run started, generate run elsewhere */
+  assert_non_null(getcwd(cwd, sizeof cwd));
+  assert_int_equal(chdir(tu_tmp), 0);
+  const int rc = worker(scratch(log, "sf-rel.log"), 0, icl_model, scratch(rel_store, "sf-rel"), "--methods", "pas_only",
+                        "--subjects-file", "subjects.json", "--subjects", "1", "--alphas", "0,4", NULL);
+  assert_int_equal(chdir(cwd), 0);
+  assert_int_equal(rc, 0);
+  assert_int_equal(palign(scratch(log, "sf-rel-gen.log"), "generate", "--model", icl_model, "--store", rel_store,
+                          "--subject", "zz1", "--variant", "pas", "--alpha", "1", "--papi", papi, "--prompt", "Hello",
+                          NULL),
+                   1);
+  expect_in(log, "was fitted on the subjects of subjects.json (its settings), which cannot be read from here");
+  expect_in(log, "give the file with --subjects-file");
+  assert_int_equal(palign(scratch(log, "sf-rel-ok.log"), "generate", "--model", icl_model, "--store", rel_store,
+                          "--subject", "zz1", "--variant", "pas", "--alpha", "1", "--papi", papi, "--prompt", "Hello",
+                          "--max-tokens", "1", "--subjects-file", file, NULL),
+                   0);
+#undef GENERATE
+  cJSON_Delete(all);
+
+  /* a damaged bank in the store stops a run (never recomputed over it); the
+   * message says how to recover, and the run's record why it stopped */
+  DIR *dir = opendir(store);
+  struct dirent *e;
+  char bank[1024] = "";
+  while (dir && (e = readdir(dir)))
+    if (!strncmp(e->d_name, "bank-", 5))
+      snprintf(bank, sizeof bank, "%s/%s", store, e->d_name);
+  if (dir)
+    closedir(dir);
+  assert_true(bank[0]);
+  size_t len;
+  char *data = tu_slurp(bank, &len);
+  data[len - 9] ^= 1;
+  tu_write(bank, data, len);
+  free(data);
+  assert_int_equal(worker(scratch(log, "sf-bank.log"), 0, icl_model, store, "--methods", "icl,pas,p2",
+                          "--subjects-file", file, "--alphas", "0,4", NULL),
+                   1);
+  expect_in(log, "corrupted: its SHA-256 does not match its content");
+  expect_in(log, "the bank is a cache: delete the file and it is computed again");
+  assert_int_equal(palign(scratch(log, "sf-bank-summary.log"), "query", store, "summary", NULL), 0);
+  expect_in(log, "the last run stopped with an error: ");
+  expect_in(log, "corrupted: its SHA-256 does not match its content");
+  /* with workers, rank 0 records that one could not read it (the worker's log line says why) */
+  assert_int_equal(worker(scratch(log, "sf-bank-np2.log"), 2, icl_model, store, "--methods", "icl,pas,p2",
+                          "--subjects-file", file, "--alphas", "0,4", NULL),
+                   1);
+  expect_in(log, "corrupted: its SHA-256 does not match its content");
+  assert_int_equal(palign(scratch(log, "sf-bank-summary2.log"), "query", store, "summary", NULL), 0);
+  expect_in(log, "the last run stopped with an error: another rank could not read the activation bank");
+}
+
 /* ---- the group ----------------------------------------------------------------------- */
 
 static int setup_group(void **state) {
@@ -1925,12 +2055,15 @@ int main(int argc, char **argv) {
       cmocka_unit_test_teardown(test_export_round_trips, teardown_test),
       cmocka_unit_test_teardown(test_dpo, teardown_test),
       cmocka_unit_test_teardown(test_benchmark_mode, teardown_test),
+      cmocka_unit_test_teardown(test_subjects_file, teardown_test),
   };
   const struct CMUnitTest soak[] = {cmocka_unit_test_teardown(test_soak, teardown_test)};
   if (argc > 1 && !strcmp(argv[1], "soak")) /* the soak test alone (test_soak in ctest) */
     return cmocka_run_group_tests(soak, setup_group, teardown_group);
-  if (argc > 1) {
-    fprintf(stderr, "usage: %s [soak]\n", argv[0]);
+  if (argc > 2 && !strcmp(argv[1], "only")) /* the tests whose names match a pattern (cmocka's * and ?) */
+    cmocka_set_test_filter(argv[2]);
+  else if (argc > 1) {
+    fprintf(stderr, "usage: %s [soak | only PATTERN]\n", argv[0]);
     return 2;
   }
   return cmocka_run_group_tests(tests, setup_group, teardown_group);

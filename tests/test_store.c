@@ -386,6 +386,19 @@ static void test_settings_check(void **state) {
   assert_non_null(strstr(msg, "lowercase_items false here, true asked"));
   assert_non_null(strstr(msg, "alphas '0,1,2.5' here, '0,1,2.50000"));
   assert_null(strstr(msg, "model_fingerprint"));
+
+  /* DPO's settings on one side only: one difference, not each of its fields */
+  Palign__DpoSettings dpo = PALIGN__DPO_SETTINGS__INIT;
+  dpo.epochs = 1, dpo.batch = 4, dpo.rank = 8, dpo.lr = 1e-3, dpo.beta = 0.1;
+  want = settings();
+  have.dpo = &dpo;
+  assert_int_equal(pa_settings_check("S", &have, &want), PA_EINVAL);
+  msg = pa_errmsg();
+  assert_non_null(strstr(msg, "dpo set here, none asked"));
+  assert_null(strstr(msg, "dpo."));
+  have.dpo = NULL, want.dpo = &dpo;
+  assert_int_equal(pa_settings_check("S", &have, &want), PA_EINVAL);
+  assert_non_null(strstr(pa_errmsg(), "dpo none here, set asked"));
 }
 
 static void test_torn_tail(void **state) {

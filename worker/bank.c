@@ -1007,6 +1007,11 @@ int pa_bank_load(const char *path, const pa_bank_key *key, pa_bank **out) {
   cJSON_Delete(h);
   free(text), free(items);
   pa_unmap_file(&m);
+  if (rc == PA_EFORMAT) { /* damaged: never overwritten silently, so say how to recover */
+    char why[1024];
+    snprintf(why, sizeof why, "%s", pa_errmsg());
+    rc = pa_error(rc, "%s (the bank is a cache: delete the file and it is computed again)", why);
+  }
   return rc;
 }
 

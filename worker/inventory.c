@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <strings.h>
 
 struct pa_inventory {
@@ -738,8 +739,16 @@ const char *pa_papi_dir(const char *dir) {
 int pa_papi_load(const char *dir, const char *subjects_file, pa_inventory **inv, pa_subjects **subjects) {
   *inv = NULL;
   *subjects = NULL;
+  const char *env = getenv("PALIGN_PAPI_DIR");
+  const bool by_default = !(dir && *dir) && !(env && *env);
   dir = pa_papi_dir(dir);
   char path[4096 + 32];
+  struct stat st;
+  if (by_default && stat(dir, &st)) /* the default is relative to where palign runs */
+    return pa_error(PA_ENOTFOUND,
+                    "no PAPI data at %s (the default, relative to the working directory): give the folder with "
+                    "--papi DIR or PALIGN_PAPI_DIR",
+                    dir);
   int rc = pa_inventory_load(dir, inv);
   if (!rc) {
     if (subjects_file)

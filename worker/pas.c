@@ -50,6 +50,17 @@ void pa_pas_result_free(pa_pas_result *r) {
   memset(r, 0, sizeof *r);
 }
 
+int pa_pas_holdout_check(const pa_inventory *inv, int per_trait) {
+  int n_test;
+  pa_inventory_test(inv, &n_test);
+  uint8_t *scratch = malloc((size_t)n_test + 1);
+  if (!scratch)
+    return pa_error(PA_ENOMEM, "holdout: out of memory");
+  const int per = per_trait ? per_trait : PA_PAS_HOLDOUT_PER_TRAIT, n = pa_pas_holdout_select(inv, 0, per, scratch);
+  free(scratch);
+  return n < 0 ? pa_error_prefix(n, "--holdout %d: ", per) : PA_OK;
+}
+
 int pa_pas_holdout_select(const pa_inventory *inv, uint64_t run_seed, int per_trait, uint8_t *in_select) {
   if (!inv || !in_select)
     return pa_error(PA_EINVAL, "pa_pas_holdout_select: NULL argument");
@@ -74,7 +85,7 @@ int pa_pas_holdout_select(const pa_inventory *inv, uint64_t run_seed, int per_tr
     if (n_t <= per_trait) {
       free(pos), free(perm);
       return pa_error(PA_EINVAL,
-                      "holdout: trait %c has %d test items; %d are to choose alpha and at least one to report",
+                      "trait %c has %d test items; the holdout protocol needs %d to choose alpha and one to report",
                       pa_trait_letter((pa_trait)t), n_t, per_trait);
     }
     pa_pas_shuffle(run_seed ^ (uint64_t)t, n_t, perm);

@@ -136,6 +136,10 @@ void pa_pas_result_free(pa_pas_result *r);
  * per_trait < 1 or a trait has no more than per_trait test items (nothing
  * would be left to report). Returns the number selected (5 * per_trait). */
 int pa_pas_holdout_select(const pa_inventory *inv, uint64_t run_seed, int per_trait, uint8_t *in_select);
+/* PA_OK when per_trait (0: PA_PAS_HOLDOUT_PER_TRAIT) leaves every trait of
+ * inv a test item to report; otherwise pa_pas_holdout_select's PA_EINVAL,
+ * naming the trait and the flag: what a run checks before it computes. */
+int pa_pas_holdout_check(const pa_inventory *inv, int per_trait);
 
 /* The selection rule: the index of the alpha with the fewest unknown answers
  * on the choosing set (unknown[a]; NULL: none anywhere), among those the

@@ -471,5 +471,10 @@ int pa_pas_chosen_alpha(const Palign__PasResult *p, const char *variant, const c
       return PA_OK;
     }
   }
+  bool fitted = false; /* the variant at all, under another protocol */
+  for (size_t i = 0; p && i < p->n_chosen; i++)
+    fitted |= !strcmp(p->chosen[i]->variant, variant);
+  if (!fitted)
+    return pa_error(PA_ENOTFOUND, "the PAS variant %s was not fitted (the run's methods did not include it)", variant);
   return pa_error(PA_ENOTFOUND, "no PAS alpha chosen for %s under the %s protocol", variant, protocol);
 }
