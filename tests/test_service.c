@@ -1957,10 +1957,11 @@ static void test_subjects_file(void **state) {
   /* the file named relative to where the run started, generate run elsewhere */
   assert_non_null(getcwd(cwd, sizeof cwd));
   assert_int_equal(chdir(tu_tmp), 0);
-  const int rc = worker(scratch(log, "sf-rel.log"), 0, icl_model, scratch(rel_store, "sf-rel"), "--methods", "pas_only",
-                        "--subjects-file", "subjects.json", "--subjects", "1", "--alphas", "0,4", NULL);
+  const int rc = worker(scratch(log, "sf-rel.log"), 0, icl_model, scratch(rel_store, "sf-rel"), "--methods",
+                        "pas_only,p2", "--subjects-file", "subjects.json", "--subjects", "1", "--alphas", "0,4", NULL);
   assert_int_equal(chdir(cwd), 0);
   assert_int_equal(rc, 0);
+  expect_in(log, "1/1 subjects done (1 with a method failed), 0 failed, 0 left"); /* one process: its own count */
   assert_int_equal(palign(scratch(log, "sf-rel-gen.log"), "generate", "--model", icl_model, "--store", rel_store,
                           "--subject", "zz1", "--variant", "pas", "--alpha", "1", "--papi", papi, "--prompt", "Hello",
                           NULL),
