@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -67,33 +68,68 @@ static double now(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* The subject's ICL prompt, rebuilt from the PAPI data and the subjects
- * the store was fitted on: subjects_file when given, else the store's
- * (its settings name the file as palign-worker was given it), else PAPI's
- * Test-set.json. */
-static int load_icl(const char *papi, const char *subjects_file, const char *store, const char *subject, char **icl) {
+/* Whether s is the person r is the record of: the answers r's rows hold for
+ * the test items are s's (a subjects file may give an id to someone else). */
+static int same_person(const Palign__SubjectResult *r, const pa_subject *s, const char *file, const char *store) {
+  for (size_t j = 0; j < r->n_methods; j++)
+    for (size_t k = 0; k < r->methods[j]->n_rows; k++) {
+      const Palign__Predictions *p = r->methods[j]->rows[k]->predictions;
+      if (!p || p->truth.len != p->n_items)
+        continue;
+      for (size_t i = 0; i < p->n_items; i++) {
+        const int item = p->items[i];
+        if (item >= 1 && item <= PA_MAX_ITEMS && s->answers[item] != p->truth.data[i])
+          return pa_error(PA_EINVAL,
+                          "subject %s of %s is not the person %s holds under that id (item %d: answer %d there, %d in "
+                          "the record): give the subjects file the store was fitted on with --subjects-file",
+                          s->id, file, store, item, s->answers[item], p->truth.data[i]);
+      }
+      return PA_OK; /* every row holds the same answers */
+    }
+  return PA_OK;
+}
+
+/* The subject's ICL prompt, rebuilt from the PAPI data and the subjects the
+ * store was fitted on: subjects_file when given, else the store's (its
+ * settings name the file as palign-worker was given it), else PAPI's
+ * Test-set.json; PAPI from papi when given, else $PALIGN_PAPI_DIR, else the
+ * folder the store's last run read, else ../shared/papi. Checked to be the
+ * store's: the inventory's fingerprint and the subject's answers. */
+static int load_icl(const char *papi, const char *subjects_file, const char *store, const Palign__SubjectResult *r,
+                    char **icl) {
   Palign__Manifest *man = NULL;
-  int rc = subjects_file ? PA_OK : pa_manifest_read(store, &man);
-  if (!rc && !subjects_file && man->settings && man->settings->subjects_file &&
-      strcmp(man->settings->subjects_file, "Test-set.json") && *man->settings->subjects_file) {
-    subjects_file = man->settings->subjects_file;
+  int rc = pa_manifest_read(store, &man);
+  const Palign__Settings *st = rc ? NULL : man->settings;
+  if (!rc && !subjects_file && st && *st->subjects_file && strcmp(st->subjects_file, "Test-set.json")) {
+    subjects_file = st->subjects_file;
     if (access(subjects_file, R_OK))
       rc = pa_error(PA_ENOTFOUND,
                     "%s was fitted on the subjects of %s (its settings), which cannot be read from here (%s): give "
                     "the file with --subjects-file",
                     store, subjects_file, strerror(errno));
   }
+  const char *env = getenv("PALIGN_PAPI_DIR");
+  struct stat sb;
+  if (!rc && !(papi && *papi) && !(env && *env) && man->n_runs && *man->runs[man->n_runs - 1]->papi_dir &&
+      !stat(man->runs[man->n_runs - 1]->papi_dir, &sb))
+    papi = man->runs[man->n_runs - 1]->papi_dir;
   pa_inventory *inv = NULL;
   pa_subjects *subs = NULL;
   if (!rc)
     rc = pa_papi_load(papi, subjects_file, &inv, &subs);
-  const pa_subject *s = rc ? NULL : pa_subjects_find(subs, subject);
-  char dflt[4200];
-  if (!rc && !s) {
-    if (!subjects_file)
-      snprintf(dflt, sizeof dflt, "%s/Test-set.json", pa_papi_dir(papi));
-    rc = pa_error(PA_ENOTFOUND, "%s: no subject %s", subjects_file ? subjects_file : dflt, subject);
-  }
+  char file[4200], fp[65];
+  snprintf(file, sizeof file, "%s%s%s", subjects_file ? "" : pa_papi_dir(papi), subjects_file ? "" : "/Test-set.json",
+           subjects_file ? subjects_file : "");
+  if (!rc && st && *st->inventory_fingerprint && !(rc = pa_bank_inventory_fingerprint(inv, fp)) &&
+      strcmp(fp, st->inventory_fingerprint))
+    rc = pa_error(PA_EINVAL,
+                  "the PAPI inventory in %s is not the one %s was fitted on: give that PAPI folder with --papi",
+                  pa_papi_dir(papi), store);
+  const pa_subject *s = rc ? NULL : pa_subjects_find(subs, r->subject_id);
+  if (!rc && !s)
+    rc = pa_error(PA_ENOTFOUND, "%s: no subject %s", file, r->subject_id);
+  if (!rc)
+    rc = same_person(r, s, file, store);
   if (!rc && !(*icl = pa_prompt_icl(inv, s)))
     rc = pa_error(PA_ENOMEM, "no memory");
   pa_subjects_destroy(subs);
@@ -126,7 +162,7 @@ static int load_adapter(const pa_model *m, const char *model_path, const char *s
   if (!rc && (rc = pa_dpo_adapter_from_proto(r->dpo, subject, pa_model_config_get(m), lora)))
     pa_error_prefix(rc, "%s: ", store);
   if (!rc && variant && !strcmp(variant, "dpo_icl"))
-    rc = load_icl(papi, subjects_file, store, subject, icl);
+    rc = load_icl(papi, subjects_file, store, r, icl);
   if (!rc)
     fprintf(stderr, "palign generate: subject %s, DPO adapter of rank %d (%s)\n", subject, r->dpo->rank,
             variant ? variant : "dpo");
@@ -143,7 +179,7 @@ static int load_adapter(const pa_model *m, const char *model_path, const char *s
  * for the pas variant, its ICL system prompt). */
 static int load_intervention(const pa_model *m, const char *model_path, const char *store, const char *subject,
                              const char *variant, const char *protocol, double alpha, const char *papi,
-                             const char *subjects_file, float **steer, char **icl) {
+                             const char *subjects_file, bool system, float **steer, char **icl) {
   Palign__SubjectResult *r = NULL;
   int rc = load_record(model_path, store, subject, &r);
   if (rc)
@@ -157,6 +193,9 @@ static int load_intervention(const pa_model *m, const char *model_path, const ch
   if (!rc && !variant) {
     variant = pa_pas_chosen_alpha(p, "pas_only", protocol, &chosen) == PA_OK ? "pas_only" : "pas";
     pa_error_clear();
+    if (system && !strcmp(variant, "pas"))
+      rc = pa_error(PA_EINVAL, "--system does not go with the pas variant (the subject's record has no pas_only), "
+                               "whose system message is the subject's ICL prompt");
   }
   if (!rc && isnan(alpha) && (rc = pa_pas_chosen_alpha(p, variant, protocol, &chosen)))
     pa_error_prefix(rc, "%s: subject %s: ", store, subject);
@@ -169,7 +208,7 @@ static int load_intervention(const pa_model *m, const char *model_path, const ch
   if (!rc)
     rc = pa_pas_steering_from_proto(p, subject, alpha, c->n_layers, c->n_heads, c->head_dim, *steer);
   if (!rc && !strcmp(variant, "pas"))
-    rc = load_icl(papi, subjects_file, store, subject, icl);
+    rc = load_icl(papi, subjects_file, store, r, icl);
   if (!rc)
     fprintf(stderr, "palign generate: subject %s, PAS %s, %s alpha %g, %zu heads%s\n", subject, variant, protocol,
             alpha, p->n_heads, alpha == 0 ? " (alpha 0: the intervention changes nothing)" : "");
@@ -290,6 +329,13 @@ int cmd_generate(int argc, char **argv) {
     return 2;
   }
   const bool dpo = method && !strcmp(method, "dpo");
+  if (system && variant && (!strcmp(variant, "pas") || !strcmp(variant, "dpo_icl"))) {
+    fprintf(stderr,
+            "palign generate: --system does not go with the %s variant, whose system message is the subject's "
+            "ICL prompt\n",
+            variant);
+    return 2;
+  }
   if (dpo && protocol) {
     fprintf(stderr, "palign generate: --protocol chooses PAS's alpha; the DPO adapter has none\n");
     return 2;
@@ -341,12 +387,8 @@ int cmd_generate(int argc, char **argv) {
   if (!rc && store && dpo)
     rc = load_adapter(m, model_path, store, subject, variant, papi, subjects_file, &lora, &icl);
   else if (!rc && store)
-    rc = load_intervention(m, model_path, store, subject, variant, protocol, alpha, papi, subjects_file, &steer, &icl);
-  if (!rc && icl && system)
-    rc = pa_error(PA_EINVAL,
-                  "--system does not go with the %s variant, whose system message is the subject's ICL "
-                  "prompt (%s with --system: the default prompt's variant)",
-                  dpo ? "dpo_icl" : "pas", dpo ? "dpo" : "pas_only");
+    rc = load_intervention(m, model_path, store, subject, variant, protocol, alpha, papi, subjects_file, system != NULL,
+                           &steer, &icl);
   if (!rc && icl)
     system = icl;
   if (!rc)

@@ -406,7 +406,7 @@ static int run_export(const char *store, pa_query_format fmt, const char *out_pa
   if (out_path && pa_path_within(out_path, store)) {
     fprintf(stderr, "palign query: --out %s is inside the store %s, whose files it could replace: write the export "
                     "elsewhere\n", out_path, store);
-    return 2;
+    return 1;
   }
   warn_ctx w = {.store = store};
   char *buf = NULL;

@@ -221,7 +221,6 @@ int main(int argc, char **argv) {
   }
   if (!o.model || !*o.model)
     o.model = pa_cache_file(DEFAULT_MODEL_FILE, model_buf, sizeof model_buf);
-  o.papi = pa_papi_dir(o.papi);
 
   int rc = pa_service_run(comm, &o);
   if (rc == PA_OK && talk) {

@@ -398,7 +398,7 @@ static int plan_run(service *sv, run_manifest *rm) {
   run->build = (char *)pa_build;
   run->host = rm->host;
   run->model_path = (char *)o->model;
-  run->papi_dir = (char *)o->papi;
+  run->papi_dir = (char *)pa_papi_dir(o->papi);
   rm->runs[n_old_runs] = run;
   m->n_runs = n_old_runs + 1, m->runs = rm->runs;
 

@@ -964,10 +964,12 @@ static int bpe_piece(const pa_tokenizer *t, enc *e, const char *s, uint32_t n) {
     uint32_t cp, k = 1;
     if (t->model == PA_TOK_BYTE_BPE) {
       int32_t id = t->byte_id[(uint8_t)s[i]];
-      /* a byte with no token is unknown: dropped unless the model has an unknown token */
+      /* a byte with no token is unknown: dropped unless the model has an
+       * unknown token, before the merges or after them (a symbol of id -1
+       * merges with nothing) */
       if (id < 0)
         id = t->o.unk;
-      if (id >= 0)
+      if (id >= 0 || t->o.drop_after_merges)
         add_sym(e, &first, &last, i, 1, id);
     } else {
       k = (uint32_t)pa_utf8_valid((const uint8_t *)s + i, n - i, &cp);
@@ -1030,10 +1032,8 @@ static int bpe_piece(const pa_tokenizer *t, enc *e, const char *s, uint32_t n) {
         continue;
       }
       id = t->o.unk;
-      if (id < 0)
-        continue;
     }
-    if (push_id(e, id))
+    if (id >= 0 && push_id(e, id)) /* -1: a byte-level byte dropped after the merges, or SentencePiece's unknown */
       return PA_ENOMEM;
   }
   return PA_OK;

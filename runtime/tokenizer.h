@@ -169,6 +169,10 @@ typedef struct {
   bool add_bos, add_eos;
   bool ignore_merges; /* a piece that is itself a token is not merged (Llama-3) */
   bool byte_fallback; /* PA_TOK_BPE: unknown characters become <0xNN> tokens */
+  /* PA_TOK_BYTE_BPE, unk -1: a byte with no token is dropped after the
+   * merges, keeping its neighbours apart (llama.cpp), not before them
+   * (Hugging Face, where "!\x04!" merges into "!!") */
+  bool drop_after_merges;
   bool fuse_unk;      /* PA_TOK_BPE: consecutive unknowns become one <unk> */
   bool space_to_meta; /* spaces become "▁" before the model sees the text */
   pa_space_prefix prefix;

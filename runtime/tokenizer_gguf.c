@@ -168,6 +168,7 @@ static int build(const pa_gguf *g, pa_tokenizer **out) {
         return rc;
     o.ignore_merges = pre->ignore_merges;
     o.add_bos = pre->add_bos;
+    o.drop_after_merges = true; /* as llama.cpp does */
     snprintf(describe, sizeof describe, "byte-level BPE (GGUF gpt2, pre-tokenizer %s)", pre_name);
   }
   bool add_space_prefix = o.prefix != PA_PREFIX_NONE;

@@ -17,10 +17,11 @@ shift || true
 HARNESSES=("$@")
 [ ${#HARNESSES[@]} -gt 0 ] || HARNESSES=(gguf safetensors hfdir tokenizer papi store bank)
 
-for pkg in clang libclang-rt-14-dev libomp-dev; do # clang, its libFuzzer and sanitizers, its OpenMP
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' ||
-    { echo "fuzz.sh: $pkg is needed (apt-get install clang libclang-rt-14-dev libomp-dev)" >&2; exit 1; }
-done
+# clang with libFuzzer, the sanitizers and OpenMP (on Debian: clang libclang-rt-14-dev libomp-dev)
+printf '#include <omp.h>\nint LLVMFuzzerTestOneInput(const char *d, unsigned long n) { return omp_get_max_threads() + (int)n * 0 + !d; }\n' |
+  clang -x c - -o /dev/null -fsanitize=fuzzer,address,undefined -fopenmp 2>/dev/null ||
+  { echo "fuzz.sh: clang cannot build a libFuzzer harness with OpenMP here (on Debian: apt-get install clang" \
+         "libclang-rt-14-dev libomp-dev)" >&2; exit 1; }
 if [ ! -f "$BUILD/CMakeCache.txt" ]; then
   CC=clang cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPALIGN_FUZZ=ON >/dev/null
 fi

@@ -1526,6 +1526,22 @@ static void test_bad_flags(void **state) {
                           "--holdout", "36", NULL),
                    1);
   expect_in(log, "--holdout 36: trait A has 36 test items; the holdout protocol needs 36 to choose alpha and one");
+  /* no PAPI data where the default points (relative to the working directory): how to give it */
+  char cwd[4096], *env = getenv("PALIGN_PAPI_DIR") ? strdup(getenv("PALIGN_PAPI_DIR")) : NULL;
+  unsetenv("PALIGN_PAPI_DIR");
+  assert_non_null(getcwd(cwd, sizeof cwd));
+  assert_int_equal(chdir("/"), 0);
+  a.n = 0;
+  add_arg(&a, WORKER);
+  add_arg(&a, "--store"), add_arg(&a, store), add_arg(&a, "--methods"), add_arg(&a, "none");
+  const int rc = run_argv(scratch(log, "no-papi.log"), a.v);
+  assert_int_equal(chdir(cwd), 0);
+  if (env)
+    setenv("PALIGN_PAPI_DIR", env, 1);
+  free(env);
+  assert_int_equal(rc, 1);
+  expect_in(log, "no PAPI data at ../shared/papi (the default, relative to the working directory): give the folder "
+                 "with --papi DIR or PALIGN_PAPI_DIR");
   struct stat sb;
   assert_int_not_equal(stat(store, &sb), 0);
 }
@@ -1902,7 +1918,7 @@ static long prompt_tokens(const char *log) {
  * stops the next run, which its record says. */
 static void test_subjects_file(void **state) {
   (void)state;
-  char store[512], rel_store[512], log[512], file[512], testset[4200], cwd[4096];
+  char store[512], rel_store[512], log[512], file[512], testset[4200], cwd[4096], want[6000];
   /* zz1 answers as Test-set's second subject, and its first subject's id as its third */
   snprintf(testset, sizeof testset, "%s/Test-set.json", papi);
   char *text = tu_slurp(testset, NULL);
@@ -1943,16 +1959,44 @@ static void test_subjects_file(void **state) {
   palign(log, gen[0], gen[1], gen[2], gen[3], gen[4], gen[5], gen[6], gen[7], gen[8], gen[9], gen[10], gen[11],        \
          gen[12], gen[13], gen[14], id, __VA_ARGS__)
   assert_int_equal(GENERATE(scratch(log, "sf-zz1.log"), "zz1", NULL), 0);
-  assert_int_equal(GENERATE(scratch(log, "sf-system.log"), "zz1", "--system", "Be brief.", NULL), 1);
+  /* --system with the ICL variant: refused with the flags, or once the record says it is the only one */
+  assert_int_equal(GENERATE(scratch(log, "sf-system.log"), "zz1", "--system", "Be brief.", NULL), 2);
   expect_in(log, "--system does not go with the pas variant, whose system message is the subject's ICL prompt");
+  assert_int_equal(palign(scratch(log, "sf-system-default.log"), "generate", "--model", icl_model, "--store", store,
+                          "--subject", "zz1", "--papi", papi, "--system", "Be brief.", "--prompt", "Hello", NULL),
+                   1);
+  expect_in(log, "--system does not go with the pas variant (the subject's record has no pas_only)");
   char mine_log[512], theirs_log[512];
   assert_int_equal(GENERATE(scratch(log, "sf-id0.log"), id0, NULL), 0);
   assert_int_equal(GENERATE(scratch(mine_log, "sf-id0-mine.log"), id0, "--subjects-file", file, NULL), 0);
-  assert_int_equal(GENERATE(scratch(theirs_log, "sf-id0-theirs.log"), id0, "--subjects-file", testset, NULL), 0);
-  if (prompt_tokens(mine_log) == prompt_tokens(theirs_log))
-    fail_msg("the two people's ICL prompts have one length (%ld tokens): the test cannot tell them apart",
-             prompt_tokens(mine_log));
   assert_int_equal(prompt_tokens(log), prompt_tokens(mine_log));
+  /* Test-set.json's person under that id is someone else: refused, whatever the path */
+  assert_int_equal(GENERATE(scratch(theirs_log, "sf-id0-theirs.log"), id0, "--subjects-file", testset, NULL), 1);
+  snprintf(want, sizeof want, "subject %s of %s is not the person %s holds under that id", id0, testset, store);
+  expect_in(theirs_log, want);
+  expect_in(theirs_log, "give the subjects file the store was fitted on with --subjects-file");
+  /* nor is a PAPI whose inventory is not the store's (every item's text changed) */
+  char papi2[512], from[4300], to[600];
+  assert_int_equal(mkdir(scratch(papi2, "papi2"), 0755), 0);
+  static const char *const same[] = {"Test-set.json", "mpi_300_split.json", "personality_prompt.json"};
+  for (size_t i = 0; i < sizeof same / sizeof *same; i++) {
+    snprintf(from, sizeof from, "%s/%s", papi, same[i]);
+    snprintf(to, sizeof to, "%s/%s", papi2, same[i]);
+    assert_int_equal(symlink(from, to), 0);
+  }
+  snprintf(from, sizeof from, "%s/ipip_neo_300_items.csv", papi);
+  snprintf(to, sizeof to, "%s/ipip_neo_300_items.csv", papi2);
+  char *csv = tu_slurp(from, NULL);
+  for (char *c = csv; *c; c++) /* the texts' full stops at the ends of lines */
+    if (c[0] == '.' && (c[1] == '\r' || c[1] == '\n'))
+      *c = '!';
+  tu_write_text(to, csv);
+  free(csv);
+  assert_int_equal(palign(scratch(log, "sf-papi2.log"), "generate", "--model", icl_model, "--store", store, "--subject",
+                          "zz1", "--variant", "pas", "--papi", papi2, "--prompt", "Hello", NULL),
+                   1);
+  snprintf(want, sizeof want, "the PAPI inventory in %s is not the one %s was fitted on", papi2, store);
+  expect_in(log, want);
 
   /* the file named relative to where the run started, generate run elsewhere */
   assert_non_null(getcwd(cwd, sizeof cwd));
@@ -1972,6 +2016,24 @@ static void test_subjects_file(void **state) {
                           "--subject", "zz1", "--variant", "pas", "--alpha", "1", "--papi", papi, "--prompt", "Hello",
                           "--max-tokens", "1", "--subjects-file", file, NULL),
                    0);
+  /* another subjects.json where generate runs, its zz1 another person: refused */
+  char other[512], other_file[600];
+  assert_int_equal(mkdir(scratch(other, "elsewhere"), 0755), 0);
+  cJSON *theirs = cJSON_CreateArray(), *c = cJSON_Duplicate(cJSON_GetArrayItem(all, 3), 1);
+  cJSON_ReplaceItemInObject(c, "case", cJSON_CreateString("zz1"));
+  cJSON_AddItemToArray(theirs, c);
+  json = cJSON_PrintUnformatted(theirs);
+  snprintf(other_file, sizeof other_file, "%s/subjects.json", other);
+  tu_write_text(other_file, json);
+  free(json);
+  cJSON_Delete(theirs);
+  assert_int_equal(chdir(other), 0);
+  const int orc =
+      palign(scratch(log, "sf-rel-other.log"), "generate", "--model", icl_model, "--store", rel_store, "--subject",
+             "zz1", "--variant", "pas", "--alpha", "1", "--papi", papi, "--prompt", "Hello", NULL);
+  assert_int_equal(chdir(cwd), 0);
+  assert_int_equal(orc, 1);
+  expect_in(log, "subject zz1 of subjects.json is not the person");
 #undef GENERATE
   cJSON_Delete(all);
 

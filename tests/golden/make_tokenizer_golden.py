@@ -47,7 +47,9 @@ Writes tests/golden/tokenizer/:
 
 Line formats (parsed by tests/test_tokenizer.c and tests/test_default_tokenizer.c):
   strings files:  FLAGS HEXTEXT N id1 .. idN      (HEXTEXT "-" for the empty
-                  string; FLAGS: 1 parse special tokens, 2 add BOS/EOS)
+                  string; FLAGS: 1 parse special tokens, 2 add BOS/EOS,
+                  4 llama.cpp's ids where tokenizers' differ, 8 tokenizers'
+                  ids where llama.cpp's differ)
   smollm2_papi:   KIND ITEM FORM P S M id1 .. idM  (KIND item|icl; FORM lower|
                   orig; ICL lines give the subject's index in Test-set.json as
                   ITEM. The full ids are the first P ids of the previous line,
@@ -117,6 +119,10 @@ STRINGS = [
     # bytes SmolLM2's vocabulary has no token for (both references drop them)
     "Trust\x04 others.", "\x06\x13\x14\x16\x1d", "a\U00040000b",
 ]
+# Where the references differ: a byte without a token between two that merge
+# (tokenizers drops it before merging, so "!!" merges; llama.cpp after, so it
+# does not). Each reference's ids are kept, for the loader that follows it.
+STRINGS_DIFFER = ["!\x04!", "...\x04..."]
 STRINGS_SPECIAL = [s for s in STRINGS if "<" in s] + ["<|im_start|>system\nYou are\n<|im_end|>\n<|im_start|>assistant\n"]
 
 # Strings for the tiny tokenizers (their corpus is English-like text).
@@ -234,6 +240,15 @@ def encode_both(ll, hf, text, parse_special):
     if a != b:
         sys.exit(f"llama.cpp and tokenizers disagree on {text[:80]!r}:\n  {a}\n  {b}")
     return a
+
+
+def encode_each(ll, hf, text):
+    a = ll.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    hf.encode_special_tokens = True
+    b = hf.encode(text, add_special_tokens=False).ids
+    if a == b:
+        sys.exit(f"llama.cpp and tokenizers now agree on {text[:80]!r} ({a}): move it to STRINGS")
+    return [(4, text, a), (8, text, b)]
 
 
 def papi(papi_dir):
@@ -510,8 +525,10 @@ def main():
 
     cases = [(0, s, encode_both(ll, hf, s, False)) for s in STRINGS]
     cases += [(1, s, encode_both(ll, hf, s, True)) for s in STRINGS_SPECIAL]
+    cases += [c for s in STRINGS_DIFFER for c in encode_each(ll, hf, s)]
     write("smollm2_strings.txt", [
-        f"hand-written strings, {model_name}. Golden: llama.cpp; Hugging Face tokenizers agreed on every id.",
+        f"hand-written strings, {model_name}. Golden: llama.cpp; Hugging Face tokenizers agreed on every id "
+        "but those of the FLAGS 4 and 8 lines (llama.cpp's and theirs).",
         versions(), "FLAGS HEXTEXT N ids"], strings_lines(cases))
 
     spm = train_tiny_spm()
