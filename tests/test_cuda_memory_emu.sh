@@ -97,6 +97,9 @@ service() {
   ! PALIGN_EMU_MEMORY=4M worker 2 "$S/w2.log" --backend cuda ||
     fail "a service run on a device too small for it passed: $(cat "$S/w2.log")"
   grep -Eq "palign-worker: rank 1 stopped: $refusal" "$S/w2.log" || fail "the worker's refusal: $(cat "$S/w2.log")"
+  # the run's record says what stopped it, the worker's own message
+  "$BUILD/palign" query "$S/store" summary 2>/dev/null | grep -Eq "the last run stopped with an error: rank 1: $refusal" ||
+    fail "the run's record: $("$BUILD/palign" query "$S/store" summary 2>&1 | head -12)"
   "$BUILD/palign" query "$S/store" export --format records --out "$S/after.jsonl" >/dev/null 2>&1 || fail "export"
   cmp -s "$S/before.jsonl" "$S/after.jsonl" || fail "the stored record changed"
   (cd "$S/store" && md5sum --quiet -c "$S/before.md5") >/dev/null 2>&1 || fail "the first run's shard changed"
