@@ -55,8 +55,10 @@ static void usage(FILE *f) {
              "  --protocol P     whose alpha: holdout (default) or reference\n"
              "  --alpha A        this alpha instead of the chosen one\n"
              "  --papi DIR       PAPI data, for the pas and dpo_icl variants' ICL prompt (default\n"
-             "                   $PALIGN_PAPI_DIR, else ../shared/papi)\n"
-             "  --subjects-file F  the subjects the store was fitted on, for that prompt (default: the\n"
+             "                   $PALIGN_PAPI_DIR, else the folder the store's last run read, else\n"
+             "                   ../shared/papi)\n"
+             "  --subjects-file F\n"
+             "                   the subjects the store was fitted on, for that prompt (default: the\n"
              "                   store's, as palign-worker was given it; PAPI's Test-set.json if none)\n"
              "These go with --store only; --system does not go with the pas and dpo_icl variants (their\n"
              "system message is the ICL prompt).\n");
@@ -118,8 +120,10 @@ static int load_icl(const char *papi, const char *subjects_file, const char *sto
   if (!rc)
     rc = pa_papi_load(papi, subjects_file, &inv, &subs);
   char file[4200], fp[65];
-  snprintf(file, sizeof file, "%s%s%s", subjects_file ? "" : pa_papi_dir(papi), subjects_file ? "" : "/Test-set.json",
-           subjects_file ? subjects_file : "");
+  if (subjects_file)
+    snprintf(file, sizeof file, "%s", subjects_file);
+  else
+    snprintf(file, sizeof file, "%s/Test-set.json", pa_papi_dir(papi));
   if (!rc && st && *st->inventory_fingerprint && !(rc = pa_bank_inventory_fingerprint(inv, fp)) &&
       strcmp(fp, st->inventory_fingerprint))
     rc = pa_error(PA_EINVAL,
@@ -179,7 +183,7 @@ static int load_adapter(const pa_model *m, const char *model_path, const char *s
  * for the pas variant, its ICL system prompt). */
 static int load_intervention(const pa_model *m, const char *model_path, const char *store, const char *subject,
                              const char *variant, const char *protocol, double alpha, const char *papi,
-                             const char *subjects_file, bool system, float **steer, char **icl) {
+                             const char *subjects_file, bool has_system, float **steer, char **icl) {
   Palign__SubjectResult *r = NULL;
   int rc = load_record(model_path, store, subject, &r);
   if (rc)
@@ -193,7 +197,7 @@ static int load_intervention(const pa_model *m, const char *model_path, const ch
   if (!rc && !variant) {
     variant = pa_pas_chosen_alpha(p, "pas_only", protocol, &chosen) == PA_OK ? "pas_only" : "pas";
     pa_error_clear();
-    if (system && !strcmp(variant, "pas"))
+    if (has_system && !strcmp(variant, "pas"))
       rc = pa_error(PA_EINVAL, "--system does not go with the pas variant (the subject's record has no pas_only), "
                                "whose system message is the subject's ICL prompt");
   }
