@@ -1214,6 +1214,10 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
     }
     if (!rc)
       rc = all_ok(sv, src, "found other settings in the store");
+    /* the bank is part of getting ready: one that cannot be read, or a
+     * signal while it is computed, leaves the store as it was */
+    if (!rc && sv->need_bank && (rc = get_bank(sv)) && rc != PA_ECANCELED)
+      say_error(sv);
     /* a signal while the workers got ready (a model loads for a while)
      * stops the job here, every rank as stopped, so that the store stays
      * as it was */
@@ -1237,9 +1241,6 @@ int pa_service_run(pa_comm *comm, const pa_service_opts *o) {
       sv->shard = NULL;
     }
   }
-  if (!rc && sv->need_bank && (rc = get_bank(sv)) && rc != PA_ECANCELED)
-    say_error(sv);
-
   progress p = {.total = n_todo, .t0 = now_s(), .stored_before = n_stored};
   p.t_last = p.t0;
   if (!rc) {
