@@ -1912,10 +1912,11 @@ static long prompt_tokens(const char *log) {
 /* 12. A run on a subjects file (PAPI's layout, other people): the worker
  * fits its subjects, and palign generate's pas variant builds the ICL prompt
  * from that file (the store's settings name it), not from Test-set.json, even
- * for an id both hold; a method failing on a subject leaves it done, and the
- * progress says so; a file the store names by a relative path that does
- * not resolve from here is refused, naming --subjects-file; a damaged bank
- * stops the next run before it starts, the store as it was. */
+ * for an id both hold; it refuses another person under the subject's id
+ * (Test-set.json's, or a file of the same relative name elsewhere), another
+ * inventory, a file it cannot find (naming --subjects-file) and --system; a
+ * method failing on a subject leaves it done, and the progress says so; a
+ * damaged bank stops the next run before it starts, the store as it was. */
 static void test_subjects_file(void **state) {
   (void)state;
   char store[512], rel_store[512], log[512], file[512], testset[4200], cwd[4096], want[6000];
