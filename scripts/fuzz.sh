@@ -18,7 +18,7 @@ HARNESSES=("$@")
 [ ${#HARNESSES[@]} -gt 0 ] || HARNESSES=(gguf safetensors hfdir tokenizer papi store bank)
 
 # clang with libFuzzer, the sanitizers and OpenMP (on Debian: clang libclang-rt-14-dev libomp-dev)
-printf '#include <omp.h>\nint LLVMFuzzerTestOneInput(const char *d, unsigned long n) { return omp_get_max_threads() + (int)n * 0 + !d; }\n' |
+printf '#include <omp.h>\n#include <stddef.h>\nint LLVMFuzzerTestOneInput(const unsigned char *d, size_t n) { (void)d, (void)n; return omp_get_thread_num(); }\n' |
   clang -x c - -o /dev/null -fsanitize=fuzzer,address,undefined -fopenmp 2>/dev/null ||
   { echo "fuzz.sh: clang cannot build a libFuzzer harness with OpenMP here (on Debian: apt-get install clang" \
          "libclang-rt-14-dev libomp-dev)" >&2; exit 1; }
