@@ -160,6 +160,19 @@ static void test_metadata(void **s) {
   assert_non_null(strstr(pa_tokenizer_describe(tok), kind->name[0] == 's' ? "smollm" : "qwen2"));
   assert_false(pa_tokenizer_add_bos(tok));
   assert_int_equal(pa_chat_template_kind(chat), PA_CHAT_CHATML);
+  /* the bytes the vocabulary has no token for are the ones docs/TOKENIZER.md
+   * names (21 for SmolLM2, none for Qwen2): alone, each encodes to nothing */
+  for (int b = 1; b < 256; b++) {
+    const char one = (char)b;
+    int32_t *ids;
+    size_t n;
+    assert_int_equal(pa_tokenizer_encode(tok, &one, 1, 0, &ids, &n), PA_OK);
+    free(ids);
+    if ((n == 0) != (strchr(kind->missing, one) != NULL))
+      fail_msg("byte 0x%02x: %zu tokens, %s the bytes listed as missing", b, n,
+               strchr(kind->missing, one) ? "one of" : "not one of");
+  }
+  assert_int_equal(strlen(kind->missing), kind == &kinds[0] ? 21 : 0);
   const char *letters[] = {"A", "B", "C", "D", "E"};
   if (kind == &kinds[0]) {
     assert_int_equal(pa_tokenizer_n_vocab(tok), 49152);
